@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from detot_agent.errors import ConfigError
 
-__all__ = ["Device", "DType", "EngineConfig", "StrictModel", "build"]
+__all__ = ["DType", "Device", "EngineConfig", "StrictModel", "build"]
 
 
 class StrictModel(BaseModel):

@@ -136,7 +136,8 @@ class LocalEngine:
     def context_length(self) -> int:
         """Most positions (soft prompt + prompt + completion) the model takes."""
         cfg = self.model.config
-        return int(getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", 2048))
+        limit: int = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
+        return int(limit)
 
     @property
     def batch_stats(self) -> dict[str, float]:
@@ -178,8 +179,8 @@ class LocalEngine:
         task = metadata.get(METADATA_TASK) if isinstance(metadata, dict) else None
         if not task:
             return None
-        version = metadata.get(METADATA_VERSION)
-        version, tensor = self.registry.resolve(str(task), None if version is None else int(version))
+        asked = metadata.get(METADATA_VERSION)
+        version, tensor = self.registry.resolve(str(task), None if asked is None else int(asked))
         check_soft_prompt(tensor, hidden_size=self.hidden_size, where=f"soft prompt of task {task!r} v{version}")
         return str(task), version, tensor
 

@@ -105,7 +105,7 @@ def _find_stop(text: str, stops: tuple[str, ...]) -> int:
 
 
 @torch.inference_mode()
-def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) -> list[list[GenOutput]]:  # noqa: ANN001
+def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) -> list[list[GenOutput]]:
     """Decode every row; returns, per row, its `n` samples in order.
 
     Args:
@@ -155,10 +155,8 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
         logits, mask = logits[index], mask[index]
     next_pos = positions[index, -1] + 1  # (S,)
     generators: list[torch.Generator | None] = []
-    sample_no: list[int] = []
-    for i, row in enumerate(rows):
+    for row in rows:
         for j in range(row.n):
-            sample_no.append(j)
             if row.seed is not None and row.temperature > 0:
                 g = torch.Generator(device="cpu")
                 g.manual_seed(row.seed + j)
@@ -218,8 +216,8 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
     for s in range(S):
         text = texts[s]
         if text is None:
-            ids = [t for t in tokens[s] if t not in eos_ids]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
+            kept = [t for t in tokens[s] if t not in eos_ids]
+            text = tokenizer.decode(kept, skip_special_tokens=True)
             cut = _find_stop(text, rows[owner[s]].stop)
             if cut >= 0:
                 text, finish[s] = text[:cut], "stop"

@@ -144,7 +144,7 @@ def resolve_model_source(spec: str | os.PathLike[str] | None) -> ModelSource:
             + (f" and {len(ggufs)} .gguf files (pass one of them)" if ggufs else " and no .gguf file")
         )
     text = str(spec)
-    if text.endswith(".gguf") or text.startswith((".", "/", "~")) or os.sep in text and not _HUB_ID.match(text):
+    if text.endswith(".gguf") or text.startswith((".", "/", "~")) or (os.sep in text and not _HUB_ID.match(text)):
         raise ModelNotFoundError(
             f"model file not found: {text} (pass an existing .gguf file, a Hugging Face folder, or a hub id)"
         )
@@ -221,7 +221,7 @@ def load_model(
                 f"could not load model {source.spec!r} from {source.location}: {exc}. "
                 "Offline, pass a local folder or .gguf file with --model."
             ) from exc
-        model.to(device)
+        model = model.to(device)  # type: ignore[arg-type]
         model.eval()
         model.requires_grad_(False)
         if tokenizer.pad_token_id is None:

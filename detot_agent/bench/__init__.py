@@ -1,0 +1,1 @@
+"""Benchmarks behind `detot bench ...`: each prints a table and writes JSON."""

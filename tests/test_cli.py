@@ -1,0 +1,49 @@
+"""The `detot` command line on the tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from detot_agent.cli import app
+
+runner = CliRunner()
+
+
+def test_help_lists_every_command_with_one_line():
+    out = runner.invoke(app, ["--help"]).output
+    for command in ("generate", "demo", "bench"):
+        assert command in out
+    bench = runner.invoke(app, ["bench", "--help"]).output
+    assert "engine" in bench
+
+
+def test_generate_prints_completions_and_token_counts(tiny_model_dir):
+    result = runner.invoke(app, ["generate", "Tom has apples", "--model", str(tiny_model_dir), "--n", "3",
+                                 "--temperature", "0.8", "--max-tokens", "6", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.output.count("tokens, logprob") == 3
+    assert "tok/s" in result.output
+
+
+def test_bench_engine_writes_the_promised_keys(tiny_model_dir, tmp_path):
+    path = tmp_path / "bench.json"
+    result = runner.invoke(app, ["bench", "engine", "--model", str(tiny_model_dir), "--n", "4", "--max-tokens", "8",
+                                 "--json", str(path), "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    for key in ("sequential_tok_s", "batched_tok_s", "batched_over_sequential", "concurrent_batched_tok_s",
+                "concurrent_unbatched_tok_s"):
+        assert data[key] > 0
+    assert 4 <= data["tokens"]["batched"] <= 4 * 8
+    assert data["batcher"]["largest"] >= 2  # concurrent requests were gathered
+
+
+def test_bad_model_gives_one_line_error_not_a_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", "from detot_agent.cli import main; main()", "generate", "hi",
+                           "--model", str(tmp_path / "missing.gguf")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert "missing.gguf" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr

@@ -1,0 +1,42 @@
+"""The embedded default model (SmolLM2-135M-Instruct, GGUF): few, slow, and kept in CI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from dspy.lm15 import Config, Message, Request
+from typer.testing import CliRunner
+
+from detot_agent import LocalEngine
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def engine():
+    e = LocalEngine(device="cpu", dtype="float32")
+    yield e
+    e.close()
+
+
+def test_greedy_equals_transformers_generate_and_batch_mates_do_not_matter(engine):
+    prompts = ["What is 2+3? Answer briefly.", "Name a prime number greater than 10."]
+    reqs = [Request(model="m", messages=(Message.user(p),), config=Config(max_tokens=24)) for p in prompts]
+    expected = []
+    for r in reqs:
+        ids = torch.tensor([engine.render(r)])
+        out = engine.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False)
+        expected.append(engine.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+    rows = [engine.build_row(r) for r in reqs]
+    together = [o[0].text for o in engine.generate_batch(rows)]
+    assert together == expected
+    assert "5" in together[0]
+
+
+def test_demo_runs_end_to_end(engine):
+    from detot_agent.cli import app
+
+    result = CliRunner().invoke(app, ["demo", "--max-tokens", "96", "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "correct; total" in result.output
+    assert "Tom has 3 apples" in result.output
