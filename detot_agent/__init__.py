@@ -11,35 +11,56 @@ Example:
 from __future__ import annotations
 
 from detot_agent.config import EngineConfig
+from detot_agent.datasets import read_exemplars
+from detot_agent.embeddings import Encoder, TaskEmbedding, UpdateReport
 from detot_agent.engine import AsyncLocalEngine, LocalEngine, Sample, local_lm
 from detot_agent.errors import (
+    ArtefactError,
     ConfigError,
     ContextLengthError,
+    DataFileError,
     DetotError,
+    EmptyIndexError,
     EmptyPromptError,
+    IndexDataError,
     InvalidRequestError,
     ModelNotFoundError,
     SoftPromptError,
 )
+from detot_agent.index import Exemplar, ExemplarIndex, Hit
 from detot_agent.models import default_model_path
+from detot_agent.retriever import RetrievedPassages, TaskRetriever
 from detot_agent.softprompt import SoftPromptRegistry
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ArtefactError",
     "AsyncLocalEngine",
     "ConfigError",
     "ContextLengthError",
+    "DataFileError",
     "DetotError",
+    "EmptyIndexError",
     "EmptyPromptError",
+    "Encoder",
     "EngineConfig",
+    "Exemplar",
+    "ExemplarIndex",
+    "Hit",
+    "IndexDataError",
     "InvalidRequestError",
     "LocalEngine",
     "ModelNotFoundError",
+    "RetrievedPassages",
     "Sample",
     "SoftPromptError",
     "SoftPromptRegistry",
+    "TaskEmbedding",
+    "TaskRetriever",
+    "UpdateReport",
     "__version__",
     "default_model_path",
     "local_lm",
+    "read_exemplars",
 ]

@@ -9,8 +9,13 @@ can catch the whole family in one place::
     ├── InvalidRequestError  a request the engine cannot serve as given
     │   ├── EmptyPromptError      every message is empty or whitespace
     │   └── ContextLengthError    prompt (+ soft prompt) does not fit the context
-    └── SoftPromptError      a soft prompt has the wrong shape, dtype or values,
-                             or its task / version is not registered
+    ├── SoftPromptError      a soft prompt has the wrong shape, dtype or values,
+    │                        or its task / version is not registered
+    ├── IndexDataError       bad exemplar records or vectors (no text, duplicate id, NaN), bad k
+    │   └── EmptyIndexError       searching an index that holds nothing
+    ├── DataFileError        a data file cannot be read (names the file and the line)
+    └── ArtefactError        a saved artefact is missing, corrupted, swapped, of another kind,
+                             built with another encoder/model, or from a newer format
 
 Messages name the offending value and the limit it broke, and say what to do.
 
@@ -23,10 +28,14 @@ Example:
 from __future__ import annotations
 
 __all__ = [
+    "ArtefactError",
     "ConfigError",
     "ContextLengthError",
+    "DataFileError",
     "DetotError",
+    "EmptyIndexError",
     "EmptyPromptError",
+    "IndexDataError",
     "InvalidRequestError",
     "ModelNotFoundError",
     "SoftPromptError",
@@ -59,3 +68,19 @@ class ContextLengthError(InvalidRequestError):
 
 class SoftPromptError(DetotError, ValueError):
     """A soft prompt is malformed (shape, dtype, NaN/inf) or not registered."""
+
+
+class IndexDataError(DetotError, ValueError):
+    """Exemplar records or vectors that cannot go into (or be searched in) an index."""
+
+
+class EmptyIndexError(IndexDataError):
+    """The index holds no records."""
+
+
+class DataFileError(DetotError, ValueError):
+    """A data file cannot be read; the message names the file and the line."""
+
+
+class ArtefactError(DetotError, ValueError):
+    """A saved artefact is missing, corrupted, of another kind, or from a newer format."""

@@ -82,3 +82,31 @@ def tiny_engine(tiny_model_dir: Path):
     engine = LocalEngine(str(tiny_model_dir), device="cpu", dtype="float32", max_wait_ms=20)
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def encoder():
+    """The embedded all-MiniLM-L6-v2 encoder (loaded once)."""
+    from detot_agent.embeddings import Encoder
+
+    return Encoder()
+
+
+@pytest.fixture(scope="session")
+def gsm8k_train() -> Path:
+    """Path of the shared GSM8K train file (read by path, never copied)."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+    if not path.is_file():
+        pytest.skip(f"shared data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def gsm8k_index(encoder, gsm8k_train):
+    """An exact index over the first 400 GSM8K train problems."""
+    from detot_agent.datasets import read_exemplars
+    from detot_agent.index import ExemplarIndex
+
+    index = ExemplarIndex(encoder)
+    index.add(read_exemplars(gsm8k_train, fmt="gsm8k")[:400])
+    return index
