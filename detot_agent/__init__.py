@@ -30,7 +30,8 @@ from detot_agent.errors import (
 from detot_agent.index import Exemplar, ExemplarIndex, Hit
 from detot_agent.models import default_model_path
 from detot_agent.retriever import RetrievedPassages, TaskRetriever
-from detot_agent.softprompt import SoftPromptRegistry
+from detot_agent.softprompt import SoftPrompt, SoftPromptInit, SoftPromptRegistry
+from detot_agent.tuning import TuneConfig, TuneExample, TuneReport, tune
 
 __version__ = "0.1.0"
 
@@ -54,13 +55,19 @@ __all__ = [
     "ModelNotFoundError",
     "RetrievedPassages",
     "Sample",
+    "SoftPrompt",
     "SoftPromptError",
+    "SoftPromptInit",
     "SoftPromptRegistry",
     "TaskEmbedding",
     "TaskRetriever",
+    "TuneConfig",
+    "TuneExample",
+    "TuneReport",
     "UpdateReport",
     "__version__",
     "default_model_path",
     "local_lm",
     "read_exemplars",
+    "tune",
 ]

@@ -1,10 +1,11 @@
 """`ExemplarIndex`: a FAISS store of exemplars (text + fields) with stable ids.
 
-Search is exact inner product (`IndexFlatIP`) up to `exact_threshold` records and
-IVF-Flat above it. When the IVF index is built, its `nprobe` is tuned: the
-smallest power of two whose recall@10 against exact search, measured on a
-sample of stored vectors used as queries (their own entry excluded), reaches
-`target_recall`. The measured recall is kept in `stats()` and the manifest.
+Search is exact up to `exact_threshold` records (a BLAS matrix product over the
+stored vectors: for single queries it beats FAISS's flat index, which only
+switches to BLAS for batches of 20 or more) and FAISS IVF-Flat above it.
+When the IVF index is built, its `nprobe` is tuned: the smallest power of two
+whose recall@10 against exact search, measured on a sample of stored vectors
+used as queries (their own entry excluded), reaches `target_recall`. The measured recall is kept in `stats()` and the manifest.
 
 Vectors are unit-normalised, so inner product is cosine similarity.
 
@@ -136,7 +137,8 @@ class ExemplarIndex:
         self._vecs = np.zeros((0, self.dim), dtype=np.float32)
         self._records: list[Exemplar | None] = []
         self._row_of: dict[str, int] = {}
-        self._faiss: Any = None
+        self._faiss: Any = None  # the IVF index, when approximate
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None  # (rows, vectors) of live records, when exact
         self._kind = "flat"
         self._nprobe = 0
         self._recall: float | None = None
@@ -178,11 +180,9 @@ class ExemplarIndex:
             for i, r in enumerate(recs):
                 self._records.append(r)
                 self._row_of[r.id] = start + i
-            ids = np.arange(start, start + len(recs), dtype=np.int64)
-            if self._faiss is not None and (self._kind == "ivf" or len(self) <= self.exact_threshold):
-                self._faiss.add_with_ids(vecs, ids)
-            else:
-                self._faiss = None  # (re)built on the next search
+            self._flat = None  # rebuilt on the next search
+            if self._faiss is not None:
+                self._faiss.add_with_ids(vecs, np.arange(start, start + len(recs), dtype=np.int64))
 
     def remove(self, ids: Iterable[str]) -> int:
         """Remove records by id; unknown ids are an error. Returns how many were removed."""
@@ -194,6 +194,7 @@ class ExemplarIndex:
             rows = np.array([self._row_of.pop(i) for i in ids], dtype=np.int64)
             for r in rows:
                 self._records[r] = None
+            self._flat = None
             if self._faiss is not None:
                 self._faiss.remove_ids(rows)
             return len(rows)
@@ -221,21 +222,24 @@ class ExemplarIndex:
         return np.fromiter(self._row_of.values(), dtype=np.int64, count=len(self._row_of))
 
     def _ensure_index(self) -> Any:
+        """The IVF index when approximate; None when exact (then `_flat` holds the live vectors)."""
         if self._faiss is not None:
             return self._faiss
+        if self._flat is not None:
+            return None
         rows = np.sort(self._alive_rows())
         vecs = self._vecs[rows]
-        index: Any
         if len(rows) <= self.exact_threshold:
-            index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-            index.add_with_ids(vecs, rows)
+            self._flat = (rows, np.ascontiguousarray(vecs))
             self._kind, self._nprobe, self._recall = "flat", 0, 1.0
+            return None
         else:
             nlist = int(2 ** round(math.log2(4 * math.sqrt(len(rows)))))
             quantizer = faiss.IndexFlatIP(self.dim)
             index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
             rng = np.random.default_rng(0)
             train = vecs[rng.choice(len(vecs), size=min(len(vecs), 40 * nlist), replace=False)]
+            index.cp.niter = 10  # plenty for the coarse quantizer; nprobe is tuned below
             index.train(train)
             index.add_with_ids(vecs, rows)
             self._kind = "ivf"
@@ -328,6 +332,9 @@ class ExemplarIndex:
                     return [[] for _ in range(len(q))]
                 want = min(want, len(rows))
                 scores, found = self._filtered_search(index, q, rows, want)
+            elif index is None:
+                rows, vecs = self._flat  # type: ignore[misc]
+                scores, found = self._exact(q, rows, vecs, want)
             else:
                 scores, found = index.search(q, want)
             out: list[list[Hit]] = []
@@ -338,12 +345,22 @@ class ExemplarIndex:
                 out.append([self._hit(r, s) for r, s in cand[:k]])
             return out
 
+    @staticmethod
+    def _exact(q: np.ndarray, rows: np.ndarray, vecs: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+        sims = q @ vecs.T  # (Q, R)
+        if want < sims.shape[1]:
+            part = np.argpartition(-sims, want - 1, axis=1)[:, :want]  # (Q, want), unordered
+        else:
+            part = np.broadcast_to(np.arange(sims.shape[1]), (len(q), sims.shape[1]))
+        part_sims = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-part_sims, axis=1, kind="stable")
+        top = np.take_along_axis(part, order, axis=1)
+        return np.take_along_axis(sims, top, axis=1), rows[top]
+
     def _filtered_search(self, index: Any, q: np.ndarray, rows: np.ndarray, want: int) -> tuple[Any, Any]:
-        # Small subsets: exact scores over the matching rows (an IVF probe could miss them all).
-        if len(rows) <= self.exact_threshold or self._kind == "flat":
-            sims = q @ self._vecs[rows].T  # (Q, R)
-            top = np.argsort(-sims, axis=1, kind="stable")[:, :want]
-            return np.take_along_axis(sims, top, axis=1), rows[top]
+        # Exact over the matching rows unless they are many (an IVF probe could miss a small subset entirely).
+        if index is None or len(rows) <= self.exact_threshold:
+            return self._exact(q, rows, self._vecs[rows], want)
         sel = faiss.IDSelectorBatch(rows)
         params = faiss.SearchParametersIVF(sel=sel, nprobe=max(self._nprobe, 1))  # type: ignore[call-arg]
         return index.search(q, want, params=params)
@@ -418,6 +435,7 @@ class ExemplarIndex:
         self._vecs = self._vecs[rows]
         self._records = [self._records[r] for r in rows]
         self._row_of = {rec.id: i for i, rec in enumerate(self._records) if rec is not None}
+        self._flat = None
         if self._faiss is not None:
             self._faiss.reset()  # IVF keeps its trained centroids
             self._faiss.add_with_ids(self._vecs, np.arange(len(rows), dtype=np.int64))
@@ -468,15 +486,15 @@ class ExemplarIndex:
         if len(idx._row_of) != count:
             raise ArtefactError(f"{folder}/records.jsonl repeats ids")
         fpath = folder / "faiss.index"
-        if count:
+        idx._kind = m["index_type"]
+        if count and idx._kind == "ivf":
             try:
                 index: Any = faiss.deserialize_index(np.frombuffer(fpath.read_bytes(), dtype=np.uint8))
             except (RuntimeError, OSError) as exc:
                 raise ArtefactError(f"{fpath} cannot be read: {exc}") from None
             if index.ntotal != count or index.d != dim:
                 raise ArtefactError(f"{fpath} holds {index.ntotal} x {index.d}, manifest says {count} x {dim}")
-            idx._faiss, idx._kind = index, m["index_type"]
+            idx._faiss = index
             idx._nprobe, idx._recall = int(m["nprobe"]), m["recall_at_10"]
-            if idx._kind == "ivf":
-                index.nprobe = idx._nprobe
+            index.nprobe = idx._nprobe
         return idx

@@ -46,4 +46,26 @@ def test_bad_model_gives_one_line_error_not_a_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-c", "from detot_agent.cli import main; main()", "generate", "hi",
                            "--model", str(tmp_path / "missing.gguf")], capture_output=True, text=True)
     assert proc.returncode == 2
-    assert "missing.gguf" in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+    assert "missing.gguf" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_index_build_and_search(gsm8k_train, tmp_path):
+    out = tmp_path / "idx"
+    result = runner.invoke(app, ["index", "build", "--data", str(gsm8k_train), "--format", "gsm8k", "--limit", "50",
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "indexed 50 records" in result.output and (out / "manifest.json").is_file()
+    found = runner.invoke(app, ["index", "search", str(out), "How many clips did Natalia sell?", "-k", "3",
+                                "--task", "Solve grade-school math word problems"])
+    assert found.exit_code == 0, found.output
+    assert "train:1" in found.output and found.output.count("train:") == 3
+
+
+def test_index_build_reports_bad_data_with_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q", "answer": "#### 1"}\n{broken\n')
+    proc = subprocess.run([sys.executable, "-c", "from detot_agent.cli import main; main()", "index", "build",
+                           "--data", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True)
+    assert proc.returncode == 2 and "bad.jsonl line 2: not valid JSON" in proc.stderr
+    assert not (tmp_path / "o").exists()
