@@ -5,7 +5,8 @@ stored vectors: for single queries it beats FAISS's flat index, which only
 switches to BLAS for batches of 20 or more) and FAISS IVF-Flat above it.
 When the IVF index is built, its `nprobe` is tuned: the smallest power of two
 whose recall@10 against exact search, measured on a sample of stored vectors
-used as queries (their own entry excluded), reaches `target_recall`. The measured recall is kept in `stats()` and the manifest.
+used as queries (their own entry excluded), reaches `target_recall`. The
+measured recall is kept in `stats()` and the manifest.
 
 Vectors are unit-normalised, so inner product is cosine similarity.
 
