@@ -111,6 +111,9 @@ class LocalEngine:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids: set[int] = eos_ids
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> LocalEngine:
+        return self  # engines (and their weights) are shared by reference, never copied
+
     # ---- the model -------------------------------------------------------------
     @property
     def model(self) -> Any:
@@ -296,6 +299,9 @@ class AsyncLocalEngine:
 
     def __init__(self, engine: LocalEngine) -> None:
         self.engine = engine
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AsyncLocalEngine:
+        return self
 
     @property
     def supported_params(self) -> frozenset[str]:

@@ -26,22 +26,33 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from detot_agent.errors import ConfigError, DetotError
 from detot_agent.softprompt import SoftPrompt
 
-__all__ = ["TuneConfig", "TuneExample", "TuneReport", "tune"]
+__all__ = ["TuneConfig", "TuneExample", "TuneReport", "target_nll", "tune"]
 
 
 class TuneExample(BaseModel):
-    """One training pair: the user prompt (and optional system text) and the completion to learn."""
+    """One training pair: the prompt and the completion to learn.
+
+    The prompt is either `prompt` (a user message, with optional `system` text) or `messages`
+    (chat messages with `role` and `content`, as a DSPy adapter formats them, demos included).
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(min_length=1)
+    prompt: str = ""
     target: str = Field(min_length=1)
     system: str | None = None
+    messages: list[dict[str, str]] | None = None
+
+    @model_validator(mode="after")
+    def _has_prompt(self) -> TuneExample:
+        if not self.messages and not self.prompt.strip():
+            raise ValueError("a TuneExample needs a non-empty prompt or messages")
+        return self
 
 
 class TuneConfig(BaseModel):
@@ -82,8 +93,8 @@ class TuneReport(BaseModel):
 
 
 def _encode(engine: Any, ex: TuneExample, max_length: int) -> tuple[list[int], list[int]]:
-    messages = ([{"role": "system", "content": ex.system}] if ex.system else []) + [
-        {"role": "user", "content": ex.prompt}]
+    messages = ex.messages or (([{"role": "system", "content": ex.system}] if ex.system else []) + [
+        {"role": "user", "content": ex.prompt}])
     prompt_ids = engine.render_messages(messages)
     eos = engine.tokenizer.eos_token_id
     target_ids = engine.tokenizer(ex.target, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
@@ -116,6 +127,21 @@ def _batch_loss(model: Any, soft: torch.Tensor, batch: list[tuple[list[int], lis
     logits = model(inputs_embeds=inputs, attention_mask=mask).logits.float()  # (B, L, V)
     return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                            ignore_index=-100)
+
+
+def target_nll(engine: Any, vectors: torch.Tensor | None, examples: Sequence[TuneExample], *,
+               batch_size: int = 4, max_length: int = 768) -> float:
+    """Mean NLL of the examples' targets given [vectors; prompt] (no soft prompt when `vectors` is None)."""
+    model = engine.model
+    emb = model.get_input_embeddings().weight
+    soft = (vectors if vectors is not None else torch.zeros(0, emb.shape[1])).to(device=emb.device, dtype=emb.dtype)
+    encoded = [_encode(engine, ex, max_length) for ex in examples]
+    if not encoded:
+        raise DetotError("target_nll needs at least one example")
+    with torch.no_grad():
+        total = sum(float(_batch_loss(model, soft, encoded[i:i + batch_size])) * len(encoded[i:i + batch_size])
+                    for i in range(0, len(encoded), batch_size))
+    return total / len(encoded)
 
 
 def tune(

@@ -1,0 +1,199 @@
+"""DETOT as a DSPy module: voting, adaptive stopping, triggers, concurrency, save/load, Evaluate."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import dspy
+import pytest
+import torch
+
+from detot_agent import DETOT, LocalEngine, TaskProfile, local_lm
+from detot_agent.controller import ControllerConfig, TaskState
+from detot_agent.errors import DetotError
+from detot_agent.voting import extract_number
+from scripted import scripted_lm
+
+ARITH = TaskProfile(name="arith", description="grade-school math word problems", kind="arithmetic",
+                    answer_format="number")
+Q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+
+
+def make(index, lm, **adj):
+    return DETOT("question -> answer", task=ARITH, index=index, lm=lm, background=False,
+                 adjustments=None if not adj else __import__("detot_agent").analyze(ARITH, **adj))
+
+
+def test_easy_input_uses_fewer_samples_under_beta_than_fixed(gsm8k_index):
+    lm, engine = scripted_lm(lambda text, n: "7")
+    beta = make(gsm8k_index, lm, stopping="beta", max_samples=8)(question=Q)
+    fixed = make(gsm8k_index, lm, stopping="fixed", max_samples=8)(question=Q)
+    assert (beta.answer, beta.agreement, beta.samples_used) == ("7", 1.0, 4)
+    assert fixed.samples_used == 8 and fixed.votes == {"7": 8.0}
+    assert engine.calls == 12
+
+
+def test_votes_normalise_and_the_majority_wins(gsm8k_index):
+    script = ["7", "The answer is 7 apples.", "8", "$7.00", "8", "7"]
+    lm, _ = scripted_lm(lambda text, n: script[n % len(script)])
+    pred = make(gsm8k_index, lm, stopping="fixed", max_samples=6)(question=Q)
+    assert pred.answer_key == "7" and pred.votes == {"7": 4.0, "8": 2.0}
+    assert pred.agreement == pytest.approx(4 / 6) and pred.reasoning.startswith("step")
+
+
+def test_no_parseable_sample_says_so(gsm8k_index):
+    lm, _ = scripted_lm(lambda text, n: None)
+    pred = make(gsm8k_index, lm, max_samples=4)(question=Q)
+    assert pred.answer is None and pred.answer_key is None
+    assert pred.parse_failures == 4 and pred.samples_used == 4 and "none of 4 samples" in pred.reason
+
+
+def test_retrieved_demos_reach_the_prompt(gsm8k_index):
+    lm, engine = scripted_lm(lambda text, n: "7")
+    pred = make(gsm8k_index, lm, k_exemplars=2)(question=Q)
+    assert len(pred.demo_ids) == 2
+    demo_question = gsm8k_index.get(pred.demo_ids[0]).fields["question"]
+    assert demo_question in engine.prompts[0]
+    assert pred.embedding_version == 0
+
+
+def test_trigger_fires_on_falling_agreement(gsm8k_index):
+    lm, _ = scripted_lm(lambda text, n: str(n))  # every sample disagrees
+    detot = make(gsm8k_index, lm, max_samples=2, min_count=3, window=3, cooldown=5)
+    for i in range(3):
+        detot(question=f"{Q} ({i})")
+    triggers = [e for e in detot.monitor.events if e["event"] == "trigger"]
+    assert len(triggers) == 1 and "agreement 0.50 < 0.60" in triggers[0]["reason"]
+    event = detot.reoptimize()
+    assert not event.accepted  # three records of evidence are too few
+    for i in range(3):
+        detot(question=f"{Q} (again {i})")
+    assert len([e for e in detot.monitor.events if e["event"] == "trigger"]) == 1  # cooldown holds
+
+
+def test_feedback_records_accuracy(gsm8k_index):
+    lm, _ = scripted_lm(lambda text, n: "7")
+    detot = make(gsm8k_index, lm)
+    pred = detot(question=Q)
+    assert detot.feedback(pred, gold="7.0") is True
+    assert detot.feedback(pred, correct=False) is False
+    with pytest.raises(DetotError, match="gold= or correct="):
+        detot.feedback(pred)
+
+
+def test_named_predictors_and_deepcopy(gsm8k_index):
+    lm, _ = scripted_lm(lambda text, n: "7")
+    detot = make(gsm8k_index, lm)
+    names = [name for name, _ in detot.named_predictors()]
+    assert names == ["predictor.predict"]
+    clone = copy.deepcopy(detot)
+    assert clone.index is detot.index and clone.encoder is detot.encoder
+    assert clone.predictor is not detot.predictor and clone.controller is not detot.controller
+    assert clone(question=Q).answer == "7"
+
+
+def test_save_load_reproduces_predictions(gsm8k_index, tmp_path, encoder):
+    lm, _ = scripted_lm(lambda text, n: "7")
+    detot = make(gsm8k_index, lm)
+    state = detot.controller.state
+    emb = copy.deepcopy(state.embedding)
+    e = encoder.encode([Q])[0]
+    ranked = [h.id for h in gsm8k_index.search(emb.query(e), 20)]
+    emb.update(e[None], [gsm8k_index.vectors(ranked[10:13])], [gsm8k_index.vectors(ranked[:10])])
+    emb.version = 1
+    detot.controller.publish(TaskState(1, emb, None))
+    detot.predictor.predict.demos = [dspy.Example(question="1+1?", reasoning="1+1=2", answer="2")]
+    before = detot(question=Q)
+    detot.save(tmp_path / "detot.json")
+    fresh = make(gsm8k_index, lm)
+    assert fresh(question=Q).demo_ids != before.demo_ids
+    fresh.load(tmp_path / "detot.json")
+    after = fresh(question=Q)
+    assert (after.demo_ids, after.answer, after.embedding_version) == (before.demo_ids, before.answer, 1)
+    assert fresh.predictor.predict.demos[0]["question"] == "1+1?"
+    (tmp_path / "detot.json.tensors" / "tensors.safetensors").write_bytes(b"broken")
+    with pytest.raises(Exception, match="checksum"):
+        make(gsm8k_index, lm).load(tmp_path / "detot.json")
+
+
+def test_inside_dspy_evaluate_with_four_threads(gsm8k_index):
+    answers = {f"Sam has {i} pens and gets 2 more. How many pens?": str(i + 2) for i in range(8)}
+    lm, _ = scripted_lm(lambda text, n: next(v for k, v in answers.items() if k in text.split("[[ ## question ## ]]")[-1]))
+    detot = make(gsm8k_index, lm, max_samples=4)
+    devset = [dspy.Example(question=q, answer=a).with_inputs("question") for q, a in answers.items()]
+
+    def metric(example, pred, trace=None):
+        return extract_number(str(pred.answer))[0] == example.answer
+
+    result = dspy.Evaluate(devset=devset, metric=metric, num_threads=4, display_progress=False)(detot)
+    assert result.score == 100.0
+    assert detot.monitor.count == 8
+
+
+def test_no_torn_reads_under_concurrent_calls_and_reoptimization(gsm8k_index):
+    lm, _ = scripted_lm(lambda text, n: "7")
+    detot = make(gsm8k_index, lm, max_samples=2)
+    base = detot.controller.state.embedding
+    seen: list[tuple[int, int, float]] = []
+    original = detot._demos
+
+    def spy(state, query):
+        seen.append((state.version, state.embedding.version, float(state.soft_prompt[0, 0])))
+        return original(state, query)
+
+    detot._demos = spy
+    stop = threading.Event()
+
+    def publisher():
+        v = 0
+        while not stop.is_set():
+            v += 1
+            emb = copy.deepcopy(base)
+            emb.version = v
+            detot.controller.publish(TaskState(v, emb, torch.full((2, 4), float(v))))
+
+    detot.controller.publish(TaskState(0, copy.deepcopy(base), torch.zeros(2, 4)))
+    pub = threading.Thread(target=publisher)
+    pub.start()
+    outs = dspy.Parallel(num_threads=8)([(detot, {"question": f"{Q} #{i}"}) for i in range(48)])
+    stop.set()
+    pub.join()
+    assert len(outs) == 48 and all(o.answer == "7" for o in outs)
+    assert len(seen) == 48 and all(v == ev == sp for v, ev, sp in seen)
+    assert detot.monitor.count == 48
+
+
+@pytest.fixture(scope="module")
+def long_tiny_dir(tmp_path_factory):
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-long"), context=2048)
+
+
+def test_local_engine_path_end_to_end(gsm8k_index, long_tiny_dir):
+    engine = LocalEngine(str(long_tiny_dir), device="cpu", dtype="float32", max_wait_ms=5)
+    lm = local_lm(engine=engine, cache=False)
+    detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False,
+                  adjustments=__import__("detot_agent").analyze(ARITH, max_samples=4, max_tokens=12, k_exemplars=1))
+    state = detot.controller.state
+    assert state.soft_prompt is not None and state.soft_prompt.shape == (detot.adjustments.soft_prompt_k, 64)
+    pred = detot(question="2 plus 2?")
+    assert pred.samples_used == 4 and pred.parse_failures + sum(int(v) for v in pred.votes.values()) == 4
+    assert pred.tokens > 0 and len(pred.demo_ids) == 1
+    assert detot.controller.evidence()[0].messages[0]["role"] == "system"
+    engine.close()
+
+
+def test_bad_inputs(gsm8k_index):
+    lm, _ = scripted_lm(lambda text, n: "7")
+    detot = make(gsm8k_index, lm)
+    with pytest.raises(DetotError, match="missing input field"):
+        detot(query=Q)
+    with pytest.raises(DetotError, match="empty or whitespace"):
+        detot(question="   ")
+    bare = DETOT("question -> answer", task=ARITH, index=gsm8k_index, background=False)
+    with dspy.context(lm=None):
+        with pytest.raises(DetotError, match="no LM"):
+            bare(question=Q)
+    assert ControllerConfig().min_evidence >= 1
