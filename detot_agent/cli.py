@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 import time
 from pathlib import Path
@@ -84,55 +83,17 @@ def generate(
     console.print(f"[dim]{total} tokens in {elapsed:.2f}s ({total / max(elapsed, 1e-9):.1f} tok/s)[/]")
 
 
-DEMO_QUESTIONS = [
-    ("Tom has 3 apples and buys 4 more. How many apples does he have now?", "7"),
-    ("A box holds 6 eggs. How many eggs are in 5 boxes?", "30"),
-    ("Lisa had 10 candies and ate 3 of them. How many candies are left?", "7"),
-]
-DEMO_DEMOS = [
-    ("Sam has 2 pens and gets 5 more. How many pens does he have?",
-     "Sam starts with 2 pens and gets 5 more, so 2 + 5 = 7.", "7"),
-    ("Each bag has 4 apples. How many apples are in 3 bags?",
-     "There are 3 bags with 4 apples each, so 3 * 4 = 12.", "12"),
-]
-
-
 @app.command()
 def demo(
     model: ModelOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per answer.")] = 160,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 160,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Answer a few arithmetic questions with dspy.ChainOfThought on the local model."""
-    import dspy
+    """DETOT end to end: retrieve demos, vote, monitor, then re-optimize (accept or roll back)."""
+    from detot_agent.demo import run_demo
 
-    from detot_agent.adapters import LenientChatAdapter
-    from detot_agent.engine import local_lm
-
-    start = time.perf_counter()
-    lm = local_lm(model, device=device, dtype=dtype, max_tokens=max_tokens, cache=False)
-    console.print(f"loaded [bold]{lm.model}[/] on {lm.engine.model.device} in {time.perf_counter() - start:.1f}s")
-    program = dspy.ChainOfThought("question -> answer")
-    program.predict.demos = [dspy.Example(question=q, reasoning=r, answer=a) for q, r, a in DEMO_DEMOS]
-    table = Table(title="dspy.ChainOfThought on the local engine")
-    for col in ("question", "answer", "expected", "seconds", "tokens"):
-        table.add_column(col)
-    correct = 0
-    with dspy.context(lm=lm, adapter=LenientChatAdapter()):
-        for question, expected in DEMO_QUESTIONS:
-            t0 = time.perf_counter()
-            try:
-                answer = str(program(question=question).answer).strip()
-            except Exception as exc:  # a small model may still produce no parseable answer
-                answer = f"(unparseable: {type(exc).__name__})"
-            seconds = time.perf_counter() - t0
-            tokens = lm.history[-1]["usage"].get("completion_tokens", 0) if lm.history else 0
-            numbers = re.findall(r"-?\d+(?:\.\d+)?", answer.replace(",", ""))
-            correct += bool(numbers) and numbers[-1] == expected
-            table.add_row(question, answer, expected, f"{seconds:.1f}", str(tokens))
-    console.print(table)
-    console.print(f"{correct}/{len(DEMO_QUESTIONS)} correct; total {time.perf_counter() - start:.1f}s")
+    run_demo(model=model, device=device, dtype=dtype, max_tokens=max_tokens, say=console.print)
 
 
 @bench_app.command("engine")

@@ -229,11 +229,16 @@ class Controller:
         train = [e for e in evidence if e.id not in held_ids]
 
         new_embedding = copy.deepcopy(old.embedding) if old.embedding is not None else None
+        changed = False
         if new_embedding is not None:
-            self._update_retrieval(new_embedding, train)
+            changed |= self._update_retrieval(new_embedding, train)
         new_soft = old.soft_prompt
         if old.soft_prompt is not None and self.engine is not None:
             new_soft = self._update_soft_prompt(old.soft_prompt, train)
+            changed |= new_soft is not old.soft_prompt
+        if not changed:
+            return event(False, "nothing to learn from: no good training records with usable demos or targets; "
+                         "kept the old state")
 
         old_nll, new_nll = self._nll(old.soft_prompt, held), self._nll(new_soft, held)
         old_mrr = self._mrr(old.embedding, held)
@@ -261,7 +266,7 @@ class Controller:
                      new_score=new_score)
 
     # ---- the two halves ------------------------------------------------------------------------------
-    def _update_retrieval(self, embedding: TaskEmbedding, train: list[Evidence]) -> None:
+    def _update_retrieval(self, embedding: TaskEmbedding, train: list[Evidence]) -> bool:
         cfg = self.config
         queries, pos, neg = [], [], []
         for ev in train:
@@ -275,9 +280,11 @@ class Controller:
             queries.append(ev.query)
             pos.append(self.index.vectors(ev.demo_ids))
             neg.append(self.index.vectors(negatives))
-        if queries:
-            embedding.update(np.stack(queries), pos, neg, steps=cfg.retrieval_steps, lr=cfg.retrieval_lr,
-                             l2_to_init=cfg.l2_to_init)
+        if not queries:
+            return False
+        report = embedding.update(np.stack(queries), pos, neg, steps=cfg.retrieval_steps, lr=cfg.retrieval_lr,
+                                  l2_to_init=cfg.l2_to_init)
+        return report.accepted
 
     def _examples(self, records: list[Evidence]) -> list[Any]:
         from detot_agent.tuning import TuneExample
@@ -295,12 +302,12 @@ class Controller:
 
         examples = self._examples(train)
         if not examples:
-            return vectors
+            return vectors  # unchanged (the same object)
         sp = SoftPrompt("reopt", vectors, model_id="engine")
         cfg = self.config
-        tune(sp, self.engine, examples, steps=cfg.soft_prompt_steps, lr=cfg.soft_prompt_lr,
-             l2_to_init=cfg.l2_to_init, dropout=cfg.dropout, progress=False)
-        return sp.vectors.clone()
+        report = tune(sp, self.engine, examples, steps=cfg.soft_prompt_steps, lr=cfg.soft_prompt_lr,
+                      l2_to_init=cfg.l2_to_init, dropout=cfg.dropout, progress=False)
+        return sp.vectors.clone() if report.accepted else vectors
 
     def _nll(self, vectors: torch.Tensor | None, held: list[Evidence]) -> float | None:
         if self.engine is None or vectors is None:

@@ -41,7 +41,7 @@ from detot_agent.errors import ArtefactError, DetotError
 from detot_agent.index import ExemplarIndex
 from detot_agent.monitor import Monitor, Observation
 from detot_agent.task import Adjustments, TaskProfile, analyze
-from detot_agent.voting import normalize, should_stop, vote
+from detot_agent.voting import extract_number, normalize, should_stop, vote
 
 __all__ = ["DETOT"]
 
@@ -231,7 +231,7 @@ class DETOT(dspy.Module):
                     try:
                         fields: dict[str, Any] | None = self.adapter.parse(sig, raw)
                     except Exception:
-                        fields = None
+                        fields = self._stated_answer(raw)
                     samples.append((fields, raw, self._key(fields)))
             else:
                 for fields, used in self._sample_rollouts(lm, inputs, demos, n):
@@ -258,6 +258,13 @@ class DETOT(dspy.Module):
         if trigger is not None and self.background:
             self.controller.submit()
         return dspy.Prediction(**out)
+
+    def _stated_answer(self, raw: str) -> dict[str, Any] | None:
+        """Numeric tasks only: an explicit "The answer is N" in a reply that broke the field layout."""
+        if self.adjustments.normalizer.value != "number":
+            return None
+        value, stated = extract_number(raw)
+        return {"reasoning": raw.strip(), self.answer_field: value} if stated and value is not None else None
 
     def _key(self, fields: dict[str, Any] | None) -> str | None:
         if not fields:

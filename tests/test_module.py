@@ -8,12 +8,12 @@ import threading
 import dspy
 import pytest
 import torch
+from scripted import scripted_lm
 
-from detot_agent import DETOT, LocalEngine, TaskProfile, local_lm
+from detot_agent import DETOT, LocalEngine, TaskProfile, analyze, local_lm
 from detot_agent.controller import ControllerConfig, TaskState
 from detot_agent.errors import DetotError
 from detot_agent.voting import extract_number
-from scripted import scripted_lm
 
 ARITH = TaskProfile(name="arith", description="grade-school math word problems", kind="arithmetic",
                     answer_format="number")
@@ -22,7 +22,7 @@ Q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 
 def make(index, lm, **adj):
     return DETOT("question -> answer", task=ARITH, index=index, lm=lm, background=False,
-                 adjustments=None if not adj else __import__("detot_agent").analyze(ARITH, **adj))
+                 adjustments=analyze(ARITH, **adj) if adj else None)
 
 
 def test_easy_input_uses_fewer_samples_under_beta_than_fixed(gsm8k_index):
@@ -119,7 +119,12 @@ def test_save_load_reproduces_predictions(gsm8k_index, tmp_path, encoder):
 
 def test_inside_dspy_evaluate_with_four_threads(gsm8k_index):
     answers = {f"Sam has {i} pens and gets 2 more. How many pens?": str(i + 2) for i in range(8)}
-    lm, _ = scripted_lm(lambda text, n: next(v for k, v in answers.items() if k in text.split("[[ ## question ## ]]")[-1]))
+
+    def answer(text: str, n: int) -> str:
+        asked = text.split("[[ ## question ## ]]")[-1]  # the last question is the one being asked
+        return next(v for k, v in answers.items() if k in asked)
+
+    lm, _ = scripted_lm(answer)
     detot = make(gsm8k_index, lm, max_samples=4)
     devset = [dspy.Example(question=q, answer=a).with_inputs("question") for q, a in answers.items()]
 
@@ -175,7 +180,7 @@ def test_local_engine_path_end_to_end(gsm8k_index, long_tiny_dir):
     engine = LocalEngine(str(long_tiny_dir), device="cpu", dtype="float32", max_wait_ms=5)
     lm = local_lm(engine=engine, cache=False)
     detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False,
-                  adjustments=__import__("detot_agent").analyze(ARITH, max_samples=4, max_tokens=12, k_exemplars=1))
+                  adjustments=analyze(ARITH, max_samples=4, max_tokens=12, k_exemplars=1))
     state = detot.controller.state
     assert state.soft_prompt is not None and state.soft_prompt.shape == (detot.adjustments.soft_prompt_k, 64)
     pred = detot(question="2 plus 2?")
@@ -193,7 +198,6 @@ def test_bad_inputs(gsm8k_index):
     with pytest.raises(DetotError, match="empty or whitespace"):
         detot(question="   ")
     bare = DETOT("question -> answer", task=ARITH, index=gsm8k_index, background=False)
-    with dspy.context(lm=None):
-        with pytest.raises(DetotError, match="no LM"):
-            bare(question=Q)
+    with dspy.context(lm=None), pytest.raises(DetotError, match="no LM"):
+        bare(question=Q)
     assert ControllerConfig().min_evidence >= 1

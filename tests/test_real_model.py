@@ -33,10 +33,13 @@ def test_greedy_equals_transformers_generate_and_batch_mates_do_not_matter(engin
     assert "5" in together[0]
 
 
-def test_demo_runs_end_to_end(engine):
+def test_demo_runs_end_to_end(engine, tmp_path, monkeypatch):
     from detot_agent.cli import app
 
-    result = CliRunner().invoke(app, ["demo", "--max-tokens", "96", "--device", "cpu", "--dtype", "float32"])
-    assert result.exit_code == 0, result.output
-    assert "correct; total" in result.output
-    assert "Tom has 3 apples" in result.output
+    monkeypatch.setenv("DETOT_CACHE", str(tmp_path))
+    for run in ("built", "loaded"):  # the second run loads the cached index
+        result = CliRunner().invoke(app, ["demo", "--max-tokens", "64", "--device", "cpu", "--dtype", "float32"])
+        assert result.exit_code == 0, result.output
+        assert f"exemplar index: {run}" in result.output
+    assert "correct; window agreement" in result.output
+    assert "re-optimization" in result.output and "demo finished" in result.output

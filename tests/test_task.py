@@ -52,7 +52,7 @@ def test_bad_profiles_and_adjustments_are_refused():
         TaskProfile(name="c", answer_format="label")
     with pytest.raises(ConfigError, match="desired_outcome"):
         TaskProfile(name="c", desired_outcome=2)
-    with pytest.raises(ConfigError, match="min_samples .* exceeds max_samples"):
+    with pytest.raises(ConfigError, match=r"min_samples .* exceeds max_samples"):
         analyze(TaskProfile(name="c"), min_samples=9, max_samples=4)
     with pytest.raises(ConfigError, match="unknown setting"):
         analyze(TaskProfile(name="c"), k_exemplar=3)

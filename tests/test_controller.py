@@ -1,0 +1,123 @@
+"""Controller: accept and roll back on constructed evidence; errors keep the old state serving."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from detot_agent import LocalEngine
+from detot_agent.controller import Controller, ControllerConfig, Evidence, TaskState
+from detot_agent.embeddings import TaskEmbedding
+from detot_agent.monitor import Monitor
+from detot_agent.softprompt import SoftPrompt
+
+
+def _monitor() -> Monitor:
+    return Monitor(agreement_threshold=0.6, accuracy_threshold=0.5, window=20, min_count=5, cooldown=0)
+
+
+def _messages(i: int) -> list[dict[str, str]]:
+    return [{"role": "system", "content": "Answer the question."},
+            {"role": "user", "content": f"Tom has {i} apples and buys 2 more. How many?"}]
+
+
+def _evidence(engine_dim: int, targets: list[str], correct: bool | None = None) -> list[Evidence]:
+    rng = np.random.default_rng(0)
+    return [Evidence(id=f"e{i}", query=rng.standard_normal(engine_dim).astype(np.float32), demo_ids=[],
+                     agreement=1.0, messages=_messages(i), target=t, correct=correct) for i, t in enumerate(targets)]
+
+
+@pytest.fixture
+def engine(tiny_model_dir):
+    return LocalEngine(str(tiny_model_dir), device="cpu", dtype="float32")
+
+
+def _controller(engine, index, **cfg) -> tuple[Controller, Monitor]:
+    sp = SoftPrompt.initialize(engine, "t", k=4, init="vocab")
+    mon = _monitor()
+    config = ControllerConfig(min_evidence=6, holdout_every=3, soft_prompt_steps=25, soft_prompt_lr=0.05,
+                              dropout=0.0, margin=0.0, **cfg)
+    return Controller(TaskState(0, None, sp.vectors), index=index, monitor=mon, engine=engine, config=config), mon
+
+
+def test_consistent_evidence_is_accepted(engine, gsm8k_index):
+    ctl, mon = _controller(engine, gsm8k_index)
+    for ev in _evidence(384, ["The answer is 5."] * 9):
+        ctl.add_evidence(ev)
+    old = ctl.state
+    event = ctl.reoptimize()
+    assert event.accepted, event.reason
+    assert ctl.state.version == 1 and not torch.equal(ctl.state.soft_prompt, old.soft_prompt)
+    assert "held-out NLL" in event.reason and event.new_score > event.old_score
+    assert mon.events[-1]["event"] == "reoptimization" and mon.events[-1]["accepted"]
+
+
+def test_contradicting_held_out_evidence_is_rolled_back(gsm8k_index, encoder):
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=encoder)
+    ctl = Controller(TaskState(0, te, None), index=gsm8k_index, monitor=_monitor(), engine=None,
+                     config=ControllerConfig(min_evidence=6, margin=0.0), k=3)
+    vecs = encoder.encode([gsm8k_index.get(f"train:{i}").text for i in range(1, 13)])
+    for i, v in enumerate(vecs):
+        if (i + 1) % 3:  # training records: two fixed, far-away exemplars helped
+            demos = ["train:300", "train:301"]
+        else:  # held-out records: the exemplars ranked first today were the helpful ones
+            demos = [h.id for h in gsm8k_index.search(te.query(v), 2)]
+        ctl.add_evidence(Evidence(id=f"q{i}", query=v, demo_ids=demos, agreement=1.0, correct=True))
+    old = ctl.state
+    event = ctl.reoptimize()
+    assert not event.accepted and event.reason.startswith("rolled back: held-out demo MRR")
+    assert ctl.state is old and ctl.state.version == 0 and te.version == 0
+
+
+def test_retrieval_half_moves_towards_demos_that_worked(gsm8k_index, encoder):
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=encoder)
+    mon = _monitor()
+    ctl = Controller(TaskState(0, te, None), index=gsm8k_index, monitor=mon, engine=None,
+                     config=ControllerConfig(min_evidence=6, margin=0.0), k=3)
+    questions = [gsm8k_index.get(f"train:{i}").text for i in range(1, 13)]
+    vecs = encoder.encode(questions)
+    # the same two exemplars helped every question: a task-wide signal held-out questions share
+    helpful = ["train:300", "train:301"]
+    for i, v in enumerate(vecs):
+        ctl.add_evidence(Evidence(id=f"q{i}", query=v, demo_ids=helpful, agreement=1.0, correct=True))
+    event = ctl.reoptimize()
+    assert event.accepted and "held-out demo MRR" in event.reason and event.new_score > event.old_score
+    assert ctl.state.embedding is not te and ctl.state.embedding.version == 1 and te.version == 0
+
+
+def test_too_little_evidence_and_errors_keep_the_old_state(engine, gsm8k_index, monkeypatch):
+    ctl, mon = _controller(engine, gsm8k_index)
+    old = ctl.state
+    assert "only 0 evidence records" in ctl.reoptimize().reason and ctl.state is old
+    for ev in _evidence(384, ["The answer is 5."] * 9):
+        ctl.add_evidence(ev)
+
+    def boom(*a, **k):
+        raise RuntimeError("out of memory while training")
+
+    monkeypatch.setattr(ctl, "_update_soft_prompt", boom)
+    event = ctl.reoptimize()
+    assert not event.accepted and "RuntimeError: out of memory while training" in event.error
+    assert ctl.state is old
+
+
+def test_background_submit_runs_once_at_a_time(engine, gsm8k_index):
+    ctl, mon = _controller(engine, gsm8k_index)
+    for ev in _evidence(384, ["The answer is 5."] * 9):
+        ctl.add_evidence(ev)
+    first = ctl.submit()
+    second = ctl.submit()
+    assert first is not None and (second is None or first.done())
+    event = ctl.wait(timeout=120)
+    assert event is not None and event.version_before == 0
+    ctl.close()
+
+
+def test_gold_feedback_picks_the_matching_sample_as_target(engine, gsm8k_index):
+    ctl, _ = _controller(engine, gsm8k_index)
+    ev = Evidence(id="x", query=np.zeros(384, dtype=np.float32), demo_ids=[], agreement=0.5, target="wrong 3",
+                  samples=[("wrong 3", "3"), ("right 4", "4")])
+    ctl.add_evidence(ev)
+    ctl.record_outcome("x", correct=False, gold_key="4")
+    assert ev.learn_target(0.75) == "right 4"
