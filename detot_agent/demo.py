@@ -89,7 +89,7 @@ def run_demo(*, model: str | None = None, device: str = "auto", dtype: str = "au
     from detot_agent.errors import ArtefactError
     from detot_agent.index import ExemplarIndex
     from detot_agent.module import DETOT
-    from detot_agent.task import TaskProfile, analyze
+    from detot_agent.task import AnswerFormat, TaskKind, TaskProfile, analyze
 
     start = time.perf_counter()
     lm = local_lm(model, device=device, dtype=dtype, cache=False)
@@ -105,7 +105,7 @@ def run_demo(*, model: str | None = None, device: str = "auto", dtype: str = "au
         index.save(cache)
         say(f"exemplar index: built {len(index)} template exemplars, cached at {cache}")
     task = TaskProfile(name="arithmetic", description="Solve short arithmetic word problems.",
-                       kind="arithmetic", answer_format="number")
+                       kind=TaskKind.ARITHMETIC, answer_format=AnswerFormat.NUMBER)
     adj = analyze(task, [q for q, _ in DEMO_QUESTIONS], k_exemplars=2, max_samples=6, max_tokens=max_tokens,
                   min_count=3, window=4, cooldown=0)
     detot = DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adj, background=False)

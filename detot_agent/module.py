@@ -169,24 +169,29 @@ class DETOT(dspy.Module):
         return demos, [h.id for h in hits]
 
     def _sample_local(self, engine: LocalEngine, lm: Any, messages: list[dict[str, str]], n: int,
-                      soft: torch.Tensor | None, seed: int) -> list[tuple[str, int]]:
+                      soft: torch.Tensor | None, seed: int, *, greedy: bool = False) -> list[tuple[str, int]]:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         chat = tuple(Message.user(m["content"]) if m["role"] == "user" else Message.assistant(m["content"])
                      for m in messages if m["role"] != "system")
+        # the adapter's end marker ends a sample: small models otherwise keep writing to max_tokens
+        config = Config(temperature=0.0 if greedy else self.adjustments.temperature,
+                        max_tokens=self.adjustments.max_tokens, seed=None if greedy else seed,
+                        stop=("[[ ## completed ## ]]",))
         request = Request(model=lm.model if lm is not None else engine.name, messages=chat, system=system or None,
-                          config=Config(temperature=self.adjustments.temperature,
-                                        max_tokens=self.adjustments.max_tokens, seed=seed))
+                          config=config)
         return [(s.text, s.output_tokens) for s in engine.sample(request, n, soft_prompt=soft)]
 
     def _sample_rollouts(self, lm: Any, inputs: dict[str, Any], demos: list[dspy.Example],
-                         n: int) -> list[tuple[dict[str, Any] | None, int]]:
+                         n: int, *, greedy_first: bool = False) -> list[tuple[dict[str, Any] | None, int]]:
         out: list[tuple[dict[str, Any] | None, int]] = []
-        for _ in range(n):
+        for i in range(n):
             with self._rollout_lock:
                 self._rollout += 1
                 rid = self._rollout
+            sampler = (lm.copy(temperature=0.0) if greedy_first and i == 0
+                       else lm.copy(rollout_id=rid, temperature=self.adjustments.temperature))
             try:
-                with dspy.context(lm=lm.copy(rollout_id=rid, temperature=self.adjustments.temperature)):
+                with dspy.context(lm=sampler):
                     pred = self.predictor(**inputs, demos=list(self._inner().demos) + demos)
                 out.append((dict(pred.items()), 0))
             except Exception:  # an unparseable sample is counted and skipped
@@ -225,8 +230,14 @@ class DETOT(dspy.Module):
             n = adj.min_samples if drawn == 0 else min(adj.round_size, adj.max_samples - drawn)
             if engine is not None:
                 assert messages is not None
-                soft = state.soft_prompt if self.task.name else None
-                for raw, used in self._sample_local(engine, lm, messages, n, soft, seed=hash(pred_id) % 2**31 + drawn):
+                soft = state.soft_prompt
+                seed = int(pred_id[:8], 16) + drawn
+                drawn_now: list[tuple[str, int]] = []
+                if drawn == 0 and adj.greedy_first:  # the greedy answer votes first (and so wins ties)
+                    drawn_now += self._sample_local(engine, lm, messages, 1, soft, seed, greedy=True)
+                if n - len(drawn_now) > 0:
+                    drawn_now += self._sample_local(engine, lm, messages, n - len(drawn_now), soft, seed)
+                for raw, used in drawn_now:
                     tokens += used
                     try:
                         fields: dict[str, Any] | None = self.adapter.parse(sig, raw)
@@ -234,7 +245,8 @@ class DETOT(dspy.Module):
                         fields = self._stated_answer(raw)
                     samples.append((fields, raw, self._key(fields)))
             else:
-                for fields, used in self._sample_rollouts(lm, inputs, demos, n):
+                for fields, used in self._sample_rollouts(lm, inputs, demos, n,
+                                                          greedy_first=drawn == 0 and adj.greedy_first):
                     tokens += used
                     samples.append((fields, json.dumps(fields, default=str) if fields else "", self._key(fields)))
             drawn += n

@@ -108,6 +108,7 @@ class Adjustments(StrictModel):
     stopping: StoppingRule = StoppingRule.BETA
     stop_threshold: float = Field(default=0.95, gt=0, le=1)
     temperature: float = Field(default=0.7, ge=0, le=2)
+    greedy_first: bool = True
     max_tokens: int = Field(default=256, ge=1)
     normalizer: AnswerFormat = AnswerFormat.TEXT
     soft_prompt_init_text: str = "Answer the question. End with: The answer is <answer>."

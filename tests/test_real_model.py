@@ -43,3 +43,17 @@ def test_demo_runs_end_to_end(engine, tmp_path, monkeypatch):
         assert f"exemplar index: {run}" in result.output
     assert "correct; window agreement" in result.output
     assert "re-optimization" in result.output and "demo finished" in result.output
+
+
+def test_tune_cli_end_to_end_on_the_embedded_model(engine, gsm8k_train, tmp_path):
+    from detot_agent.cli import app
+    from detot_agent.softprompt import SoftPrompt
+
+    out = tmp_path / "sp"
+    result = CliRunner().invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "12",
+                                      "--steps", "3", "--k", "4", "--val", "4", "--batch-size", "2",
+                                      "--device", "cpu", "--dtype", "float32", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert (out / "loss.png").stat().st_size > 1000 and (out / "report.json").is_file()
+    sp = SoftPrompt.load(out, hidden_size=engine.hidden_size)
+    assert sp.k == 4 and sp.hidden_size == 576 and sp.model_id == "default"
