@@ -52,9 +52,42 @@ def retrieval_table() -> str:
     return "\n".join(out)
 
 
+
+
+def softprompt_table() -> str:
+    d = json.loads((RESULTS / "softprompt_multiarith" / "summary.json").read_text())
+    rep = json.loads((RESULTS / "softprompt_multiarith" / "soft_prompt" / "report.json").read_text())
+    out = ["| condition | accuracy | a number parses | explicit \"The answer is N\" | mean output tokens |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+    for key, label in (("no_soft_prompt", "greedy CoT, no soft prompt"), ("soft_prompt", "greedy CoT + soft prompt")):
+        r = d[key]
+        out.append(f"| {label} | {r['accuracy']:.2f} ({round(r['accuracy'] * r['n'])}/{r['n']}) | "
+                   f"{r['number_parse_rate']:.2f} | {r['strict_format_rate']:.2f} | {r['mean_output_tokens']:.0f} |")
+    out.append("")
+    out.append(f"Training: {rep['examples']} GSM8K train problems, {rep['steps_run']} steps, validation NLL "
+               f"{rep['initial_val_loss']:.3f} -> {rep['best_val_loss']:.3f} (best step {rep['best_step']}), "
+               f"{rep['seconds'] / 60:.0f} min on this CPU ({rep['seconds_per_step']:.1f} s/step).")
+    return "\n".join(out)
+
+
+def detot_table() -> str:
+    d = json.loads((RESULTS / "detot_multiarith" / "summary.json").read_text())
+    out = ["| method | accuracy | samples / question | tokens / question | re-optimizations (accepted) |",
+           "| --- | ---: | ---: | ---: | ---: |"]
+    c = d.get("plain_cot")
+    if c:
+        out.append(f"| plain greedy zero-shot CoT | {c['accuracy']:.2f} ({round(c['accuracy'] * c['n'])}/{c['n']}) | "
+                   f"1 | {c['tokens_per_question']:.0f} | - |")
+    t = d["detot"]
+    out.append(f"| DETOT (3 GSM8K demos, Beta voting, background loop) | {t['accuracy']:.2f} "
+               f"({round(t['accuracy'] * t['n'])}/{t['n']}) | {t['samples_per_question']:.2f} | "
+               f"{t['tokens_per_question']:.0f} | {t['reoptimizations']} ({t['accepted']}) |")
+    return "\n".join(out)
+
+
+TABLES = {"engine": engine_table, "retrieval": retrieval_table, "softprompt": softprompt_table,
+          "detot": detot_table}
+
 if __name__ == "__main__":
-    which = sys.argv[1] if len(sys.argv) > 1 else "all"
-    if which in ("engine", "all"):
-        print(engine_table())
-    if which in ("retrieval", "all"):
-        print(retrieval_table())
+    for name in sys.argv[1:] or list(TABLES):
+        print(TABLES[name]())
