@@ -47,8 +47,8 @@ def retrieval_table() -> str:
     out.append(f"Calibration: median top-1 cosine of real MiniLM embeddings of GSM8K test questions against GSM8K "
                f"train = {cal['real_median_top1']:.3f}; synthetic at the same size = "
                f"{cal['synthetic_median_top1_at_reference']:.3f} (noise scale {cal['sigma']:.3f} around "
-               f"{cal['clusters']:,} centres). Median cosine of random pairs: real {cal['real_median_pair_cosine']:.3f},"
-               f" synthetic {cal['synthetic_median_pair_cosine']:.3f}.")
+               f"{cal['clusters']:,} centres). Median cosine of random pairs: real "
+               f"{cal['real_median_pair_cosine']:.3f}, synthetic {cal['synthetic_median_pair_cosine']:.3f}.")
     return "\n".join(out)
 
 
