@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -231,7 +232,7 @@ class DETOT(dspy.Module):
             if engine is not None:
                 assert messages is not None
                 soft = state.soft_prompt
-                seed = int(pred_id[:8], 16) + drawn
+                seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) + drawn  # same input, same samples
                 drawn_now: list[tuple[str, int]] = []
                 if drawn == 0 and adj.greedy_first:  # the greedy answer votes first (and so wins ties)
                     drawn_now += self._sample_local(engine, lm, messages, 1, soft, seed, greedy=True)
