@@ -178,7 +178,7 @@ def tune(
     report = run_tune(soft, engine, train_pairs, val_examples=val_pairs, steps=steps, lr=lr, batch_size=batch_size)
     soft.save(out)
     plot_loss(report.train_loss, report.val_loss, out / "loss.png", title=f"soft prompt {task!r} on {engine.name}",
-              best_step=report.best_step or None)
+              best_step=report.best_step or None, initial_val=report.initial_val_loss)
     write_json_atomic(out / "report.json", report.model_dump())
     verdict = "accepted" if report.accepted else "NOT accepted (validation loss did not improve); kept the init"
     console.print(f"{report.steps_run} steps in {report.seconds:.1f}s ({report.seconds_per_step:.2f} s/step); "

@@ -17,8 +17,8 @@ __all__ = ["plot_loss"]
 
 
 def plot_loss(train: Sequence[float], val: Sequence[tuple[int, float]], path: Path, *, title: str,
-              best_step: int | None = None) -> Path:
-    """Training loss per step and validation loss at its evaluation steps."""
+              best_step: int | None = None, initial_val: float | None = None) -> Path:
+    """Training loss per step and validation loss at its evaluation steps (and before training, at step 0)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -26,8 +26,9 @@ def plot_loss(train: Sequence[float], val: Sequence[tuple[int, float]], path: Pa
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     ax.plot(range(1, len(train) + 1), train, color="#9ab", lw=1, label="train (with dropout)")
-    if val:
-        ax.plot([s for s, _ in val], [v for _, v in val], "o-", color="#c33", lw=1.5, label="validation")
+    points = ([(0, initial_val)] if initial_val is not None else []) + list(val)
+    if points:
+        ax.plot([s for s, _ in points], [v for _, v in points], "o-", color="#c33", lw=1.5, label="validation")
     if best_step:
         ax.axvline(best_step, color="#555", ls="--", lw=1, label=f"best step {best_step}")
     ax.set_xlabel("step")

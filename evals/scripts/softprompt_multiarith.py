@@ -65,7 +65,7 @@ def main() -> int:
                       batch_size=args.batch_size, eval_every=20, patience=3)
         soft.save(sp_dir)
         plot_loss(report.train_loss, report.val_loss, sp_dir / "loss.png", title="arithmetic soft prompt",
-                  best_step=report.best_step or None)
+                  best_step=report.best_step or None, initial_val=report.initial_val_loss)
         (sp_dir / "report.json").write_text(json.dumps(report.model_dump(), indent=2))
         print(f"trained: val loss {report.initial_val_loss:.3f} -> {report.best_val_loss:.3f} "
               f"(step {report.best_step}, {report.seconds:.0f}s, accepted={report.accepted})", flush=True)
