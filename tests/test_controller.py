@@ -59,10 +59,10 @@ def test_contradicting_held_out_evidence_is_rolled_back(gsm8k_index, encoder):
                      config=ControllerConfig(min_evidence=6, margin=0.0), k=3)
     vecs = encoder.encode([gsm8k_index.get(f"train:{i}").text for i in range(1, 13)])
     for i, v in enumerate(vecs):
-        if (i + 1) % 3:  # training records: two fixed, far-away exemplars helped
-            demos = ["train:300", "train:301"]
-        else:  # held-out records: the exemplars ranked first today were the helpful ones
-            demos = [h.id for h in gsm8k_index.search(te.query(v), 2)]
+        # training records: two fixed, far-away exemplars helped;
+        # held-out records (every third): the exemplars ranked first today were the helpful ones
+        held_out = (i + 1) % 3 == 0
+        demos = [h.id for h in gsm8k_index.search(te.query(v), 2)] if held_out else ["train:300", "train:301"]
         ctl.add_evidence(Evidence(id=f"q{i}", query=v, demo_ids=demos, agreement=1.0, correct=True))
     old = ctl.state
     event = ctl.reoptimize()
@@ -87,7 +87,7 @@ def test_retrieval_half_moves_towards_demos_that_worked(gsm8k_index, encoder):
 
 
 def test_too_little_evidence_and_errors_keep_the_old_state(engine, gsm8k_index, monkeypatch):
-    ctl, mon = _controller(engine, gsm8k_index)
+    ctl, _ = _controller(engine, gsm8k_index)
     old = ctl.state
     assert "only 0 evidence records" in ctl.reoptimize().reason and ctl.state is old
     for ev in _evidence(384, ["The answer is 5."] * 9):
@@ -103,7 +103,7 @@ def test_too_little_evidence_and_errors_keep_the_old_state(engine, gsm8k_index, 
 
 
 def test_background_submit_runs_once_at_a_time(engine, gsm8k_index):
-    ctl, mon = _controller(engine, gsm8k_index)
+    ctl, _ = _controller(engine, gsm8k_index)
     for ev in _evidence(384, ["The answer is 5."] * 9):
         ctl.add_evidence(ev)
     first = ctl.submit()
