@@ -34,9 +34,8 @@ def test_greedy_equals_transformers_generate_and_batch_mates_do_not_matter(engin
 
 
 def test_demo_runs_end_to_end(engine, tmp_path, monkeypatch):
-    from detot_agent.cli import app
-
     from detot_agent import Encoder, ExemplarIndex
+    from detot_agent.cli import app
 
     monkeypatch.setenv("DETOT_CACHE", str(tmp_path))
     result = CliRunner().invoke(app, ["demo", "--max-tokens", "64", "--device", "cpu", "--dtype", "float32"])
