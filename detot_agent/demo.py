@@ -129,8 +129,8 @@ def run_demo(*, model: str | None = None, device: str = "auto", dtype: str = "au
         f"{stats['accuracy']:.2f}; triggers: {len(triggers)}" + (f" ({triggers[0]['reason']})" if triggers else ""))
     say("re-optimizing the task embedding on this evidence (retrieval weights + soft prompt) ...")
     event = detot.reoptimize()
-    verdict = "[green]accepted[/]" if event.accepted else "[yellow]not accepted[/]"
-    say(f"re-optimization {verdict}: {event.reason} (version {event.version_before} -> {event.version_after}, "
+    colour = "green" if event.accepted else "yellow"
+    say(f"re-optimization: [{colour}]{event.reason}[/] (version {event.version_before} -> {event.version_after}, "
         f"{event.seconds:.1f}s)")
     total = time.perf_counter() - start
     say(f"demo finished in {total:.1f}s")
