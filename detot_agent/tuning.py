@@ -138,6 +138,11 @@ def target_nll(engine: Any, vectors: torch.Tensor | None, examples: Sequence[Tun
     encoded = [_encode(engine, ex, max_length) for ex in examples]
     if not encoded:
         raise DetotError("target_nll needs at least one example")
+    return _mean_nll(model, soft, encoded, batch_size)
+
+
+def _mean_nll(model: Any, soft: torch.Tensor, encoded: list[tuple[list[int], list[int]]], batch_size: int) -> float:
+    """Example-weighted mean of `_batch_loss` over `encoded`, without gradients."""
     with torch.no_grad():
         total = sum(float(_batch_loss(model, soft, encoded[i:i + batch_size])) * len(encoded[i:i + batch_size])
                     for i in range(0, len(encoded), batch_size))
@@ -199,12 +204,7 @@ def tune(
     model.eval()  # the model's own dropout stays off; only the soft prompt gets dropout
 
     def val_loss(vectors: torch.Tensor) -> float | None:
-        if not val:
-            return None
-        with torch.no_grad():
-            total = sum(float(_batch_loss(model, vectors.to(dtype), val[i:i + cfg.batch_size])) *
-                        len(val[i:i + cfg.batch_size]) for i in range(0, len(val), cfg.batch_size))
-        return total / len(val)
+        return _mean_nll(model, vectors.to(dtype), val, cfg.batch_size) if val else None
 
     start = time.perf_counter()
     initial_val = val_loss(soft.detach())
