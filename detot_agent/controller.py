@@ -15,9 +15,12 @@ held out), then:
    exemplars it did not use are negatives; `TaskEmbedding.update` moves the weights;
 2. soft prompt (local models): trains on targets from good records (a sample whose answer
    matched the gold answer, else the winning sample of a high-agreement vote);
-3. validation on the held-out part: the mean NLL of its targets under the old and new soft
-   prompt, and the mean reciprocal rank of its good demos under the old and new query.
-   The new state is accepted only if neither is worse by more than `margin`.
+3. validation on the held-out part, each half on its own: the soft prompt is kept if the mean
+   NLL of the held-out targets falls by at least `min_gain`; the retrieval weights are kept if
+   the *separation* (mean reciprocal rank of demos behind good answers minus that of demos
+   behind poor ones) is not worse by more than `margin`. Plain MRR of good demos would favour
+   the old state, whose own top results those demos are. A new version is published when
+   either half is kept.
 
 Errors inside re-optimization are logged and leave the old state serving.
 
@@ -106,6 +109,7 @@ class ControllerConfig:
     holdout_every: int = 3
     good_agreement: float = 0.75
     margin: float = 0.02
+    min_gain: float = 0.0
     retrieval_steps: int = 40
     retrieval_lr: float = 0.05
     soft_prompt_steps: int = 20
@@ -229,39 +233,43 @@ class Controller:
         train = [e for e in evidence if e.id not in held_ids]
 
         new_embedding = copy.deepcopy(old.embedding) if old.embedding is not None else None
-        changed = False
-        if new_embedding is not None:
-            changed |= self._update_retrieval(new_embedding, train)
+        changed_retrieval = new_embedding is not None and self._update_retrieval(new_embedding, train)
         new_soft = old.soft_prompt
         if old.soft_prompt is not None and self.engine is not None:
             new_soft = self._update_soft_prompt(old.soft_prompt, train)
-            changed |= new_soft is not old.soft_prompt
-        if not changed:
+        if not changed_retrieval and new_soft is old.soft_prompt:
             return event(False, "nothing to learn from: no good training records with usable demos or targets; "
                          "kept the old state")
 
-        old_nll, new_nll = self._nll(old.soft_prompt, held), self._nll(new_soft, held)
-        old_mrr = self._mrr(old.embedding, held)
-        new_mrr = self._mrr(new_embedding, held)
-        reasons, ok = [], True
-        if old_nll is not None and new_nll is not None:
-            worse = new_nll > old_nll + cfg.margin
-            ok &= not worse
-            reasons.append(f"held-out NLL {old_nll:.3f} -> {new_nll:.3f}")
-        if old_mrr is not None and new_mrr is not None:
-            worse = new_mrr < old_mrr - cfg.margin
-            ok &= not worse
-            reasons.append(f"held-out demo MRR {old_mrr:.3f} -> {new_mrr:.3f}")
+        reasons: list[str] = []
+        old_score = new_score = 0.0
+        keep_soft, keep_embedding = old.soft_prompt, old.embedding
+        if new_soft is not old.soft_prompt:
+            old_nll, new_nll = self._nll(old.soft_prompt, held), self._nll(new_soft, held)
+            if old_nll is not None and new_nll is not None:
+                ok = new_nll <= old_nll - cfg.min_gain
+                reasons.append(f"soft prompt {'accepted' if ok else 'rolled back'} "
+                               f"(held-out NLL {old_nll:.3f} -> {new_nll:.3f})")
+                old_score, new_score = old_score - old_nll, new_score - new_nll
+                keep_soft = new_soft if ok else old.soft_prompt
+        if new_embedding is not None and changed_retrieval:
+            old_sep, new_sep = self._separation(old.embedding, held), self._separation(new_embedding, held)
+            if old_sep is not None and new_sep is not None:
+                ok = new_sep >= old_sep - cfg.margin
+                reasons.append(f"retrieval {'accepted' if ok else 'rolled back'} "
+                               f"(held-out demo separation {old_sep:.3f} -> {new_sep:.3f})")
+                old_score, new_score = old_score + old_sep, new_score + new_sep
+                keep_embedding = new_embedding if ok else old.embedding
         if not reasons:
             return event(False, "no held-out evidence to validate on; kept the old state")
-        old_score = -(old_nll or 0.0) + (old_mrr or 0.0)
-        new_score = -(new_nll or 0.0) + (new_mrr or 0.0)
-        if not ok:
+        if keep_soft is old.soft_prompt and keep_embedding is old.embedding:
             return event(False, "rolled back: " + "; ".join(reasons), old_score=old_score, new_score=new_score)
         version = old.version + 1
-        if new_embedding is not None:
-            new_embedding.version = version
-        self.publish(TaskState(version=version, embedding=new_embedding, soft_prompt=new_soft))
+        if keep_embedding is not None:
+            if keep_embedding is old.embedding:  # the old weights under the new version number
+                keep_embedding = copy.deepcopy(old.embedding)
+            keep_embedding.version = version
+        self.publish(TaskState(version=version, embedding=keep_embedding, soft_prompt=keep_soft))
         return event(True, "accepted: " + "; ".join(reasons), version_after=version, old_score=old_score,
                      new_score=new_score)
 
@@ -317,16 +325,32 @@ class Controller:
         examples = self._examples(held)
         return target_nll(self.engine, vectors, examples) if examples else None
 
-    def _mrr(self, embedding: TaskEmbedding | None, held: list[Evidence]) -> float | None:
-        if embedding is None:
-            return None
-        good = [e for e in held if e.good(self.config.good_agreement) and e.demo_ids]
-        if not good:
+    def _mrr(self, embedding: TaskEmbedding, records: list[Evidence]) -> float | None:
+        """Mean reciprocal rank of each record's demos under `embedding`'s query for that record."""
+        records = [e for e in records if e.demo_ids]
+        if not records:
             return None
         total = 0.0
         depth = min(len(self.index), 50)
-        for ev in good:
+        for ev in records:
             ranked = [h.id for h in self.index.search(embedding.query(ev.query), depth)]
             ranks = [ranked.index(d) + 1 for d in ev.demo_ids if d in ranked]
             total += sum(1.0 / r for r in ranks) / len(ev.demo_ids)
-        return total / len(good)
+        return total / len(records)
+
+    def _separation(self, embedding: TaskEmbedding | None, held: list[Evidence]) -> float | None:
+        """MRR of the demos behind good held-out answers minus MRR of those behind poor ones.
+
+        Every held-out demo was a top result of the *old* query, so plain MRR of good demos favours the
+        old state whatever the new one learnt. The difference cancels that bias: a query that ranks
+        helpful demos above unhelpful ones scores higher. Without poor records it falls back to the
+        good demos' MRR (conservative: a retrieval change must then keep them where they were).
+        """
+        if embedding is None:
+            return None
+        good_agreement = self.config.good_agreement
+        good = self._mrr(embedding, [e for e in held if e.good(good_agreement)])
+        if good is None:
+            return None
+        poor = self._mrr(embedding, [e for e in held if not e.good(good_agreement)])
+        return good - (poor or 0.0)

@@ -49,7 +49,7 @@ def test_consistent_evidence_is_accepted(engine, gsm8k_index):
     event = ctl.reoptimize()
     assert event.accepted, event.reason
     assert ctl.state.version == 1 and not torch.equal(ctl.state.soft_prompt, old.soft_prompt)
-    assert "held-out NLL" in event.reason and event.new_score > event.old_score
+    assert "soft prompt accepted (held-out NLL" in event.reason and event.new_score > event.old_score
     assert mon.events[-1]["event"] == "reoptimization" and mon.events[-1]["accepted"]
 
 
@@ -66,7 +66,7 @@ def test_contradicting_held_out_evidence_is_rolled_back(gsm8k_index, encoder):
         ctl.add_evidence(Evidence(id=f"q{i}", query=v, demo_ids=demos, agreement=1.0, correct=True))
     old = ctl.state
     event = ctl.reoptimize()
-    assert not event.accepted and event.reason.startswith("rolled back: held-out demo MRR")
+    assert not event.accepted and event.reason.startswith("rolled back: retrieval rolled back")
     assert ctl.state is old and ctl.state.version == 0 and te.version == 0
 
 
@@ -82,8 +82,49 @@ def test_retrieval_half_moves_towards_demos_that_worked(gsm8k_index, encoder):
     for i, v in enumerate(vecs):
         ctl.add_evidence(Evidence(id=f"q{i}", query=v, demo_ids=helpful, agreement=1.0, correct=True))
     event = ctl.reoptimize()
-    assert event.accepted and "held-out demo MRR" in event.reason and event.new_score > event.old_score
+    assert event.accepted and "retrieval accepted" in event.reason and event.new_score > event.old_score
     assert ctl.state.embedding is not te and ctl.state.embedding.version == 1 and te.version == 0
+
+
+def test_retrieval_is_judged_by_separating_good_demos_from_poor_ones(gsm8k_index, encoder):
+    # Held-out demos are always the old query's own top results, so the old state wins on plain MRR.
+    # Here the held-out *poor* answers used today's top exemplars and the good ones used the helpful
+    # pair: a query that learnt to prefer the helpful pair separates them better and is kept.
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=encoder)
+    ctl = Controller(TaskState(0, te, None), index=gsm8k_index, monitor=_monitor(), engine=None,
+                     config=ControllerConfig(min_evidence=6, margin=0.0), k=3)
+    vecs = encoder.encode([gsm8k_index.get(f"train:{i}").text for i in range(1, 19)])
+    helpful = ["train:300", "train:301"]
+    for i, v in enumerate(vecs):
+        poor = i % 6 == 5  # every other held-out record
+        demos = [h.id for h in gsm8k_index.search(te.query(v), 2)] if poor else helpful
+        ctl.add_evidence(Evidence(id=f"q{i}", query=v, demo_ids=demos, agreement=1.0, correct=not poor))
+    event = ctl.reoptimize()
+    assert event.accepted and "retrieval accepted" in event.reason, event.reason
+    assert "separation" in event.reason and event.new_score > event.old_score
+
+
+def test_halves_are_accepted_separately(engine, gsm8k_index, encoder):
+    # The soft prompt learns the held-out targets; the retrieval change contradicts the held-out demos.
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=encoder)
+    sp = SoftPrompt.initialize(engine, "t", k=4, init="vocab")
+    config = ControllerConfig(min_evidence=6, holdout_every=3, soft_prompt_steps=25, soft_prompt_lr=0.05,
+                              dropout=0.0, margin=0.0)
+    ctl = Controller(TaskState(0, te, sp.vectors), index=gsm8k_index, monitor=_monitor(), engine=engine,
+                     config=config, k=3)
+    vecs = encoder.encode([gsm8k_index.get(f"train:{i}").text for i in range(1, 13)])
+    for i, v in enumerate(vecs):
+        held_out = (i + 1) % 3 == 0
+        demos = [h.id for h in gsm8k_index.search(te.query(v), 2)] if held_out else ["train:300", "train:301"]
+        ctl.add_evidence(Evidence(id=f"q{i}", query=v, demo_ids=demos, agreement=1.0, messages=_messages(i),
+                                  target="The answer is 5.", correct=True))
+    event = ctl.reoptimize()
+    assert event.accepted and "soft prompt accepted" in event.reason and "retrieval rolled back" in event.reason
+    state = ctl.state
+    assert state.version == 1 and not torch.equal(state.soft_prompt, sp.vectors)
+    # the old retrieval weights keep serving under the new version number
+    assert state.embedding is not te and state.embedding.version == 1 and te.version == 0
+    assert torch.equal(state.embedding.w, te.w) and torch.equal(state.embedding.t, te.t)
 
 
 def test_too_little_evidence_and_errors_keep_the_old_state(engine, gsm8k_index, monkeypatch):
