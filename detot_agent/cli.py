@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from detot_agent.errors import DetotError
+from detot_agent.evaluation.cli import eval_app
 
 app = typer.Typer(help="DETOT: task-adapted prompting for DSPy on local models.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
@@ -27,6 +28,7 @@ bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_arg
 app.add_typer(bench_app, name="bench")
 index_app = typer.Typer(help="Build and search FAISS exemplar indexes.", no_args_is_help=True)
 app.add_typer(index_app, name="index")
+app.add_typer(eval_app, name="eval")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 

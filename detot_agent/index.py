@@ -398,6 +398,11 @@ class ExemplarIndex:
         assert rec is not None
         return rec
 
+    def records(self) -> list[Exemplar]:
+        """The live records, in insertion order."""
+        with self._lock:
+            return [r for r in self._records if r is not None and r.id in self._row_of]
+
     def vectors(self, ids: Sequence[str]) -> np.ndarray:
         """Stored unit vectors of these ids, `(len(ids), dim)`."""
         with self._lock:

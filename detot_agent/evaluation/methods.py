@@ -1,0 +1,291 @@
+"""The compared methods, each a named recipe that answers one example and reports what it spent.
+
+All methods run on the same LM and the same adapter (`LenientChatAdapter`), and parse the
+answer the same way: the signature's answer field, else (numeric tasks) an explicit
+"The answer is N" in a reply that broke the field layout. Greedy methods run at temperature 0.
+
+| name | what it is |
+|---|---|
+| `zero_shot` | `dspy.Predict("question -> answer")` |
+| `zero_shot_cot` | `dspy.ChainOfThought("question -> answer")` |
+| `few_shot_cot` | ChainOfThought with `k` demos drawn once from the exemplar pool (seeded) |
+| `knn_fewshot` | ChainOfThought with the `k` nearest pool examples by `dspy.KNN` (DSPy's kNN demos) |
+| `self_consistency` | `n` ChainOfThought samples at `temperature`, `dspy.majority` of the answers |
+| `detot_static` | DETOT: task-adapted retrieval, soft prompt, adaptive voting; no re-optimization |
+| `detot` | full DETOT: as above, with the monitor and background re-optimization |
+
+`knn_fewshot` uses `dspy.KNN`, the retriever inside `dspy.KNNFewShot`, and attaches its
+neighbours as labelled demos: `KNNFewShot.compile` would re-run `BootstrapFewShot` (with its own
+progress bar and print) on every call to produce the same labelled demos.
+
+Example:
+    >>> sorted(METHODS)[:3]
+    ['detot', 'detot_static', 'few_shot_cot']
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dspy
+import torch
+
+from detot_agent.adapters import LenientChatAdapter
+from detot_agent.embeddings import Encoder
+from detot_agent.errors import ConfigError
+from detot_agent.index import ExemplarIndex
+from detot_agent.task import AnswerFormat, TaskKind, TaskProfile, analyze
+from detot_agent.voting import extract_number, normalize
+
+__all__ = ["METHODS", "EvalContext", "MethodRunner", "build_method"]
+
+SIGNATURE = "question -> answer"
+
+
+@dataclass
+class EvalContext:
+    """What every method shares: the LM, the exemplar pool, the suite's answer format, budgets."""
+
+    lm: Any
+    answer_format: AnswerFormat = AnswerFormat.NUMBER
+    labels: list[str] = field(default_factory=list)
+    index: ExemplarIndex | None = None
+    encoder: Encoder | None = None
+    k: int = 3
+    n: int = 5
+    temperature: float = 0.7
+    max_tokens: int = 256
+    seed: int = 0
+    soft_prompt: torch.Tensor | None = None
+    task_name: str = "task"
+    questions: list[str] = field(default_factory=list)
+    events_dir: Path | None = None
+
+    def key(self, answer: Any) -> str | None:
+        """The normalised vote key of a raw answer."""
+        return None if answer is None else normalize(str(answer), self.answer_format, labels=self.labels)
+
+    def pool(self) -> list[dspy.Example]:
+        """The exemplar pool as labelled demos (question, reasoning, answer)."""
+        if self.index is None:
+            raise ConfigError("this method needs an exemplar pool: pass --index DIR (build one with "
+                              "`detot index build --data TRAIN_FILE --out DIR`)")
+        out = []
+        for rec in self.index.records():
+            f = rec.fields
+            demo = {"question": f.get("question", rec.text), "answer": f.get("answer")}
+            if f.get("rationale"):
+                demo["reasoning"] = f["rationale"]
+            if demo["answer"] is not None:
+                out.append(dspy.Example(id=rec.id, **demo).with_inputs("question"))
+        if not out:
+            raise ConfigError("the exemplar index holds no records with an `answer` field to use as demos")
+        return out
+
+
+def _seed(text: str, i: int) -> int:
+    return (int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) + i) % (2**31)
+
+
+class MethodRunner:
+    """Answers one example; returns a record of the answer and what it cost."""
+
+    name = "base"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        self.ctx = ctx
+        self.adapter = LenientChatAdapter()
+        self.greedy = ctx.lm.copy(temperature=0.0, max_tokens=ctx.max_tokens)
+
+    def config(self) -> dict[str, Any]:
+        """The method's settings, for the report."""
+        return {"max_tokens": self.ctx.max_tokens, "temperature": 0.0}
+
+    def __call__(self, example: dspy.Example) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _call(self, program: Any, lm: Any, question: str, demos: list[dspy.Example] | None = None
+              ) -> tuple[Any, int, bool]:
+        """(raw answer or None, output tokens, parsed) for one DSPy call."""
+        kwargs: dict[str, Any] = {"question": question}
+        if demos is not None:
+            kwargs["demos"] = demos
+        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True):
+            try:
+                pred = program(**kwargs)
+            except dspy.utils.exceptions.AdapterParseError as exc:
+                raw = str(exc.lm_response or "")
+                value = extract_number(raw) if self.ctx.answer_format is AnswerFormat.NUMBER else (None, False)
+                return (value[0] if value[1] else None), _count(raw, lm), False
+        usage = pred.get_lm_usage() or {}
+        tokens = sum(int(u.get("completion_tokens") or 0) for u in usage.values())
+        return pred.answer, tokens, True
+
+    def _record(self, answer: Any, *, tokens: int, samples: int, parse_failures: int, **extra: Any
+                ) -> dict[str, Any]:
+        return {"answer": None if answer is None else str(answer), "pred": self.ctx.key(answer), "tokens": tokens,
+                "samples": samples, "parse_failures": parse_failures, **extra}
+
+
+def _count(raw: str, lm: Any) -> int:
+    engine = getattr(lm, "engine", None)
+    tok = getattr(engine, "tokenizer", None)
+    return len(tok(raw)["input_ids"]) if tok is not None and raw else 0
+
+
+class ZeroShot(MethodRunner):
+    name = "zero_shot"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        super().__init__(ctx)
+        self.program = dspy.Predict(SIGNATURE)
+
+    def __call__(self, example: dspy.Example) -> dict[str, Any]:
+        answer, tokens, ok = self._call(self.program, self.greedy, example.question)
+        return self._record(answer, tokens=tokens, samples=1, parse_failures=int(not ok))
+
+
+class ZeroShotCoT(ZeroShot):
+    name = "zero_shot_cot"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        super().__init__(ctx)
+        self.program = dspy.ChainOfThought(SIGNATURE)
+
+
+class FewShotCoT(MethodRunner):
+    name = "few_shot_cot"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        super().__init__(ctx)
+        pool = ctx.pool()
+        self.demos = random.Random(ctx.seed).sample(pool, min(ctx.k, len(pool)))
+        self.program = dspy.ChainOfThought(SIGNATURE)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "k": self.ctx.k, "demo_ids": [d.id for d in self.demos]}
+
+    def __call__(self, example: dspy.Example) -> dict[str, Any]:
+        answer, tokens, ok = self._call(self.program, self.greedy, example.question, self.demos)
+        return self._record(answer, tokens=tokens, samples=1, parse_failures=int(not ok),
+                            demo_ids=[d.id for d in self.demos])
+
+
+class KNNFewShotCoT(MethodRunner):
+    name = "knn_fewshot"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        super().__init__(ctx)
+        pool = ctx.pool()
+        encoder = ctx.encoder or (ctx.index.encoder if ctx.index is not None else None) or Encoder()
+        # KNN embeds "question: ..." strings of the trainset's input fields with the given embedder
+        self.knn = dspy.KNN(k=min(ctx.k, len(pool)), trainset=pool,
+                            vectorizer=dspy.Embedder(lambda texts: encoder.encode(list(texts))))
+        self.program = dspy.ChainOfThought(SIGNATURE)
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "k": self.ctx.k}
+
+    def __call__(self, example: dspy.Example) -> dict[str, Any]:
+        demos = list(self.knn(question=example.question))
+        answer, tokens, ok = self._call(self.program, self.greedy, example.question, demos)
+        return self._record(answer, tokens=tokens, samples=1, parse_failures=int(not ok),
+                            demo_ids=[d.get("id") for d in demos])
+
+
+class SelfConsistency(MethodRunner):
+    name = "self_consistency"
+
+    def __init__(self, ctx: EvalContext) -> None:
+        super().__init__(ctx)
+        self.program = dspy.ChainOfThought(SIGNATURE)
+
+    def config(self) -> dict[str, Any]:
+        return {"n": self.ctx.n, "temperature": self.ctx.temperature, "max_tokens": self.ctx.max_tokens}
+
+    def __call__(self, example: dspy.Example) -> dict[str, Any]:
+        ctx = self.ctx
+
+        def one(i: int) -> tuple[Any, int, bool]:
+            # rollout_id separates DSPy's cache entries; the seed makes each sample reproducible
+            lm = ctx.lm.copy(rollout_id=i, temperature=ctx.temperature, max_tokens=ctx.max_tokens,
+                             seed=_seed(example.question, i))
+            return self._call(self.program, lm, example.question)
+
+        # concurrent samples: the engine's dynamic batcher decodes them in one batch
+        with ThreadPoolExecutor(ctx.n) as pool:
+            outs = list(pool.map(one, range(ctx.n)))
+        answers = [dspy.Prediction(answer=a) for a, _, _ in outs if a is not None]
+        tokens = sum(t for _, t, _ in outs)
+        failures = sum(1 for _, _, ok in outs if not ok)
+        if not answers:
+            return self._record(None, tokens=tokens, samples=ctx.n, parse_failures=failures)
+        best = dspy.majority(answers, normalize=ctx.key, field="answer")
+        keys = [ctx.key(a.answer) for a in answers]
+        top = keys.count(ctx.key(best.answer))
+        return self._record(best.answer, tokens=tokens, samples=ctx.n, parse_failures=failures,
+                            agreement=top / ctx.n, votes={k: keys.count(k) for k in dict.fromkeys(keys) if k})
+
+
+class DetotMethod(MethodRunner):
+    name = "detot_static"
+    background = False
+
+    def __init__(self, ctx: EvalContext) -> None:
+        super().__init__(ctx)
+        from detot_agent.module import DETOT
+
+        if ctx.index is None:
+            ctx.pool()  # raises the "needs an exemplar pool" error
+        assert ctx.index is not None
+        number = ctx.answer_format is AnswerFormat.NUMBER
+        kind = TaskKind.ARITHMETIC if number else (
+            TaskKind.CLASSIFICATION if ctx.answer_format is AnswerFormat.LABEL else TaskKind.OPEN_QA)
+        desc = ("Solve arithmetic word problems step by step." if number else
+                f"Answer with one of: {', '.join(ctx.labels)}." if ctx.labels else "Answer the question.")
+        self.task = TaskProfile(name=ctx.task_name, description=desc, kind=kind,
+                                answer_format=ctx.answer_format, labels=ctx.labels or None)
+        self.adjustments = analyze(self.task, ctx.questions[:5], max_samples=ctx.n + 1,
+                                   max_tokens=ctx.max_tokens, k_exemplars=ctx.k, temperature=ctx.temperature)
+        log = ctx.events_dir / f"{self.name}.events.jsonl" if ctx.events_dir is not None else None
+        self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, lm=ctx.lm, adjustments=self.adjustments,
+                             soft_prompt=ctx.soft_prompt, background=self.background, event_log=log)
+
+    def config(self) -> dict[str, Any]:
+        return {"adjustments": self.adjustments.model_dump(mode="json", exclude={"applied"}),
+                "trained_soft_prompt": self.ctx.soft_prompt is not None, "reoptimization": self.background}
+
+    def __call__(self, example: dspy.Example) -> dict[str, Any]:
+        pred = self.program(question=example.question)
+        return self._record(pred.answer, tokens=pred.tokens, samples=pred.samples_used,
+                            parse_failures=pred.parse_failures, agreement=pred.agreement, votes=pred.votes,
+                            demo_ids=pred.demo_ids, embedding_version=pred.embedding_version)
+
+    def close(self) -> None:
+        """Wait for a running re-optimization and stop the background worker."""
+        self.program.controller.wait()
+        self.program.controller.close()
+
+
+class DetotFull(DetotMethod):
+    name = "detot"
+    background = True
+
+
+METHODS: dict[str, Callable[[EvalContext], MethodRunner]] = {
+    cls.name: cls for cls in (ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT, SelfConsistency, DetotMethod,
+                              DetotFull)
+}
+
+
+def build_method(name: str, ctx: EvalContext) -> MethodRunner:
+    """Build the named method on `ctx`; unknown names get the list of known ones."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return METHODS[name](ctx)

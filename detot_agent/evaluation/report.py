@@ -1,0 +1,183 @@
+"""Summaries of a run folder: a JSON and markdown table per run, and two plots.
+
+`write_report(out)` reads only files (`run.json`, `<method>.jsonl`, `<method>.events.jsonl`), so
+`detot eval report DIR` re-renders any run, finished or not.
+
+Per method: accuracy with a 95% percentile-bootstrap interval, mean samples, output tokens and
+seconds per question, parse failures (per sample drawn), errors, re-optimizations (run / accepted);
+and McNemar's exact test of each method against the best baseline (the most accurate method that
+is not DETOT) on the items both answered.
+
+Example:
+    >>> summarize_method([{"id": "a", "correct": True, "samples": 1, "tokens": 10, "latency_s": 1.0,
+    ...                    "parse_failures": 0}])["accuracy"]
+    1.0
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detot_agent.errors import ArtefactError
+from detot_agent.evaluation.metrics import accuracy, bootstrap_ci, paired
+from detot_agent.evaluation.runner import RUN_FILE, read_records
+from detot_agent.persist import atomic_write_text
+
+__all__ = ["build_report", "render_markdown", "summarize_method", "write_report"]
+
+
+def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Figures for one method's records (one per example)."""
+    n = len(records)
+    outcomes = [bool(r["correct"]) for r in records]
+    lo, hi = bootstrap_ci(outcomes, seed=0)
+    drawn = sum(int(r.get("samples") or 0) for r in records)
+    reopts = [e for e in events or [] if e.get("event") == "reoptimization"]
+    return {
+        "n": n,
+        "correct": sum(outcomes),
+        "accuracy": accuracy(outcomes),
+        "ci95": [lo, hi],
+        "samples_per_question": drawn / n if n else 0.0,
+        "tokens_per_question": sum(int(r.get("tokens") or 0) for r in records) / n if n else 0.0,
+        "seconds_per_question": sum(float(r.get("latency_s") or 0.0) for r in records) / n if n else 0.0,
+        "parse_failures": sum(int(r.get("parse_failures") or 0) for r in records),
+        "parse_failure_rate": sum(int(r.get("parse_failures") or 0) for r in records) / drawn if drawn else 0.0,
+        "unanswered": sum(1 for r in records if r.get("pred") is None),
+        "errors": sum(1 for r in records if r.get("error")),
+        "reoptimizations": len(reopts),
+        "reoptimizations_accepted": sum(1 for e in reopts if e.get("accepted")),
+    }
+
+
+def _events(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def build_report(out: str | Path) -> dict[str, Any]:
+    """The report of a run folder as a dict (nothing written)."""
+    out = Path(out)
+    run_file = out / RUN_FILE
+    if not run_file.exists():
+        raise ArtefactError(f"{out} is not a run folder: no {RUN_FILE} (start one with `detot eval --suite ...`)")
+    run = json.loads(run_file.read_text())
+    ids = set(run["ids"])
+    configs = json.loads((out / "methods.json").read_text()) if (out / "methods.json").exists() else {}
+    methods: dict[str, Any] = {}
+    outcomes: dict[str, dict[str, bool]] = {}
+    for method in run["methods"]:
+        seen: dict[str, dict[str, Any]] = {}
+        for r in read_records(out / f"{method}.jsonl"):
+            if r["id"] in ids:
+                seen.setdefault(r["id"], r)  # first record of an id counts (a duplicate is never counted twice)
+        records = [seen[i] for i in run["ids"] if i in seen]
+        summary = summarize_method(records, _events(out / f"{method}.events.jsonl"))
+        summary["complete"] = len(records) == len(ids)
+        summary["config"] = configs.get(method, {})
+        methods[method] = summary
+        outcomes[method] = {r["id"]: bool(r["correct"]) for r in records}
+    baselines = [m for m in methods if not m.startswith("detot") and methods[m]["n"]]
+    best = max(baselines, key=lambda m: (methods[m]["accuracy"], -methods[m]["samples_per_question"]),
+               default=None)
+    for method, summary in methods.items():
+        if best is None or method == best:
+            summary["vs_best_baseline"] = None
+            continue
+        test = paired(outcomes[method], outcomes[best])
+        summary["vs_best_baseline"] = {"baseline": best, "only_this_right": test.b, "only_baseline_right": test.c,
+                                       "p_value": test.p_value}
+    return {"suite": run.get("suite"), "source": run.get("source"), "model": run.get("model"),
+            "n_examples": len(ids), "seed": run.get("seed"), "command": run.get("command"),
+            "best_baseline": best, "methods": methods}
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """The report as a markdown table (plus a line on the baseline)."""
+    lines = [f"Suite `{report['suite']}` ({report['n_examples']} problems), model `{Path(str(report['model'])).name}`",
+             "",
+             "| method | n | accuracy | 95% CI | samples/q | tokens/q | s/q | parse fail | reopt (acc.) | p vs best |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, m in report["methods"].items():
+        vs = m["vs_best_baseline"]
+        p = "best baseline" if name == report["best_baseline"] else ("-" if vs is None else f"{vs['p_value']:.3f}")
+        reopt = f"{m['reoptimizations']} ({m['reoptimizations_accepted']})" if name == "detot" else "-"
+        n = f"{m['n']}" + ("" if m["complete"] else "*")
+        lines.append(f"| {name} | {n} | {m['accuracy']:.3f} | {m['ci95'][0]:.2f}-{m['ci95'][1]:.2f} | "
+                     f"{m['samples_per_question']:.2f} | {m['tokens_per_question']:.0f} | "
+                     f"{m['seconds_per_question']:.1f} | {m['parse_failure_rate']:.1%} | {reopt} | {p} |")
+    if any(not m["complete"] for m in report["methods"].values()):
+        lines += ["", "\\* unfinished: fewer problems than the suite; resume the run to complete it."]
+    return "\n".join(lines) + "\n"
+
+
+def _plot(out: Path, report: dict[str, Any]) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, m in report["methods"].items():
+        if not m["n"]:
+            continue
+        lo, hi = m["ci95"]
+        ax.errorbar(m["samples_per_question"], m["accuracy"], yerr=[[m["accuracy"] - lo], [hi - m["accuracy"]]],
+                    fmt="o", capsize=3, label=name)
+    ax.set_xlabel("samples per question")
+    ax.set_ylabel("accuracy (95% bootstrap CI)")
+    ax.set_title(f"{report['suite']}: accuracy vs samples")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "accuracy_vs_samples.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    written.append(path)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drew = False
+    for name in report["methods"]:
+        records = sorted(read_records(out / f"{name}.jsonl"), key=lambda r: r.get("finished_at", 0))
+        agree = [r.get("agreement") for r in records]
+        if not records or any(a is None for a in agree):
+            continue
+        window = 10
+        series = np.convolve(np.asarray(agree, dtype=float), np.ones(window) / window, mode="valid") \
+            if len(agree) >= window else np.asarray(agree, dtype=float)
+        ax.plot(np.arange(len(series)) + min(window, len(agree)), series, label=name)
+        drew = True
+        times = [r.get("finished_at", 0) for r in records]
+        for e in _events(out / f"{name}.events.jsonl"):
+            if e.get("event") != "reoptimization":
+                continue
+            x = int(np.searchsorted(times, e.get("time", 0)))
+            ax.axvline(x, color="green" if e.get("accepted") else "red", ls="-" if e.get("accepted") else "--",
+                       alpha=0.6)
+    if drew:
+        ax.set_xlabel("questions answered")
+        ax.set_ylabel("agreement (rolling mean of 10)")
+        ax.set_title("agreement over time; re-optimizations: green accepted, red rolled back")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        path = out / "agreement.png"
+        fig.savefig(path, dpi=120)
+        written.append(path)
+    plt.close(fig)
+    return written
+
+
+def write_report(out: str | Path, *, plots: bool = True) -> dict[str, Any]:
+    """Build the report of `out` and write `report.json`, `report.md` and the PNG plots; returns the report."""
+    out = Path(out)
+    report = build_report(out)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(out / "report.md", render_markdown(report))
+    if plots:
+        report["plots"] = [str(p) for p in _plot(out, report)]
+    return report

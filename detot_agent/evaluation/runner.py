@@ -1,0 +1,203 @@
+"""Run methods over a suite, one JSONL line per finished example, resumable after a crash.
+
+Layout of a run folder:
+
+    run.json               suite, example ids, settings (checked on --resume)
+    <method>.jsonl         one record per finished example, appended and fsynced as it finishes
+    <method>.events.jsonl  DETOT's monitor and re-optimization events
+    <method>.program.json  DETOT's latest serving state (+ .tensors/), saved when its version changes
+    report.json / report.md / *.png   written by `report.write_report`
+
+A crash (or Ctrl-C, or SIGKILL) loses at most the examples in flight: `resume=True` skips the
+ids already in each method's JSONL, drops a torn last line, and, for full DETOT, reloads the
+last saved serving state (its evidence buffer and monitor windows start empty again).
+
+Example:
+    >>> from detot_agent.evaluation.runner import read_records
+    >>> import tempfile, pathlib
+    >>> read_records(pathlib.Path(tempfile.mkdtemp()) / "none.jsonl")
+    []
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import dspy
+from dspy.utils.parallelizer import ParallelExecutor
+
+from detot_agent.errors import ArtefactError, ConfigError
+from detot_agent.evaluation.methods import EvalContext, MethodRunner, build_method
+from detot_agent.persist import atomic_write_text
+from detot_agent.task import AnswerFormat
+from detot_agent.voting import numbers_equal
+
+__all__ = ["RUN_FILE", "check_run", "read_records", "run_eval"]
+
+RUN_FILE = "run.json"
+# settings that must match for --resume to continue a run rather than mix two
+_PINNED = ("suite", "source", "model", "seed", "limit", "k", "n", "temperature", "max_tokens", "soft_prompt",
+           "index")
+
+
+def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Records of one method's JSONL; a torn last line (a crash mid-write) is dropped (and cut off if `repair`)."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    lines = raw.split(b"\n")  # the last item is what follows the last newline (b"" when none)
+    out: list[dict[str, Any]] = []
+    offset = 0
+    for no, line in enumerate(lines, 1):
+        last = no == len(lines)
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                if not last:
+                    raise ArtefactError(f"{path} line {no}: not valid JSON (only a torn last line is repaired); "
+                                        "fix or remove that line and resume") from None
+                if repair:
+                    with path.open("r+b") as f:
+                        f.truncate(offset)
+                return out
+        offset += len(line) + 1
+    if repair and raw and not raw.endswith(b"\n"):  # a whole record whose newline did not make it
+        with path.open("ab") as f:
+            f.write(b"\n")
+    return out
+
+
+def check_run(out: Path, run: dict[str, Any], *, resume: bool) -> dict[str, Any]:
+    """Create `run.json`, or (resume) check it matches this run's settings and ids; returns the stored run."""
+    path = out / RUN_FILE
+    if not path.exists():
+        atomic_write_text(path, json.dumps(run, indent=2) + "\n")
+        return run
+    if not resume:
+        raise ConfigError(f"{out} already holds a run ({RUN_FILE}); pass --resume to continue it, or choose "
+                          "another --out")
+    try:
+        stored = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtefactError(f"{path}: unreadable ({exc}); cannot resume") from None
+    diff = [f"{k}: {stored.get(k)!r} then, {run.get(k)!r} now" for k in _PINNED if stored.get(k) != run.get(k)]
+    if stored.get("ids") != run.get("ids"):
+        diff.append("the example ids differ (--suite, --limit or --seed changed, or the data file did)")
+    if diff:
+        raise ConfigError(f"--resume: {out} was started with other settings: " + "; ".join(diff))
+    methods = list(dict.fromkeys(list(stored.get("methods", [])) + list(run["methods"])))
+    if methods != stored.get("methods"):
+        stored["methods"] = methods
+        atomic_write_text(path, json.dumps(stored, indent=2) + "\n")
+    return stored
+
+
+def _correct(pred: str | None, gold: str, fmt: AnswerFormat) -> bool:
+    if pred is None:
+        return False
+    return numbers_equal(pred, gold) if fmt is AnswerFormat.NUMBER else pred == gold
+
+
+def _append(path: Path, record: dict[str, Any]) -> None:
+    with path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _program_path(out: Path, method: str) -> Path:
+    return out / f"{method}.program.json"
+
+
+def run_eval(examples: list[dspy.Example], methods: list[str], ctx: EvalContext, out: str | Path, *,
+             run: dict[str, Any], resume: bool = False, threads: int = 4, progress: bool = True) -> Path:
+    """Run `methods` on `examples`, appending per-example records under `out`; returns `out`.
+
+    Args:
+        examples: the suite's examples (`id`, `question`, normalised `answer`).
+        methods: method names (see `methods.METHODS`).
+        ctx: what the methods share (LM, pool, answer format, budgets).
+        out: run folder.
+        run: settings recorded in `run.json` (and checked on resume).
+        resume: continue a run in `out` (else `out` must not hold one).
+        threads: examples in flight at once (the engine batches their generations).
+        progress: show a progress bar per method.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = {**run, "methods": list(methods), "ids": [ex.id for ex in examples]}
+    check_run(out, run, resume=resume)
+    ctx.events_dir = out
+    for method in methods:
+        path = out / f"{method}.jsonl"
+        done = {r["id"] for r in read_records(path, repair=True)}
+        unknown = done - set(run["ids"])
+        if unknown:
+            raise ArtefactError(f"{path} holds ids that are not in this run ({sorted(unknown)[:3]} ...)")
+        todo = [ex for ex in examples if ex.id not in done]
+        if progress:
+            print(f"{method}: {len(done)} done, {len(todo)} to run", flush=True)
+        if not todo:
+            continue
+        runner = build_method(method, ctx)
+        _write_method_config(out, method, runner)
+        program_file = _program_path(out, method)
+        if hasattr(runner, "program") and method == "detot" and program_file.exists():
+            runner.program.load(program_file)
+        _run_method(runner, todo, path, out, threads=threads, progress=progress, fmt=ctx.answer_format)
+    return out
+
+
+def _write_method_config(out: Path, method: str, runner: MethodRunner) -> None:
+    path = out / "methods.json"
+    configs = json.loads(path.read_text()) if path.exists() else {}
+    configs[method] = runner.config()
+    atomic_write_text(path, json.dumps(configs, indent=2, default=str) + "\n")
+
+
+def _run_method(runner: MethodRunner, todo: list[dspy.Example], path: Path, out: Path, *, threads: int,
+                progress: bool, fmt: AnswerFormat) -> None:
+    lock = threading.Lock()
+    stateful = runner.name == "detot"
+    saved = [getattr(getattr(runner, "program", None), "version", 0)]
+
+    def one(ex: dspy.Example) -> dict[str, Any]:
+        start = time.perf_counter()
+        try:
+            rec = runner(ex)
+            error = None
+        except Exception as exc:  # one bad example is a recorded failure, not a lost run
+            rec = runner._record(None, tokens=0, samples=0, parse_failures=0)
+            error = f"{type(exc).__name__}: {exc}"
+            if not str(exc):
+                error += " " + traceback.format_exc(limit=2)
+        rec = {"id": ex.id, "method": runner.name, "gold": ex.answer, **rec,
+               "correct": _correct(rec.get("pred"), ex.answer, fmt), "latency_s": time.perf_counter() - start,
+               "finished_at": time.time(), "error": error}
+        with lock:
+            _append(path, rec)
+            if stateful:
+                program = runner.program  # type: ignore[attr-defined]
+                if program.version != saved[0]:
+                    program.save(_program_path(out, runner.name))
+                    saved[0] = program.version
+        return rec
+
+    executor = ParallelExecutor(num_threads=max(1, threads), max_errors=len(todo) + 1, timeout=0,
+                                disable_progress_bar=not progress)
+    try:
+        executor.execute(one, todo)
+    finally:
+        close = getattr(runner, "close", None)
+        if close is not None:
+            close()
+        if stateful:
+            with lock:
+                runner.program.save(_program_path(out, runner.name))  # type: ignore[attr-defined]
