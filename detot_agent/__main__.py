@@ -1,0 +1,5 @@
+"""`python -m detot_agent` runs the `detot` command."""
+
+from detot_agent.cli import main
+
+main()

@@ -1,0 +1,150 @@
+"""The eval runner on the tiny model: every method end to end, resume after SIGKILL, refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from detot_agent import local_lm
+from detot_agent.errors import ArtefactError, ConfigError
+from detot_agent.evaluation import METHODS, EvalContext, load_suite, run_eval, write_report
+from detot_agent.evaluation.runner import read_records
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="module")
+def suite_file(tmp_path_factory) -> Path:
+    src = SHARED / "multiarith" / "MultiArith.json"
+    if not src.is_file():
+        pytest.skip(f"shared data not found at {src}")
+    path = tmp_path_factory.mktemp("suite") / "MultiArith.json"
+    path.write_text(json.dumps(json.loads(src.read_text())[:4]))
+    return path
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """The tiny model with room for a few-shot prompt (its BPE tokenizer spends many tokens per word)."""
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-2k"), context=2048)
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    from detot_agent import LocalEngine
+
+    eng = LocalEngine(str(model_dir), device="cpu", dtype="float32", max_wait_ms=20)
+    yield eng
+    eng.close()
+
+
+@pytest.fixture(scope="module")
+def pool(encoder, suite_file):
+    """A small demo pool of short MultiArith problems (the tiny model's context is 512 tokens)."""
+    from detot_agent.datasets import read_exemplars
+    from detot_agent.index import ExemplarIndex
+
+    index = ExemplarIndex(encoder)
+    index.add(read_exemplars(SHARED / "multiarith" / "MultiArith.json", fmt="multiarith")[100:140])
+    return index
+
+
+def _run(out: Path, suite_file: Path, engine, index, methods: list[str], **kw) -> Path:
+    suite = load_suite(str(suite_file))
+    lm = local_lm(engine=engine, cache=False)
+    ctx = EvalContext(lm=lm, index=index, encoder=index.encoder, k=2, n=3, max_tokens=10, task_name="multiarith",
+                      questions=[ex.question for ex in suite.examples])
+    run = {"suite": suite.name, "source": suite.source, "model": "tiny", "seed": 0, "limit": None, "k": 2, "n": 3,
+           "temperature": 0.7, "max_tokens": 10}
+    return run_eval(suite.examples, methods, ctx, out, run=run, threads=2, progress=False, **kw)
+
+
+def test_every_method_runs_and_reports(tmp_path, suite_file, engine, pool):
+    out = _run(tmp_path / "run", suite_file, engine, pool, list(METHODS))
+    for method in METHODS:
+        records = read_records(out / f"{method}.jsonl")
+        assert sorted(r["id"] for r in records) == [f"MultiArith:{i}" for i in range(4)], method
+        assert all(r["error"] is None and r["gold"] for r in records), (method, [r["error"] for r in records])
+    report = write_report(out)
+    assert set(report["methods"]) == set(METHODS) and report["n_examples"] == 4
+    sc = report["methods"]["self_consistency"]
+    assert sc["samples_per_question"] == 3 and sc["complete"]
+    assert 1 <= report["methods"]["detot"]["samples_per_question"] <= 4
+    assert report["best_baseline"] in METHODS and not report["best_baseline"].startswith("detot")
+    assert (out / "accuracy_vs_samples.png").stat().st_size > 0 and (out / "agreement.png").stat().st_size > 0
+    md = (out / "report.md").read_text()
+    assert all(f"| {m} | 4 |" in md for m in METHODS)
+    assert json.loads((out / "methods.json").read_text())["few_shot_cot"]["k"] == 2
+
+
+def test_existing_runs_are_not_overwritten_or_mixed(tmp_path, suite_file, engine, pool):
+    out = _run(tmp_path / "run", suite_file, engine, pool, ["zero_shot"])
+    with pytest.raises(ConfigError, match="already holds a run .*pass --resume"):
+        _run(out, suite_file, engine, pool, ["zero_shot"])
+    run = json.loads((out / "run.json").read_text())
+    run["max_tokens"] = 99
+    (out / "run.json").write_text(json.dumps(run))
+    with pytest.raises(ConfigError, match="started with other settings: max_tokens: 99 then, 10 now"):
+        _run(out, suite_file, engine, pool, ["zero_shot"], resume=True)
+
+
+def test_torn_last_line_is_repaired_and_duplicates_count_once(tmp_path, suite_file, engine, pool):
+    out = _run(tmp_path / "run", suite_file, engine, pool, ["zero_shot"])
+    path = out / "zero_shot.jsonl"
+    lines = path.read_text().splitlines()
+    # a crash mid-write: the last record is cut off; an earlier record was written twice
+    path.write_text("\n".join([lines[0], lines[0], *lines[1:3]]) + "\n" + lines[3][:25])
+    assert len(read_records(path)) == 4
+    _run(out, suite_file, engine, pool, ["zero_shot"], resume=True)
+    assert len(read_records(path)) == 5  # the torn record was run again; the duplicate stays on disk
+    assert write_report(out, plots=False)["methods"]["zero_shot"]["n"] == 4
+    path.write_text("{broken\n" + path.read_text())
+    with pytest.raises(ArtefactError, match="line 1: not valid JSON"):
+        read_records(path, repair=True)
+
+
+def test_report_needs_a_run_folder(tmp_path):
+    with pytest.raises(ArtefactError, match="not a run folder: no run.json"):
+        write_report(tmp_path)
+
+
+def _stable(report: dict) -> dict:
+    return {m: {k: v for k, v in s.items() if k != "seconds_per_question"} for m, s in report["methods"].items()}
+
+
+def test_a_run_killed_midway_resumes_to_the_same_report(tmp_path, suite_file, model_dir, pool):
+    index_dir = pool.save(tmp_path / "index")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "detot_agent", "eval", "--suite", str(suite_file), "--model", str(model_dir),
+           "--methods", "zero_shot_cot,self_consistency,detot_static", "--index", str(index_dir), "--n", "3",
+           "--max-tokens", "12", "--threads", "1", "--max-batch-size", "1", "--device", "cpu", "--dtype", "float32"]
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    subprocess.run([*cmd, "--out", str(whole)], check=True, env=env, capture_output=True, timeout=600)
+
+    proc = subprocess.Popen([*cmd, "--out", str(broken)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    target = broken / "self_consistency.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if target.exists() and len(target.read_bytes().splitlines()) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = len(read_records(target))
+    assert 2 <= killed_at < 4 and not (broken / "detot_static.jsonl").exists()
+    subprocess.run([*cmd, "--out", str(broken), "--resume"], check=True, env=env, capture_output=True, timeout=600)
+    a, b = json.loads((whole / "report.json").read_text()), json.loads((broken / "report.json").read_text())
+    assert _stable(a) == _stable(b)
+    for method in ("zero_shot_cot", "self_consistency", "detot_static"):
+        preds = [{r["id"]: r["answer"] for r in read_records(d / f"{method}.jsonl")} for d in (whole, broken)]
+        assert preds[0] == preds[1], method
