@@ -1,0 +1,138 @@
+"""The example programs end to end on the tiny model, plus the calculator's whitelist."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from programs.agent import CalculatorAgent, calculate
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from conftest import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-2k"), context=2048)
+
+
+@pytest.fixture(scope="module")
+def train_file(tmp_path_factory) -> Path:
+    src = SHARED / "multiarith" / "MultiArith.json"
+    if not src.is_file():
+        pytest.skip(f"shared data not found at {src}")
+    path = tmp_path_factory.mktemp("train") / "MultiArith.json"
+    path.write_text(json.dumps(json.loads(src.read_text())[:30]))
+    return path
+
+
+@pytest.mark.parametrize("name", ["math_qa", "rag_qa", "classify", "agent"])
+def test_each_program_has_help(name):
+    out = subprocess.run([sys.executable, "-m", f"programs.{name}", "--help"], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, check=True).stdout
+    assert out.startswith(f"usage: python -m programs.{name}") and "--model" in out
+
+
+def test_calculator_evaluates_arithmetic():
+    assert calculate("17 * 23 * 4") == "1564"
+    assert calculate("(3 + 5) / 2") == "4"
+    assert calculate("round(10 / 3, 2)") == "3.33"
+    assert calculate("2 ^ 10") == "1024" and calculate("-max(1, 7) % 4") == "1"
+
+
+@pytest.mark.parametrize(("expr", "why"), [
+    ("__import__('os').system('ls')", "Call is not allowed|Attribute is not allowed"),
+    ("().__class__", "Attribute is not allowed"),
+    ("x + 1", "Name is not allowed"),
+    ("9 ** 9 ** 9", "power too large"),
+    ("1 / 0", "division by zero"),
+    ("'a' * 3", "only numbers"),
+    ("1 +", "not an arithmetic expression"),
+    ("1" * 300, "limit is 200"),
+    ("10 ** 40", "out of range"),
+])
+def test_calculator_refuses_anything_else(expr, why):
+    with pytest.raises(ValueError, match=why):
+        calculate(expr)
+
+
+def test_math_qa_answers_with_votes(model_dir, train_file, tmp_path, capsys):
+    from programs.math_qa import main
+
+    rc = main(["--question", "Tom has 3 apples and buys 5 more. How many apples?", "--train", str(train_file),
+               "--index", str(tmp_path / "index"), "--model", str(model_dir), "--max-tokens", "16",
+               "--max-samples", "3"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "A: " in out and "samples; votes" in out and "MultiArith:" in out
+    assert (tmp_path / "index").is_dir()  # built once, reused next time
+
+
+def test_math_qa_without_train_or_index_says_what_to_pass(tmp_path, capsys):
+    from programs.math_qa import main
+
+    assert main(["--question", "1+1?", "--index", str(tmp_path / "none")]) == 2
+    assert "pass --train FILE" in capsys.readouterr().err
+
+
+def test_rag_qa_feedback_lifts_the_helpful_passage(model_dir, tmp_path, capsys):
+    from programs.rag_qa import main, write_corpus
+
+    corpus = write_corpus(tmp_path / "c.jsonl")
+    assert len(corpus) > 20 and all(p["text"] and p["id"] for p in corpus)
+    rc = main(["--question", "How do I run the test suite?", "--expect", ".ci/run", "--corpus",
+               str(tmp_path / "c.jsonl"), "--model", str(model_dir), "--max-tokens", "16"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "A: " in out
+    line = next(ln for ln in out.splitlines() if ln.startswith("feedback:"))
+    before, after = (int(x) for x in line.rsplit("rank ", 1)[1].split(" -> "))
+    assert "update accepted" in line and after <= before
+
+
+def test_classify_scores_against_the_label_set(model_dir, tmp_path, capsys):
+    from programs.classify import main
+
+    rows = [("I loved this film", "positive"), ("Wonderful acting", "positive"), ("Terrible plot", "negative"),
+            ("I hated it", "negative"), ("A joy to watch", "positive"), ("Boring and long", "negative")]
+    train = tmp_path / "train.jsonl"
+    train.write_text("".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in rows))
+    test = tmp_path / "test.jsonl"
+    test.write_text(json.dumps({"text": "Great fun", "label": "Positive"}) + "\n")
+    rc = main(["--train", str(train), "--test", str(test), "--labels", "positive=pos|good,negative=neg|bad",
+               "--model", str(model_dir), "--max-tokens", "12"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "gold positive" in out and out.strip().splitlines()[-1].startswith("accuracy ")
+    test.write_text(json.dumps({"text": "Meh", "label": "neutral"}) + "\n")
+    assert main(["--train", str(train), "--test", str(test), "--labels", "positive,negative",
+                 "--model", str(model_dir), "--max-tokens", "12"]) == 2
+    assert "gold label 'neutral' is not in --labels" in capsys.readouterr().err
+
+
+def test_agent_calls_the_tool_then_detot_answers(model_dir, train_file, tmp_path):
+    import dspy
+    from dspy.utils import DummyLM
+
+    from detot_agent import Encoder, ExemplarIndex, local_lm
+    from detot_agent.datasets import read_exemplars
+
+    index = ExemplarIndex(Encoder())
+    index.add(read_exemplars(train_file))
+    lm = local_lm(str(model_dir), cache=False, max_tokens=12, temperature=0.0)
+    agent = CalculatorAgent(index, lm=lm, max_iters=3, max_tokens=12)
+    # the tool-choosing steps are scripted; the answering step runs DETOT on the tiny model
+    script = DummyLM([{"next_thought": "multiply", "next_tool_name": "calculate",
+                       "next_tool_args": {"expression": "17 * 23 * 4"}},
+                      {"next_thought": "done", "next_tool_name": "finish", "next_tool_args": {}}])
+    with dspy.context(lm=script):
+        pred = agent(question="A crate holds 17 boxes of 23 pens. How many pens in 4 crates?")
+    assert pred.trajectory["observation_0"] == "1564" and pred.trajectory["tool_name_1"] == "finish"
+    assert pred.samples_used >= 1 and "demo_ids" in pred.keys()
+    # with the tiny model choosing tools too, unreadable choices end the loop and DETOT still answers
+    with dspy.context(lm=lm):
+        pred = agent(question="What is 2 + 2?")
+    assert "trajectory" in pred.keys() and pred.samples_used >= 1
