@@ -56,6 +56,19 @@ class DType(str, Enum):
     FLOAT16 = "float16"
 
 
+class Overflow(str, Enum):
+    """What the engine does with a prompt longer than the model's context.
+
+    `error` refuses it (`ContextLengthError`). `truncate_middle` keeps the first quarter and the
+    last three quarters of the token budget and drops the middle, so the instructions at the
+    start and the question and answer cue at the end survive; the budget is the context minus
+    the soft prompt minus the requested new tokens (at most half the context).
+    """
+
+    ERROR = "error"
+    TRUNCATE_MIDDLE = "truncate_middle"
+
+
 class EngineConfig(StrictModel):
     """Settings of `LocalEngine`.
 
@@ -69,6 +82,7 @@ class EngineConfig(StrictModel):
         max_wait_ms: how long the batcher waits for more requests after the first.
         default_max_tokens: new tokens when a request does not say.
         attn_implementation: passed to transformers (`sdpa`, `eager`, ...); None keeps its default.
+        overflow: prompts longer than the context: `error` (default) or `truncate_middle` (see `Overflow`).
     """
 
     model: str | None = None
@@ -79,6 +93,7 @@ class EngineConfig(StrictModel):
     max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
     default_max_tokens: int = Field(default=512, ge=1)
     attn_implementation: str | None = None
+    overflow: Overflow = Overflow.ERROR
 
 
 M = TypeVar("M", bound=BaseModel)

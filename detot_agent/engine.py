@@ -28,7 +28,7 @@ import torch
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
 from detot_agent.batching import DynamicBatcher
-from detot_agent.config import EngineConfig, build
+from detot_agent.config import EngineConfig, Overflow, build
 from detot_agent.errors import ContextLengthError, EmptyPromptError, InvalidRequestError
 from detot_agent.generation import GenOutput, GenRow, generate_rows
 from detot_agent.models import LoadedModel, load_model, pick_device, pick_dtype, resolve_model_source
@@ -201,13 +201,19 @@ class LocalEngine:
         else:
             check_soft_prompt(soft_prompt, hidden_size=self.hidden_size)
         k = 0 if soft_prompt is None else int(soft_prompt.shape[0])
+        want = cfg.max_tokens or self.config.default_max_tokens
+        if self.config.overflow is Overflow.TRUNCATE_MIDDLE and len(ids) + k + want > self.context_length:
+            budget = self.context_length - k - min(want, self.context_length // 2)
+            if budget >= 8:  # keep the head (instructions) and the tail (question, answer cue)
+                head = budget // 4
+                ids = ids[:head] + ids[len(ids) - (budget - head):]
         room = self.context_length - len(ids) - k
         if room < 1:
             raise ContextLengthError(
                 f"prompt is {len(ids)} tokens + {k} soft-prompt vectors = {len(ids) + k} positions, "
                 f"but the model's context is {self.context_length}; shorten the prompt or use fewer demos"
             )
-        max_new = min(cfg.max_tokens or self.config.default_max_tokens, room)
+        max_new = min(want, room)
         return GenRow(
             prompt_ids=ids,
             soft_prompt=soft_prompt,

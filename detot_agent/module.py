@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import threading
 import time
 import uuid
@@ -50,6 +52,15 @@ __all__ = ["DETOT"]
 def _local_engine(lm: Any) -> LocalEngine | None:
     engine = getattr(lm, "engine", None)
     return engine if isinstance(engine, LocalEngine) else None
+
+
+_MARKER = re.compile(r"\[\[\s*##")
+
+
+def _defuse(value: Any) -> Any:
+    """Exemplar text that contains DSPy field markers (`[[ ## answer ## ]]`) is shown with the marker
+    broken up, so a demo cannot open a field in the prompt; answers are parsed from the model's reply only."""
+    return _MARKER.sub("[ [ ##", value) if isinstance(value, str) else value
 
 
 class DETOT(dspy.Module):
@@ -166,7 +177,7 @@ class DETOT(dspy.Module):
         for h in hits:
             values = {name: h.fields.get(src, h.text if src == "question" else None)
                       for name, src in self.demo_fields.items() if name in sig.fields}
-            demos.append(dspy.Example(**{k2: v for k2, v in values.items() if v is not None}))
+            demos.append(dspy.Example(**{k2: _defuse(v) for k2, v in values.items() if v is not None}))
         return demos, [h.id for h in hits]
 
     def _sample_local(self, engine: LocalEngine, lm: Any, messages: list[dict[str, str]], n: int,
@@ -352,7 +363,16 @@ class DETOT(dspy.Module):
             tensors["soft_prompt"] = st.soft_prompt.contiguous()
         with atomic_dir(side, kind="detot-program-tensors", version=1, meta=meta) as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "tensors.safetensors"))
-        super().save(str(path), **kwargs)
+        # DSPy writes the JSON in place; write it beside the target and rename, so a crash leaves the old file
+        target = Path(path)
+        staging = target.with_name(f".{target.stem}.tmp-{os.getpid()}-{threading.get_ident()}{target.suffix}")
+        try:
+            super().save(str(staging), **kwargs)
+            with staging.open("rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(staging, target)
+        finally:
+            staging.unlink(missing_ok=True)
 
     def load(self, path: str | Path, **kwargs: Any) -> DETOT:
         """Load what `save` wrote; validates shapes, finiteness and the encoder."""
@@ -363,19 +383,22 @@ class DETOT(dspy.Module):
 
         side = Path(str(path) + ".tensors")
         m = read_manifest(side, kind="detot-program-tensors", max_version=1)
-        tensors = load_file(str(Path(m["_dir"]) / "tensors.safetensors"))
-        super().load(str(path), **kwargs)
+        try:
+            tensors = load_file(str(Path(m["_dir"]) / "tensors.safetensors"))
+        except Exception as exc:  # safetensors' own errors: name the file
+            raise ArtefactError(f"{side}: unreadable tensors ({exc})") from None
+        # validate everything before changing anything: a failed load leaves the current state serving
         embedding = None
         if "embedding.t" in tensors:
             if m.get("encoder") != self.index.encoder_name:
                 raise ArtefactError(f"{side}: task embedding built with encoder {m.get('encoder')!r}, this index "
                                     f"uses {self.index.encoder_name!r}")
-            embedding = TaskEmbedding(m["task"], tensors["embedding.t"].numpy(), encoder_name=m["encoder"])
             try:
+                embedding = TaskEmbedding(m["task"], tensors["embedding.t"].numpy(), encoder_name=m["encoder"])
                 embedding.load_state_dict({"t": tensors["embedding.t"], "w": tensors["embedding.w"],
                                            "w_init": tensors["embedding.w_init"], "alpha": m["alpha"],
                                            "alpha_init": m["alpha_init"], "version": m["version"]})
-            except DetotError as exc:
+            except (DetotError, KeyError) as exc:
                 raise ArtefactError(f"{side}: {exc}") from None
         soft = tensors.get("soft_prompt")
         if soft is not None:
@@ -384,5 +407,9 @@ class DETOT(dspy.Module):
                 check_soft_prompt(soft, hidden_size=engine.hidden_size if engine else None, where=f"{side} soft_prompt")
             except DetotError as exc:
                 raise ArtefactError(str(exc)) from None
+        try:
+            super().load(str(path), **kwargs)
+        except (ValueError, UnicodeDecodeError, OSError) as exc:  # JSONDecodeError is a ValueError
+            raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
         self.controller.publish(TaskState(int(m["version"]), embedding, soft))
         return self

@@ -167,6 +167,8 @@ def read_manifest(path: Path, *, kind: str, max_version: int, verify: bool = Tru
         raise ArtefactError(f"{mpath} lists no files")
     if verify:
         for name, digest in files.items():
+            if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+                raise ArtefactError(f"{mpath} lists an invalid file name {name!r}")
             fpath = folder / name
             if not fpath.is_file():
                 raise ArtefactError(f"{fpath} is missing (listed in {mpath})")

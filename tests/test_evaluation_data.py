@@ -110,7 +110,7 @@ def test_duplicate_ids_and_missing_answers_are_refused(tmp_path):
     with pytest.raises(DataFileError, match="duplicate id 'a'"):
         load_suite(str(path), id_field="id")
     path.write_text('{"question": "1+1?"}\n')
-    with pytest.raises(DataFileError, match="no gold answer .*pass --answer-field"):
+    with pytest.raises(DataFileError, match=r"no gold answer .*pass --answer-field"):
         load_suite(str(path))
 
 

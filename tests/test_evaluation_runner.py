@@ -88,7 +88,7 @@ def test_every_method_runs_and_reports(tmp_path, suite_file, engine, pool):
 
 def test_existing_runs_are_not_overwritten_or_mixed(tmp_path, suite_file, engine, pool):
     out = _run(tmp_path / "run", suite_file, engine, pool, ["zero_shot"])
-    with pytest.raises(ConfigError, match="already holds a run .*pass --resume"):
+    with pytest.raises(ConfigError, match=r"already holds a run .*pass --resume"):
         _run(out, suite_file, engine, pool, ["zero_shot"])
     run = json.loads((out / "run.json").read_text())
     run["max_tokens"] = 99
@@ -113,7 +113,7 @@ def test_torn_last_line_is_repaired_and_duplicates_count_once(tmp_path, suite_fi
 
 
 def test_report_needs_a_run_folder(tmp_path):
-    with pytest.raises(ArtefactError, match="not a run folder: no run.json"):
+    with pytest.raises(ArtefactError, match=r"not a run folder: no run\.json"):
         write_report(tmp_path)
 
 

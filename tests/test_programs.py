@@ -131,8 +131,8 @@ def test_agent_calls_the_tool_then_detot_answers(model_dir, train_file, tmp_path
     with dspy.context(lm=script):
         pred = agent(question="A crate holds 17 boxes of 23 pens. How many pens in 4 crates?")
     assert pred.trajectory["observation_0"] == "1564" and pred.trajectory["tool_name_1"] == "finish"
-    assert pred.samples_used >= 1 and "demo_ids" in pred.keys()
+    assert pred.samples_used >= 1 and "demo_ids" in pred
     # with the tiny model choosing tools too, unreadable choices end the loop and DETOT still answers
     with dspy.context(lm=lm):
         pred = agent(question="What is 2 + 2?")
-    assert "trajectory" in pred.keys() and pred.samples_used >= 1
+    assert "trajectory" in pred and pred.samples_used >= 1

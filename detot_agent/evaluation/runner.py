@@ -58,8 +58,8 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
         last = no == len(lines)
         if line.strip():
             try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
+                record = json.loads(line)
+            except ValueError:  # bad JSON or bad UTF-8
                 if not last:
                     raise ArtefactError(f"{path} line {no}: not valid JSON (only a torn last line is repaired); "
                                         "fix or remove that line and resume") from None
@@ -67,6 +67,9 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
                     with path.open("r+b") as f:
                         f.truncate(offset)
                 return out
+            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+                raise ArtefactError(f"{path} line {no}: not a result record (an object with a string 'id')")
+            out.append(record)
         offset += len(line) + 1
     if repair and raw and not raw.endswith(b"\n"):  # a whole record whose newline did not make it
         with path.open("ab") as f:
