@@ -15,6 +15,7 @@ import ast
 import math
 import operator
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,13 @@ from dspy.utils.exceptions import AdapterParseError
 
 from detot_agent import DETOT, ExemplarIndex, TaskProfile, analyze, local_lm
 from detot_agent.errors import DetotError
+from detot_agent.task import AnswerFormat, TaskKind
 
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-_FUNCS = {"abs": abs, "round": round, "min": min, "max": max}
+_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
+    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_FUNCS: dict[str, Callable[..., Any]] = {"abs": abs, "round": round, "min": min, "max": max}
 MAX_LENGTH = 200
 MAX_MAGNITUDE = 1e15
 
@@ -78,9 +81,10 @@ class CalculatorAgent(dspy.ReAct):
 
     def __init__(self, index: ExemplarIndex, *, lm: Any, max_iters: int = 4, max_tokens: int = 256) -> None:
         super().__init__("question -> answer", tools=[calculate], max_iters=max_iters)
-        signature = self.extract.predict.signature.delete("reasoning")  # DETOT adds its own reasoning step
+        fallback: Any = getattr(self, "extract")  # noqa: B009  (ReAct's ChainOfThought, replaced below)
+        signature = fallback.predict.signature.delete("reasoning")  # DETOT adds its own reasoning step
         task = TaskProfile(name="agent-math", description="Solve arithmetic word problems step by step.",
-                           kind="arithmetic", answer_format="number")
+                           kind=TaskKind.ARITHMETIC, answer_format=AnswerFormat.NUMBER)
         self.extract = DETOT(signature, task=task, index=index, lm=lm, background=False,
                              adjustments=analyze(task, [], max_tokens=max_tokens, max_samples=4),
                              demo_fields={"question": "question", "reasoning": "rationale", "answer": "answer"})

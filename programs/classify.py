@@ -17,6 +17,7 @@ from pathlib import Path
 from detot_agent import DETOT, Encoder, ExemplarIndex, TaskProfile, analyze, local_lm
 from detot_agent.datasets import read_exemplars
 from detot_agent.errors import DetotError
+from detot_agent.task import AnswerFormat, TaskKind
 from detot_agent.voting import normalize_label
 
 
@@ -42,7 +43,8 @@ def build(train: Path, labels: list[str], synonyms: dict[str, list[str]], *, tex
     index = ExemplarIndex(Encoder())
     index.add(rows)
     task = TaskProfile(name="classify", description=f"Classify the text as one of: {', '.join(labels)}.",
-                       kind="classification", answer_format="label", labels=labels, label_synonyms=synonyms)
+                       kind=TaskKind.CLASSIFICATION, answer_format=AnswerFormat.LABEL, labels=labels,
+                       label_synonyms=synonyms)
     adjustments = analyze(task, [r.text for r in rows[:5]], max_tokens=max_tokens)
     return DETOT("question -> answer", task=task, index=index, lm=local_lm(model, cache=False),
                  adjustments=adjustments, background=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 from detot_agent import DETOT, Encoder, ExemplarIndex, TaskProfile, analyze, local_lm
 from detot_agent.datasets import read_exemplars
 from detot_agent.errors import ArtefactError, DetotError
+from detot_agent.task import AnswerFormat, TaskKind
 
 
 def load_or_build_index(index_dir: Path, train: Path | None, *, limit: int | None = None) -> ExemplarIndex:
@@ -36,7 +37,7 @@ def build(index: ExemplarIndex, *, model: str | None, max_tokens: int, max_sampl
     """A DETOT module for numeric answers on a local model."""
     lm = local_lm(model, cache=False)
     task = TaskProfile(name="math", description="Solve arithmetic word problems step by step.",
-                       kind="arithmetic", answer_format="number")
+                       kind=TaskKind.ARITHMETIC, answer_format=AnswerFormat.NUMBER)
     adjustments = analyze(task, questions, max_tokens=max_tokens, max_samples=max_samples)
     return DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adjustments, background=False)
 

@@ -20,6 +20,7 @@ import dspy
 
 from detot_agent import DETOT, Encoder, ExemplarIndex, TaskProfile, TaskRetriever, analyze, local_lm
 from detot_agent.errors import DetotError
+from detot_agent.task import AnswerFormat, TaskKind
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "CHANGELOG.md", "programs/README.md", "evals/README.md"]
@@ -27,7 +28,7 @@ DOCS = ["README.md", "CHANGELOG.md", "programs/README.md", "evals/README.md"]
 
 def write_corpus(out: Path, *, root: Path = ROOT, max_words: int = 120) -> list[dict[str, str]]:
     """Split the markdown docs into passages, write them as JSONL to `out`, and return them."""
-    passages = []
+    passages: list[dict[str, str]] = []
     for rel in DOCS:
         path = root / rel
         if not path.is_file():
@@ -73,7 +74,7 @@ def build(corpus: list[dict[str, str]], *, model: str | None, k: int, max_tokens
     index = ExemplarIndex(Encoder())
     index.add(corpus)
     task = TaskProfile(name="docs-qa", description="Answer questions about detot-agent from the given passages.",
-                       kind="open_qa", answer_format="text")
+                       kind=TaskKind.OPEN_QA, answer_format=AnswerFormat.TEXT)
     # the passages are the context, not demos: DETOT retrieves no exemplars here
     adjustments = analyze(task, [], max_tokens=max_tokens, k_exemplars=0)
     answerer = DETOT("context, question -> answer", task=task, index=index, lm=local_lm(model, cache=False),
