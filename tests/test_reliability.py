@@ -133,6 +133,19 @@ def test_nan_and_inf_in_saved_tensors_are_refused_even_with_valid_checksums(tmp_
         TaskEmbedding.load(tmp_path / "te")
 
 
+def test_swapped_files_between_artefacts_are_detected(tmp_path, encoder):
+    from detot_agent.embeddings import TaskEmbedding
+
+    a = TaskEmbedding.from_description("a", "math word problems", encoder=encoder)
+    b = TaskEmbedding.from_description("b", "movie reviews", encoder=encoder)
+    a.save(tmp_path / "a")
+    b.save(tmp_path / "b")
+    (tmp_path / "b" / "tensors.safetensors").write_bytes((tmp_path / "a" / "tensors.safetensors").read_bytes())
+    with pytest.raises(ArtefactError, match=r"b/tensors\.safetensors does not match its checksum .*swapped"):
+        TaskEmbedding.load(tmp_path / "b")
+    assert TaskEmbedding.load(tmp_path / "a").task == "a"  # the other artefact is untouched
+
+
 def test_a_failed_load_leaves_the_serving_state_intact(tmp_path, gsm8k_index):
     lm, _ = scripted_lm(lambda text, n: "7")
     detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False)
