@@ -86,7 +86,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
     best = max(baselines, key=lambda m: (methods[m]["accuracy"], -methods[m]["samples_per_question"]),
                default=None)
     for method, summary in methods.items():
-        if best is None or method == best:
+        if best is None or method == best or not summary["n"]:
             summary["vs_best_baseline"] = None
             continue
         test = paired(outcomes[method], outcomes[best])
@@ -104,6 +104,9 @@ def render_markdown(report: dict[str, Any]) -> str:
              "| method | n | accuracy | 95% CI | samples/q | tokens/q | s/q | parse fail | reopt (acc.) | p vs best |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in report["methods"].items():
+        if not m["n"]:
+            lines.append(f"| {name} | 0* | not run yet | | | | | | | |")
+            continue
         vs = m["vs_best_baseline"]
         p = "best baseline" if name == report["best_baseline"] else ("-" if vs is None else f"{vs['p_value']:.3f}")
         reopt = f"{m['reoptimizations']} ({m['reoptimizations_accepted']})" if name == "detot" else "-"
