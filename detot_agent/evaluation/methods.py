@@ -6,6 +6,7 @@ answer the same way: the signature's answer field, else (numeric tasks) an expli
 
 | name | what it is |
 |---|---|
+| `plain_cot` | the question + "Let's think step by step." as one chat message, no DSPy adapter (reference row) |
 | `zero_shot` | `dspy.Predict("question -> answer")` |
 | `zero_shot_cot` | `dspy.ChainOfThought("question -> answer")` |
 | `few_shot_cot` | ChainOfThought with `k` demos drawn once from the exemplar pool (seeded) |
@@ -137,6 +138,22 @@ def _count(raw: str, lm: Any) -> int:
     engine = getattr(lm, "engine", None)
     tok = getattr(engine, "tokenizer", None)
     return len(tok(raw)["input_ids"]) if tok is not None and raw else 0
+
+
+class PlainCoT(MethodRunner):
+    """Zero-shot CoT without DSPy's field layout: how much does the adapter's format cost a small model?"""
+
+    name = "plain_cot"
+    cue = "Let's think step by step. End with: The answer is <answer>."
+
+    def __call__(self, example: dspy.Example) -> dict[str, Any]:
+        out = self.greedy(f"{example.question}\n{self.cue}")  # one user message
+        raw = str(out[0] if out else "")
+        if self.ctx.answer_format is AnswerFormat.NUMBER:
+            answer = extract_number(raw)[0]  # the stated answer, else the last number
+        else:
+            answer = raw.strip().splitlines()[-1] if raw.strip() else None
+        return self._record(answer, tokens=_count(raw, self.greedy), samples=1, parse_failures=int(answer is None))
 
 
 class ZeroShot(MethodRunner):
@@ -279,7 +296,7 @@ class DetotFull(DetotMethod):
 
 
 METHODS: dict[str, Callable[[EvalContext], MethodRunner]] = {
-    cls.name: cls for cls in (ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT, SelfConsistency, DetotMethod,
+    cls.name: cls for cls in (PlainCoT, ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT, SelfConsistency, DetotMethod,
                               DetotFull)
 }
 
