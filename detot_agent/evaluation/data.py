@@ -71,8 +71,9 @@ def _resolve(suite: str, data_dir: str | Path | None) -> Path:
         for candidate in tried:
             if candidate.is_file():
                 return candidate
-        where = ", ".join(str(t) for t in tried) if tried else "nowhere: no --data-dir given and $DETOT_DATA_DIR unset"
-        raise DataFileError(f"suite {suite!r}: no data file found (looked in {where}); pass --data-dir DIR "
+        where = f"looked in {', '.join(str(t) for t in tried)}" if tried else \
+            "no --data-dir given and $DETOT_DATA_DIR unset"
+        raise DataFileError(f"suite {suite!r}: no data file found ({where}); pass --data-dir DIR "
                             f"holding {KNOWN_SUITES[name][0]}, or the file's path as --suite")
     known = ", ".join(KNOWN_SUITES)
     raise DataFileError(f"suite {suite!r} is neither a file nor a known name ({known}, or hf:<dataset>)")
