@@ -75,6 +75,12 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def long_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with a 2048-token context: room for few-shot prompts (its BPE spends many tokens a word)."""
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-long"), context=2048)
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir: Path):
     """A float32 CPU engine on the tiny model, shared by tests that only read from it."""
     from detot_agent import LocalEngine

@@ -30,19 +30,13 @@ def suite_file(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    """The tiny model with room for a few-shot prompt (its BPE tokenizer spends many tokens per word)."""
-    from conftest import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-2k"), context=2048)
 
 
 @pytest.fixture(scope="module")
-def engine(model_dir):
+def engine(long_tiny_model_dir):
     from detot_agent import LocalEngine
 
-    eng = LocalEngine(str(model_dir), device="cpu", dtype="float32", max_wait_ms=20)
+    eng = LocalEngine(str(long_tiny_model_dir), device="cpu", dtype="float32", max_wait_ms=20)
     yield eng
     eng.close()
 
@@ -121,10 +115,10 @@ def _stable(report: dict) -> dict:
     return {m: {k: v for k, v in s.items() if k != "seconds_per_question"} for m, s in report["methods"].items()}
 
 
-def test_a_run_killed_midway_resumes_to_the_same_report(tmp_path, suite_file, model_dir, pool):
+def test_a_run_killed_midway_resumes_to_the_same_report(tmp_path, suite_file, long_tiny_model_dir, pool):
     index_dir = pool.save(tmp_path / "index")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    cmd = [sys.executable, "-m", "detot_agent", "eval", "--suite", str(suite_file), "--model", str(model_dir),
+    cmd = [sys.executable, "-m", "detot_agent", "eval", "--suite", str(suite_file), "--model", str(long_tiny_model_dir),
            "--methods", "zero_shot_cot,self_consistency,detot_static", "--index", str(index_dir), "--n", "3",
            "--max-tokens", "12", "--threads", "1", "--max-batch-size", "1", "--device", "cpu", "--dtype", "float32"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"

@@ -169,15 +169,10 @@ def test_no_torn_reads_under_concurrent_calls_and_reoptimization(gsm8k_index):
     assert detot.monitor.count == 48
 
 
-@pytest.fixture(scope="module")
-def long_tiny_dir(tmp_path_factory):
-    from conftest import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-long"), context=2048)
 
 
-def test_local_engine_path_end_to_end(gsm8k_index, long_tiny_dir):
-    engine = LocalEngine(str(long_tiny_dir), device="cpu", dtype="float32", max_wait_ms=5)
+def test_local_engine_path_end_to_end(gsm8k_index, long_tiny_model_dir):
+    engine = LocalEngine(str(long_tiny_model_dir), device="cpu", dtype="float32", max_wait_ms=5)
     lm = local_lm(engine=engine, cache=False)
     detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False,
                   adjustments=analyze(ARITH, max_samples=4, max_tokens=12, k_exemplars=1))

@@ -15,11 +15,6 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    from conftest import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-2k"), context=2048)
 
 
 @pytest.fixture(scope="module")
@@ -62,11 +57,11 @@ def test_calculator_refuses_anything_else(expr, why):
         calculate(expr)
 
 
-def test_math_qa_answers_with_votes(model_dir, train_file, tmp_path, capsys):
+def test_math_qa_answers_with_votes(long_tiny_model_dir, train_file, tmp_path, capsys):
     from programs.math_qa import main
 
     rc = main(["--question", "Tom has 3 apples and buys 5 more. How many apples?", "--train", str(train_file),
-               "--index", str(tmp_path / "index"), "--model", str(model_dir), "--max-tokens", "16",
+               "--index", str(tmp_path / "index"), "--model", str(long_tiny_model_dir), "--max-tokens", "16",
                "--max-samples", "3"])
     out = capsys.readouterr().out
     assert rc == 0 and "A: " in out and "samples; votes" in out and "MultiArith:" in out
@@ -80,13 +75,13 @@ def test_math_qa_without_train_or_index_says_what_to_pass(tmp_path, capsys):
     assert "pass --train FILE" in capsys.readouterr().err
 
 
-def test_rag_qa_feedback_lifts_the_helpful_passage(model_dir, tmp_path, capsys):
+def test_rag_qa_feedback_lifts_the_helpful_passage(long_tiny_model_dir, tmp_path, capsys):
     from programs.rag_qa import main, write_corpus
 
     corpus = write_corpus(tmp_path / "c.jsonl")
     assert len(corpus) > 20 and all(p["text"] and p["id"] for p in corpus)
     rc = main(["--question", "How do I run the test suite?", "--expect", ".ci/run", "--corpus",
-               str(tmp_path / "c.jsonl"), "--model", str(model_dir), "--max-tokens", "16"])
+               str(tmp_path / "c.jsonl"), "--model", str(long_tiny_model_dir), "--max-tokens", "16"])
     out = capsys.readouterr().out
     assert rc == 0 and "A: " in out
     line = next(ln for ln in out.splitlines() if ln.startswith("feedback:"))
@@ -94,7 +89,7 @@ def test_rag_qa_feedback_lifts_the_helpful_passage(model_dir, tmp_path, capsys):
     assert "update accepted" in line and after <= before
 
 
-def test_classify_scores_against_the_label_set(model_dir, tmp_path, capsys):
+def test_classify_scores_against_the_label_set(long_tiny_model_dir, tmp_path, capsys):
     from programs.classify import main
 
     rows = [("I loved this film", "positive"), ("Wonderful acting", "positive"), ("Terrible plot", "negative"),
@@ -104,16 +99,16 @@ def test_classify_scores_against_the_label_set(model_dir, tmp_path, capsys):
     test = tmp_path / "test.jsonl"
     test.write_text(json.dumps({"text": "Great fun", "label": "Positive"}) + "\n")
     rc = main(["--train", str(train), "--test", str(test), "--labels", "positive=pos|good,negative=neg|bad",
-               "--model", str(model_dir), "--max-tokens", "12"])
+               "--model", str(long_tiny_model_dir), "--max-tokens", "12"])
     out = capsys.readouterr().out
     assert rc == 0 and "gold positive" in out and out.strip().splitlines()[-1].startswith("accuracy ")
     test.write_text(json.dumps({"text": "Meh", "label": "neutral"}) + "\n")
     assert main(["--train", str(train), "--test", str(test), "--labels", "positive,negative",
-                 "--model", str(model_dir), "--max-tokens", "12"]) == 2
+                 "--model", str(long_tiny_model_dir), "--max-tokens", "12"]) == 2
     assert "gold label 'neutral' is not in --labels" in capsys.readouterr().err
 
 
-def test_agent_calls_the_tool_then_detot_answers(model_dir, train_file, tmp_path):
+def test_agent_calls_the_tool_then_detot_answers(long_tiny_model_dir, train_file, tmp_path):
     import dspy
     from dspy.utils import DummyLM
 
@@ -122,7 +117,7 @@ def test_agent_calls_the_tool_then_detot_answers(model_dir, train_file, tmp_path
 
     index = ExemplarIndex(Encoder())
     index.add(read_exemplars(train_file))
-    lm = local_lm(str(model_dir), cache=False, max_tokens=12, temperature=0.0)
+    lm = local_lm(str(long_tiny_model_dir), cache=False, max_tokens=12, temperature=0.0)
     agent = CalculatorAgent(index, lm=lm, max_iters=3, max_tokens=12)
     # the tool-choosing steps are scripted; the answering step runs DETOT on the tiny model
     script = DummyLM([{"next_thought": "multiply", "next_tool_name": "calculate",

@@ -234,15 +234,8 @@ def test_sigkill_at_random_points_during_saves_never_leaves_an_unloadable_artefa
 
 
 # ---- concurrency soak ------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def long_tiny_dir(tmp_path_factory):
-    from conftest import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-long"), context=2048)
-
-
-def test_soak_eight_threads_with_reoptimizations_on_the_tiny_model(long_tiny_dir, gsm8k_index):
-    engine = LocalEngine(str(long_tiny_dir), device="cpu", dtype="float32", max_wait_ms=5)
+def test_soak_eight_threads_with_reoptimizations_on_the_tiny_model(long_tiny_model_dir, gsm8k_index):
+    engine = LocalEngine(str(long_tiny_model_dir), device="cpu", dtype="float32", max_wait_ms=5)
     lm = local_lm(engine=engine, cache=False)
     adj = analyze(ARITH, max_samples=2, min_samples=2, max_tokens=4, k_exemplars=1, window=10, min_count=5,
                   cooldown=10, agreement_threshold=1.0, soft_prompt_k=2)
