@@ -56,6 +56,13 @@ def eval_run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.")] = 16,
+    executor: Annotated[str, typer.Option(help="local (this process) or ray (Ray actors, one engine each; "
+                                               "needs the `ray` extra).")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto, HOST:PORT, ray://...); "
+                                                     "default: start a local Ray instance.")] = None,
+    workers: Annotated[int, typer.Option(help="Ray actors (engine replicas).")] = 2,
+    worker_cpus: Annotated[float, typer.Option(help="CPUs reserved per Ray actor.")] = 1.0,
+    worker_gpus: Annotated[float, typer.Option(help="GPUs per Ray actor (1: one GPU per replica).")] = 0.0,
 ) -> None:
     """Run METHODS on SUITE; per-example results stream to OUT/<method>.jsonl, then report.md and plots."""
     if ctx.invoked_subcommand is not None:
@@ -63,10 +70,10 @@ def eval_run(
     if suite is None:
         raise ConfigError("detot eval needs --suite (a name such as multiarith, or a data file); "
                           "see `detot eval --help`")
-    from detot_agent.engine import local_lm
-    from detot_agent.evaluation import EvalContext, load_suite, run_eval, sample_examples, write_report
+    from detot_agent.evaluation import load_suite, run_eval, sample_examples, write_report
     from detot_agent.evaluation.methods import METHODS
     from detot_agent.evaluation.report import render_markdown
+    from detot_agent.evaluation.spec import ContextSpec, build_context
 
     # a truncated sample is a normal outcome here (it is counted as a parse failure), not a warning per call
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
@@ -74,33 +81,41 @@ def eval_run(
     unknown = [m for m in names if m not in METHODS]
     if unknown or not names:
         raise ConfigError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor must be local or ray, got {executor!r}")
     label_list = [x.strip() for x in labels.split(",")] if labels else None
     loaded = load_suite(suite, data_dir=data_dir, fmt=data_format, question_field=question_field,
                         answer_field=answer_field, labels=label_list)
     examples = sample_examples(loaded.examples, limit=limit, seed=seed)
     out = out or Path("runs") / f"eval-{loaded.name}"
-    pool = None
-    if index is not None:
-        from detot_agent.embeddings import Encoder
-        from detot_agent.index import ExemplarIndex
-
-        pool = ExemplarIndex.load(index, encoder=Encoder())
-    lm = local_lm(model, device=device, dtype=dtype, cache=False, max_batch_size=max_batch_size, max_wait_ms=50)
-    vectors = None
-    if soft_prompt is not None:
-        from detot_agent.softprompt import SoftPrompt
-
-        vectors = SoftPrompt.load(soft_prompt, hidden_size=lm.engine.hidden_size).vectors
-    context = EvalContext(lm=lm, answer_format=loaded.answer_format, labels=loaded.labels, index=pool,
-                          encoder=pool.encoder if pool is not None else None, k=k, n=n, temperature=temperature,
-                          max_tokens=max_tokens, seed=seed, soft_prompt=vectors, task_name=loaded.name,
-                          questions=[ex.question for ex in examples])
-    run = {"suite": loaded.name, "source": loaded.source, "model": lm.engine.name if model is None else model,
-           "seed": seed, "limit": limit, "k": k, "n": n, "temperature": temperature, "max_tokens": max_tokens,
+    for what, path in (("--index", index), ("--soft-prompt", soft_prompt)):
+        if path is not None and not path.exists():
+            raise ConfigError(f"{what} {path} does not exist")
+    # absolute paths: Ray actors do not run in this folder
+    local_model = model if model is None or not Path(model).exists() else str(Path(model).resolve())
+    spec = ContextSpec(model=local_model, device=device, dtype=dtype, max_batch_size=max_batch_size,
+                       index=None if index is None else str(index.resolve()),
+                       soft_prompt=None if soft_prompt is None else str(soft_prompt.resolve()),
+                       answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
+                       max_tokens=max_tokens, seed=seed, task_name=loaded.name,
+                       questions=[ex.question for ex in examples[:5]])
+    run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "k": k, "n": n,
+           "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-    run_eval(examples, names, context, out, run=run, resume=resume, threads=threads)
+    if executor == "ray":
+        from detot_agent.evaluation.distributed import RayExecutor
+        from detot_agent.models import resolve_model_source
+
+        run["model"] = resolve_model_source(model).name if model is None else model
+        with RayExecutor(spec, workers=workers, threads=threads, address=address, worker_cpus=worker_cpus,
+                         worker_gpus=worker_gpus) as ray_executor:
+            run_eval(examples, names, None, out, run=run, resume=resume, threads=threads, executor=ray_executor)
+    else:
+        context = build_context(spec)
+        run["model"] = context.lm.engine.name if model is None else model
+        run_eval(examples, names, context, out, run=run, resume=resume, threads=threads)
     report = write_report(out)
     console.print(render_markdown(report))
     console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")

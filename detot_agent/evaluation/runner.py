@@ -27,7 +27,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
@@ -38,7 +38,8 @@ from detot_agent.persist import atomic_write_text
 from detot_agent.task import AnswerFormat
 from detot_agent.voting import numbers_equal
 
-__all__ = ["RUN_FILE", "check_run", "read_records", "run_eval"]
+__all__ = ["RUN_FILE", "Executor", "LocalExecutor", "RecordSink", "answer_example", "check_run", "read_records",
+           "run_eval"]
 
 RUN_FILE = "run.json"
 # settings that must match for --resume to continue a run rather than mix two
@@ -96,8 +97,11 @@ def check_run(out: Path, run: dict[str, Any], *, resume: bool) -> dict[str, Any]
     if diff:
         raise ConfigError(f"--resume: {out} was started with other settings: " + "; ".join(diff))
     methods = list(dict.fromkeys(list(stored.get("methods", [])) + list(run["methods"])))
-    if methods != stored.get("methods"):
+    # extra methods may join on resume, and a run may continue on another executor (local <-> ray)
+    if methods != stored.get("methods") or run.get("executor") != stored.get("executor"):
         stored["methods"] = methods
+        if run.get("executor") is not None:
+            stored["executor"] = run["executor"]
         atomic_write_text(path, json.dumps(stored, indent=2) + "\n")
     return stored
 
@@ -119,25 +123,32 @@ def _program_path(out: Path, method: str) -> Path:
     return out / f"{method}.program.json"
 
 
-def run_eval(examples: list[dspy.Example], methods: list[str], ctx: EvalContext, out: str | Path, *,
-             run: dict[str, Any], resume: bool = False, threads: int = 4, progress: bool = True) -> Path:
+def run_eval(examples: list[dspy.Example], methods: list[str], ctx: EvalContext | None, out: str | Path, *,
+             run: dict[str, Any], resume: bool = False, threads: int = 4, progress: bool = True,
+             executor: Executor | None = None) -> Path:
     """Run `methods` on `examples`, appending per-example records under `out`; returns `out`.
 
     Args:
         examples: the suite's examples (`id`, `question`, normalised `answer`).
         methods: method names (see `methods.METHODS`).
-        ctx: what the methods share (LM, pool, answer format, budgets).
+        ctx: what the methods share (LM, pool, answer format, budgets); None when `executor` builds
+            its own contexts (Ray actors).
         out: run folder.
         run: settings recorded in `run.json` (and checked on resume).
         resume: continue a run in `out` (else `out` must not hold one).
         threads: examples in flight at once (the engine batches their generations).
         progress: show a progress bar per method.
+        executor: where examples are answered; None: in this process (`LocalExecutor(ctx, threads)`).
+            Whatever the executor, only this process writes the run folder.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    run = {**run, "methods": list(methods), "ids": [ex.id for ex in examples]}
+    if executor is None:
+        if ctx is None:
+            raise ConfigError("run_eval needs an EvalContext, or an executor that builds its own")
+        executor = LocalExecutor(ctx, threads=threads)
+    run = {**run, "methods": list(methods), "ids": [ex.id for ex in examples], "executor": executor.describe()}
     check_run(out, run, resume=resume)
-    ctx.events_dir = out
     for method in methods:
         path = out / f"{method}.jsonl"
         done = {r["id"] for r in read_records(path, repair=True)}
@@ -149,58 +160,125 @@ def run_eval(examples: list[dspy.Example], methods: list[str], ctx: EvalContext,
             print(f"{method}: {len(done)} done, {len(todo)} to run", flush=True)
         if not todo:
             continue
-        runner = build_method(method, ctx)
-        _write_method_config(out, method, runner)
-        program_file = _program_path(out, method)
-        if hasattr(runner, "program") and method == "detot" and program_file.exists():
-            runner.program.load(program_file)
-        _run_method(runner, todo, path, out, threads=threads, progress=progress, fmt=ctx.answer_format)
+        sink = RecordSink(out, method)
+        executor.run_method(method, todo, sink, progress=progress)
     return out
 
 
-def _write_method_config(out: Path, method: str, runner: MethodRunner) -> None:
-    path = out / "methods.json"
-    configs = json.loads(path.read_text()) if path.exists() else {}
-    configs[method] = runner.config()
-    atomic_write_text(path, json.dumps(configs, indent=2, default=str) + "\n")
+class RecordSink:
+    """Appends (and fsyncs) one method's records and events in the run folder; safe across threads.
+
+    Executors call `record` once per finished example and `events` with monitor events that did not
+    reach the events file on their own (Ray workers keep theirs in memory and send them back).
+    """
+
+    def __init__(self, out: Path, method: str) -> None:
+        self.out = out
+        self.method = method
+        self.path = out / f"{method}.jsonl"
+        self.events_path = out / f"{method}.events.jsonl"
+        self.program_path = _program_path(out, method)
+        self.lock = threading.Lock()
+        self.written = 0
+
+    def record(self, rec: dict[str, Any]) -> None:
+        with self.lock:
+            _append(self.path, rec)
+            self.written += 1
+
+    def events(self, events: list[dict[str, Any]]) -> None:
+        if not events:
+            return
+        with self.lock, self.events_path.open("a", encoding="utf-8") as f:
+            for e in events:
+                f.write(json.dumps(e, default=str) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def config(self, config: dict[str, Any]) -> None:
+        """Record the method's settings in `methods.json`."""
+        with self.lock:
+            path = self.out / "methods.json"
+            configs = json.loads(path.read_text()) if path.exists() else {}
+            configs[self.method] = config
+            atomic_write_text(path, json.dumps(configs, indent=2, default=str) + "\n")
 
 
-def _run_method(runner: MethodRunner, todo: list[dspy.Example], path: Path, out: Path, *, threads: int,
-                progress: bool, fmt: AnswerFormat) -> None:
-    lock = threading.Lock()
-    stateful = runner.name == "detot"
-    saved = [getattr(getattr(runner, "program", None), "version", 0)]
-
-    def one(ex: dspy.Example) -> dict[str, Any]:
-        start = time.perf_counter()
-        try:
-            rec = runner(ex)
-            error = None
-        except Exception as exc:  # one bad example is a recorded failure, not a lost run
-            rec = runner._record(None, tokens=0, samples=0, parse_failures=0)
-            error = f"{type(exc).__name__}: {exc}"
-            if not str(exc):
-                error += " " + traceback.format_exc(limit=2)
-        rec = {"id": ex.id, "method": runner.name, "gold": ex.answer, **rec,
-               "correct": _correct(rec.get("pred"), ex.answer, fmt), "latency_s": time.perf_counter() - start,
-               "finished_at": time.time(), "error": error}
-        with lock:
-            _append(path, rec)
-            if stateful:
-                program = runner.program  # type: ignore[attr-defined]
-                if program.version != saved[0]:
-                    program.save(_program_path(out, runner.name))
-                    saved[0] = program.version
-        return rec
-
-    executor = ParallelExecutor(num_threads=max(1, threads), max_errors=len(todo) + 1, timeout=0,
-                                disable_progress_bar=not progress)
+def answer_example(runner: MethodRunner, ex: dspy.Example, fmt: AnswerFormat) -> dict[str, Any]:
+    """Answer one example and return its record; an exception becomes a recorded failure, not a lost run."""
+    start = time.perf_counter()
     try:
-        executor.execute(one, todo)
-    finally:
-        close = getattr(runner, "close", None)
-        if close is not None:
-            close()
-        if stateful:
-            with lock:
-                runner.program.save(_program_path(out, runner.name))  # type: ignore[attr-defined]
+        rec = runner(ex)
+        error = None
+    except Exception as exc:
+        rec = runner._record(None, tokens=0, samples=0, parse_failures=0)
+        error = f"{type(exc).__name__}: {exc}"
+        if not str(exc):
+            error += " " + traceback.format_exc(limit=2)
+    return {"id": ex.id, "method": runner.name, "gold": ex.answer, **rec,
+            "correct": _correct(rec.get("pred"), ex.answer, fmt), "latency_s": time.perf_counter() - start,
+            "finished_at": time.time(), "error": error}
+
+
+class Executor(Protocol):
+    """Where a method's examples are answered (this process, or Ray actors)."""
+
+    def describe(self) -> dict[str, Any]:
+        """A short JSON description for `run.json` (kind, workers)."""
+        ...
+
+    def run_method(self, method: str, todo: list[dspy.Example], sink: RecordSink, *, progress: bool) -> None:
+        """Answer `todo` with `method`, handing every record (and event) to `sink` as it finishes."""
+        ...
+
+
+class LocalExecutor:
+    """Answers examples in this process: `threads` at once, their generations batched by the engine.
+
+    Full DETOT's serving state is saved to `<method>.program.json` whenever its version changes,
+    and reloaded from there on resume.
+
+    Example:
+        >>> from detot_agent.evaluation.runner import LocalExecutor
+        >>> LocalExecutor(ctx=None, threads=4).describe()  # doctest: +SKIP
+        {'kind': 'local', 'threads': 4}
+    """
+
+    def __init__(self, ctx: EvalContext, *, threads: int = 4) -> None:
+        self.ctx = ctx
+        self.threads = max(1, threads)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "local", "threads": self.threads}
+
+    def run_method(self, method: str, todo: list[dspy.Example], sink: RecordSink, *, progress: bool) -> None:
+        self.ctx.events_dir = sink.out
+        runner = build_method(method, self.ctx)
+        sink.config(runner.config())
+        stateful = method == "detot"
+        program = getattr(runner, "program", None)
+        if stateful and program is not None and sink.program_path.exists():
+            program.load(sink.program_path)
+        saved = [getattr(program, "version", 0)]
+
+        def one(ex: dspy.Example) -> dict[str, Any]:
+            rec = answer_example(runner, ex, self.ctx.answer_format)
+            sink.record(rec)
+            if stateful and program is not None:
+                with sink.lock:
+                    if program.version != saved[0]:
+                        program.save(sink.program_path)
+                        saved[0] = program.version
+            return rec
+
+        executor = ParallelExecutor(num_threads=self.threads, max_errors=len(todo) + 1, timeout=0,
+                                    disable_progress_bar=not progress)
+        try:
+            executor.execute(one, todo)
+        finally:
+            close = getattr(runner, "close", None)
+            if close is not None:
+                close()
+            if stateful and program is not None:
+                with sink.lock:
+                    program.save(sink.program_path)

@@ -1,0 +1,89 @@
+"""A picklable recipe for an `EvalContext`: paths and budgets only, so another process can rebuild it.
+
+The CLI builds its context from a `ContextSpec`, and so does every Ray actor
+(`evaluation.distributed`), so a local run and a scaled-out run load the same model, index and
+soft prompt with the same settings. Paths are read where the context is built: on a cluster they
+must exist on every node (shared storage, or the same layout on each machine).
+
+Example:
+    >>> from detot_agent.evaluation.spec import ContextSpec
+    >>> spec = ContextSpec(model="path/to/model.gguf", k=3, n=5, max_tokens=256)
+    >>> ContextSpec.model_validate_json(spec.model_dump_json()) == spec
+    True
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from detot_agent.evaluation.methods import EvalContext
+from detot_agent.task import AnswerFormat
+
+__all__ = ["ContextSpec", "build_context"]
+
+
+class ContextSpec(BaseModel):
+    """What an `EvalContext` is built from.
+
+    Attributes:
+        model: HF folder, `.gguf` file or hub id (None: the embedded default model).
+        device, dtype, max_batch_size, max_wait_ms: engine settings.
+        index: exemplar index folder (demo pool), or None.
+        soft_prompt: trained soft prompt folder for the DETOT methods, or None.
+        answer_format, labels: the suite's answer format and label set.
+        k, n, temperature, max_tokens, seed: method budgets (see `EvalContext`).
+        task_name: the task's name (soft-prompt registry key, DETOT's profile name).
+        questions: a few of the suite's questions (DETOT's task analysis reads them).
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch_size: int = Field(default=16, ge=1)
+    max_wait_ms: float = Field(default=50.0, ge=0)
+    index: str | None = None
+    soft_prompt: str | None = None
+    answer_format: AnswerFormat = AnswerFormat.NUMBER
+    labels: list[str] = Field(default_factory=list)
+    k: int = Field(default=3, ge=0)
+    n: int = Field(default=5, ge=1)
+    temperature: float = Field(default=0.7, ge=0)
+    max_tokens: int = Field(default=256, ge=1)
+    seed: int = 0
+    task_name: str = "task"
+    questions: list[str] = Field(default_factory=list)
+
+
+def build_context(spec: ContextSpec, *, events_dir: Path | None = None, **lm_kwargs: Any) -> EvalContext:
+    """Load what `spec` names (engine, index, soft prompt) and return the shared `EvalContext`.
+
+    Args:
+        spec: the recipe.
+        events_dir: where DETOT methods append their monitor events (None: keep them in memory).
+        **lm_kwargs: extra `EngineConfig` / `dspy.LM` settings for `local_lm`.
+    """
+    from detot_agent.engine import local_lm
+
+    pool = None
+    if spec.index is not None:
+        from detot_agent.embeddings import Encoder
+        from detot_agent.index import ExemplarIndex
+
+        pool = ExemplarIndex.load(spec.index, encoder=Encoder())
+    lm = local_lm(spec.model, device=spec.device, dtype=spec.dtype, cache=False, max_batch_size=spec.max_batch_size,
+                  max_wait_ms=spec.max_wait_ms, **lm_kwargs)
+    vectors = None
+    if spec.soft_prompt is not None:
+        from detot_agent.softprompt import SoftPrompt
+
+        vectors = SoftPrompt.load(spec.soft_prompt, hidden_size=lm.engine.hidden_size).vectors
+    return EvalContext(lm=lm, answer_format=spec.answer_format, labels=list(spec.labels), index=pool,
+                       encoder=pool.encoder if pool is not None else None, k=spec.k, n=spec.n,
+                       temperature=spec.temperature, max_tokens=spec.max_tokens, seed=spec.seed,
+                       soft_prompt=vectors, task_name=spec.task_name, questions=list(spec.questions),
+                       events_dir=events_dir)
