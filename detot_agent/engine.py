@@ -28,11 +28,12 @@ import torch
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
 from detot_agent.batching import DynamicBatcher
-from detot_agent.config import EngineConfig, Overflow, build
-from detot_agent.errors import ContextLengthError, EmptyPromptError, InvalidRequestError
+from detot_agent.config import EngineConfig, build
+from detot_agent.errors import InvalidRequestError
 from detot_agent.generation import GenOutput, GenRow, generate_rows
 from detot_agent.models import LoadedModel, load_model, pick_device, pick_dtype, resolve_model_source
-from detot_agent.softprompt import METADATA_TASK, METADATA_VERSION, SoftPromptRegistry, check_soft_prompt
+from detot_agent.rows import RequestBuilder
+from detot_agent.softprompt import SoftPromptRegistry
 
 __all__ = ["AsyncLocalEngine", "LocalEngine", "Sample", "local_lm"]
 
@@ -54,16 +55,7 @@ class Sample:
     finish_reason: str
 
 
-def _system_text(request: Request) -> str:
-    system = request.system
-    if system is None:
-        return ""
-    if isinstance(system, str):
-        return system
-    return "".join(getattr(part, "text", "") or "" for part in system)
-
-
-class LocalEngine:
+class LocalEngine(RequestBuilder):
     """A local causal LM serving DSPy requests, with batching and soft prompts.
 
     Args:
@@ -146,85 +138,6 @@ class LocalEngine:
     def batch_stats(self) -> dict[str, float]:
         """What the dynamic batcher has done so far (empty before the first batched call)."""
         return self._batcher.stats.as_dict() if self._batcher is not None else {}
-
-    # ---- request -> row ----------------------------------------------------------
-    def render(self, request: Request) -> list[int]:
-        """Token ids of the request's prompt, through the model's chat template.
-
-        Raises:
-            EmptyPromptError: every message (and the system text) is empty or whitespace.
-        """
-        system = _system_text(request)
-        messages = [{"role": m.role, "content": m.text or ""} for m in request.messages]
-        if not system.strip() and not any(m["content"].strip() for m in messages):
-            raise EmptyPromptError(
-                "request has no text: every message is empty or whitespace; pass a non-empty prompt"
-            )
-        if system:
-            messages.insert(0, {"role": "system", "content": system})
-        return self.render_messages(messages)
-
-    def render_messages(self, messages: list[dict[str, str]]) -> list[int]:
-        """Token ids for chat messages (`role`, `content`), ending with the assistant turn."""
-        tok = self.tokenizer
-        if getattr(tok, "chat_template", None):
-            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
-                ids = ids["input_ids"]
-            return list(ids)
-        text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant:"
-        return list(tok(text, add_special_tokens=True)["input_ids"])
-
-    def soft_prompt_for(self, request: Request) -> tuple[str, int, torch.Tensor] | None:
-        """`(task, version, tensor)` named by the request's metadata, or None."""
-        extensions = request.config.extensions or {}
-        metadata = extensions.get("metadata") or {}
-        task = metadata.get(METADATA_TASK) if isinstance(metadata, dict) else None
-        if not task:
-            return None
-        asked = metadata.get(METADATA_VERSION)
-        version, tensor = self.registry.resolve(str(task), None if asked is None else int(asked))
-        check_soft_prompt(tensor, hidden_size=self.hidden_size, where=f"soft prompt of task {task!r} v{version}")
-        return str(task), version, tensor
-
-    def build_row(self, request: Request, *, n: int = 1, soft_prompt: torch.Tensor | None = None) -> GenRow:
-        """Validate a request and turn it into a decode row (used by `complete` and `sample`)."""
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}")
-        cfg = request.config
-        if cfg.max_tokens is not None and cfg.max_tokens <= 0:
-            raise InvalidRequestError(f"max_tokens must be >= 1, got {cfg.max_tokens}")
-        ids = self.render(request)
-        if soft_prompt is None:
-            found = self.soft_prompt_for(request)
-            soft_prompt = found[2] if found else None
-        else:
-            check_soft_prompt(soft_prompt, hidden_size=self.hidden_size)
-        k = 0 if soft_prompt is None else int(soft_prompt.shape[0])
-        want = cfg.max_tokens or self.config.default_max_tokens
-        if self.config.overflow is Overflow.TRUNCATE_MIDDLE and len(ids) + k + want > self.context_length:
-            budget = self.context_length - k - min(want, self.context_length // 2)
-            if budget >= 8:  # keep the head (instructions) and the tail (question, answer cue)
-                head = budget // 4
-                ids = ids[:head] + ids[len(ids) - (budget - head):]
-        room = self.context_length - len(ids) - k
-        if room < 1:
-            raise ContextLengthError(
-                f"prompt is {len(ids)} tokens + {k} soft-prompt vectors = {len(ids) + k} positions, "
-                f"but the model's context is {self.context_length}; shorten the prompt or use fewer demos"
-            )
-        max_new = min(want, room)
-        return GenRow(
-            prompt_ids=ids,
-            soft_prompt=soft_prompt,
-            n=n,
-            temperature=float(cfg.temperature or 0.0),
-            top_p=cfg.top_p,
-            top_k=cfg.top_k,
-            max_new_tokens=max_new,
-            stop=tuple(cfg.stop or ()),
-            seed=cfg.seed,
-        )
 
     # ---- decoding ----------------------------------------------------------------
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
-__all__ = ["GenOutput", "GenRow", "generate_rows"]
+__all__ = ["GenOutput", "GenRow", "embed_row", "generate_rows"]
 
 
 @dataclass
@@ -104,6 +104,28 @@ def _find_stop(text: str, stops: tuple[str, ...]) -> int:
     return cut
 
 
+def embed_row(embed: torch.nn.Module, row: GenRow, *, device: torch.device | str, dtype: torch.dtype
+              ) -> torch.Tensor:
+    """The row's input embeddings: its soft prompt, then its token embeddings. Shape `(k + T, hidden)`.
+
+    This is what the model's first layer sees for the row (before padding). `VLLMEngine` sends the
+    same tensor to vLLM as `prompt_embeds`.
+
+    Example:
+        >>> import torch
+        >>> embed = torch.nn.Embedding(10, 4)
+        >>> row = GenRow(prompt_ids=[1, 2, 3], soft_prompt=torch.zeros(2, 4))
+        >>> tuple(embed_row(embed, row, device="cpu", dtype=torch.float32).shape)
+        (5, 4)
+    """
+    with torch.inference_mode():
+        ids = torch.tensor(row.prompt_ids, dtype=torch.long, device=device)
+        tok = embed(ids).to(dtype)  # (T, H)
+        if row.soft_prompt is not None:
+            tok = torch.cat([row.soft_prompt.to(device=device, dtype=dtype), tok], dim=0)  # (k+T, H)
+        return tok
+
+
 @torch.inference_mode()
 def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) -> list[list[GenOutput]]:
     """Decode every row; returns, per row, its `n` samples in order.
@@ -121,19 +143,13 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
     dtype = embed.weight.dtype
 
     # ---- prefill: one forward over all distinct prompts, left padded
-    seqs = []
-    for row in rows:
-        ids = torch.tensor(row.prompt_ids, dtype=torch.long, device=device)
-        tok = embed(ids)  # (T, H)
-        if row.soft_prompt is not None:
-            tok = torch.cat([row.soft_prompt.to(device=device, dtype=dtype), tok], dim=0)  # (k+T, H)
-        seqs.append(tok)
+    seqs = [embed_row(embed, row, device=device, dtype=dtype) for row in rows]
     B, L, H = len(rows), max(s.shape[0] for s in seqs), seqs[0].shape[1]
     inputs = torch.zeros(B, L, H, dtype=dtype, device=device)  # (B, L, H)
     mask = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L)
-    for i, s in enumerate(seqs):
-        inputs[i, L - s.shape[0] :] = s
-        mask[i, L - s.shape[0] :] = 1
+    for i, seq in enumerate(seqs):
+        inputs[i, L - seq.shape[0] :] = seq
+        mask[i, L - seq.shape[0] :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
     cache = DynamicCache()
     out = model(
