@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from detot_agent.errors import DetotError
+from detot_agent.errors import ConfigError, DetotError
 from detot_agent.evaluation.cli import eval_app
 
 app = typer.Typer(help="DETOT: task-adapted prompting for DSPy on local models.", no_args_is_help=True,
@@ -277,6 +277,39 @@ def bench_retrieval(
                       f"{r['batch_qps']:.0f}", f"{r['recall_at_10']:.3f}", f"{r['baseline_numpy_p50_ms']:.2f}",
                       f"{r['speedup_vs_numpy_p50']:.0f}x", dspy_cell)
     console.print(table)
+    if json_path:
+        write_json_atomic(json_path, result)
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("scale")
+def bench_scale(
+    workers: Annotated[str, typer.Option(help="Comma-separated Ray worker counts.")] = "1,2",
+    problems: Annotated[int, typer.Option(help="Synthetic problems per run.")] = 200,
+    threads: Annotated[int, typer.Option(help="Problems in flight per worker (and locally).")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per answer.")] = 24,
+    model: ModelOpt = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+) -> None:
+    """Problems per second: the local executor against Ray with each worker count (tiny model by default)."""
+    from detot_agent.bench.scale import run_scale_bench
+
+    counts = [int(w) for w in workers.split(",") if w.strip()]
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--workers needs positive counts, got {workers!r}")
+    result = run_scale_bench(workers=counts, problems=problems, threads=threads, max_tokens=max_tokens,
+                             model=model)
+    table = Table(title=f"scale-out: {result['problems']} problems, {result['method']}, {result['max_tokens']} "
+                        f"tokens, {result['cpus']} CPUs, model {result['model']}")
+    for col in ("executor", "workers", "CPUs/worker", "start-up s", "run s", "problems/s", "vs local"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(r["executor"], str(r["workers"]), str(r["cpus_per_worker"]), f"{r['startup_s']:.1f}",
+                      f"{r['run_s']:.2f}", f"{r['problems_per_s']:.2f}", f"{r['speedup_vs_local']:.2f}x")
+    console.print(table)
+    overhead = result["ray_overhead_ms_per_problem"]
+    console.print(f"Ray start-up {result['ray_init_s']:.1f} s; Ray overhead per problem (1 worker vs local): "
+                  + ("n/a" if overhead is None else f"{overhead:.0f} ms"))
     if json_path:
         write_json_atomic(json_path, result)
         console.print(f"wrote {json_path}")

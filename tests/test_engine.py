@@ -39,8 +39,9 @@ def taught_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     It learns the exact prompts that ChatAdapter and JSONAdapter render for Predict and
     ChainOfThought, so a pass means the engine rendered them exactly as DSPy formatted them.
     """
-    from conftest import build_tiny_model
     from transformers import AutoModelForCausalLM
+
+    from detot_agent.testing import build_tiny_model
 
     folder = build_tiny_model(tmp_path_factory.mktemp("taught"), context=2048)
     probe = LocalEngine(str(folder), device="cpu", dtype="float32")
