@@ -142,3 +142,12 @@ def test_without_vllm_generation_names_the_extra(tiny_model_dir):
     with pytest.raises(ConfigError, match=r"pip install 'detot-agent\[vllm\]'"):
         engine.sample(_request("hi", max_tokens=2), 1)
     engine.close()
+
+
+def test_eval_contexts_can_be_built_on_the_vllm_engine(tiny_model_dir):
+    from detot_agent.evaluation.spec import ContextSpec, build_context
+
+    ctx = build_context(ContextSpec(model=str(tiny_model_dir), engine="vllm", dtype="float32", max_tokens=8))
+    assert isinstance(ctx.lm.engine, VLLMEngine) and ctx.lm.model == f"vllm/{tiny_model_dir.name}"
+    with pytest.raises(ConfigError, match="needs --model"):
+        build_context(ContextSpec(engine="vllm"))

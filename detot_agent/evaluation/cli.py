@@ -56,6 +56,8 @@ def eval_run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.")] = 16,
+    engine: Annotated[str, typer.Option(help="local (transformers) or vllm (CUDA GPUs, the `vllm` extra).")] =
+        "local",
     executor: Annotated[str, typer.Option(help="local (this process) or ray (Ray actors, one engine each; "
                                                "needs the `ray` extra).")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto, HOST:PORT, ray://...); "
@@ -83,6 +85,8 @@ def eval_run(
         raise ConfigError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
+    if engine not in ("local", "vllm"):
+        raise ConfigError(f"--engine must be local or vllm, got {engine!r}")
     label_list = [x.strip() for x in labels.split(",")] if labels else None
     loaded = load_suite(suite, data_dir=data_dir, fmt=data_format, question_field=question_field,
                         answer_field=answer_field, labels=label_list)
@@ -93,7 +97,8 @@ def eval_run(
             raise ConfigError(f"{what} {path} does not exist")
     # absolute paths: Ray actors do not run in this folder
     local_model = model if model is None or not Path(model).exists() else str(Path(model).resolve())
-    spec = ContextSpec(model=local_model, device=device, dtype=dtype, max_batch_size=max_batch_size,
+    spec = ContextSpec(model=local_model, engine="vllm" if engine == "vllm" else "local", device=device, dtype=dtype,
+                       max_batch_size=max_batch_size,
                        index=None if index is None else str(index.resolve()),
                        soft_prompt=None if soft_prompt is None else str(soft_prompt.resolve()),
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
@@ -103,6 +108,7 @@ def eval_run(
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
+           "engine": engine,
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     if executor == "ray":
         from detot_agent.evaluation.distributed import RayExecutor

@@ -15,10 +15,11 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from detot_agent.errors import ConfigError
 from detot_agent.evaluation.methods import EvalContext
 from detot_agent.task import AnswerFormat
 
@@ -30,6 +31,8 @@ class ContextSpec(BaseModel):
 
     Attributes:
         model: HF folder, `.gguf` file or hub id (None: the embedded default model).
+        engine: `local` (transformers, CPU or GPU) or `vllm` (`VLLMEngine`, CUDA GPUs; soft prompts
+            sent as `prompt_embeds`).
         device, dtype, max_batch_size, max_wait_ms: engine settings.
         index: exemplar index folder (demo pool), or None.
         soft_prompt: trained soft prompt folder for the DETOT methods, or None.
@@ -42,6 +45,7 @@ class ContextSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str | None = None
+    engine: Literal["local", "vllm"] = "local"
     device: str = "auto"
     dtype: str = "auto"
     max_batch_size: int = Field(default=16, ge=1)
@@ -75,8 +79,16 @@ def build_context(spec: ContextSpec, *, events_dir: Path | None = None, **lm_kwa
         from detot_agent.index import ExemplarIndex
 
         pool = ExemplarIndex.load(spec.index, encoder=Encoder())
-    lm = local_lm(spec.model, device=spec.device, dtype=spec.dtype, cache=False, max_batch_size=spec.max_batch_size,
-                  max_wait_ms=spec.max_wait_ms, **lm_kwargs)
+    if spec.engine == "vllm":
+        from detot_agent.vllm_engine import vllm_lm
+
+        if spec.model is None:
+            raise ConfigError("--engine vllm needs --model (a Hugging Face folder or hub id)")
+        lm = vllm_lm(spec.model, dtype=spec.dtype, max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms,
+                     cache=False, **lm_kwargs)
+    else:
+        lm = local_lm(spec.model, device=spec.device, dtype=spec.dtype, cache=False,
+                      max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms, **lm_kwargs)
     vectors = None
     if spec.soft_prompt is not None:
         from detot_agent.softprompt import SoftPrompt
