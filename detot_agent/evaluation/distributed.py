@@ -260,6 +260,8 @@ class RayExecutor:
         lost = ray.exceptions.RayActorError
         configs = []
         for slot, actor in enumerate(self.actors):
+            if actor is None:  # lost in an earlier method, restart budget spent
+                continue
             try:
                 configs.append(ray.get(actor.prepare.remote(method)))
             except lost:
