@@ -24,12 +24,13 @@ Example:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
 from transformers import DynamicCache
 
-__all__ = ["GenOutput", "GenRow", "embed_row", "generate_rows"]
+__all__ = ["GenOutput", "GenRow", "embed_row", "generate_rows", "text_seed"]
 
 
 @dataclass
@@ -75,6 +76,16 @@ class GenOutput:
     token_ids: list[int] = field(default_factory=list)
     finish_reason: str = "length"
     logprob: float = 0.0
+
+
+def text_seed(text: str) -> int:
+    """A seed derived from the input text (the first 32 bits of its SHA-256): same input, same samples.
+
+    Example:
+        >>> text_seed("2 + 3?") == text_seed("2 + 3?") != text_seed("2 + 4?")
+        True
+    """
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
 def _pick(logits: torch.Tensor, row: GenRow, generator: torch.Generator | None) -> int:

@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -41,6 +40,7 @@ from detot_agent.controller import Controller, ControllerConfig, Evidence, TaskS
 from detot_agent.embeddings import Encoder, TaskEmbedding
 from detot_agent.engine import LocalEngine
 from detot_agent.errors import ArtefactError, DetotError
+from detot_agent.generation import text_seed
 from detot_agent.index import ExemplarIndex
 from detot_agent.monitor import Monitor, Observation
 from detot_agent.task import Adjustments, TaskProfile, analyze
@@ -243,7 +243,7 @@ class DETOT(dspy.Module):
             if engine is not None:
                 assert messages is not None
                 soft = state.soft_prompt
-                seed = int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) + drawn  # same input, same samples
+                seed = text_seed(text) + drawn  # same input, same samples
                 drawn_now: list[tuple[str, int]] = []
                 if drawn == 0 and adj.greedy_first:  # the greedy answer votes first (and so wins ties)
                     drawn_now += self._sample_local(engine, lm, messages, 1, soft, seed, greedy=True)

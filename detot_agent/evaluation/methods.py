@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-import hashlib
 import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +39,7 @@ import torch
 from detot_agent.adapters import LenientChatAdapter
 from detot_agent.embeddings import Encoder
 from detot_agent.errors import ConfigError
+from detot_agent.generation import text_seed
 from detot_agent.index import ExemplarIndex
 from detot_agent.task import AnswerFormat, TaskKind, TaskProfile, analyze
 from detot_agent.voting import extract_number, normalize
@@ -91,7 +91,7 @@ class EvalContext:
 
 
 def _seed(text: str, i: int) -> int:
-    return (int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) + i) % (2**31)
+    return (text_seed(text) + i) % (2**31)
 
 
 class MethodRunner:
