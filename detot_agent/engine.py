@@ -19,43 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import threading
-import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
-import torch
-from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
+from dspy.lm15 import Request, Response, response_to_events
 
 from detot_agent.batching import DynamicBatcher
 from detot_agent.config import EngineConfig, build
 from detot_agent.errors import InvalidRequestError
 from detot_agent.generation import GenOutput, GenRow, generate_rows
 from detot_agent.models import LoadedModel, load_model, pick_device, pick_dtype, resolve_model_source
-from detot_agent.rows import RequestBuilder
+from detot_agent.rows import BatchedEngine, Sample
 from detot_agent.softprompt import SoftPromptRegistry
 
 __all__ = ["AsyncLocalEngine", "LocalEngine", "Sample", "local_lm"]
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One completion drawn by `LocalEngine.sample`.
-
-    Attributes:
-        text: the completion text.
-        output_tokens: tokens generated for it.
-        logprob: summed log-probability of those tokens under the model (before temperature).
-        finish_reason: `stop` or `length`.
-    """
-
-    text: str
-    output_tokens: int
-    logprob: float
-    finish_reason: str
-
-
-class LocalEngine(RequestBuilder):
+class LocalEngine(BatchedEngine):
     """A local causal LM serving DSPy requests, with batching and soft prompts.
 
     Args:
@@ -72,6 +52,7 @@ class LocalEngine(RequestBuilder):
     """
 
     supported_params = frozenset({"temperature", "top_p", "max_tokens", "stop", "seed"})
+    id_prefix = "local"
 
     def __init__(
         self,
@@ -144,63 +125,9 @@ class LocalEngine(RequestBuilder):
         with self._gen_lock:
             return generate_rows(self.model, self.tokenizer, rows, eos_ids=self.eos_ids)
 
-    def _decode(self, row: GenRow) -> list[GenOutput]:
-        if not self.config.dynamic_batching:
-            return self._run([row])[0]
-        with self._batcher_lock:
-            if self._batcher is None:
-                self._batcher = DynamicBatcher(
-                    self._run, max_batch_size=self.config.max_batch_size, max_wait_ms=self.config.max_wait_ms
-                )
-            batcher = self._batcher
-        return batcher.submit(row).result()
-
     def generate_batch(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         """Decode prepared rows together in one batch, bypassing the batcher."""
         return self._run(rows)
-
-    def sample(self, request: Request, n: int, *, soft_prompt: torch.Tensor | None = None) -> list[Sample]:
-        """Draw `n` completions of one request from a single shared prefill.
-
-        Args:
-            request: the canonical request (temperature, top_p, max_tokens, stop, seed honoured;
-                temperature 0 or unset means greedy, so all n samples are equal).
-            n: number of samples (>= 1).
-            soft_prompt: a `(k, hidden)` tensor to use instead of the one named in metadata.
-        """
-        row = self.build_row(request, n=n, soft_prompt=soft_prompt)
-        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason) for o in self._decode(row)]
-
-    def complete(self, request: Request) -> Response:
-        """DSPy engine entry point: one request, one response (with token usage)."""
-        row = self.build_row(request)
-        out = self._decode(row)[0]
-        k = 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])
-        return Response(
-            id=f"local-{uuid.uuid4().hex[:12]}",
-            model=request.model,
-            message=Message.assistant([TextPart(out.text)]),
-            finish_reason="stop" if out.finish_reason == "stop" else "length",
-            usage=Usage(input_tokens=len(row.prompt_ids) + k, output_tokens=len(out.token_ids)),
-        )
-
-    def stream(self, request: Request) -> Iterator[Any]:
-        """Non-incremental stream: the whole response as canonical events."""
-        return iter(response_to_events(self.complete(request)))
-
-    def close(self) -> None:
-        """Stop the batcher thread (the engine may be used again afterwards)."""
-        with self._batcher_lock:
-            batcher, self._batcher = self._batcher, None
-        if batcher is not None:
-            batcher.close()
-
-    # ---- DSPy persistence --------------------------------------------------------
-    def dump_state(self) -> dict[str, Any]:
-        """Settings that rebuild this engine (the model by the spec the user gave)."""
-        state = self.config.model_dump(mode="json")
-        state["model"] = self.source.spec
-        return state
 
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> LocalEngine:

@@ -1,8 +1,10 @@
-"""Request -> decode row: the prompt rendering, soft-prompt lookup and budget checks every engine shares.
+"""What every engine shares: request -> decode row, and the DSPy engine contract on top of `_run(rows)`.
 
-`LocalEngine` (transformers) and `VLLMEngine` (vLLM) both inherit `RequestBuilder`, so one DSPy
-request becomes the same token ids, the same soft prompt and the same sampling settings on either
-engine; `generation.embed_row` then turns that row into the `(k + T, hidden)` input embeddings.
+`RequestBuilder` renders a request (chat template), resolves its soft prompt and checks budgets, so
+`LocalEngine` (transformers) and `VLLMEngine` (vLLM) turn one DSPy request into the same token ids,
+soft prompt and sampling settings; `generation.embed_row` then turns that row into the
+`(k + T, hidden)` input embeddings. `BatchedEngine` adds dynamic batching, `sample`, `complete`,
+`stream`, `close` and `dump_state`; an engine only supplies `_run(rows)`.
 
 Example:
     >>> from detot_agent.rows import RequestBuilder
@@ -12,17 +14,23 @@ Example:
 
 from __future__ import annotations
 
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from dspy.lm15 import Request
+from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
+from detot_agent.batching import DynamicBatcher
 from detot_agent.config import EngineConfig, Overflow
 from detot_agent.errors import ContextLengthError, EmptyPromptError, InvalidRequestError
-from detot_agent.generation import GenRow
+from detot_agent.generation import GenOutput, GenRow
+from detot_agent.models import ModelSource
 from detot_agent.softprompt import METADATA_TASK, METADATA_VERSION, SoftPromptRegistry, check_soft_prompt
 
-__all__ = ["RequestBuilder"]
+__all__ = ["BatchedEngine", "RequestBuilder", "Sample"]
 
 
 def _system_text(request: Request) -> str:
@@ -139,3 +147,88 @@ class RequestBuilder:
             stop=tuple(cfg.stop or ()),
             seed=cfg.seed,
         )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completion drawn by `LocalEngine.sample`.
+
+    Attributes:
+        text: the completion text.
+        output_tokens: tokens generated for it.
+        logprob: summed log-probability of those tokens under the model (before temperature).
+        finish_reason: `stop` or `length`.
+    """
+
+    text: str
+    output_tokens: int
+    logprob: float
+    finish_reason: str
+
+
+class BatchedEngine(RequestBuilder):
+    """The DSPy engine contract on top of `_run(rows)`: dynamic batching, `sample`, `complete`, state.
+
+    Subclasses set `config`, `registry`, `source`, `_batcher = None`, `_batcher_lock` and implement
+    `_run(rows) -> outputs per row`; `id_prefix` names their responses.
+    """
+
+    id_prefix = "engine"
+    source: ModelSource
+    _batcher: DynamicBatcher | None
+    _batcher_lock: threading.Lock
+
+    def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
+        raise NotImplementedError
+
+    def _decode(self, row: GenRow) -> list[GenOutput]:
+        if not self.config.dynamic_batching:
+            return self._run([row])[0]
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = DynamicBatcher(self._run, max_batch_size=self.config.max_batch_size,
+                                               max_wait_ms=self.config.max_wait_ms)
+            batcher = self._batcher
+        return batcher.submit(row).result()
+
+    def sample(self, request: Request, n: int, *, soft_prompt: torch.Tensor | None = None) -> list[Sample]:
+        """Draw `n` completions of one request from a single shared prefill.
+
+        Args:
+            request: the canonical request (temperature, top_p, max_tokens, stop, seed honoured;
+                temperature 0 or unset means greedy, so all n samples are equal).
+            n: number of samples (>= 1).
+            soft_prompt: a `(k, hidden)` tensor to use instead of the one named in metadata.
+        """
+        row = self.build_row(request, n=n, soft_prompt=soft_prompt)
+        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason) for o in self._decode(row)]
+
+    def complete(self, request: Request) -> Response:
+        """DSPy engine entry point: one request, one response (with token usage)."""
+        row = self.build_row(request)
+        out = self._decode(row)[0]
+        k = 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])
+        return Response(
+            id=f"{self.id_prefix}-{uuid.uuid4().hex[:12]}",
+            model=request.model,
+            message=Message.assistant([TextPart(out.text)]),
+            finish_reason="stop" if out.finish_reason == "stop" else "length",
+            usage=Usage(input_tokens=len(row.prompt_ids) + k, output_tokens=len(out.token_ids)),
+        )
+
+    def stream(self, request: Request) -> Iterator[Any]:
+        """Non-incremental stream: the whole response as canonical events."""
+        return iter(response_to_events(self.complete(request)))
+
+    def close(self) -> None:
+        """Stop the batcher thread (the engine may be used again afterwards)."""
+        with self._batcher_lock:
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+
+    def dump_state(self) -> dict[str, Any]:
+        """Settings that rebuild this engine (the model by the spec the user gave)."""
+        state = self.config.model_dump(mode="json")
+        state["model"] = self.source.spec
+        return state

@@ -30,21 +30,19 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
+from dspy.lm15 import Request, Response, response_to_events
 
 from detot_agent.batching import DynamicBatcher
 from detot_agent.config import EngineConfig, build
-from detot_agent.engine import Sample
 from detot_agent.errors import ConfigError
 from detot_agent.generation import GenOutput, GenRow, embed_row
 from detot_agent.models import ModelSource, load_model, pick_dtype, resolve_model_source
-from detot_agent.rows import RequestBuilder
+from detot_agent.rows import BatchedEngine
 from detot_agent.softprompt import SoftPromptRegistry
 
 __all__ = ["AsyncVLLMEngine", "VLLMEngine", "load_input_embeddings", "vllm_lm"]
@@ -115,7 +113,7 @@ def load_input_embeddings(source: ModelSource, *, dtype: torch.dtype) -> tuple[A
     return tokenizer, weight, int(context)
 
 
-class VLLMEngine(RequestBuilder):
+class VLLMEngine(BatchedEngine):
     """A vLLM-served model behind DSPy's engine contract, soft prompts sent as `prompt_embeds`.
 
     Args:
@@ -138,6 +136,7 @@ class VLLMEngine(RequestBuilder):
     """
 
     supported_params = frozenset({"temperature", "top_p", "max_tokens", "stop", "seed"})
+    id_prefix = "vllm"
 
     def __init__(self, model: str, *, registry: SoftPromptRegistry | None = None, llm: Any = None,
                  dtype: str = "auto", max_model_len: int | None = None, max_batch_size: int = 256,
@@ -226,47 +225,6 @@ class VLLMEngine(RequestBuilder):
                 samples.append(GenOutput(c.text, list(c.token_ids), finish, float(c.cumulative_logprob or 0.0)))
             results.append(samples)
         return results
-
-    def _decode(self, row: GenRow) -> list[GenOutput]:
-        with self._batcher_lock:
-            if self._batcher is None:
-                self._batcher = DynamicBatcher(self._run, max_batch_size=self.config.max_batch_size,
-                                               max_wait_ms=self.config.max_wait_ms)
-            batcher = self._batcher
-        return batcher.submit(row).result()
-
-    # ---- the engine contract -------------------------------------------------------------
-    def sample(self, request: Request, n: int, *, soft_prompt: torch.Tensor | None = None) -> list[Sample]:
-        """Draw `n` completions of one request (vLLM shares the prefill between them)."""
-        row = self.build_row(request, n=n, soft_prompt=soft_prompt)
-        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason) for o in self._decode(row)]
-
-    def complete(self, request: Request) -> Response:
-        """DSPy engine entry point: one request, one response (with token usage)."""
-        row = self.build_row(request)
-        out = self._decode(row)[0]
-        k = 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])
-        return Response(id=f"vllm-{uuid.uuid4().hex[:12]}", model=request.model,
-                        message=Message.assistant([TextPart(out.text)]),
-                        finish_reason="stop" if out.finish_reason == "stop" else "length",
-                        usage=Usage(input_tokens=len(row.prompt_ids) + k, output_tokens=len(out.token_ids)))
-
-    def stream(self, request: Request) -> Iterator[Any]:
-        """Non-incremental stream: the whole response as canonical events."""
-        return iter(response_to_events(self.complete(request)))
-
-    def close(self) -> None:
-        """Stop the batcher thread (vLLM itself stays loaded)."""
-        with self._batcher_lock:
-            batcher, self._batcher = self._batcher, None
-        if batcher is not None:
-            batcher.close()
-
-    def dump_state(self) -> dict[str, Any]:
-        """Settings that rebuild this engine."""
-        state = self.config.model_dump(mode="json")
-        state["model"] = self.source.spec
-        return state
 
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> VLLMEngine:
