@@ -51,7 +51,6 @@ class LocalEngine(BatchedEngine):
         ['Hello!', 'Hi there.']
     """
 
-    supported_params = frozenset({"temperature", "top_p", "max_tokens", "stop", "seed"})
     id_prefix = "local"
 
     def __init__(
@@ -143,7 +142,9 @@ class AsyncLocalEngine:
         >>> async_engine = AsyncLocalEngine(engine)  # doctest: +SKIP
     """
 
-    def __init__(self, engine: LocalEngine) -> None:
+    sync_engine: type[BatchedEngine] | None = None  # what load_state rebuilds (LocalEngine, set below)
+
+    def __init__(self, engine: BatchedEngine) -> None:
         self.engine = engine
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AsyncLocalEngine:
@@ -174,7 +175,7 @@ class AsyncLocalEngine:
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> AsyncLocalEngine:
         """Rebuild around a (shared-weights) sync engine."""
-        return cls(LocalEngine.load_state(state))
+        return cls((cls.sync_engine or LocalEngine).load_state(state))
 
 
 _ENGINE_FIELDS = set(EngineConfig.model_fields)

@@ -173,6 +173,7 @@ class BatchedEngine(RequestBuilder):
     `_run(rows) -> outputs per row`; `id_prefix` names their responses.
     """
 
+    supported_params = frozenset({"temperature", "top_p", "max_tokens", "stop", "seed"})
     id_prefix = "engine"
     source: ModelSource
     _batcher: DynamicBatcher | None
@@ -232,3 +233,8 @@ class BatchedEngine(RequestBuilder):
         state = self.config.model_dump(mode="json")
         state["model"] = self.source.spec
         return state
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> BatchedEngine:
+        """Rebuild an engine from `dump_state()`."""
+        raise NotImplementedError

@@ -27,18 +27,17 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from dspy.lm15 import Request, Response, response_to_events
+from dspy.lm15 import Request
 
 from detot_agent.batching import DynamicBatcher
 from detot_agent.config import EngineConfig, build
+from detot_agent.engine import AsyncLocalEngine
 from detot_agent.errors import ConfigError
 from detot_agent.generation import GenOutput, GenRow, embed_row
 from detot_agent.models import ModelSource, load_model, pick_dtype, resolve_model_source
@@ -135,7 +134,6 @@ class VLLMEngine(BatchedEngine):
         torch.Size([31, 896])
     """
 
-    supported_params = frozenset({"temperature", "top_p", "max_tokens", "stop", "seed"})
     id_prefix = "vllm"
 
     def __init__(self, model: str, *, registry: SoftPromptRegistry | None = None, llm: Any = None,
@@ -235,35 +233,10 @@ class VLLMEngine(BatchedEngine):
                    overflow=state["overflow"])
 
 
-class AsyncVLLMEngine:
+class AsyncVLLMEngine(AsyncLocalEngine):
     """The async twin DSPy requires beside a custom engine (runs the sync engine in a thread)."""
 
-    def __init__(self, engine: VLLMEngine) -> None:
-        self.engine = engine
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> AsyncVLLMEngine:
-        return self
-
-    @property
-    def supported_params(self) -> frozenset[str]:
-        return self.engine.supported_params
-
-    async def complete(self, request: Request) -> Response:
-        return await asyncio.to_thread(self.engine.complete, request)
-
-    async def stream(self, request: Request) -> AsyncIterator[Any]:
-        for event in response_to_events(await self.complete(request)):
-            yield event
-
-    async def aclose(self) -> None:
-        """Nothing to release."""
-
-    def dump_state(self) -> dict[str, Any]:
-        return self.engine.dump_state()
-
-    @classmethod
-    def load_state(cls, state: dict[str, Any]) -> AsyncVLLMEngine:
-        return cls(VLLMEngine.load_state(state))
+    sync_engine = VLLMEngine
 
 
 def vllm_lm(model: str, *, engine: VLLMEngine | None = None, **kwargs: Any) -> Any:

@@ -151,3 +151,12 @@ def test_eval_contexts_can_be_built_on_the_vllm_engine(tiny_model_dir):
     assert isinstance(ctx.lm.engine, VLLMEngine) and ctx.lm.model == f"vllm/{tiny_model_dir.name}"
     with pytest.raises(ConfigError, match="needs --model"):
         build_context(ContextSpec(engine="vllm"))
+
+
+def test_engine_state_round_trips_through_the_async_twin(tiny_model_dir):
+    from detot_agent.vllm_engine import AsyncVLLMEngine
+
+    engine = VLLMEngine(str(tiny_model_dir), dtype="float32", max_batch_size=8, overflow="truncate_middle")
+    again = AsyncVLLMEngine.load_state(AsyncVLLMEngine(engine).dump_state())
+    assert isinstance(again.engine, VLLMEngine) and again.engine.dump_state() == engine.dump_state()
+    assert again.engine.config.overflow.value == "truncate_middle" and again.engine.dtype == torch.float32
