@@ -231,11 +231,20 @@ class Controller:
         held = evidence[cfg.holdout_every - 1::cfg.holdout_every]
         held_ids = {e.id for e in held}
         train = [e for e in evidence if e.id not in held_ids]
+        # train only the halves that the held-out records can judge (training the soft prompt is the
+        # expensive part: minutes on a CPU), so an unjudgeable change is never paid for
+        judge_soft = old.soft_prompt is not None and self.engine is not None and bool(self._examples(held))
+        judge_retrieval = old.embedding is not None and any(
+            e.good(cfg.good_agreement) and e.demo_ids for e in held)
+        if not judge_soft and not judge_retrieval:
+            return event(False, f"no held-out evidence to validate on (none of the {len(held)} held-out records "
+                         "has a learnable target or good demos); kept the old state without training")
 
-        new_embedding = copy.deepcopy(old.embedding) if old.embedding is not None else None
+        new_embedding = copy.deepcopy(old.embedding) if judge_retrieval else None
         changed_retrieval = new_embedding is not None and self._update_retrieval(new_embedding, train)
         new_soft = old.soft_prompt
-        if old.soft_prompt is not None and self.engine is not None:
+        if judge_soft:
+            assert old.soft_prompt is not None
             new_soft = self._update_soft_prompt(old.soft_prompt, train)
         if not changed_retrieval and new_soft is old.soft_prompt:
             return event(False, "nothing to learn from: no good training records with usable demos or targets; "

@@ -143,6 +143,20 @@ def test_too_little_evidence_and_errors_keep_the_old_state(engine, gsm8k_index, 
     assert ctl.state is old
 
 
+def test_nothing_is_trained_when_the_held_out_records_cannot_judge_it(engine, gsm8k_index, monkeypatch):
+    ctl, _ = _controller(engine, gsm8k_index)
+    for i, ev in enumerate(_evidence(384, ["The answer is 5."] * 9)):
+        if (i + 1) % 3 == 0:  # the held-out records: low agreement, so no target to learn or judge by
+            ev.agreement = 0.2
+        ctl.add_evidence(ev)
+    trained: list[int] = []
+    monkeypatch.setattr(ctl, "_update_soft_prompt", lambda vectors, train: trained.append(1) or vectors)
+    old = ctl.state
+    event = ctl.reoptimize()
+    assert not event.accepted and "without training" in event.reason and "3 held-out records" in event.reason
+    assert trained == [] and ctl.state is old
+
+
 def test_background_submit_runs_once_at_a_time(engine, gsm8k_index):
     ctl, _ = _controller(engine, gsm8k_index)
     for ev in _evidence(384, ["The answer is 5."] * 9):
