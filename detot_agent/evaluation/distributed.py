@@ -85,10 +85,13 @@ class EvalWorker:
     """
 
     def __init__(self, spec: str, worker: int, torch_threads: int | None = None) -> None:
+        import logging
         import threading
 
         import torch
 
+        # as in `detot eval`: a truncated sample is counted as a parse failure, not logged per call
+        logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
         if torch_threads:
             torch.set_num_threads(torch_threads)
         self.worker = worker
