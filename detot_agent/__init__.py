@@ -36,6 +36,7 @@ from detot_agent.retriever import RetrievedPassages, TaskRetriever
 from detot_agent.softprompt import SoftPrompt, SoftPromptInit, SoftPromptRegistry
 from detot_agent.task import Adjustments, AnswerFormat, TaskKind, TaskProfile, analyze
 from detot_agent.tuning import TuneConfig, TuneExample, TuneReport, tune
+from detot_agent.vllm_engine import VLLMEngine, vllm_lm
 from detot_agent.voting import extract_number, normalize, vote
 
 __version__ = "0.1.0"
@@ -79,6 +80,7 @@ __all__ = [
     "TuneExample",
     "TuneReport",
     "UpdateReport",
+    "VLLMEngine",
     "__version__",
     "analyze",
     "default_model_path",
@@ -87,5 +89,6 @@ __all__ = [
     "normalize",
     "read_exemplars",
     "tune",
+    "vllm_lm",
     "vote",
 ]
