@@ -98,11 +98,6 @@ class LocalEngine(BatchedEngine):
         return self._loaded.tokenizer
 
     @property
-    def name(self) -> str:
-        """Short model name, used in `local/<name>`."""
-        return self.source.name
-
-    @property
     def hidden_size(self) -> int:
         """Width of the input embeddings (and of soft prompts for this model)."""
         return int(self.model.get_input_embeddings().weight.shape[1])

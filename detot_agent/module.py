@@ -2,7 +2,7 @@
 
 One call: encode the input, adapt the query with the task embedding, retrieve
 demos (MMR), sample answers in rounds until the stopping rule is satisfied
-(local engine: one batched `sample` per round with the task's soft prompt;
+(local or vLLM engine: one batched `sample` per round with the task's soft prompt;
 any other `dspy.LM`: one rollout per sample), normalise and vote, report to the
 monitor, and let the controller re-optimize in the background when triggered.
 
@@ -43,6 +43,7 @@ from detot_agent.errors import ArtefactError, DetotError
 from detot_agent.generation import text_seed
 from detot_agent.index import ExemplarIndex
 from detot_agent.monitor import Monitor, Observation
+from detot_agent.rows import BatchedEngine
 from detot_agent.task import Adjustments, TaskProfile, analyze
 from detot_agent.voting import extract_number, normalize, should_stop, vote
 
@@ -50,8 +51,15 @@ __all__ = ["DETOT"]
 
 
 def _local_engine(lm: Any) -> LocalEngine | None:
+    """The LM's engine when it can also *train* soft prompts (gradients through the HF model)."""
     engine = getattr(lm, "engine", None)
     return engine if isinstance(engine, LocalEngine) else None
+
+
+def _serving_engine(lm: Any) -> BatchedEngine | None:
+    """The LM's engine when it serves batched `sample(request, n, soft_prompt=...)` (local or vLLM)."""
+    engine = getattr(lm, "engine", None)
+    return engine if isinstance(engine, BatchedEngine) else None
 
 
 _MARKER = re.compile(r"\[\[\s*##")
@@ -180,7 +188,7 @@ class DETOT(dspy.Module):
             demos.append(dspy.Example(**{k2: _defuse(v) for k2, v in values.items() if v is not None}))
         return demos, [h.id for h in hits]
 
-    def _sample_local(self, engine: LocalEngine, lm: Any, messages: list[dict[str, str]], n: int,
+    def _sample_local(self, engine: BatchedEngine, lm: Any, messages: list[dict[str, str]], n: int,
                       soft: torch.Tensor | None, seed: int, *, greedy: bool = False) -> list[tuple[str, int]]:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         chat = tuple(Message.user(m["content"]) if m["role"] == "user" else Message.assistant(m["content"])
@@ -227,7 +235,7 @@ class DETOT(dspy.Module):
         lm = self.lm or dspy.settings.lm
         if lm is None:
             raise DetotError("no LM: pass lm= to DETOT or call dspy.configure(lm=...)")
-        engine = _local_engine(lm)
+        engine = _serving_engine(lm)
         adj = self.adjustments
         messages = None
         if engine is not None:

@@ -179,6 +179,11 @@ class BatchedEngine(RequestBuilder):
     _batcher: DynamicBatcher | None
     _batcher_lock: threading.Lock
 
+    @property
+    def name(self) -> str:
+        """Short model name (file or folder name), used in `local/<name>` and `vllm/<name>`."""
+        return self.source.name
+
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         raise NotImplementedError
 

@@ -176,11 +176,6 @@ class VLLMEngine(BatchedEngine):
         return self._context
 
     @property
-    def name(self) -> str:
-        """Short model name, used in `vllm/<name>`."""
-        return self.source.name
-
-    @property
     def llm(self) -> Any:
         """The `vllm.LLM` (built on first use)."""
         with self._llm_lock:

@@ -160,3 +160,22 @@ def test_engine_state_round_trips_through_the_async_twin(tiny_model_dir):
     again = AsyncVLLMEngine.load_state(AsyncVLLMEngine(engine).dump_state())
     assert isinstance(again.engine, VLLMEngine) and again.engine.dump_state() == engine.dump_state()
     assert again.engine.config.overflow.value == "truncate_middle" and again.engine.dtype == torch.float32
+
+
+def test_detot_serves_its_soft_prompt_through_the_vllm_engine(long_tiny_model_dir, gsm8k_index):
+    from detot_agent import DETOT, TaskProfile
+    from detot_agent.vllm_engine import vllm_lm
+
+    stub = _StubLLM()
+    engine = VLLMEngine(str(long_tiny_model_dir), dtype="float32", llm=stub, sampling_params=dict)
+    soft = torch.randn(4, engine.hidden_size, generator=torch.Generator().manual_seed(1))
+    task = TaskProfile(name="arith", description="math word problems", kind="arithmetic", answer_format="number")
+    lm = vllm_lm(str(long_tiny_model_dir), engine=engine)
+    detot = DETOT("question -> answer", task=task, index=gsm8k_index, lm=lm, soft_prompt=soft, background=False)
+    pred = detot(question="Tom has 3 apples and buys 4 more. How many apples does he have?")
+    engine.close()
+    sent = [pair for prompts, params in stub.calls for pair in zip(prompts, params, strict=True)]
+    # batched rounds (n samples per request), each request carrying the task's soft prompt first
+    assert sent and sum(p["n"] for _, p in sent) == pred.samples_used and max(p["n"] for _, p in sent) > 1
+    assert all(torch.equal(prompt["prompt_embeds"][:4], soft) for prompt, _ in sent)
+    assert detot.controller.engine is None  # serving only: soft prompts are not trained through vLLM
