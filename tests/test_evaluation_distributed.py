@@ -125,6 +125,15 @@ def test_when_every_worker_is_gone_the_run_stops_and_resumes(tmp_path, local_ray
     assert _by_id(out / "zero_shot_cot.jsonl") == _by_id(local_run / "zero_shot_cot.jsonl")
 
 
+def test_a_hung_worker_is_replaced_after_the_task_timeout(tmp_path, local_ray, suite, spec):
+    # 10 ms is far less than any answer takes: every actor is taken for hung, killed and replaced once
+    executor = RayExecutor(spec, workers=1, threads=2, max_restarts=1, task_timeout_s=0.01)
+    with executor, pytest.raises(WorkerLostError, match=r"2 taken for hung after 0.01 s"):
+        _run(suite, ["zero_shot_cot"], tmp_path / "ray", spec=spec, executor=executor)
+    assert executor.timeouts == 2 and executor.restarts == 1
+    assert read_records(tmp_path / "ray" / "zero_shot_cot.jsonl") == []  # nothing half-written
+
+
 def test_a_worker_that_cannot_load_its_model_names_the_cause(local_ray, spec, tmp_path):
     bad = spec.model_copy(update={"model": str(tmp_path / "no-such-model")})
     with pytest.raises(WorkerLostError, match=r"failed to start: .*ModelNotFoundError.*no-such-model"):

@@ -65,6 +65,8 @@ def eval_run(
     workers: Annotated[int, typer.Option(help="Ray actors (engine replicas).")] = 2,
     worker_cpus: Annotated[float, typer.Option(help="CPUs reserved per Ray actor.")] = 1.0,
     worker_gpus: Annotated[float, typer.Option(help="GPUs per Ray actor (1: one GPU per replica).")] = 0.0,
+    task_timeout: Annotated[float | None, typer.Option(help="Seconds after which an unanswered problem marks its "
+                                                            "Ray actor as hung (killed, problems re-queued).")] = None,
 ) -> None:
     """Run METHODS on SUITE; per-example results stream to OUT/<method>.jsonl, then report.md and plots."""
     if ctx.invoked_subcommand is not None:
@@ -116,7 +118,7 @@ def eval_run(
 
         run["model"] = resolve_model_source(model).name if model is None else model
         with RayExecutor(spec, workers=workers, threads=threads, address=address, worker_cpus=worker_cpus,
-                         worker_gpus=worker_gpus) as ray_executor:
+                         worker_gpus=worker_gpus, task_timeout_s=task_timeout) as ray_executor:
             run_eval(examples, names, None, out, run=run, resume=resume, threads=threads, executor=ray_executor)
     else:
         context = build_context(spec)

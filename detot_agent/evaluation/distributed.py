@@ -155,6 +155,8 @@ class RayExecutor:
         max_restarts: fresh actors started in place of dead ones over the whole run (default: `workers`).
         on_record: called by the driver after each record is written, with the record (tests and
             progress hooks use it).
+        task_timeout_s: a problem unanswered this long counts its actor as hung: the actor is killed,
+            its problems re-queued and a fresh one started (None: wait for ever).
 
     Example:
         >>> ex = RayExecutor(ContextSpec(model="m.gguf"), workers=2, address="auto")  # doctest: +SKIP
@@ -164,7 +166,8 @@ class RayExecutor:
 
     def __init__(self, spec: ContextSpec, *, workers: int = 2, threads: int = 4, address: str | None = None,
                  worker_cpus: float = 1.0, worker_gpus: float = 0.0, max_restarts: int | None = None,
-                 on_record: Callable[[dict[str, Any], RayExecutor], None] | None = None) -> None:
+                 on_record: Callable[[dict[str, Any], RayExecutor], None] | None = None,
+                 task_timeout_s: float | None = None) -> None:
         if workers < 1 or threads < 1:
             raise ConfigError(f"--workers and --threads must be >= 1, got {workers} and {threads}")
         self.spec = spec
@@ -175,6 +178,8 @@ class RayExecutor:
         self.worker_gpus = worker_gpus
         self.max_restarts = workers if max_restarts is None else max_restarts
         self.on_record = on_record
+        self.task_timeout_s = task_timeout_s
+        self.timeouts = 0
         self.prefix = f"detot-eval-{uuid.uuid4().hex[:6]}"
         self.actors: list[Any] = []
         self.actor_names: list[str] = []
@@ -185,7 +190,8 @@ class RayExecutor:
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "ray", "workers": self.workers, "threads": self.threads, "address": self.address,
-                "worker_cpus": self.worker_cpus, "worker_gpus": self.worker_gpus}
+                "worker_cpus": self.worker_cpus, "worker_gpus": self.worker_gpus,
+                "task_timeout_s": self.task_timeout_s}
 
     # ---- lifecycle ------------------------------------------------------------------
     def start(self) -> RayExecutor:
@@ -274,6 +280,7 @@ class RayExecutor:
 
         queue: deque[dspy.Example] = deque(todo)
         inflight: dict[Any, tuple[int, dspy.Example]] = {}
+        since: dict[Any, float] = {}  # when each in-flight problem was handed out
         load = [0] * len(self.actors)
         bar = tqdm(total=len(todo), desc=method, disable=not progress, dynamic_ncols=True)
         start = time.perf_counter()
@@ -282,14 +289,23 @@ class RayExecutor:
                 for slot, actor in enumerate(self.actors):
                     while actor is not None and queue and load[slot] < self.threads:
                         ex = queue.popleft()
-                        inflight[actor.answer.remote(method, ex.toDict())] = (slot, ex)
+                        ref = actor.answer.remote(method, ex.toDict())
+                        inflight[ref], since[ref] = (slot, ex), time.monotonic()
                         load[slot] += 1
                 if not inflight:
-                    raise WorkerLostError(f"every Ray worker died and the restart budget ({self.max_restarts}) is "
-                                          f"spent; {len(queue)} problems of {method} are left: fix the cause and "
+                    hung = f" ({self.timeouts} taken for hung after {self.task_timeout_s} s)" if self.timeouts else ""
+                    raise WorkerLostError(f"every Ray worker died{hung} and the restart budget ({self.max_restarts}) "
+                                          f"is spent; {len(queue)} problems of {method} are left: fix the cause and "
                                           "run again with --resume")
-                ready, _ = ray.wait(list(inflight), num_returns=1)
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=self.task_timeout_s)
+                if not ready:  # the oldest problem ran past the timeout: its actor is taken for hung
+                    oldest = min(inflight, key=lambda r: since[r])
+                    if time.monotonic() - since[oldest] >= (self.task_timeout_s or 0):
+                        self.timeouts += 1
+                        self._drop(inflight[oldest][0], method, inflight, queue, load)
+                    continue
                 for ref in ready:
+                    since.pop(ref, None)
                     slot, ex = inflight.pop(ref)
                     load[slot] -= 1
                     try:
