@@ -152,3 +152,19 @@ def test_cli_runs_on_ray(tmp_path, local_ray, suite, spec, long_tiny_model_dir):
     assert result.exit_code == 0, result.output
     assert len(read_records(tmp_path / "cli" / "zero_shot.jsonl")) == len(suite.examples)
     assert json.loads((tmp_path / "cli" / "run.json").read_text())["executor"]["workers"] == 1
+
+
+def test_bench_scale_reports_local_and_ray_rows(tmp_path, local_ray, long_tiny_model_dir):
+    from typer.testing import CliRunner
+
+    from detot_agent.cli import app
+
+    path = tmp_path / "scale.json"
+    result = CliRunner().invoke(app, ["bench", "scale", "--workers", "1", "--problems", "8", "--max-tokens", "4",
+                                      "--model", str(long_tiny_model_dir), "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(path.read_text())
+    assert [(r["executor"], r["workers"]) for r in figures["rows"]] == [("local", 1), ("ray", 1)]
+    assert all(r["problems_per_s"] > 0 and r["run_s"] > 0 for r in figures["rows"])
+    assert figures["problems"] == 8 and isinstance(figures["ray_overhead_ms_per_problem"], float)
+    assert "Ray overhead per problem" in result.output

@@ -85,9 +85,11 @@ def run_scale_bench(*, workers: list[int], problems: int = 24, threads: int = 4,
     ctx.lm.engine.close()
 
     start = time.perf_counter()
-    ray.init(num_cpus=max([cpus, *workers]), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
-                                       if k in os.environ}})
+    own_ray = not ray.is_initialized()  # else: measure on the Ray instance this process already joined
+    if own_ray:
+        ray.init(num_cpus=max([cpus, *workers]), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {k: os.environ[k] for k in ("HF_HUB_OFFLINE", "TOKENIZERS_PARALLELISM")
+                                           if k in os.environ}})
     ray_init_s = time.perf_counter() - start
     from detot_agent.evaluation.distributed import RayExecutor
 
@@ -107,7 +109,8 @@ def run_scale_bench(*, workers: list[int], problems: int = 24, threads: int = 4,
             rows.append({"executor": "ray", "workers": w, "cpus_per_worker": per, "startup_s": startup_s,
                          "run_s": run_s, "problems_per_s": problems / run_s})
     finally:
-        ray.shutdown()
+        if own_ray:
+            ray.shutdown()
     local = rows[0]
     one = next((r for r in rows if r["executor"] == "ray" and r["workers"] == 1), None)
     for r in rows:
