@@ -3,6 +3,7 @@ encoder, and paths of the shared data."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -42,6 +43,27 @@ def encoder():
     from detot_agent.embeddings import Encoder
 
     return Encoder()
+
+
+@pytest.fixture(scope="session")
+def multiarith_file() -> Path:
+    """Path of the shared MultiArith file (read by path, never copied into the repository)."""
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "multiarith" / "MultiArith.json"
+    if not path.is_file():
+        pytest.skip(f"shared data not found at {path}")
+    return path
+
+
+@pytest.fixture(scope="session")
+def multiarith_head(multiarith_file: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`multiarith_head(n)`: a fresh MultiArith.json holding the first n shared problems (a small suite)."""
+
+    def write(n: int) -> Path:
+        path = tmp_path_factory.mktemp("multiarith") / "MultiArith.json"
+        path.write_text(json.dumps(json.loads(multiarith_file.read_text())[:n]))
+        return path
+
+    return write
 
 
 @pytest.fixture(scope="session")

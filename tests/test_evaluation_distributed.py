@@ -15,7 +15,6 @@ from detot_agent.evaluation.distributed import RayExecutor, WorkerLostError  # n
 from detot_agent.evaluation.runner import read_records  # noqa: E402
 from detot_agent.evaluation.spec import ContextSpec, build_context  # noqa: E402
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 # what must agree between executors (timings and the worker slot may differ)
 COMPARED = ("answer", "pred", "tokens", "samples", "parse_failures", "correct", "votes", "agreement", "demo_ids",
             "error")
@@ -30,22 +29,17 @@ def local_ray():
 
 
 @pytest.fixture(scope="module")
-def suite(tmp_path_factory):
-    src = SHARED / "multiarith" / "MultiArith.json"
-    if not src.is_file():
-        pytest.skip(f"shared data not found at {src}")
-    path = tmp_path_factory.mktemp("suite") / "MultiArith.json"
-    path.write_text(json.dumps(json.loads(src.read_text())[:8]))
-    return load_suite(str(path))
+def suite(multiarith_head):
+    return load_suite(str(multiarith_head(8)))
 
 
 @pytest.fixture(scope="module")
-def spec(tmp_path_factory, encoder, long_tiny_model_dir) -> ContextSpec:
+def spec(tmp_path_factory, encoder, long_tiny_model_dir, multiarith_file) -> ContextSpec:
     from detot_agent.datasets import read_exemplars
     from detot_agent.index import ExemplarIndex
 
     index = ExemplarIndex(encoder)
-    index.add(read_exemplars(SHARED / "multiarith" / "MultiArith.json", fmt="multiarith")[100:140])
+    index.add(read_exemplars(multiarith_file, fmt="multiarith")[100:140])
     folder = index.save(tmp_path_factory.mktemp("pool") / "index")
     # one row per generate call: a row decodes the same whatever its batch-mates, but one-row batches
     # make that exact to the last bit on both sides

@@ -17,17 +17,10 @@ from detot_agent.errors import ArtefactError, ConfigError
 from detot_agent.evaluation import METHODS, EvalContext, load_suite, run_eval, write_report
 from detot_agent.evaluation.runner import read_records
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-
 
 @pytest.fixture(scope="module")
-def suite_file(tmp_path_factory) -> Path:
-    src = SHARED / "multiarith" / "MultiArith.json"
-    if not src.is_file():
-        pytest.skip(f"shared data not found at {src}")
-    path = tmp_path_factory.mktemp("suite") / "MultiArith.json"
-    path.write_text(json.dumps(json.loads(src.read_text())[:4]))
-    return path
+def suite_file(multiarith_head) -> Path:
+    return multiarith_head(4)
 
 
 
@@ -42,13 +35,13 @@ def engine(long_tiny_model_dir):
 
 
 @pytest.fixture(scope="module")
-def pool(encoder, suite_file):
+def pool(encoder, multiarith_file):
     """A small demo pool of short MultiArith problems (the tiny model's context is 512 tokens)."""
     from detot_agent.datasets import read_exemplars
     from detot_agent.index import ExemplarIndex
 
     index = ExemplarIndex(encoder)
-    index.add(read_exemplars(SHARED / "multiarith" / "MultiArith.json", fmt="multiarith")[100:140])
+    index.add(read_exemplars(multiarith_file, fmt="multiarith")[100:140])
     return index
 
 

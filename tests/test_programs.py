@@ -11,20 +11,14 @@ import pytest
 
 from programs.agent import CalculatorAgent, calculate
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 ROOT = Path(__file__).resolve().parents[1]
 
 
 
 
 @pytest.fixture(scope="module")
-def train_file(tmp_path_factory) -> Path:
-    src = SHARED / "multiarith" / "MultiArith.json"
-    if not src.is_file():
-        pytest.skip(f"shared data not found at {src}")
-    path = tmp_path_factory.mktemp("train") / "MultiArith.json"
-    path.write_text(json.dumps(json.loads(src.read_text())[:30]))
-    return path
+def train_file(multiarith_head) -> Path:
+    return multiarith_head(30)
 
 
 @pytest.mark.parametrize("name", ["math_qa", "rag_qa", "classify", "agent"])
