@@ -119,10 +119,6 @@ def _append(path: Path, record: dict[str, Any]) -> None:
         os.fsync(f.fileno())
 
 
-def _program_path(out: Path, method: str) -> Path:
-    return out / f"{method}.program.json"
-
-
 def run_eval(examples: list[dspy.Example], methods: list[str], ctx: EvalContext | None, out: str | Path, *,
              run: dict[str, Any], resume: bool = False, threads: int = 4, progress: bool = True,
              executor: Executor | None = None) -> Path:
@@ -177,14 +173,12 @@ class RecordSink:
         self.method = method
         self.path = out / f"{method}.jsonl"
         self.events_path = out / f"{method}.events.jsonl"
-        self.program_path = _program_path(out, method)
+        self.program_path = out / f"{method}.program.json"
         self.lock = threading.Lock()
-        self.written = 0
 
     def record(self, rec: dict[str, Any]) -> None:
         with self.lock:
             _append(self.path, rec)
-            self.written += 1
 
     def events(self, events: list[dict[str, Any]]) -> None:
         if not events:

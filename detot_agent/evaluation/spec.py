@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -63,12 +62,11 @@ class ContextSpec(BaseModel):
     questions: list[str] = Field(default_factory=list)
 
 
-def build_context(spec: ContextSpec, *, events_dir: Path | None = None, **lm_kwargs: Any) -> EvalContext:
+def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
     """Load what `spec` names (engine, index, soft prompt) and return the shared `EvalContext`.
 
     Args:
         spec: the recipe.
-        events_dir: where DETOT methods append their monitor events (None: keep them in memory).
         **lm_kwargs: extra `EngineConfig` / `dspy.LM` settings for `local_lm`.
     """
     from detot_agent.engine import local_lm
@@ -97,5 +95,4 @@ def build_context(spec: ContextSpec, *, events_dir: Path | None = None, **lm_kwa
     return EvalContext(lm=lm, answer_format=spec.answer_format, labels=list(spec.labels), index=pool,
                        encoder=pool.encoder if pool is not None else None, k=spec.k, n=spec.n,
                        temperature=spec.temperature, max_tokens=spec.max_tokens, seed=spec.seed,
-                       soft_prompt=vectors, task_name=spec.task_name, questions=list(spec.questions),
-                       events_dir=events_dir)
+                       soft_prompt=vectors, task_name=spec.task_name, questions=list(spec.questions))
