@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+from detot_agent.adapters import LenientChatAdapter, PlainAdapter
 from detot_agent.config import EngineConfig
 from detot_agent.controller import Controller, ControllerConfig, TaskState
 from detot_agent.datasets import read_exemplars
@@ -62,9 +63,11 @@ __all__ = [
     "Hit",
     "IndexDataError",
     "InvalidRequestError",
+    "LenientChatAdapter",
     "LocalEngine",
     "ModelNotFoundError",
     "Monitor",
+    "PlainAdapter",
     "RetrievedPassages",
     "Sample",
     "SoftPrompt",

@@ -90,6 +90,9 @@ class DETOT(dspy.Module):
         background: re-optimize in a background thread (True) or only when `reoptimize()` is called.
         event_log: JSONL file for the monitor's events.
         controller_config: settings of the optimization loop.
+        adapter: how prompts are laid out and replies parsed (default `LenientChatAdapter`, DSPy's
+            field layout); `PlainAdapter()` prompts in plain text ("... The answer is N."), which
+            small local models follow better, for signatures with one answer field.
     """
 
     def __init__(
@@ -107,6 +110,7 @@ class DETOT(dspy.Module):
         background: bool = True,
         event_log: str | Path | None = None,
         controller_config: ControllerConfig | None = None,
+        adapter: dspy.Adapter | None = None,
     ) -> None:
         super().__init__()
         self.task = task
@@ -124,7 +128,9 @@ class DETOT(dspy.Module):
         self.encoder: Encoder = found
         self.lm = lm
         self.background = background
-        self.adapter = LenientChatAdapter()
+        self.adapter = adapter or LenientChatAdapter()
+        # a ChatAdapter reply ends at its end marker: small models otherwise keep writing to max_tokens
+        self._stop = ("[[ ## completed ## ]]",) if isinstance(self.adapter, dspy.ChatAdapter) else ()
         embedding = TaskEmbedding.from_description(task.name, task.description or task.name, encoder=self.encoder,
                                                    samples=samples or [])
         engine = _local_engine(lm)
@@ -193,10 +199,9 @@ class DETOT(dspy.Module):
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         chat = tuple(Message.user(m["content"]) if m["role"] == "user" else Message.assistant(m["content"])
                      for m in messages if m["role"] != "system")
-        # the adapter's end marker ends a sample: small models otherwise keep writing to max_tokens
         config = Config(temperature=0.0 if greedy else self.adjustments.temperature,
                         max_tokens=self.adjustments.max_tokens, seed=None if greedy else seed,
-                        stop=("[[ ## completed ## ]]",))
+                        stop=self._stop)
         request = Request(model=lm.model if lm is not None else engine.name, messages=chat, system=system or None,
                           config=config)
         return [(s.text, s.output_tokens) for s in engine.sample(request, n, soft_prompt=soft)]
@@ -211,7 +216,7 @@ class DETOT(dspy.Module):
             sampler = (lm.copy(temperature=0.0) if greedy_first and i == 0
                        else lm.copy(rollout_id=rid, temperature=self.adjustments.temperature))
             try:
-                with dspy.context(lm=sampler):
+                with dspy.context(lm=sampler, adapter=self.adapter):
                     pred = self.predictor(**inputs, demos=list(self._inner().demos) + demos)
                 out.append((dict(pred.items()), 0))
             except Exception:  # an unparseable sample is counted and skipped

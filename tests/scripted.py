@@ -1,4 +1,5 @@
-"""A scripted DSPy engine for control-flow tests: answers come from a function, formatted for ChatAdapter."""
+"""A scripted DSPy engine for control-flow tests: answers come from a function, formatted for ChatAdapter
+(or, with `plain=True`, as plain text ending in "The answer is X.", for PlainAdapter)."""
 
 from __future__ import annotations
 
@@ -15,8 +16,9 @@ class ScriptedEngine:
 
     supported_params = frozenset({"temperature", "max_tokens", "seed"})
 
-    def __init__(self, answer: Callable[[str, int], str | None]) -> None:
+    def __init__(self, answer: Callable[[str, int], str | None], *, plain: bool = False) -> None:
         self.answer = answer
+        self.plain = plain
         self.calls = 0
         self.prompts: list[str] = []
         self._lock = threading.Lock()
@@ -31,8 +33,12 @@ class ScriptedEngine:
             self.calls += 1
             self.prompts.append(text)
         ans = self.answer(text, n)
-        body = ("garbage without fields" if ans is None else
-                f"[[ ## reasoning ## ]]\nstep {n}\n\n[[ ## answer ## ]]\n{ans}\n\n[[ ## completed ## ]]")
+        if ans is None:
+            body = "garbage without fields"
+        elif self.plain:
+            body = f"step {n}\nThe answer is {ans}."
+        else:
+            body = f"[[ ## reasoning ## ]]\nstep {n}\n\n[[ ## answer ## ]]\n{ans}\n\n[[ ## completed ## ]]"
         return Response(id=None, model="scripted", message=Message.assistant([TextPart(body)]), finish_reason="stop",
                         usage=Usage(input_tokens=10, output_tokens=5))
 
@@ -61,7 +67,7 @@ class AsyncScriptedEngine:
         pass
 
 
-def scripted_lm(answer: Callable[[str, int], str | None]) -> tuple[Any, ScriptedEngine]:
-    engine = ScriptedEngine(answer)
+def scripted_lm(answer: Callable[[str, int], str | None], *, plain: bool = False) -> tuple[Any, ScriptedEngine]:
+    engine = ScriptedEngine(answer, plain=plain)
     return dspy.LM("scripted/test", engine=engine, async_engine=AsyncScriptedEngine(engine), cache=False,
                    num_retries=0), engine

@@ -1,4 +1,4 @@
-"""LenientChatAdapter: tolerant only where a field is clearly present."""
+"""LenientChatAdapter: tolerant only where a field is clearly present. PlainAdapter: plain-text prompts."""
 
 from __future__ import annotations
 
@@ -6,7 +6,8 @@ import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from detot_agent.adapters import LenientChatAdapter
+from detot_agent.adapters import LenientChatAdapter, PlainAdapter
+from detot_agent.errors import ConfigError
 
 COT = dspy.ChainOfThought("question -> answer").predict.signature
 NUM = dspy.Predict("question -> answer: int").signature
@@ -36,3 +37,64 @@ def test_typed_fields_are_parsed_and_bad_values_fail():
     assert LenientChatAdapter().parse(NUM, "[[ ## question ## ]]\nx\n[[ ## answer ## ]]\n12") == {"answer": 12}
     with pytest.raises(AdapterParseError):
         LenientChatAdapter().parse(NUM, "[[ ## answer ## ]]\ntwelve")
+
+
+def test_plain_adapter_lays_out_demos_as_turns_without_field_markers():
+    demos = [{"question": "Q1", "reasoning": "2 + 2 = 4. The answer is 4.", "answer": "4"},  # GSM8K-style
+             {"question": "Q2", "reasoning": "3 * 3 = 9.", "answer": "9"},
+             {"question": "Q3", "answer": "5"},  # no rationale: the statement alone
+             {"question": "Q5", "reasoning": "unfinished"}]  # no answer: left out
+    messages = PlainAdapter().format(COT, demos, {"question": "Q4"})
+    assert [m["role"] for m in messages] == ["user", "assistant"] * 3 + ["user"]  # no system turn for DSPy's default
+    contents = [m["content"] for m in messages]
+    assert not any("[[ ##" in c for c in contents)
+    cue = "Let's think step by step."
+    assert contents[0] == f"Q1\n{cue}" and contents[-1] == f"Q4\n{cue}"
+    # the rationale's own statement is not repeated; a missing one is added; a bare answer becomes a statement
+    assert contents[1:6:2] == ["2 + 2 = 4. The answer is 4.", "3 * 3 = 9.\nThe answer is 9.", "The answer is 5."]
+
+
+def test_plain_adapter_keeps_custom_instructions_and_cue():
+    sig = dspy.Signature("question -> answer", "Answer in dollars.")
+    messages = PlainAdapter(cue="Be brief.").format(sig, [], {"question": "Q"})
+    assert messages == [{"role": "system", "content": "Answer in dollars."},
+                        {"role": "user", "content": "Q\nBe brief."}]
+    two = dspy.Signature("context, question -> answer")
+    user = PlainAdapter().format(two, [], {"context": "C", "question": "Q"})[-1]["content"]
+    assert user.splitlines() == ["Context: C", "Question: Q", "Reply with: The answer is <answer>."]
+
+
+@pytest.mark.parametrize(("reply", "expected"), [
+    ("5 + 3 = 8 apples.\nThe answer is 8.", {"reasoning": "5 + 3 = 8 apples.", "answer": "8"}),
+    ("The answer is 7? No. The final answer is **$1,200**.", {"reasoning": "The answer is 7? No.", "answer": "$1,200"}),
+    ("Working.\nAnswer: blue", {"reasoning": "Working.", "answer": "blue"}),
+])
+def test_plain_adapter_parses_the_last_statement(reply, expected):
+    assert PlainAdapter().parse(COT, reply) == expected
+
+
+def test_plain_adapter_round_trips_its_own_demos():
+    demo = {"question": "Q", "reasoning": "1 + 2 = 3.", "answer": "3"}
+    adapter = PlainAdapter()
+    assert adapter.parse(COT, adapter.format_assistant_message_content(COT, demo)) == {"reasoning": "1 + 2 = 3.",
+                                                                                      "answer": "3"}
+
+
+def test_plain_adapter_refuses_what_it_cannot_read():
+    with pytest.raises(AdapterParseError, match="no \"The answer is"):
+        PlainAdapter().parse(COT, "3 + 4 = 7")
+    with pytest.raises(AdapterParseError, match="does not parse"):
+        PlainAdapter().parse(NUM, "The answer is twelve.")
+    assert PlainAdapter().parse(NUM, "The answer is 12.") == {"answer": 12}
+    with pytest.raises(ConfigError, match="one answer field"):
+        PlainAdapter().format(dspy.Signature("question -> answer, confidence"), [], {"question": "Q"})
+
+
+def test_plain_adapter_serves_dspy_modules():
+    from scripted import scripted_lm
+
+    lm, engine = scripted_lm(lambda text, n: "8", plain=True)
+    with dspy.context(lm=lm, adapter=PlainAdapter()):
+        pred = dspy.ChainOfThought("question -> answer")(question="5 + 3?")
+    assert (pred.answer, pred.reasoning) == ("8", "step 0")
+    assert "[[ ##" not in engine.prompts[0] and engine.prompts[0].endswith("Let's think step by step.")

@@ -11,6 +11,7 @@ import torch
 from scripted import scripted_lm
 
 from detot_agent import DETOT, LocalEngine, TaskProfile, analyze, local_lm
+from detot_agent.adapters import PlainAdapter
 from detot_agent.controller import ControllerConfig, TaskState
 from detot_agent.errors import DetotError
 from detot_agent.voting import extract_number
@@ -182,6 +183,37 @@ def test_local_engine_path_end_to_end(gsm8k_index, long_tiny_model_dir):
     assert pred.samples_used == 4 and pred.parse_failures + sum(int(v) for v in pred.votes.values()) == 4
     assert pred.tokens > 0 and len(pred.demo_ids) == 1
     assert detot.controller.evidence()[0].messages[0]["role"] == "system"
+    engine.close()
+
+
+def test_plain_adapter_votes_on_stated_answers_with_plain_demos(gsm8k_index):
+    script = ["7", "7 apples", None, "8"]  # None: a reply with no answer statement
+    lm, engine = scripted_lm(lambda text, n: script[n % len(script)], plain=True)
+    detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False, adapter=PlainAdapter(),
+                  adjustments=analyze(ARITH, stopping="fixed", max_samples=4, k_exemplars=2))
+    pred = detot(question=Q)
+    assert pred.answer_key == "7" and pred.votes == {"7": 2.0, "8": 1.0} and pred.parse_failures == 1
+    assert pred.reasoning.startswith("step")
+    prompt = engine.prompts[0]
+    assert "[[ ##" not in prompt and prompt.rstrip().endswith("Let's think step by step.")
+    rationale = gsm8k_index.get(pred.demo_ids[0]).fields["rationale"]
+    assert rationale in prompt  # the demo's worked answer is the assistant's turn, as written
+
+
+def test_plain_adapter_on_the_local_engine_prompts_without_markers_or_stop(gsm8k_index, long_tiny_model_dir):
+    engine = LocalEngine(str(long_tiny_model_dir), device="cpu", dtype="float32", max_wait_ms=5)
+    lm = local_lm(engine=engine, cache=False)
+    detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False, adapter=PlainAdapter(),
+                  adjustments=analyze(ARITH, max_samples=2, max_tokens=8, k_exemplars=1))
+    seen = []
+    sample = engine.sample
+    engine.sample = lambda request, n, **kw: seen.append(request) or sample(request, n, **kw)  # observe, then serve
+    pred = detot(question="2 plus 2?")
+    messages = detot.controller.evidence()[0].messages
+    assert [m["role"] for m in messages] == ["user", "assistant", "user"]
+    assert not any("[[ ##" in m["content"] for m in messages)
+    assert seen and all(r.config.stop == () and r.system is None for r in seen)
+    assert pred.samples_used == 2
     engine.close()
 
 

@@ -107,8 +107,8 @@ class EvalWorker:
                 self.runners[method] = build_method(method, self.ctx)
                 self.sent[method] = 0
             config = self.runners[method].config()
-        if method == "detot":
-            config["loop"] = "per worker"
+            if self.runners[method].stateful:
+                config["loop"] = "per worker"
         return config
 
     def _new_events(self, method: str) -> list[dict[str, Any]]:

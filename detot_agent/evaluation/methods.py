@@ -1,8 +1,10 @@
 """The compared methods, each a named recipe that answers one example and reports what it spent.
 
-All methods run on the same LM and the same adapter (`LenientChatAdapter`), and parse the
+All DSPy methods run on the same LM and the same adapter (`LenientChatAdapter`), and parse the
 answer the same way: the signature's answer field, else (numeric tasks) an explicit
 "The answer is N" in a reply that broke the field layout. Greedy methods run at temperature 0.
+`plain_cot` and the `detot_plain*` methods prompt in plain text instead (see `PlainAdapter`), the
+prompt DETOT's arithmetic soft prompt was trained on.
 
 | name | what it is |
 |---|---|
@@ -14,6 +16,8 @@ answer the same way: the signature's answer field, else (numeric tasks) an expli
 | `self_consistency` | `n` ChainOfThought samples at `temperature`, `dspy.majority` of the answers |
 | `detot_static` | DETOT: task-adapted retrieval, soft prompt, adaptive voting; no re-optimization |
 | `detot` | full DETOT: as above, with the monitor and background re-optimization |
+| `detot_plain_static` | `detot_static` prompting through `PlainAdapter` (no field layout: "... The answer is N.") |
+| `detot_plain` | `detot` prompting through `PlainAdapter` |
 
 `knn_fewshot` uses `dspy.KNN`, the retriever inside `dspy.KNNFewShot`, and attaches its
 neighbours as labelled demos: `KNNFewShot.compile` would re-run `BootstrapFewShot` (with its own
@@ -36,7 +40,7 @@ from typing import Any
 import dspy
 import torch
 
-from detot_agent.adapters import LenientChatAdapter
+from detot_agent.adapters import LenientChatAdapter, PlainAdapter
 from detot_agent.embeddings import Encoder
 from detot_agent.errors import ConfigError
 from detot_agent.generation import text_seed
@@ -98,6 +102,7 @@ class MethodRunner:
     """Answers one example; returns a record of the answer and what it cost."""
 
     name = "base"
+    stateful = False  # True: the method learns while it runs (its state is saved and restored on resume)
 
     def __init__(self, ctx: EvalContext) -> None:
         self.ctx = ctx
@@ -253,6 +258,7 @@ class SelfConsistency(MethodRunner):
 class DetotMethod(MethodRunner):
     name = "detot_static"
     background = False
+    plain = False
 
     def __init__(self, ctx: EvalContext) -> None:
         super().__init__(ctx)
@@ -272,11 +278,13 @@ class DetotMethod(MethodRunner):
                                    max_tokens=ctx.max_tokens, k_exemplars=ctx.k, temperature=ctx.temperature)
         log = ctx.events_dir / f"{self.name}.events.jsonl" if ctx.events_dir is not None else None
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, lm=ctx.lm, adjustments=self.adjustments,
-                             soft_prompt=ctx.soft_prompt, background=self.background, event_log=log)
+                             soft_prompt=ctx.soft_prompt, background=self.background, event_log=log,
+                             adapter=PlainAdapter() if self.plain else None)
 
     def config(self) -> dict[str, Any]:
         return {"adjustments": self.adjustments.model_dump(mode="json", exclude={"applied"}),
-                "trained_soft_prompt": self.ctx.soft_prompt is not None, "reoptimization": self.background}
+                "trained_soft_prompt": self.ctx.soft_prompt is not None, "reoptimization": self.background,
+                "adapter": type(self.program.adapter).__name__}
 
     def __call__(self, example: dspy.Example) -> dict[str, Any]:
         pred = self.program(question=example.question)
@@ -293,11 +301,22 @@ class DetotMethod(MethodRunner):
 class DetotFull(DetotMethod):
     name = "detot"
     background = True
+    stateful = True
+
+
+class DetotPlainStatic(DetotMethod):
+    name = "detot_plain_static"
+    plain = True
+
+
+class DetotPlain(DetotFull):
+    name = "detot_plain"
+    plain = True
 
 
 METHODS: dict[str, Callable[[EvalContext], MethodRunner]] = {
     cls.name: cls for cls in (PlainCoT, ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT, SelfConsistency, DetotMethod,
-                              DetotFull)
+                              DetotFull, DetotPlainStatic, DetotPlain)
 }
 
 

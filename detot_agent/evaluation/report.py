@@ -109,7 +109,8 @@ def render_markdown(report: dict[str, Any]) -> str:
             continue
         vs = m["vs_best_baseline"]
         p = "best baseline" if name == report["best_baseline"] else ("-" if vs is None else f"{vs['p_value']:.3f}")
-        reopt = f"{m['reoptimizations']} ({m['reoptimizations_accepted']})" if name == "detot" else "-"
+        looping = m.get("config", {}).get("reoptimization")
+        reopt = f"{m['reoptimizations']} ({m['reoptimizations_accepted']})" if looping else "-"
         n = f"{m['n']}" + ("" if m["complete"] else "*")
         lines.append(f"| {name} | {n} | {m['accuracy']:.3f} | {m['ci95'][0]:.2f}-{m['ci95'][1]:.2f} | "
                      f"{m['samples_per_question']:.2f} | {m['tokens_per_question']:.0f} | "

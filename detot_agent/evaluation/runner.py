@@ -249,7 +249,7 @@ class LocalExecutor:
         self.ctx.events_dir = sink.out
         runner = build_method(method, self.ctx)
         sink.config(runner.config())
-        stateful = method == "detot"
+        stateful = runner.stateful
         program = getattr(runner, "program", None)
         if stateful and program is not None and sink.program_path.exists():
             program.load(sink.program_path)
