@@ -90,9 +90,10 @@ class DETOT(dspy.Module):
         background: re-optimize in a background thread (True) or only when `reoptimize()` is called.
         event_log: JSONL file for the monitor's events.
         controller_config: settings of the optimization loop.
-        adapter: how prompts are laid out and replies parsed (default `LenientChatAdapter`, DSPy's
-            field layout); `PlainAdapter()` prompts in plain text ("... The answer is N."), which
-            small local models follow better, for signatures with one answer field.
+        adapter: how prompts are laid out and replies parsed; default: the adapter set with
+            `dspy.configure(adapter=...)` / `dspy.context`, else `LenientChatAdapter` (DSPy's field
+            layout). `PlainAdapter()` prompts in plain text ("... The answer is N."), which small
+            local models follow better, for signatures with one answer field.
     """
 
     def __init__(
@@ -128,9 +129,8 @@ class DETOT(dspy.Module):
         self.encoder: Encoder = found
         self.lm = lm
         self.background = background
-        self.adapter = adapter or LenientChatAdapter()
-        # a ChatAdapter reply ends at its end marker: small models otherwise keep writing to max_tokens
-        self._stop = ("[[ ## completed ## ]]",) if isinstance(self.adapter, dspy.ChatAdapter) else ()
+        self.adapter = adapter
+        self._default_adapter = LenientChatAdapter()
         embedding = TaskEmbedding.from_description(task.name, task.description or task.name, encoder=self.encoder,
                                                    samples=samples or [])
         engine = _local_engine(lm)
@@ -174,6 +174,10 @@ class DETOT(dspy.Module):
         clone._rollout_lock = threading.Lock()
         return clone
 
+    def active_adapter(self) -> dspy.Adapter:
+        """The adapter a call uses: `adapter=`, else DSPy's configured one, else `LenientChatAdapter`."""
+        return self.adapter or dspy.settings.adapter or self._default_adapter
+
     @property
     def version(self) -> int:
         """Version of the task embedding now serving."""
@@ -195,18 +199,19 @@ class DETOT(dspy.Module):
         return demos, [h.id for h in hits]
 
     def _sample_local(self, engine: BatchedEngine, lm: Any, messages: list[dict[str, str]], n: int,
-                      soft: torch.Tensor | None, seed: int, *, greedy: bool = False) -> list[tuple[str, int]]:
+                      soft: torch.Tensor | None, seed: int, *, stop: tuple[str, ...],
+                      greedy: bool = False) -> list[tuple[str, int]]:
         system = "\n".join(m["content"] for m in messages if m["role"] == "system")
         chat = tuple(Message.user(m["content"]) if m["role"] == "user" else Message.assistant(m["content"])
                      for m in messages if m["role"] != "system")
         config = Config(temperature=0.0 if greedy else self.adjustments.temperature,
                         max_tokens=self.adjustments.max_tokens, seed=None if greedy else seed,
-                        stop=self._stop)
+                        stop=stop)
         request = Request(model=lm.model if lm is not None else engine.name, messages=chat, system=system or None,
                           config=config)
         return [(s.text, s.output_tokens) for s in engine.sample(request, n, soft_prompt=soft)]
 
-    def _sample_rollouts(self, lm: Any, inputs: dict[str, Any], demos: list[dspy.Example],
+    def _sample_rollouts(self, lm: Any, adapter: dspy.Adapter, inputs: dict[str, Any], demos: list[dspy.Example],
                          n: int, *, greedy_first: bool = False) -> list[tuple[dict[str, Any] | None, int]]:
         out: list[tuple[dict[str, Any] | None, int]] = []
         for i in range(n):
@@ -216,7 +221,7 @@ class DETOT(dspy.Module):
             sampler = (lm.copy(temperature=0.0) if greedy_first and i == 0
                        else lm.copy(rollout_id=rid, temperature=self.adjustments.temperature))
             try:
-                with dspy.context(lm=sampler, adapter=self.adapter):
+                with dspy.context(lm=sampler, adapter=adapter):
                     pred = self.predictor(**inputs, demos=list(self._inner().demos) + demos)
                 out.append((dict(pred.items()), 0))
             except Exception:  # an unparseable sample is counted and skipped
@@ -242,10 +247,13 @@ class DETOT(dspy.Module):
             raise DetotError("no LM: pass lm= to DETOT or call dspy.configure(lm=...)")
         engine = _serving_engine(lm)
         adj = self.adjustments
+        adapter = self.active_adapter()
+        # a ChatAdapter reply ends at its end marker: small models otherwise keep writing to max_tokens
+        stop = ("[[ ## completed ## ]]",) if isinstance(adapter, dspy.ChatAdapter) else ()
         messages = None
         if engine is not None:
             all_demos = list(self._inner().demos) + demos
-            messages = self.adapter.format(sig, demos=all_demos, inputs=inputs)
+            messages = adapter.format(sig, demos=all_demos, inputs=inputs)
         pred_id = uuid.uuid4().hex[:16]
         samples: list[tuple[dict[str, Any] | None, str, str | None]] = []  # (fields, raw text, key)
         tokens = 0
@@ -259,18 +267,18 @@ class DETOT(dspy.Module):
                 seed = text_seed(text) + drawn  # same input, same samples
                 drawn_now: list[tuple[str, int]] = []
                 if drawn == 0 and adj.greedy_first:  # the greedy answer votes first (and so wins ties)
-                    drawn_now += self._sample_local(engine, lm, messages, 1, soft, seed, greedy=True)
+                    drawn_now += self._sample_local(engine, lm, messages, 1, soft, seed, stop=stop, greedy=True)
                 if n - len(drawn_now) > 0:
-                    drawn_now += self._sample_local(engine, lm, messages, n - len(drawn_now), soft, seed)
+                    drawn_now += self._sample_local(engine, lm, messages, n - len(drawn_now), soft, seed, stop=stop)
                 for raw, used in drawn_now:
                     tokens += used
                     try:
-                        fields: dict[str, Any] | None = self.adapter.parse(sig, raw)
+                        fields: dict[str, Any] | None = adapter.parse(sig, raw)
                     except Exception:
                         fields = self._stated_answer(raw)
                     samples.append((fields, raw, self._key(fields)))
             else:
-                for fields, used in self._sample_rollouts(lm, inputs, demos, n,
+                for fields, used in self._sample_rollouts(lm, adapter, inputs, demos, n,
                                                           greedy_first=drawn == 0 and adj.greedy_first):
                     tokens += used
                     samples.append((fields, json.dumps(fields, default=str) if fields else "", self._key(fields)))

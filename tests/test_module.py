@@ -186,12 +186,15 @@ def test_local_engine_path_end_to_end(gsm8k_index, long_tiny_model_dir):
     engine.close()
 
 
-def test_plain_adapter_votes_on_stated_answers_with_plain_demos(gsm8k_index):
+@pytest.mark.parametrize("configured", [False, True], ids=["adapter=", "dspy.context(adapter=)"])
+def test_plain_adapter_votes_on_stated_answers_with_plain_demos(gsm8k_index, configured):
     script = ["7", "7 apples", None, "8"]  # None: a reply with no answer statement
     lm, engine = scripted_lm(lambda text, n: script[n % len(script)], plain=True)
-    detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False, adapter=PlainAdapter(),
+    detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False,
+                  adapter=None if configured else PlainAdapter(),
                   adjustments=analyze(ARITH, stopping="fixed", max_samples=4, k_exemplars=2))
-    pred = detot(question=Q)
+    with dspy.context(adapter=PlainAdapter() if configured else None):
+        pred = detot(question=Q)
     assert pred.answer_key == "7" and pred.votes == {"7": 2.0, "8": 1.0} and pred.parse_failures == 1
     assert pred.reasoning.startswith("step")
     prompt = engine.prompts[0]

@@ -284,7 +284,7 @@ class DetotMethod(MethodRunner):
     def config(self) -> dict[str, Any]:
         return {"adjustments": self.adjustments.model_dump(mode="json", exclude={"applied"}),
                 "trained_soft_prompt": self.ctx.soft_prompt is not None, "reoptimization": self.background,
-                "adapter": type(self.program.adapter).__name__}
+                "adapter": type(self.program.active_adapter()).__name__}
 
     def __call__(self, example: dspy.Example) -> dict[str, Any]:
         pred = self.program(question=example.question)
