@@ -4,6 +4,8 @@
         --question "Tom has 3 apples and buys 5 more. How many apples does he have?"
 
 The first run embeds the training file into an index (saved under --index and reused).
+Prompts are plain text by default (`PlainAdapter`: demos and replies end in "The answer is N."),
+which small local models follow better than DSPy's field layout; `--adapter chat` uses the latter.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from detot_agent import DETOT, Encoder, ExemplarIndex, TaskProfile, analyze, local_lm
+from detot_agent import DETOT, Encoder, ExemplarIndex, LenientChatAdapter, PlainAdapter, TaskProfile, analyze, local_lm
 from detot_agent.datasets import read_exemplars
 from detot_agent.errors import ArtefactError, DetotError
 from detot_agent.task import AnswerFormat, TaskKind
@@ -33,13 +35,15 @@ def load_or_build_index(index_dir: Path, train: Path | None, *, limit: int | Non
 
 
 def build(index: ExemplarIndex, *, model: str | None, max_tokens: int, max_samples: int,
-          questions: list[str]) -> DETOT:
+          questions: list[str], adapter: str = "plain") -> DETOT:
     """A DETOT module for numeric answers on a local model."""
     lm = local_lm(model, cache=False)
     task = TaskProfile(name="math", description="Solve arithmetic word problems step by step.",
                        kind=TaskKind.ARITHMETIC, answer_format=AnswerFormat.NUMBER)
     adjustments = analyze(task, questions, max_tokens=max_tokens, max_samples=max_samples)
-    return DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adjustments, background=False)
+    layout = PlainAdapter() if adapter == "plain" else LenientChatAdapter()
+    return DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adjustments, background=False,
+                 adapter=layout)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,11 +56,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", help="HF folder, .gguf file or hub id (default: embedded SmolLM2-135M).")
     ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--max-samples", type=int, default=6)
+    ap.add_argument("--adapter", choices=["plain", "chat"], default="plain",
+                    help="Prompt layout: plain text (default) or DSPy's [[ ## field ## ]] layout.")
     args = ap.parse_args(argv)
     try:
         index = load_or_build_index(args.index, args.train, limit=args.train_limit)
         detot = build(index, model=args.model, max_tokens=args.max_tokens, max_samples=args.max_samples,
-                      questions=args.question)
+                      questions=args.question, adapter=args.adapter)
         for question in args.question:
             pred = detot(question=question)
             print(f"Q: {question}\nA: {pred.answer}  (agreement {pred.agreement:.2f} over {pred.samples_used} "
