@@ -24,8 +24,8 @@ neighbours as labelled demos: `KNNFewShot.compile` would re-run `BootstrapFewSho
 progress bar and print) on every call to produce the same labelled demos.
 
 Example:
-    >>> sorted(METHODS)[:3]
-    ['detot', 'detot_static', 'few_shot_cot']
+    >>> [name for name in METHODS if name.startswith("detot")]
+    ['detot_static', 'detot', 'detot_plain_static', 'detot_plain']
 """
 
 from __future__ import annotations
