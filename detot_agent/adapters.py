@@ -111,10 +111,10 @@ class PlainAdapter(dspy.Adapter):
     No field markers: a demo is the question as the user's turn and "<reasoning> The answer is
     <answer>." as the assistant's, and the request is the question plus a cue ("Let's think step
     by step." when the signature reasons). The reply is parsed from its last "The answer is X" (or
-    "Answer: X") statement; the text before it is the reasoning. This is the prompt small local
-    models were instruction-tuned on, and the one DETOT's arithmetic soft prompt was trained on
+    "Answer: X") statement; the text before it is the reasoning. This is the plain chat prompt small
+    instruction-tuned models handle best, and the one DETOT's arithmetic soft prompt was trained on
     (`evals/scripts/softprompt_multiarith.py`): on a 0.5B model DSPy's field layout costs accuracy
-    (misformatted replies) and tokens (README, "Results"). A reply with no answer statement raises
+    (misformatted replies) and tokens (README, "Results on Qwen2.5-Coder-0.5B"). A reply with no answer statement raises
     DSPy's `AdapterParseError`, as the ChatAdapter does for a missing field.
 
     Args:
@@ -149,9 +149,8 @@ class PlainAdapter(dspy.Adapter):
     def format(self, signature: Any, demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
         """Messages: the signature's own instructions as system message (none for DSPy's default text),
         the demos as user/assistant turns, the request as the last user turn."""
-        self._answer_field(signature)
-        messages = [m for m in super().format(signature, demos, inputs) if m["role"] != "system" or m["content"]]
-        return messages
+        self._answer_field(signature)  # refuses signatures it cannot lay out, before anything is formatted
+        return [m for m in super().format(signature, demos, inputs) if m["role"] != "system" or m["content"]]
 
     def format_demos(self, signature: Any, demos: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Demos in their given order, each with its answer; one without an answer is left out (a
