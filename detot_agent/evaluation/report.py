@@ -127,24 +127,30 @@ def _plot(out: Path, report: dict[str, Any]) -> list[Path]:
     import matplotlib.pyplot as plt
 
     written = []
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    seen: dict[tuple[float, float], int] = {}
     for name, m in report["methods"].items():
         if not m["n"]:
             continue
         lo, hi = m["ci95"]
-        ax.errorbar(m["samples_per_question"], m["accuracy"], yerr=[[m["accuracy"] - lo], [hi - m["accuracy"]]],
-                    fmt="o", capsize=3, label=name)
-    ax.set_xlabel("samples per question")
+        x, y = m["samples_per_question"], m["accuracy"]
+        # methods on (almost) the same spot are nudged right, so none hides another
+        spot = (round(x, 1), round(y, 2))
+        x += 0.08 * seen.get(spot, 0)
+        seen[spot] = seen.get(spot, 0) + 1
+        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=name)
+    ax.set_xlabel("samples per question" + (" (coinciding points nudged right)" if max(seen.values(), default=1) > 1
+                                            else ""))
     ax.set_ylabel("accuracy (95% bootstrap CI)")
     ax.set_title(f"{report['suite']}: accuracy vs samples")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = out / "accuracy_vs_samples.png"
     fig.savefig(path, dpi=120)
     plt.close(fig)
     written.append(path)
 
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=(8, 4))
     drew = False
     for name in report["methods"]:
         records = sorted(read_records(out / f"{name}.jsonl"), key=lambda r: r.get("finished_at", 0))
@@ -154,20 +160,20 @@ def _plot(out: Path, report: dict[str, Any]) -> list[Path]:
         window = 10
         series = np.convolve(np.asarray(agree, dtype=float), np.ones(window) / window, mode="valid") \
             if len(agree) >= window else np.asarray(agree, dtype=float)
-        ax.plot(np.arange(len(series)) + min(window, len(agree)), series, label=name)
+        (line,) = ax.plot(np.arange(len(series)) + min(window, len(agree)), series, label=name)
         drew = True
         times = [r.get("finished_at", 0) for r in records]
         for e in _events(out / f"{name}.events.jsonl"):
             if e.get("event") != "reoptimization":
                 continue
             x = int(np.searchsorted(times, e.get("time", 0)))
-            ax.axvline(x, color="green" if e.get("accepted") else "red", ls="-" if e.get("accepted") else "--",
-                       alpha=0.6)
+            ax.axvline(x, color=line.get_color(), ls="-" if e.get("accepted") else "--", lw=1.5, alpha=0.8)
     if drew:
         ax.set_xlabel("questions answered")
         ax.set_ylabel("agreement (rolling mean of 10)")
-        ax.set_title("agreement over time; re-optimizations: green accepted, red rolled back")
-        ax.legend(fontsize=8)
+        ax.set_title("agreement over time; re-optimizations (method's colour): solid accepted, dashed rolled back",
+                     fontsize=9)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         path = out / "agreement.png"
         fig.savefig(path, dpi=120)
