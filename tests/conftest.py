@@ -45,13 +45,18 @@ def encoder():
     return Encoder()
 
 
-@pytest.fixture(scope="session")
-def multiarith_file() -> Path:
-    """Path of the shared MultiArith file (read by path, never copied into the repository)."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "multiarith" / "MultiArith.json"
+def _shared_data(*parts: str) -> Path:
+    """A file under ../shared/data; skips the test when the shared data is not beside the checkout."""
+    path = Path(__file__).resolve().parents[2].joinpath("shared", "data", *parts)
     if not path.is_file():
         pytest.skip(f"shared data not found at {path}")
     return path
+
+
+@pytest.fixture(scope="session")
+def multiarith_file() -> Path:
+    """Path of the shared MultiArith file (read by path, never copied into the repository)."""
+    return _shared_data("multiarith", "MultiArith.json")
 
 
 @pytest.fixture(scope="session")
@@ -69,10 +74,7 @@ def multiarith_head(multiarith_file: Path, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def gsm8k_train() -> Path:
     """Path of the shared GSM8K train file (read by path, never copied)."""
-    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
-    if not path.is_file():
-        pytest.skip(f"shared data not found at {path}")
-    return path
+    return _shared_data("gsm8k", "train.jsonl")
 
 
 @pytest.fixture(scope="session")
