@@ -33,6 +33,7 @@ from dspy.adapters.utils import parse_value
 from dspy.utils.exceptions import AdapterParseError
 
 from detot_agent.errors import ConfigError
+from detot_agent.voting import ANSWER_CUE
 
 __all__ = ["LenientChatAdapter", "PlainAdapter"]
 
@@ -91,9 +92,8 @@ class LenientChatAdapter(dspy.ChatAdapter):
         return {name: parsed[name] for name in outputs}
 
 
-_CUE = r"the\s+(?:final\s+)?answer\s+is|answer\s*:"
 # a statement runs to the end of its line or to the next statement on the same line
-_STATEMENT = re.compile(rf"(?:{_CUE})[ \t:=]*((?:(?!{_CUE})[^\n])*)", re.IGNORECASE)
+_STATEMENT = re.compile(rf"(?:{ANSWER_CUE})[ \t:=]*((?:(?!{ANSWER_CUE})[^\n])*)", re.IGNORECASE)
 
 # DSPy's generated instructions ("Given the fields `question`, produce the fields `answer`."); ChainOfThought
 # keeps the text of the signature it extends, so it need not name `reasoning`

@@ -44,7 +44,8 @@ __all__ = ["VoteResult", "beta_confidence", "extract_number", "normalize", "norm
            "numbers_equal", "should_stop", "vote"]
 
 _NUM = r"-?\$?\s?\d[\d,]*(?:\.\d+)?(?:\s*/\s*\d+)?"
-_STATED = re.compile(rf"(?:the\s+(?:final\s+)?answer\s+is|answer\s*:)\s*[:=]?\s*\**\s*({_NUM})", re.IGNORECASE)
+ANSWER_CUE = r"the\s+(?:final\s+)?answer\s+is|answer\s*:"  # what opens an answer statement (PlainAdapter too)
+_STATED = re.compile(rf"(?:{ANSWER_CUE})\s*[:=]?\s*\**\s*({_NUM})", re.IGNORECASE)
 _BOXED = re.compile(rf"\\boxed\{{\s*({_NUM})\s*\}}")
 _ANY = re.compile(_NUM)
 
