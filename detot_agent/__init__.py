@@ -1,6 +1,8 @@
 """detot-agent: DETOT (Dynamic Embeddings with Task-Oriented prompting) for DSPy.
 
-Public API; everything else is internal.
+Public API; everything else is internal. Names resolve lazily: `import detot_agent`
+loads no torch, dspy, faiss or transformers until a name that needs them is used.
+The map of the subpackages is ARCHITECTURE.md at the repository root.
 
 Example:
     >>> import detot_agent
@@ -10,37 +12,102 @@ Example:
 
 from __future__ import annotations
 
-from detot_agent.adapters import LenientChatAdapter, PlainAdapter
-from detot_agent.config import EngineConfig
-from detot_agent.controller import Controller, ControllerConfig, TaskState
-from detot_agent.datasets import read_exemplars
-from detot_agent.embeddings import Encoder, TaskEmbedding, UpdateReport
-from detot_agent.engine import AsyncLocalEngine, LocalEngine, Sample, local_lm
-from detot_agent.errors import (
-    ArtefactError,
-    ConfigError,
-    ContextLengthError,
-    DataFileError,
-    DetotError,
-    EmptyIndexError,
-    EmptyPromptError,
-    IndexDataError,
-    InvalidRequestError,
-    ModelNotFoundError,
-    SoftPromptError,
-)
-from detot_agent.index import Exemplar, ExemplarIndex, Hit
-from detot_agent.models import default_model_path
-from detot_agent.module import DETOT
-from detot_agent.monitor import Monitor
-from detot_agent.retriever import RetrievedPassages, TaskRetriever
-from detot_agent.softprompt import SoftPrompt, SoftPromptInit, SoftPromptRegistry
-from detot_agent.task import Adjustments, AnswerFormat, TaskKind, TaskProfile, analyze
-from detot_agent.tuning import TuneConfig, TuneExample, TuneReport, tune
-from detot_agent.vllm_engine import VLLMEngine, vllm_lm
-from detot_agent.voting import extract_number, normalize, vote
+from typing import TYPE_CHECKING
+
+from detot_agent._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from detot_agent.answers import AnswerFormat, extract_number, normalize
+    from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
+    from detot_agent.detot.controller import Controller, ControllerConfig, TaskState
+    from detot_agent.detot.module import DETOT
+    from detot_agent.detot.monitor import Monitor
+    from detot_agent.detot.task import Adjustments, TaskKind, TaskProfile, analyze
+    from detot_agent.detot.voting import vote
+    from detot_agent.engines.base import Sample
+    from detot_agent.engines.config import EngineConfig
+    from detot_agent.engines.models import default_model_path
+    from detot_agent.engines.torch_engine import AsyncLocalEngine, LocalEngine, local_lm
+    from detot_agent.engines.vllm_engine import VLLMEngine, vllm_lm
+    from detot_agent.errors import (
+        ArtefactError,
+        ConfigError,
+        ContextLengthError,
+        DataFileError,
+        DetotError,
+        EmptyIndexError,
+        EmptyPromptError,
+        IndexDataError,
+        InvalidRequestError,
+        ModelNotFoundError,
+        SoftPromptError,
+    )
+    from detot_agent.io.datafiles import read_exemplars
+    from detot_agent.io.records import Exemplar
+    from detot_agent.retrieval.encoder import Encoder
+    from detot_agent.retrieval.index import ExemplarIndex, Hit
+    from detot_agent.retrieval.retriever import RetrievedPassages, TaskRetriever
+    from detot_agent.retrieval.task_embedding import TaskEmbedding, UpdateReport
+    from detot_agent.softprompt.prompt import SoftPrompt, SoftPromptInit
+    from detot_agent.softprompt.registry import SoftPromptRegistry
+    from detot_agent.softprompt.training import TuneConfig, TuneExample, TuneReport, tune
 
 __version__ = "0.1.0"
+
+_WHERE = {
+    "Adjustments": "detot_agent.detot.task",
+    "AnswerFormat": "detot_agent.answers",
+    "ArtefactError": "detot_agent.errors",
+    "AsyncLocalEngine": "detot_agent.engines.torch_engine",
+    "ConfigError": "detot_agent.errors",
+    "ContextLengthError": "detot_agent.errors",
+    "Controller": "detot_agent.detot.controller",
+    "ControllerConfig": "detot_agent.detot.controller",
+    "DETOT": "detot_agent.detot.module",
+    "DataFileError": "detot_agent.errors",
+    "DetotError": "detot_agent.errors",
+    "EmptyIndexError": "detot_agent.errors",
+    "EmptyPromptError": "detot_agent.errors",
+    "Encoder": "detot_agent.retrieval.encoder",
+    "EngineConfig": "detot_agent.engines.config",
+    "Exemplar": "detot_agent.io.records",
+    "ExemplarIndex": "detot_agent.retrieval.index",
+    "Hit": "detot_agent.retrieval.index",
+    "IndexDataError": "detot_agent.errors",
+    "InvalidRequestError": "detot_agent.errors",
+    "LenientChatAdapter": "detot_agent.detot.adapters",
+    "LocalEngine": "detot_agent.engines.torch_engine",
+    "ModelNotFoundError": "detot_agent.errors",
+    "Monitor": "detot_agent.detot.monitor",
+    "PlainAdapter": "detot_agent.detot.adapters",
+    "RetrievedPassages": "detot_agent.retrieval.retriever",
+    "Sample": "detot_agent.engines.base",
+    "SoftPrompt": "detot_agent.softprompt.prompt",
+    "SoftPromptError": "detot_agent.errors",
+    "SoftPromptInit": "detot_agent.softprompt.prompt",
+    "SoftPromptRegistry": "detot_agent.softprompt.registry",
+    "TaskEmbedding": "detot_agent.retrieval.task_embedding",
+    "TaskKind": "detot_agent.detot.task",
+    "TaskProfile": "detot_agent.detot.task",
+    "TaskRetriever": "detot_agent.retrieval.retriever",
+    "TaskState": "detot_agent.detot.controller",
+    "TuneConfig": "detot_agent.softprompt.training",
+    "TuneExample": "detot_agent.softprompt.training",
+    "TuneReport": "detot_agent.softprompt.training",
+    "UpdateReport": "detot_agent.retrieval.task_embedding",
+    "VLLMEngine": "detot_agent.engines.vllm_engine",
+    "analyze": "detot_agent.detot.task",
+    "default_model_path": "detot_agent.engines.models",
+    "extract_number": "detot_agent.answers",
+    "local_lm": "detot_agent.engines.torch_engine",
+    "normalize": "detot_agent.answers",
+    "read_exemplars": "detot_agent.io.datafiles",
+    "tune": "detot_agent.softprompt.training",
+    "vllm_lm": "detot_agent.engines.vllm_engine",
+    "vote": "detot_agent.detot.voting",
+}
+
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE)
 
 __all__ = [
     "DETOT",

@@ -1,5 +1,5 @@
 """`python -m detot_agent` runs the `detot` command."""
 
-from detot_agent.cli import main
+from detot_agent.cli.app import main
 
 main()

@@ -6,16 +6,19 @@ can catch the whole family in one place::
     DetotError
     ├── ConfigError          a setting is missing, unknown or out of range
     ├── ModelNotFoundError   no model at the given path / id, or no default model
-    ├── InvalidRequestError  a request the engine cannot serve as given
-    │   ├── EmptyPromptError      every message is empty or whitespace
-    │   └── ContextLengthError    prompt (+ soft prompt) does not fit the context
+    ├── InvalidRequestError  a request (to an engine, to DETOT, to a helper) that cannot be served as given
+    │   ├── EmptyPromptError      every message (or every input field) is empty or whitespace
+    │   ├── ContextLengthError    prompt (+ soft prompt) does not fit the context
+    │   └── InputTypeError        an argument of the wrong type (also a TypeError)
+    ├── EngineClosedError    the engine (its batcher) was closed; build a new one (also a RuntimeError)
     ├── SoftPromptError      a soft prompt has the wrong shape, dtype or values,
     │                        or its task / version is not registered
     ├── IndexDataError       bad exemplar records or vectors (no text, duplicate id, NaN), bad k
     │   └── EmptyIndexError       searching an index that holds nothing
     ├── DataFileError        a data file cannot be read (names the file and the line)
-    └── ArtefactError        a saved artefact is missing, corrupted, swapped, of another kind,
-                             built with another encoder/model, or from a newer format
+    ├── ArtefactError        a saved artefact is missing, corrupted, swapped, of another kind,
+    │                        built with another encoder/model, or from a newer format
+    └── WorkerLostError      (detot_agent.evaluation.distributed) every Ray worker of an eval is gone
 
 Messages name the offending value and the limit it broke, and say what to do.
 
@@ -35,7 +38,9 @@ __all__ = [
     "DetotError",
     "EmptyIndexError",
     "EmptyPromptError",
+    "EngineClosedError",
     "IndexDataError",
+    "InputTypeError",
     "InvalidRequestError",
     "ModelNotFoundError",
     "SoftPromptError",
@@ -55,7 +60,7 @@ class ModelNotFoundError(DetotError, FileNotFoundError):
 
 
 class InvalidRequestError(DetotError, ValueError):
-    """The engine cannot serve this request as given."""
+    """A request (to an engine, to DETOT, to a helper) that cannot be served as given."""
 
 
 class EmptyPromptError(InvalidRequestError):
@@ -64,6 +69,14 @@ class EmptyPromptError(InvalidRequestError):
 
 class ContextLengthError(InvalidRequestError):
     """The prompt, with its soft prompt, does not fit the model's context window."""
+
+
+class InputTypeError(InvalidRequestError, TypeError):
+    """An argument of the wrong type (say, a str where a list of texts is expected)."""
+
+
+class EngineClosedError(DetotError, RuntimeError):
+    """The engine, or its batcher, was closed; build a new one."""
 
 
 class SoftPromptError(DetotError, ValueError):

@@ -23,8 +23,9 @@ import dspy
 from dspy.utils.exceptions import AdapterParseError
 
 from detot_agent import DETOT, ExemplarIndex, TaskProfile, analyze, local_lm
+from detot_agent.answers import AnswerFormat
+from detot_agent.detot.task import TaskKind
 from detot_agent.errors import DetotError
-from detot_agent.task import AnswerFormat, TaskKind
 
 _BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
     ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,

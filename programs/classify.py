@@ -15,10 +15,10 @@ import sys
 from pathlib import Path
 
 from detot_agent import DETOT, Encoder, ExemplarIndex, TaskProfile, analyze, local_lm
-from detot_agent.datasets import read_exemplars
+from detot_agent.answers import AnswerFormat, normalize_label
+from detot_agent.detot.task import TaskKind
 from detot_agent.errors import DetotError
-from detot_agent.task import AnswerFormat, TaskKind
-from detot_agent.voting import normalize_label
+from detot_agent.io.datafiles import read_exemplars
 
 
 def parse_labels(spec: str) -> tuple[list[str], dict[str, list[str]]]:

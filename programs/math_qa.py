@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 from detot_agent import DETOT, Encoder, ExemplarIndex, LenientChatAdapter, PlainAdapter, TaskProfile, analyze, local_lm
-from detot_agent.datasets import read_exemplars
+from detot_agent.answers import AnswerFormat
+from detot_agent.detot.task import TaskKind
 from detot_agent.errors import ArtefactError, DetotError
-from detot_agent.task import AnswerFormat, TaskKind
+from detot_agent.io.datafiles import read_exemplars
 
 
 def load_or_build_index(index_dir: Path, train: Path | None, *, limit: int | None = None) -> ExemplarIndex:

@@ -19,8 +19,9 @@ from pathlib import Path
 import dspy
 
 from detot_agent import DETOT, Encoder, ExemplarIndex, TaskProfile, TaskRetriever, analyze, local_lm
+from detot_agent.answers import AnswerFormat
+from detot_agent.detot.task import TaskKind
 from detot_agent.errors import DetotError
-from detot_agent.task import AnswerFormat, TaskKind
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ["README.md", "CHANGELOG.md", "programs/README.md", "evals/README.md"]

@@ -40,7 +40,7 @@ def tiny_engine(tiny_model_dir: Path):
 @pytest.fixture(scope="session")
 def encoder():
     """The embedded all-MiniLM-L6-v2 encoder (loaded once)."""
-    from detot_agent.embeddings import Encoder
+    from detot_agent.retrieval.encoder import Encoder
 
     return Encoder()
 
@@ -80,8 +80,8 @@ def gsm8k_train() -> Path:
 @pytest.fixture(scope="session")
 def gsm8k_index(encoder, gsm8k_train):
     """An exact index over the first 400 GSM8K train problems."""
-    from detot_agent.datasets import read_exemplars
-    from detot_agent.index import ExemplarIndex
+    from detot_agent.io.datafiles import read_exemplars
+    from detot_agent.retrieval.index import ExemplarIndex
 
     index = ExemplarIndex(encoder)
     index.add(read_exemplars(gsm8k_train, fmt="gsm8k")[:400])

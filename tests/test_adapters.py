@@ -6,7 +6,7 @@ import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError
 
-from detot_agent.adapters import LenientChatAdapter, PlainAdapter
+from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
 from detot_agent.errors import ConfigError
 
 COT = dspy.ChainOfThought("question -> answer").predict.signature

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
-from detot_agent.batching import DynamicBatcher
-from detot_agent.generation import GenOutput, GenRow
+from detot_agent.engines.batching import DynamicBatcher
+from detot_agent.engines.generation import GenOutput, GenRow
 
 
 def _echo(batches: list[list[int]]):

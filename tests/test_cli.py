@@ -8,7 +8,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from detot_agent.cli import app
+from detot_agent.cli.app import app
 
 runner = CliRunner()
 
@@ -43,7 +43,7 @@ def test_bench_engine_writes_the_promised_keys(tiny_model_dir, tmp_path):
 
 
 def test_bad_model_gives_one_line_error_not_a_traceback(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", "from detot_agent.cli import main; main()", "generate", "hi",
+    proc = subprocess.run([sys.executable, "-c", "from detot_agent.cli.app import main; main()", "generate", "hi",
                            "--model", str(tmp_path / "missing.gguf")], capture_output=True, text=True)
     assert proc.returncode == 2
     assert "missing.gguf" in proc.stderr and "Traceback" not in proc.stdout + proc.stderr
@@ -65,7 +65,7 @@ def test_index_build_and_search(gsm8k_train, tmp_path):
 def test_index_build_reports_bad_data_with_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "q", "answer": "#### 1"}\n{broken\n')
-    proc = subprocess.run([sys.executable, "-c", "from detot_agent.cli import main; main()", "index", "build",
+    proc = subprocess.run([sys.executable, "-c", "from detot_agent.cli.app import main; main()", "index", "build",
                            "--data", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and "bad.jsonl line 2: not valid JSON" in proc.stderr
     assert not (tmp_path / "o").exists()

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from detot_agent.config import DType, EngineConfig, build
+from detot_agent.config import build
+from detot_agent.engines.config import DType, EngineConfig
 from detot_agent.errors import ConfigError
 
 

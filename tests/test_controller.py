@@ -7,10 +7,11 @@ import pytest
 import torch
 
 from detot_agent import LocalEngine
-from detot_agent.controller import Controller, ControllerConfig, Evidence, TaskState
-from detot_agent.embeddings import TaskEmbedding
-from detot_agent.monitor import Monitor
-from detot_agent.softprompt import SoftPrompt
+from detot_agent.detot.controller import Controller, ControllerConfig
+from detot_agent.detot.monitor import Monitor
+from detot_agent.detot.records import Evidence, ParsedSample, TaskState
+from detot_agent.retrieval.task_embedding import TaskEmbedding
+from detot_agent.softprompt.prompt import SoftPrompt
 
 
 def _monitor() -> Monitor:
@@ -172,7 +173,7 @@ def test_background_submit_runs_once_at_a_time(engine, gsm8k_index):
 def test_gold_feedback_picks_the_matching_sample_as_target(engine, gsm8k_index):
     ctl, _ = _controller(engine, gsm8k_index)
     ev = Evidence(id="x", query=np.zeros(384, dtype=np.float32), demo_ids=[], agreement=0.5, target="wrong 3",
-                  samples=[("wrong 3", "3"), ("right 4", "4")])
+                  samples=[ParsedSample("wrong 3", key="3"), ParsedSample("right 4", key="4")])
     ctl.add_evidence(ev)
     ctl.record_outcome("x", correct=False, gold_key="4")
     assert ev.learn_target(0.75) == "right 4"

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from detot_agent.datasets import DataFormat, detect_format, format_number, read_exemplars
+from detot_agent.answers import format_number
 from detot_agent.errors import DataFileError
+from detot_agent.io.datafiles import DataFormat, detect_format, read_exemplars
 
 
 def test_gsm8k_real_lines(gsm8k_train, tmp_path):

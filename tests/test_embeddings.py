@@ -7,8 +7,8 @@ import copy
 import numpy as np
 import pytest
 
-from detot_agent.embeddings import TaskEmbedding
 from detot_agent.errors import ArtefactError, DetotError
+from detot_agent.retrieval.task_embedding import TaskEmbedding
 
 
 def test_encoder_outputs_unit_float32_and_caches_by_text(encoder):

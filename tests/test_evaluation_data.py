@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from detot_agent.answers import AnswerFormat
 from detot_agent.errors import DataFileError
 from detot_agent.evaluation import load_suite, sample_examples
-from detot_agent.task import AnswerFormat
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 

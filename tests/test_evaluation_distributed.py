@@ -35,8 +35,8 @@ def suite(multiarith_head):
 
 @pytest.fixture(scope="module")
 def spec(tmp_path_factory, encoder, long_tiny_model_dir, multiarith_file) -> ContextSpec:
-    from detot_agent.datasets import read_exemplars
-    from detot_agent.index import ExemplarIndex
+    from detot_agent.io.datafiles import read_exemplars
+    from detot_agent.retrieval.index import ExemplarIndex
 
     index = ExemplarIndex(encoder)
     index.add(read_exemplars(multiarith_file, fmt="multiarith")[100:140])
@@ -137,7 +137,7 @@ def test_a_worker_that_cannot_load_its_model_names_the_cause(local_ray, spec, tm
 def test_cli_runs_on_ray(tmp_path, local_ray, suite, spec, long_tiny_model_dir):
     from typer.testing import CliRunner
 
-    from detot_agent.cli import app
+    from detot_agent.cli.app import app
 
     result = CliRunner().invoke(app, [
         "eval", "--suite", suite.source, "--methods", "zero_shot", "--model", str(long_tiny_model_dir),
@@ -151,7 +151,7 @@ def test_cli_runs_on_ray(tmp_path, local_ray, suite, spec, long_tiny_model_dir):
 def test_bench_scale_reports_local_and_ray_rows(tmp_path, local_ray, long_tiny_model_dir):
     from typer.testing import CliRunner
 
-    from detot_agent.cli import app
+    from detot_agent.cli.app import app
 
     path = tmp_path / "scale.json"
     result = CliRunner().invoke(app, ["bench", "scale", "--workers", "1", "--problems", "8", "--max-tokens", "4",

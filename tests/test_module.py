@@ -11,10 +11,10 @@ import torch
 from scripted import scripted_lm
 
 from detot_agent import DETOT, LocalEngine, TaskProfile, analyze, local_lm
-from detot_agent.adapters import PlainAdapter
-from detot_agent.controller import ControllerConfig, TaskState
+from detot_agent.answers import extract_number
+from detot_agent.detot.adapters import PlainAdapter
+from detot_agent.detot.controller import ControllerConfig, TaskState
 from detot_agent.errors import DetotError
-from detot_agent.voting import extract_number
 
 ARITH = TaskProfile(name="arith", description="grade-school math word problems", kind="arithmetic",
                     answer_format="number")

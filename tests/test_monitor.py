@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from detot_agent.monitor import Monitor, Observation, ReoptimizationEvent
+from detot_agent.detot.monitor import Monitor, Observation, ReoptimizationEvent
 
 
 def _obs(i: int, agreement: float) -> Observation:

@@ -8,7 +8,7 @@ import os
 import pytest
 
 from detot_agent.errors import ArtefactError
-from detot_agent.persist import atomic_dir, atomic_write_text, read_manifest, resolve_for_load
+from detot_agent.io.persist import atomic_dir, atomic_write_text, read_manifest, resolve_for_load
 
 
 def _save(path, text: str) -> None:

@@ -107,7 +107,7 @@ def test_agent_calls_the_tool_then_detot_answers(long_tiny_model_dir, train_file
     from dspy.utils import DummyLM
 
     from detot_agent import Encoder, ExemplarIndex, local_lm
-    from detot_agent.datasets import read_exemplars
+    from detot_agent.io.datafiles import read_exemplars
 
     index = ExemplarIndex(Encoder())
     index.add(read_exemplars(train_file))

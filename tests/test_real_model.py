@@ -35,7 +35,7 @@ def test_greedy_equals_transformers_generate_and_batch_mates_do_not_matter(engin
 
 def test_demo_runs_end_to_end(engine, tmp_path, monkeypatch):
     from detot_agent import Encoder, ExemplarIndex
-    from detot_agent.cli import app
+    from detot_agent.cli.app import app
 
     monkeypatch.setenv("DETOT_CACHE", str(tmp_path))
     result = CliRunner().invoke(app, ["demo", "--max-tokens", "64", "--device", "cpu", "--dtype", "float32"])
@@ -47,8 +47,8 @@ def test_demo_runs_end_to_end(engine, tmp_path, monkeypatch):
 
 
 def test_tune_cli_end_to_end_on_the_embedded_model(engine, gsm8k_train, tmp_path):
-    from detot_agent.cli import app
-    from detot_agent.softprompt import SoftPrompt
+    from detot_agent.cli.app import app
+    from detot_agent.softprompt.prompt import SoftPrompt
 
     out = tmp_path / "sp"
     result = CliRunner().invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "12",

@@ -27,14 +27,14 @@ from safetensors.torch import save_file
 from scripted import scripted_lm
 
 from detot_agent import DETOT, ExemplarIndex, LocalEngine, TaskProfile, analyze, local_lm
-from detot_agent.controller import ControllerConfig
-from detot_agent.datasets import read_exemplars
+from detot_agent.answers import extract_number, normalize, normalize_label, normalize_text
+from detot_agent.detot.controller import ControllerConfig
 from detot_agent.errors import ArtefactError, ContextLengthError, DataFileError, DetotError
 from detot_agent.evaluation import load_suite
 from detot_agent.evaluation.runner import read_records
-from detot_agent.persist import read_manifest, sha256_file
-from detot_agent.softprompt import SoftPrompt
-from detot_agent.voting import extract_number, normalize, normalize_label, normalize_text
+from detot_agent.io.datafiles import read_exemplars
+from detot_agent.io.persist import read_manifest, sha256_file
+from detot_agent.softprompt.prompt import SoftPrompt
 
 ARITH = TaskProfile(name="arith", description="math word problems", kind="arithmetic", answer_format="number")
 PACKAGE = Path(__file__).resolve().parents[1] / "detot_agent"
@@ -122,7 +122,7 @@ def test_nan_and_inf_in_saved_tensors_are_refused_even_with_valid_checksums(tmp_
     with pytest.raises(ArtefactError, match=r"non-finite|NaN|finite"):
         SoftPrompt.load(tmp_path / "sp")
 
-    from detot_agent.embeddings import TaskEmbedding
+    from detot_agent.retrieval.task_embedding import TaskEmbedding
 
     te = TaskEmbedding.from_description("t", "math", encoder=encoder)
     te.save(tmp_path / "te")
@@ -134,7 +134,7 @@ def test_nan_and_inf_in_saved_tensors_are_refused_even_with_valid_checksums(tmp_
 
 
 def test_swapped_files_between_artefacts_are_detected(tmp_path, encoder):
-    from detot_agent.embeddings import TaskEmbedding
+    from detot_agent.retrieval.task_embedding import TaskEmbedding
 
     a = TaskEmbedding.from_description("a", "math word problems", encoder=encoder)
     b = TaskEmbedding.from_description("b", "movie reviews", encoder=encoder)
@@ -184,7 +184,7 @@ CHILD = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from scripted import scripted_lm
     from detot_agent import DETOT, Encoder, ExemplarIndex, TaskProfile
-    from detot_agent.softprompt import SoftPrompt
+    from detot_agent.softprompt.prompt import SoftPrompt
     out = {out!r}
     enc = Encoder()
     index = ExemplarIndex(enc)
@@ -207,7 +207,7 @@ CHILD = textwrap.dedent("""
 
 
 def test_sigkill_at_random_points_during_saves_never_leaves_an_unloadable_artefact(tmp_path, encoder):
-    from detot_agent.embeddings import TaskEmbedding
+    from detot_agent.retrieval.task_embedding import TaskEmbedding
 
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(Path(__file__).parent), out=str(tmp_path)))

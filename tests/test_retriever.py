@@ -8,8 +8,8 @@ import dspy
 import pytest
 
 from detot_agent.errors import ArtefactError, IndexDataError
-from detot_agent.index import ExemplarIndex
-from detot_agent.retriever import TaskRetriever
+from detot_agent.retrieval.index import ExemplarIndex
+from detot_agent.retrieval.retriever import TaskRetriever
 
 PASSAGES = {
     "p-faiss": "FAISS searches dense vectors with exact or approximate indexes.",

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from detot_agent.errors import SoftPromptError
-from detot_agent.softprompt import SoftPromptRegistry, check_soft_prompt
+from detot_agent.softprompt.registry import SoftPromptRegistry, check_soft_prompt
 
 
 def test_versions_bump_and_old_versions_stay_resolvable_up_to_keep():

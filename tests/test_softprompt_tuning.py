@@ -10,8 +10,8 @@ from dspy.lm15 import Config, Message, Request
 
 from detot_agent import LocalEngine, SoftPromptRegistry, local_lm
 from detot_agent.errors import ArtefactError, DetotError
-from detot_agent.softprompt import SoftPrompt, SoftPromptInit
-from detot_agent.tuning import TuneExample, tune
+from detot_agent.softprompt.prompt import SoftPrompt, SoftPromptInit
+from detot_agent.softprompt.training import TuneExample, tune
 
 TRAIN = [TuneExample(prompt=f"Tom has {i} apples and buys 2 more. How many?", target=f"The answer is {i + 2}.")
          for i in range(12)]
@@ -95,7 +95,7 @@ def test_save_load_round_trip_is_exact_and_bad_files_are_refused(tiny_engine, tm
         SoftPrompt.load(tmp_path / "sp", hidden_size=576)
     from safetensors.torch import save_file
 
-    from detot_agent.persist import atomic_dir
+    from detot_agent.io.persist import atomic_dir
 
     nan = sp.vectors.clone()
     nan[0, 0] = float("nan")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from detot_agent.detot.task import AnswerFormat, StoppingRule, TaskProfile, analyze, estimate_complexity
 from detot_agent.errors import ConfigError
-from detot_agent.task import AnswerFormat, StoppingRule, TaskProfile, analyze, estimate_complexity
 
 
 def test_arithmetic_profile_gets_cot_number_voting_and_reasons():

@@ -16,9 +16,9 @@ import torch
 from dspy.lm15 import Config, Message, Request
 
 from detot_agent import LocalEngine
+from detot_agent.engines.vllm_engine import VLLMEngine, _embedding_from_safetensors
 from detot_agent.errors import ConfigError, ContextLengthError
-from detot_agent.softprompt import SoftPromptRegistry
-from detot_agent.vllm_engine import VLLMEngine, _embedding_from_safetensors
+from detot_agent.softprompt.registry import SoftPromptRegistry
 
 
 def _request(text: str, **cfg) -> Request:
@@ -154,7 +154,7 @@ def test_eval_contexts_can_be_built_on_the_vllm_engine(tiny_model_dir):
 
 
 def test_engine_state_round_trips_through_the_async_twin(tiny_model_dir):
-    from detot_agent.vllm_engine import AsyncVLLMEngine
+    from detot_agent.engines.vllm_engine import AsyncVLLMEngine
 
     engine = VLLMEngine(str(tiny_model_dir), dtype="float32", max_batch_size=8, overflow="truncate_middle")
     again = AsyncVLLMEngine.load_state(AsyncVLLMEngine(engine).dump_state())
@@ -164,7 +164,7 @@ def test_engine_state_round_trips_through_the_async_twin(tiny_model_dir):
 
 def test_detot_serves_its_soft_prompt_through_the_vllm_engine(long_tiny_model_dir, gsm8k_index):
     from detot_agent import DETOT, TaskProfile
-    from detot_agent.vllm_engine import vllm_lm
+    from detot_agent.engines.vllm_engine import vllm_lm
 
     stub = _StubLLM()
     engine = VLLMEngine(str(long_tiny_model_dir), dtype="float32", llm=stub, sampling_params=dict)

@@ -6,16 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from detot_agent.task import StoppingRule
-from detot_agent.voting import (
-    beta_confidence,
-    extract_number,
-    normalize,
-    normalize_label,
-    normalize_text,
-    should_stop,
-    vote,
-)
+from detot_agent.answers import extract_number, normalize, normalize_label, normalize_text
+from detot_agent.detot.task import StoppingRule
+from detot_agent.detot.voting import beta_confidence, should_stop, vote
 
 
 @pytest.mark.parametrize(("text", "value", "stated"), [

@@ -25,10 +25,9 @@ from typing import Any
 
 import dspy
 
-from detot_agent.datasets import DataFormat, read_exemplars
+from detot_agent.answers import AnswerFormat, normalize
 from detot_agent.errors import DataFileError
-from detot_agent.task import AnswerFormat
-from detot_agent.voting import normalize
+from detot_agent.io.datafiles import DataFormat, read_exemplars
 
 __all__ = ["KNOWN_SUITES", "Suite", "load_suite", "sample_examples"]
 

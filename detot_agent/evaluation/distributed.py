@@ -116,8 +116,8 @@ class EvalWorker:
         if monitor is None:
             return []
         with self.lock:
-            events = list(monitor.events[self.sent[method]:])
-            self.sent[method] += len(events)
+            events = monitor.events_since(self.sent[method])
+            self.sent[method] = monitor.events_logged
         return [{**e, "worker": self.worker} for e in events]
 
     def answer(self, method: str, example: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:

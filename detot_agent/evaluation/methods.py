@@ -40,13 +40,13 @@ from typing import Any
 import dspy
 import torch
 
-from detot_agent.adapters import LenientChatAdapter, PlainAdapter
-from detot_agent.embeddings import Encoder
+from detot_agent.answers import extract_number, normalize
+from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
+from detot_agent.detot.task import AnswerFormat, TaskKind, TaskProfile, analyze
+from detot_agent.engines.generation import text_seed
 from detot_agent.errors import ConfigError
-from detot_agent.generation import text_seed
-from detot_agent.index import ExemplarIndex
-from detot_agent.task import AnswerFormat, TaskKind, TaskProfile, analyze
-from detot_agent.voting import extract_number, normalize
+from detot_agent.retrieval.encoder import Encoder
+from detot_agent.retrieval.index import ExemplarIndex
 
 __all__ = ["METHODS", "EvalContext", "MethodRunner", "build_method"]
 
@@ -262,7 +262,7 @@ class DetotMethod(MethodRunner):
 
     def __init__(self, ctx: EvalContext) -> None:
         super().__init__(ctx)
-        from detot_agent.module import DETOT
+        from detot_agent.detot.module import DETOT
 
         if ctx.index is None:
             ctx.pool()  # raises the "needs an exemplar pool" error

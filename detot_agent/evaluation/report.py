@@ -25,7 +25,8 @@ import numpy as np
 from detot_agent.errors import ArtefactError
 from detot_agent.evaluation.metrics import accuracy, bootstrap_ci, paired
 from detot_agent.evaluation.runner import RUN_FILE, read_records
-from detot_agent.persist import atomic_write_text
+from detot_agent.io.jsonlog import JsonlLog
+from detot_agent.io.persist import atomic_write_text
 
 __all__ = ["build_report", "render_markdown", "summarize_method", "write_report"]
 
@@ -55,9 +56,7 @@ def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]]
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return JsonlLog(path).read()
 
 
 def build_report(out: str | Path) -> dict[str, Any]:

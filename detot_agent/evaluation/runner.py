@@ -22,7 +22,6 @@ Example:
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 import traceback
@@ -32,11 +31,11 @@ from typing import Any, Protocol
 import dspy
 from dspy.utils.parallelizer import ParallelExecutor
 
+from detot_agent.answers import AnswerFormat, numbers_equal
 from detot_agent.errors import ArtefactError, ConfigError
 from detot_agent.evaluation.methods import EvalContext, MethodRunner, build_method
-from detot_agent.persist import atomic_write_text
-from detot_agent.task import AnswerFormat
-from detot_agent.voting import numbers_equal
+from detot_agent.io.jsonlog import JsonlLog
+from detot_agent.io.persist import atomic_write_text
 
 __all__ = ["RUN_FILE", "Executor", "LocalExecutor", "RecordSink", "answer_example", "check_run", "read_records",
            "run_eval"]
@@ -47,35 +46,19 @@ _PINNED = ("suite", "source", "model", "seed", "limit", "k", "n", "temperature",
            "index")
 
 
+def _check_record(record: Any, where: str) -> None:
+    if not isinstance(record, dict) or not isinstance(record.get("id"), str):
+        raise ArtefactError(f"{where}: not a result record (an object with a string 'id')")
+
+
+def record_log(path: Path) -> JsonlLog:
+    """The JSONL log of one method's records (fsynced per record; records must carry a string `id`)."""
+    return JsonlLog(path, fsync=True, check=_check_record)
+
+
 def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     """Records of one method's JSONL; a torn last line (a crash mid-write) is dropped (and cut off if `repair`)."""
-    if not path.exists():
-        return []
-    raw = path.read_bytes()
-    lines = raw.split(b"\n")  # the last item is what follows the last newline (b"" when none)
-    out: list[dict[str, Any]] = []
-    offset = 0
-    for no, line in enumerate(lines, 1):
-        last = no == len(lines)
-        if line.strip():
-            try:
-                record = json.loads(line)
-            except ValueError:  # bad JSON or bad UTF-8
-                if not last:
-                    raise ArtefactError(f"{path} line {no}: not valid JSON (only a torn last line is repaired); "
-                                        "fix or remove that line and resume") from None
-                if repair:
-                    with path.open("r+b") as f:
-                        f.truncate(offset)
-                return out
-            if not isinstance(record, dict) or not isinstance(record.get("id"), str):
-                raise ArtefactError(f"{path} line {no}: not a result record (an object with a string 'id')")
-            out.append(record)
-        offset += len(line) + 1
-    if repair and raw and not raw.endswith(b"\n"):  # a whole record whose newline did not make it
-        with path.open("ab") as f:
-            f.write(b"\n")
-    return out
+    return record_log(path).read(repair=repair)
 
 
 def check_run(out: Path, run: dict[str, Any], *, resume: bool) -> dict[str, Any]:
@@ -110,13 +93,6 @@ def _correct(pred: str | None, gold: str, fmt: AnswerFormat) -> bool:
     if pred is None:
         return False
     return numbers_equal(pred, gold) if fmt is AnswerFormat.NUMBER else pred == gold
-
-
-def _append(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def run_eval(examples: list[dspy.Example], methods: list[str], ctx: EvalContext | None, out: str | Path, *,
@@ -174,20 +150,17 @@ class RecordSink:
         self.path = out / f"{method}.jsonl"
         self.events_path = out / f"{method}.events.jsonl"
         self.program_path = out / f"{method}.program.json"
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # program saves and methods.json
+        self._records = record_log(self.path)
+        self._events = JsonlLog(self.events_path, fsync=True)
 
     def record(self, rec: dict[str, Any]) -> None:
-        with self.lock:
-            _append(self.path, rec)
+        """Append (and fsync) one finished example's record."""
+        self._records.append(rec)
 
     def events(self, events: list[dict[str, Any]]) -> None:
-        if not events:
-            return
-        with self.lock, self.events_path.open("a", encoding="utf-8") as f:
-            for e in events:
-                f.write(json.dumps(e, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        """Append (and fsync) monitor events that reached the driver from elsewhere."""
+        self._events.extend(events)
 
     def config(self, config: dict[str, Any]) -> None:
         """Record the method's settings in `methods.json`."""

@@ -18,9 +18,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from detot_agent.answers import AnswerFormat
 from detot_agent.errors import ConfigError
 from detot_agent.evaluation.methods import EvalContext
-from detot_agent.task import AnswerFormat
 
 __all__ = ["ContextSpec", "build_context"]
 
@@ -69,16 +69,16 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
         spec: the recipe.
         **lm_kwargs: extra `EngineConfig` / `dspy.LM` settings for `local_lm`.
     """
-    from detot_agent.engine import local_lm
+    from detot_agent.engines.torch_engine import local_lm
 
     pool = None
     if spec.index is not None:
-        from detot_agent.embeddings import Encoder
-        from detot_agent.index import ExemplarIndex
+        from detot_agent.retrieval.encoder import Encoder
+        from detot_agent.retrieval.index import ExemplarIndex
 
         pool = ExemplarIndex.load(spec.index, encoder=Encoder())
     if spec.engine == "vllm":
-        from detot_agent.vllm_engine import vllm_lm
+        from detot_agent.engines.vllm_engine import vllm_lm
 
         if spec.model is None:
             raise ConfigError("--engine vllm needs --model (a Hugging Face folder or hub id)")
@@ -89,7 +89,7 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                       max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms, **lm_kwargs)
     vectors = None
     if spec.soft_prompt is not None:
-        from detot_agent.softprompt import SoftPrompt
+        from detot_agent.softprompt.prompt import SoftPrompt
 
         vectors = SoftPrompt.load(spec.soft_prompt, hidden_size=lm.engine.hidden_size).vectors
     return EvalContext(lm=lm, answer_format=spec.answer_format, labels=list(spec.labels), index=pool,

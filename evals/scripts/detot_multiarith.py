@@ -22,9 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from detot_agent import DETOT, Encoder, ExemplarIndex, TaskProfile, analyze, local_lm
-from detot_agent.datasets import read_exemplars
+from detot_agent.answers import numbers_equal
 from detot_agent.errors import ArtefactError
-from detot_agent.voting import numbers_equal
+from detot_agent.io.datafiles import read_exemplars
 
 
 def main() -> int:

@@ -1,0 +1,33 @@
+"""Lazy re-exports: a package's public names resolve to their module on first access.
+
+`import detot_agent` stays cheap (no torch, dspy, faiss or transformers until a name
+that needs them is used).
+
+Example:
+    >>> getattr_, dir_ = lazy_exports("demo", {"sqrt": "math"})
+    >>> getattr_("sqrt")(4.0)
+    2.0
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["lazy_exports"]
+
+
+def lazy_exports(package: str, where: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """`(__getattr__, __dir__)` for a package whose public name `n` lives in module `where[n]`."""
+
+    def __getattr__(name: str) -> Any:
+        module = where.get(name)
+        if module is None:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        return getattr(importlib.import_module(module), name)
+
+    def __dir__() -> list[str]:
+        return sorted(where)
+
+    return __getattr__, __dir__

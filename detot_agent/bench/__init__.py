@@ -1,1 +1,0 @@
-"""Benchmarks behind `detot bench ...`: each prints a table and writes JSON."""

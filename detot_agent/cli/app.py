@@ -1,0 +1,325 @@
+"""The `detot` command line.
+
+Example:
+    $ detot --help
+    $ detot generate "What is 2+3?" --n 4 --temperature 0.8
+    $ detot demo
+    $ detot bench engine --n 8 --json evals/results/bench_engine.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from detot_agent.cli.eval import eval_app
+from detot_agent.errors import ConfigError, DetotError
+
+app = typer.Typer(help="DETOT: task-adapted prompting for DSPy on local models.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
+index_app = typer.Typer(help="Build and search FAISS exemplar indexes.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+app.add_typer(eval_app, name="eval")
+console = Console()
+err_console = Console(stderr=True, soft_wrap=True)
+
+ModelOpt = Annotated[
+    str | None, typer.Option("--model", "-m", help="HF folder, .gguf file or hub id; default: embedded SmolLM2-135M.")
+]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write JSON to `path` atomically (temp file, fsync, rename)."""
+    from detot_agent.io.persist import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Argument(help="The user message.")],
+    model: ModelOpt = None,
+    n: Annotated[int, typer.Option(help="Number of completions (one shared prefill).")] = 1,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per completion.")] = 128,
+    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Print completions of PROMPT with their token counts."""
+    from dspy.lm15 import Config, Message, Request
+
+    from detot_agent.engines.torch_engine import LocalEngine
+
+    engine = LocalEngine(model, device=device, dtype=dtype)
+    request = Request(model=engine.name, messages=(Message.user(prompt),),
+                      config=Config(max_tokens=max_tokens, temperature=temperature, seed=seed))
+    start = time.perf_counter()
+    samples = engine.sample(request, n)
+    elapsed = time.perf_counter() - start
+    for i, s in enumerate(samples):
+        console.rule(f"[bold]#{i + 1}[/] {s.output_tokens} tokens, logprob {s.logprob:.2f}, {s.finish_reason}")
+        console.print(s.text, markup=False, highlight=False)
+    total = sum(s.output_tokens for s in samples)
+    console.print(f"[dim]{total} tokens in {elapsed:.2f}s ({total / max(elapsed, 1e-9):.1f} tok/s)[/]")
+
+
+@app.command()
+def demo(
+    model: ModelOpt = None,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 160,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """DETOT end to end: retrieve demos, vote, monitor, then re-optimize (accept or roll back)."""
+    from detot_agent.cli.demo import run_demo
+
+    run_demo(model=model, device=device, dtype=dtype, max_tokens=max_tokens, say=console.print)
+
+
+@bench_app.command("engine")
+def bench_engine(
+    model: ModelOpt = None,
+    n: Annotated[int, typer.Option(help="Samples per prompt / concurrent requests.")] = 8,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """DSPy fan-out vs one batched sample(n) vs dynamic batching of concurrent calls."""
+    from detot_agent.cli.bench.engine import run_engine_bench
+
+    result = run_engine_bench(model=model, n=n, max_tokens=max_tokens, temperature=temperature, dtype=dtype,
+                              device=device)
+    table = Table(title=f"engine: {result['model']} ({result['device']}, {result['dtype']}), n={n}, "
+                        f"max_tokens={max_tokens}, prompt {result['prompt_tokens']} tokens")
+    table.add_column("path")
+    table.add_column("tokens", justify="right")
+    table.add_column("seconds", justify="right")
+    table.add_column("tok/s", justify="right")
+    for key, label in [("sequential", "(a) DSPy n=8 fan-out (sequential)"), ("batched", "(b) sample(n), one prefill"),
+                       ("concurrent_batched", "(c) 8 threads, dynamic batching"),
+                       ("concurrent_unbatched", "(d) 8 threads, no batching")]:
+        table.add_row(label, str(result["tokens"][key]), f"{result['seconds'][key]:.2f}",
+                      f"{result[key + '_tok_s']:.1f}")
+    console.print(table)
+    console.print(f"batched / sequential: [bold]{result['batched_over_sequential']:.2f}x[/]   "
+                  f"concurrent batched / unbatched: [bold]{result['concurrent_batched_over_unbatched']:.2f}x[/]")
+    if json_path:
+        write_json_atomic(json_path, result)
+        console.print(f"wrote {json_path}")
+
+
+COT_SUFFIX = "\nLet's think step by step."
+
+
+@app.command()
+def tune(
+    task: Annotated[str, typer.Option(help="Task name (the soft prompt's registry key).")],
+    data: Annotated[Path, typer.Option(help="Training data (GSM8K JSONL, MultiArith JSON, or JSONL).")],
+    out: Annotated[Path, typer.Option(help="Directory for the soft prompt (replaced atomically).")],
+    fmt: Annotated[str | None, typer.Option("--format", help="gsm8k, multiarith or jsonl; default: detect.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N records (validation taken from them).")] = None,
+    model: ModelOpt = None,
+    k: Annotated[int, typer.Option("--k", help="Virtual tokens.")] = 16,
+    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 100,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-3,
+    batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 4,
+    val: Annotated[int, typer.Option(help="Held-out examples for early stopping (0: none).")] = 16,
+    init: Annotated[str, typer.Option(help="text, vocab or random.")] = "text",
+    text_field: Annotated[str, typer.Option(help="(jsonl) prompt field.")] = "question",
+    target_field: Annotated[str, typer.Option(help="(jsonl) target field; GSM8K/MultiArith use the rationale.")] =
+        "answer",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Train a task's soft prompt (model frozen); saves it with a loss plot and report."""
+    from detot_agent.cli.plots import plot_loss
+    from detot_agent.engines.torch_engine import LocalEngine
+    from detot_agent.io.datafiles import DataFormat, detect_format, read_exemplars
+    from detot_agent.softprompt.prompt import SoftPrompt
+    from detot_agent.softprompt.training import TuneExample
+    from detot_agent.softprompt.training import tune as run_tune
+
+    form = DataFormat(fmt) if fmt else detect_format(data)
+    records = read_exemplars(data, fmt=form, text_field=text_field, answer_field=target_field)
+    records = records[:limit] if limit else records
+    if form is DataFormat.JSONL:
+        pairs = [TuneExample(prompt=r.text, target=str(r.fields.get("answer", ""))) for r in records
+                 if str(r.fields.get("answer", "")).strip()]
+    else:
+        pairs = [TuneExample(prompt=r.text + COT_SUFFIX, target=r.fields["rationale"]) for r in records]
+    n_val = min(val, len(pairs) // 4)
+    train_pairs, val_pairs = pairs[n_val:], pairs[:n_val]
+    engine = LocalEngine(model, device=device, dtype=dtype)
+    soft = SoftPrompt.initialize(engine, task, k=k, init=init)
+    console.print(f"tuning {k} vectors x {soft.hidden_size} for task {task!r} on {engine.name}: "
+                  f"{len(train_pairs)} training / {len(val_pairs)} validation examples")
+    report = run_tune(soft, engine, train_pairs, val_examples=val_pairs, steps=steps, lr=lr, batch_size=batch_size)
+    soft.save(out)
+    plot_loss(report.train_loss, report.val_loss, out / "loss.png", title=f"soft prompt {task!r} on {engine.name}",
+              best_step=report.best_step or None, initial_val=report.initial_val_loss)
+    write_json_atomic(out / "report.json", report.model_dump())
+    verdict = "accepted" if report.accepted else "NOT accepted (validation loss did not improve); kept the init"
+    console.print(f"{report.steps_run} steps in {report.seconds:.1f}s ({report.seconds_per_step:.2f} s/step); "
+                  f"val loss {report.initial_val_loss} -> {report.best_val_loss} at step {report.best_step}: "
+                  f"{verdict}. Saved {out} (loss.png, report.json)")
+
+
+def _default_gsm8k(name: str) -> Path:
+    for base in (os.environ.get("DETOT_DATA_DIR"), "../shared/data", "../../shared/data"):
+        if base and (Path(base) / "gsm8k" / name).is_file():
+            return Path(base) / "gsm8k" / name
+    raise typer.BadParameter(f"GSM8K {name} not found in $DETOT_DATA_DIR/gsm8k or ../shared/data/gsm8k; pass it")
+
+
+@index_app.command("build")
+def index_build(
+    data: Annotated[Path, typer.Option(help="Data file (GSM8K JSONL, MultiArith JSON, or JSONL).")],
+    out: Annotated[Path, typer.Option(help="Directory to write the index to (replaced atomically).")],
+    fmt: Annotated[str | None, typer.Option("--format", help="gsm8k, multiarith or jsonl; default: detect.")] = None,
+    text_field: Annotated[str, typer.Option(help="(jsonl) field to embed.")] = "question",
+    answer_field: Annotated[str, typer.Option(help="(jsonl) field holding the answer.")] = "answer",
+    id_field: Annotated[str | None, typer.Option(help="(jsonl) field holding a stable id.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
+    encoder: Annotated[str | None, typer.Option(help="sentence-transformers name or path.")] = None,
+) -> None:
+    """Embed a data file's problems and save them as an exemplar index."""
+    from detot_agent.io.datafiles import read_exemplars
+    from detot_agent.retrieval.encoder import Encoder
+    from detot_agent.retrieval.index import ExemplarIndex
+
+    records = read_exemplars(data, fmt=fmt, text_field=text_field, answer_field=answer_field, id_field=id_field)
+    records = records[:limit] if limit else records
+    start = time.perf_counter()
+    index = ExemplarIndex(Encoder(encoder))
+    index.add(records)
+    index.save(out)
+    stats = index.stats()
+    console.print(f"indexed {stats['count']} records from {data} in {time.perf_counter() - start:.1f}s: "
+                  f"{stats['index_type']} index, encoder {stats['encoder']} ({stats['dim']} dims) -> {out}")
+
+
+@index_app.command("search")
+def index_search(
+    index_dir: Annotated[Path, typer.Argument(help="Directory written by `detot index build`.")],
+    query: Annotated[str, typer.Argument(help="Query text.")],
+    k: Annotated[int, typer.Option("-k", "--k", help="Results to show.")] = 5,
+    task: Annotated[str | None, typer.Option(help="A saved task embedding directory, or a task description.")] = None,
+    mmr: Annotated[float | None, typer.Option(help="MMR lambda for diverse results (1 = relevance only).")] = None,
+    where: Annotated[list[str] | None, typer.Option(help="Field filter FIELD=VALUE (repeatable).")] = None,
+) -> None:
+    """Search an exemplar index (optionally through a task embedding)."""
+    from detot_agent.io.persist import read_manifest
+    from detot_agent.retrieval.encoder import Encoder
+    from detot_agent.retrieval.index import ExemplarIndex
+    from detot_agent.retrieval.task_embedding import TaskEmbedding
+
+    manifest = read_manifest(index_dir, kind=ExemplarIndex.FORMAT, max_version=ExemplarIndex.FORMAT_VERSION,
+                             verify=False)
+    enc = Encoder(manifest["encoder"])
+    index = ExemplarIndex.load(index_dir, encoder=enc)
+    vec = enc.encode([query])[0]
+    if task:
+        te = (TaskEmbedding.load(task, encoder_name=enc.name) if Path(task).is_dir()
+              else TaskEmbedding.from_description("cli", task, encoder=enc))
+        vec = te.query(vec)
+    filters = dict(item.split("=", 1) for item in (where or []) if "=" in item)
+    hits = index.search(vec, min(k, len(index)), mmr=mmr, where=filters or None)
+    table = Table(title=f"top {len(hits)} of {len(index)} for {query!r}")
+    for col in ("rank", "id", "score", "text"):
+        table.add_column(col)
+    for rank, h in enumerate(hits, 1):
+        table.add_row(str(rank), h.id, f"{h.score:.3f}", h.text[:100])
+    console.print(table)
+
+
+@bench_app.command("retrieval")
+def bench_retrieval(
+    sizes: Annotated[str, typer.Option(help="Comma-separated index sizes.")] = "10000,100000,1000000",
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+    train: Annotated[Path | None, typer.Option(help="GSM8K train JSONL (calibration corpus).")] = None,
+    test: Annotated[Path | None, typer.Option(help="GSM8K test JSONL (calibration queries).")] = None,
+    queries: Annotated[int, typer.Option(help="Queries per size.")] = 1000,
+    baseline_queries: Annotated[int, typer.Option(help="Queries for the slow baselines.")] = 50,
+    dspy_baseline: Annotated[bool, typer.Option(help="Also time dspy.retrievers.Embeddings.")] = True,
+) -> None:
+    """ExemplarIndex vs numpy brute force vs dspy.retrievers.Embeddings on calibrated synthetic vectors."""
+    from detot_agent.cli.bench.retrieval import run_retrieval_bench
+
+    size_list = [int(s) for s in sizes.split(",") if s.strip()]
+    result = run_retrieval_bench(size_list, train=train or _default_gsm8k("train.jsonl"),
+                                 test=test or _default_gsm8k("test.jsonl"), queries=queries,
+                                 baseline_queries=baseline_queries, with_dspy=dspy_baseline)
+    cal = next(iter(result.values()))["calibration"]
+    table = Table(title=f"retrieval, 384 dims; calibration: real MiniLM GSM8K median top-1 "
+                        f"{cal['real_median_top1']:.3f}, synthetic {cal['synthetic_median_top1_at_reference']:.3f}")
+    cols = ["size", "index", "build s", "mem MB", "p50 ms", "p99 ms", "batch q/s", "recall@10",
+            "numpy p50 ms", "speed-up", "dspy Embeddings p50 ms (direct)"]
+    for col in cols:
+        table.add_column(col, justify="right")
+    for size, r in result.items():
+        dspy_cell = (f"{r['baseline_dspy_embeddings_p50_ms']:.1f} ({r['baseline_dspy_embeddings_direct_p50_ms']:.2f})"
+                     if "baseline_dspy_embeddings_p50_ms" in r else "-")
+        table.add_row(f"{int(size):,}", f"{r['index_type']} (nprobe {r['nprobe']})" if r["nprobe"] else r["index_type"],
+                      f"{r['build_s']:.1f}", f"{r['memory_mb']:.0f}", f"{r['p50_ms']:.3f}", f"{r['p99_ms']:.3f}",
+                      f"{r['batch_qps']:.0f}", f"{r['recall_at_10']:.3f}", f"{r['baseline_numpy_p50_ms']:.2f}",
+                      f"{r['speedup_vs_numpy_p50']:.0f}x", dspy_cell)
+    console.print(table)
+    if json_path:
+        write_json_atomic(json_path, result)
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("scale")
+def bench_scale(
+    workers: Annotated[str, typer.Option(help="Comma-separated Ray worker counts.")] = "1,2",
+    problems: Annotated[int, typer.Option(help="Synthetic problems per run.")] = 200,
+    threads: Annotated[int, typer.Option(help="Problems in flight per worker (and locally).")] = 4,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per answer.")] = 24,
+    model: ModelOpt = None,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+) -> None:
+    """Problems per second: the local executor against Ray with each worker count (tiny model by default)."""
+    from detot_agent.cli.bench.scale import run_scale_bench
+
+    counts = [int(w) for w in workers.split(",") if w.strip()]
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"--workers needs positive counts, got {workers!r}")
+    result = run_scale_bench(workers=counts, problems=problems, threads=threads, max_tokens=max_tokens,
+                             model=model)
+    table = Table(title=f"scale-out: {result['problems']} problems, {result['method']}, {result['max_tokens']} "
+                        f"tokens, {result['cpus']} CPUs, model {result['model']}")
+    for col in ("executor", "workers", "CPUs/worker", "start-up s", "run s", "problems/s", "vs local"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(r["executor"], str(r["workers"]), str(r["cpus_per_worker"]), f"{r['startup_s']:.1f}",
+                      f"{r['run_s']:.2f}", f"{r['problems_per_s']:.2f}", f"{r['speedup_vs_local']:.2f}x")
+    console.print(table)
+    overhead = result["ray_overhead_ms_per_problem"]
+    console.print(f"Ray start-up {result['ray_init_s']:.1f} s; Ray overhead per problem (1 worker vs local): "
+                  + ("n/a" if overhead is None else f"{overhead:.0f} ms"))
+    if json_path:
+        write_json_atomic(json_path, result)
+        console.print(f"wrote {json_path}")
+
+
+def main() -> None:
+    """Entry point: run the app, turning the library's own errors into one readable line."""
+    try:
+        app()
+    except DetotError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+        raise SystemExit(2) from None

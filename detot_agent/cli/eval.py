@@ -1,0 +1,149 @@
+"""`detot eval`: run methods side by side on a suite, and re-render reports.
+
+Example:
+    $ detot eval --suite multiarith --data-dir ../shared/data --methods zero_shot_cot,detot \
+        --limit 100 --seed 0 --index runs/gsm8k-train-index --out runs/eval-multiarith
+    $ detot eval report runs/eval-multiarith
+"""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from detot_agent.errors import ConfigError
+
+eval_app = typer.Typer(help="Evaluate methods side by side on a suite (resumable), and render reports.",
+                       invoke_without_command=True)
+console = Console(soft_wrap=True)
+
+
+@eval_app.callback()
+def eval_run(
+    ctx: typer.Context,
+    suite: Annotated[str | None, typer.Option(help="gsm8k, multiarith, svamp, addsub, singleeq, a file PATH, "
+                                                   "or hf:<dataset>[:<config>][@<split>].")] = None,
+    methods: Annotated[str, typer.Option(help="Comma-separated methods (see `detot eval methods`).")] =
+        "zero_shot_cot,few_shot_cot,knn_fewshot,self_consistency,detot_static,detot",
+    limit: Annotated[int | None, typer.Option(help="Evaluate a seeded sample of this many problems.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed for the sample, the fixed demos and sampling.")] = 0,
+    model: Annotated[str | None, typer.Option("--model", "-m", help="HF folder, .gguf file or hub id; "
+                                                                    "default: embedded SmolLM2-135M.")] = None,
+    index: Annotated[Path | None, typer.Option(help="Exemplar index (demo pool) for the few-shot and DETOT "
+                                                    "methods.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder; default runs/eval-<suite>.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue the run in --out.")] = False,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder holding the named suites "
+                                                       "(default $DETOT_DATA_DIR).")] = None,
+    data_format: Annotated[str | None, typer.Option("--format", help="gsm8k, multiarith or jsonl; "
+                                                                     "detected when omitted.")] = None,
+    question_field: Annotated[str, typer.Option(help="Question field of JSONL / hub data.")] = "question",
+    answer_field: Annotated[str, typer.Option(help="Answer field of JSONL / hub data.")] = "answer",
+    labels: Annotated[str | None, typer.Option(help="Comma-separated label set (classification).")] = None,
+    k: Annotated[int, typer.Option(help="Demos per question.")] = 3,
+    n: Annotated[int, typer.Option(help="Samples for self-consistency (DETOT's adaptive budget is n+1).")] = 5,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of the voting methods.")] = 0.7,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 256,
+    soft_prompt: Annotated[Path | None, typer.Option(help="Trained soft prompt (from `detot tune`) for the "
+                                                          "DETOT methods.")] = None,
+    threads: Annotated[int, typer.Option(help="Problems in flight at once (their generations are batched).")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
+    max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.")] = 16,
+    engine: Annotated[str, typer.Option(help="local (transformers) or vllm (CUDA GPUs, the `vllm` extra).")] =
+        "local",
+    executor: Annotated[str, typer.Option(help="local (this process) or ray (Ray actors, one engine each; "
+                                               "needs the `ray` extra).")] = "local",
+    address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto, HOST:PORT, ray://...); "
+                                                     "default: start a local Ray instance.")] = None,
+    workers: Annotated[int, typer.Option(help="Ray actors (engine replicas).")] = 2,
+    worker_cpus: Annotated[float, typer.Option(help="CPUs reserved per Ray actor.")] = 1.0,
+    worker_gpus: Annotated[float, typer.Option(help="GPUs per Ray actor (1: one GPU per replica).")] = 0.0,
+    task_timeout: Annotated[float | None, typer.Option(help="Seconds after which an unanswered problem marks its "
+                                                            "Ray actor as hung (killed, problems re-queued).")] = None,
+) -> None:
+    """Run METHODS on SUITE; per-example results stream to OUT/<method>.jsonl, then report.md and plots."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if suite is None:
+        raise ConfigError("detot eval needs --suite (a name such as multiarith, or a data file); "
+                          "see `detot eval --help`")
+    from detot_agent.evaluation import load_suite, run_eval, sample_examples, write_report
+    from detot_agent.evaluation.methods import METHODS
+    from detot_agent.evaluation.report import render_markdown
+    from detot_agent.evaluation.spec import ContextSpec, build_context
+
+    # a truncated sample is a normal outcome here (it is counted as a parse failure), not a warning per call
+    logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    unknown = [m for m in names if m not in METHODS]
+    if unknown or not names:
+        raise ConfigError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"--executor must be local or ray, got {executor!r}")
+    if engine not in ("local", "vllm"):
+        raise ConfigError(f"--engine must be local or vllm, got {engine!r}")
+    label_list = [x.strip() for x in labels.split(",")] if labels else None
+    loaded = load_suite(suite, data_dir=data_dir, fmt=data_format, question_field=question_field,
+                        answer_field=answer_field, labels=label_list)
+    examples = sample_examples(loaded.examples, limit=limit, seed=seed)
+    out = out or Path("runs") / f"eval-{loaded.name}"
+    for what, path in (("--index", index), ("--soft-prompt", soft_prompt)):
+        if path is not None and not path.exists():
+            raise ConfigError(f"{what} {path} does not exist")
+    # absolute paths: Ray actors do not run in this folder
+    local_model = model if model is None or not Path(model).exists() else str(Path(model).resolve())
+    spec = ContextSpec(model=local_model, engine="vllm" if engine == "vllm" else "local", device=device, dtype=dtype,
+                       max_batch_size=max_batch_size,
+                       index=None if index is None else str(index.resolve()),
+                       soft_prompt=None if soft_prompt is None else str(soft_prompt.resolve()),
+                       answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
+                       max_tokens=max_tokens, seed=seed, task_name=loaded.name,
+                       questions=[ex.question for ex in examples[:5]])
+    run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "k": k, "n": n,
+           "temperature": temperature, "max_tokens": max_tokens,
+           "soft_prompt": None if soft_prompt is None else str(soft_prompt),
+           "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
+           "engine": engine,
+           "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
+    if executor == "ray":
+        from detot_agent.engines.models import resolve_model_source
+        from detot_agent.evaluation.distributed import RayExecutor
+
+        run["model"] = resolve_model_source(model).name if model is None else model
+        with RayExecutor(spec, workers=workers, threads=threads, address=address, worker_cpus=worker_cpus,
+                         worker_gpus=worker_gpus, task_timeout_s=task_timeout) as ray_executor:
+            run_eval(examples, names, None, out, run=run, resume=resume, threads=threads, executor=ray_executor)
+    else:
+        context = build_context(spec)
+        run["model"] = context.lm.engine.name if model is None else model
+        run_eval(examples, names, context, out, run=run, resume=resume, threads=threads)
+    report = write_report(out)
+    console.print(render_markdown(report))
+    console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
+
+
+@eval_app.command("report")
+def eval_report(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `detot eval`.")]) -> None:
+    """Re-render report.md, report.json and the plots of RUN_DIR from its JSONL files."""
+    from detot_agent.evaluation import write_report
+    from detot_agent.evaluation.report import render_markdown
+
+    report = write_report(run_dir)
+    console.print(render_markdown(report))
+
+
+@eval_app.command("methods")
+def eval_methods() -> None:
+    """List the methods."""
+    from detot_agent.evaluation import methods as mod
+
+    for line in (mod.__doc__ or "").splitlines():
+        if line.startswith("| `"):
+            console.print(line, markup=False, highlight=False)

@@ -1,0 +1,401 @@
+"""The continuous optimization loop (DETOT section 3.2): re-optimize, validate, accept or roll back.
+
+The controller owns the task's serving state, a `TaskState` (task embedding,
+soft-prompt vectors, version). A `TaskState` is never changed once published:
+re-optimization trains copies and, if they pass, publishes a new `TaskState`
+with one reference assignment. A reader takes `controller.state` once per call
+and sees the old or the new state, never half of each.
+
+On a trigger, `reoptimize()` splits the evidence buffer (recent answered
+questions) into training and held-out parts (every `holdout_every`-th record is
+held out), then:
+
+1. retrieval: for each good training record (correct, or agreement >= `good_agreement`
+   when correctness is unknown), the demos it used are positives and the next-ranked
+   exemplars it did not use are negatives; `TaskEmbedding.update` moves the weights;
+2. soft prompt (local models): trains on targets from good records (a sample whose answer
+   matched the gold answer, else the winning sample of a high-agreement vote);
+3. validation on the held-out part, each half on its own: the soft prompt is kept if the mean
+   NLL of the held-out targets falls by at least `min_gain`; the retrieval weights are kept if
+   the *separation* (mean reciprocal rank of demos behind good answers minus that of demos
+   behind poor ones) is not worse by more than `margin`. Plain MRR of good demos would favour
+   the old state, whose own top results those demos are. A new version is published when
+   either half is kept.
+
+The code reads in the order it runs: `_gather` (split the evidence), `_train` (candidate
+parts), `_judge` (one `Verdict` per part), `_publish` (new version or roll back). Each part is
+judged on its own measure; the two are never added into one score.
+
+Errors inside re-optimization are logged and leave the old state serving.
+
+Example:
+    >>> from detot_agent.detot.records import TaskState
+    >>> TaskState(version=0, embedding=None, soft_prompt=None).version
+    0
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+import time
+import traceback
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import Field, model_validator
+
+from detot_agent.config import StrictModel
+from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
+from detot_agent.detot.records import Evidence, TaskState, Verdict
+from detot_agent.retrieval.index import ExemplarIndex
+from detot_agent.retrieval.task_embedding import TaskEmbedding
+
+__all__ = ["Controller", "ControllerConfig", "Evidence", "TaskState"]
+
+
+class ControllerConfig(StrictModel):
+    """Settings of the optimization loop (validated when built, never later inside its thread).
+
+    Attributes:
+        evidence_size: answered questions kept in the buffer.
+        min_evidence: records needed before a re-optimization trains anything.
+        holdout_every: every n-th record is held out for judging (n >= 2, so some are trained on).
+        good_agreement: agreement at which an unlabelled answer counts as good.
+        margin: how far held-out retrieval separation may fall before the change is rolled back.
+        min_gain: how far the held-out NLL must fall for a new soft prompt to be kept.
+        retrieval_steps / retrieval_lr: the retrieval update's optimisation.
+        soft_prompt_steps / soft_prompt_lr: the soft-prompt update's optimisation.
+        l2_to_init: pull back to the initial state, for both parts.
+        dropout: dropout on the soft-prompt vectors while training.
+        negatives_per_query: exemplars ranked just below a record's demos used as negatives.
+    """
+
+    evidence_size: int = Field(default=200, ge=1)
+    min_evidence: int = Field(default=6, ge=2)
+    holdout_every: int = Field(default=3, ge=2)
+    good_agreement: float = Field(default=0.75, ge=0, le=1)
+    margin: float = Field(default=0.02, ge=0)
+    min_gain: float = Field(default=0.0, ge=0)
+    retrieval_steps: int = Field(default=40, ge=1)
+    retrieval_lr: float = Field(default=0.05, gt=0)
+    soft_prompt_steps: int = Field(default=20, ge=1)
+    soft_prompt_lr: float = Field(default=3e-3, gt=0)
+    l2_to_init: float = Field(default=0.01, ge=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    negatives_per_query: int = Field(default=6, ge=1)
+
+    @model_validator(mode="after")
+    def _enough_to_hold_out(self) -> ControllerConfig:
+        if self.min_evidence < self.holdout_every:
+            raise ValueError(f"min_evidence ({self.min_evidence}) must be at least holdout_every "
+                             f"({self.holdout_every}), or no record is ever held out")
+        if self.evidence_size < self.min_evidence:
+            raise ValueError(f"evidence_size ({self.evidence_size}) is below min_evidence ({self.min_evidence}): "
+                             "the loop could never run")
+        return self
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Evidence for one re-optimization: what trains, what judges, and which parts can be judged."""
+
+    evidence: list[Evidence]
+    train: list[Evidence]
+    held: list[Evidence]
+    judge_soft: bool
+    judge_retrieval: bool
+
+
+@dataclass(frozen=True)
+class _Candidate:
+    """Trained parts (None: that part was not retrained or did not change)."""
+
+    embedding: TaskEmbedding | None
+    soft_prompt: torch.Tensor | None
+
+
+class _Outcome(Exception):
+    """A re-optimization that ends before publishing: not accepted, with its reason."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class Controller:
+    """Owns the serving `TaskState`, the evidence buffer, and re-optimization (sync or in the background).
+
+    Args:
+        state: the initial state.
+        index: the exemplar index (for demo vectors and negatives).
+        monitor: receives re-optimization events.
+        engine: a `LocalEngine` when soft prompts are in play (None: retrieval only).
+        config: loop settings.
+        k: demos per question (negatives are drawn beyond them).
+    """
+
+    def __init__(self, state: TaskState, *, index: ExemplarIndex, monitor: Monitor, engine: Any = None,
+                 config: ControllerConfig | None = None, k: int = 3) -> None:
+        self._state = state
+        self.index = index
+        self.monitor = monitor
+        self.engine = engine
+        self.config = config or ControllerConfig()
+        self.k = k
+        self._evidence: deque[Evidence] = deque(maxlen=self.config.evidence_size)
+        self._by_id: dict[str, Evidence] = {}
+        self._lock = threading.Lock()  # evidence buffer
+        self._reopt_lock = threading.Lock()  # one re-optimization at a time
+        self._executor: ThreadPoolExecutor | None = None
+        self._running: Future[ReoptimizationEvent] | None = None
+
+    @property
+    def state(self) -> TaskState:
+        """The current serving state (read it once per call)."""
+        return self._state
+
+    def publish(self, state: TaskState) -> None:
+        """Replace the serving state (one assignment: readers see old or new)."""
+        self._state = state
+
+    # ---- evidence ----------------------------------------------------------------------------
+    def add_evidence(self, ev: Evidence) -> None:
+        """Append an answered question to the buffer (oldest dropped beyond `evidence_size`)."""
+        with self._lock:
+            if len(self._evidence) == self._evidence.maxlen:
+                old = self._evidence[0]
+                self._by_id.pop(old.id, None)
+            self._evidence.append(ev)
+            self._by_id[ev.id] = ev
+
+    def record_outcome(self, pred_id: str, *, correct: bool, gold_key: str | None = None) -> None:
+        """Attach correctness (and a gold-matching sample, if any) to a buffered record."""
+        with self._lock:
+            ev = self._by_id.get(pred_id)
+            if ev is None:
+                return
+            ev.correct = correct
+            if gold_key is not None:
+                ev.gold_target = next((s.text for s in ev.samples if s.key == gold_key), None)
+
+    def evidence(self) -> list[Evidence]:
+        """A copy of the buffer."""
+        with self._lock:
+            return list(self._evidence)
+
+    # ---- running re-optimization ------------------------------------------------------------------
+    def submit(self) -> Future[ReoptimizationEvent] | None:
+        """Start a background re-optimization unless one is running; returns its future."""
+        with self._lock:
+            if self._running is not None and not self._running.done():
+                return None
+            if self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detot-reopt")
+            self._running = self._executor.submit(self.reoptimize)
+            return self._running
+
+    def wait(self, timeout: float | None = None) -> ReoptimizationEvent | None:
+        """Wait for a background re-optimization, if any, and return its event."""
+        fut = self._running
+        return fut.result(timeout=timeout) if fut is not None else None
+
+    def close(self) -> None:
+        """Finish background work and stop the worker thread."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def reoptimize(self) -> ReoptimizationEvent:
+        """Run one re-optimization synchronously: gather, train, judge, publish (or roll back)."""
+        with self._reopt_lock:
+            start = time.perf_counter()
+            old = self._state
+            evidence: list[Evidence] = []
+            try:
+                split = self._gather()
+                evidence = split.evidence
+                candidate = self._train(old, split)
+                verdicts = self._judge(old, candidate, split.held)
+                event = self._publish(old, candidate, verdicts)
+            except _Outcome as out:
+                event = ReoptimizationEvent(accepted=False, reason=out.reason, version_before=old.version,
+                                            version_after=old.version)
+            except Exception as exc:  # the old state keeps serving; the error is reported, not raised
+                event = ReoptimizationEvent(accepted=False, reason="re-optimization raised; kept the old state",
+                                            version_before=old.version, version_after=old.version,
+                                            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+            event.evidence = len(evidence) if evidence else len(self._usable())
+            event.seconds = time.perf_counter() - start
+            self.monitor.reoptimized(event)
+            return event
+
+    # ---- 1. gather -----------------------------------------------------------------------------------
+    def _usable(self) -> list[Evidence]:
+        return [e for e in self.evidence() if all(d in self.index for d in e.demo_ids)]
+
+    def _gather(self) -> _Split:
+        """Split the buffer into training and held-out records; decide which parts the held-out can judge."""
+        cfg = self.config
+        evidence = self._usable()
+        if len(evidence) < cfg.min_evidence:
+            raise _Outcome(f"only {len(evidence)} evidence records (need {cfg.min_evidence}); kept the old state")
+        held = evidence[cfg.holdout_every - 1::cfg.holdout_every]
+        held_ids = {e.id for e in held}
+        train = [e for e in evidence if e.id not in held_ids]
+        # train only the parts that the held-out records can judge (training the soft prompt is the
+        # expensive part: minutes on a CPU), so an unjudgeable change is never paid for
+        state = self._state
+        judge_soft = state.soft_prompt is not None and self.engine is not None and bool(self._examples(held))
+        judge_retrieval = state.embedding is not None and any(e.good(cfg.good_agreement) and e.demo_ids for e in held)
+        if not judge_soft and not judge_retrieval:
+            raise _Outcome(f"no held-out evidence to validate on (none of the {len(held)} held-out records has a "
+                           "learnable target or good demos); kept the old state without training")
+        return _Split(evidence, train, held, judge_soft, judge_retrieval)
+
+    # ---- 2. train ------------------------------------------------------------------------------------
+    def _train(self, old: TaskState, split: _Split) -> _Candidate:
+        """Train copies of the judgeable parts; the serving state is never touched."""
+        embedding = None
+        if split.judge_retrieval:
+            embedding = copy.deepcopy(old.embedding)
+            if embedding is None or not self._update_retrieval(embedding, split.train):
+                embedding = None
+        soft = None
+        if split.judge_soft:
+            assert old.soft_prompt is not None
+            trained = self._update_soft_prompt(old.soft_prompt, split.train)
+            soft = None if trained is old.soft_prompt else trained
+        if embedding is None and soft is None:
+            raise _Outcome("nothing to learn from: no good training records with usable demos or targets; "
+                           "kept the old state")
+        return _Candidate(embedding, soft)
+
+    def _update_retrieval(self, embedding: TaskEmbedding, train: list[Evidence]) -> bool:
+        cfg = self.config
+        queries, pos, neg = [], [], []
+        for ev in train:
+            if not ev.good(cfg.good_agreement) or not ev.demo_ids:
+                continue
+            want = min(len(self.index), self.k + cfg.negatives_per_query + len(ev.demo_ids))
+            ranked = [h.id for h in self.index.search(embedding.query(ev.query), want)]
+            negatives = [i for i in ranked if i not in set(ev.demo_ids)][: cfg.negatives_per_query]
+            if not negatives:
+                continue
+            queries.append(ev.query)
+            pos.append(self.index.vectors(ev.demo_ids))
+            neg.append(self.index.vectors(negatives))
+        if not queries:
+            return False
+        report = embedding.update(np.stack(queries), pos, neg, steps=cfg.retrieval_steps, lr=cfg.retrieval_lr,
+                                  l2_to_init=cfg.l2_to_init)
+        return report.accepted
+
+    def _examples(self, records: list[Evidence]) -> list[Any]:
+        from detot_agent.softprompt.training import TuneExample
+
+        out = []
+        for ev in records:
+            target = ev.learn_target(self.config.good_agreement)
+            if target and ev.messages:
+                out.append(TuneExample(messages=ev.messages, target=target))
+        return out
+
+    def _update_soft_prompt(self, vectors: torch.Tensor, train: list[Evidence]) -> torch.Tensor:
+        from detot_agent.softprompt.prompt import SoftPrompt
+        from detot_agent.softprompt.training import tune
+
+        examples = self._examples(train)
+        if not examples:
+            return vectors  # unchanged (the same object)
+        sp = SoftPrompt("reopt", vectors, model_id="engine")
+        cfg = self.config
+        report = tune(sp, self.engine, examples, steps=cfg.soft_prompt_steps, lr=cfg.soft_prompt_lr,
+                      l2_to_init=cfg.l2_to_init, dropout=cfg.dropout, progress=False)
+        return sp.vectors.clone() if report.accepted else vectors
+
+    # ---- 3. judge ------------------------------------------------------------------------------------
+    def _judge(self, old: TaskState, candidate: _Candidate, held: list[Evidence]) -> list[Verdict]:
+        """One verdict per trained part, each on its own held-out measure (higher is better)."""
+        cfg = self.config
+        verdicts = []
+        if candidate.soft_prompt is not None:
+            before, after = self._nll(old.soft_prompt, held), self._nll(candidate.soft_prompt, held)
+            if before is not None and after is not None:
+                verdicts.append(Verdict("soft_prompt", "held-out NLL", -before, -after,
+                                        accepted=after <= before - cfg.min_gain))
+        if candidate.embedding is not None:
+            before, after = self._separation(old.embedding, held), self._separation(candidate.embedding, held)
+            if before is not None and after is not None:
+                verdicts.append(Verdict("retrieval", "held-out demo separation", before, after,
+                                        accepted=after >= before - cfg.margin))
+        if not verdicts:
+            raise _Outcome("no held-out evidence to validate on; kept the old state")
+        return verdicts
+
+    def _nll(self, vectors: torch.Tensor | None, held: list[Evidence]) -> float | None:
+        if self.engine is None or vectors is None:
+            return None
+        from detot_agent.softprompt.training import target_nll
+
+        examples = self._examples(held)
+        return target_nll(self.engine, vectors, examples) if examples else None
+
+    def _mrr(self, embedding: TaskEmbedding, records: list[Evidence]) -> float | None:
+        """Mean reciprocal rank of each record's demos under `embedding`'s query for that record."""
+        records = [e for e in records if e.demo_ids]
+        if not records:
+            return None
+        total = 0.0
+        depth = min(len(self.index), 50)
+        for ev in records:
+            ranked = [h.id for h in self.index.search(embedding.query(ev.query), depth)]
+            ranks = [ranked.index(d) + 1 for d in ev.demo_ids if d in ranked]
+            total += sum(1.0 / r for r in ranks) / len(ev.demo_ids)
+        return total / len(records)
+
+    def _separation(self, embedding: TaskEmbedding | None, held: list[Evidence]) -> float | None:
+        """MRR of the demos behind good held-out answers minus MRR of those behind poor ones.
+
+        Every held-out demo was a top result of the *old* query, so plain MRR of good demos favours the
+        old state whatever the new one learnt. The difference cancels that bias: a query that ranks
+        helpful demos above unhelpful ones scores higher. Without poor records it falls back to the
+        good demos' MRR (conservative: a retrieval change must then keep them where they were).
+        """
+        if embedding is None:
+            return None
+        good_agreement = self.config.good_agreement
+        good = self._mrr(embedding, [e for e in held if e.good(good_agreement)])
+        if good is None:
+            return None
+        poor = self._mrr(embedding, [e for e in held if not e.good(good_agreement)])
+        return good - (poor or 0.0)
+
+    # ---- 4. publish ----------------------------------------------------------------------------------
+    def _publish(self, old: TaskState, candidate: _Candidate, verdicts: list[Verdict]) -> ReoptimizationEvent:
+        """Publish the accepted parts under a new version, or keep the old state."""
+        kept = {v.part for v in verdicts if v.accepted}
+        reasons = "; ".join(v.describe() for v in verdicts)
+        # one part judged: its own before/after; two: each is in `verdicts` (they are never added up)
+        scores: dict[str, Any] = ({"old_score": verdicts[0].before, "new_score": verdicts[0].after}
+                                  if len(verdicts) == 1 else {})
+        verdict_log = [{"part": v.part, "measure": v.measure, "before": v.before, "after": v.after,
+                        "accepted": v.accepted} for v in verdicts]
+        if not kept:
+            return ReoptimizationEvent(accepted=False, reason="rolled back: " + reasons, version_before=old.version,
+                                       version_after=old.version, verdicts=verdict_log, **scores)
+        version = old.version + 1
+        soft = candidate.soft_prompt if "soft_prompt" in kept else old.soft_prompt
+        embedding = candidate.embedding if "retrieval" in kept else old.embedding
+        if embedding is not None:
+            if embedding is old.embedding:  # the old weights under the new version number
+                embedding = copy.deepcopy(old.embedding)
+            assert embedding is not None
+            embedding.version = version
+        self.publish(TaskState(version=version, embedding=embedding, soft_prompt=soft))
+        return ReoptimizationEvent(accepted=True, reason="accepted: " + reasons, version_before=old.version,
+                                   version_after=version, verdicts=verdict_log, **scores)

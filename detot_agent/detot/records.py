@@ -1,0 +1,121 @@
+"""Named records DETOT passes between its parts: a parsed sample, the serving state, evidence, a verdict.
+
+Example:
+    >>> s = ParsedSample(text="3 + 4 = 7. The answer is 7.", key="7", tokens=12)
+    >>> s.key, s.parsed
+    ('7', False)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from detot_agent.retrieval.task_embedding import TaskEmbedding
+
+__all__ = ["Evidence", "ParsedSample", "TaskState", "Verdict"]
+
+
+@dataclass(frozen=True)
+class ParsedSample:
+    """One sampled answer as the vote sees it.
+
+    Attributes:
+        text: the raw completion (on the rollout path: its parsed fields as JSON).
+        key: the normalised vote key (None: unparseable).
+        tokens: output tokens it cost.
+        logprob: sum of its tokens' log-probabilities, when the engine reports it.
+        fields: the adapter's parsed output fields (None: unparseable).
+    """
+
+    text: str
+    key: str | None = None
+    tokens: int = 0
+    logprob: float | None = None
+    fields: dict[str, Any] | None = None
+
+    @property
+    def parsed(self) -> bool:
+        """Whether the adapter could read its fields."""
+        return self.fields is not None
+
+
+@dataclass(frozen=True)
+class TaskState:
+    """What one call reads: never mutated after it is published."""
+
+    version: int
+    embedding: TaskEmbedding | None
+    soft_prompt: torch.Tensor | None
+
+
+@dataclass
+class Evidence:
+    """One answered question, as the optimization loop needs it.
+
+    Attributes:
+        id: the prediction's id.
+        query: encoded input (not task-adapted), `(dim,)`.
+        demo_ids: exemplars shown as demos.
+        agreement: winner's share of the vote.
+        messages: the chat messages the model saw (for soft-prompt targets), or None.
+        target: completion text to learn (a good sample), or None.
+        correct: correctness when known.
+        gold_target: a sample whose answer matched the gold answer, when feedback supplied one.
+        samples: every sample drawn for it.
+    """
+
+    id: str
+    query: np.ndarray
+    demo_ids: list[str]
+    agreement: float
+    messages: list[dict[str, str]] | None = None
+    target: str | None = None
+    correct: bool | None = None
+    gold_target: str | None = None
+    samples: list[ParsedSample] = field(default_factory=list)
+
+    def good(self, good_agreement: float) -> bool:
+        """Correct, or (correctness unknown) agreed on strongly."""
+        return self.correct if self.correct is not None else self.agreement >= good_agreement
+
+    def learn_target(self, good_agreement: float) -> str | None:
+        """The completion to train the soft prompt on, if this record offers one."""
+        if self.gold_target:
+            return self.gold_target
+        if self.correct is None and self.agreement >= good_agreement:
+            return self.target
+        if self.correct:
+            return self.target
+        return None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """How one part of a candidate state fared on held-out evidence.
+
+    Attributes:
+        part: which part was judged.
+        measure: what was compared (higher is better for both parts' scores).
+        before: the serving state's score.
+        after: the candidate's score.
+        accepted: whether the candidate part is kept.
+    """
+
+    part: Literal["soft_prompt", "retrieval"]
+    measure: str
+    before: float
+    after: float
+    accepted: bool
+
+    def describe(self) -> str:
+        """One line for the event's reason."""
+        name = "soft prompt" if self.part == "soft_prompt" else "retrieval"
+        shown = (-self.before, -self.after) if self.part == "soft_prompt" else (self.before, self.after)
+        outcome = "accepted" if self.accepted else "rolled back"
+        return f"{name} {outcome} ({self.measure} {shown[0]:.3f} -> {shown[1]:.3f})"

@@ -1,0 +1,66 @@
+"""DETOT's sampling loop: draw answers in rounds until the stopping rule is satisfied.
+
+Two ways to draw a round: through a batched engine (`local_lm` or vLLM: one
+`engine.sample(request, n, soft_prompt=...)` per round, so the samples of one input
+share one prefill) or, for any other `dspy.LM`, one rollout per sample
+(`lm.copy(rollout_id=i, temperature=t)`). Either way each sample becomes a
+`ParsedSample` (text, tokens, log-probability, parsed fields, vote key), and
+`vote_in_rounds` counts keys and applies the stopping rule after each round.
+
+Example:
+    >>> from detot_agent.detot.records import ParsedSample
+    >>> from detot_agent.detot.task import TaskProfile, analyze
+    >>> adj = analyze(TaskProfile(name="t", kind="arithmetic", answer_format="number"), stopping="fixed",
+    ...               min_samples=2, max_samples=4, round_size=2)
+    >>> samples, result, drawn = vote_in_rounds(lambda n, drawn: [ParsedSample("x", key="7")] * n, adj)
+    >>> result.winner, drawn
+    ('7', 4)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from detot_agent.detot.records import ParsedSample
+from detot_agent.detot.task import Adjustments
+from detot_agent.detot.voting import VoteResult, should_stop, vote
+
+if TYPE_CHECKING:
+    from detot_agent.engines.base import BatchedEngine, Sample
+
+__all__ = ["sample_engine", "vote_in_rounds"]
+
+Draw = Callable[[int, int], list[ParsedSample]]  # (n to draw, drawn so far) -> n parsed samples
+
+
+def vote_in_rounds(draw: Draw, adj: Adjustments) -> tuple[list[ParsedSample], VoteResult, int]:
+    """Draw `min_samples`, then `round_size` more at a time, until `should_stop` or `max_samples`.
+
+    Returns `(samples, vote, drawn)`.
+    """
+    samples: list[ParsedSample] = []
+    drawn = 0
+    while True:
+        n = adj.min_samples if drawn == 0 else min(adj.round_size, adj.max_samples - drawn)
+        samples += draw(n, drawn)
+        drawn += n
+        result = vote([s.key for s in samples])
+        if should_stop(result, drawn, rule=adj.stopping, threshold=adj.stop_threshold,
+                       min_samples=adj.min_samples, max_samples=adj.max_samples):
+            return samples, result, drawn
+
+
+def sample_engine(engine: BatchedEngine, model: str, messages: list[dict[str, str]], n: int, *,
+                  soft_prompt: Any, seed: int, stop: tuple[str, ...], temperature: float, max_tokens: int,
+                  greedy: bool = False) -> list[Sample]:
+    """`n` completions of chat `messages` from one prefill (greedy: temperature 0, no seed)."""
+    from dspy.lm15 import Config, Message, Request
+
+    system = "\n".join(m["content"] for m in messages if m["role"] == "system")
+    chat = tuple(Message.user(m["content"]) if m["role"] == "user" else Message.assistant(m["content"])
+                 for m in messages if m["role"] != "system")
+    config = Config(temperature=0.0 if greedy else temperature, max_tokens=max_tokens,
+                    seed=None if greedy else seed, stop=stop)
+    request = Request(model=model, messages=chat, system=system or None, config=config)
+    return engine.sample(request, n, soft_prompt=soft_prompt)

@@ -1,0 +1,245 @@
+"""What every engine shares: request -> decode row, and the DSPy engine contract on top of `_run(rows)`.
+
+`RequestBuilder` renders a request (chat template), resolves its soft prompt and checks budgets, so
+`LocalEngine` (transformers) and `VLLMEngine` (vLLM) turn one DSPy request into the same token ids,
+soft prompt and sampling settings; `generation.embed_row` then turns that row into the
+`(k + T, hidden)` input embeddings. `BatchedEngine` adds dynamic batching, `sample`, `complete`,
+`stream`, `close` and `dump_state`; an engine only supplies `_run(rows)`.
+
+Example:
+    >>> from detot_agent.engines.base import RequestBuilder
+    >>> hasattr(RequestBuilder, "build_row")
+    True
+"""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
+
+from detot_agent.engines.batching import DynamicBatcher
+from detot_agent.engines.config import EngineConfig, Overflow
+from detot_agent.engines.generation import GenOutput, GenRow
+from detot_agent.engines.models import ModelSource
+from detot_agent.errors import ContextLengthError, EmptyPromptError, InvalidRequestError
+from detot_agent.softprompt.registry import METADATA_TASK, METADATA_VERSION, SoftPromptRegistry, check_soft_prompt
+
+__all__ = ["BatchedEngine", "RequestBuilder", "Sample"]
+
+
+def _system_text(request: Request) -> str:
+    system = request.system
+    if system is None:
+        return ""
+    if isinstance(system, str):
+        return system
+    return "".join(getattr(part, "text", "") or "" for part in system)
+
+
+
+class RequestBuilder:
+    """Turns DSPy requests into `GenRow`s; subclasses provide the attributes below.
+
+    Attributes:
+        config: the engine's `EngineConfig` (overflow rule, default max tokens).
+        registry: where per-task soft prompts are looked up.
+        tokenizer: the model's tokenizer (its chat template renders the messages).
+        hidden_size: width of the model's input embeddings.
+        context_length: most positions the model takes.
+    """
+
+    config: EngineConfig
+    registry: SoftPromptRegistry
+
+    @property
+    def tokenizer(self) -> Any:
+        raise NotImplementedError
+
+    @property
+    def hidden_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def context_length(self) -> int:
+        raise NotImplementedError
+
+    # ---- request -> row ----------------------------------------------------------
+    def render(self, request: Request) -> list[int]:
+        """Token ids of the request's prompt, through the model's chat template.
+
+        Raises:
+            EmptyPromptError: every message (and the system text) is empty or whitespace.
+        """
+        system = _system_text(request)
+        messages = [{"role": m.role, "content": m.text or ""} for m in request.messages]
+        if not system.strip() and not any(m["content"].strip() for m in messages):
+            raise EmptyPromptError(
+                "request has no text: every message is empty or whitespace; pass a non-empty prompt"
+            )
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return self.render_messages(messages)
+
+    def render_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids for chat messages (`role`, `content`), ending with the assistant turn."""
+        tok = self.tokenizer
+        if getattr(tok, "chat_template", None):
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        text = "".join(f"{m['role']}: {m['content']}\n\n" for m in messages) + "assistant:"
+        return list(tok(text, add_special_tokens=True)["input_ids"])
+
+    def soft_prompt_for(self, request: Request) -> tuple[str, int, torch.Tensor] | None:
+        """`(task, version, tensor)` named by the request's metadata, or None."""
+        extensions = request.config.extensions or {}
+        metadata = extensions.get("metadata") or {}
+        task = metadata.get(METADATA_TASK) if isinstance(metadata, dict) else None
+        if not task:
+            return None
+        asked = metadata.get(METADATA_VERSION)
+        version, tensor = self.registry.resolve(str(task), None if asked is None else int(asked))
+        check_soft_prompt(tensor, hidden_size=self.hidden_size, where=f"soft prompt of task {task!r} v{version}")
+        return str(task), version, tensor
+
+    def build_row(self, request: Request, *, n: int = 1, soft_prompt: torch.Tensor | None = None) -> GenRow:
+        """Validate a request and turn it into a decode row (used by `complete` and `sample`)."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidRequestError(f"n must be an integer >= 1, got {n!r}")
+        cfg = request.config
+        if cfg.max_tokens is not None and cfg.max_tokens <= 0:
+            raise InvalidRequestError(f"max_tokens must be >= 1, got {cfg.max_tokens}")
+        ids = self.render(request)
+        if soft_prompt is None:
+            found = self.soft_prompt_for(request)
+            soft_prompt = found[2] if found else None
+        else:
+            check_soft_prompt(soft_prompt, hidden_size=self.hidden_size)
+        k = 0 if soft_prompt is None else int(soft_prompt.shape[0])
+        want = cfg.max_tokens or self.config.default_max_tokens
+        if self.config.overflow is Overflow.TRUNCATE_MIDDLE and len(ids) + k + want > self.context_length:
+            budget = self.context_length - k - min(want, self.context_length // 2)
+            if budget >= 8:  # keep the head (instructions) and the tail (question, answer cue)
+                head = budget // 4
+                ids = ids[:head] + ids[len(ids) - (budget - head):]
+        room = self.context_length - len(ids) - k
+        if room < 1:
+            raise ContextLengthError(
+                f"prompt is {len(ids)} tokens + {k} soft-prompt vectors = {len(ids) + k} positions, "
+                f"but the model's context is {self.context_length}; shorten the prompt or use fewer demos"
+            )
+        max_new = min(want, room)
+        return GenRow(
+            prompt_ids=ids,
+            soft_prompt=soft_prompt,
+            n=n,
+            temperature=float(cfg.temperature or 0.0),
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            max_new_tokens=max_new,
+            stop=tuple(cfg.stop or ()),
+            seed=cfg.seed,
+        )
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One completion drawn by `LocalEngine.sample`.
+
+    Attributes:
+        text: the completion text.
+        output_tokens: tokens generated for it.
+        logprob: summed log-probability of those tokens under the model (before temperature).
+        finish_reason: `stop` or `length`.
+    """
+
+    text: str
+    output_tokens: int
+    logprob: float
+    finish_reason: str
+
+
+class BatchedEngine(RequestBuilder):
+    """The DSPy engine contract on top of `_run(rows)`: dynamic batching, `sample`, `complete`, state.
+
+    Subclasses set `config`, `registry`, `source`, `_batcher = None`, `_batcher_lock` and implement
+    `_run(rows) -> outputs per row`; `id_prefix` names their responses.
+    """
+
+    supported_params = frozenset({"temperature", "top_p", "max_tokens", "stop", "seed"})
+    id_prefix = "engine"
+    source: ModelSource
+    _batcher: DynamicBatcher | None
+    _batcher_lock: threading.Lock
+
+    @property
+    def name(self) -> str:
+        """Short model name (file or folder name), used in `local/<name>` and `vllm/<name>`."""
+        return self.source.name
+
+    def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
+        raise NotImplementedError
+
+    def _decode(self, row: GenRow) -> list[GenOutput]:
+        if not self.config.dynamic_batching:
+            return self._run([row])[0]
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = DynamicBatcher(self._run, max_batch_size=self.config.max_batch_size,
+                                               max_wait_ms=self.config.max_wait_ms)
+            batcher = self._batcher
+        return batcher.submit(row).result()
+
+    def sample(self, request: Request, n: int, *, soft_prompt: torch.Tensor | None = None) -> list[Sample]:
+        """Draw `n` completions of one request from a single shared prefill.
+
+        Args:
+            request: the canonical request (temperature, top_p, max_tokens, stop, seed honoured;
+                temperature 0 or unset means greedy, so all n samples are equal).
+            n: number of samples (>= 1).
+            soft_prompt: a `(k, hidden)` tensor to use instead of the one named in metadata.
+        """
+        row = self.build_row(request, n=n, soft_prompt=soft_prompt)
+        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason) for o in self._decode(row)]
+
+    def complete(self, request: Request) -> Response:
+        """DSPy engine entry point: one request, one response (with token usage)."""
+        row = self.build_row(request)
+        out = self._decode(row)[0]
+        k = 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])
+        return Response(
+            id=f"{self.id_prefix}-{uuid.uuid4().hex[:12]}",
+            model=request.model,
+            message=Message.assistant([TextPart(out.text)]),
+            finish_reason="stop" if out.finish_reason == "stop" else "length",
+            usage=Usage(input_tokens=len(row.prompt_ids) + k, output_tokens=len(out.token_ids)),
+        )
+
+    def stream(self, request: Request) -> Iterator[Any]:
+        """Non-incremental stream: the whole response as canonical events."""
+        return iter(response_to_events(self.complete(request)))
+
+    def close(self) -> None:
+        """Stop the batcher thread (the engine may be used again afterwards)."""
+        with self._batcher_lock:
+            batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
+
+    def dump_state(self) -> dict[str, Any]:
+        """Settings that rebuild this engine (the model by the spec the user gave)."""
+        state = self.config.model_dump(mode="json")
+        state["model"] = self.source.spec
+        return state
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> BatchedEngine:
+        """Rebuild an engine from `dump_state()`."""
+        raise NotImplementedError

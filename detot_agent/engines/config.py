@@ -1,0 +1,79 @@
+"""Settings of the engines: where the model runs, in what dtype, how requests are batched.
+
+Example:
+    >>> EngineConfig(max_batch_size=8).max_batch_size
+    8
+    >>> EngineConfig(max_batch_size=0)
+    Traceback (most recent call last):
+    ...
+    detot_agent.errors.ConfigError: invalid EngineConfig:
+      max_batch_size: Input should be greater than or equal to 1 (got 0)
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+from pydantic import Field
+
+from detot_agent.config import StrictModel
+
+__all__ = ["DType", "Device", "EngineConfig", "Overflow"]
+
+
+class Device(str, Enum):
+    """Where the model runs. `auto` picks CUDA when present, else the CPU."""
+
+    AUTO = "auto"
+    CPU = "cpu"
+    CUDA = "cuda"
+    MPS = "mps"
+
+
+class DType(str, Enum):
+    """Floating-point type of the model weights. `auto`: bfloat16 on CUDA, float32 elsewhere."""
+
+    AUTO = "auto"
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    FLOAT16 = "float16"
+
+
+class Overflow(str, Enum):
+    """What the engine does with a prompt longer than the model's context.
+
+    `error` refuses it (`ContextLengthError`). `truncate_middle` keeps the first quarter and the
+    last three quarters of the token budget and drops the middle, so the instructions at the
+    start and the question and answer cue at the end survive; the budget is the context minus
+    the soft prompt minus the requested new tokens (at most half the context).
+    """
+
+    ERROR = "error"
+    TRUNCATE_MIDDLE = "truncate_middle"
+
+
+class EngineConfig(StrictModel):
+    """Settings of `LocalEngine`.
+
+    Attributes:
+        model: a local Hugging Face folder, a `.gguf` file, or a hub id (only where a
+            hub is reachable). None means the embedded default model.
+        device: `auto`, `cpu`, `cuda` or `mps`.
+        dtype: weight dtype; `auto` is bfloat16 on CUDA and float32 elsewhere.
+        dynamic_batching: gather concurrent `complete` calls into one batch.
+        max_batch_size: most sequences (rows x samples) decoded together.
+        max_wait_ms: how long the batcher waits for more requests after the first.
+        default_max_tokens: new tokens when a request does not say.
+        attn_implementation: passed to transformers (`sdpa`, `eager`, ...); None keeps its default.
+        overflow: prompts longer than the context: `error` (default) or `truncate_middle` (see `Overflow`).
+    """
+
+    model: str | None = None
+    device: Device = Device.AUTO
+    dtype: DType = DType.AUTO
+    dynamic_batching: bool = True
+    max_batch_size: int = Field(default=16, ge=1, le=4096)
+    max_wait_ms: float = Field(default=5.0, ge=0.0, le=10_000.0)
+    default_max_tokens: int = Field(default=512, ge=1)
+    attn_implementation: str | None = None
+    overflow: Overflow = Overflow.ERROR

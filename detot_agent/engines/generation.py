@@ -1,0 +1,252 @@
+"""Batched decoding with a shared prefill, per-row soft prompts and per-row sampling settings.
+
+`generate_rows` is the one place where tokens are produced. Each `GenRow` is one
+prompt that wants `n` samples. All rows are prefilled together in one forward
+pass; every row is prefilled once, however many samples it asks for, and its
+key/value cache is then copied `n` times for decoding (on long prompts the
+prefill dominates, so this is where batching pays most).
+
+Layout of the prefill batch (left padding)::
+
+    row 0:  [pad pad pad | s s s s | t t t t t]
+    row 1:  [pad | s s s s | t t t t t t t t t]
+    row 2:  [pad pad pad pad pad pad | t t t t]      (no soft prompt)
+
+The soft prompt `s` sits directly before the row's own tokens `t`, never before
+the pads (PEFT issue 1093), and position ids count from the first non-pad
+position, so a row decodes the same whatever its batch-mates are.
+
+Example:
+    >>> from detot_agent.engines.generation import GenRow
+    >>> GenRow(prompt_ids=[1, 2, 3], n=2).n
+    2
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+__all__ = ["GenOutput", "GenRow", "embed_row", "generate_rows", "text_seed"]
+
+
+@dataclass
+class GenRow:
+    """One prompt to decode.
+
+    Attributes:
+        prompt_ids: token ids of the rendered prompt.
+        soft_prompt: optional `(k, hidden)` tensor placed before the prompt's embeddings.
+        n: number of samples to draw from this prompt.
+        temperature: 0 means greedy.
+        top_p: nucleus sampling mass (None or 1.0: off).
+        top_k: keep only the k most likely tokens (None: off).
+        max_new_tokens: most tokens to generate per sample.
+        stop: strings that end a sample (the string itself is cut from the text).
+        seed: makes the samples reproducible; sample i uses seed + i.
+    """
+
+    prompt_ids: list[int]
+    soft_prompt: torch.Tensor | None = None
+    n: int = 1
+    temperature: float = 0.0
+    top_p: float | None = None
+    top_k: int | None = None
+    max_new_tokens: int = 64
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenOutput:
+    """One sample.
+
+    Attributes:
+        text: decoded completion (special tokens removed, cut at the first stop string).
+        token_ids: generated token ids (including a final end-of-sequence token, if any).
+        finish_reason: `stop` (end token or stop string) or `length`.
+        logprob: sum of the model's log-probabilities of the generated tokens, under the raw
+            distribution (before temperature, top-p and top-k).
+    """
+
+    text: str
+    token_ids: list[int] = field(default_factory=list)
+    finish_reason: str = "length"
+    logprob: float = 0.0
+
+
+def text_seed(text: str) -> int:
+    """A seed derived from the input text (the first 32 bits of its SHA-256): same input, same samples.
+
+    Example:
+        >>> text_seed("2 + 3?") == text_seed("2 + 3?") != text_seed("2 + 4?")
+        True
+    """
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
+
+
+def _pick(logits: torch.Tensor, row: GenRow, generator: torch.Generator | None) -> int:
+    # logits: (V,) float32
+    if row.temperature <= 0:
+        return int(torch.argmax(logits))
+    scores = logits / row.temperature
+    if row.top_k is not None and 0 < row.top_k < scores.shape[-1]:
+        kth = torch.topk(scores, row.top_k).values[-1]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if row.top_p is not None and row.top_p < 1.0:
+        sorted_scores, order = torch.sort(scores, descending=True)
+        cum = torch.softmax(sorted_scores, dim=-1).cumsum(-1)
+        drop = cum - torch.softmax(sorted_scores, dim=-1) >= row.top_p  # keep the token that crosses top_p
+        sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
+        scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
+    probs = torch.softmax(scores, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def _find_stop(text: str, stops: tuple[str, ...]) -> int:
+    cut = -1
+    for s in stops:
+        i = text.find(s)
+        if i >= 0 and (cut < 0 or i < cut):
+            cut = i
+    return cut
+
+
+def embed_row(embed: torch.nn.Module, row: GenRow, *, device: torch.device | str, dtype: torch.dtype
+              ) -> torch.Tensor:
+    """The row's input embeddings: its soft prompt, then its token embeddings. Shape `(k + T, hidden)`.
+
+    This is what the model's first layer sees for the row (before padding). `VLLMEngine` sends the
+    same tensor to vLLM as `prompt_embeds`.
+
+    Example:
+        >>> import torch
+        >>> embed = torch.nn.Embedding(10, 4)
+        >>> row = GenRow(prompt_ids=[1, 2, 3], soft_prompt=torch.zeros(2, 4))
+        >>> tuple(embed_row(embed, row, device="cpu", dtype=torch.float32).shape)
+        (5, 4)
+    """
+    with torch.inference_mode():
+        ids = torch.tensor(row.prompt_ids, dtype=torch.long, device=device)
+        tok = embed(ids).to(dtype)  # (T, H)
+        if row.soft_prompt is not None:
+            tok = torch.cat([row.soft_prompt.to(device=device, dtype=dtype), tok], dim=0)  # (k+T, H)
+        return tok
+
+
+@torch.inference_mode()
+def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) -> list[list[GenOutput]]:
+    """Decode every row; returns, per row, its `n` samples in order.
+
+    Args:
+        model: a frozen Hugging Face causal LM.
+        tokenizer: its tokenizer (for decoding and stop strings).
+        rows: prompts to decode together.
+        eos_ids: token ids that end a sample.
+    """
+    if not rows:
+        return []
+    device = model.device
+    embed = model.get_input_embeddings()
+    dtype = embed.weight.dtype
+
+    # ---- prefill: one forward over all distinct prompts, left padded
+    seqs = [embed_row(embed, row, device=device, dtype=dtype) for row in rows]
+    B, L, H = len(rows), max(s.shape[0] for s in seqs), seqs[0].shape[1]
+    inputs = torch.zeros(B, L, H, dtype=dtype, device=device)  # (B, L, H)
+    mask = torch.zeros(B, L, dtype=torch.long, device=device)  # (B, L)
+    for i, seq in enumerate(seqs):
+        inputs[i, L - seq.shape[0] :] = seq
+        mask[i, L - seq.shape[0] :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
+    cache = DynamicCache()
+    out = model(
+        inputs_embeds=inputs,
+        attention_mask=mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+    )
+    logits = out.logits[:, -1, :].float()  # (B, V)
+    cache = out.past_key_values
+
+    # ---- fan out: sample j of row i gets a copy of row i's cache
+    owner = [i for i, row in enumerate(rows) for _ in range(row.n)]  # sequence -> row
+    index = torch.tensor(owner, dtype=torch.long, device=device)
+    if len(owner) != B or owner != list(range(B)):
+        cache.reorder_cache(index)
+        logits, mask = logits[index], mask[index]
+    next_pos = positions[index, -1] + 1  # (S,)
+    generators: list[torch.Generator | None] = []
+    for row in rows:
+        for j in range(row.n):
+            if row.seed is not None and row.temperature > 0:
+                g = torch.Generator(device="cpu")
+                g.manual_seed(row.seed + j)
+                generators.append(g)
+            else:
+                generators.append(None)
+
+    S = len(owner)
+    tokens: list[list[int]] = [[] for _ in range(S)]
+    logprob = [0.0] * S
+    texts: list[str | None] = [None] * S
+    finish = ["length"] * S
+    active = list(range(S))  # sequence ids still decoding; row k of the cache is active[k]
+    while active:
+        chosen: list[int] = []
+        still: list[int] = []
+        cpu_logits = logits.cpu()
+        for k, s in enumerate(active):
+            row = rows[owner[s]]
+            tok = _pick(cpu_logits[k], row, generators[s])
+            logprob[s] += float(torch.log_softmax(cpu_logits[k], dim=-1)[tok])
+            tokens[s].append(tok)
+            done = False
+            if tok in eos_ids:
+                finish[s], done = "stop", True
+            elif row.stop:
+                text = tokenizer.decode(tokens[s], skip_special_tokens=True)
+                cut = _find_stop(text, row.stop)
+                if cut >= 0:
+                    texts[s], finish[s], done = text[:cut], "stop", True
+            if not done and len(tokens[s]) >= row.max_new_tokens:
+                done = True
+            if not done:
+                still.append(k)
+                chosen.append(tok)
+        if not still:
+            break
+        if len(still) != len(active):
+            keep = torch.tensor(still, dtype=torch.long, device=device)
+            cache.reorder_cache(keep)
+            mask, next_pos = mask[keep], next_pos[keep]
+            active = [active[k] for k in still]
+        step_ids = torch.tensor(chosen, dtype=torch.long, device=device).unsqueeze(1)  # (A, 1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)  # (A, L+t)
+        out = model(
+            input_ids=step_ids,
+            attention_mask=mask,
+            position_ids=next_pos.unsqueeze(1),
+            past_key_values=cache,
+            use_cache=True,
+        )
+        cache = out.past_key_values
+        logits = out.logits[:, -1, :].float()  # (A, V)
+        next_pos = next_pos + 1
+
+    results: list[list[GenOutput]] = [[] for _ in rows]
+    for s in range(S):
+        text = texts[s]
+        if text is None:
+            kept = [t for t in tokens[s] if t not in eos_ids]
+            text = tokenizer.decode(kept, skip_special_tokens=True)
+            cut = _find_stop(text, rows[owner[s]].stop)
+            if cut >= 0:
+                text, finish[s] = text[:cut], "stop"
+        results[owner[s]].append(GenOutput(text, tokens[s], finish[s], logprob[s]))
+    return results

@@ -1,0 +1,487 @@
+"""`ExemplarIndex`: a FAISS store of exemplars (text + fields) with stable ids.
+
+Search is exact up to `exact_threshold` records (a BLAS matrix product over the
+stored vectors: for single queries it beats FAISS's flat index, which only
+switches to BLAS for batches of 20 or more) and FAISS IVF-Flat above it.
+When the IVF index is built, its `nprobe` is tuned: the smallest power of two
+whose recall@10 against exact search, measured on a sample of stored vectors
+used as queries (their own entry excluded), reaches `target_recall`. The
+measured recall is kept in `stats()` and the manifest.
+
+Vectors are unit-normalised, so inner product is cosine similarity.
+
+Example:
+    >>> import numpy as np
+    >>> from detot_agent.retrieval.index import Exemplar, ExemplarIndex
+    >>> idx = ExemplarIndex(encoder_name="demo", dim=3)
+    >>> vecs = np.eye(3, dtype=np.float32)
+    >>> idx.add_vectors([Exemplar(id=f"e{i}", text=f"t{i}", fields={"split": "a"}) for i in range(3)], vecs)
+    >>> [h.id for h in idx.search(np.array([0.9, 0.1, 0.0], dtype=np.float32), 2)]
+    ['e0', 'e1']
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+from pydantic import Field, ValidationError
+
+from detot_agent.config import StrictModel
+from detot_agent.errors import ArtefactError, EmptyIndexError, IndexDataError
+from detot_agent.io.persist import load_tensors, read_manifest, save_tensors
+from detot_agent.io.records import Exemplar
+from detot_agent.retrieval.encoder import Encoder
+
+__all__ = ["Exemplar", "ExemplarIndex", "Hit", "IndexConfig"]
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A search result: the exemplar and its score (cosine similarity, or the MMR score when `mmr` is set)."""
+
+    id: str
+    text: str
+    fields: dict[str, Any]
+    score: float
+
+
+def _check_vectors(vecs: np.ndarray, dim: int, what: str) -> np.ndarray:
+    arr = np.ascontiguousarray(np.asarray(vecs, dtype=np.float32))
+    if arr.ndim != 2 or arr.shape[1] != dim:
+        raise IndexDataError(f"{what} must have shape (N, {dim}), got {arr.shape}")
+    bad = ~np.isfinite(arr).all(axis=1)
+    if bad.any():
+        raise IndexDataError(f"{what}: {int(bad.sum())} vector(s) hold NaN or inf (first at row {int(bad.argmax())})")
+    return arr
+
+
+def _matches(fields: dict[str, Any], where: dict[str, Any]) -> bool:
+    for key, want in where.items():
+        have = fields.get(key)
+        if isinstance(want, (list, tuple, set, frozenset)):
+            if have not in want:
+                return False
+        elif have != want:
+            return False
+    return True
+
+
+class IndexConfig(StrictModel):
+    """Search settings of an `ExemplarIndex` (validated when built).
+
+    Attributes:
+        exact_threshold: most records searched exactly; above it an IVF index is built.
+        target_recall: recall@10 the IVF `nprobe` is tuned to reach.
+    """
+
+    exact_threshold: int = Field(default=50_000, ge=0)
+    target_recall: float = Field(default=0.97, gt=0, le=1)
+
+
+class ExemplarIndex:
+    """FAISS-backed exemplar store.
+
+    Args:
+        encoder: encodes record texts in `add` and query texts in `search_text`; may be None when
+            vectors are supplied (then give `encoder_name` and `dim`).
+        encoder_name: recorded in the manifest; defaults to `encoder.name`.
+        dim: vector dimension; defaults to `encoder.dim`.
+        exact_threshold: most records searched exactly; above it an IVF index is built.
+        target_recall: recall@10 the IVF `nprobe` is tuned to reach.
+    """
+
+    FORMAT = "detot-exemplar-index"
+    FORMAT_VERSION = 1
+    VECTORS = "vectors.safetensors"
+
+    def __init__(
+        self,
+        encoder: Encoder | None = None,
+        *,
+        encoder_name: str | None = None,
+        dim: int | None = None,
+        exact_threshold: int = 50_000,
+        target_recall: float = 0.97,
+    ) -> None:
+        if encoder is None and (encoder_name is None or dim is None):
+            raise IndexDataError("an index without an encoder needs encoder_name= and dim=")
+        self.config = IndexConfig(exact_threshold=exact_threshold, target_recall=target_recall)
+        self.encoder = encoder
+        self.encoder_name: str = encoder_name or (encoder.name if encoder else "")
+        self.dim: int = int(dim or (encoder.dim if encoder else 0))
+        if encoder is not None and (encoder.name != self.encoder_name or encoder.dim != self.dim):
+            raise IndexDataError(
+                f"encoder {encoder.name!r} ({encoder.dim} dims) does not match encoder_name={self.encoder_name!r}, "
+                f"dim={self.dim}"
+            )
+        self.exact_threshold = self.config.exact_threshold
+        self.target_recall = self.config.target_recall
+        self._vecs = np.zeros((0, self.dim), dtype=np.float32)
+        self._records: list[Exemplar | None] = []
+        self._row_of: dict[str, int] = {}
+        self._faiss: Any = None  # the IVF index, when approximate
+        self._flat: tuple[np.ndarray, np.ndarray] | None = None  # (rows, vectors) of live records, when exact
+        self._kind = "flat"
+        self._nprobe = 0
+        self._recall: float | None = None
+        self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ExemplarIndex:
+        return self  # held by reference: optimizers copy programs, not indexes
+
+    def __len__(self) -> int:
+        return len(self._row_of)
+
+    def __contains__(self, exemplar_id: object) -> bool:
+        return exemplar_id in self._row_of
+
+    # ---- writing ---------------------------------------------------------------------
+    def add(self, records: Iterable[Exemplar | dict[str, Any]]) -> None:
+        """Embed and add records (`Exemplar`s or dicts with id, text, fields)."""
+        recs = self._validate_records(records)
+        if self.encoder is None:
+            raise IndexDataError("this index has no encoder; use add_vectors(records, vectors)")
+        self.add_vectors(recs, self.encoder.encode([r.text for r in recs]))
+
+    def add_vectors(self, records: Sequence[Exemplar | dict[str, Any]], vectors: np.ndarray) -> None:
+        """Add records with their (unit) vectors; ids must be new and unique."""
+        recs = self._validate_records(records)
+        vecs = _check_vectors(vectors, self.dim, "vectors")
+        if len(vecs) != len(recs):
+            raise IndexDataError(f"{len(recs)} records but {len(vecs)} vectors")
+        norms = np.linalg.norm(vecs, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise IndexDataError(f"{int((norms == 0).sum())} vector(s) are all zeros")
+        vecs = vecs / norms
+        with self._lock:
+            clash = [r.id for r in recs if r.id in self._row_of]
+            if clash:
+                raise IndexDataError(f"ids already in the index: {clash[:5]}{' ...' if len(clash) > 5 else ''}")
+            start = len(self._records)
+            self._vecs = np.concatenate([self._vecs, vecs]) if len(self._vecs) else vecs.copy()
+            for i, r in enumerate(recs):
+                self._records.append(r)
+                self._row_of[r.id] = start + i
+            self._flat = None  # rebuilt on the next search
+            if self._faiss is not None:
+                self._faiss.add_with_ids(vecs, np.arange(start, start + len(recs), dtype=np.int64))
+
+    def remove(self, ids: Iterable[str]) -> int:
+        """Remove records by id; unknown ids are an error. Returns how many were removed."""
+        ids = list(ids)
+        with self._lock:
+            unknown = [i for i in ids if i not in self._row_of]
+            if unknown:
+                raise IndexDataError(f"ids not in the index: {unknown[:5]}")
+            rows = np.array([self._row_of.pop(i) for i in ids], dtype=np.int64)
+            for r in rows:
+                self._records[r] = None
+            self._flat = None
+            if self._faiss is not None:
+                self._faiss.remove_ids(rows)
+            return len(rows)
+
+    def _validate_records(self, records: Iterable[Exemplar | dict[str, Any]]) -> list[Exemplar]:
+        out: list[Exemplar] = []
+        for i, r in enumerate(records):
+            if isinstance(r, Exemplar):
+                out.append(r)
+                continue
+            try:
+                out.append(Exemplar(**r))
+            except (ValidationError, TypeError) as exc:
+                detail = exc.errors()[0]["msg"] if isinstance(exc, ValidationError) else str(exc)
+                rid = r.get("id") if isinstance(r, dict) else None
+                raise IndexDataError(f"record #{i} (id={rid!r}) is invalid: {detail}") from None
+        seen: set[str] = set()
+        dups = [r.id for r in out if r.id in seen or seen.add(r.id)]  # type: ignore[func-returns-value]
+        if dups:
+            raise IndexDataError(f"duplicate ids in the records: {sorted(set(dups))[:5]}")
+        return out
+
+    # ---- the FAISS index -------------------------------------------------------------
+    def _alive_rows(self) -> np.ndarray:
+        return np.fromiter(self._row_of.values(), dtype=np.int64, count=len(self._row_of))
+
+    def _ensure_index(self) -> Any:
+        """The IVF index when approximate; None when exact (then `_flat` holds the live vectors)."""
+        if self._faiss is not None:
+            return self._faiss
+        if self._flat is not None:
+            return None
+        rows = np.sort(self._alive_rows())
+        vecs = self._vecs[rows]
+        if len(rows) <= self.exact_threshold:
+            self._flat = (rows, np.ascontiguousarray(vecs))
+            self._kind, self._nprobe, self._recall = "flat", 0, 1.0
+            return None
+        else:
+            nlist = int(2 ** round(math.log2(4 * math.sqrt(len(rows)))))
+            quantizer = faiss.IndexFlatIP(self.dim)
+            index = faiss.IndexIVFFlat(quantizer, self.dim, nlist, faiss.METRIC_INNER_PRODUCT)
+            rng = np.random.default_rng(0)
+            train = vecs[rng.choice(len(vecs), size=min(len(vecs), 40 * nlist), replace=False)]
+            index.cp.niter = 10  # plenty for the coarse quantizer; nprobe is tuned below
+            index.train(train)
+            index.add_with_ids(vecs, rows)
+            self._kind = "ivf"
+            self._nprobe, self._recall = self._tune_nprobe(index, vecs, rows, nlist)
+            index.nprobe = self._nprobe
+        self._faiss = index
+        return index
+
+    def _tune_nprobe(self, index: Any, vecs: np.ndarray, rows: np.ndarray, nlist: int) -> tuple[int, float]:
+        rng = np.random.default_rng(1)
+        pick = rng.choice(len(vecs), size=min(200, len(vecs)), replace=False)
+        queries = vecs[pick]
+        exact = faiss.IndexFlatIP(self.dim)
+        exact.add(vecs)
+        _, truth = exact.search(queries, 11)
+        truth_rows = [set(rows[t[1:]].tolist()) for t in truth]  # own entry excluded
+        nprobe, recall = 1, 0.0
+        while True:
+            index.nprobe = nprobe
+            _, got = index.search(queries, 11)
+            recall = float(np.mean([len(truth_rows[i] & set(g[1:].tolist())) / 10 for i, g in enumerate(got)]))
+            if recall >= self.target_recall or nprobe >= nlist:
+                return nprobe, recall
+            nprobe *= 2
+
+    def stats(self) -> dict[str, Any]:
+        """Records, index type, nprobe and measured recall@10 of the approximate index (1.0 when exact)."""
+        with self._lock:
+            self._ensure_index() if len(self) else None
+            return {"count": len(self), "dim": self.dim, "encoder": self.encoder_name, "index_type": self._kind,
+                    "nprobe": self._nprobe, "recall_at_10": self._recall}
+
+    # ---- searching ---------------------------------------------------------------------
+    def search(
+        self,
+        query: np.ndarray,
+        k: int,
+        *,
+        mmr: float | None = None,
+        where: dict[str, Any] | None = None,
+        fetch_k: int | None = None,
+    ) -> list[Hit]:
+        """Top-k exemplars for one query vector.
+
+        Args:
+            query: `(dim,)` vector (normalised here).
+            k: results wanted; 1 <= k <= len(index). With `where`, fewer come back if fewer match.
+            mmr: lambda in [0, 1] for maximal marginal relevance (1 = pure relevance); None = plain top-k.
+            where: field filter, `{"field": value}` or `{"field": [allowed, values]}`; all must hold.
+            fetch_k: candidates considered by MMR (default max(4k, 20)).
+        """
+        return self.search_many(np.asarray(query, dtype=np.float32).reshape(1, -1), k, mmr=mmr, where=where,
+                                fetch_k=fetch_k)[0]
+
+    def search_text(self, text: str, k: int, **kwargs: Any) -> list[Hit]:
+        """Encode `text` with the index's encoder and search."""
+        if self.encoder is None:
+            raise IndexDataError("this index has no encoder; pass a vector to search()")
+        return self.search(self.encoder.encode([text])[0], k, **kwargs)
+
+    def search_many(
+        self,
+        queries: np.ndarray,
+        k: int,
+        *,
+        mmr: float | None = None,
+        where: dict[str, Any] | None = None,
+        fetch_k: int | None = None,
+    ) -> list[list[Hit]]:
+        """`search` for a batch of query vectors `(N, dim)`."""
+        q = _check_vectors(queries, self.dim, "query")
+        norms = np.linalg.norm(q, axis=1, keepdims=True)
+        if (norms == 0).any():
+            raise IndexDataError("query vector is all zeros")
+        q = q / norms
+        if mmr is not None and not 0.0 <= mmr <= 1.0:
+            raise IndexDataError(f"mmr lambda must be in [0, 1], got {mmr}")
+        with self._lock:
+            n = len(self)
+            if n == 0:
+                raise EmptyIndexError("the index is empty; add exemplars before searching")
+            if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k > n:
+                raise IndexDataError(f"k must be an integer in [1, {n}] (the index holds {n} records), got {k!r}")
+            index = self._ensure_index()
+            want = k if mmr is None else min(n, max(fetch_k or 4 * k, 20, k))
+            if where:
+                rows = np.array([r for r, rec in enumerate(self._records) if rec is not None
+                                 and _matches(rec.fields, where)], dtype=np.int64)
+                if len(rows) == 0:
+                    return [[] for _ in range(len(q))]
+                want = min(want, len(rows))
+                scores, found = self._filtered_search(index, q, rows, want)
+            elif index is None:
+                rows, vecs = self._flat  # type: ignore[misc]
+                scores, found = self._exact(q, rows, vecs, want)
+            else:
+                scores, found = index.search(q, want)
+            out: list[list[Hit]] = []
+            for i in range(len(q)):
+                cand = [(int(r), float(s)) for r, s in zip(found[i], scores[i], strict=True) if r >= 0]
+                if mmr is not None:
+                    cand = self._mmr(q[i], cand, k, mmr)
+                out.append([self._hit(r, s) for r, s in cand[:k]])
+            return out
+
+    @staticmethod
+    def _exact(q: np.ndarray, rows: np.ndarray, vecs: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
+        sims = q @ vecs.T  # (Q, R)
+        if want < sims.shape[1]:
+            part = np.argpartition(-sims, want - 1, axis=1)[:, :want]  # (Q, want), unordered
+        else:
+            part = np.broadcast_to(np.arange(sims.shape[1]), (len(q), sims.shape[1]))
+        part_sims = np.take_along_axis(sims, part, axis=1)
+        order = np.argsort(-part_sims, axis=1, kind="stable")
+        top = np.take_along_axis(part, order, axis=1)
+        return np.take_along_axis(sims, top, axis=1), rows[top]
+
+    def _filtered_search(self, index: Any, q: np.ndarray, rows: np.ndarray, want: int) -> tuple[Any, Any]:
+        # Exact over the matching rows unless they are many (an IVF probe could miss a small subset entirely).
+        if index is None or len(rows) <= self.exact_threshold:
+            return self._exact(q, rows, self._vecs[rows], want)
+        sel = faiss.IDSelectorBatch(rows)
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=max(self._nprobe, 1))  # type: ignore[call-arg]
+        return index.search(q, want, params=params)
+
+    def _mmr(self, q: np.ndarray, cand: list[tuple[int, float]], k: int, lam: float) -> list[tuple[int, float]]:
+        rows = np.array([r for r, _ in cand], dtype=np.int64)
+        vecs = self._vecs[rows]  # (C, D)
+        rel = vecs @ q  # (C,)
+        sim = vecs @ vecs.T  # (C, C)
+        chosen: list[int] = []
+        best_sim = np.full(len(rows), -np.inf, dtype=np.float32)
+        picked: list[tuple[int, float]] = []
+        for _ in range(min(k, len(rows))):
+            redundancy = np.where(np.isfinite(best_sim), best_sim, 0.0)
+            score = lam * rel - (1 - lam) * redundancy
+            score[chosen] = -np.inf
+            j = int(np.argmax(score))
+            chosen.append(j)
+            picked.append((int(rows[j]), float(score[j])))
+            best_sim = np.maximum(best_sim, sim[j])
+        return picked
+
+    def _hit(self, row: int, score: float) -> Hit:
+        rec = self._records[row]
+        assert rec is not None
+        return Hit(rec.id, rec.text, dict(rec.fields), score)
+
+    def get(self, exemplar_id: str) -> Exemplar:
+        """The record with this id."""
+        row = self._row_of.get(exemplar_id)
+        if row is None:
+            raise IndexDataError(f"id {exemplar_id!r} is not in the index")
+        rec = self._records[row]
+        assert rec is not None
+        return rec
+
+    def records(self) -> list[Exemplar]:
+        """The live records, in insertion order."""
+        with self._lock:
+            return [r for r in self._records if r is not None and r.id in self._row_of]
+
+    def vectors(self, ids: Sequence[str]) -> np.ndarray:
+        """Stored unit vectors of these ids, `(len(ids), dim)`."""
+        with self._lock:
+            rows = []
+            for i in ids:
+                if i not in self._row_of:
+                    raise IndexDataError(f"id {i!r} is not in the index")
+                rows.append(self._row_of[i])
+            return self._vecs[np.array(rows, dtype=np.int64)].copy()
+
+    # ---- persistence ---------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Atomically save vectors (safetensors), records (JSONL) and the FAISS index, with a manifest."""
+
+        with self._lock:
+            self._compact()
+            index = self._ensure_index() if len(self) else None
+            meta = {"encoder": self.encoder_name, "dim": self.dim, "count": len(self), "index_type": self._kind,
+                    "nprobe": self._nprobe, "recall_at_10": self._recall, "exact_threshold": self.exact_threshold,
+                    "target_recall": self.target_recall}
+            records = "".join(json.dumps(rec.model_dump(), ensure_ascii=False) + "\n"
+                              for rec in self._records if rec is not None)
+            files = {"records.jsonl": records.encode("utf-8")}
+            if index is not None:
+                files["faiss.index"] = faiss.serialize_index(index).tobytes()
+            save_tensors(path, kind=self.FORMAT, version=self.FORMAT_VERSION, meta=meta, filename=self.VECTORS,
+                         tensors={"vectors": self._vecs}, files=files)
+        return Path(path)
+
+    def _compact(self) -> None:
+        if len(self._records) == len(self):
+            return
+        rows = np.sort(self._alive_rows())
+        self._vecs = self._vecs[rows]
+        self._records = [self._records[r] for r in rows]
+        self._row_of = {rec.id: i for i, rec in enumerate(self._records) if rec is not None}
+        self._flat = None
+        if self._faiss is not None:
+            self._faiss.reset()  # IVF keeps its trained centroids
+            self._faiss.add_with_ids(self._vecs, np.arange(len(rows), dtype=np.int64))
+
+    @classmethod
+    def load(cls, path: str | Path, *, encoder: Encoder | None = None) -> ExemplarIndex:
+        """Load a saved index, checking checksums, counts, shapes and the encoder.
+
+        Raises:
+            ArtefactError: corrupted or truncated files, a newer format, or an index built with another
+                encoder or dimension than `encoder` (the message names both).
+        """
+        path = Path(path)
+        m = read_manifest(path, kind=cls.FORMAT, max_version=cls.FORMAT_VERSION, verify=False)
+        if encoder is not None and (encoder.name != m.get("encoder") or encoder.dim != m.get("dim")):
+            raise ArtefactError(
+                f"{path} was built with encoder {m.get('encoder')!r} ({m.get('dim')} dims), but the encoder given is "
+                f"{encoder.name!r} ({encoder.dim} dims); rebuild the index or pass the same encoder"
+            )
+        m, arrays = load_tensors(path, kind=cls.FORMAT, max_version=cls.FORMAT_VERSION, filename=cls.VECTORS,
+                                 names=("vectors",), framework="np")
+        folder = Path(m["_dir"])
+        vecs = arrays["vectors"]
+        count, dim = int(m["count"]), int(m["dim"])
+        if vecs.shape != (count, dim) or vecs.dtype != np.float32:
+            raise ArtefactError(f"{folder}/vectors.safetensors holds {vecs.dtype} {vecs.shape}, manifest says "
+                                f"float32 ({count}, {dim})")
+        records = []
+        with open(folder / "records.jsonl", encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                try:
+                    records.append(Exemplar(**json.loads(line)))
+                except (json.JSONDecodeError, ValidationError, TypeError) as exc:
+                    raise ArtefactError(f"{folder}/records.jsonl line {line_no} is invalid: {exc}") from None
+        if len(records) != count:
+            raise ArtefactError(f"{folder}/records.jsonl has {len(records)} records, manifest says {count}")
+        idx = cls(encoder, encoder_name=m["encoder"], dim=dim, exact_threshold=int(m["exact_threshold"]),
+                  target_recall=float(m["target_recall"]))
+        idx._vecs = vecs
+        idx._records = list(records)
+        idx._row_of = {r.id: i for i, r in enumerate(records)}
+        if len(idx._row_of) != count:
+            raise ArtefactError(f"{folder}/records.jsonl repeats ids")
+        fpath = folder / "faiss.index"
+        idx._kind = m["index_type"]
+        if count and idx._kind == "ivf":
+            try:
+                index: Any = faiss.deserialize_index(np.frombuffer(fpath.read_bytes(), dtype=np.uint8))
+            except (RuntimeError, OSError) as exc:
+                raise ArtefactError(f"{fpath} cannot be read: {exc}") from None
+            if index.ntotal != count or index.d != dim:
+                raise ArtefactError(f"{fpath} holds {index.ntotal} x {index.d}, manifest says {count} x {dim}")
+            idx._faiss = index
+            idx._nprobe, idx._recall = int(m["nprobe"]), m["recall_at_10"]
+            index.nprobe = idx._nprobe
+        return idx
