@@ -24,10 +24,12 @@ if TYPE_CHECKING:
     from detot_agent.detot.monitor import Monitor
     from detot_agent.detot.task import Adjustments, TaskKind, TaskProfile, analyze
     from detot_agent.detot.voting import vote
-    from detot_agent.engines.base import Sample
+    from detot_agent.engines.base import AsyncLocalEngine, Sample
     from detot_agent.engines.config import EngineConfig
+    from detot_agent.engines.llamacpp_engine import LlamaCppEngine
+    from detot_agent.engines.lm import local_lm
     from detot_agent.engines.models import default_model_path
-    from detot_agent.engines.torch_engine import AsyncLocalEngine, LocalEngine, local_lm
+    from detot_agent.engines.torch_engine import LocalEngine
     from detot_agent.engines.vllm_engine import VLLMEngine, vllm_lm
     from detot_agent.errors import (
         ArtefactError,
@@ -58,7 +60,7 @@ _WHERE = {
     "Adjustments": "detot_agent.detot.task",
     "AnswerFormat": "detot_agent.answers",
     "ArtefactError": "detot_agent.errors",
-    "AsyncLocalEngine": "detot_agent.engines.torch_engine",
+    "AsyncLocalEngine": "detot_agent.engines.base",
     "ConfigError": "detot_agent.errors",
     "ContextLengthError": "detot_agent.errors",
     "Controller": "detot_agent.detot.controller",
@@ -76,6 +78,7 @@ _WHERE = {
     "IndexDataError": "detot_agent.errors",
     "InvalidRequestError": "detot_agent.errors",
     "LenientChatAdapter": "detot_agent.detot.adapters",
+    "LlamaCppEngine": "detot_agent.engines.llamacpp_engine",
     "LocalEngine": "detot_agent.engines.torch_engine",
     "ModelNotFoundError": "detot_agent.errors",
     "Monitor": "detot_agent.detot.monitor",
@@ -99,7 +102,7 @@ _WHERE = {
     "analyze": "detot_agent.detot.task",
     "default_model_path": "detot_agent.engines.models",
     "extract_number": "detot_agent.answers",
-    "local_lm": "detot_agent.engines.torch_engine",
+    "local_lm": "detot_agent.engines.lm",
     "normalize": "detot_agent.answers",
     "read_exemplars": "detot_agent.io.datafiles",
     "tune": "detot_agent.softprompt.training",
@@ -131,6 +134,7 @@ __all__ = [
     "IndexDataError",
     "InvalidRequestError",
     "LenientChatAdapter",
+    "LlamaCppEngine",
     "LocalEngine",
     "ModelNotFoundError",
     "Monitor",

@@ -41,6 +41,12 @@ class StrictModel(BaseModel):
         except ValidationError as exc:
             raise ConfigError(format_validation_error(type(self).__name__, exc)) from None
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        try:
+            super().__setattr__(name, value)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(type(self).__name__, exc)) from None
+
 
 M = TypeVar("M", bound=BaseModel)
 

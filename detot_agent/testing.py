@@ -3,6 +3,8 @@
 Nothing is downloaded: a byte-level BPE tokenizer is trained on a few sentences and a 2-layer Llama is
 built from a config, then both are saved to a folder that the engine loads like any local Hugging
 Face model. Its answers are noise; it exercises batching, soft prompts, voting and scale-out.
+`build_tiny_gguf` writes the same kind of model as a float32 GGUF file (with the `gguf` package),
+which both the torch engine (transformers' GGUF loader) and the llama.cpp engine load.
 
 Example:
     >>> import tempfile, pathlib
@@ -15,8 +17,9 @@ Example:
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-__all__ = ["build_tiny_model"]
+__all__ = ["build_tiny_gguf", "build_tiny_model"]
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -69,3 +72,83 @@ def build_tiny_model(folder: Path, *, seed: int = 0, context: int = 512) -> Path
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+def _permute(w: Any, n_head: int) -> Any:
+    """Reorder q/k rows as llama.cpp's converter does (its rotary layout); transformers undoes it on load."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def build_tiny_gguf(path: Path, *, seed: int = 0, context: int = 512) -> Path:
+    """Write the tiny random Llama of `build_tiny_model` as a float32 GGUF file at `path` (a `.gguf` file).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> build_tiny_gguf(pathlib.Path(tempfile.mkdtemp()) / "tiny.gguf").stat().st_size > 100_000
+        True
+    """
+    import json
+    import tempfile
+
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = build_tiny_model(Path(tmp) / "hf", seed=seed, context=context)
+        config = json.loads((folder / "config.json").read_text())
+        weights = load_file(str(folder / "model.safetensors"))
+        tok = json.loads((folder / "tokenizer.json").read_text())
+    vocab: dict[str, int] = tok["model"]["vocab"]
+    added = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
+    tokens = [""] * (max([*vocab.values(), *added.values()]) + 1)
+    for text, i in {**vocab, **added}.items():
+        tokens[i] = text
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    heads, kv_heads = config["num_attention_heads"], config["num_key_value_heads"]
+    hidden = config["hidden_size"]
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name("detot-tiny-llama")
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_context_length(context)
+    writer.add_embedding_length(hidden)
+    writer.add_block_count(config["num_hidden_layers"])
+    writer.add_feed_forward_length(config["intermediate_size"])
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_rope_dimension_count(hidden // heads)
+    writer.add_rope_freq_base(float(config.get("rope_theta") or 10000.0))
+    writer.add_layer_norm_rms_eps(float(config["rms_norm_eps"]))
+    writer.add_vocab_size(len(tokens))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in added else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_bos_token_id(config["bos_token_id"])
+    writer.add_eos_token_id(config["eos_token_id"])
+    writer.add_pad_token_id(config["pad_token_id"])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(CHAT_TEMPLATE)
+    names = {"input_layernorm": "attn_norm", "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+             "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+    writer.add_tensor("token_embd.weight", weights["model.embed_tokens.weight"].astype(np.float32))
+    for i in range(config["num_hidden_layers"]):
+        for hf, gg in names.items():
+            w = weights[f"model.layers.{i}.{hf}.weight"].astype(np.float32)
+            if gg == "attn_q":
+                w = _permute(w, heads)
+            elif gg == "attn_k":
+                w = _permute(w, kv_heads)
+            writer.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(w))
+    writer.add_tensor("output_norm.weight", weights["model.norm.weight"].astype(np.float32))
+    writer.add_tensor("output.weight", weights["lm_head.weight"].astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

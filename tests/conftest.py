@@ -54,6 +54,12 @@ def _shared_data(*parts: str) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shared_data():
+    """`shared_data("gsm8k/test.jsonl")`: a file under ../shared/data, or skip the test."""
+    return lambda rel: _shared_data(*rel.split("/"))
+
+
+@pytest.fixture(scope="session")
 def multiarith_file() -> Path:
     """Path of the shared MultiArith file (read by path, never copied into the repository)."""
     return _shared_data("multiarith", "MultiArith.json")

@@ -30,3 +30,28 @@ def test_assignment_is_validated():
     cfg = EngineConfig()
     with pytest.raises(Exception, match="max_batch_size"):
         cfg.max_batch_size = -5
+
+
+@pytest.mark.parametrize(("build_it", "fields"), [
+    (lambda: __import__("detot_agent").ControllerConfig(holdout_every=0, margin=-5), ["holdout_every", "margin"]),
+    (lambda: __import__("detot_agent").ControllerConfig(min_evidence=2, holdout_every=3), ["min_evidence (2)"]),
+    (lambda: __import__("detot_agent").Monitor(window=0, agreement_threshold=1.5), ["window", "agreement_threshold"]),
+    (lambda: __import__("detot_agent").TuneConfig(lr=0, dropout=1.0), ["lr", "dropout"]),
+    (lambda: __import__("detot_agent").ExemplarIndex(encoder_name="e", dim=3, target_recall=0), ["target_recall"]),
+])
+def test_every_settings_object_refuses_bad_values_when_built(build_it, fields):
+    # validated at construction, so nothing fails later inside a background thread
+    with pytest.raises(ConfigError) as err:
+        build_it()
+    text = str(err.value)
+    assert text.startswith("invalid ") and all(f in text for f in fields)
+
+
+def test_a_detot_with_a_bad_loop_setting_fails_before_serving():
+    from detot_agent.detot.controller import ControllerConfig
+
+    with pytest.raises(ConfigError, match="dropout"):
+        ControllerConfig(dropout=-0.1)
+    cfg = ControllerConfig()
+    with pytest.raises(ConfigError, match="soft_prompt_steps"):
+        cfg.soft_prompt_steps = 0  # assignment is validated too

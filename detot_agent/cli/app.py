@@ -91,32 +91,43 @@ def demo(
 @bench_app.command("engine")
 def bench_engine(
     model: ModelOpt = None,
-    n: Annotated[int, typer.Option(help="Samples per prompt / concurrent requests.")] = 8,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 64,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature.")] = 0.7,
+    engine: Annotated[str, typer.Option(help="Engines to compare, comma-separated: torch, llamacpp.")] = "torch",
+    n: Annotated[int, typer.Option(help="Samples per prompt / concurrent requests.", min=1)] = 6,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.", min=1)] = 64,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature.", min=0.0)] = 0.7,
+    soft_prompt_k: Annotated[int, typer.Option(help="Soft-prompt vectors on every request (0: none).", min=0)] = 8,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """DSPy fan-out vs one batched sample(n) vs dynamic batching of concurrent calls."""
-    from detot_agent.cli.bench.engine import run_engine_bench
+    """Engines side by side: single stream, DSPy fan-out, one batched sample(n), n concurrent calls."""
+    from detot_agent.cli.bench.engine import PATHS, run_engine_bench
+    from detot_agent.engines.lm import ENGINES
 
-    result = run_engine_bench(model=model, n=n, max_tokens=max_tokens, temperature=temperature, dtype=dtype,
-                              device=device)
-    table = Table(title=f"engine: {result['model']} ({result['device']}, {result['dtype']}), n={n}, "
-                        f"max_tokens={max_tokens}, prompt {result['prompt_tokens']} tokens")
+    kinds = [k.strip() for k in engine.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in ENGINES or k == "auto"]
+    if not kinds or bad:
+        raise ConfigError(f"--engine takes torch and/or llamacpp, comma-separated; got {engine!r}")
+    result = run_engine_bench(model=model, engines=kinds, n=n, max_tokens=max_tokens, temperature=temperature,
+                              dtype=dtype, device=device, soft_prompt_k=soft_prompt_k)
+    table = Table(title=f"engines on {result['model']}: n={n}, max_tokens={max_tokens}, prompt "
+                        f"{result['prompt_tokens']} tokens, soft prompt k={soft_prompt_k}, {result['cpus']} CPUs")
+    table.add_column("engine")
     table.add_column("path")
     table.add_column("tokens", justify="right")
     table.add_column("seconds", justify="right")
     table.add_column("tok/s", justify="right")
-    for key, label in [("sequential", "(a) DSPy n=8 fan-out (sequential)"), ("batched", "(b) sample(n), one prefill"),
-                       ("concurrent_batched", "(c) 8 threads, dynamic batching"),
-                       ("concurrent_unbatched", "(d) 8 threads, no batching")]:
-        table.add_row(label, str(result["tokens"][key]), f"{result['seconds'][key]:.2f}",
-                      f"{result[key + '_tok_s']:.1f}")
+    for kind, row in result["engines"].items():
+        for path, label in PATHS.items():
+            table.add_row(f"{kind} ({row['dtype']})", label, str(row["tokens"][path]), f"{row['seconds'][path]:.2f}",
+                          f"{row[path + '_tok_s']:.1f}")
+    ref = result.get("reference")
+    if ref:
+        table.add_row("llama-cpp-python Llama", "(a) single stream, no soft prompt", str(ref["tokens"]),
+                      f"{ref['seconds']:.2f}", f"{ref['single_tok_s']:.1f}")
     console.print(table)
-    console.print(f"batched / sequential: [bold]{result['batched_over_sequential']:.2f}x[/]   "
-                  f"concurrent batched / unbatched: [bold]{result['concurrent_batched_over_unbatched']:.2f}x[/]")
+    for name, value in result["ratios"].items():
+        console.print(f"{name}: [bold]{value:.2f}x[/]")
     if json_path:
         write_json_atomic(json_path, result)
         console.print(f"wrote {json_path}")

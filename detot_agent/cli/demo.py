@@ -86,7 +86,7 @@ def run_demo(*, model: str | None = None, device: str = "auto", dtype: str = "au
 
     from detot_agent.detot.module import DETOT
     from detot_agent.detot.task import AnswerFormat, TaskKind, TaskProfile, analyze
-    from detot_agent.engines.torch_engine import local_lm
+    from detot_agent.engines.lm import local_lm
     from detot_agent.errors import ArtefactError
     from detot_agent.retrieval.encoder import Encoder
     from detot_agent.retrieval.index import ExemplarIndex

@@ -42,7 +42,7 @@ from detot_agent.detot.sampling import sample_engine, vote_in_rounds
 from detot_agent.detot.task import Adjustments, TaskProfile, analyze
 from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.generation import text_seed
-from detot_agent.engines.torch_engine import LocalEngine
+from detot_agent.engines.lm import training_engine
 from detot_agent.errors import ArtefactError, ConfigError, DetotError, EmptyPromptError, InvalidRequestError
 from detot_agent.retrieval.encoder import Encoder
 from detot_agent.retrieval.index import ExemplarIndex
@@ -51,10 +51,9 @@ from detot_agent.retrieval.task_embedding import TaskEmbedding
 __all__ = ["DETOT"]
 
 
-def _local_engine(lm: Any) -> LocalEngine | None:
-    """The LM's engine when it can also *train* soft prompts (gradients through the HF model)."""
-    engine = getattr(lm, "engine", None)
-    return engine if isinstance(engine, LocalEngine) else None
+def _trainer(lm: Any) -> Any:
+    """What trains the LM's soft prompts: its torch engine, a lazily loaded one for llama.cpp, or None."""
+    return training_engine(getattr(lm, "engine", None))
 
 
 def _serving_engine(lm: Any) -> BatchedEngine | None:
@@ -134,14 +133,15 @@ class DETOT(dspy.Module):
         self._default_adapter = LenientChatAdapter()
         embedding = TaskEmbedding.from_description(task.name, task.description or task.name, encoder=self.encoder,
                                                    samples=samples or [])
-        engine = _local_engine(lm)
+        engine = _trainer(lm)
         vectors: torch.Tensor | None = None
         if isinstance(soft_prompt, torch.Tensor):
             vectors = soft_prompt.detach().float().clone()
         elif soft_prompt is None and engine is not None:
             from detot_agent.softprompt.prompt import SoftPrompt
 
-            vectors = SoftPrompt.initialize(engine, task.name, k=adj.soft_prompt_k, init="text",
+            # initialised from the serving engine's token embeddings (llama.cpp reads them from the file)
+            vectors = SoftPrompt.initialize(lm.engine, task.name, k=adj.soft_prompt_k, init="text",
                                             text=adj.soft_prompt_init_text).vectors
         self.monitor = Monitor(agreement_threshold=adj.agreement_threshold,
                                accuracy_threshold=adj.accuracy_threshold, window=adj.window,

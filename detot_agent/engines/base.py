@@ -14,9 +14,10 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +31,7 @@ from detot_agent.engines.models import ModelSource
 from detot_agent.errors import ContextLengthError, EmptyPromptError, InvalidRequestError
 from detot_agent.softprompt.registry import METADATA_TASK, METADATA_VERSION, SoftPromptRegistry, check_soft_prompt
 
-__all__ = ["BatchedEngine", "RequestBuilder", "Sample"]
+__all__ = ["AsyncLocalEngine", "BatchedEngine", "RequestBuilder", "Sample"]
 
 
 def _system_text(request: Request) -> str:
@@ -184,6 +185,11 @@ class BatchedEngine(RequestBuilder):
         """Short model name (file or folder name), used in `local/<name>` and `vllm/<name>`."""
         return self.source.name
 
+    @property
+    def batch_stats(self) -> dict[str, float]:
+        """What the dynamic batcher has done so far (empty before the first batched call)."""
+        return self._batcher.stats.as_dict() if self._batcher is not None else {}
+
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         raise NotImplementedError
 
@@ -243,3 +249,52 @@ class BatchedEngine(RequestBuilder):
     def load_state(cls, state: dict[str, Any]) -> BatchedEngine:
         """Rebuild an engine from `dump_state()`."""
         raise NotImplementedError
+
+
+class AsyncLocalEngine:
+    """The async twin DSPy requires beside a custom engine; it runs the sync engine in a thread.
+
+    Example:
+        >>> from detot_agent import LocalEngine
+        >>> engine = LocalEngine()  # doctest: +SKIP
+        >>> async_engine = AsyncLocalEngine(engine)  # doctest: +SKIP
+    """
+
+    sync_engine: type[BatchedEngine] | None = None  # what load_state rebuilds (None: `LocalEngine`)
+
+    def __init__(self, engine: BatchedEngine) -> None:
+        self.engine = engine
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AsyncLocalEngine:
+        return self
+
+    @property
+    def supported_params(self) -> frozenset[str]:
+        """Same parameters as the sync engine."""
+        return self.engine.supported_params
+
+    async def complete(self, request: Request) -> Response:
+        """Await one completion (decoded on the engine's batcher thread)."""
+        return await asyncio.to_thread(self.engine.complete, request)
+
+    async def stream(self, request: Request) -> AsyncIterator[Any]:
+        """Non-incremental async stream of canonical events."""
+        response = await self.complete(request)
+        for event in response_to_events(response):
+            yield event
+
+    async def aclose(self) -> None:
+        """Nothing to release: the sync engine owns the model."""
+
+    def dump_state(self) -> dict[str, Any]:
+        """The sync engine's state."""
+        return self.engine.dump_state()
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> AsyncLocalEngine:
+        """Rebuild around a (shared-weights) sync engine."""
+        if cls.sync_engine is None:
+            from detot_agent.engines.torch_engine import LocalEngine
+
+            return cls(LocalEngine.load_state(state))
+        return cls(cls.sync_engine.load_state(state))

@@ -66,6 +66,9 @@ class EngineConfig(StrictModel):
         default_max_tokens: new tokens when a request does not say.
         attn_implementation: passed to transformers (`sdpa`, `eager`, ...); None keeps its default.
         overflow: prompts longer than the context: `error` (default) or `truncate_middle` (see `Overflow`).
+        n_ctx: (llama.cpp) KV cells shared by the sequences decoded together; 0 is the model's training
+            context. It bounds prompt + completion of one request, and how many fit in one batch.
+        n_threads: (llama.cpp) CPU threads; None is llama.cpp's default (the physical cores).
     """
 
     model: str | None = None
@@ -77,3 +80,5 @@ class EngineConfig(StrictModel):
     default_max_tokens: int = Field(default=512, ge=1)
     attn_implementation: str | None = None
     overflow: Overflow = Overflow.ERROR
+    n_ctx: int = Field(default=8192, ge=0)
+    n_threads: int | None = Field(default=None, ge=1)

@@ -26,11 +26,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-__all__ = ["GenOutput", "GenRow", "embed_row", "generate_rows", "text_seed"]
+__all__ = ["GenOutput", "GenRow", "embed_row", "finish_text", "generate_rows", "seeded_generators",
+           "stop_in_tail", "text_seed"]
 
 
 @dataclass
@@ -88,10 +90,8 @@ def text_seed(text: str) -> int:
     return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
 
-def _pick(logits: torch.Tensor, row: GenRow, generator: torch.Generator | None) -> int:
-    # logits: (V,) float32
-    if row.temperature <= 0:
-        return int(torch.argmax(logits))
+def _filtered_scores(logits: torch.Tensor, row: GenRow) -> torch.Tensor:
+    """Scores after temperature, top-k and top-p (`-inf` for dropped tokens); logits: (V,)."""
     scores = logits / row.temperature
     if row.top_k is not None and 0 < row.top_k < scores.shape[-1]:
         kth = torch.topk(scores, row.top_k).values[-1]
@@ -102,7 +102,14 @@ def _pick(logits: torch.Tensor, row: GenRow, generator: torch.Generator | None) 
         drop = cum - torch.softmax(sorted_scores, dim=-1) >= row.top_p  # keep the token that crosses top_p
         sorted_scores = sorted_scores.masked_fill(drop, float("-inf"))
         scores = torch.full_like(scores, float("-inf")).scatter(0, order, sorted_scores)
-    probs = torch.softmax(scores, dim=-1)
+    return scores
+
+
+def _pick(logits: torch.Tensor, row: GenRow, generator: torch.Generator | None) -> int:
+    # logits: (V,) float32, on the model's device (only the chosen id leaves it)
+    if row.temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(_filtered_scores(logits, row), dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
@@ -113,6 +120,41 @@ def _find_stop(text: str, stops: tuple[str, ...]) -> int:
         if i >= 0 and (cut < 0 or i < cut):
             cut = i
     return cut
+
+
+def stop_in_tail(tokenizer: Any, tokens: list[int], stops: tuple[str, ...]) -> bool:
+    """Whether a stop string ends in the text of the last few tokens (constant work per step).
+
+    Only the tail that can hold a stop string is decoded (a character is at most 4 bytes and every
+    token at least one), so checking costs the same at token 10 and token 1,000; the full text is
+    decoded once, at the end, and cut at the first stop string there.
+    """
+    if not stops:
+        return False
+    width = 4 * max(len(s) for s in stops) + 4
+    return _find_stop(tokenizer.decode(tokens[-width:], skip_special_tokens=True), stops) >= 0
+
+
+def finish_text(tokenizer: Any, tokens: list[int], stops: tuple[str, ...], eos_ids: set[int],
+                finish: str) -> tuple[str, str]:
+    """`(text, finish_reason)` of a finished sample: end tokens dropped, cut at the first stop string."""
+    text = tokenizer.decode([t for t in tokens if t not in eos_ids], skip_special_tokens=True)
+    cut = _find_stop(text, stops)
+    return (text[:cut], "stop") if cut >= 0 else (text, finish)
+
+
+def seeded_generators(rows: list[GenRow], device: torch.device | str) -> list[torch.Generator | None]:
+    """One generator per sequence (sample j of a seeded row uses seed + j), on the sampling device."""
+    out: list[torch.Generator | None] = []
+    for row in rows:
+        for j in range(row.n):
+            if row.seed is not None and row.temperature > 0:
+                g = torch.Generator(device=device)
+                g.manual_seed(row.seed + j)
+                out.append(g)
+            else:
+                out.append(None)
+    return out
 
 
 def embed_row(embed: torch.nn.Module, row: GenRow, *, device: torch.device | str, dtype: torch.dtype
@@ -167,12 +209,12 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
         inputs_embeds=inputs,
         attention_mask=mask,
         position_ids=positions,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
         logits_to_keep=1,
     )
     logits = out.logits[:, -1, :].float()  # (B, V)
-    cache = out.past_key_values
+    cache = out.cache
 
     # ---- fan out: sample j of row i gets a copy of row i's cache
     owner = [i for i, row in enumerate(rows) for _ in range(row.n)]  # sequence -> row
@@ -181,40 +223,28 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
         cache.reorder_cache(index)
         logits, mask = logits[index], mask[index]
     next_pos = positions[index, -1] + 1  # (S,)
-    generators: list[torch.Generator | None] = []
-    for row in rows:
-        for j in range(row.n):
-            if row.seed is not None and row.temperature > 0:
-                g = torch.Generator(device="cpu")
-                g.manual_seed(row.seed + j)
-                generators.append(g)
-            else:
-                generators.append(None)
+    generators = seeded_generators(rows, device)
 
     S = len(owner)
     tokens: list[list[int]] = [[] for _ in range(S)]
     logprob = [0.0] * S
-    texts: list[str | None] = [None] * S
     finish = ["length"] * S
     active = list(range(S))  # sequence ids still decoding; row k of the cache is active[k]
     while active:
+        # sampling stays on the model's device: only the chosen ids and their log-probs leave it
+        picked = torch.tensor([_pick(logits[k], rows[owner[s]], generators[s]) for k, s in enumerate(active)],
+                              dtype=torch.long, device=device)  # (A,)
+        logp = torch.log_softmax(logits, dim=-1).gather(1, picked.unsqueeze(1)).squeeze(1)  # (A,)
         chosen: list[int] = []
         still: list[int] = []
-        cpu_logits = logits.cpu()
-        for k, s in enumerate(active):
+        for k, (s, tok, lp) in enumerate(zip(active, picked.tolist(), logp.tolist(), strict=True)):
             row = rows[owner[s]]
-            tok = _pick(cpu_logits[k], row, generators[s])
-            logprob[s] += float(torch.log_softmax(cpu_logits[k], dim=-1)[tok])
+            logprob[s] += lp
             tokens[s].append(tok)
             done = False
-            if tok in eos_ids:
+            if tok in eos_ids or stop_in_tail(tokenizer, tokens[s], row.stop):
                 finish[s], done = "stop", True
-            elif row.stop:
-                text = tokenizer.decode(tokens[s], skip_special_tokens=True)
-                cut = _find_stop(text, row.stop)
-                if cut >= 0:
-                    texts[s], finish[s], done = text[:cut], "stop", True
-            if not done and len(tokens[s]) >= row.max_new_tokens:
+            elif len(tokens[s]) >= row.max_new_tokens:
                 done = True
             if not done:
                 still.append(k)
@@ -232,21 +262,15 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=next_pos.unsqueeze(1),
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
-        cache = out.past_key_values
+        cache = out.cache
         logits = out.logits[:, -1, :].float()  # (A, V)
         next_pos = next_pos + 1
 
     results: list[list[GenOutput]] = [[] for _ in rows]
     for s in range(S):
-        text = texts[s]
-        if text is None:
-            kept = [t for t in tokens[s] if t not in eos_ids]
-            text = tokenizer.decode(kept, skip_special_tokens=True)
-            cut = _find_stop(text, rows[owner[s]].stop)
-            if cut >= 0:
-                text, finish[s] = text[:cut], "stop"
-        results[owner[s]].append(GenOutput(text, tokens[s], finish[s], logprob[s]))
+        text, reason = finish_text(tokenizer, tokens[s], rows[owner[s]].stop, eos_ids, finish[s])
+        results[owner[s]].append(GenOutput(text, tokens[s], reason, logprob[s]))
     return results

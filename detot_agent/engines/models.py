@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from detot_agent.engines.config import Device, DType
-from detot_agent.errors import ModelNotFoundError
+from detot_agent.errors import ArtefactError, ModelNotFoundError
 
 __all__ = [
     "DEFAULT_MODEL_PACKAGE",
@@ -33,6 +33,7 @@ __all__ = [
     "ModelSource",
     "default_model_path",
     "load_model",
+    "load_tokenizer",
     "pick_device",
     "pick_dtype",
     "resolve_model_source",
@@ -190,6 +191,50 @@ _CACHE: dict[tuple[str, str | None, str, str, str | None], LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
 
 
+_TOKENIZERS: dict[tuple[str, str | None], Any] = {}
+
+
+def load_tokenizer(source: ModelSource) -> Any:
+    """The Hugging Face tokenizer (with its chat template) of `source`, loaded once per process.
+
+    Both engines render prompts with it, so the torch and llama.cpp engines feed a model the same
+    token ids for the same request.
+    """
+    key = (source.location, source.gguf_file)
+    with _CACHE_LOCK:
+        hit = _TOKENIZERS.get(key)
+        if hit is not None:
+            return hit
+        from transformers import AutoTokenizer
+
+        kwargs = _load_kwargs(source)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+        except OSError as exc:
+            raise ModelNotFoundError(
+                f"could not load the tokenizer of {source.spec!r} from {source.location}: {exc}. "
+                "Offline, pass a local folder or .gguf file with --model."
+            ) from exc
+        except Exception as exc:  # transformers' GGUF parser raises many kinds on a damaged file
+            if source.gguf_file is None:
+                raise
+            raise ArtefactError(f"{source.location}/{source.gguf_file} is not a readable GGUF model "
+                                f"({type(exc).__name__}: {str(exc)[:200]})") from None
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        _TOKENIZERS[key] = tokenizer
+        return tokenizer
+
+
+def _load_kwargs(source: ModelSource) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    if source.gguf_file:
+        kwargs["gguf_file"] = source.gguf_file
+    if source.kind != "hub":
+        kwargs["local_files_only"] = True
+    return kwargs
+
+
 def load_model(
     source: ModelSource,
     *,
@@ -203,29 +248,31 @@ def load_model(
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = load_tokenizer(source)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+        from transformers import AutoModelForCausalLM
 
-        kwargs: dict[str, Any] = {}
-        if source.gguf_file:
-            kwargs["gguf_file"] = source.gguf_file
-        if source.kind != "hub":
-            kwargs["local_files_only"] = True
+        model_kwargs = dict(_load_kwargs(source), dtype=dtype)
+        if attn_implementation:
+            model_kwargs["attn_implementation"] = attn_implementation
         try:
-            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-            model_kwargs = dict(kwargs, dtype=dtype)
-            if attn_implementation:
-                model_kwargs["attn_implementation"] = attn_implementation
             model = AutoModelForCausalLM.from_pretrained(source.location, **model_kwargs)
         except OSError as exc:
             raise ModelNotFoundError(
                 f"could not load model {source.spec!r} from {source.location}: {exc}. "
                 "Offline, pass a local folder or .gguf file with --model."
             ) from exc
+        except Exception as exc:  # transformers' GGUF parser raises many kinds on a damaged file
+            if source.gguf_file is None:
+                raise
+            raise ArtefactError(f"{source.location}/{source.gguf_file} is not a loadable GGUF model "
+                                f"({type(exc).__name__}: {str(exc)[:200]})") from None
         model = model.to(device)  # type: ignore[arg-type]
         model.eval()
         model.requires_grad_(False)
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token = tokenizer.eos_token
         loaded = LoadedModel(model, tokenizer, source, device, dtype)
         _CACHE[key] = loaded
         return loaded

@@ -17,23 +17,21 @@ Example:
 
 from __future__ import annotations
 
-import asyncio
 import threading
-from collections.abc import AsyncIterator
 from typing import Any
 
-from dspy.lm15 import Request, Response, response_to_events
+import torch
+from dspy.lm15 import Request
 
 from detot_agent.config import build
-from detot_agent.engines.base import BatchedEngine, Sample
+from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.batching import DynamicBatcher
 from detot_agent.engines.config import EngineConfig
-from detot_agent.engines.generation import GenOutput, GenRow, generate_rows
+from detot_agent.engines.generation import GenOutput, GenRow, embed_row, generate_rows
 from detot_agent.engines.models import LoadedModel, load_model, pick_device, pick_dtype, resolve_model_source
-from detot_agent.errors import InvalidRequestError
 from detot_agent.softprompt.registry import SoftPromptRegistry
 
-__all__ = ["AsyncLocalEngine", "LocalEngine", "Sample", "local_lm"]
+__all__ = ["LocalEngine"]
 
 
 class LocalEngine(BatchedEngine):
@@ -104,21 +102,36 @@ class LocalEngine(BatchedEngine):
         return int(self.model.get_input_embeddings().weight.shape[1])
 
     @property
+    def vocab_size(self) -> int:
+        """Rows of the token-embedding table."""
+        return int(self.model.get_input_embeddings().weight.shape[0])
+
+    def token_embeddings(self, ids: list[int] | None) -> torch.Tensor:
+        """Rows of the token-embedding table as float32 on the CPU, `(len(ids), hidden)`; None: all of it."""
+        table = self.model.get_input_embeddings().weight.detach()
+        rows = table if ids is None else table[torch.tensor(ids, dtype=torch.long, device=table.device)]
+        return rows.float().cpu()
+
+    @property
     def context_length(self) -> int:
         """Most positions (soft prompt + prompt + completion) the model takes."""
         cfg = self.model.config
         limit: int = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 2048
         return int(limit)
 
-    @property
-    def batch_stats(self) -> dict[str, float]:
-        """What the dynamic batcher has done so far (empty before the first batched call)."""
-        return self._batcher.stats.as_dict() if self._batcher is not None else {}
-
     # ---- decoding ----------------------------------------------------------------
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         with self._gen_lock:
             return generate_rows(self.model, self.tokenizer, rows, eos_ids=self.eos_ids)
+
+    def next_token_logits(self, request: Request, *, soft_prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the first new token for `request` (its soft prompt included), `(vocab,)` float32 on the CPU."""
+        row = self.build_row(request, soft_prompt=soft_prompt)
+        embed = self.model.get_input_embeddings()
+        with self._gen_lock, torch.inference_mode():
+            x = embed_row(embed, row, device=self.model.device, dtype=embed.weight.dtype).unsqueeze(0)  # (1, L, H)
+            positions = torch.arange(x.shape[1], device=self.model.device).unsqueeze(0)  # (1, L)
+            return self.model(inputs_embeds=x, position_ids=positions, logits_to_keep=1).logits[0, -1].float().cpu()
 
     def generate_batch(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         """Decode prepared rows together in one batch, bypassing the batcher."""
@@ -128,82 +141,3 @@ class LocalEngine(BatchedEngine):
     def load_state(cls, state: dict[str, Any]) -> LocalEngine:
         """Rebuild an engine from `dump_state()`; weights are shared if already loaded."""
         return cls(config=EngineConfig(**state))
-
-
-class AsyncLocalEngine:
-    """The async twin DSPy requires beside a custom engine; it runs the sync engine in a thread.
-
-    Example:
-        >>> engine = LocalEngine()  # doctest: +SKIP
-        >>> async_engine = AsyncLocalEngine(engine)  # doctest: +SKIP
-    """
-
-    sync_engine: type[BatchedEngine] | None = None  # what load_state rebuilds (LocalEngine, set below)
-
-    def __init__(self, engine: BatchedEngine) -> None:
-        self.engine = engine
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> AsyncLocalEngine:
-        return self
-
-    @property
-    def supported_params(self) -> frozenset[str]:
-        """Same parameters as the sync engine."""
-        return self.engine.supported_params
-
-    async def complete(self, request: Request) -> Response:
-        """Await one completion (decoded on the engine's batcher thread)."""
-        return await asyncio.to_thread(self.engine.complete, request)
-
-    async def stream(self, request: Request) -> AsyncIterator[Any]:
-        """Non-incremental async stream of canonical events."""
-        response = await self.complete(request)
-        for event in response_to_events(response):
-            yield event
-
-    async def aclose(self) -> None:
-        """Nothing to release: the sync engine owns the model."""
-
-    def dump_state(self) -> dict[str, Any]:
-        """The sync engine's state."""
-        return self.engine.dump_state()
-
-    @classmethod
-    def load_state(cls, state: dict[str, Any]) -> AsyncLocalEngine:
-        """Rebuild around a (shared-weights) sync engine."""
-        return cls((cls.sync_engine or LocalEngine).load_state(state))
-
-
-_ENGINE_FIELDS = set(EngineConfig.model_fields)
-
-
-def local_lm(
-    model: str | None = None,
-    *,
-    engine: LocalEngine | None = None,
-    registry: SoftPromptRegistry | None = None,
-    **kwargs: Any,
-) -> Any:
-    """A `dspy.LM` backed by a `LocalEngine`.
-
-    Args:
-        model: HF folder, `.gguf` file, hub id, or None for the embedded default.
-        engine: reuse an existing engine instead of building one.
-        registry: soft-prompt registry for a new engine.
-        **kwargs: `EngineConfig` fields go to the engine; the rest (temperature, max_tokens,
-            cache, num_retries, ...) to `dspy.LM`.
-
-    Example:
-        >>> import dspy
-        >>> lm = local_lm(max_tokens=256, max_batch_size=8)  # doctest: +SKIP
-        >>> dspy.configure(lm=lm)  # doctest: +SKIP
-    """
-    import dspy
-
-    engine_kw = {k: kwargs.pop(k) for k in list(kwargs) if k in _ENGINE_FIELDS}
-    if engine is None:
-        engine = LocalEngine(model, registry=registry, **engine_kw)
-    elif engine_kw or model is not None:
-        raise InvalidRequestError(f"pass either engine= or model/engine settings, not both ({sorted(engine_kw)})")
-    kwargs.setdefault("num_retries", 0)
-    return dspy.LM(f"local/{engine.name}", engine=engine, async_engine=AsyncLocalEngine(engine), **kwargs)

@@ -5,7 +5,7 @@ vLLM takes soft prompts as input embeddings: `LLM(model, enable_prompt_embeds=Tr
 request exactly as `LocalEngine` does (`RequestBuilder.build_row`: chat template, soft prompt named in
 the request metadata or passed in, budget checks), then embeds the row with `generation.embed_row`,
 the function `LocalEngine`'s own prefill uses. So the tensor sent to vLLM is, bit for bit, what the
-local engine feeds its first layer for the same request (tested in `tests/test_vllm_engine.py`).
+local engine feeds its first layer for the same request (tested in `tests/engines/test_vllm_engine.py`).
 
 Only the model's input-embedding matrix is loaded on the host (read from the checkpoint's
 safetensors where it can be found, else from the whole model); vLLM holds the weights on the GPUs.
@@ -36,12 +36,11 @@ import torch
 from dspy.lm15 import Request
 
 from detot_agent.config import build
-from detot_agent.engines.base import BatchedEngine
+from detot_agent.engines.base import AsyncLocalEngine, BatchedEngine
 from detot_agent.engines.batching import DynamicBatcher
 from detot_agent.engines.config import EngineConfig
 from detot_agent.engines.generation import GenOutput, GenRow, embed_row
 from detot_agent.engines.models import ModelSource, load_model, pick_dtype, resolve_model_source
-from detot_agent.engines.torch_engine import AsyncLocalEngine
 from detot_agent.errors import ConfigError
 from detot_agent.softprompt.registry import SoftPromptRegistry
 

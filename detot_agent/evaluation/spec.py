@@ -69,7 +69,7 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
         spec: the recipe.
         **lm_kwargs: extra `EngineConfig` / `dspy.LM` settings for `local_lm`.
     """
-    from detot_agent.engines.torch_engine import local_lm
+    from detot_agent.engines.lm import local_lm
 
     pool = None
     if spec.index is not None:

@@ -252,8 +252,10 @@ def load_tensors(
     if missing:
         raise ArtefactError(f"{fpath} lacks tensors {missing}")
     for name, arr in arrays.items():
-        if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            raise ArtefactError(f"{fpath}: {name} holds NaN or inf")
+        bad = int((~np.isfinite(arr)).sum()) if np.issubdtype(arr.dtype, np.floating) else 0
+        if bad:
+            raise ArtefactError(f"{path}: {name} holds NaN or inf ({bad} non-finite values in {fpath.name}); "
+                                "refusing to load it")
     if framework == "pt":
         import torch
 

@@ -113,7 +113,7 @@ class SoftPrompt:
         """Make a soft prompt for `engine`'s model.
 
         Args:
-            engine: a `LocalEngine` (its model's input embeddings are read, never changed).
+            engine: a local engine (torch or llama.cpp): its token embeddings are read, never changed.
             task: task name.
             k: number of virtual tokens (>= 1).
             init: `text`, `vocab` or `random`.
@@ -123,7 +123,6 @@ class SoftPrompt:
         if k < 1:
             raise SoftPromptError(f"k must be >= 1, got {k}")
         kind = SoftPromptInit(init)
-        table = engine.model.get_input_embeddings().weight.detach().float().cpu()  # (V, H)
         gen = torch.Generator().manual_seed(seed)
         if kind is SoftPromptInit.TEXT:
             text = text or DEFAULT_INIT_TEXT
@@ -131,11 +130,12 @@ class SoftPrompt:
             if not ids:
                 raise SoftPromptError("init text tokenizes to nothing; pass a non-empty instruction")
             ids = (ids * (k // len(ids) + 1))[:k]
-            vectors = table[torch.tensor(ids)]
+            vectors = engine.token_embeddings(ids)  # (k, H)
         elif kind is SoftPromptInit.VOCAB:
-            vectors = table[torch.randint(0, table.shape[0], (k,), generator=gen)]
+            vectors = engine.token_embeddings(torch.randint(0, engine.vocab_size, (k,), generator=gen).tolist())
         else:
-            vectors = torch.randn(k, table.shape[1], generator=gen)
+            vectors = torch.randn(k, engine.hidden_size, generator=gen)
+            table = engine.token_embeddings(None)  # (V, H)
             vectors = vectors / vectors.norm(dim=1, keepdim=True) * table.norm(dim=1).mean()
         return cls(task, vectors, model_id=engine.source.spec, init_kind=kind,
                    init_text=text if kind is SoftPromptInit.TEXT else None)

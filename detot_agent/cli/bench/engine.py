@@ -1,49 +1,67 @@
-"""`detot bench engine`: DSPy's sequential fan-out against batched sampling and dynamic batching.
+"""`detot bench engine`: the engines side by side, soft prompt included.
 
-Four measurements on one prompt, all on the same loaded weights:
+For each engine asked for (`torch`, `llamacpp`), on one prompt and the same model file:
 
-(a) `sequential`: `lm(prompt, n=N)` through DSPy, which calls the engine N times in a row;
-(b) `batched`: one `LocalEngine.sample(request, N)` (one prefill, N sequences decoded together);
-(c) `concurrent_batched`: N threads each sending one request, gathered by the dynamic batcher;
-(d) `concurrent_unbatched`: the same N threads against an engine with dynamic batching off.
+(a) `single`: one request, one sample (`sample(request, 1)`): single-stream decoding speed;
+(b) `fanout`: `lm(prompt, n=N)` through DSPy, which calls the engine N times in a row;
+(c) `batched`: one `sample(request, N)` (one prefill, N sequences decoded together);
+(d) `concurrent`: N threads each sending one request, gathered by the dynamic batcher.
 
-Throughput is generated tokens (end tokens included) per wall-clock second.
+Every request carries the same `(k, hidden)` soft prompt (text-initialised; `soft_prompt_k=0` for
+none). With llama-cpp-python installed, a reference row times llama.cpp's own high-level `Llama`
+on the same prompt tokens, single stream, without a soft prompt (it cannot take one). Throughput
+is generated tokens (end tokens included) per wall-clock second.
 
 Example:
     >>> from detot_agent.cli.bench.engine import run_engine_bench
-    >>> result = run_engine_bench(model=None, n=8, max_tokens=64)  # doctest: +SKIP
-    >>> result["batched_over_sequential"] >= 3  # doctest: +SKIP
+    >>> result = run_engine_bench(model=None, engines=["torch", "llamacpp"], n=6)  # doctest: +SKIP
+    >>> result["engines"]["llamacpp"]["batched_tok_s"] > result["engines"]["torch"]["batched_tok_s"]  # doctest: +SKIP
     True
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
 
 from dspy.lm15 import Config, Message, Request
 
-from detot_agent.engines.torch_engine import LocalEngine, local_lm
+from detot_agent.engines.base import BatchedEngine
+from detot_agent.engines.lm import build_engine, local_lm
+from detot_agent.softprompt.registry import METADATA_TASK
 
-__all__ = ["BENCH_PROMPT", "run_engine_bench"]
+__all__ = ["BENCH_PROMPT", "PATHS", "run_engine_bench"]
 
 BENCH_PROMPT = "Write a short story about a robot who learns to count apples."
+PATHS = {
+    "single": "(a) one request, one sample",
+    "fanout": "(b) DSPy n fan-out (sequential)",
+    "batched": "(c) sample(n), one prefill",
+    "concurrent": "(d) n threads, dynamic batching",
+}
 
 
-def _request(max_tokens: int, temperature: float, seed: int | None = None) -> Request:
-    cfg = Config(max_tokens=max_tokens, temperature=temperature, seed=seed)
+def _request(max_tokens: int, temperature: float, seed: int | None = None, *, soft: bool = False) -> Request:
+    extensions = {"metadata": {METADATA_TASK: "bench"}} if soft else None
+    cfg = Config(max_tokens=max_tokens, temperature=temperature, seed=seed, extensions=extensions)
     return Request(model="bench", messages=(Message.user(BENCH_PROMPT),), config=cfg)
 
 
-def _concurrent(engine: LocalEngine, n: int, max_tokens: int, temperature: float) -> tuple[float, int]:
+def _rate(tokens: float, seconds: float) -> float:
+    return tokens / seconds if seconds > 0 else 0.0
+
+
+def _concurrent(engine: BatchedEngine, n: int, max_tokens: int, temperature: float, soft: bool) -> tuple[float, int]:
     tokens = [0] * n
     barrier = threading.Barrier(n + 1)
 
     def worker(i: int) -> None:
         barrier.wait()
-        tokens[i] = engine.complete(_request(max_tokens, temperature, seed=i)).usage.output_tokens or 0
+        response = engine.complete(_request(max_tokens, temperature, seed=i, soft=soft))
+        tokens[i] = response.usage.output_tokens or 0
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n)]
     for t in threads:
@@ -55,60 +73,112 @@ def _concurrent(engine: LocalEngine, n: int, max_tokens: int, temperature: float
     return time.perf_counter() - start, sum(tokens)
 
 
-def run_engine_bench(
-    *, model: str | None, n: int = 8, max_tokens: int = 64, temperature: float = 0.7, dtype: str = "auto",
-    device: str = "auto",
-) -> dict[str, Any]:
-    """Run the four measurements and return their figures (tokens/s, seconds, ratios)."""
-    engine = LocalEngine(model, dtype=dtype, device=device, max_batch_size=max(n, 1), max_wait_ms=20)
-    plain = LocalEngine(model, dtype=dtype, device=device, dynamic_batching=False)
+def _bench_one(kind: str, *, model: str | None, n: int, max_tokens: int, temperature: float, dtype: str,
+               device: str, soft_prompt_k: int) -> dict[str, Any]:
+    from detot_agent.softprompt.prompt import SoftPrompt
+
+    start = time.perf_counter()
+    engine = build_engine(model, engine=kind, dtype=dtype, device=device, max_batch_size=max(n, 1), max_wait_ms=20)
+    load_s = time.perf_counter() - start
+    soft = soft_prompt_k > 0
+    if soft:
+        engine.registry.register("bench", SoftPrompt.initialize(engine, "bench", k=soft_prompt_k).vectors)
     lm = local_lm(engine=engine, cache=False)
-    engine.sample(_request(8, temperature), 2)  # warm-up (allocator, kernels)
+    engine.sample(_request(8, temperature, soft=soft), 2)  # warm-up (allocator, kernels)
+    seconds: dict[str, float] = {}
+    tokens: dict[str, int] = {}
+
+    start = time.perf_counter()
+    tokens["single"] = sum(s.output_tokens for s in engine.sample(_request(max_tokens, temperature, 0, soft=soft), 1))
+    seconds["single"] = time.perf_counter() - start
 
     dspy_log = logging.getLogger("dspy")
     level = dspy_log.level
     dspy_log.setLevel(logging.ERROR)  # "response was truncated" is expected here: outputs run to max_tokens
     try:
         start = time.perf_counter()
-        lm(BENCH_PROMPT, n=n, temperature=temperature, max_tokens=max_tokens)
-        seq_s = time.perf_counter() - start
+        lm(BENCH_PROMPT, n=n, temperature=temperature, max_tokens=max_tokens,
+           metadata={METADATA_TASK: "bench"} if soft else None)
+        seconds["fanout"] = time.perf_counter() - start
     finally:
         dspy_log.setLevel(level)
-    seq_tokens = int(lm.history[-1]["usage"].get("completion_tokens") or 0)
+    tokens["fanout"] = int(lm.history[-1]["usage"].get("completion_tokens") or 0)
 
     start = time.perf_counter()
-    samples = engine.sample(_request(max_tokens, temperature, seed=0), n)
-    bat_s = time.perf_counter() - start
-    bat_tokens = sum(s.output_tokens for s in samples)
+    tokens["batched"] = sum(s.output_tokens for s in engine.sample(_request(max_tokens, temperature, 0, soft=soft), n))
+    seconds["batched"] = time.perf_counter() - start
 
-    conc_s, conc_tokens = _concurrent(engine, n, max_tokens, temperature)
-    unb_s, unb_tokens = _concurrent(plain, n, max_tokens, temperature)
+    seconds["concurrent"], tokens["concurrent"] = _concurrent(engine, n, max_tokens, temperature, soft)
     batcher = engine.batch_stats
     engine.close()
+    out: dict[str, Any] = {"engine": kind, "class": type(engine).__name__, "load_s": load_s,
+                           "prompt_tokens": len(engine.render(_request(max_tokens, temperature))),
+                           "seconds": seconds, "tokens": tokens, "batcher": batcher}
+    if hasattr(engine, "model"):
+        out.update(device=str(engine.model.device), dtype=str(engine.model.dtype).removeprefix("torch."))
+    else:
+        out.update(device="cpu", dtype="gguf")
+    for path in PATHS:
+        out[f"{path}_tok_s"] = _rate(tokens[path], seconds[path])
+    return out
 
-    def rate(tokens: int, seconds: float) -> float:
-        return tokens / seconds if seconds > 0 else 0.0
 
-    result: dict[str, Any] = {
-        "model": engine.name,
-        "device": str(engine.model.device),
-        "dtype": str(engine.model.dtype).removeprefix("torch."),
-        "n": n,
-        "max_tokens": max_tokens,
-        "temperature": temperature,
-        "prompt_tokens": len(engine.render(_request(max_tokens, temperature))),
-        "sequential_tok_s": rate(seq_tokens, seq_s),
-        "batched_tok_s": rate(bat_tokens, bat_s),
-        "concurrent_batched_tok_s": rate(conc_tokens, conc_s),
-        "concurrent_unbatched_tok_s": rate(unb_tokens, unb_s),
-        "seconds": {"sequential": seq_s, "batched": bat_s, "concurrent_batched": conc_s,
-                    "concurrent_unbatched": unb_s},
-        "tokens": {"sequential": seq_tokens, "batched": bat_tokens, "concurrent_batched": conc_tokens,
-                   "concurrent_unbatched": unb_tokens},
-        "batcher": batcher,
-    }
-    result["batched_over_sequential"] = rate(result["batched_tok_s"], result["sequential_tok_s"])
-    result["concurrent_batched_over_unbatched"] = rate(
-        result["concurrent_batched_tok_s"], result["concurrent_unbatched_tok_s"]
-    )
+def _llama_cpp_reference(model: str | None, *, max_tokens: int, temperature: float) -> dict[str, Any] | None:
+    """llama.cpp's own high-level `Llama`, single stream, on the same prompt tokens (no soft prompt)."""
+    from detot_agent.engines.llamacpp_runtime import llama_cpp_available
+    from detot_agent.engines.models import load_tokenizer, resolve_model_source
+
+    source = resolve_model_source(model)
+    if not llama_cpp_available() or source.gguf_file is None:
+        return None
+    import llama_cpp
+
+    from detot_agent.engines.llamacpp_runtime import _lib
+
+    _lib()  # quiet logging, backend ready
+    tokenizer = load_tokenizer(source)
+    messages = [{"role": "user", "content": BENCH_PROMPT}]
+    rendered: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(rendered["input_ids"] if isinstance(rendered, dict) or hasattr(rendered, "input_ids") else rendered)
+    llm = llama_cpp.Llama(os.path.join(source.location, source.gguf_file), n_ctx=2048, verbose=False, seed=0)
+    llm.eval(ids[:4])  # warm-up
+    llm.reset()
+    count = 0
+    start = time.perf_counter()
+    for _ in llm.generate(ids, temp=temperature, top_p=1.0, top_k=0, min_p=0.0, repeat_penalty=1.0, reset=True):
+        count += 1
+        if count >= max_tokens:
+            break
+    seconds = time.perf_counter() - start
+    return {"engine": "llama-cpp-python Llama.generate (reference)", "tokens": count, "seconds": seconds,
+            "single_tok_s": _rate(count, seconds)}
+
+
+def run_engine_bench(
+    *, model: str | None, engines: list[str] | None = None, n: int = 6, max_tokens: int = 64,
+    temperature: float = 0.7, dtype: str = "auto", device: str = "auto", soft_prompt_k: int = 8,
+) -> dict[str, Any]:
+    """Run the measurements for each engine (and the llama.cpp reference) and return their figures."""
+    engines = engines or ["torch"]
+    result: dict[str, Any] = {"n": n, "max_tokens": max_tokens, "temperature": temperature,
+                              "soft_prompt_k": soft_prompt_k, "cpus": os.cpu_count(), "engines": {}}
+    for kind in engines:
+        result["engines"][kind] = _bench_one(kind, model=model, n=n, max_tokens=max_tokens, temperature=temperature,
+                                             dtype=dtype, device=device, soft_prompt_k=soft_prompt_k)
+    first = next(iter(result["engines"].values()))
+    result["prompt_tokens"] = first["prompt_tokens"]
+    from detot_agent.engines.models import resolve_model_source
+
+    result["model"] = resolve_model_source(model).name
+    if "llamacpp" in engines:
+        result["reference"] = _llama_cpp_reference(model, max_tokens=max_tokens, temperature=temperature)
+    torch_row, cpp_row = result["engines"].get("torch"), result["engines"].get("llamacpp")
+    ratios: dict[str, float] = {}
+    if torch_row and cpp_row:
+        for path in PATHS:
+            ratios[f"llamacpp_over_torch_{path}"] = _rate(cpp_row[f"{path}_tok_s"], torch_row[f"{path}_tok_s"])
+    if cpp_row and result.get("reference"):
+        ratios["llamacpp_batched_over_reference_single"] = _rate(cpp_row["batched_tok_s"],
+                                                                 result["reference"]["single_tok_s"])
+    result["ratios"] = ratios
     return result

@@ -154,3 +154,17 @@ def test_peft_adapter_round_trip_gives_the_engine_logits(tiny_engine, tmp_path):
     assert torch.equal(back.vectors, sp.vectors)
     with pytest.raises(ArtefactError, match="hidden size is 32"):
         SoftPrompt.from_peft(tmp_path / "adapter", task="arith", hidden_size=32)
+
+
+def test_a_peft_export_is_swapped_in_whole_and_checked_on_read(tmp_path):
+    from detot_agent.softprompt.peft import export_peft, from_peft
+
+    folder = export_peft(SoftPrompt("arith", torch.ones(3, 8), model_id="tiny"), tmp_path / "adapter")
+    export_peft(SoftPrompt("arith", torch.zeros(3, 8), model_id="tiny"), folder)  # replaces it whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
+    assert float(from_peft(folder, task="arith").vectors.sum()) == 0.0
+    data = bytearray((folder / "adapter_model.safetensors").read_bytes())
+    data[-1] ^= 0xFF  # one flipped byte
+    (folder / "adapter_model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(ArtefactError, match="does not match its checksum"):
+        from_peft(folder, task="arith")

@@ -231,3 +231,18 @@ def test_bad_inputs(gsm8k_index):
     with dspy.context(lm=None), pytest.raises(DetotError, match="no LM"):
         bare(question=Q)
     assert ControllerConfig().min_evidence >= 1
+
+
+def test_bad_inputs_raise_the_request_error_family(gsm8k_index):
+    from detot_agent.errors import ConfigError, EmptyPromptError, InvalidRequestError
+
+    lm, _ = scripted_lm(lambda text, n: "7")
+    detot = make(gsm8k_index, lm)
+    with pytest.raises(InvalidRequestError):
+        detot(query=Q)
+    with pytest.raises(EmptyPromptError):
+        detot(question="\n\t ")
+    with pytest.raises(InvalidRequestError, match="gold= or correct="):
+        detot.feedback(detot(question=Q))
+    with pytest.raises(ConfigError, match="ControllerConfig"):
+        DETOT("question -> answer", task=ARITH, index=gsm8k_index, controller_config={"margin": 0})

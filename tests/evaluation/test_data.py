@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
 from detot_agent.answers import AnswerFormat
 from detot_agent.errors import DataFileError
 from detot_agent.evaluation import load_suite, sample_examples
-
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 # AddSub / SingleEq and SVAMP records as their public repositories lay them out
 ADDSUB = [{"iIndex": 1, "sQuestion": "Joan found 70 seashells on the beach. She gave Sam some of her seashells. "
@@ -22,15 +19,8 @@ SVAMP = [{"ID": "chal-1", "Body": "Each pack of dvds costs 76 dollars. If there 
           "Equation": "( 76.0 - 25.0 )", "Answer": 51.0, "Type": "Subtraction"}]
 
 
-def _shared(rel: str) -> Path:
-    path = SHARED / rel
-    if not path.is_file():
-        pytest.skip(f"shared data not found at {path}")
-    return path
-
-
-def test_gsm8k_lines_keep_the_number_after_the_hashes(tmp_path):
-    lines = _shared("gsm8k/test.jsonl").read_text().splitlines()[:3]
+def test_gsm8k_lines_keep_the_number_after_the_hashes(tmp_path, shared_data):
+    lines = shared_data("gsm8k/test.jsonl").read_text().splitlines()[:3]
     path = tmp_path / "test.jsonl"
     path.write_text("\n".join(lines) + "\n")
     suite = load_suite(str(path))
@@ -42,8 +32,8 @@ def test_gsm8k_lines_keep_the_number_after_the_hashes(tmp_path):
                                                     for line in lines]
 
 
-def test_multiarith_json_layout(tmp_path):
-    items = json.loads(_shared("multiarith/MultiArith.json").read_text())[:2]
+def test_multiarith_json_layout(tmp_path, shared_data):
+    items = json.loads(shared_data("multiarith/MultiArith.json").read_text())[:2]
     path = tmp_path / "MultiArith.json"
     path.write_text(json.dumps(items))
     suite = load_suite(str(path))
@@ -114,8 +104,8 @@ def test_duplicate_ids_and_missing_answers_are_refused(tmp_path):
         load_suite(str(path))
 
 
-def test_seeded_sampling_is_stable_and_in_file_order():
-    suite = load_suite(str(_shared("multiarith/MultiArith.json")))
+def test_seeded_sampling_is_stable_and_in_file_order(shared_data):
+    suite = load_suite(str(shared_data("multiarith/MultiArith.json")))
     a = sample_examples(suite.examples, limit=10, seed=0)
     b = sample_examples(suite.examples, limit=10, seed=0)
     c = sample_examples(suite.examples, limit=10, seed=1)

@@ -21,7 +21,7 @@ from detot_agent import (
     SoftPromptRegistry,
     local_lm,
 )
-from detot_agent.engines.torch_engine import AsyncLocalEngine
+from detot_agent.engines.base import AsyncLocalEngine
 
 QUESTION = {"question": "What is 2 plus 2?"}
 CHAT_TARGET = "[[ ## reasoning ## ]]\n2 plus 2 is 4.\n\n[[ ## answer ## ]]\n4\n\n[[ ## completed ## ]]"

@@ -63,3 +63,24 @@ def test_manifest_checks(tmp_path):
         read_manifest(tmp_path / "a", kind="demo", max_version=1)
     with pytest.raises(ArtefactError, match="does not exist"):
         read_manifest(tmp_path / "missing", kind="demo", max_version=1)
+
+
+def test_tensor_artefacts_round_trip_and_refuse_nan_or_missing_tensors(tmp_path):
+    import numpy as np
+    import torch
+    from safetensors.numpy import save_file
+
+    from detot_agent.io.persist import load_tensors, save_tensors, sha256_file
+
+    path = save_tensors(tmp_path / "t", kind="demo", version=1, meta={"n": 2}, tensors={"x": torch.arange(3.0)})
+    m, tensors = load_tensors(path, kind="demo", max_version=1, names=["x"])
+    assert m["n"] == 2 and tensors["x"].tolist() == [0.0, 1.0, 2.0]
+    with pytest.raises(ArtefactError, match=r"lacks tensors \['y'\]"):
+        load_tensors(path, kind="demo", max_version=1, names=["x", "y"])
+    # a NaN written by some other tool, with the checksum re-signed: still refused
+    save_file({"x": np.array([1.0, np.nan], dtype=np.float32)}, str(path / "tensors.safetensors"))
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest["files"]["tensors.safetensors"] = sha256_file(path / "tensors.safetensors")
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtefactError, match="t: x holds NaN or inf"):
+        load_tensors(path, kind="demo", max_version=1)

@@ -6,7 +6,6 @@ import json
 
 import pytest
 
-from detot_agent.answers import format_number
 from detot_agent.errors import DataFileError
 from detot_agent.io.datafiles import DataFormat, detect_format, read_exemplars
 
@@ -23,13 +22,8 @@ def test_gsm8k_real_lines(gsm8k_train, tmp_path):
     assert ex[0].text.startswith("Natalia sold clips")
 
 
-def test_multiarith_real_items(tmp_path):
-    from pathlib import Path
-
-    src = Path(__file__).resolve().parents[2] / "shared" / "data" / "multiarith" / "MultiArith.json"
-    if not src.is_file():
-        pytest.skip("shared MultiArith not found")
-    items = json.loads(src.read_text())[:2]
+def test_multiarith_real_items(tmp_path, multiarith_file):
+    items = json.loads(multiarith_file.read_text())[:2]
     p = tmp_path / "MultiArith.json"
     p.write_text(json.dumps(items))
     ex = read_exemplars(p)
@@ -73,9 +67,3 @@ def test_missing_and_empty_files(tmp_path):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(DataFileError, match="holds no records"):
         read_exemplars(tmp_path / "empty.jsonl")
-
-
-@pytest.mark.parametrize(("raw", "text"), [(39.0, "39"), ("1,000", "1000"), (0.5, "0.5"), ("2.50", "2.5"),
-                                           (-3.0, "-3"), ("abc", "abc")])
-def test_format_number(raw, text):
-    assert format_number(raw) == text

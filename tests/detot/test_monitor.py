@@ -44,3 +44,17 @@ def test_accepted_reoptimization_restarts_the_window():
     m.reoptimized(ReoptimizationEvent(accepted=True, reason="ok", version_before=0, version_after=1))
     assert m.stats()["count"] == 0
     assert m.observe(_obs(2, 1.0)) is None
+
+
+def test_memory_is_bounded_while_the_log_keeps_every_event(tmp_path):
+    from detot_agent.io.jsonlog import JsonlLog
+
+    log = tmp_path / "events.jsonl"
+    m = Monitor(agreement_threshold=0.0, accuracy_threshold=0.0, window=3, min_count=1, cooldown=0, keep_events=5,
+                log_path=log)
+    for i in range(40):
+        m.observe(_obs(i, 0.9))
+    assert len(m.events) == 5 and m.events[-1]["id"] == "q39"
+    assert m.events_logged == 40 and len(JsonlLog(log).read()) == 40
+    assert [e["id"] for e in m.events_since(38)] == ["q38", "q39"]
+    assert len(m._by_id) <= 30  # ids of at most ten windows

@@ -1,0 +1,238 @@
+"""`LlamaCppEngine`: GGUF models served by llama.cpp, soft prompts included, behind DSPy's engine contract.
+
+The same contract as the torch engine (`BatchedEngine`: `complete`, `sample`, `stream`, dynamic
+batching, `dump_state`/`load_state`): requests are rendered by the same Hugging Face tokenizer and
+chat template (`models.load_tokenizer`), so both engines feed the model the same token ids; only
+decoding differs. One batch of rows decodes in one llama.cpp context (`llamacpp_runtime.py`):
+
+1. every row's soft prompt goes in as one batch of input embeddings, at positions `0..k-1` of the
+   row's own sequence (positions counted from the first real position, as in the torch engine);
+2. every row's tokens follow in one token batch, at positions `k..k+T-1`; logits at its last token;
+3. a row's sequence is copied to its other `n - 1` samples (cells shared, one prefill per row);
+4. each step decodes one token for every live sequence of every row together.
+
+Tokens are chosen by the same sampling code as the torch engine (temperature, top-p, top-k, and a
+torch generator seeded with `seed + j` for sample j), and their log-probabilities are taken under
+the raw distribution, as the torch engine reports them. Soft prompts are served, never trained, here:
+training needs gradients (`softprompt/training.py` runs on a `LocalEngine`).
+
+Example:
+    >>> from detot_agent import local_lm
+    >>> lm = local_lm("model.gguf", engine="llamacpp")  # doctest: +SKIP
+    >>> lm.engine.sample(request, 6)                    # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import replace
+from typing import Any
+
+import torch
+from dspy.lm15 import Request
+
+from detot_agent.config import build
+from detot_agent.engines.base import BatchedEngine
+from detot_agent.engines.batching import DynamicBatcher
+from detot_agent.engines.config import EngineConfig
+from detot_agent.engines.generation import GenOutput, GenRow, _pick, finish_text, seeded_generators, stop_in_tail
+from detot_agent.engines.llamacpp_runtime import LlamaContext
+from detot_agent.engines.models import load_tokenizer, resolve_model_source
+from detot_agent.errors import ConfigError, ContextLengthError
+from detot_agent.softprompt.registry import SoftPromptRegistry
+
+__all__ = ["LlamaCppEngine", "generate_rows_llamacpp"]
+
+
+class LlamaCppEngine(BatchedEngine):
+    """A GGUF model decoded by llama.cpp, with batching and soft prompts.
+
+    Args:
+        model: a `.gguf` file (or a folder holding one), or None for the embedded default.
+        config: engine settings (`EngineConfig`; `n_ctx`, `n_threads` and `max_batch_size`, the most
+            sequences decoded together, size the llama.cpp context); keyword overrides win over it.
+        registry: where per-task soft prompts are looked up (a new empty one by default).
+
+    Example:
+        >>> engine = LlamaCppEngine("model.gguf", max_batch_size=8)  # doctest: +SKIP
+    """
+
+    id_prefix = "llamacpp"
+
+    def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
+                 registry: SoftPromptRegistry | None = None, **overrides: Any) -> None:
+        base = config.model_dump() if config is not None else {}
+        if model is not None:
+            overrides["model"] = str(model)
+        self.config: EngineConfig = build(EngineConfig, base, **overrides)
+        self.source = resolve_model_source(self.config.model)
+        if self.source.gguf_file is None:
+            raise ConfigError(f"the llama.cpp engine serves .gguf files; {self.source.spec!r} is a "
+                              f"{self.source.kind}: pass a .gguf file or engine='torch'")
+        self._ctx = LlamaContext(f"{self.source.location}/{self.source.gguf_file}", n_ctx=self.config.n_ctx,
+                                 n_seq_max=self.config.max_batch_size, n_threads=self.config.n_threads)
+        self._tokenizer = load_tokenizer(self.source)
+        self.registry = registry if registry is not None else SoftPromptRegistry()
+        self._gen_lock = threading.Lock()
+        self._batcher: DynamicBatcher | None = None
+        self._batcher_lock = threading.Lock()
+        specials = set(self._tokenizer.all_special_ids)
+        eos = {i for i in specials if 0 <= i < self._ctx.n_vocab and self._ctx.is_eog(i)}
+        if self._tokenizer.eos_token_id is not None:
+            eos.add(self._tokenizer.eos_token_id)
+        self.eos_ids: set[int] = eos
+        self.prompt_tokens_decoded = 0  # prompt positions prefilled so far (soft prompt included)
+        self._embedding_table: Any = None
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> LlamaCppEngine:
+        return self  # engines (and their weights) are shared by reference, never copied
+
+    @property
+    def tokenizer(self) -> Any:
+        """The model's Hugging Face tokenizer (read from the GGUF file)."""
+        return self._tokenizer
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the input embeddings (and of soft prompts for this model)."""
+        return self._ctx.n_embd
+
+    @property
+    def vocab_size(self) -> int:
+        """Tokens in the model's vocabulary (rows of its token-embedding table)."""
+        return self._ctx.n_vocab
+
+    def token_embeddings(self, ids: list[int] | None) -> torch.Tensor:
+        """Rows of the GGUF token-embedding table, dequantized to float32, `(len(ids), hidden)`; None: all.
+
+        Read from the file with the `gguf` package (llama.cpp does not expose the table); the file is
+        opened on first use.
+        """
+        import numpy as np
+        from gguf.quants import dequantize
+
+        if self._embedding_table is None:
+            from gguf import GGUFReader
+
+            reader = GGUFReader(f"{self.source.location}/{self.source.gguf_file}")
+            self._embedding_table = next(t for t in reader.tensors if t.name == "token_embd.weight")
+        table = self._embedding_table
+        rows = table.data if ids is None else table.data[np.asarray(ids, dtype=np.int64)]
+        out = dequantize(np.asarray(rows), table.tensor_type).reshape(len(rows), self.hidden_size)
+        return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32))
+
+    @property
+    def context_length(self) -> int:
+        """Most positions one request may take: the smaller of the model's context and `n_ctx`."""
+        return min(self._ctx.n_ctx_train or self._ctx.n_ctx, self._ctx.n_ctx)
+
+    def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
+        with self._gen_lock:
+            pieces = [(i, part) for i, row in enumerate(rows) for part in self._split(row)]
+            results: list[list[GenOutput]] = [[] for _ in rows]
+            for group in self._groups([part for _, part in pieces]):
+                outs = generate_rows_llamacpp(self._ctx, self.tokenizer, group, eos_ids=self.eos_ids)
+                self.prompt_tokens_decoded += sum(len(r.prompt_ids) + _k(r) for r in group)
+                for part, out in zip(group, outs, strict=True):
+                    owner = next(i for i, p in pieces if p is part)
+                    results[owner] += out
+            return results
+
+    def next_token_logits(self, request: Request, *, soft_prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of the first new token for `request` (its soft prompt included), `(vocab,)` float32."""
+        row = self.build_row(request, soft_prompt=soft_prompt)
+        with self._gen_lock:
+            self._ctx.clear()
+            if row.soft_prompt is not None:
+                self._ctx.decode_embeddings([(row.soft_prompt.detach().float().cpu().numpy(), 0, 0)])
+            k, ids = _k(row), row.prompt_ids
+            last = self._ctx.decode_tokens([(t, k + j, 0, j == len(ids) - 1) for j, t in enumerate(ids)])
+            return torch.from_numpy(self._ctx.logits(last[0]))
+
+    def _split(self, row: GenRow) -> list[GenRow]:
+        """A row as parts whose samples fit the context and the sequence limit (sample j keeps seed + j)."""
+        prompt = len(row.prompt_ids) + _k(row)
+        fit = min(self._ctx.n_seq_max, (self._ctx.n_ctx - prompt) // max(1, row.max_new_tokens))
+        if fit < 1:
+            raise ContextLengthError(f"prompt of {prompt} positions plus {row.max_new_tokens} new tokens does not fit "
+                                     f"llama.cpp's {self._ctx.n_ctx} cells; raise n_ctx or lower max_tokens")
+        parts = []
+        for start in range(0, row.n, fit):
+            seed = None if row.seed is None else row.seed + start
+            parts.append(replace(row, n=min(fit, row.n - start), seed=seed))
+        return parts
+
+    def _groups(self, parts: list[GenRow]) -> list[list[GenRow]]:
+        """Consecutive parts packed into context-sized groups of at most `n_seq_max` sequences."""
+        groups: list[list[GenRow]] = []
+        seqs = cells = 0
+        for part in parts:
+            need = len(part.prompt_ids) + _k(part) + part.n * part.max_new_tokens
+            if groups and seqs + part.n <= self._ctx.n_seq_max and cells + need <= self._ctx.n_ctx:
+                groups[-1].append(part)
+                seqs, cells = seqs + part.n, cells + need
+            else:
+                groups.append([part])
+                seqs, cells = part.n, need
+        return groups
+
+    @classmethod
+    def load_state(cls, state: dict[str, Any]) -> LlamaCppEngine:
+        """Rebuild an engine from `dump_state()`."""
+        return cls(config=EngineConfig(**state))
+
+
+def _k(row: GenRow) -> int:
+    return 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])
+
+
+def generate_rows_llamacpp(ctx: LlamaContext, tokenizer: Any, rows: list[GenRow], *,
+                           eos_ids: set[int]) -> list[list[GenOutput]]:
+    """Decode rows that fit one context together; returns, per row, its `n` samples in order."""
+    if not rows:
+        return []
+    ctx.clear()
+    owner = [i for i, row in enumerate(rows) for _ in range(row.n)]  # sequence id -> row
+    first = [owner.index(i) for i in range(len(rows))]  # the sequence that holds row i's prefill
+    # ---- prefill: soft prompts (one embeddings batch), then every row's tokens (one token batch)
+    ctx.decode_embeddings([(row.soft_prompt.detach().float().cpu().numpy(), first[i], 0)
+                           for i, row in enumerate(rows) if row.soft_prompt is not None])
+    entries = [(tok, _k(row) + j, first[i], j == len(row.prompt_ids) - 1)
+               for i, row in enumerate(rows) for j, tok in enumerate(row.prompt_ids)]
+    last = ctx.decode_tokens(entries)  # batch index of each row's last prompt token
+    row_logits = [torch.from_numpy(ctx.logits(ix)) for ix in last]  # (V,) per row
+    # ---- fan out: the other samples of a row share its cells
+    for s, i in enumerate(owner):
+        if s != first[i]:
+            ctx.seq_cp(first[i], s)
+    logits = {s: row_logits[i] for s, i in enumerate(owner)}
+    pos = {s: _k(rows[i]) + len(rows[i].prompt_ids) for s, i in enumerate(owner)}
+    generators = seeded_generators(rows, "cpu")
+    tokens: list[list[int]] = [[] for _ in owner]
+    logprob = [0.0] * len(owner)
+    finish = ["length"] * len(owner)
+    active = list(range(len(owner)))
+    while active:
+        step: list[tuple[int, int, int, bool]] = []
+        for s in active:
+            row = rows[owner[s]]
+            tok = _pick(logits[s], row, generators[s])
+            logprob[s] += float(torch.log_softmax(logits[s], dim=-1)[tok])
+            tokens[s].append(tok)
+            if tok in eos_ids or stop_in_tail(tokenizer, tokens[s], row.stop):
+                finish[s] = "stop"
+            elif len(tokens[s]) < row.max_new_tokens:
+                step.append((tok, pos[s], s, True))
+                continue
+            ctx.seq_rm(s)
+        if not step:
+            break
+        for (_, _, s, _), ix in zip(step, ctx.decode_tokens(step), strict=True):
+            logits[s] = torch.from_numpy(ctx.logits(ix))
+            pos[s] += 1
+        active = [s for _, _, s, _ in step]
+    results: list[list[GenOutput]] = [[] for _ in rows]
+    for s, i in enumerate(owner):
+        text, reason = finish_text(tokenizer, tokens[s], rows[i].stop, eos_ids, finish[s])
+        results[i].append(GenOutput(text, tokens[s], reason, logprob[s]))
+    return results

@@ -1,0 +1,191 @@
+"""A thin, typed wrapper over llama.cpp's C API (llama-cpp-python's low-level bindings).
+
+What `LlamaCppEngine` needs and llama-cpp-python's high-level `Llama` class does not offer
+(abetlen/llama-cpp-python 1757): decoding a batch of *input embeddings* (a soft prompt) into a
+sequence's KV cache, then tokens after it, several sequences in one context, and copying one
+sequence's cache to others so n samples share one prefill. One `llama_batch` holds either
+tokens or embeddings, never both, so a soft prompt and the text behind it are two decodes.
+
+The KV cache is unified (`kv_unified`): `seq_cp` then shares the prompt's cells between the
+sequences that sample from it instead of copying them, so a row's prompt costs its length once.
+
+Example:
+    >>> from detot_agent.engines.llamacpp_runtime import llama_cpp_available
+    >>> isinstance(llama_cpp_available(), bool)
+    True
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib.util
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from detot_agent.errors import ArtefactError, ConfigError, InvalidRequestError
+
+__all__ = ["LlamaContext", "llama_cpp_available"]
+
+_INIT_LOCK = threading.Lock()
+_BACKEND_READY = False
+
+
+def llama_cpp_available() -> bool:
+    """Whether llama-cpp-python is installed (nothing is imported)."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def _lib() -> Any:
+    global _BACKEND_READY
+    if not llama_cpp_available():
+        raise ConfigError("the llama.cpp engine needs llama-cpp-python: `pip install llama-cpp-python` "
+                          "(it builds from source with a C/C++ compiler and cmake), or pass engine='torch'")
+    import llama_cpp
+
+    with _INIT_LOCK:
+        if not _BACKEND_READY:
+            # llama.cpp's load chatter; its bindings map ggml's WARN level onto ERROR, so only CRITICAL
+            # stays quiet. Our own errors (a file it cannot load, a full cache) are raised, not logged.
+            logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
+            llama_cpp.llama_backend_init()
+            _BACKEND_READY = True
+    return llama_cpp
+
+
+class LlamaContext:
+    """One GGUF model and one llama.cpp context with `n_seq_max` parallel sequences.
+
+    Args:
+        path: the `.gguf` file.
+        n_ctx: KV cells shared by all sequences (0: the model's training context).
+        n_seq_max: most sequences decoded together.
+        n_threads: CPU threads (None: llama.cpp's default).
+
+    Not thread-safe: the engine calls it from one thread at a time.
+    """
+
+    def __init__(self, path: str | Path, *, n_ctx: int, n_seq_max: int, n_threads: int | None = None) -> None:
+        lib = _lib()
+        self._lib = lib
+        path = Path(path)
+        mparams = lib.llama_model_default_params()
+        model = lib.llama_model_load_from_file(str(path).encode(), mparams)
+        if not model:
+            raise ArtefactError(f"llama.cpp cannot load {path}: not a valid GGUF model file (or an architecture "
+                                "this llama.cpp does not know)")
+        self._model = model
+        self.n_embd = int(lib.llama_model_n_embd(model))
+        self.n_ctx_train = int(lib.llama_model_n_ctx_train(model))
+        self._vocab = lib.llama_model_get_vocab(model)
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
+        cells = n_ctx or self.n_ctx_train
+        cparams = lib.llama_context_default_params()
+        cparams.n_ctx = cells
+        cparams.n_batch = cells  # a whole prefill fits one decode call
+        cparams.n_ubatch = min(512, cells)
+        cparams.n_seq_max = n_seq_max
+        cparams.kv_unified = True
+        if n_threads:
+            cparams.n_threads = n_threads
+            cparams.n_threads_batch = n_threads
+        ctx = lib.llama_init_from_model(model, cparams)
+        if not ctx:
+            lib.llama_model_free(model)
+            raise ConfigError(f"llama.cpp could not create a context of {cells} cells and {n_seq_max} sequences "
+                              "for this model; lower n_ctx or max_batch_size")
+        self._ctx = ctx
+        self._mem = lib.llama_get_memory(ctx)
+        self.n_ctx = int(lib.llama_n_ctx(ctx))
+        self.n_seq_max = n_seq_max
+
+    def close(self) -> None:
+        """Free the context and the model (idempotent)."""
+        if getattr(self, "_ctx", None):
+            self._lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            self._lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        with contextlib.suppress(Exception):  # interpreter shutdown: the library may be gone
+            self.close()
+
+    def is_eog(self, token: int) -> bool:
+        """Whether `token` ends generation for this model (EOS, EOT, ...)."""
+        return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    # ---- the KV cache -----------------------------------------------------------------
+    def clear(self) -> None:
+        """Empty every sequence."""
+        self._lib.llama_memory_clear(self._mem, True)
+
+    def seq_cp(self, src: int, dst: int) -> None:
+        """Let sequence `dst` share everything sequence `src` holds (shared cells, no copy)."""
+        self._lib.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
+
+    def seq_rm(self, seq: int) -> None:
+        """Drop sequence `seq`, freeing the cells no other sequence shares."""
+        self._lib.llama_memory_seq_rm(self._mem, seq, -1, -1)
+
+    # ---- decoding --------------------------------------------------------------------
+    def decode_embeddings(self, parts: list[tuple[np.ndarray, int, int]]) -> None:
+        """Decode input embeddings: each part is `(vectors (k, n_embd), seq, first position)`; no logits."""
+        lib = self._lib
+        total = sum(v.shape[0] for v, _, _ in parts)
+        if total == 0:
+            return
+        batch = lib.llama_batch_init(total, self.n_embd, 1)
+        try:
+            flat = np.ascontiguousarray(np.concatenate([v for v, _, _ in parts]), dtype=np.float32)  # (total, H)
+            ctypes.memmove(batch.embd, flat.ctypes.data, flat.nbytes)
+            i = 0
+            for vectors, seq, pos0 in parts:
+                for j in range(vectors.shape[0]):
+                    batch.pos[i] = pos0 + j
+                    batch.n_seq_id[i] = 1
+                    batch.seq_id[i][0] = seq
+                    batch.logits[i] = 0
+                    i += 1
+            batch.n_tokens = total
+            self._decode(batch)
+        finally:
+            lib.llama_batch_free(batch)
+
+    def decode_tokens(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
+        """Decode tokens `(token, position, seq, wants logits)`; returns each logits-bearing entry's batch index."""
+        lib = self._lib
+        batch = lib.llama_batch_init(len(entries), 0, 1)
+        out = []
+        try:
+            for i, (token, pos, seq, logits) in enumerate(entries):
+                batch.token[i] = token
+                batch.pos[i] = pos
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = seq
+                batch.logits[i] = 1 if logits else 0
+                if logits:
+                    out.append(i)
+            batch.n_tokens = len(entries)
+            self._decode(batch)
+        finally:
+            lib.llama_batch_free(batch)
+        return out
+
+    def logits(self, index: int) -> np.ndarray:
+        """A copy of the logits the last decode produced at batch index `index`, `(n_vocab,)` float32."""
+        ptr = self._lib.llama_get_logits_ith(self._ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def _decode(self, batch: Any) -> None:
+        rc = self._lib.llama_decode(self._ctx, batch)
+        if rc == 1:
+            raise InvalidRequestError(f"llama.cpp found no room in its KV cache ({self.n_ctx} cells) for this batch; "
+                                      "raise n_ctx or send fewer or shorter requests together")
+        if rc != 0:
+            raise InvalidRequestError(f"llama.cpp failed to decode a batch (llama_decode returned {rc})")
