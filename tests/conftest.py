@@ -28,6 +28,14 @@ def long_tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny random Llama written as a float32 GGUF file (both engines load it)."""
+    from detot_agent.testing import build_tiny_gguf
+
+    return build_tiny_gguf(tmp_path_factory.mktemp("tiny-gguf") / "tiny.gguf", context=2048)
+
+
+@pytest.fixture(scope="session")
 def tiny_engine(tiny_model_dir: Path):
     """A float32 CPU engine on the tiny model, shared by tests that only read from it."""
     from detot_agent import LocalEngine

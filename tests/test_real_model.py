@@ -58,3 +58,21 @@ def test_tune_cli_end_to_end_on_the_embedded_model(engine, gsm8k_train, tmp_path
     assert (out / "loss.png").stat().st_size > 1000 and (out / "report.json").is_file()
     sp = SoftPrompt.load(out, hidden_size=engine.hidden_size)
     assert sp.k == 4 and sp.hidden_size == 576 and sp.model_id == "default"
+
+
+def test_llama_cpp_first_token_distribution_agrees_with_the_torch_engine(engine):
+    # llama.cpp multiplies the Q4_1 weights with 8-bit-quantized activations; transformers dequantizes the
+    # weights to float32 first. Stated tolerance on the embedded model: max |logit difference| <= 1.0 (logits
+    # span about 30), total variation distance <= 0.1, and at least 4 of the top 5 tokens shared.
+    from detot_agent import LlamaCppEngine
+
+    cpp = LlamaCppEngine()
+    req = Request(model="m", messages=(Message.user("What is 2+3? Answer briefly."),), config=Config(max_tokens=8))
+    soft = engine.token_embeddings(engine.tokenizer("Solve the problem step by step.")["input_ids"][:6])
+    for sp in (None, soft):
+        a, b = engine.next_token_logits(req, soft_prompt=sp), cpp.next_token_logits(req, soft_prompt=sp)
+        tv = 0.5 * float((torch.softmax(a, -1) - torch.softmax(b, -1)).abs().sum())
+        assert float((a - b).abs().max()) <= 1.0 and tv <= 0.1
+        assert len(set(a.topk(5).indices.tolist()) & set(b.topk(5).indices.tolist())) >= 4
+    assert cpp.sample(req, 1)[0].text == engine.sample(req, 1)[0].text == "The answer is 5."
+    cpp.close()

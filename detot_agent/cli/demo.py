@@ -93,7 +93,7 @@ def run_demo(*, model: str | None = None, device: str = "auto", dtype: str = "au
 
     start = time.perf_counter()
     lm = local_lm(model, device=device, dtype=dtype, cache=False)
-    say(f"model [bold]{lm.model}[/] on {lm.engine.model.device} ({time.perf_counter() - start:.1f}s)")
+    say(f"model [bold]{lm.model}[/] on {lm.engine.device} ({time.perf_counter() - start:.1f}s)")
     encoder = Encoder()
     cache = _cache_dir()
     try:

@@ -56,8 +56,9 @@ def eval_run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.")] = 16,
-    engine: Annotated[str, typer.Option(help="local (transformers) or vllm (CUDA GPUs, the `vllm` extra).")] =
-        "local",
+    engine: Annotated[str, typer.Option(help="auto (llama.cpp for a .gguf file on the CPU when installed, else "
+                                             "torch), torch (transformers; `local` is the old name), llamacpp, or "
+                                             "vllm (CUDA GPUs, the `vllm` extra).")] = "auto",
     executor: Annotated[str, typer.Option(help="local (this process) or ray (Ray actors, one engine each; "
                                                "needs the `ray` extra).")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto, HOST:PORT, ray://...); "
@@ -87,8 +88,9 @@ def eval_run(
         raise ConfigError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
-    if engine not in ("local", "vllm"):
-        raise ConfigError(f"--engine must be local or vllm, got {engine!r}")
+    engine = "torch" if engine == "local" else engine
+    if engine not in ("auto", "torch", "llamacpp", "vllm"):
+        raise ConfigError(f"--engine must be auto, torch, llamacpp or vllm, got {engine!r}")
     label_list = [x.strip() for x in labels.split(",")] if labels else None
     loaded = load_suite(suite, data_dir=data_dir, fmt=data_format, question_field=question_field,
                         answer_field=answer_field, labels=label_list)
@@ -99,7 +101,13 @@ def eval_run(
             raise ConfigError(f"{what} {path} does not exist")
     # absolute paths: Ray actors do not run in this folder
     local_model = model if model is None or not Path(model).exists() else str(Path(model).resolve())
-    spec = ContextSpec(model=local_model, engine="vllm" if engine == "vllm" else "local", device=device, dtype=dtype,
+    if engine != "vllm":  # decided here, once, so every Ray actor and a resumed run use the same engine
+        from detot_agent.config import build
+        from detot_agent.engines.config import EngineConfig
+        from detot_agent.engines.lm import choose_engine
+
+        engine = choose_engine(engine, build(EngineConfig, {"model": local_model, "device": device, "dtype": dtype}))
+    spec = ContextSpec(model=local_model, engine=engine, device=device, dtype=dtype,  # type: ignore[arg-type]
                        max_batch_size=max_batch_size,
                        index=None if index is None else str(index.resolve()),
                        soft_prompt=None if soft_prompt is None else str(soft_prompt.resolve()),

@@ -70,6 +70,11 @@ class RequestBuilder:
     def context_length(self) -> int:
         raise NotImplementedError
 
+    @property
+    def device(self) -> str:
+        """Where decoding runs, for people (`cpu`, `cuda:0`, `cpu (llama.cpp, ...)`)."""
+        raise NotImplementedError
+
     # ---- request -> row ----------------------------------------------------------
     def render(self, request: Request) -> list[int]:
         """Token ids of the request's prompt, through the model's chat template.
@@ -192,6 +197,10 @@ class BatchedEngine(RequestBuilder):
 
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         raise NotImplementedError
+
+    def generate_batch(self, rows: list[GenRow]) -> list[list[GenOutput]]:
+        """Decode prepared rows together in one batch, bypassing the batcher."""
+        return self._run(rows)
 
     def _decode(self, row: GenRow) -> list[GenOutput]:
         if not self.config.dynamic_batching:

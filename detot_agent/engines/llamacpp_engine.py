@@ -98,6 +98,12 @@ class LlamaCppEngine(BatchedEngine):
         return self._ctx.n_embd
 
     @property
+    def device(self) -> str:
+        """Where decoding runs, for people."""
+        threads = self.config.n_threads
+        return f"cpu (llama.cpp, {threads or 'default'} threads)"
+
+    @property
     def vocab_size(self) -> int:
         """Tokens in the model's vocabulary (rows of its token-embedding table)."""
         return self._ctx.n_vocab

@@ -102,6 +102,11 @@ class LocalEngine(BatchedEngine):
         return int(self.model.get_input_embeddings().weight.shape[1])
 
     @property
+    def device(self) -> str:
+        """Where decoding runs, for people: `cpu`, `cuda:0`, ..."""
+        return str(self.model.device)
+
+    @property
     def vocab_size(self) -> int:
         """Rows of the token-embedding table."""
         return int(self.model.get_input_embeddings().weight.shape[0])
@@ -132,10 +137,6 @@ class LocalEngine(BatchedEngine):
             x = embed_row(embed, row, device=self.model.device, dtype=embed.weight.dtype).unsqueeze(0)  # (1, L, H)
             positions = torch.arange(x.shape[1], device=self.model.device).unsqueeze(0)  # (1, L)
             return self.model(inputs_embeds=x, position_ids=positions, logits_to_keep=1).logits[0, -1].float().cpu()
-
-    def generate_batch(self, rows: list[GenRow]) -> list[list[GenOutput]]:
-        """Decode prepared rows together in one batch, bypassing the batcher."""
-        return self._run(rows)
 
     @classmethod
     def load_state(cls, state: dict[str, Any]) -> LocalEngine:

@@ -172,6 +172,11 @@ class VLLMEngine(BatchedEngine):
         return int(self._embed.weight.shape[1])
 
     @property
+    def device(self) -> str:
+        """Where decoding runs, for people."""
+        return "cuda (vLLM)"
+
+    @property
     def context_length(self) -> int:
         return self._context
 

@@ -43,7 +43,8 @@ __all__ = ["RUN_FILE", "Executor", "LocalExecutor", "RecordSink", "answer_exampl
 RUN_FILE = "run.json"
 # settings that must match for --resume to continue a run rather than mix two
 _PINNED = ("suite", "source", "model", "seed", "limit", "k", "n", "temperature", "max_tokens", "soft_prompt",
-           "index")
+           "index", "engine")
+_OLD_NAMES = {"engine": {"local": "torch"}}  # values older runs recorded under another name
 
 
 def _check_record(record: Any, where: str) -> None:
@@ -74,7 +75,11 @@ def check_run(out: Path, run: dict[str, Any], *, resume: bool) -> dict[str, Any]
         stored = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtefactError(f"{path}: unreadable ({exc}); cannot resume") from None
-    diff = [f"{k}: {stored.get(k)!r} then, {run.get(k)!r} now" for k in _PINNED if stored.get(k) != run.get(k)]
+    def pinned(k: str, value: Any) -> Any:
+        return _OLD_NAMES.get(k, {}).get(value, value)
+
+    diff = [f"{k}: {stored.get(k)!r} then, {run.get(k)!r} now" for k in _PINNED
+            if pinned(k, stored.get(k)) != pinned(k, run.get(k)) and not (k == "engine" and stored.get(k) is None)]
     if stored.get("ids") != run.get("ids"):
         diff.append("the example ids differ (--suite, --limit or --seed changed, or the data file did)")
     if diff:

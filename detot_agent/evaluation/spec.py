@@ -30,8 +30,9 @@ class ContextSpec(BaseModel):
 
     Attributes:
         model: HF folder, `.gguf` file or hub id (None: the embedded default model).
-        engine: `local` (transformers, CPU or GPU) or `vllm` (`VLLMEngine`, CUDA GPUs; soft prompts
-            sent as `prompt_embeds`).
+        engine: `torch` (transformers, CPU or GPU), `llamacpp` (GGUF on the CPU, `LlamaCppEngine`),
+            `auto` (see `engines.lm.choose_engine`) or `vllm` (`VLLMEngine`, CUDA GPUs; soft prompts sent as
+            `prompt_embeds`).
         device, dtype, max_batch_size, max_wait_ms: engine settings.
         index: exemplar index folder (demo pool), or None.
         soft_prompt: trained soft prompt folder for the DETOT methods, or None.
@@ -44,7 +45,7 @@ class ContextSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str | None = None
-    engine: Literal["local", "vllm"] = "local"
+    engine: Literal["auto", "torch", "llamacpp", "vllm"] = "auto"
     device: str = "auto"
     dtype: str = "auto"
     max_batch_size: int = Field(default=16, ge=1)
@@ -85,7 +86,7 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
         lm = vllm_lm(spec.model, dtype=spec.dtype, max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms,
                      cache=False, **lm_kwargs)
     else:
-        lm = local_lm(spec.model, device=spec.device, dtype=spec.dtype, cache=False,
+        lm = local_lm(spec.model, engine=spec.engine, device=spec.device, dtype=spec.dtype, cache=False,
                       max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms, **lm_kwargs)
     vectors = None
     if spec.soft_prompt is not None:

@@ -9,6 +9,7 @@ import sys
 from typer.testing import CliRunner
 
 from detot_agent.cli.app import app
+from detot_agent.errors import ConfigError
 
 runner = CliRunner()
 
@@ -29,17 +30,27 @@ def test_generate_prints_completions_and_token_counts(tiny_model_dir):
     assert "tok/s" in result.output
 
 
-def test_bench_engine_writes_the_promised_keys(tiny_model_dir, tmp_path):
+def test_bench_engine_writes_the_promised_keys(tiny_gguf, tmp_path):
     path = tmp_path / "bench.json"
-    result = runner.invoke(app, ["bench", "engine", "--model", str(tiny_model_dir), "--n", "4", "--max-tokens", "8",
-                                 "--json", str(path), "--device", "cpu"])
+    result = runner.invoke(app, ["bench", "engine", "--model", str(tiny_gguf), "--engine", "torch,llamacpp", "--n", "4",
+                                 "--max-tokens", "8", "--soft-prompt-k", "3", "--json", str(path), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     data = json.loads(path.read_text())
-    for key in ("sequential_tok_s", "batched_tok_s", "batched_over_sequential", "concurrent_batched_tok_s",
-                "concurrent_unbatched_tok_s"):
-        assert data[key] > 0
-    assert 4 <= data["tokens"]["batched"] <= 4 * 8
-    assert data["batcher"]["largest"] >= 2  # concurrent requests were gathered
+    for kind in ("torch", "llamacpp"):
+        row = data["engines"][kind]
+        for key in ("single_tok_s", "fanout_tok_s", "batched_tok_s", "concurrent_tok_s"):
+            assert row[key] > 0
+        assert 4 <= row["tokens"]["batched"] <= 4 * 8
+        assert row["batcher"]["largest"] >= 2  # concurrent requests were gathered
+    assert data["reference"]["single_tok_s"] > 0 and data["soft_prompt_k"] == 3
+    assert set(data["ratios"]) >= {"llamacpp_over_torch_batched", "llamacpp_batched_over_reference_single"}
+    assert "llama-cpp-python Llama" in result.output
+
+
+def test_bench_engine_refuses_an_unknown_engine(tiny_model_dir):
+    result = runner.invoke(app, ["bench", "engine", "--model", str(tiny_model_dir), "--engine", "torch,llama"])
+    assert isinstance(result.exception, ConfigError)  # main() turns it into one line and exit code 2
+    assert "--engine takes torch and/or llamacpp" in str(result.exception)
 
 
 def test_bad_model_gives_one_line_error_not_a_traceback(tmp_path):

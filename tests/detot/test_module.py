@@ -246,3 +246,32 @@ def test_bad_inputs_raise_the_request_error_family(gsm8k_index):
         detot.feedback(detot(question=Q))
     with pytest.raises(ConfigError, match="ControllerConfig"):
         DETOT("question -> answer", task=ARITH, index=gsm8k_index, controller_config={"margin": 0})
+
+
+def test_detot_serves_through_llama_cpp_and_trains_through_a_lazily_loaded_torch_engine(gsm8k_index, tiny_gguf):
+    import numpy as np
+
+    from detot_agent import LlamaCppEngine
+    from detot_agent.detot.records import Evidence
+
+    engine = LlamaCppEngine(str(tiny_gguf), max_wait_ms=5)
+    detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=local_lm(engine=engine, cache=False),
+                  background=False, adapter=PlainAdapter(),
+                  adjustments=analyze(ARITH, max_samples=2, max_tokens=8, k_exemplars=1),
+                  controller_config=ControllerConfig(min_evidence=6, soft_prompt_steps=25, soft_prompt_lr=0.05,
+                                                     dropout=0.0, margin=0.0))
+    trainer = detot.controller.engine
+    assert detot.controller.state.soft_prompt.shape == (detot.adjustments.soft_prompt_k, 64)  # from the GGUF table
+    pred = detot(question="2 plus 2?")
+    assert pred.samples_used == 2 and pred.embedding_version == 0
+    assert not trainer.loaded  # serving never loads the torch engine
+    rng = np.random.default_rng(0)
+    for i in range(9):
+        detot.controller.add_evidence(Evidence(
+            id=f"e{i}", query=rng.standard_normal(384).astype(np.float32), demo_ids=[], agreement=1.0,
+            messages=[{"role": "user", "content": f"Tom has {i} apples and buys 2 more. How many?"}],
+            target="The answer is 5."))
+    event = detot.reoptimize()
+    assert trainer.loaded and event.accepted and "soft prompt accepted" in event.reason
+    assert detot(question="2 plus 2?").embedding_version == 1  # the trained prompt serves through llama.cpp
+    engine.close()

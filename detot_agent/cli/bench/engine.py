@@ -114,10 +114,8 @@ def _bench_one(kind: str, *, model: str | None, n: int, max_tokens: int, tempera
     out: dict[str, Any] = {"engine": kind, "class": type(engine).__name__, "load_s": load_s,
                            "prompt_tokens": len(engine.render(_request(max_tokens, temperature))),
                            "seconds": seconds, "tokens": tokens, "batcher": batcher}
-    if hasattr(engine, "model"):
-        out.update(device=str(engine.model.device), dtype=str(engine.model.dtype).removeprefix("torch."))
-    else:
-        out.update(device="cpu", dtype="gguf")
+    model = getattr(engine, "model", None)  # the torch engine's; llama.cpp computes in the file's own types
+    out.update(device=engine.device, dtype=str(model.dtype).removeprefix("torch.") if model is not None else "gguf")
     for path in PATHS:
         out[f"{path}_tok_s"] = _rate(tokens[path], seconds[path])
     return out
