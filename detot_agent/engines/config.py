@@ -68,7 +68,7 @@ class EngineConfig(StrictModel):
         overflow: prompts longer than the context: `error` (default) or `truncate_middle` (see `Overflow`).
         n_ctx: (llama.cpp) KV cells shared by the sequences decoded together; 0 is the model's training
             context. It bounds prompt + completion of one request, and how many fit in one batch.
-        n_threads: (llama.cpp) CPU threads; None is llama.cpp's default (the physical cores).
+        n_threads: (llama.cpp) CPU threads; None is the CPUs this process may use.
     """
 
     model: str | None = None

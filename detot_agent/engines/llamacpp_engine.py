@@ -100,8 +100,7 @@ class LlamaCppEngine(BatchedEngine):
     @property
     def device(self) -> str:
         """Where decoding runs, for people."""
-        threads = self.config.n_threads
-        return f"cpu (llama.cpp, {threads or 'default'} threads)"
+        return f"cpu (llama.cpp, {self._ctx.n_threads} threads)"
 
     @property
     def vocab_size(self) -> int:

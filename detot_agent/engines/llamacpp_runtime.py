@@ -21,6 +21,7 @@ import contextlib
 import ctypes
 import importlib.util
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,7 @@ class LlamaContext:
         path: the `.gguf` file.
         n_ctx: KV cells shared by all sequences (0: the model's training context).
         n_seq_max: most sequences decoded together.
-        n_threads: CPU threads (None: llama.cpp's default).
+        n_threads: CPU threads (None: the CPUs this process may use).
 
     Not thread-safe: the engine calls it from one thread at a time.
     """
@@ -90,9 +91,12 @@ class LlamaContext:
         cparams.n_ubatch = min(512, cells)
         cparams.n_seq_max = n_seq_max
         cparams.kv_unified = True
-        if n_threads:
-            cparams.n_threads = n_threads
-            cparams.n_threads_batch = n_threads
+        # llama.cpp's default (4) oversubscribes small machines: on 2 cores it decoded 1.7x slower than 2
+        threads = n_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        if threads:
+            cparams.n_threads = threads
+            cparams.n_threads_batch = threads
+        self.n_threads = int(cparams.n_threads)
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
             lib.llama_model_free(model)
