@@ -14,10 +14,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import re
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -208,22 +210,29 @@ def load_tokenizer(source: ModelSource) -> Any:
         from transformers import AutoTokenizer
 
         kwargs = _load_kwargs(source)
-        try:
+        with _loading(source, "the tokenizer of"):
             tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
-        except OSError as exc:
-            raise ModelNotFoundError(
-                f"could not load the tokenizer of {source.spec!r} from {source.location}: {exc}. "
-                "Offline, pass a local folder or .gguf file with --model."
-            ) from exc
-        except Exception as exc:  # transformers' GGUF parser raises many kinds on a damaged file
-            if source.gguf_file is None:
-                raise
-            raise ArtefactError(f"{source.location}/{source.gguf_file} is not a readable GGUF model "
-                                f"({type(exc).__name__}: {str(exc)[:200]})") from None
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         _TOKENIZERS[key] = tokenizer
         return tokenizer
+
+
+@contextlib.contextmanager
+def _loading(source: ModelSource, what: str) -> Iterator[None]:
+    """Turn transformers' loading errors into ours: a missing model, or a damaged GGUF file named."""
+    try:
+        yield
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"could not load {what} {source.spec!r} from {source.location}: {exc}. "
+            "Offline, pass a local folder or .gguf file with --model."
+        ) from exc
+    except Exception as exc:  # transformers' GGUF parser raises many kinds on a damaged file
+        if source.gguf_file is None:
+            raise
+        raise ArtefactError(f"{source.location}/{source.gguf_file} is not a readable GGUF model "
+                            f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
 def _load_kwargs(source: ModelSource) -> dict[str, Any]:
@@ -258,18 +267,8 @@ def load_model(
         model_kwargs = dict(_load_kwargs(source), dtype=dtype)
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
-        try:
+        with _loading(source, "model"):
             model = AutoModelForCausalLM.from_pretrained(source.location, **model_kwargs)
-        except OSError as exc:
-            raise ModelNotFoundError(
-                f"could not load model {source.spec!r} from {source.location}: {exc}. "
-                "Offline, pass a local folder or .gguf file with --model."
-            ) from exc
-        except Exception as exc:  # transformers' GGUF parser raises many kinds on a damaged file
-            if source.gguf_file is None:
-                raise
-            raise ArtefactError(f"{source.location}/{source.gguf_file} is not a loadable GGUF model "
-                                f"({type(exc).__name__}: {str(exc)[:200]})") from None
         model = model.to(device)  # type: ignore[arg-type]
         model.eval()
         model.requires_grad_(False)

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from detot_agent.answers import AnswerFormat
+from detot_agent.config import StrictModel
 from detot_agent.errors import ConfigError
 from detot_agent.evaluation.methods import EvalContext
 
 __all__ = ["ContextSpec", "build_context"]
 
 
-class ContextSpec(BaseModel):
+class ContextSpec(StrictModel):
     """What an `EvalContext` is built from.
 
     Attributes:
