@@ -56,13 +56,15 @@ def generate(
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
+    engine_kind: Annotated[str, typer.Option("--engine", help="auto (llama.cpp for a .gguf file on the CPU when "
+                                                              "installed, else torch), torch or llamacpp.")] = "auto",
 ) -> None:
     """Print completions of PROMPT with their token counts."""
     from dspy.lm15 import Config, Message, Request
 
-    from detot_agent.engines.torch_engine import LocalEngine
+    from detot_agent.engines.lm import build_engine
 
-    engine = LocalEngine(model, device=device, dtype=dtype)
+    engine = build_engine(model, engine=engine_kind, device=device, dtype=dtype)
     request = Request(model=engine.name, messages=(Message.user(prompt),),
                       config=Config(max_tokens=max_tokens, temperature=temperature, seed=seed))
     start = time.perf_counter()

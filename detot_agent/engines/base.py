@@ -1,8 +1,8 @@
 """What every engine shares: request -> decode row, and the DSPy engine contract on top of `_run(rows)`.
 
 `RequestBuilder` renders a request (chat template), resolves its soft prompt and checks budgets, so
-`LocalEngine` (transformers) and `VLLMEngine` (vLLM) turn one DSPy request into the same token ids,
-soft prompt and sampling settings; `generation.embed_row` then turns that row into the
+`LocalEngine` (transformers), `LlamaCppEngine` (llama.cpp) and `VLLMEngine` (vLLM) turn one DSPy
+request into the same token ids, soft prompt and sampling settings; `generation.embed_row` then turns that row into the
 `(k + T, hidden)` input embeddings. `BatchedEngine` adds dynamic batching, `sample`, `complete`,
 `stream`, `close` and `dump_state`; an engine only supplies `_run(rows)`.
 
@@ -41,7 +41,6 @@ def _system_text(request: Request) -> str:
     if isinstance(system, str):
         return system
     return "".join(getattr(part, "text", "") or "" for part in system)
-
 
 
 class RequestBuilder:

@@ -66,8 +66,9 @@ class EngineConfig(StrictModel):
         default_max_tokens: new tokens when a request does not say.
         attn_implementation: passed to transformers (`sdpa`, `eager`, ...); None keeps its default.
         overflow: prompts longer than the context: `error` (default) or `truncate_middle` (see `Overflow`).
-        n_ctx: (llama.cpp) KV cells shared by the sequences decoded together; 0 is the model's training
-            context. It bounds prompt + completion of one request, and how many fit in one batch.
+        n_ctx: (llama.cpp) KV cells of each sequence, the most positions (soft prompt + prompt + completion)
+            one request may take; 0 is the model's training context. The cache holds `max_batch_size` such
+            streams (Qwen2.5-0.5B: about 12 KB a cell, so 16 x 2048 cells is 400 MB).
         n_threads: (llama.cpp) CPU threads; None is the CPUs this process may use.
     """
 
@@ -80,5 +81,5 @@ class EngineConfig(StrictModel):
     default_max_tokens: int = Field(default=512, ge=1)
     attn_implementation: str | None = None
     overflow: Overflow = Overflow.ERROR
-    n_ctx: int = Field(default=8192, ge=0)
+    n_ctx: int = Field(default=2048, ge=0)
     n_threads: int | None = Field(default=None, ge=1)

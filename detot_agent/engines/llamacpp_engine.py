@@ -8,7 +8,8 @@ decoding differs. One batch of rows decodes in one llama.cpp context (`llamacpp_
 1. every row's soft prompt goes in as one batch of input embeddings, at positions `0..k-1` of the
    row's own sequence (positions counted from the first real position, as in the torch engine);
 2. every row's tokens follow in one token batch, at positions `k..k+T-1`; logits at its last token;
-3. a row's sequence is copied to its other `n - 1` samples (cells shared, one prefill per row);
+3. a row's sequence is copied to its other `n - 1` samples (one prefill per row; each sequence has its
+   own KV stream, so a token attends over its own row's cells only);
 4. each step decodes one token for every live sequence of every row together.
 
 Tokens are chosen by the same sampling code as the torch engine (temperature, top-p, top-k, and a
@@ -49,8 +50,9 @@ class LlamaCppEngine(BatchedEngine):
 
     Args:
         model: a `.gguf` file (or a folder holding one), or None for the embedded default.
-        config: engine settings (`EngineConfig`; `n_ctx`, `n_threads` and `max_batch_size`, the most
-            sequences decoded together, size the llama.cpp context); keyword overrides win over it.
+        config: engine settings (`EngineConfig`; `n_ctx` (cells per sequence), `n_threads` and
+            `max_batch_size` (the most sequences decoded together) size the llama.cpp context); keyword
+            overrides win over it.
         registry: where per-task soft prompts are looked up (a new empty one by default).
 
     Example:
@@ -155,12 +157,12 @@ class LlamaCppEngine(BatchedEngine):
             return torch.from_numpy(self._ctx.logits(last[0]))
 
     def _split(self, row: GenRow) -> list[GenRow]:
-        """A row as parts whose samples fit the context and the sequence limit (sample j keeps seed + j)."""
+        """A row as parts of at most `n_seq_max` samples (sample j keeps seed + j)."""
         prompt = len(row.prompt_ids) + _k(row)
-        fit = min(self._ctx.n_seq_max, (self._ctx.n_ctx - prompt) // max(1, row.max_new_tokens))
-        if fit < 1:
+        if prompt + row.max_new_tokens > self._ctx.n_ctx:
             raise ContextLengthError(f"prompt of {prompt} positions plus {row.max_new_tokens} new tokens does not fit "
-                                     f"llama.cpp's {self._ctx.n_ctx} cells; raise n_ctx or lower max_tokens")
+                                     f"llama.cpp's {self._ctx.n_ctx} cells a sequence; raise n_ctx or lower max_tokens")
+        fit = self._ctx.n_seq_max
         parts = []
         for start in range(0, row.n, fit):
             seed = None if row.seed is None else row.seed + start
@@ -168,17 +170,16 @@ class LlamaCppEngine(BatchedEngine):
         return parts
 
     def _groups(self, parts: list[GenRow]) -> list[list[GenRow]]:
-        """Consecutive parts packed into context-sized groups of at most `n_seq_max` sequences."""
+        """Consecutive parts packed into groups of at most `n_seq_max` sequences (one context each)."""
         groups: list[list[GenRow]] = []
-        seqs = cells = 0
+        seqs = 0
         for part in parts:
-            need = len(part.prompt_ids) + _k(part) + part.n * part.max_new_tokens
-            if groups and seqs + part.n <= self._ctx.n_seq_max and cells + need <= self._ctx.n_ctx:
+            if groups and seqs + part.n <= self._ctx.n_seq_max:
                 groups[-1].append(part)
-                seqs, cells = seqs + part.n, cells + need
+                seqs += part.n
             else:
                 groups.append([part])
-                seqs, cells = part.n, need
+                seqs = part.n
         return groups
 
     @classmethod

@@ -6,8 +6,12 @@ sequence's KV cache, then tokens after it, several sequences in one context, and
 sequence's cache to others so n samples share one prefill. One `llama_batch` holds either
 tokens or embeddings, never both, so a soft prompt and the text behind it are two decodes.
 
-The KV cache is unified (`kv_unified`): `seq_cp` then shares the prompt's cells between the
-sequences that sample from it instead of copying them, so a row's prompt costs its length once.
+Each sequence has a KV stream of its own (`kv_unified` off): a token attends over its own
+sequence's cells only, so rows with long, unrelated prompts decoded together do not slow each
+other down (with one unified buffer every token attends over every row's cells, masked; measured
+here, that made batched DETOT rounds with 3 GSM8K demos slower than the torch engine). A row's
+prompt is still decoded once: `seq_cp` copies the finished prefix into the streams of its other
+samples (a buffer copy, no recompute).
 
 Example:
     >>> from detot_agent.engines.llamacpp_runtime import llama_cpp_available
@@ -63,8 +67,9 @@ class LlamaContext:
 
     Args:
         path: the `.gguf` file.
-        n_ctx: KV cells shared by all sequences (0: the model's training context).
-        n_seq_max: most sequences decoded together.
+        n_ctx: KV cells of each sequence, the most positions one request may take (0: the model's
+            training context); llama.cpp rounds it up to a multiple of 256.
+        n_seq_max: most sequences decoded together (each gets its own `n_ctx` cells).
         n_threads: CPU threads (None: the CPUs this process may use).
 
     Not thread-safe: the engine calls it from one thread at a time.
@@ -84,13 +89,14 @@ class LlamaContext:
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(model))
         self._vocab = lib.llama_model_get_vocab(model)
         self.n_vocab = int(lib.llama_vocab_n_tokens(self._vocab))
-        cells = n_ctx or self.n_ctx_train
+        per_seq = n_ctx or self.n_ctx_train
+        cells = per_seq * n_seq_max
         cparams = lib.llama_context_default_params()
         cparams.n_ctx = cells
-        cparams.n_batch = cells  # a whole prefill fits one decode call
-        cparams.n_ubatch = min(512, cells)
+        cparams.n_batch = cells  # the prefill of a whole batch of rows fits one decode call
+        cparams.n_ubatch = min(512, per_seq)
         cparams.n_seq_max = n_seq_max
-        cparams.kv_unified = True
+        cparams.kv_unified = False
         # llama.cpp's default (4) oversubscribes small machines: on 2 cores it decoded 1.7x slower than 2
         threads = n_threads or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
         if threads:
@@ -100,12 +106,12 @@ class LlamaContext:
         ctx = lib.llama_init_from_model(model, cparams)
         if not ctx:
             lib.llama_model_free(model)
-            raise ConfigError(f"llama.cpp could not create a context of {cells} cells and {n_seq_max} sequences "
+            raise ConfigError(f"llama.cpp could not create a context of {n_seq_max} sequences x {per_seq} cells "
                               "for this model; lower n_ctx or max_batch_size")
         self._ctx = ctx
         self._mem = lib.llama_get_memory(ctx)
-        self.n_ctx = int(lib.llama_n_ctx(ctx))
         self.n_seq_max = n_seq_max
+        self.n_ctx = int(lib.llama_n_ctx(ctx)) // n_seq_max  # cells per sequence, after llama.cpp's rounding
 
     def close(self) -> None:
         """Free the context and the model (idempotent)."""
@@ -130,11 +136,11 @@ class LlamaContext:
         self._lib.llama_memory_clear(self._mem, True)
 
     def seq_cp(self, src: int, dst: int) -> None:
-        """Let sequence `dst` share everything sequence `src` holds (shared cells, no copy)."""
+        """Give sequence `dst` a copy of everything sequence `src` holds (done before the next decode)."""
         self._lib.llama_memory_seq_cp(self._mem, src, dst, -1, -1)
 
     def seq_rm(self, seq: int) -> None:
-        """Drop sequence `seq`, freeing the cells no other sequence shares."""
+        """Drop sequence `seq`, freeing its cells."""
         self._lib.llama_memory_seq_rm(self._mem, seq, -1, -1)
 
     # ---- decoding --------------------------------------------------------------------
@@ -189,7 +195,7 @@ class LlamaContext:
     def _decode(self, batch: Any) -> None:
         rc = self._lib.llama_decode(self._ctx, batch)
         if rc == 1:
-            raise InvalidRequestError(f"llama.cpp found no room in its KV cache ({self.n_ctx} cells) for this batch; "
-                                      "raise n_ctx or send fewer or shorter requests together")
+            raise InvalidRequestError(f"llama.cpp found no room in its KV cache ({self.n_ctx} cells a sequence) for "
+                                      "this batch; raise n_ctx or send shorter requests")
         if rc != 0:
             raise InvalidRequestError(f"llama.cpp failed to decode a batch (llama_decode returned {rc})")

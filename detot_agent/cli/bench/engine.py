@@ -111,8 +111,9 @@ def _bench_one(kind: str, *, model: str | None, n: int, max_tokens: int, tempera
     seconds["concurrent"], tokens["concurrent"] = _concurrent(engine, n, max_tokens, temperature, soft)
     batcher = engine.batch_stats
     engine.close()
+    ids = engine.render(_request(max_tokens, temperature))
     out: dict[str, Any] = {"engine": kind, "class": type(engine).__name__, "load_s": load_s,
-                           "prompt_tokens": len(engine.render(_request(max_tokens, temperature))),
+                           "prompt_tokens": len(ids), "prompt_ids": ids,
                            "seconds": seconds, "tokens": tokens, "batcher": batcher}
     model = getattr(engine, "model", None)  # the torch engine's; llama.cpp computes in the file's own types
     out.update(device=engine.device, dtype=str(model.dtype).removeprefix("torch.") if model is not None else "gguf")
@@ -121,23 +122,17 @@ def _bench_one(kind: str, *, model: str | None, n: int, max_tokens: int, tempera
     return out
 
 
-def _llama_cpp_reference(model: str | None, *, max_tokens: int, temperature: float) -> dict[str, Any] | None:
+def _llama_cpp_reference(model: str | None, ids: list[int], *, max_tokens: int,
+                         temperature: float) -> dict[str, Any]:
     """llama.cpp's own high-level `Llama`, single stream, on the same prompt tokens (no soft prompt)."""
-    from detot_agent.engines.llamacpp_runtime import llama_cpp_available
-    from detot_agent.engines.models import load_tokenizer, resolve_model_source
-
-    source = resolve_model_source(model)
-    if not llama_cpp_available() or source.gguf_file is None:
-        return None
     import llama_cpp
 
     from detot_agent.engines.llamacpp_runtime import _lib
+    from detot_agent.engines.models import resolve_model_source
 
     _lib()  # quiet logging, backend ready
-    tokenizer = load_tokenizer(source)
-    messages = [{"role": "user", "content": BENCH_PROMPT}]
-    rendered: Any = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = list(rendered["input_ids"] if isinstance(rendered, dict) or hasattr(rendered, "input_ids") else rendered)
+    source = resolve_model_source(model)
+    assert source.gguf_file is not None  # the llama.cpp engine ran on it
     llm = llama_cpp.Llama(os.path.join(source.location, source.gguf_file), n_ctx=2048, verbose=False, seed=0)
     llm.eval(ids[:4])  # warm-up
     llm.reset()
@@ -169,7 +164,8 @@ def run_engine_bench(
 
     result["model"] = resolve_model_source(model).name
     if "llamacpp" in engines:
-        result["reference"] = _llama_cpp_reference(model, max_tokens=max_tokens, temperature=temperature)
+        result["reference"] = _llama_cpp_reference(model, result["engines"]["llamacpp"]["prompt_ids"],
+                                                   max_tokens=max_tokens, temperature=temperature)
     torch_row, cpp_row = result["engines"].get("torch"), result["engines"].get("llamacpp")
     ratios: dict[str, float] = {}
     if torch_row and cpp_row:
