@@ -134,7 +134,8 @@ class Controller:
         state: the initial state.
         index: the exemplar index (for demo vectors and negatives).
         monitor: receives re-optimization events.
-        engine: a `LocalEngine` when soft prompts are in play (None: retrieval only).
+        engine: what trains soft prompts (`engines.lm.training_engine`: a `LocalEngine`, or a lazily loaded
+            one behind llama.cpp); None: retrieval only.
         config: loop settings.
         k: demos per question (negatives are drawn beyond them).
     """

@@ -57,7 +57,7 @@ def _trainer(lm: Any) -> Any:
 
 
 def _serving_engine(lm: Any) -> BatchedEngine | None:
-    """The LM's engine when it serves batched `sample(request, n, soft_prompt=...)` (local or vLLM)."""
+    """The LM's engine when it serves batched `sample(request, n, soft_prompt=...)` (torch, llama.cpp, vLLM)."""
     engine = getattr(lm, "engine", None)
     return engine if isinstance(engine, BatchedEngine) else None
 
@@ -79,7 +79,9 @@ class DETOT(dspy.Module):
         task: the `TaskProfile`.
         index: exemplars to retrieve demos from (fields `question`, `rationale`, `answer` by default).
         lm: the LM to use (default: `dspy.settings.lm` at call time). A `local_lm` gets batched
-            sampling and the task's soft prompt; any other `dspy.LM` is sampled by rollouts.
+            sampling and the task's soft prompt; any other `dspy.LM` is sampled by rollouts. Behind
+            llama.cpp, soft prompts are trained by a torch engine on the same file, loaded the first
+            time a re-optimization trains.
         encoder: the index's encoder by default.
         adjustments: `Adjustments` (default: `analyze(task, samples)`).
         samples: a few example inputs, for task analysis and the task vector.
