@@ -210,16 +210,10 @@ class DETOT(dspy.Module):
 
         def draw(n: int, drawn: int) -> list[ParsedSample]:
             seed = text_seed(text) + drawn  # same input, same samples
-
-            def sample(k: int, greedy: bool = False) -> list[Any]:
-                return sample_engine(engine, model, messages, k, soft_prompt=soft, seed=seed, stop=stop,
-                                     temperature=adj.temperature, max_tokens=adj.max_tokens, greedy=greedy)
-
-            out = []
-            if drawn == 0 and adj.greedy_first:  # the greedy answer votes first (and so wins ties)
-                out += sample(1, greedy=True)
-            if n - len(out) > 0:
-                out += sample(n - len(out))
+            # the greedy answer votes first (and so wins ties); it shares the round's prefill
+            greedy = 1 if drawn == 0 and adj.greedy_first else 0
+            out = sample_engine(engine, model, messages, n, soft_prompt=soft, seed=seed, stop=stop,
+                                temperature=adj.temperature, max_tokens=adj.max_tokens, greedy=greedy)
             parsed = []
             for s in out:
                 try:

@@ -53,14 +53,13 @@ def vote_in_rounds(draw: Draw, adj: Adjustments) -> tuple[list[ParsedSample], Vo
 
 def sample_engine(engine: BatchedEngine, model: str, messages: list[dict[str, str]], n: int, *,
                   soft_prompt: Any, seed: int, stop: tuple[str, ...], temperature: float, max_tokens: int,
-                  greedy: bool = False) -> list[Sample]:
-    """`n` completions of chat `messages` from one prefill (greedy: temperature 0, no seed)."""
+                  greedy: int = 0) -> list[Sample]:
+    """`n` completions of chat `messages` from one prefill, the first `greedy` of them greedy."""
     from dspy.lm15 import Config, Message, Request
 
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
     chat = tuple(Message.user(m["content"]) if m["role"] == "user" else Message.assistant(m["content"])
                  for m in messages if m["role"] != "system")
-    config = Config(temperature=0.0 if greedy else temperature, max_tokens=max_tokens,
-                    seed=None if greedy else seed, stop=stop)
+    config = Config(temperature=temperature, max_tokens=max_tokens, seed=seed, stop=stop)
     request = Request(model=model, messages=chat, system=system or None, config=config)
-    return engine.sample(request, n, soft_prompt=soft_prompt)
+    return engine.sample(request, n, soft_prompt=soft_prompt, greedy=greedy)

@@ -211,7 +211,8 @@ class BatchedEngine(RequestBuilder):
             batcher = self._batcher
         return batcher.submit(row).result()
 
-    def sample(self, request: Request, n: int, *, soft_prompt: torch.Tensor | None = None) -> list[Sample]:
+    def sample(self, request: Request, n: int, *, soft_prompt: torch.Tensor | None = None,
+               greedy: int = 0) -> list[Sample]:
         """Draw `n` completions of one request from a single shared prefill.
 
         Args:
@@ -219,8 +220,13 @@ class BatchedEngine(RequestBuilder):
                 temperature 0 or unset means greedy, so all n samples are equal).
             n: number of samples (>= 1).
             soft_prompt: a `(k, hidden)` tensor to use instead of the one named in metadata.
+            greedy: the first `greedy` samples are greedy whatever the temperature (the same prefill
+                serves a greedy answer and sampled ones; sampled sample j uses seed + j - greedy).
         """
         row = self.build_row(request, n=n, soft_prompt=soft_prompt)
+        if isinstance(greedy, bool) or not isinstance(greedy, int) or not 0 <= greedy <= n:
+            raise InvalidRequestError(f"greedy must be an integer from 0 to n ({n}), got {greedy!r}")
+        row.greedy = greedy
         return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason) for o in self._decode(row)]
 
     def complete(self, request: Request) -> Response:

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-__all__ = ["GenOutput", "GenRow", "embed_row", "finish_text", "generate_rows", "seeded_generators",
+__all__ = ["GenOutput", "GenRow", "embed_row", "finish_text", "generate_rows", "sample_ranks", "seeded_generators",
            "stop_in_tail", "text_seed"]
 
 
@@ -48,7 +48,9 @@ class GenRow:
         top_k: keep only the k most likely tokens (None: off).
         max_new_tokens: most tokens to generate per sample.
         stop: strings that end a sample (the string itself is cut from the text).
-        seed: makes the samples reproducible; sample i uses seed + i.
+        seed: makes the samples reproducible; sampled sample i uses seed + i - greedy.
+        greedy: how many of the `n` samples (the first ones) are greedy whatever the temperature: a
+            greedy answer and sampled ones from one prefill.
     """
 
     prompt_ids: list[int]
@@ -60,6 +62,11 @@ class GenRow:
     max_new_tokens: int = 64
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    greedy: int = 0
+
+    def is_greedy(self, j: int) -> bool:
+        """Whether sample `j` of this row is greedy."""
+        return self.temperature <= 0 or j < self.greedy
 
 
 @dataclass
@@ -105,12 +112,12 @@ def _filtered_scores(logits: torch.Tensor, row: GenRow) -> torch.Tensor:
     return scores
 
 
-def _pick(logits: torch.Tensor, row: GenRow, generator: torch.Generator | None) -> int:
+def _pick(logits: torch.Tensor, row: GenRow, generator: torch.Generator | None, *, greedy: bool = False) -> int:
     """Greedy, or one draw by inverse CDF (a twentieth of `torch.multinomial`'s cost on a 150k vocabulary).
 
     logits: (V,) float32, on the model's device (only the chosen id leaves it).
     """
-    if row.temperature <= 0:
+    if greedy or row.temperature <= 0:
         return int(torch.argmax(logits))
     cdf = torch.cumsum(torch.softmax(_filtered_scores(logits, row), dim=-1), dim=0)  # (V,)
     u = torch.rand((), generator=generator, device=cdf.device)
@@ -149,17 +156,22 @@ def finish_text(tokenizer: Any, tokens: list[int], stops: tuple[str, ...], eos_i
 
 
 def seeded_generators(rows: list[GenRow], device: torch.device | str) -> list[torch.Generator | None]:
-    """One generator per sequence (sample j of a seeded row uses seed + j), on the sampling device."""
+    """One generator per sequence (sampled sample j of a seeded row uses seed + j - greedy), on the device."""
     out: list[torch.Generator | None] = []
     for row in rows:
         for j in range(row.n):
-            if row.seed is not None and row.temperature > 0:
+            if row.seed is not None and not row.is_greedy(j):
                 g = torch.Generator(device=device)
-                g.manual_seed(row.seed + j)
+                g.manual_seed(row.seed + j - row.greedy)
                 out.append(g)
             else:
                 out.append(None)
     return out
+
+
+def sample_ranks(rows: list[GenRow]) -> list[int]:
+    """Each sequence's index among its row's samples (sequences in row order)."""
+    return [j for row in rows for j in range(row.n)]
 
 
 def embed_row(embed: torch.nn.Module, row: GenRow, *, device: torch.device | str, dtype: torch.dtype
@@ -229,6 +241,7 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
         logits, mask = logits[index], mask[index]
     next_pos = positions[index, -1] + 1  # (S,)
     generators = seeded_generators(rows, device)
+    rank = sample_ranks(rows)
 
     S = len(owner)
     tokens: list[list[int]] = [[] for _ in range(S)]
@@ -237,8 +250,8 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
     active = list(range(S))  # sequence ids still decoding; row k of the cache is active[k]
     while active:
         # sampling stays on the model's device: only the chosen ids and their log-probs leave it
-        picked = torch.tensor([_pick(logits[k], rows[owner[s]], generators[s]) for k, s in enumerate(active)],
-                              dtype=torch.long, device=device)  # (A,)
+        picked = torch.tensor([_pick(logits[k], rows[owner[s]], generators[s], greedy=rows[owner[s]].is_greedy(rank[s]))
+                               for k, s in enumerate(active)], dtype=torch.long, device=device)  # (A,)
         logp = torch.log_softmax(logits, dim=-1).gather(1, picked.unsqueeze(1)).squeeze(1)  # (A,)
         chosen: list[int] = []
         still: list[int] = []

@@ -36,7 +36,15 @@ from detot_agent.config import build
 from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.batching import DynamicBatcher
 from detot_agent.engines.config import EngineConfig
-from detot_agent.engines.generation import GenOutput, GenRow, _pick, finish_text, seeded_generators, stop_in_tail
+from detot_agent.engines.generation import (
+    GenOutput,
+    GenRow,
+    _pick,
+    finish_text,
+    sample_ranks,
+    seeded_generators,
+    stop_in_tail,
+)
 from detot_agent.engines.llamacpp_runtime import LlamaContext
 from detot_agent.engines.models import load_tokenizer, resolve_model_source
 from detot_agent.errors import ConfigError, ContextLengthError
@@ -157,7 +165,7 @@ class LlamaCppEngine(BatchedEngine):
             return torch.from_numpy(self._ctx.logits(last[0]))
 
     def _split(self, row: GenRow) -> list[GenRow]:
-        """A row as parts of at most `n_seq_max` samples (sample j keeps seed + j)."""
+        """A row as parts of at most `n_seq_max` samples (each sample keeps its greedy flag and seed)."""
         prompt = len(row.prompt_ids) + _k(row)
         if prompt + row.max_new_tokens > self._ctx.n_ctx:
             raise ContextLengthError(f"prompt of {prompt} positions plus {row.max_new_tokens} new tokens does not fit "
@@ -165,8 +173,10 @@ class LlamaCppEngine(BatchedEngine):
         fit = self._ctx.n_seq_max
         parts = []
         for start in range(0, row.n, fit):
-            seed = None if row.seed is None else row.seed + start
-            parts.append(replace(row, n=min(fit, row.n - start), seed=seed))
+            n = min(fit, row.n - start)
+            greedy = max(0, min(row.greedy - start, n))
+            seed = None if row.seed is None else row.seed + start - row.greedy + greedy
+            parts.append(replace(row, n=n, greedy=greedy, seed=seed))
         return parts
 
     def _groups(self, parts: list[GenRow]) -> list[list[GenRow]]:
@@ -214,6 +224,7 @@ def generate_rows_llamacpp(ctx: LlamaContext, tokenizer: Any, rows: list[GenRow]
     logits = {s: row_logits[i] for s, i in enumerate(owner)}
     pos = {s: _k(rows[i]) + len(rows[i].prompt_ids) for s, i in enumerate(owner)}
     generators = seeded_generators(rows, "cpu")
+    rank = sample_ranks(rows)
     tokens: list[list[int]] = [[] for _ in owner]
     logprob = [0.0] * len(owner)
     finish = ["length"] * len(owner)
@@ -222,7 +233,7 @@ def generate_rows_llamacpp(ctx: LlamaContext, tokenizer: Any, rows: list[GenRow]
         step: list[tuple[int, int, int, bool]] = []
         for s in active:
             row = rows[owner[s]]
-            tok = _pick(logits[s], row, generators[s])
+            tok = _pick(logits[s], row, generators[s], greedy=row.is_greedy(rank[s]))
             logprob[s] += float(torch.log_softmax(logits[s], dim=-1)[tok])
             tokens[s].append(tok)
             if tok in eos_ids or stop_in_tail(tokenizer, tokens[s], row.stop):

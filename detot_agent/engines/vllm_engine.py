@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import threading
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,17 @@ class VLLMEngine(BatchedEngine):
         return kw
 
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
+        split = [part for row in rows for part in _greedy_apart(row)]  # vLLM: one temperature a request
+        outs = self._run_plain([part for part, _ in split])
+        results: list[list[GenOutput]] = [[] for _ in rows]
+        i = 0
+        for r, row in enumerate(rows):
+            for _ in _greedy_apart(row):
+                results[r] += outs[i]
+                i += 1
+        return results
+
+    def _run_plain(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         params_cls = self._sampling_params or _require_vllm().SamplingParams
         prompts = [{"prompt_embeds": self._embeds(row)} for row in rows]
         params = [params_cls(**self.sampling_kwargs(row)) for row in rows]
@@ -231,6 +243,16 @@ class VLLMEngine(BatchedEngine):
         return cls(state.pop("model"), dtype=state.get("dtype", "auto"), max_batch_size=state["max_batch_size"],
                    max_wait_ms=state["max_wait_ms"], default_max_tokens=state["default_max_tokens"],
                    overflow=state["overflow"])
+
+
+def _greedy_apart(row: GenRow) -> list[tuple[GenRow, int]]:
+    """A row whose first samples are greedy, as a greedy row and a sampled one (vLLM prefix-caches the prompt)."""
+    if row.greedy == 0 or row.temperature <= 0:
+        return [(row, 0)]
+    parts = [(replace(row, n=row.greedy, temperature=0.0, seed=None, greedy=0), 0)]
+    if row.n > row.greedy:
+        parts.append((replace(row, n=row.n - row.greedy, greedy=0), 1))
+    return parts
 
 
 class AsyncVLLMEngine(AsyncLocalEngine):

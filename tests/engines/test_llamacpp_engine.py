@@ -14,7 +14,7 @@ from detot_agent import LlamaCppEngine, LocalEngine, local_lm
 from detot_agent.engines.config import EngineConfig
 from detot_agent.engines.generation import GenRow
 from detot_agent.engines.lm import AsyncLlamaCppEngine, choose_engine
-from detot_agent.errors import ArtefactError, ConfigError, SoftPromptError
+from detot_agent.errors import ArtefactError, ConfigError, InvalidRequestError, SoftPromptError
 
 LOGIT_ATOL = 2e-3  # float32 weights in both engines; only the order of float operations differs
 
@@ -174,3 +174,18 @@ def test_a_program_holding_a_llama_cpp_lm_saves_and_loads(cpp, tmp_path):
     assert isinstance(loaded.lm._async_engine_spec, AsyncLlamaCppEngine)
     assert loaded.lm.engine.source.spec == cpp.source.spec
     loaded.lm.engine.close()
+
+
+@pytest.mark.parametrize("which", ["cpp", "pt"])
+def test_a_greedy_answer_and_samples_share_one_prefill(cpp, pt, which):
+    engine = cpp if which == "cpp" else pt
+    req = _req("Tom has 3 apples", max_tokens=8, temperature=0.9, seed=4)
+    before = cpp.prompt_tokens_decoded
+    together = engine.sample(req, 4, soft_prompt=_soft(), greedy=1)
+    if which == "cpp":
+        assert cpp.prompt_tokens_decoded - before == len(cpp.render(req)) + 4  # one prefill for all four
+    greedy = engine.sample(_req("Tom has 3 apples", max_tokens=8), 1, soft_prompt=_soft())
+    sampled = engine.sample(req, 3, soft_prompt=_soft())
+    assert [s.text for s in together] == [s.text for s in greedy + sampled]  # same greedy answer, same seeds
+    with pytest.raises(InvalidRequestError, match="greedy must be an integer from 0 to n"):
+        engine.sample(req, 2, greedy=3)
