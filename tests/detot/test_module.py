@@ -170,8 +170,6 @@ def test_no_torn_reads_under_concurrent_calls_and_reoptimization(gsm8k_index):
     assert detot.monitor.count == 48
 
 
-
-
 def test_local_engine_path_end_to_end(gsm8k_index, long_tiny_model_dir):
     engine = LocalEngine(str(long_tiny_model_dir), device="cpu", dtype="float32", max_wait_ms=5)
     lm = local_lm(engine=engine, cache=False)
