@@ -24,10 +24,11 @@ from typing import Any
 import torch
 from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_events
 
+from detot_agent.config import build
 from detot_agent.engines.batching import DynamicBatcher
 from detot_agent.engines.config import EngineConfig, Overflow
 from detot_agent.engines.generation import GenOutput, GenRow
-from detot_agent.engines.models import ModelSource
+from detot_agent.engines.models import ModelSource, resolve_model_source
 from detot_agent.errors import ContextLengthError, EmptyPromptError, InvalidRequestError
 from detot_agent.softprompt.registry import METADATA_TASK, METADATA_VERSION, SoftPromptRegistry, check_soft_prompt
 
@@ -183,6 +184,23 @@ class BatchedEngine(RequestBuilder):
     source: ModelSource
     _batcher: DynamicBatcher | None
     _batcher_lock: threading.Lock
+    _gen_lock: threading.Lock
+
+    def _setup(self, model: str | None, config: EngineConfig | None, registry: SoftPromptRegistry | None,
+               overrides: dict[str, Any]) -> None:
+        """What every engine's `__init__` does first: settings (validated), model source, registry, batcher."""
+        base = config.model_dump() if config is not None else {}
+        if model is not None:
+            overrides["model"] = str(model)
+        self.config = build(EngineConfig, base, **overrides)
+        self.source = resolve_model_source(self.config.model)
+        self.registry = registry if registry is not None else SoftPromptRegistry()
+        self._gen_lock = threading.Lock()
+        self._batcher = None
+        self._batcher_lock = threading.Lock()
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> BatchedEngine:
+        return self  # engines (and their weights) are shared by reference, never copied
 
     @property
     def name(self) -> str:

@@ -12,10 +12,11 @@ decoding differs. One batch of rows decodes in one llama.cpp context (`llamacpp_
    own KV stream, so a token attends over its own row's cells only);
 4. each step decodes one token for every live sequence of every row together.
 
-Tokens are chosen by the same sampling code as the torch engine (temperature, top-p, top-k, and a
-torch generator seeded with `seed + j` for sample j), and their log-probabilities are taken under
-the raw distribution, as the torch engine reports them. Soft prompts are served, never trained, here:
-training needs gradients (`softprompt/training.py` runs on a `LocalEngine`).
+Tokens are chosen by the same sampling code as the torch engine (temperature, top-p, top-k, greedy
+samples first when asked, and a torch generator seeded with `seed + j - greedy` for sample j), and
+their log-probabilities are taken under the raw distribution, as the torch engine reports them. Soft
+prompts are served, never trained, here: training needs gradients (`softprompt/training.py` runs on a
+`LocalEngine`).
 
 Example:
     >>> from detot_agent import local_lm
@@ -25,16 +26,13 @@ Example:
 
 from __future__ import annotations
 
-import threading
 from dataclasses import replace
 from typing import Any
 
 import torch
 from dspy.lm15 import Request
 
-from detot_agent.config import build
 from detot_agent.engines.base import BatchedEngine
-from detot_agent.engines.batching import DynamicBatcher
 from detot_agent.engines.config import EngineConfig
 from detot_agent.engines.generation import (
     GenOutput,
@@ -46,7 +44,7 @@ from detot_agent.engines.generation import (
     stop_in_tail,
 )
 from detot_agent.engines.llamacpp_runtime import LlamaContext
-from detot_agent.engines.models import load_tokenizer, resolve_model_source
+from detot_agent.engines.models import load_tokenizer
 from detot_agent.errors import ConfigError, ContextLengthError
 from detot_agent.softprompt.registry import SoftPromptRegistry
 
@@ -71,21 +69,13 @@ class LlamaCppEngine(BatchedEngine):
 
     def __init__(self, model: str | None = None, *, config: EngineConfig | None = None,
                  registry: SoftPromptRegistry | None = None, **overrides: Any) -> None:
-        base = config.model_dump() if config is not None else {}
-        if model is not None:
-            overrides["model"] = str(model)
-        self.config: EngineConfig = build(EngineConfig, base, **overrides)
-        self.source = resolve_model_source(self.config.model)
+        self._setup(model, config, registry, overrides)
         if self.source.gguf_file is None:
             raise ConfigError(f"the llama.cpp engine serves .gguf files; {self.source.spec!r} is a "
                               f"{self.source.kind}: pass a .gguf file or engine='torch'")
         self._ctx = LlamaContext(f"{self.source.location}/{self.source.gguf_file}", n_ctx=self.config.n_ctx,
                                  n_seq_max=self.config.max_batch_size, n_threads=self.config.n_threads)
         self._tokenizer = load_tokenizer(self.source)
-        self.registry = registry if registry is not None else SoftPromptRegistry()
-        self._gen_lock = threading.Lock()
-        self._batcher: DynamicBatcher | None = None
-        self._batcher_lock = threading.Lock()
         specials = set(self._tokenizer.all_special_ids)
         eos = {i for i in specials if 0 <= i < self._ctx.n_vocab and self._ctx.is_eog(i)}
         if self._tokenizer.eos_token_id is not None:
@@ -93,9 +83,6 @@ class LlamaCppEngine(BatchedEngine):
         self.eos_ids: set[int] = eos
         self.prompt_tokens_decoded = 0  # prompt positions prefilled so far (soft prompt included)
         self._embedding_table: Any = None
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> LlamaCppEngine:
-        return self  # engines (and their weights) are shared by reference, never copied
 
     @property
     def tokenizer(self) -> Any:
@@ -143,14 +130,14 @@ class LlamaCppEngine(BatchedEngine):
 
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         with self._gen_lock:
-            pieces = [(i, part) for i, row in enumerate(rows) for part in self._split(row)]
             results: list[list[GenOutput]] = [[] for _ in rows]
-            for group in self._groups([part for _, part in pieces]):
-                outs = generate_rows_llamacpp(self._ctx, self.tokenizer, group, eos_ids=self.eos_ids)
-                self.prompt_tokens_decoded += sum(len(r.prompt_ids) + _k(r) for r in group)
-                for part, out in zip(group, outs, strict=True):
-                    owner = next(i for i, p in pieces if p is part)
-                    results[owner] += out
+            parts = [(i, part) for i, row in enumerate(rows) for part in self._split(row)]
+            for group in self._groups(parts):
+                outs = generate_rows_llamacpp(self._ctx, self.tokenizer, [part for _, part in group],
+                                              eos_ids=self.eos_ids)
+                self.prompt_tokens_decoded += sum(len(part.prompt_ids) + _k(part) for _, part in group)
+                for (owner, _), out in zip(group, outs, strict=True):
+                    results[owner] += out  # a row's parts run in order, so its samples stay in order
             return results
 
     def next_token_logits(self, request: Request, *, soft_prompt: torch.Tensor | None = None) -> torch.Tensor:
@@ -179,16 +166,16 @@ class LlamaCppEngine(BatchedEngine):
             parts.append(replace(row, n=n, greedy=greedy, seed=seed))
         return parts
 
-    def _groups(self, parts: list[GenRow]) -> list[list[GenRow]]:
-        """Consecutive parts packed into groups of at most `n_seq_max` sequences (one context each)."""
-        groups: list[list[GenRow]] = []
+    def _groups(self, parts: list[tuple[int, GenRow]]) -> list[list[tuple[int, GenRow]]]:
+        """Consecutive `(row index, part)` pairs packed into groups of at most `n_seq_max` sequences."""
+        groups: list[list[tuple[int, GenRow]]] = []
         seqs = 0
-        for part in parts:
+        for owner, part in parts:
             if groups and seqs + part.n <= self._ctx.n_seq_max:
-                groups[-1].append(part)
+                groups[-1].append((owner, part))
                 seqs += part.n
             else:
-                groups.append([part])
+                groups.append([(owner, part)])
                 seqs = part.n
         return groups
 

@@ -17,18 +17,15 @@ Example:
 
 from __future__ import annotations
 
-import threading
 from typing import Any
 
 import torch
 from dspy.lm15 import Request
 
-from detot_agent.config import build
 from detot_agent.engines.base import BatchedEngine
-from detot_agent.engines.batching import DynamicBatcher
 from detot_agent.engines.config import EngineConfig
 from detot_agent.engines.generation import GenOutput, GenRow, embed_row, generate_rows
-from detot_agent.engines.models import LoadedModel, load_model, pick_device, pick_dtype, resolve_model_source
+from detot_agent.engines.models import LoadedModel, load_model, pick_device, pick_dtype
 from detot_agent.softprompt.registry import SoftPromptRegistry
 
 __all__ = ["LocalEngine"]
@@ -60,11 +57,7 @@ class LocalEngine(BatchedEngine):
         registry: SoftPromptRegistry | None = None,
         **overrides: Any,
     ) -> None:
-        base = config.model_dump() if config is not None else {}
-        if model is not None:
-            overrides["model"] = str(model)
-        self.config: EngineConfig = build(EngineConfig, base, **overrides)
-        self.source = resolve_model_source(self.config.model)
+        self._setup(model, config, registry, overrides)
         device = pick_device(self.config.device)
         self._loaded: LoadedModel = load_model(
             self.source,
@@ -72,18 +65,11 @@ class LocalEngine(BatchedEngine):
             dtype=pick_dtype(self.config.dtype, device),
             attn_implementation=self.config.attn_implementation,
         )
-        self.registry = registry if registry is not None else SoftPromptRegistry()
-        self._gen_lock = threading.Lock()
-        self._batcher: DynamicBatcher | None = None
-        self._batcher_lock = threading.Lock()
         eos = self.model.generation_config.eos_token_id
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if self.tokenizer.eos_token_id is not None:
             eos_ids.add(self.tokenizer.eos_token_id)
         self.eos_ids: set[int] = eos_ids
-
-    def __deepcopy__(self, memo: dict[int, Any]) -> LocalEngine:
-        return self  # engines (and their weights) are shared by reference, never copied
 
     # ---- the model -------------------------------------------------------------
     @property

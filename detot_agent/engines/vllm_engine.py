@@ -161,9 +161,6 @@ class VLLMEngine(BatchedEngine):
         self._batcher: DynamicBatcher | None = None
         self._batcher_lock = threading.Lock()
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> VLLMEngine:
-        return self  # shared by reference, like LocalEngine
-
     @property
     def tokenizer(self) -> Any:
         return self._tokenizer
