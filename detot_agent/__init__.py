@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from detot_agent.retrieval.encoder import Encoder
     from detot_agent.retrieval.index import ExemplarIndex, Hit
     from detot_agent.retrieval.retriever import RetrievedPassages, TaskRetriever
-    from detot_agent.retrieval.task_embedding import TaskEmbedding, UpdateReport
+    from detot_agent.embedding.task_embedding import TaskEmbedding, UpdateReport
     from detot_agent.softprompt.prompt import SoftPrompt, SoftPromptInit
     from detot_agent.softprompt.registry import SoftPromptRegistry
     from detot_agent.softprompt.training import TuneConfig, TuneExample, TuneReport, tune
@@ -89,7 +89,7 @@ _WHERE = {
     "SoftPromptError": "detot_agent.errors",
     "SoftPromptInit": "detot_agent.softprompt.prompt",
     "SoftPromptRegistry": "detot_agent.softprompt.registry",
-    "TaskEmbedding": "detot_agent.retrieval.task_embedding",
+    "TaskEmbedding": "detot_agent.embedding.task_embedding",
     "TaskKind": "detot_agent.detot.task",
     "TaskProfile": "detot_agent.detot.task",
     "TaskRetriever": "detot_agent.retrieval.retriever",
@@ -97,7 +97,7 @@ _WHERE = {
     "TuneConfig": "detot_agent.softprompt.training",
     "TuneExample": "detot_agent.softprompt.training",
     "TuneReport": "detot_agent.softprompt.training",
-    "UpdateReport": "detot_agent.retrieval.task_embedding",
+    "UpdateReport": "detot_agent.embedding.task_embedding",
     "VLLMEngine": "detot_agent.engines.vllm_engine",
     "analyze": "detot_agent.detot.task",
     "default_model_path": "detot_agent.engines.models",

@@ -122,7 +122,7 @@ def test_nan_and_inf_in_saved_tensors_are_refused_even_with_valid_checksums(tmp_
     with pytest.raises(ArtefactError, match=r"non-finite|NaN|finite"):
         SoftPrompt.load(tmp_path / "sp")
 
-    from detot_agent.retrieval.task_embedding import TaskEmbedding
+    from detot_agent.embedding.task_embedding import TaskEmbedding
 
     te = TaskEmbedding.from_description("t", "math", encoder=encoder)
     te.save(tmp_path / "te")
@@ -134,7 +134,7 @@ def test_nan_and_inf_in_saved_tensors_are_refused_even_with_valid_checksums(tmp_
 
 
 def test_swapped_files_between_artefacts_are_detected(tmp_path, encoder):
-    from detot_agent.retrieval.task_embedding import TaskEmbedding
+    from detot_agent.embedding.task_embedding import TaskEmbedding
 
     a = TaskEmbedding.from_description("a", "math word problems", encoder=encoder)
     b = TaskEmbedding.from_description("b", "movie reviews", encoder=encoder)
@@ -207,7 +207,7 @@ CHILD = textwrap.dedent("""
 
 
 def test_sigkill_at_random_points_during_saves_never_leaves_an_unloadable_artefact(tmp_path, encoder):
-    from detot_agent.retrieval.task_embedding import TaskEmbedding
+    from detot_agent.embedding.task_embedding import TaskEmbedding
 
     script = tmp_path / "child.py"
     script.write_text(CHILD.format(tests=str(Path(__file__).parent), out=str(tmp_path)))

@@ -53,7 +53,7 @@ from detot_agent.config import StrictModel
 from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
 from detot_agent.detot.records import Evidence, TaskState, Verdict
 from detot_agent.retrieval.index import ExemplarIndex
-from detot_agent.retrieval.task_embedding import TaskEmbedding
+from detot_agent.embedding.task_embedding import TaskEmbedding
 
 __all__ = ["Controller", "ControllerConfig", "Evidence", "TaskState"]
 

@@ -46,7 +46,7 @@ from detot_agent.engines.lm import training_engine
 from detot_agent.errors import ArtefactError, ConfigError, DetotError, EmptyPromptError, InvalidRequestError
 from detot_agent.retrieval.encoder import Encoder
 from detot_agent.retrieval.index import ExemplarIndex
-from detot_agent.retrieval.task_embedding import TaskEmbedding
+from detot_agent.embedding.task_embedding import TaskEmbedding
 
 __all__ = ["DETOT"]
 

@@ -16,7 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-    from detot_agent.retrieval.task_embedding import TaskEmbedding
+    from detot_agent.embedding.task_embedding import TaskEmbedding
 
 __all__ = ["Evidence", "ParsedSample", "TaskState", "Verdict"]
 

@@ -1,4 +1,4 @@
-"""Retrieval: the encoder, the task embedding's query side, the FAISS exemplar index (with MMR), the RAG retriever.
+"""Retrieval: the encoder, the FAISS exemplar index (with MMR), the RAG retriever.
 
-May import: `io/`, `config`, `errors` (never `engines/`, `detot/`, `evaluation/`, `cli/`).
+May import: `embedding/`, `softprompt/`, `io/`, `config`, `errors` (never `engines/`, `detot/`, `evaluation/`, `cli/`).
 """

@@ -33,7 +33,8 @@ from dspy.predict.parameter import Parameter
 
 from detot_agent.errors import ArtefactError, IndexDataError
 from detot_agent.retrieval.index import ExemplarIndex
-from detot_agent.retrieval.task_embedding import TaskEmbedding, UpdateReport
+from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.embedding.update import Feedback, UpdateReport
 
 __all__ = ["RetrievedPassages", "TaskRetriever"]
 
@@ -54,8 +55,9 @@ class TaskRetriever(Parameter):
 
     Args:
         index: the passages (needs an encoder, to embed queries).
-        task_embedding: the task's retrieval state; default: a neutral one centred on the index's vectors
-            (task weight 0, so it starts as plain dense retrieval).
+        task_embedding: the task's `TaskEmbedding` (the same object type a `DETOT` serves, so the two can
+            share one); default: a neutral one centred on the index's vectors (task weight 0, so it starts
+            as plain dense retrieval).
         k: passages returned when the call does not say.
         mmr: MMR lambda for diverse results (None: plain top-k).
         where: a fixed field filter applied to every search.
@@ -121,7 +123,9 @@ class TaskRetriever(Parameter):
         """Adapt the task embedding: `helpful_ids` should rank above `unhelpful_ids` for queries like this one.
 
         With no `unhelpful_ids`, the passages the retriever currently ranks in the top 2k that are not
-        helpful serve as negatives.
+        helpful serve as negatives. `update_kwargs` are `UpdateConfig` fields (`retrieval_steps`,
+        `retrieval_lr`, ...). The task embedding may be the one a `DETOT` on the same task serves
+        (`DETOT(..., task_embedding=te)`): this feedback then moves that program's retrieval too.
         """
         if not helpful_ids:
             raise IndexDataError("feedback needs at least one helpful id")
@@ -132,7 +136,7 @@ class TaskRetriever(Parameter):
             negatives = [h.id for h in hits if h.id not in set(helpful_ids)]
         pos = self.index.vectors(list(helpful_ids))
         neg = self.index.vectors(negatives) if negatives else np.zeros((0, self.index.dim), dtype=np.float32)
-        return self.task_embedding.update(e[None, :], [pos], [neg], **update_kwargs)
+        return self.task_embedding.update([Feedback(query=e, positives=pos, negatives=neg)], **update_kwargs)
 
     # ---- DSPy state (module.save / module.load) ----------------------------------------
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:

@@ -107,10 +107,13 @@ def _encode(engine: Any, ex: TuneExample, max_length: int) -> tuple[list[int], l
 
 
 def _batch_loss(model: Any, soft: torch.Tensor, batch: list[tuple[list[int], list[int]]]) -> torch.Tensor:
-    """Mean NLL of target tokens given [soft; prompt]; `soft` is (k, H) in the model's dtype."""
+    """Mean NLL of target tokens given [soft; prompt]; `soft` is `(k, H)` shared by every row, or
+    `(B, k, H)` one per row (a dynamic prompt), in the model's dtype."""
     embed = model.get_input_embeddings()
     device = soft.device
-    k = soft.shape[0]
+    k = soft.shape[-2]
+    if soft.dim() == 3 and soft.shape[0] != len(batch):
+        raise DetotError(f"{soft.shape[0]} soft prompts for a batch of {len(batch)} examples")
     lengths = [k + len(p) + len(t) for p, t in batch]
     L = max(lengths)
     rows, labels, mask = [], torch.full((len(batch), L), -100, dtype=torch.long, device=device), \
@@ -119,7 +122,7 @@ def _batch_loss(model: Any, soft: torch.Tensor, batch: list[tuple[list[int], lis
         ids = torch.tensor(p + t, dtype=torch.long, device=device)
         with torch.no_grad():
             tok = embed(ids)  # (T, H)
-        row = torch.cat([soft, tok], dim=0)  # (k+T, H)
+        row = torch.cat([soft if soft.dim() == 2 else soft[i], tok], dim=0)  # (k+T, H)
         pad = torch.zeros(L - row.shape[0], row.shape[1], dtype=row.dtype, device=device)
         rows.append(torch.cat([row, pad], dim=0))
         labels[i, k + len(p): k + len(p) + len(t)] = torch.tensor(t, device=device)
@@ -132,20 +135,30 @@ def _batch_loss(model: Any, soft: torch.Tensor, batch: list[tuple[list[int], lis
 
 def target_nll(engine: Any, vectors: torch.Tensor | None, examples: Sequence[TuneExample], *,
                batch_size: int = 4, max_length: int = 768) -> float:
-    """Mean NLL of the examples' targets given [vectors; prompt] (no soft prompt when `vectors` is None)."""
+    """Mean NLL of the examples' targets given [vectors; prompt].
+
+    `vectors`: `(k, H)` for every example, `(N, k, H)` one per example (a dynamic prompt), or None
+    (no soft prompt).
+    """
     model = engine.model
     emb = model.get_input_embeddings().weight
     soft = (vectors if vectors is not None else torch.zeros(0, emb.shape[1])).to(device=emb.device, dtype=emb.dtype)
     encoded = [_encode(engine, ex, max_length) for ex in examples]
     if not encoded:
         raise DetotError("target_nll needs at least one example")
+    if soft.dim() == 3 and soft.shape[0] != len(encoded):
+        raise DetotError(f"{soft.shape[0]} soft prompts for {len(encoded)} examples")
     return _mean_nll(model, soft, encoded, batch_size)
 
 
 def _mean_nll(model: Any, soft: torch.Tensor, encoded: list[tuple[list[int], list[int]]], batch_size: int) -> float:
-    """Example-weighted mean of `_batch_loss` over `encoded`, without gradients."""
+    """Example-weighted mean of `_batch_loss` over `encoded`, without gradients (`soft` as in `_batch_loss`,
+    `(N, k, H)` covering all of `encoded`)."""
+    def part(i: int) -> torch.Tensor:
+        return soft if soft.dim() == 2 else soft[i:i + batch_size]
+
     with torch.no_grad():
-        total = sum(float(_batch_loss(model, soft, encoded[i:i + batch_size])) * len(encoded[i:i + batch_size])
+        total = sum(float(_batch_loss(model, part(i), encoded[i:i + batch_size])) * len(encoded[i:i + batch_size])
                     for i in range(0, len(encoded), batch_size))
     return total / len(encoded)
 

@@ -10,7 +10,7 @@ from detot_agent import LocalEngine
 from detot_agent.detot.controller import Controller, ControllerConfig
 from detot_agent.detot.monitor import Monitor
 from detot_agent.detot.records import Evidence, ParsedSample, TaskState
-from detot_agent.retrieval.task_embedding import TaskEmbedding
+from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.softprompt.prompt import SoftPrompt
 
 

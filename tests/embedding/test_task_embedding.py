@@ -1,4 +1,4 @@
-"""Encoder and the task embedding's retrieval side."""
+"""Encoder and the task embedding's query side (retrieval); the head is in test_head.py."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import copy
 import numpy as np
 import pytest
 
-from detot_agent.errors import ArtefactError, DetotError
-from detot_agent.retrieval.task_embedding import TaskEmbedding
+from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.embedding.update import Feedback
+from detot_agent.errors import ArtefactError, ConfigError, DetotError
+
+
+def _fb(e, pos, neg):
+    return [Feedback(query=np.asarray(q), positives=p, negatives=n) for q, p, n in zip(e, pos, neg, strict=True)]
 
 
 def test_encoder_outputs_unit_float32_and_caches_by_text(encoder):
@@ -41,7 +46,7 @@ def test_feedback_lifts_helpful_exemplars_into_top_k(gsm8k_index, encoder):
     others = [i for i in ranked if i not in helpful]
     k = 5
     assert not set(helpful) & {h.id for h in gsm8k_index.search(te.query(e), k)}
-    report = te.update(e[None], [gsm8k_index.vectors(helpful)], [gsm8k_index.vectors(others)])
+    report = te.update(_fb(e[None], [gsm8k_index.vectors(helpful)], [gsm8k_index.vectors(others)]))
     assert report.accepted and report.loss_after < report.loss_before
     top = [h.id for h in gsm8k_index.search(te.query(e), k)]
     assert set(helpful) <= set(top)
@@ -55,7 +60,7 @@ def test_update_is_pulled_back_towards_the_initial_weights(gsm8k_index, encoder)
     drift = {}
     for l2 in (0.0, 10.0):
         te = TaskEmbedding("t", e, encoder_name=encoder.name)
-        te.update(e[None], [pos], [neg], l2_to_init=l2, steps=40)
+        te.update(_fb(e[None], [pos], [neg]), l2_to_init=l2, retrieval_steps=40)
         drift[l2] = float(np.linalg.norm(te.w.numpy() - te.w_init.numpy()))
     assert drift[10.0] < 0.5 * drift[0.0]
 
@@ -63,7 +68,7 @@ def test_update_is_pulled_back_towards_the_initial_weights(gsm8k_index, encoder)
 def test_update_that_does_not_help_is_not_accepted():
     te = TaskEmbedding("t", np.ones(4, dtype=np.float32), encoder_name="demo")
     v = np.eye(4, dtype=np.float32)
-    report = te.update(v[:1], [v[:1]], [np.zeros((0, 4), dtype=np.float32)], steps=5)
+    report = te.update(_fb(v[:1], [v[:1]], [np.zeros((0, 4), dtype=np.float32)]), retrieval_steps=5)
     # a lone positive with no negatives has zero contrastive loss: nothing to gain
     assert not report.accepted and te.version == 0
 
@@ -71,23 +76,26 @@ def test_update_that_does_not_help_is_not_accepted():
 def test_bad_feedback_is_refused():
     te = TaskEmbedding("t", np.ones(4, dtype=np.float32), encoder_name="demo")
     v = np.eye(4, dtype=np.float32)
-    with pytest.raises(DetotError, match="no positive exemplar"):
-        te.update(v[:1], [np.zeros((0, 4))], [v[1:2]])
-    with pytest.raises(DetotError, match="NaN or inf"):
-        te.update(v[:1], [np.full((1, 4), np.nan)], [v[1:2]])
-    with pytest.raises(DetotError, match="one positives and one negatives array per query"):
-        te.update(v[:2], [v[:1]], [v[1:2]])
+    with pytest.raises(DetotError, match="needs feedback with positives"):
+        te.update(_fb(v[:1], [np.zeros((0, 4))], [v[1:2]]))
+    with pytest.raises(DetotError, match="positives hold NaN or inf"):
+        te.update(_fb(v[:1], [np.full((1, 4), np.nan)], [v[1:2]]))
+    with pytest.raises(DetotError, match="everything this feedback could train is frozen"):
+        te.update(_fb(v[:1], [v[1:2]], [v[2:3]]), freeze=["retrieval"])
+    with pytest.raises(ConfigError, match="retrieval_steps"):
+        te.update(_fb(v[:1], [v[1:2]], [v[2:3]]), retrieval_steps=0)
+    assert te.version == 0
 
 
 def test_save_load_round_trip_is_exact(tmp_path, encoder):
     te = TaskEmbedding.from_description("arith", "math", encoder=encoder)
     v = encoder.encode(["one", "two", "three"])
-    te.update(v[:1], [v[1:2]], [v[2:3]])
+    te.update(_fb(v[:1], [v[1:2]], [v[2:3]]))
     te.save(tmp_path / "te")
     back = TaskEmbedding.load(tmp_path / "te", encoder_name=encoder.name)
     assert back.version == te.version
     assert np.array_equal(back.query(v), te.query(v))
-    with pytest.raises(ArtefactError, match="built with encoder 'all-MiniLM-L6-v2', but this program uses 'other'"):
+    with pytest.raises(ArtefactError, match="field 'encoder' is 'all-MiniLM-L6-v2', but this program uses 'other'"):
         TaskEmbedding.load(tmp_path / "te", encoder_name="other")
 
 
@@ -95,7 +103,7 @@ def test_deepcopy_is_independent():
     te = TaskEmbedding("t", np.ones(4, dtype=np.float32), encoder_name="demo")
     clone = copy.deepcopy(te)
     v = np.eye(4, dtype=np.float32)
-    assert clone.update(v[:1], [v[1:2]], [v[:1]]).accepted
+    assert clone.update(_fb(v[:1], [v[1:2]], [v[:1]])).accepted
     assert clone.version == 1 and te.version == 0
     assert not np.array_equal(clone.w.numpy(), te.w.numpy())
 

@@ -1,0 +1,387 @@
+"""The one `update` that trains a task embedding on evidence: both sides, reading one `q(x)`.
+
+Losses, summed each step (shapes as in `task_embedding.py`):
+
+- retrieval side (items with `positives`): InfoNCE of each helpful exemplar against the
+  unhelpful ones, scores `q(x) . v / temperature`; moves `w` and `alpha`;
+- soft-prompt side (items with an `example`): the NLL of the target completion given
+  `[P(x); prompt]` through the frozen LM, every row with its own `P(x)`; moves `P0`, the bank
+  and the gate;
+- regularisation: an L2 pull of every trained tensor to its initial value (the bank's is
+  zero), dropout on the soft vectors, and `balance * KL(mean gate weights || uniform)` over
+  the training inputs, which keeps the mixture from collapsing onto one component.
+
+**What the LM loss may move** (`couple`, default False): by default the LM loss reads `q(x)`
+with its gradient stopped, so it moves the head only and the retrieval weights learn from
+retrieval evidence only. Why: the LM targets were produced with demos that the *old* query
+retrieved, and the discrete search passes no gradient, so an LM gradient on `w` cannot see
+what it does to retrieval; it only moves every input's neighbours to suit the gate. Measured
+on the embedded SmolLM2 (README, "One task embedding"): with `couple=True` the LM loss changed
+the top-3 demos of held-out inputs while the held-out NLL was no better than with the gradient
+stopped. `couple=True` is there for users who want to test it on their task.
+
+Budget: `steps` LM steps, `retrieval_steps` in all for the cheap retrieval side, and
+`max_seconds` of wall time for the whole call (checked every step). Keep the best: with
+`val` items the head is early-stopped on their NLL and the best head kept; each side is
+kept only if its own loss fell (retrieval: the contrastive loss on the feedback; head: the
+validation NLL, or without `val` the NLL of up to 32 training items), and `version` is
+bumped once if anything was kept.
+
+Example:
+    >>> import numpy as np
+    >>> from detot_agent.embedding.task_embedding import TaskEmbedding
+    >>> te = TaskEmbedding("t", np.eye(4, dtype=np.float32)[0], encoder_name="demo")
+    >>> fb = Feedback(query=np.eye(4, dtype=np.float32)[1], positives=np.eye(4, dtype=np.float32)[2:3],
+    ...               negatives=np.eye(4, dtype=np.float32)[3:4])
+    >>> te.update([fb], retrieval_steps=20).accepted
+    True
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+
+from detot_agent.config import StrictModel
+from detot_agent.embedding.head import PromptHead
+from detot_agent.errors import ConfigError, DetotError
+from detot_agent.softprompt.training import TuneExample, _batch_loss, _encode
+
+if TYPE_CHECKING:
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+
+__all__ = ["Feedback", "UpdateConfig", "UpdateReport", "update"]
+
+Part = Literal["retrieval", "p0", "components", "gate"]
+
+
+@dataclass(frozen=True)
+class Feedback:
+    """One piece of evidence for `update`.
+
+    Attributes:
+        query: `(dim,)` the encoded input `e(x)` (not task-adapted).
+        positives: `(p, dim)` exemplars that helped this input (retrieval side), or None.
+        negatives: `(n, dim)` exemplars that did not, or None.
+        example: the completion to learn for this input, with the prompt it was served with
+            (soft-prompt side), or None.
+    """
+
+    query: np.ndarray
+    positives: np.ndarray | None = None
+    negatives: np.ndarray | None = None
+    example: TuneExample | None = None
+
+
+class UpdateConfig(StrictModel):
+    """Settings of `update` (validated when built).
+
+    Attributes:
+        steps: LM steps for the soft-prompt side.
+        retrieval_steps: steps for the retrieval side in all (cheap: vectors only).
+        max_seconds: wall-time budget of the whole call (None: steps only).
+        retrieval_lr / head_lr: learning rates of the two sides.
+        batch_size: LM examples per step.
+        temperature: the contrastive loss's score temperature.
+        l2_to_init: pull of every trained tensor back to its initial value.
+        dropout: dropout on the soft-prompt vectors while training.
+        balance: weight of KL(mean gate weights || uniform), against collapse onto one component.
+        couple: let the LM loss move the retrieval weights too (see the module docstring).
+        freeze: parts kept as they are: `retrieval`, `p0`, `components` (the bank), `gate`.
+        patience / eval_every: early stopping on the validation NLL.
+    """
+
+    steps: int = Field(default=50, ge=1)
+    retrieval_steps: int = Field(default=50, ge=1)
+    max_seconds: float | None = Field(default=120.0, gt=0)
+    retrieval_lr: float = Field(default=0.05, gt=0)
+    head_lr: float = Field(default=3e-3, gt=0)
+    batch_size: int = Field(default=4, ge=1)
+    temperature: float = Field(default=0.05, gt=0)
+    l2_to_init: float = Field(default=0.01, ge=0)
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    balance: float = Field(default=0.1, ge=0)
+    max_grad_norm: float = Field(default=1.0, gt=0)
+    couple: bool = False
+    freeze: list[Part] = Field(default_factory=list)
+    patience: int = Field(default=3, ge=1)
+    eval_every: int = Field(default=10, ge=1)
+    seed: int = 0
+    max_length: int = Field(default=768, ge=8)
+
+
+class UpdateReport(BaseModel):
+    """What `update` did.
+
+    Attributes:
+        accepted: whether anything was kept (and `version` bumped).
+        retrieval_accepted / head_accepted: each side's outcome (None: that side had nothing to learn).
+        loss_before / loss_after: the retrieval side's contrastive loss (plus pull) on the feedback (NaN: none).
+        lm_before / lm_after: the head's judging NLL (validation, else training items) before and after.
+        steps: steps run; seconds: wall time; budget_hit: stopped by `max_seconds`.
+        stopped_early: the head stopped on validation patience.
+        train_loss / val_loss: the LM loss curve and `(step, NLL)` validation points.
+        gate_usage: mean gate weight of each component over the training inputs (None: no components).
+        version: the task embedding's version after the call.
+    """
+
+    accepted: bool
+    retrieval_accepted: bool | None = None
+    head_accepted: bool | None = None
+    loss_before: float = float("nan")
+    loss_after: float = float("nan")
+    lm_before: float | None = None
+    lm_after: float | None = None
+    steps: int = 0
+    seconds: float = 0.0
+    budget_hit: bool = False
+    stopped_early: bool = False
+    train_loss: list[float] = Field(default_factory=list)
+    val_loss: list[tuple[int, float]] = Field(default_factory=list)
+    gate_usage: list[float] | None = None
+    version: int = 0
+
+
+def _rows(vectors: np.ndarray | None, dim: int, what: str, i: int) -> torch.Tensor:
+    t = torch.as_tensor(np.asarray(vectors if vectors is not None else np.zeros((0, dim)), dtype=np.float32))
+    t = t.reshape(-1, dim)
+    if not torch.isfinite(t).all():
+        raise DetotError(f"feedback #{i}: {what} hold NaN or inf")
+    return t
+
+
+def update(te: TaskEmbedding, feedback: Sequence[Feedback], *, engine: Any = None, val: Sequence[Feedback] = (),
+           config: UpdateConfig | None = None, progress: bool = False, **overrides: Any) -> UpdateReport:
+    """Train `te` in place on `feedback` (see the module docstring for the losses and rules).
+
+    Args:
+        te: the task embedding (its serving readers see the old or the new state, never a mix).
+        feedback: evidence; items with `positives` train retrieval, items with `example` the head.
+        engine: a torch `LocalEngine` whose model is frozen; needed when any item has an `example`.
+        val: held-out items with `example`s for early stopping and judging the head.
+        config: `UpdateConfig`; keyword overrides win over it.
+        progress: show a progress bar.
+
+    Raises:
+        ConfigError: bad settings. DetotError: nothing to learn from, an `example` without an engine or a
+            head, malformed vectors, or training that produced non-finite values.
+    """
+    from tqdm.auto import tqdm
+
+    base = config.model_dump() if config else {}
+    try:
+        cfg = UpdateConfig(**{**base, **overrides})
+    except Exception as exc:
+        raise ConfigError(str(exc)) from None
+    D = te.dim
+    ret: list[tuple[torch.Tensor, torch.Tensor, int]] = []  # (e, candidates (p+n, D), p)
+    for i, fb in enumerate(feedback):
+        if fb.positives is None or len(fb.positives) == 0:
+            continue
+        pos, neg = _rows(fb.positives, D, "positives", i), _rows(fb.negatives, D, "negatives", i)
+        ret.append((_rows(fb.query, D, "query", i)[0], torch.cat([pos, neg]), len(pos)))
+    lm_items = [fb for fb in feedback if fb.example is not None]
+    val_items = [fb for fb in val if fb.example is not None]
+    if not ret and not lm_items:
+        raise DetotError("update needs feedback with positives (retrieval) or an example (soft prompt)")
+    head0 = te.head
+    if lm_items and head0 is None:
+        raise DetotError(f"feedback with examples trains the soft-prompt head, and task embedding {te.task!r} has "
+                         "none: call attach_head(...) first, or pass feedback without examples")
+    if lm_items and engine is None:
+        raise DetotError("feedback with examples trains the soft-prompt head through the LM: pass engine= "
+                         "(a torch LocalEngine whose model is frozen)")
+    train_ret = bool(ret) and "retrieval" not in cfg.freeze
+    train_head = bool(lm_items) and head0 is not None and any(
+        p not in cfg.freeze for p in ("p0", "components", "gate"))
+    if not train_ret and not train_head:
+        raise DetotError(f"everything this feedback could train is frozen (freeze={cfg.freeze})")
+
+    start = time.perf_counter()
+    snap = te.state_dict()
+    w_init, a_init = snap["w_init"], snap["alpha_init"]
+    move_query = train_ret or (train_head and cfg.couple and "retrieval" not in cfg.freeze)
+    w = snap["w"].clone().requires_grad_(move_query)
+    alpha = snap["alpha"].clone().requires_grad_(move_query)
+
+    def query(e: torch.Tensor, grad: bool) -> torch.Tensor:
+        q = te._query(e, w, alpha)  # (N, D)
+        return q if grad else q.detach()
+
+    # ---- the retrieval side ------------------------------------------------------------------
+    def contrastive() -> torch.Tensor:
+        e = torch.stack([r[0] for r in ret])  # (N, D)
+        qa = query(e, True)
+        total = torch.zeros(())
+        for i, (_, cands, n_pos) in enumerate(ret):
+            s = cands @ qa[i] / cfg.temperature  # (p+n,)
+            neg = s[n_pos:]
+            for j in range(n_pos):  # every positive against all negatives
+                total = total + torch.logsumexp(torch.cat([s[j:j + 1], neg]), 0) - s[j]
+        reg = (w - w_init).pow(2).sum() + (alpha - a_init).pow(2)
+        return total / len(ret) + cfg.l2_to_init * reg
+
+    ret_before = float(contrastive().detach()) if ret else float("nan")
+
+    # ---- the soft-prompt side ----------------------------------------------------------------
+    params: list[dict[str, Any]] = []
+    if move_query:
+        params.append({"params": [w, alpha], "lr": cfg.retrieval_lr})
+    report = UpdateReport(accepted=False, loss_before=ret_before)
+    model = dtype = None
+    hp: dict[str, torch.Tensor] = {}
+    train_enc: list[Any] = []
+    val_enc: list[Any] = []
+    if train_head:
+        assert head0 is not None
+        model = engine.model
+        if any(p.requires_grad for p in model.parameters()):
+            raise DetotError("the engine's model must be frozen (requires_grad False) before training")
+        if head0.hidden_size != engine.hidden_size:
+            raise DetotError(f"soft-prompt head width {head0.hidden_size} differs from the model's hidden size "
+                             f"{engine.hidden_size}")
+        dtype = model.get_input_embeddings().weight.dtype
+        h = head0.tensors()
+        empty = h["bank"].shape[0] == 0  # M = 0: P0 only
+        frozen = {"p0": "p0" in cfg.freeze, "bank": "components" in cfg.freeze or empty,
+                  "gate": "gate" in cfg.freeze or empty}
+        hp = {n: h[n].clone().requires_grad_(not frozen[n]) for n in ("p0", "bank", "gate")}
+        params.append({"params": [v for n, v in hp.items() if not frozen[n]], "lr": cfg.head_lr})
+        train_enc = [_encode(engine, fb.example, cfg.max_length) for fb in lm_items]  # type: ignore[arg-type]
+        val_enc = [_encode(engine, fb.example, cfg.max_length) for fb in val_items]  # type: ignore[arg-type]
+        train_e = torch.stack([_rows(fb.query, D, "query", i)[0] for i, fb in enumerate(lm_items)])  # (N, D)
+        val_e = (torch.stack([_rows(fb.query, D, "query", i)[0] for i, fb in enumerate(val_items)])
+                 if val_items else None)
+        judge_enc, judge_e = (val_enc, val_e) if val_items else (train_enc[:32], train_e[:32])
+
+    def prompts(e: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        assert head0 is not None
+        return PromptHead.mix(query(e, grad and cfg.couple), hp["p0"], hp["bank"], hp["gate"], head0.tau)
+
+    def lm_nll(enc: list[Any], e: torch.Tensor) -> float:
+        with torch.no_grad():
+            total = 0.0
+            for i in range(0, len(enc), cfg.batch_size):
+                P, _ = prompts(e[i:i + cfg.batch_size], False)  # (B, k, H)
+                total += float(_batch_loss(model, P.to(dtype), enc[i:i + cfg.batch_size])) * len(enc[i:i + cfg.batch_size])
+        return total / len(enc)
+
+    def head_reg() -> torch.Tensor:
+        reg = (hp["p0"] - h["p0_init"]).pow(2).sum(-1).mean()
+        if hp["bank"].shape[0] > 0:
+            reg = reg + hp["bank"].pow(2).sum(-1).mean() + (hp["gate"] - h["gate_init"]).pow(2).sum(-1).mean()
+        return reg
+
+    if train_head:
+        report.lm_before = lm_nll(judge_enc, judge_e)
+    best_lm, best_head = report.lm_before, {n: v.detach().clone() for n, v in hp.items()}
+    best_wa = (w.detach().clone(), alpha.detach().clone())
+    opt = torch.optim.Adam(params)
+    rng = random.Random(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    total_steps = max(cfg.steps if train_head else 0, cfg.retrieval_steps if train_ret else 0)
+    lm_active, bad, order = train_head, 0, []
+    was_training = model.training if model is not None else False
+    if model is not None:
+        model.eval()
+    bar = tqdm(total=total_steps, desc=f"updating {te.task}", disable=not progress, unit="step")
+    step = 0
+    try:
+        for step in range(1, total_steps + 1):
+            if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
+                report.budget_hit, step = True, step - 1
+                break
+            loss = torch.zeros(())
+            if train_ret and step <= cfg.retrieval_steps:
+                loss = loss + contrastive()
+            lm_value = None
+            if lm_active and step <= cfg.steps:
+                if len(order) < cfg.batch_size:
+                    order += rng.sample(range(len(train_enc)), len(train_enc))
+                idx = [order.pop() for _ in range(min(cfg.batch_size, len(train_enc)))]
+                P, _ = prompts(train_e[idx], True)  # (B, k, H)
+                P = F.dropout(P, p=cfg.dropout, training=cfg.dropout > 0)
+                lm = _batch_loss(model, P.to(dtype), [train_enc[i] for i in idx])
+                lm_value = float(lm.detach())
+                loss = loss + lm + cfg.l2_to_init * head_reg()
+                if cfg.balance > 0 and hp["bank"].shape[0] > 1:
+                    _, a = prompts(train_e, True)  # (N, M)
+                    mean = a.mean(0).clamp_min(1e-9)
+                    loss = loss + cfg.balance * (mean * (mean * mean.shape[0]).log()).sum()
+            if not loss.requires_grad:
+                break
+            opt.zero_grad()
+            loss.backward()
+            if model is not None and any(p.grad is not None for p in model.parameters()):
+                raise DetotError("a model parameter received a gradient: the base model must stay frozen")
+            torch.nn.utils.clip_grad_norm_([p for g in params for p in g["params"]], cfg.max_grad_norm)
+            opt.step()
+            bar.update(1)
+            if lm_value is not None:
+                report.train_loss.append(lm_value)
+                bar.set_postfix(lm=f"{lm_value:.3f}")
+                if val_items and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    v = lm_nll(val_enc, val_e)
+                    report.val_loss.append((step, v))
+                    if best_lm is None or v < best_lm:
+                        best_lm, bad = v, 0
+                        best_head = {n: t.detach().clone() for n, t in hp.items()}
+                        best_wa = (w.detach().clone(), alpha.detach().clone())
+                    else:
+                        bad += 1
+                        if bad >= cfg.patience:
+                            report.stopped_early, lm_active = True, False
+    finally:
+        bar.close()
+        if model is not None:
+            model.train(was_training)
+    report.steps = step
+
+    # ---- keep what helped, each side on its own loss -----------------------------------------
+    new_w, new_alpha = w.detach().clone(), alpha.detach().clone()
+    if train_ret:
+        after = float(contrastive().detach())
+        report.loss_after = after
+        report.retrieval_accepted = after < ret_before and bool(torch.isfinite(new_w).all())
+    new_head = None
+    if train_head:
+        if not val_items:
+            best_head = {n: t.detach().clone() for n, t in hp.items()}
+            best_wa = (new_w, new_alpha)
+        for n, t in best_head.items():
+            hp[n].data.copy_(t)
+        if move_query and not train_ret:  # coupled: the best head goes with the query it was read from
+            w.data.copy_(best_wa[0])
+            alpha.data.copy_(best_wa[1])
+        report.lm_after = lm_nll(judge_enc, judge_e)
+        assert report.lm_before is not None
+        report.head_accepted = report.lm_after < report.lm_before and all(
+            bool(torch.isfinite(t).all()) for t in best_head.values())
+        if report.head_accepted:
+            new_head = best_head
+            if move_query and not train_ret:
+                new_w, new_alpha = best_wa
+        if hp["bank"].shape[0] > 0:
+            with torch.no_grad():
+                report.gate_usage = [round(float(x), 4) for x in prompts(train_e, False)[1].mean(0)]
+    keep_query = bool(report.retrieval_accepted) or (move_query and bool(report.head_accepted) and not train_ret)
+    report.accepted = keep_query or new_head is not None
+    if report.accepted:
+        state = te.state_dict()
+        if keep_query:
+            state["w"], state["alpha"] = new_w, new_alpha
+        if new_head is not None:
+            state["head"] = {**state["head"], **new_head}
+        state["version"] = state["version"] + 1
+        te.load_state_dict(state)
+    report.version = te.version
+    report.seconds = time.perf_counter() - start
+    return report
