@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from detot_agent.detot.monitor import Monitor
     from detot_agent.detot.task import Adjustments, TaskKind, TaskProfile, analyze
     from detot_agent.detot.voting import vote
+    from detot_agent.embedding.task_embedding import TaskEmbedding, UpdateReport
     from detot_agent.engines.base import AsyncLocalEngine, Sample
     from detot_agent.engines.config import EngineConfig
     from detot_agent.engines.llamacpp_engine import LlamaCppEngine
@@ -49,7 +50,6 @@ if TYPE_CHECKING:
     from detot_agent.retrieval.encoder import Encoder
     from detot_agent.retrieval.index import ExemplarIndex, Hit
     from detot_agent.retrieval.retriever import RetrievedPassages, TaskRetriever
-    from detot_agent.embedding.task_embedding import TaskEmbedding, UpdateReport
     from detot_agent.softprompt.prompt import SoftPrompt, SoftPromptInit
     from detot_agent.softprompt.registry import SoftPromptRegistry
     from detot_agent.softprompt.training import TuneConfig, TuneExample, TuneReport, tune

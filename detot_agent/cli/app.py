@@ -235,10 +235,10 @@ def index_search(
     where: Annotated[list[str] | None, typer.Option(help="Field filter FIELD=VALUE (repeatable).")] = None,
 ) -> None:
     """Search an exemplar index (optionally through a task embedding)."""
+    from detot_agent.embedding.task_embedding import TaskEmbedding
     from detot_agent.io.persist import read_manifest
     from detot_agent.retrieval.encoder import Encoder
     from detot_agent.retrieval.index import ExemplarIndex
-    from detot_agent.embedding.task_embedding import TaskEmbedding
 
     manifest = read_manifest(index_dir, kind=ExemplarIndex.FORMAT, max_version=ExemplarIndex.FORMAT_VERSION,
                              verify=False)

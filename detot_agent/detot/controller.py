@@ -1,36 +1,34 @@
 """The continuous optimization loop (DETOT section 3.2): re-optimize, validate, accept or roll back.
 
-The controller owns the task's serving state, a `TaskState` (task embedding,
-soft-prompt vectors, version). A `TaskState` is never changed once published:
-re-optimization trains copies and, if they pass, publishes a new `TaskState`
-with one reference assignment. A reader takes `controller.state` once per call
-and sees the old or the new state, never half of each.
+The controller owns the task's serving state, a `TaskState`: the task's one `TaskEmbedding`
+(query side for retrieval and soft-prompt head) under a version. A `TaskState` is never
+changed once published: re-optimization trains a copy and, if it passes, publishes a new
+`TaskState` with one reference assignment. A reader takes `controller.state` once per call
+and reads `q(x)` and `P(x)` from it in one snapshot (`TaskEmbedding.serve`).
 
-On a trigger, `reoptimize()` splits the evidence buffer (recent answered
-questions) into training and held-out parts (every `holdout_every`-th record is
-held out), then:
+On a trigger, `reoptimize()` splits the evidence buffer (recent answered questions) into
+training and held-out parts (every `holdout_every`-th record is held out), then:
 
-1. retrieval: for each good training record (correct, or agreement >= `good_agreement`
-   when correctness is unknown), the demos it used are positives and the next-ranked
-   exemplars it did not use are negatives; `TaskEmbedding.update` moves the weights;
-2. soft prompt (local models): trains on targets from good records (a sample whose answer
-   matched the gold answer, else the winning sample of a high-agreement vote);
-3. validation on the held-out part, each half on its own: the soft prompt is kept if the mean
-   NLL of the held-out targets falls by at least `min_gain`; the retrieval weights are kept if
-   the *separation* (mean reciprocal rank of demos behind good answers minus that of demos
-   behind poor ones) is not worse by more than `margin`. Plain MRR of good demos would favour
-   the old state, whose own top results those demos are. A new version is published when
-   either half is kept.
+1. train: one `TaskEmbedding.update` on the training records: for each good record (correct,
+   or agreement >= `good_agreement` when correctness is unknown) the demos it used are
+   positives and the next-ranked exemplars it did not use are negatives (retrieval side), and
+   its learnable target (a sample that matched the gold answer, else the winning sample of a
+   high-agreement vote) is an LM example with the prompt it was served (soft-prompt side).
+   Only the sides the held-out records can judge are trained; a step and wall-time budget
+   (`max_seconds`) bounds the update;
+2. judge the candidate on the held-out part: the soft-prompt side by the mean NLL of the
+   held-out targets, each under its own `P(x)` (must fall by at least `min_gain`); the retrieval
+   side by the *separation* (mean reciprocal rank of demos behind good answers minus that of
+   demos behind poor ones; may not fall by more than `margin`). Plain MRR of good demos would
+   favour the old state, whose own top results those demos are;
+3. publish the candidate as one object only if every judged side passes; otherwise roll back.
 
-The code reads in the order it runs: `_gather` (split the evidence), `_train` (candidate
-parts), `_judge` (one `Verdict` per part), `_publish` (new version or roll back). Each part is
-judged on its own measure; the two are never added into one score.
-
-Errors inside re-optimization are logged and leave the old state serving.
+The code reads in the order it runs: `_gather`, `_train`, `_judge` (one `Verdict` per side),
+`_publish`. Errors inside re-optimization are logged and leave the old state serving.
 
 Example:
     >>> from detot_agent.detot.records import TaskState
-    >>> TaskState(version=0, embedding=None, soft_prompt=None).version
+    >>> TaskState(version=0, embedding=None).version
     0
 """
 
@@ -46,14 +44,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
 
 from detot_agent.config import StrictModel
 from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
 from detot_agent.detot.records import Evidence, TaskState, Verdict
-from detot_agent.retrieval.index import ExemplarIndex
 from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.retrieval.index import ExemplarIndex
 
 __all__ = ["Controller", "ControllerConfig", "Evidence", "TaskState"]
 
@@ -69,9 +66,11 @@ class ControllerConfig(StrictModel):
         margin: how far held-out retrieval separation may fall before the change is rolled back.
         min_gain: how far the held-out NLL must fall for a new soft prompt to be kept.
         retrieval_steps / retrieval_lr: the retrieval update's optimisation.
-        soft_prompt_steps / soft_prompt_lr: the soft-prompt update's optimisation.
-        l2_to_init: pull back to the initial state, for both parts.
+        soft_prompt_steps / soft_prompt_lr: the soft-prompt side's optimisation (LM steps).
+        l2_to_init: pull back to the initial state, for both sides.
         dropout: dropout on the soft-prompt vectors while training.
+        balance: weight of the gate's anti-collapse term (`UpdateConfig.balance`).
+        max_seconds: wall-time budget of one update (None: steps only).
         negatives_per_query: exemplars ranked just below a record's demos used as negatives.
     """
 
@@ -87,6 +86,8 @@ class ControllerConfig(StrictModel):
     soft_prompt_lr: float = Field(default=3e-3, gt=0)
     l2_to_init: float = Field(default=0.01, ge=0)
     dropout: float = Field(default=0.1, ge=0, lt=1)
+    balance: float = Field(default=0.1, ge=0)
+    max_seconds: float | None = Field(default=120.0, gt=0)
     negatives_per_query: int = Field(default=6, ge=1)
 
     @model_validator(mode="after")
@@ -109,14 +110,6 @@ class _Split:
     held: list[Evidence]
     judge_soft: bool
     judge_retrieval: bool
-
-
-@dataclass(frozen=True)
-class _Candidate:
-    """Trained parts (None: that part was not retrained or did not change)."""
-
-    embedding: TaskEmbedding | None
-    soft_prompt: torch.Tensor | None
 
 
 class _Outcome(Exception):
@@ -221,7 +214,7 @@ class Controller:
                 split = self._gather()
                 evidence = split.evidence
                 candidate = self._train(old, split)
-                verdicts = self._judge(old, candidate, split.held)
+                verdicts = self._judge(old, candidate, split)
                 event = self._publish(old, candidate, verdicts)
             except _Outcome as out:
                 event = ReoptimizationEvent(accepted=False, reason=out.reason, version_before=old.version,
@@ -250,87 +243,71 @@ class Controller:
         train = [e for e in evidence if e.id not in held_ids]
         # train only the parts that the held-out records can judge (training the soft prompt is the
         # expensive part: minutes on a CPU), so an unjudgeable change is never paid for
-        state = self._state
-        judge_soft = state.soft_prompt is not None and self.engine is not None and bool(self._examples(held))
-        judge_retrieval = state.embedding is not None and any(e.good(cfg.good_agreement) and e.demo_ids for e in held)
+        embedding = self._state.embedding
+        if embedding is None:
+            raise _Outcome("no task embedding to re-optimize; kept the old state")
+        judge_soft = embedding.has_head and self.engine is not None and bool(self._examples(held))
+        judge_retrieval = any(e.good(cfg.good_agreement) and e.demo_ids for e in held)
         if not judge_soft and not judge_retrieval:
             raise _Outcome(f"no held-out evidence to validate on (none of the {len(held)} held-out records has a "
                            "learnable target or good demos); kept the old state without training")
         return _Split(evidence, train, held, judge_soft, judge_retrieval)
 
     # ---- 2. train ------------------------------------------------------------------------------------
-    def _train(self, old: TaskState, split: _Split) -> _Candidate:
-        """Train copies of the judgeable parts; the serving state is never touched."""
-        embedding = None
-        if split.judge_retrieval:
-            embedding = copy.deepcopy(old.embedding)
-            if embedding is None or not self._update_retrieval(embedding, split.train):
-                embedding = None
-        soft = None
-        if split.judge_soft:
-            assert old.soft_prompt is not None
-            trained = self._update_soft_prompt(old.soft_prompt, split.train)
-            soft = None if trained is old.soft_prompt else trained
-        if embedding is None and soft is None:
+    def _train(self, old: TaskState, split: _Split) -> TaskEmbedding:
+        """Train a copy of the task embedding on the judgeable sides; the serving state is never touched."""
+        from detot_agent.embedding.update import Feedback
+
+        cfg = self.config
+        assert old.embedding is not None
+        candidate = copy.deepcopy(old.embedding)
+        items: list[Feedback] = []
+        for ev in split.train:
+            pos = neg = None
+            if split.judge_retrieval and ev.good(cfg.good_agreement) and ev.demo_ids:
+                want = min(len(self.index), self.k + cfg.negatives_per_query + len(ev.demo_ids))
+                ranked = [h.id for h in self.index.search(candidate.query(ev.query), want)]
+                negatives = [i for i in ranked if i not in set(ev.demo_ids)][: cfg.negatives_per_query]
+                if negatives:
+                    pos, neg = self.index.vectors(ev.demo_ids), self.index.vectors(negatives)
+            example = self._example(ev) if split.judge_soft else None
+            if pos is not None or example is not None:
+                items.append(Feedback(query=ev.query, positives=pos, negatives=neg, example=example))
+        if not items:
             raise _Outcome("nothing to learn from: no good training records with usable demos or targets; "
                            "kept the old state")
-        return _Candidate(embedding, soft)
+        report = candidate.update(
+            items, engine=self.engine if split.judge_soft else None, steps=cfg.soft_prompt_steps,
+            retrieval_steps=cfg.retrieval_steps, retrieval_lr=cfg.retrieval_lr, head_lr=cfg.soft_prompt_lr,
+            l2_to_init=cfg.l2_to_init, dropout=cfg.dropout, balance=cfg.balance, max_seconds=cfg.max_seconds)
+        if not report.accepted:
+            raise _Outcome(f"the update learnt nothing on its training records (retrieval loss {report.loss_before:.3f}"
+                           f" -> {report.loss_after:.3f}, LM {report.lm_before} -> {report.lm_after}); kept the old "
+                           "state")
+        return candidate
 
-    def _update_retrieval(self, embedding: TaskEmbedding, train: list[Evidence]) -> bool:
-        cfg = self.config
-        queries, pos, neg = [], [], []
-        for ev in train:
-            if not ev.good(cfg.good_agreement) or not ev.demo_ids:
-                continue
-            want = min(len(self.index), self.k + cfg.negatives_per_query + len(ev.demo_ids))
-            ranked = [h.id for h in self.index.search(embedding.query(ev.query), want)]
-            negatives = [i for i in ranked if i not in set(ev.demo_ids)][: cfg.negatives_per_query]
-            if not negatives:
-                continue
-            queries.append(ev.query)
-            pos.append(self.index.vectors(ev.demo_ids))
-            neg.append(self.index.vectors(negatives))
-        if not queries:
-            return False
-        report = embedding.update(np.stack(queries), pos, neg, steps=cfg.retrieval_steps, lr=cfg.retrieval_lr,
-                                  l2_to_init=cfg.l2_to_init)
-        return report.accepted
-
-    def _examples(self, records: list[Evidence]) -> list[Any]:
+    def _example(self, ev: Evidence) -> Any:
         from detot_agent.softprompt.training import TuneExample
 
-        out = []
-        for ev in records:
-            target = ev.learn_target(self.config.good_agreement)
-            if target and ev.messages:
-                out.append(TuneExample(messages=ev.messages, target=target))
-        return out
+        target = ev.learn_target(self.config.good_agreement)
+        return TuneExample(messages=ev.messages, target=target) if target and ev.messages else None
 
-    def _update_soft_prompt(self, vectors: torch.Tensor, train: list[Evidence]) -> torch.Tensor:
-        from detot_agent.softprompt.prompt import SoftPrompt
-        from detot_agent.softprompt.training import tune
-
-        examples = self._examples(train)
-        if not examples:
-            return vectors  # unchanged (the same object)
-        sp = SoftPrompt("reopt", vectors, model_id="engine")
-        cfg = self.config
-        report = tune(sp, self.engine, examples, steps=cfg.soft_prompt_steps, lr=cfg.soft_prompt_lr,
-                      l2_to_init=cfg.l2_to_init, dropout=cfg.dropout, progress=False)
-        return sp.vectors.clone() if report.accepted else vectors
+    def _examples(self, records: list[Evidence]) -> list[Any]:
+        return [ex for ex in map(self._example, records) if ex is not None]
 
     # ---- 3. judge ------------------------------------------------------------------------------------
-    def _judge(self, old: TaskState, candidate: _Candidate, held: list[Evidence]) -> list[Verdict]:
-        """One verdict per trained part, each on its own held-out measure (higher is better)."""
+    def _judge(self, old: TaskState, candidate: TaskEmbedding, split: _Split) -> list[Verdict]:
+        """One verdict per judged side, each on its own held-out measure (higher is better)."""
         cfg = self.config
+        assert old.embedding is not None
         verdicts = []
-        if candidate.soft_prompt is not None:
-            before, after = self._nll(old.soft_prompt, held), self._nll(candidate.soft_prompt, held)
+        if split.judge_soft:
+            before, after = self._nll(old.embedding, split.held), self._nll(candidate, split.held)
             if before is not None and after is not None:
                 verdicts.append(Verdict("soft_prompt", "held-out NLL", -before, -after,
                                         accepted=after <= before - cfg.min_gain))
-        if candidate.embedding is not None:
-            before, after = self._separation(old.embedding, held), self._separation(candidate.embedding, held)
+        if split.judge_retrieval:
+            before, after = self._separation(old.embedding, split.held), self._separation(candidate, split.held)
             if before is not None and after is not None:
                 verdicts.append(Verdict("retrieval", "held-out demo separation", before, after,
                                         accepted=after >= before - cfg.margin))
@@ -338,13 +315,17 @@ class Controller:
             raise _Outcome("no held-out evidence to validate on; kept the old state")
         return verdicts
 
-    def _nll(self, vectors: torch.Tensor | None, held: list[Evidence]) -> float | None:
-        if self.engine is None or vectors is None:
+    def _nll(self, embedding: TaskEmbedding, held: list[Evidence]) -> float | None:
+        """Mean NLL of the held-out targets, each under its own soft prompt `P(x)`."""
+        if self.engine is None or not embedding.has_head:
             return None
         from detot_agent.softprompt.training import target_nll
 
-        examples = self._examples(held)
-        return target_nll(self.engine, vectors, examples) if examples else None
+        records = [ev for ev in held if self._example(ev) is not None]
+        if not records:
+            return None
+        prompts = embedding.soft_prompts(np.stack([ev.query for ev in records]))  # (N, k, H)
+        return target_nll(self.engine, prompts, self._examples(records))
 
     def _mrr(self, embedding: TaskEmbedding, records: list[Evidence]) -> float | None:
         """Mean reciprocal rank of each record's demos under `embedding`'s query for that record."""
@@ -377,26 +358,20 @@ class Controller:
         return good - (poor or 0.0)
 
     # ---- 4. publish ----------------------------------------------------------------------------------
-    def _publish(self, old: TaskState, candidate: _Candidate, verdicts: list[Verdict]) -> ReoptimizationEvent:
-        """Publish the accepted parts under a new version, or keep the old state."""
-        kept = {v.part for v in verdicts if v.accepted}
+    def _publish(self, old: TaskState, candidate: TaskEmbedding, verdicts: list[Verdict]) -> ReoptimizationEvent:
+        """Publish the candidate under a new version if every judged side passed, or keep the old state."""
+        accepted = all(v.accepted for v in verdicts)
         reasons = "; ".join(v.describe() for v in verdicts)
-        # one part judged: its own before/after; two: each is in `verdicts` (they are never added up)
+        # one side judged: its own before/after; two: each is in `verdicts` (they are never added up)
         scores: dict[str, Any] = ({"old_score": verdicts[0].before, "new_score": verdicts[0].after}
                                   if len(verdicts) == 1 else {})
         verdict_log = [{"part": v.part, "measure": v.measure, "before": v.before, "after": v.after,
                         "accepted": v.accepted} for v in verdicts]
-        if not kept:
+        if not accepted:
             return ReoptimizationEvent(accepted=False, reason="rolled back: " + reasons, version_before=old.version,
                                        version_after=old.version, verdicts=verdict_log, **scores)
         version = old.version + 1
-        soft = candidate.soft_prompt if "soft_prompt" in kept else old.soft_prompt
-        embedding = candidate.embedding if "retrieval" in kept else old.embedding
-        if embedding is not None:
-            if embedding is old.embedding:  # the old weights under the new version number
-                embedding = copy.deepcopy(old.embedding)
-            assert embedding is not None
-            embedding.version = version
-        self.publish(TaskState(version=version, embedding=embedding, soft_prompt=soft))
+        candidate.version = version
+        self.publish(TaskState(version=version, embedding=candidate))
         return ReoptimizationEvent(accepted=True, reason="accepted: " + reasons, version_before=old.version,
                                    version_after=version, verdicts=verdict_log, **scores)

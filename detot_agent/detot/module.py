@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import json
 import re
 import threading
@@ -40,13 +41,13 @@ from detot_agent.detot.monitor import Monitor, Observation
 from detot_agent.detot.records import Evidence, ParsedSample, TaskState
 from detot_agent.detot.sampling import sample_engine, vote_in_rounds
 from detot_agent.detot.task import Adjustments, TaskProfile, analyze
+from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.generation import text_seed
 from detot_agent.engines.lm import training_engine
 from detot_agent.errors import ArtefactError, ConfigError, DetotError, EmptyPromptError, InvalidRequestError
 from detot_agent.retrieval.encoder import Encoder
 from detot_agent.retrieval.index import ExemplarIndex
-from detot_agent.embedding.task_embedding import TaskEmbedding
 
 __all__ = ["DETOT"]
 
@@ -85,8 +86,15 @@ class DETOT(dspy.Module):
         encoder: the index's encoder by default.
         adjustments: `Adjustments` (default: `analyze(task, samples)`).
         samples: a few example inputs, for task analysis and the task vector.
-        soft_prompt: initial `(k, hidden)` vectors; with a local LM and None, one is initialised from
-            the adjustments' init text; pass `False` to run without.
+        soft_prompt: initial `(k, hidden)` vectors (`P0` of the task embedding's soft-prompt head); with a
+            local LM and None, `P0` is initialised from the adjustments' init text; pass `False` to run
+            without.
+        task_embedding: the task's `TaskEmbedding` to serve (e.g. trained by `detot tune`, or shared with a
+            `TaskRetriever`); default: one built from the task description and `samples`. Its head, if it
+            has one, supplies the soft prompts (`soft_prompt` must then be None).
+        components: `M` for a new soft-prompt head: 0 (default) serves one static prompt `P0`; `M > 0` a
+            per-input prompt `P(x) = P0 + sum_m a_m(x) B_m` (the bank starts at zero, so it starts as `P0`
+            and the loop learns the rest).
         demo_fields: signature field -> exemplar field for demos; defaults map the first input to
             `question`, `reasoning` to `rationale`, the answer field to `answer`.
         background: re-optimize in a background thread (True) or only when `reoptimize()` is called.
@@ -109,6 +117,8 @@ class DETOT(dspy.Module):
         adjustments: Adjustments | None = None,
         samples: list[str] | None = None,
         soft_prompt: torch.Tensor | bool | None = None,
+        task_embedding: TaskEmbedding | None = None,
+        components: int = 0,
         demo_fields: dict[str, str] | None = None,
         background: bool = True,
         event_log: str | Path | None = None,
@@ -133,27 +143,69 @@ class DETOT(dspy.Module):
         self.background = background
         self.adapter = adapter
         self._default_adapter = LenientChatAdapter()
-        embedding = TaskEmbedding.from_description(task.name, task.description or task.name, encoder=self.encoder,
-                                                   samples=samples or [])
         engine = _trainer(lm)
-        vectors: torch.Tensor | None = None
-        if isinstance(soft_prompt, torch.Tensor):
-            vectors = soft_prompt.detach().float().clone()
-        elif soft_prompt is None and engine is not None:
-            from detot_agent.softprompt.prompt import SoftPrompt
-
-            # initialised from the serving engine's token embeddings (llama.cpp reads them from the file)
-            vectors = SoftPrompt.initialize(lm.engine, task.name, k=adj.soft_prompt_k, init="text",
-                                            text=adj.soft_prompt_init_text).vectors
+        embedding = self._task_embedding(task_embedding, soft_prompt, components, samples or [], lm, engine)
         self.monitor = Monitor(agreement_threshold=adj.agreement_threshold,
                                accuracy_threshold=adj.accuracy_threshold, window=adj.window,
                                min_count=adj.min_count, cooldown=adj.cooldown, log_path=event_log)
         if controller_config is not None and not isinstance(controller_config, ControllerConfig):
             raise ConfigError(f"controller_config must be a ControllerConfig, got {type(controller_config).__name__}")
-        self.controller = Controller(TaskState(0, embedding, vectors), index=index, monitor=self.monitor,
+        self.controller = Controller(TaskState(embedding.version, embedding), index=index, monitor=self.monitor,
                                      engine=engine, config=controller_config, k=adj.k_exemplars)
         self._rollout = 0
         self._rollout_lock = threading.Lock()
+
+    def _task_embedding(self, given: TaskEmbedding | None, soft_prompt: torch.Tensor | bool | None,
+                        components: int, samples: list[str], lm: Any, engine: Any) -> TaskEmbedding:
+        """The one task embedding this program serves: given, or built; with a soft-prompt head when asked."""
+        if components < 0:
+            raise ConfigError(f"components must be >= 0, got {components}")
+        serving = _serving_engine(lm)
+        hidden = getattr(serving, "hidden_size", None)
+        if given is not None:
+            if not isinstance(given, TaskEmbedding):
+                raise ConfigError(f"task_embedding must be a TaskEmbedding, got {type(given).__name__}")
+            if given.encoder_name != self.index.encoder_name or given.dim != self.index.dim:
+                raise ConfigError(f"task_embedding uses encoder {given.encoder_name!r} ({given.dim} dims), the index "
+                                  f"{self.index.encoder_name!r} ({self.index.dim} dims)")
+            if given.has_head and soft_prompt not in (None, False):
+                raise ConfigError("task_embedding already has a soft-prompt head; pass soft_prompt=None")
+            if given.head is not None and hidden is not None and given.head.hidden_size != hidden:
+                raise ConfigError(f"task_embedding's soft prompts are {given.head.hidden_size} wide, the model's "
+                                  f"hidden size is {hidden}; train one for this model")
+            if given.has_head or soft_prompt is False or (soft_prompt is None and engine is None):
+                return given
+            embedding = given
+        else:
+            task = self.task
+            embedding = TaskEmbedding.from_description(task.name, task.description or task.name,
+                                                       encoder=self.encoder, samples=samples)
+        p0: torch.Tensor | None = None
+        if isinstance(soft_prompt, torch.Tensor):
+            p0 = soft_prompt.detach().float().clone()
+        elif soft_prompt is None and engine is not None:
+            from detot_agent.softprompt.prompt import SoftPrompt
+
+            # initialised from the serving engine's token embeddings (llama.cpp reads them from the file)
+            adj = self.adjustments
+            p0 = SoftPrompt.initialize(lm.engine, self.task.name, k=adj.soft_prompt_k, init="text",
+                                       text=adj.soft_prompt_init_text).vectors
+        if p0 is not None:
+            from detot_agent.softprompt.registry import check_soft_prompt
+
+            check_soft_prompt(p0, hidden_size=hidden, where="soft_prompt")
+            inputs = self.encoder.encode(samples) if len(samples) >= max(components, 1) else (
+                self.index.sample_vectors(2000) if len(self.index) else None)
+            embedding.attach_head(p0, components=components, model_id=getattr(
+                getattr(serving, "source", None), "spec", None) or "unknown", inputs=inputs)
+        elif components:
+            raise ConfigError("components > 0 needs a soft prompt: a local LM, or soft_prompt=<tensor>")
+        return embedding
+
+    @property
+    def task_embedding(self) -> TaskEmbedding | None:
+        """The task embedding now serving (pass it to a `TaskRetriever` to share it)."""
+        return self.controller.state.embedding
 
     # ---- DSPy plumbing -------------------------------------------------------------------------------
     def _signature(self) -> Any:
@@ -170,7 +222,7 @@ class DETOT(dspy.Module):
         state = self.controller.state
         clone.monitor = Monitor(self.monitor.config, log_path=self.monitor.log_path)
         clone.controller = Controller(
-            TaskState(state.version, state.embedding, None if state.soft_prompt is None else state.soft_prompt.clone()),
+            TaskState(state.version, None if state.embedding is None else copy.deepcopy(state.embedding)),
             index=self.index, monitor=clone.monitor, engine=self.controller.engine, config=self.controller.config,
             k=self.adjustments.k_exemplars)
         clone._rollout_lock = threading.Lock()
@@ -186,11 +238,11 @@ class DETOT(dspy.Module):
         return self.controller.state.version
 
     # ---- one call ------------------------------------------------------------------------------------
-    def _demos(self, state: TaskState, query: np.ndarray) -> tuple[list[dspy.Example], list[str]]:
+    def _demos(self, state: TaskState, q: np.ndarray) -> tuple[list[dspy.Example], list[str]]:
+        """Demos for the task-adapted query `q` (read from `state` by the caller)."""
         k = min(self.adjustments.k_exemplars, len(self.index))
         if k == 0:
             return [], []
-        q = state.embedding.query(query) if state.embedding is not None else query
         hits = self.index.search(q, k, mmr=self.adjustments.mmr_lambda)
         sig = self._signature()
         demos = []
@@ -273,13 +325,15 @@ class DETOT(dspy.Module):
             raise ConfigError("no LM: pass lm= to DETOT or call dspy.configure(lm=...)")
         state = self.controller.state  # one consistent snapshot for the whole call
         query = self.encoder.encode([text])[0]
-        demos, demo_ids = self._demos(state, query)
+        # q(x) and P(x) from the one task embedding, in one snapshot
+        q, soft, _ = state.embedding.serve(query) if state.embedding is not None else (query, None, 0)
+        demos, demo_ids = self._demos(state, q)
         engine = _serving_engine(lm)
         adapter = self.active_adapter()
         messages = None
         if engine is not None:
             messages = adapter.format(sig, demos=list(self._inner().demos) + demos, inputs=inputs)
-            draw = self._draw_engine(engine, lm, adapter, sig, messages, state.soft_prompt, text)
+            draw = self._draw_engine(engine, lm, adapter, sig, messages, soft, text)
         else:
             draw = self._draw_rollouts(lm, adapter, inputs, demos)
         samples, result, drawn = vote_in_rounds(draw, self.adjustments)
@@ -366,7 +420,7 @@ class DETOT(dspy.Module):
     TENSORS_KIND = "detot-program-tensors"
 
     def save(self, path: str | Path, save_program: bool = False, **kwargs: Any) -> None:
-        """Save to `path` (DSPy's JSON state) and `<path>.tensors/` (task embedding and soft prompt).
+        """Save to `path` (DSPy's JSON state) and `<path>.tensors/` (the task embedding, head included).
 
         Both go through the shared atomic persistence path: the side folder is swapped in whole,
         then the JSON file is replaced in one rename, so a crash leaves the old program loadable.
@@ -381,43 +435,46 @@ class DETOT(dspy.Module):
             raise ConfigError(f"DETOT saves its state as JSON plus a tensors folder: pass a path ending in .json "
                               f"(got {str(path)!r}{', save_program=True' if save_program else ''})")
         st = self.controller.state
-        meta: dict[str, Any] = {"version": st.version, "has_soft_prompt": st.soft_prompt is not None}
+        meta: dict[str, Any] = {"version": st.version, "embedding": None}
         tensors: dict[str, torch.Tensor] = {}
         if st.embedding is not None:
             emeta, etensors = st.embedding.to_tensors()
-            meta.update(alpha=emeta["alpha"], alpha_init=emeta["alpha_init"], task=emeta["task"],
-                        encoder=emeta["encoder"])
+            meta["embedding"] = emeta
             tensors.update({f"embedding.{k}": v for k, v in etensors.items()})
-        if st.soft_prompt is not None:
-            tensors["soft_prompt"] = st.soft_prompt
-        save_tensors(Path(str(path) + ".tensors"), kind=self.TENSORS_KIND, version=1, meta=meta, tensors=tensors)
+        save_tensors(Path(str(path) + ".tensors"), kind=self.TENSORS_KIND, version=2, meta=meta, tensors=tensors)
         state = self.dump_state()
         state["metadata"] = {"dependency_versions": get_dependency_versions()}
         atomic_write_bytes(target, orjson.dumps(state, option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE))
 
     def load(self, path: str | Path, **kwargs: Any) -> DETOT:
-        """Load what `save` wrote; validates shapes, finiteness and the encoder before changing anything."""
+        """Load what `save` wrote (this release's or the first release's side folder); validates shapes,
+        finiteness, the encoder and the soft prompts' width before changing anything."""
         from detot_agent.io.persist import load_tensors
-        from detot_agent.softprompt.registry import check_soft_prompt
 
         side = Path(str(path) + ".tensors")
-        m, tensors = load_tensors(side, kind=self.TENSORS_KIND, max_version=1)
+        m, tensors = load_tensors(side, kind=self.TENSORS_KIND, max_version=2)
+        where = str(side / "tensors.safetensors")
+        serving = _serving_engine(self.lm)
+        hidden = getattr(serving, "hidden_size", None)
         # validate everything before changing anything: a failed load leaves the current state serving
         embedding = None
-        if "embedding.t" in tensors:
-            parts = {k.removeprefix("embedding."): v for k, v in tensors.items() if k.startswith("embedding.")}
-            embedding = TaskEmbedding.from_tensors({**m, "dim": int(parts["t"].shape[0])}, parts, where=str(side),
-                                                   encoder_name=self.index.encoder_name)
-        soft = tensors.get("soft_prompt")
-        if soft is not None:
-            engine = self.controller.engine
+        parts = {k.removeprefix("embedding."): v for k, v in tensors.items() if k.startswith("embedding.")}
+        if parts:
+            emeta = m.get("embedding") or {**m, "dim": int(parts["t"].shape[0])}  # first release: fields at the top
+            embedding = TaskEmbedding.from_tensors(emeta, parts, where=where, encoder_name=self.index.encoder_name,
+                                                   hidden_size=hidden)
+        soft = tensors.get("soft_prompt")  # first release: a static prompt beside the embedding
+        if soft is not None and embedding is not None:
+            from detot_agent.softprompt.registry import check_soft_prompt
+
             try:
-                check_soft_prompt(soft, hidden_size=engine.hidden_size if engine else None, where=f"{side} soft_prompt")
+                check_soft_prompt(soft, hidden_size=hidden, where=f"{where}: soft_prompt")
             except DetotError as exc:
                 raise ArtefactError(str(exc)) from None
+            embedding.attach_head(soft, components=0, model_id="unknown")
         try:
             super().load(str(path), **kwargs)
         except (ValueError, UnicodeDecodeError, OSError) as exc:  # JSONDecodeError is a ValueError
             raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
-        self.controller.publish(TaskState(int(m["version"]), embedding, soft))
+        self.controller.publish(TaskState(int(m["version"]), embedding))
         return self

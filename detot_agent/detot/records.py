@@ -47,11 +47,22 @@ class ParsedSample:
 
 @dataclass(frozen=True)
 class TaskState:
-    """What one call reads: never mutated after it is published."""
+    """What the controller publishes: the task's one `TaskEmbedding` (query side and soft-prompt head)
+    under a version. Never mutated after it is published; a call reads it once.
+
+    Attributes:
+        version: the serving version (the embedding's own `version` follows it).
+        embedding: the task embedding, or None (no retrieval adaptation, no soft prompt).
+    """
 
     version: int
     embedding: TaskEmbedding | None
-    soft_prompt: torch.Tensor | None
+
+    @property
+    def soft_prompt(self) -> torch.Tensor | None:
+        """`P0`, the input-independent part of the soft prompt (None without a head)."""
+        head = None if self.embedding is None else self.embedding.head
+        return None if head is None else head.p0
 
 
 @dataclass

@@ -146,7 +146,8 @@ class TaskEmbedding:
             km = faiss.Kmeans(self.dim, components, niter=20, seed=seed, spherical=True, verbose=False,
                               min_points_per_centroid=1)  # few task inputs are normal here: no warning
             km.train(np.ascontiguousarray(q, dtype=np.float32))
-            gate = torch.as_tensor(km.centroids.copy())
+            assert km.centroids is not None
+            gate = torch.as_tensor(np.array(km.centroids))
         try:
             head = PromptHead(p0, components=components, dim=self.dim, tau=tau, gate=gate, seed=seed)
         except SoftPromptError as exc:
@@ -176,6 +177,14 @@ class TaskEmbedding:
     def soft_prompt(self, vector: np.ndarray) -> torch.Tensor:
         """The soft prompt `(k, hidden)` for one encoded input `(dim,)`."""
         return self.soft_prompts(np.asarray(vector, dtype=np.float32).reshape(1, -1))[0]
+
+    def serve(self, vector: np.ndarray) -> tuple[np.ndarray, torch.Tensor | None, int]:
+        """What one call reads, in one consistent snapshot: `(q(x) (dim,), P(x) (k, hidden) or None, version)`."""
+        e = self._as_batch(vector)[:1]
+        with self._lock:
+            q = self._query(e, self.w, self.alpha)  # (1, D)
+            soft = None if self.head is None else self.head(q)[0]
+            return q[0].numpy(), soft, self.version
 
     def gate_weights(self, vectors: np.ndarray) -> torch.Tensor:
         """Which components each input uses: `a(x)` `(N, M)` (empty when `M = 0`)."""

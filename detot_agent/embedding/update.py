@@ -259,7 +259,7 @@ def update(te: TaskEmbedding, feedback: Sequence[Feedback], *, engine: Any = Non
         val_enc = [_encode(engine, fb.example, cfg.max_length) for fb in val_items]  # type: ignore[arg-type]
         train_e = torch.stack([_rows(fb.query, D, "query", i)[0] for i, fb in enumerate(lm_items)])  # (N, D)
         val_e = (torch.stack([_rows(fb.query, D, "query", i)[0] for i, fb in enumerate(val_items)])
-                 if val_items else None)
+                 if val_items else train_e[:0])
         judge_enc, judge_e = (val_enc, val_e) if val_items else (train_enc[:32], train_e[:32])
 
     def prompts(e: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,8 +270,9 @@ def update(te: TaskEmbedding, feedback: Sequence[Feedback], *, engine: Any = Non
         with torch.no_grad():
             total = 0.0
             for i in range(0, len(enc), cfg.batch_size):
+                part = enc[i:i + cfg.batch_size]
                 P, _ = prompts(e[i:i + cfg.batch_size], False)  # (B, k, H)
-                total += float(_batch_loss(model, P.to(dtype), enc[i:i + cfg.batch_size])) * len(enc[i:i + cfg.batch_size])
+                total += float(_batch_loss(model, P.to(dtype), part)) * len(part)
         return total / len(enc)
 
     def head_reg() -> torch.Tensor:
@@ -288,7 +289,8 @@ def update(te: TaskEmbedding, feedback: Sequence[Feedback], *, engine: Any = Non
     rng = random.Random(cfg.seed)
     torch.manual_seed(cfg.seed)
     total_steps = max(cfg.steps if train_head else 0, cfg.retrieval_steps if train_ret else 0)
-    lm_active, bad, order = train_head, 0, []
+    lm_active, bad = train_head, 0
+    order: list[int] = []
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()

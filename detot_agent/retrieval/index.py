@@ -402,6 +402,14 @@ class ExemplarIndex:
                 rows.append(self._row_of[i])
             return self._vecs[np.array(rows, dtype=np.int64)].copy()
 
+    def sample_vectors(self, n: int, *, seed: int = 0) -> np.ndarray:
+        """Up to `n` stored vectors of live records, a seeded sample, `(min(n, len), dim)`."""
+        with self._lock:
+            rows = np.array(sorted(self._row_of.values()), dtype=np.int64)
+            if len(rows) > n:
+                rows = np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+            return self._vecs[rows].copy()
+
     # ---- persistence ---------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:
         """Atomically save vectors (safetensors), records (JSONL) and the FAISS index, with a manifest."""

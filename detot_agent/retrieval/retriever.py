@@ -31,10 +31,10 @@ import numpy as np
 from dspy.dsp.utils import dotdict
 from dspy.predict.parameter import Parameter
 
-from detot_agent.errors import ArtefactError, IndexDataError
-from detot_agent.retrieval.index import ExemplarIndex
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.embedding.update import Feedback, UpdateReport
+from detot_agent.errors import ArtefactError, IndexDataError
+from detot_agent.retrieval.index import ExemplarIndex
 
 __all__ = ["RetrievedPassages", "TaskRetriever"]
 

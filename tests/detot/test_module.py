@@ -14,6 +14,7 @@ from detot_agent import DETOT, LocalEngine, TaskProfile, analyze, local_lm
 from detot_agent.answers import extract_number
 from detot_agent.detot.adapters import PlainAdapter
 from detot_agent.detot.controller import ControllerConfig, TaskState
+from detot_agent.embedding.update import Feedback
 from detot_agent.errors import DetotError
 
 ARITH = TaskProfile(name="arith", description="grade-school math word problems", kind="arithmetic",
@@ -101,9 +102,10 @@ def test_save_load_reproduces_predictions(gsm8k_index, tmp_path, encoder):
     emb = copy.deepcopy(state.embedding)
     e = encoder.encode([Q])[0]
     ranked = [h.id for h in gsm8k_index.search(emb.query(e), 20)]
-    emb.update(e[None], [gsm8k_index.vectors(ranked[10:13])], [gsm8k_index.vectors(ranked[:10])])
+    emb.update([Feedback(query=e, positives=gsm8k_index.vectors(ranked[10:13]),
+                         negatives=gsm8k_index.vectors(ranked[:10]))])
     emb.version = 1
-    detot.controller.publish(TaskState(1, emb, None))
+    detot.controller.publish(TaskState(1, emb))
     detot.predictor.predict.demos = [dspy.Example(question="1+1?", reasoning="1+1=2", answer="2")]
     before = detot(question=Q)
     detot.save(tmp_path / "detot.json")
@@ -156,10 +158,13 @@ def test_no_torn_reads_under_concurrent_calls_and_reoptimization(gsm8k_index):
         while not stop.is_set():
             v += 1
             emb = copy.deepcopy(base)
+            emb.attach_head(torch.full((2, 4), float(v)), model_id="m")
             emb.version = v
-            detot.controller.publish(TaskState(v, emb, torch.full((2, 4), float(v))))
+            detot.controller.publish(TaskState(v, emb))
 
-    detot.controller.publish(TaskState(0, copy.deepcopy(base), torch.zeros(2, 4)))
+    first = copy.deepcopy(base)
+    first.attach_head(torch.zeros(2, 4), model_id="m")
+    detot.controller.publish(TaskState(0, first))
     pub = threading.Thread(target=publisher)
     pub.start()
     outs = dspy.Parallel(num_threads=8)([(detot, {"question": f"{Q} #{i}"}) for i in range(48)])

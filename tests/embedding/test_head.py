@@ -181,7 +181,7 @@ def test_mismatched_or_corrupted_artefacts_are_refused_naming_file_and_field(tmp
     te.save(tmp_path / "te")
     with pytest.raises(ArtefactError, match=r"tensors\.safetensors: field 'head\.hidden_size' is 64"):
         TaskEmbedding.load(tmp_path / "te", hidden_size=896)
-    with pytest.raises(ArtefactError, match="field 'head.model_id' names model"):
+    with pytest.raises(ArtefactError, match=r"field 'head\.model_id' names model"):
         TaskEmbedding.load(tmp_path / "te", model_id="/models/other.gguf")
     meta, tensors = te.to_tensors()
     meta["head"]["k"] = 5  # the manifest disagrees with the tensors
