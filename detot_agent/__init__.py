@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from detot_agent.detot.monitor import Monitor
     from detot_agent.detot.task import Adjustments, TaskKind, TaskProfile, analyze
     from detot_agent.detot.voting import vote
-    from detot_agent.embedding.task_embedding import TaskEmbedding, UpdateReport
+    from detot_agent.embedding.head import PromptHead
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+    from detot_agent.embedding.update import Feedback, UpdateConfig, UpdateReport
     from detot_agent.engines.base import AsyncLocalEngine, Sample
     from detot_agent.engines.config import EngineConfig
     from detot_agent.engines.llamacpp_engine import LlamaCppEngine
@@ -97,7 +99,10 @@ _WHERE = {
     "TuneConfig": "detot_agent.softprompt.training",
     "TuneExample": "detot_agent.softprompt.training",
     "TuneReport": "detot_agent.softprompt.training",
-    "UpdateReport": "detot_agent.embedding.task_embedding",
+    "UpdateReport": "detot_agent.embedding.update",
+    "UpdateConfig": "detot_agent.embedding.update",
+    "Feedback": "detot_agent.embedding.update",
+    "PromptHead": "detot_agent.embedding.head",
     "VLLMEngine": "detot_agent.engines.vllm_engine",
     "analyze": "detot_agent.detot.task",
     "default_model_path": "detot_agent.engines.models",
@@ -130,6 +135,7 @@ __all__ = [
     "EngineConfig",
     "Exemplar",
     "ExemplarIndex",
+    "Feedback",
     "Hit",
     "IndexDataError",
     "InvalidRequestError",
@@ -139,6 +145,7 @@ __all__ = [
     "ModelNotFoundError",
     "Monitor",
     "PlainAdapter",
+    "PromptHead",
     "RetrievedPassages",
     "Sample",
     "SoftPrompt",
@@ -153,6 +160,7 @@ __all__ = [
     "TuneConfig",
     "TuneExample",
     "TuneReport",
+    "UpdateConfig",
     "UpdateReport",
     "VLLMEngine",
     "__version__",

@@ -22,10 +22,12 @@ ALLOWED = {
     "testing": set(),
     "io": {"io", "answers", "config", "errors"},
     "softprompt": {"softprompt", "io", "config", "errors"},
-    "retrieval": {"retrieval", "io", "config", "errors"},
+    "embedding": {"embedding", "softprompt", "io", "config", "errors"},
+    "retrieval": {"retrieval", "embedding", "softprompt", "io", "config", "errors"},
     "engines": {"engines", "softprompt", "io", "config", "errors"},
-    "detot": {"detot", "engines", "retrieval", "softprompt", "io", "answers", "config", "errors"},
-    "evaluation": {"evaluation", "detot", "engines", "retrieval", "softprompt", "io", "answers", "config", "errors"},
+    "detot": {"detot", "engines", "retrieval", "embedding", "softprompt", "io", "answers", "config", "errors"},
+    "evaluation": {"evaluation", "detot", "engines", "retrieval", "embedding", "softprompt", "io", "answers", "config",
+                   "errors"},
 }
 
 

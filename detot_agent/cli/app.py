@@ -140,55 +140,131 @@ COT_SUFFIX = "\nLet's think step by step."
 
 @app.command()
 def tune(
-    task: Annotated[str, typer.Option(help="Task name (the soft prompt's registry key).")],
+    task: Annotated[str, typer.Option(help="Task name.")],
     data: Annotated[Path, typer.Option(help="Training data (GSM8K JSONL, MultiArith JSON, or JSONL).")],
-    out: Annotated[Path, typer.Option(help="Directory for the soft prompt (replaced atomically).")],
+    out: Annotated[Path, typer.Option(help="Directory for the task embedding (replaced atomically).")],
     fmt: Annotated[str | None, typer.Option("--format", help="gsm8k, multiarith or jsonl; default: detect.")] = None,
     limit: Annotated[int | None, typer.Option(help="Use the first N records (validation taken from them).")] = None,
     model: ModelOpt = None,
+    description: Annotated[str, typer.Option(help="Task description (with the inputs, it sets the task vector).")] =
+        "Solve the problem step by step.",
     k: Annotated[int, typer.Option("--k", help="Virtual tokens.")] = 16,
-    steps: Annotated[int, typer.Option(help="Optimisation steps.")] = 100,
-    lr: Annotated[float, typer.Option(help="Learning rate.")] = 3e-3,
+    components: Annotated[int, typer.Option(help="M: prompt components of the per-input head (0: one static "
+                                                  "prompt P0).")] = 0,
+    tau: Annotated[float, typer.Option(help="Gate softmax temperature.")] = 0.1,
+    balance: Annotated[float, typer.Option(help="Weight of the gate's anti-collapse term.")] = 0.1,
+    freeze: Annotated[list[str] | None, typer.Option(help="Keep a part as it is: p0, components or gate "
+                                                          "(repeatable).")] = None,
+    steps: Annotated[int, typer.Option(help="Optimisation steps (the budget).")] = 100,
+    max_seconds: Annotated[float | None, typer.Option(help="Wall-time budget in seconds (default: steps only).")] =
+        None,
+    lr: Annotated[float, typer.Option(help="Learning rate of the soft-prompt head.")] = 3e-3,
     batch_size: Annotated[int, typer.Option(help="Examples per step.")] = 4,
     val: Annotated[int, typer.Option(help="Held-out examples for early stopping (0: none).")] = 16,
-    init: Annotated[str, typer.Option(help="text, vocab or random.")] = "text",
+    init: Annotated[str, typer.Option(help="P0 init: text, vocab or random.")] = "text",
     text_field: Annotated[str, typer.Option(help="(jsonl) prompt field.")] = "question",
     target_field: Annotated[str, typer.Option(help="(jsonl) target field; GSM8K/MultiArith use the rationale.")] =
         "answer",
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
-    """Train a task's soft prompt (model frozen); saves it with a loss plot and report."""
-    from detot_agent.cli.plots import plot_loss
-    from detot_agent.engines.torch_engine import LocalEngine
-    from detot_agent.io.datafiles import DataFormat, detect_format, read_exemplars
-    from detot_agent.softprompt.prompt import SoftPrompt
-    from detot_agent.softprompt.training import TuneExample
-    from detot_agent.softprompt.training import tune as run_tune
+    """Train a task embedding with a soft-prompt head (model frozen); saves it with a loss plot and report.
 
+    The retrieval side learns from feedback at serving time (DETOT's loop, `TaskRetriever.feedback`),
+    not from a data file: here it keeps its initial state.
+    """
+    from detot_agent.cli.plots import plot_loss
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+    from detot_agent.embedding.update import Feedback, UpdateConfig
+    from detot_agent.engines.torch_engine import LocalEngine
+    from detot_agent.errors import ConfigError
+    from detot_agent.io.datafiles import DataFormat, detect_format, read_exemplars
+    from detot_agent.retrieval.encoder import Encoder
+    from detot_agent.softprompt.prompt import SoftPrompt, SoftPromptInit
+    from detot_agent.softprompt.training import TuneExample
+
+    try:  # every setting checked before a model loads
+        cfg = UpdateConfig.model_validate({"steps": steps, "head_lr": lr, "batch_size": batch_size, "balance": balance,
+                                           "max_seconds": max_seconds, "freeze": list(freeze or [])})
+        SoftPromptInit(init)
+    except (ConfigError, ValueError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    if k < 1 or components < 0 or not tau > 0:
+        raise typer.BadParameter(f"--k must be >= 1, --components >= 0 and --tau > 0 (got {k}, {components}, {tau})")
     form = DataFormat(fmt) if fmt else detect_format(data)
     records = read_exemplars(data, fmt=form, text_field=text_field, answer_field=target_field)
     records = records[:limit] if limit else records
     if form is DataFormat.JSONL:
-        pairs = [TuneExample(prompt=r.text, target=str(r.fields.get("answer", ""))) for r in records
-                 if str(r.fields.get("answer", "")).strip()]
+        records = [r for r in records if str(r.fields.get("answer", "")).strip()]
+        pairs = [TuneExample(prompt=r.text, target=str(r.fields["answer"])) for r in records]
     else:
         pairs = [TuneExample(prompt=r.text + COT_SUFFIX, target=r.fields["rationale"]) for r in records]
-    n_val = min(val, len(pairs) // 4)
-    train_pairs, val_pairs = pairs[n_val:], pairs[:n_val]
+    if len(pairs) < 2:
+        raise typer.BadParameter(f"{data} gave {len(pairs)} usable training pair(s); need at least 2")
+    encoder = Encoder()
+    vectors = encoder.encode([r.text for r in records])
+    items = [Feedback(query=v, example=p) for v, p in zip(vectors, pairs, strict=True)]
+    n_val = min(val, len(items) // 4)
     engine = LocalEngine(model, device=device, dtype=dtype)
-    soft = SoftPrompt.initialize(engine, task, k=k, init=init)
-    console.print(f"tuning {k} vectors x {soft.hidden_size} for task {task!r} on {engine.name}: "
-                  f"{len(train_pairs)} training / {len(val_pairs)} validation examples")
-    report = run_tune(soft, engine, train_pairs, val_examples=val_pairs, steps=steps, lr=lr, batch_size=batch_size)
-    soft.save(out)
-    plot_loss(report.train_loss, report.val_loss, out / "loss.png", title=f"soft prompt {task!r} on {engine.name}",
-              best_step=report.best_step or None, initial_val=report.initial_val_loss)
+    te = TaskEmbedding.from_description(task, description, encoder=encoder, samples=[r.text for r in records[:32]])
+    te.attach_head(SoftPrompt.initialize(engine, task, k=k, init=init).vectors, components=components, tau=tau,
+                   model_id=engine.source.spec, inputs=vectors[n_val:])
+    console.print(f"training the task embedding of {task!r} on {engine.name}: soft prompts of {k} x "
+                  f"{engine.hidden_size}, {components} component(s); {len(items) - n_val} training / {n_val} "
+                  "validation examples")
+    report = te.update(items[n_val:], val=items[:n_val], engine=engine, config=cfg, progress=True)
+    te.save(out)
+    plot_loss(report.train_loss, report.val_loss, out / "loss.png", title=f"task embedding {task!r} on {engine.name}",
+              initial_val=report.lm_before)
     write_json_atomic(out / "report.json", report.model_dump())
     verdict = "accepted" if report.accepted else "NOT accepted (validation loss did not improve); kept the init"
-    console.print(f"{report.steps_run} steps in {report.seconds:.1f}s ({report.seconds_per_step:.2f} s/step); "
-                  f"val loss {report.initial_val_loss} -> {report.best_val_loss} at step {report.best_step}: "
-                  f"{verdict}. Saved {out} (loss.png, report.json)")
+    console.print(f"{report.steps} steps in {report.seconds:.1f}s; NLL {report.lm_before:.3f} -> {report.lm_after:.3f}"
+                  f"{'' if report.gate_usage is None else f'; gate usage {report.gate_usage}'}"
+                  f"{' (stopped by --max-seconds)' if report.budget_hit else ''}: {verdict}. "
+                  f"Saved {out} (loss.png, report.json)")
+
+
+@app.command()
+def convert(
+    soft_prompt: Annotated[Path, typer.Option(help="A static soft prompt folder (the first release's `detot tune`).")],
+    task: Annotated[str, typer.Option(help="Task name.")],
+    description: Annotated[str, typer.Option(help="Task description (sets the task vector).")],
+    out: Annotated[Path, typer.Option(help="Directory for the task embedding.")],
+) -> None:
+    """Turn a static soft prompt into a task embedding (the prompt becomes P0: the zero-head case)."""
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+    from detot_agent.retrieval.encoder import Encoder
+    from detot_agent.softprompt.prompt import SoftPrompt
+
+    sp = SoftPrompt.load(soft_prompt)
+    te = TaskEmbedding.from_description(task, description, encoder=Encoder())
+    te.attach_head(sp.vectors, components=0, model_id=sp.model_id)
+    te.save(out)
+    console.print(f"saved {out}: task embedding {task!r} serving the {sp.k}-vector soft prompt of {soft_prompt} "
+                  "as P0 (no components)")
+
+
+@app.command("export-peft")
+def export_peft(
+    task_embedding: Annotated[Path, typer.Argument(help="A task embedding folder (from `detot tune`).")],
+    out: Annotated[Path, typer.Option(help="Directory for the PEFT prompt-tuning adapter.")],
+    base_model: Annotated[str | None, typer.Option(help="base_model_name_or_path written in the adapter config.")] =
+        None,
+) -> None:
+    """Write P0, the input-independent part of the soft prompt, as a PEFT prompt-tuning adapter.
+
+    The per-input part (the component bank and its gate) has no PEFT equivalent: PEFT's prompt
+    tuning serves one prompt for every input, so the adapter serves P0 alone.
+    """
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+
+    te = TaskEmbedding.load(task_embedding)
+    te.export_peft(out, base_model_name_or_path=base_model)
+    head = te.head
+    assert head is not None
+    dropped = (f"; its {head.components} input-dependent component(s) have no PEFT equivalent and are not in the "
+               "adapter" if head.components and not head.is_static() else "")
+    console.print(f"wrote {out}: P0 ({head.k} x {head.hidden_size}) as a PEFT prompt-tuning adapter{dropped}")
 
 
 def _default_gsm8k(name: str) -> Path:

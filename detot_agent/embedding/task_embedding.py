@@ -192,6 +192,19 @@ class TaskEmbedding:
         with self._lock:
             return self._need_head().weights(self._query(e, self.w, self.alpha))
 
+    def export_peft(self, path: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
+        """Write `P0` as a PEFT prompt-tuning adapter (`softprompt/peft.py`).
+
+        Only the input-independent part has a PEFT equivalent: PEFT's prompt tuning serves one prompt for
+        every input, so the component bank and its gate (the per-input part) are not in the adapter.
+        """
+        from detot_agent.softprompt.peft import export_peft
+        from detot_agent.softprompt.prompt import SoftPrompt
+
+        head = self._need_head()
+        sp = SoftPrompt(self.task, head.p0, model_id=self.model_id or "unknown", version=self.version)
+        return export_peft(sp, path, base_model_name_or_path=base_model_name_or_path)
+
     # ---- queries -------------------------------------------------------------------------------
     def _query(self, e: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         return _normalize(w * e + alpha * self.t)  # (N, D)

@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +44,7 @@ import torch
 from detot_agent.answers import extract_number, normalize
 from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
 from detot_agent.detot.task import AnswerFormat, TaskKind, TaskProfile, analyze
+from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.generation import text_seed
 from detot_agent.errors import ConfigError
 from detot_agent.retrieval.encoder import Encoder
@@ -68,6 +70,7 @@ class EvalContext:
     max_tokens: int = 256
     seed: int = 0
     soft_prompt: torch.Tensor | None = None
+    task_embedding: TaskEmbedding | None = None
     task_name: str = "task"
     questions: list[str] = field(default_factory=list)
     events_dir: Path | None = None
@@ -279,11 +282,15 @@ class DetotMethod(MethodRunner):
         log = ctx.events_dir / f"{self.name}.events.jsonl" if ctx.events_dir is not None else None
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, lm=ctx.lm, adjustments=self.adjustments,
                              soft_prompt=ctx.soft_prompt, background=self.background, event_log=log,
+                             # each method its own copy: a learning one must not move another's state
+                             task_embedding=copy.deepcopy(ctx.task_embedding),
                              adapter=PlainAdapter() if self.plain else None)
 
     def config(self) -> dict[str, Any]:
         return {"adjustments": self.adjustments.model_dump(mode="json", exclude={"applied"}),
-                "trained_soft_prompt": self.ctx.soft_prompt is not None, "reoptimization": self.background,
+                "trained_soft_prompt": self.ctx.soft_prompt is not None or self.ctx.task_embedding is not None,
+                "task_embedding": None if self.ctx.task_embedding is None else repr(self.ctx.task_embedding),
+                "reoptimization": self.background,
                 "adapter": type(self.program.active_adapter()).__name__}
 
     def __call__(self, example: dspy.Example) -> dict[str, Any]:

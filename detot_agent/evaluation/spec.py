@@ -14,13 +14,14 @@ Example:
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import ConfigDict, Field
 
 from detot_agent.answers import AnswerFormat
 from detot_agent.config import StrictModel
-from detot_agent.errors import ConfigError
+from detot_agent.errors import ArtefactError, ConfigError
 from detot_agent.evaluation.methods import EvalContext
 
 __all__ = ["ContextSpec", "build_context"]
@@ -89,12 +90,26 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
     else:
         lm = local_lm(spec.model, engine=spec.engine, device=spec.device, dtype=spec.dtype, cache=False,
                       max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms, **lm_kwargs)
-    vectors = None
+    vectors = task_embedding = None
     if spec.soft_prompt is not None:
+        from detot_agent.embedding.task_embedding import TaskEmbedding
+        from detot_agent.io.persist import read_manifest
         from detot_agent.softprompt.prompt import SoftPrompt
 
-        vectors = SoftPrompt.load(spec.soft_prompt, hidden_size=lm.engine.hidden_size).vectors
+        try:  # a task embedding (`detot tune`): the whole object, head included
+            read_manifest(Path(spec.soft_prompt), kind=TaskEmbedding.FORMAT, max_version=TaskEmbedding.FORMAT_VERSION,
+                          verify=False)
+        except ArtefactError:  # a static soft prompt (the first release's `detot tune`)
+            vectors = SoftPrompt.load(spec.soft_prompt, hidden_size=lm.engine.hidden_size).vectors
+        else:
+            task_embedding = TaskEmbedding.load(
+                spec.soft_prompt, hidden_size=lm.engine.hidden_size,
+                encoder_name=pool.encoder_name if pool is not None else None)
+            if not task_embedding.has_head:
+                raise ConfigError(f"{spec.soft_prompt} is a task embedding without a soft-prompt head; train one with "
+                                  "`detot tune` or pass a soft prompt")
     return EvalContext(lm=lm, answer_format=spec.answer_format, labels=list(spec.labels), index=pool,
                        encoder=pool.encoder if pool is not None else None, k=spec.k, n=spec.n,
                        temperature=spec.temperature, max_tokens=spec.max_tokens, seed=spec.seed,
-                       soft_prompt=vectors, task_name=spec.task_name, questions=list(spec.questions))
+                       soft_prompt=vectors, task_embedding=task_embedding, task_name=spec.task_name,
+                       questions=list(spec.questions))

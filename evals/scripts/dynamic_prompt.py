@@ -113,6 +113,42 @@ def held_out_nll(engine: LocalEngine, prompts: Prompts, conds: list[str], data_d
     return out
 
 
+def train_dynamic(engine: LocalEngine, args: argparse.Namespace) -> Path:
+    """The dynamic task embedding on the static prompt's data and budget (`softprompt_multiarith.py`): the same
+    600 GSM8K train problems and 32 for early stopping, text-initialised P0 of the same k, the same steps,
+    learning rate, batch size, dropout, L2 pull and early stopping; only the bank, the gate and `balance` differ."""
+    from detot_agent.cli.plots import plot_loss
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+    from detot_agent.embedding.update import Feedback
+    from detot_agent.retrieval.encoder import Encoder
+    from detot_agent.softprompt.prompt import SoftPrompt
+    from detot_agent.softprompt.training import TuneExample
+
+    out = args.out / "dynamic_task_embedding"
+    if (out / "manifest.json").is_file():
+        return out
+    gsm = read_exemplars(args.data_dir / "gsm8k" / "train.jsonl", fmt="gsm8k")
+    pick = random.Random(args.seed).sample(range(len(gsm)), args.train + 32)
+    encoder = Encoder()
+    e = encoder.encode([gsm[i].text for i in pick])
+    items = [Feedback(query=e[j], example=TuneExample(prompt=gsm[i].text + COT, target=gsm[i].fields["rationale"]))
+             for j, i in enumerate(pick)]
+    te = TaskEmbedding.from_description("arithmetic", "Solve arithmetic word problems step by step.",
+                                        encoder=encoder, samples=[gsm[i].text for i in pick[32:64]])
+    p0 = SoftPrompt.initialize(engine, "arithmetic", k=args.k, init="text").vectors
+    te.attach_head(p0, components=args.components, tau=args.tau, model_id=engine.source.spec, inputs=e[32:])
+    report = te.update(items[32:], val=items[:32], engine=engine, steps=args.steps, head_lr=args.lr,
+                       batch_size=args.batch_size, eval_every=20, patience=3, balance=args.balance,
+                       max_seconds=None, progress=True)
+    te.save(out)
+    (out / "report.json").write_text(report.model_dump_json(indent=2))
+    plot_loss(report.train_loss, report.val_loss, out / "loss.png", title="dynamic task embedding",
+              initial_val=report.lm_before)
+    print(f"trained: val NLL {report.lm_before:.3f} -> {report.lm_after:.3f}, gate usage {report.gate_usage}, "
+          f"{report.seconds:.0f}s, accepted={report.accepted}", flush=True)
+    return out
+
+
 def mcnemar(a: list[bool], b: list[bool]) -> tuple[int, int, float]:
     from scipy.stats import binomtest
 
@@ -163,6 +199,16 @@ def main() -> int:
     ap.add_argument("--nll-skip", type=int, default=632, help="tuning problems to skip (train + validation)")
     ap.add_argument("--nll-n", type=int, default=64)
     ap.add_argument("--summary", action="store_true", help="only print the table from the JSONL files")
+    ap.add_argument("--train-dynamic", action="store_true",
+                    help="train the dynamic task embedding first (into <out>/dynamic_task_embedding)")
+    ap.add_argument("--train", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--components", type=int, default=4)
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--balance", type=float, default=0.1)
     args = ap.parse_args()
     conds = [c.strip() for c in args.conditions.split(",") if c.strip()]
     bad = sorted(set(conds) - {"none", "static", "dynamic"})
@@ -171,6 +217,8 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summary:
         engine = LocalEngine(args.model, dtype=args.dtype, device="cpu")
+        if args.train_dynamic:
+            args.dynamic = train_dynamic(engine, args)
         prompts = Prompts(args.static, args.dynamic, engine.hidden_size)
         for suite in [s.strip() for s in args.suite.split(",") if s.strip()]:
             chosen = problems(args.data_dir, suite, args.limit, args.seed)

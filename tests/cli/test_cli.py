@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import torch
 from typer.testing import CliRunner
 
 from detot_agent.cli.app import app
@@ -80,3 +81,49 @@ def test_index_build_reports_bad_data_with_file_and_line(tmp_path):
                            "--data", str(bad), "--out", str(tmp_path / "o")], capture_output=True, text=True)
     assert proc.returncode == 2 and "bad.jsonl line 2: not valid JSON" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_tune_trains_the_whole_task_embedding_and_its_artefact_serves_everywhere(tiny_model_dir, gsm8k_train,
+                                                                                  tmp_path):
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+    from detot_agent.softprompt.prompt import SoftPrompt
+
+    out = tmp_path / "te"
+    result = runner.invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "12", "--model",
+                                 str(tiny_model_dir), "--k", "3", "--components", "2", "--steps", "4", "--val", "3",
+                                 "--lr", "0.05", "--out", str(out), "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())  # rich wraps at the terminal width
+    assert "2 component(s)" in text and "gate usage" in text
+    te = TaskEmbedding.load(out)
+    assert te.head is not None and (te.head.k, te.head.components) == (3, 2)
+    assert (out / "loss.png").is_file() and json.loads((out / "report.json").read_text())["steps"] >= 1
+    # the same artefact drives retrieval in `index search --task`
+    idx = tmp_path / "idx"
+    assert runner.invoke(app, ["index", "build", "--data", str(gsm8k_train), "--limit", "20", "--out",
+                               str(idx)]).exit_code == 0
+    found = runner.invoke(app, ["index", "search", str(idx), "How many clips?", "-k", "2", "--task", str(out)])
+    assert found.exit_code == 0 and found.output.count("train:") == 2, found.output
+    # PEFT gets P0 only, and says so
+    peft = runner.invoke(app, ["export-peft", str(out), "--out", str(tmp_path / "peft")])
+    assert peft.exit_code == 0, peft.output
+    assert "no PEFT equivalent" in " ".join(peft.output.split()) or te.head.is_static()
+    back = SoftPrompt.from_peft(tmp_path / "peft", task="arith")
+    assert torch.equal(back.vectors, te.head.p0)
+    # bad settings are refused before a model loads
+    bad = runner.invoke(app, ["tune", "--task", "a", "--data", str(gsm8k_train), "--out", str(tmp_path / "x"),
+                              "--freeze", "everything"])
+    assert bad.exit_code != 0 and "freeze" in bad.output
+
+
+def test_convert_turns_a_static_soft_prompt_into_the_zero_head_case(tiny_engine, tmp_path):
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+    from detot_agent.softprompt.prompt import SoftPrompt
+
+    sp = SoftPrompt.initialize(tiny_engine, "arith", k=4, init="vocab")
+    sp.save(tmp_path / "sp")
+    result = runner.invoke(app, ["convert", "--soft-prompt", str(tmp_path / "sp"), "--task", "arith",
+                                 "--description", "math word problems", "--out", str(tmp_path / "te")])
+    assert result.exit_code == 0, result.output
+    te = TaskEmbedding.load(tmp_path / "te", hidden_size=tiny_engine.hidden_size)
+    assert te.head is not None and te.head.components == 0 and torch.equal(te.head.p0, sp.vectors)

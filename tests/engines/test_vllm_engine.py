@@ -179,3 +179,46 @@ def test_detot_serves_its_soft_prompt_through_the_vllm_engine(long_tiny_model_di
     assert sent and sum(p["n"] for _, p in sent) == pred.samples_used and max(p["n"] for _, p in sent) > 1
     assert all(torch.equal(prompt["prompt_embeds"][:4], soft) for prompt, _ in sent)
     assert detot.controller.engine is None  # serving only: soft prompts are not trained through vLLM
+
+
+def test_prompt_embeds_equal_the_local_prefill_for_a_dynamic_prompt(engines, encoder):
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+
+    local, remote, _ = engines
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=encoder)
+    te.attach_head(torch.randn(3, local.hidden_size, generator=torch.Generator().manual_seed(2)), components=2,
+                   model_id="tiny")
+    te.head.set(bank=torch.randn(2, 3, local.hidden_size, generator=torch.Generator().manual_seed(3)))
+    texts = ["Tom has 3 apples and buys 4 more.", "A train goes 60 miles in 2 hours."]
+    prompts = te.soft_prompts(encoder.encode(texts))  # (2, k, H): one per input
+    assert not torch.equal(prompts[0], prompts[1])
+    for text, soft in zip(texts, prompts, strict=True):
+        request = _request(text, max_tokens=4)
+        sent = remote.prompt_embeds(request, soft_prompt=soft)
+        assert torch.equal(sent, _prefill_embeds(local, request, soft)) and torch.equal(sent[:3], soft)
+
+
+def test_detot_sends_each_input_its_own_soft_prompt_through_vllm(long_tiny_model_dir, gsm8k_index, encoder):
+    from detot_agent import DETOT, TaskProfile
+    from detot_agent.engines.vllm_engine import vllm_lm
+
+    stub = _StubLLM()
+    engine = VLLMEngine(str(long_tiny_model_dir), dtype="float32", llm=stub, sampling_params=dict)
+    task = TaskProfile(name="arith", description="math word problems", kind="arithmetic", answer_format="number")
+    lm = vllm_lm(str(long_tiny_model_dir), engine=engine)
+    soft = torch.randn(4, engine.hidden_size, generator=torch.Generator().manual_seed(1))
+    detot = DETOT("question -> answer", task=task, index=gsm8k_index, lm=lm, soft_prompt=soft, components=2,
+                  background=False)
+    te = detot.task_embedding
+    te.head.set(bank=torch.randn(2, 4, engine.hidden_size, generator=torch.Generator().manual_seed(5)))
+    questions = ["Tom has 3 apples and buys 4 more. How many apples?", "A train goes 60 miles in 2 hours. Speed?"]
+    firsts = []
+    for q in questions:
+        stub.calls.clear()
+        detot(question=q)
+        sent = [prompt["prompt_embeds"][:4] for prompts, _ in stub.calls for prompt in prompts]
+        assert sent and all(torch.equal(s, sent[0]) for s in sent)  # the samples of one input share P(x)
+        assert torch.allclose(sent[0], te.soft_prompt(encoder.encode([q])[0]))
+        firsts.append(sent[0])
+    engine.close()
+    assert not torch.equal(firsts[0], firsts[1])
