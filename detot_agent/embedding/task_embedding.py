@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -191,6 +192,28 @@ class TaskEmbedding:
         e = self._as_batch(vectors)
         with self._lock:
             return self._need_head().weights(self._query(e, self.w, self.alpha))
+
+    def register(self, registry: Any, encoder: Encoder) -> int:
+        """Serve this task embedding's soft prompts through a `SoftPromptRegistry` (plain DSPy programs on a
+        local LM: requests with `metadata=registry.metadata(task)`); returns the registry version.
+
+        A static head registers `P0`; a per-input head registers a provider that encodes the request's last
+        user message and returns its `P(x)`. Either is a frozen copy of the current state: later updates need
+        a new `register` (a new version, so DSPy's cache never serves the old prompt for it).
+        """
+        head = self._need_head()
+        if encoder.name != self.encoder_name:
+            raise DetotError(f"encoder {encoder.name!r} differs from the task embedding's {self.encoder_name!r}")
+        current = registry.current_version(self.task) or 0
+        version = max(self.version, current + 1)
+        if head.is_static():
+            return int(registry.register(self.task, head.p0, version=version))
+        frozen = copy.deepcopy(self)
+
+        def provider(text: str) -> torch.Tensor:
+            return frozen.soft_prompt(encoder.encode([text])[0])
+
+        return int(registry.register_provider(self.task, provider, version=version))
 
     def export_peft(self, path: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
         """Write `P0` as a PEFT prompt-tuning adapter (`softprompt/peft.py`).

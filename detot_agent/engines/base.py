@@ -111,7 +111,9 @@ class RequestBuilder:
         if not task:
             return None
         asked = metadata.get(METADATA_VERSION)
-        version, tensor = self.registry.resolve(str(task), None if asked is None else int(asked))
+        users = [m.text for m in request.messages if m.role == "user"]
+        version, tensor = self.registry.resolve(str(task), None if asked is None else int(asked),
+                                                text=users[-1] if users else "")
         check_soft_prompt(tensor, hidden_size=self.hidden_size, where=f"soft prompt of task {task!r} v{version}")
         return str(task), version, tensor
 

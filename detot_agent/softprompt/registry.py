@@ -4,6 +4,11 @@ A request names its task (and optionally the version it was built against) in DS
 request `metadata`; the engine resolves the tensor here. Versions are part of DSPy's
 cache key, so replacing a task's soft prompt never serves stale cached answers.
 
+A version is either one tensor (a static prompt) or a *provider*: a function from the
+request's input text (its last user message) to that input's `(k, hidden)` prompt, which is
+how a task embedding with a per-input head serves plain DSPy programs
+(`TaskEmbedding.register`). The cache key (messages, task, version) then fixes the prompt.
+
 Example:
     >>> import torch
     >>> reg = SoftPromptRegistry()
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -70,7 +76,7 @@ class SoftPromptRegistry:
             raise SoftPromptError(f"keep must be >= 1, got {keep}")
         self._keep = keep
         self._lock = threading.Lock()
-        self._tasks: dict[str, OrderedDict[int, torch.Tensor]] = {}
+        self._tasks: dict[str, OrderedDict[int, torch.Tensor | Callable[[str], torch.Tensor]]] = {}
 
     def register(self, task: str, tensor: torch.Tensor, *, version: int | None = None) -> int:
         """Install `tensor` as the task's current soft prompt and return its version.
@@ -80,10 +86,23 @@ class SoftPromptRegistry:
             tensor: `(k, hidden)` floating tensor; it is detached and copied.
             version: explicit version (must be greater than the current one); default current + 1.
         """
+        check_soft_prompt(tensor, where=f"soft prompt for task {task!r}")
+        return self._install(task, tensor.detach().clone(), version)
+
+    def register_provider(self, task: str, provider: Callable[[str], torch.Tensor], *,
+                          version: int | None = None) -> int:
+        """Install a per-input soft prompt: `provider(text) -> (k, hidden)` for the request's input text.
+
+        The provider must not change once registered (register a new version instead): a cached answer
+        names the version, so the same version must always give the same prompt for the same input.
+        """
+        if not callable(provider):
+            raise SoftPromptError(f"provider for task {task!r} must be callable, got {type(provider).__name__}")
+        return self._install(task, provider, version)
+
+    def _install(self, task: str, frozen: torch.Tensor | Callable[[str], torch.Tensor], version: int | None) -> int:
         if not task or not task.strip():
             raise SoftPromptError("task name must be a non-empty string")
-        check_soft_prompt(tensor, where=f"soft prompt for task {task!r}")
-        frozen = tensor.detach().clone()
         with self._lock:
             versions = self._tasks.setdefault(task, OrderedDict())
             current = next(reversed(versions)) if versions else 0
@@ -112,11 +131,14 @@ class SoftPromptRegistry:
             versions = self._tasks.get(task)
             return next(reversed(versions)) if versions else None
 
-    def resolve(self, task: str, version: int | None = None) -> tuple[int, torch.Tensor]:
+    def resolve(self, task: str, version: int | None = None, *, text: str | None = None) -> tuple[int, torch.Tensor]:
         """Return `(version, tensor)`: the given version, or the current one when None.
 
+        Args:
+            text: the request's input text, for a per-input provider (ignored by a static prompt).
+
         Raises:
-            SoftPromptError: unknown task, or a version no longer (or never) kept.
+            SoftPromptError: unknown task, a version no longer (or never) kept, or a provider without `text`.
         """
         with self._lock:
             versions = self._tasks.get(task)
@@ -125,12 +147,16 @@ class SoftPromptRegistry:
                 raise SoftPromptError(f"no soft prompt registered for task {task!r} (registered: {known})")
             if version is None:
                 version = next(reversed(versions))
-            tensor = versions.get(int(version))
-            if tensor is None:
+            entry = versions.get(int(version))
+            if entry is None:
                 raise SoftPromptError(
                     f"task {task!r} has no soft prompt version {version}; kept versions: {list(versions)}"
                 )
-            return int(version), tensor
+        if isinstance(entry, torch.Tensor):
+            return int(version), entry
+        if text is None:
+            raise SoftPromptError(f"the soft prompt of task {task!r} v{version} is per input: pass the input text")
+        return int(version), check_soft_prompt(entry(text), where=f"per-input soft prompt of task {task!r} v{version}")
 
     def metadata(self, task: str) -> dict[str, Any]:
         """The request metadata that pins the task's current version (pass as `metadata=` to a dspy.LM)."""

@@ -224,3 +224,33 @@ def test_head_refuses_bad_shapes():
     with pytest.raises(Exception, match="bank has shape"):
         head.set(bank=torch.zeros(3, 2, 3))
     assert head.bank.shape == (2, 2, 3)  # a refused set leaves the head as it was
+
+
+def test_registered_task_embedding_serves_each_request_its_own_prompt(tiny_model_dir, encoder):
+    from detot_agent import LocalEngine
+    from detot_agent.errors import SoftPromptError
+    from detot_agent.softprompt.registry import SoftPromptRegistry
+
+    registry = SoftPromptRegistry()
+    engine = LocalEngine(str(tiny_model_dir), device="cpu", dtype="float32", registry=registry,
+                         dynamic_batching=False)
+    te = _te(encoder, engine)
+    _nonzero_bank(te)
+    version = te.register(registry, encoder)
+    meta = registry.metadata("arith")
+    assert meta == {"detot_task": "arith", "detot_version": version}  # what DSPy's cache key carries
+    rows = [engine.build_row(Request(model="tiny", messages=(Message.user(q),),
+                                     config=Config(max_tokens=4, extensions={"metadata": meta})))
+            for q in QUESTIONS[:2]]
+    for q, row in zip(QUESTIONS[:2], rows, strict=True):
+        assert torch.allclose(row.soft_prompt, te.soft_prompt(encoder.encode([q])[0]))
+    assert not torch.equal(rows[0].soft_prompt, rows[1].soft_prompt)
+    # the registered version is frozen: a later update of the object needs a new registration
+    te.head.set(bank=torch.zeros_like(te.head.bank))
+    again = engine.build_row(Request(model="tiny", messages=(Message.user(QUESTIONS[0]),),
+                                     config=Config(max_tokens=4, extensions={"metadata": meta})))
+    assert torch.equal(again.soft_prompt, rows[0].soft_prompt)
+    assert te.register(registry, encoder) == version + 1  # now static: P0 itself
+    with pytest.raises(SoftPromptError, match="is per input: pass the input text"):
+        registry.resolve("arith", version)
+    engine.close()
