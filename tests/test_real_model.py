@@ -48,16 +48,33 @@ def test_demo_runs_end_to_end(engine, tmp_path, monkeypatch):
 
 def test_tune_cli_end_to_end_on_the_embedded_model(engine, gsm8k_train, tmp_path):
     from detot_agent.cli.app import app
-    from detot_agent.softprompt.prompt import SoftPrompt
+    from detot_agent.embedding.task_embedding import TaskEmbedding
 
-    out = tmp_path / "sp"
+    out = tmp_path / "te"
     result = CliRunner().invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "12",
-                                      "--steps", "3", "--k", "4", "--val", "4", "--batch-size", "2",
-                                      "--device", "cpu", "--dtype", "float32", "--out", str(out)])
+                                      "--steps", "3", "--k", "4", "--components", "2", "--val", "4",
+                                      "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "loss.png").stat().st_size > 1000 and (out / "report.json").is_file()
-    sp = SoftPrompt.load(out, hidden_size=engine.hidden_size)
-    assert sp.k == 4 and sp.hidden_size == 576 and sp.model_id == "default"
+    te = TaskEmbedding.load(out, hidden_size=engine.hidden_size, model_id=engine.source.spec)
+    assert te.head is not None and (te.head.k, te.head.hidden_size, te.head.components) == (4, 576, 2)
+    assert te.model_id == "default"
+
+
+def test_zero_head_greedy_output_equals_the_static_prompt_path_on_the_embedded_model(engine, encoder):
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+    from detot_agent.softprompt.prompt import SoftPrompt
+
+    questions = ["Tom has 3 apples and buys 4 more. How many apples?", "What is 12 times 7?"]
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=encoder)
+    p0 = SoftPrompt.initialize(engine, "arith", k=8, init="text").vectors
+    te.attach_head(p0, components=4, model_id=engine.source.spec, inputs=encoder.encode(questions * 2))
+    reqs = [Request(model="m", messages=(Message.user(q),), config=Config(max_tokens=24)) for q in questions]
+    dynamic = engine.generate_batch([engine.build_row(r, soft_prompt=s) for r, s in
+                                     zip(reqs, te.soft_prompts(encoder.encode(questions)), strict=True)])
+    static = engine.generate_batch([engine.build_row(r, soft_prompt=p0) for r in reqs])
+    assert [o[0].token_ids for o in dynamic] == [o[0].token_ids for o in static]
+    assert all(len(o[0].token_ids) > 0 for o in static)
 
 
 def test_llama_cpp_first_token_distribution_agrees_with_the_torch_engine(engine):
