@@ -39,6 +39,7 @@ import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +48,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from detot_agent.config import StrictModel
+from detot_agent.detot.judging import Replayed
 from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
 from detot_agent.detot.records import Evidence, TaskState, Verdict
 from detot_agent.embedding.task_embedding import TaskEmbedding
@@ -70,7 +72,12 @@ class ControllerConfig(StrictModel):
         l2_to_init: pull back to the initial state, for both sides.
         dropout: dropout on the soft-prompt vectors while training.
         balance: weight of the gate's anti-collapse term (`UpdateConfig.balance`).
-        max_seconds: wall-time budget of one update (None: steps only).
+        max_seconds: wall-time budget of one re-optimization, training and replay together (None: none);
+            past it the re-optimization stops and the old state keeps serving.
+        alpha / min_effect / max_flip / min_diversity: the replay rules (`detot/judging.py`): the family-wise
+            error budget, the least accuracy gain on gold items, the most flips of confident answers and the
+            least share of distinct answers and demos, without gold.
+        replay_items: held-out evidence records replayed per judgement (the canary set comes on top).
         negatives_per_query: exemplars ranked just below a record's demos used as negatives.
     """
 
@@ -89,6 +96,11 @@ class ControllerConfig(StrictModel):
     balance: float = Field(default=0.1, ge=0)
     max_seconds: float | None = Field(default=120.0, gt=0)
     negatives_per_query: int = Field(default=6, ge=1)
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    min_effect: float = Field(default=0.05, ge=0, le=1)
+    max_flip: float = Field(default=0.1, ge=0, le=1)
+    min_diversity: float = Field(default=0.5, ge=0, le=1)
+    replay_items: int = Field(default=16, ge=1)
 
     @model_validator(mode="after")
     def _enough_to_hold_out(self) -> ControllerConfig:
@@ -131,11 +143,20 @@ class Controller:
             one behind llama.cpp); None: retrieval only.
         config: loop settings.
         k: demos per question (negatives are drawn beyond them).
+        replay: answers one input under a given state through the whole pipeline (DETOT supplies it); with
+            it, candidates are judged by paired replay (`detot/judging.py`), without it by the held-out
+            proxies (target NLL, demo separation), which are weaker: they cannot see answers.
+        canary: labelled `(inputs, gold_key)` items every replay judgement also answers.
     """
 
     def __init__(self, state: TaskState, *, index: ExemplarIndex, monitor: Monitor, engine: Any = None,
-                 config: ControllerConfig | None = None, k: int = 3) -> None:
+                 config: ControllerConfig | None = None, k: int = 3,
+                 replay: Callable[[TaskState, dict[str, Any]], Replayed] | None = None,
+                 canary: Sequence[tuple[dict[str, Any], str]] = ()) -> None:
         self._state = state
+        self.replay = replay
+        self.canary = list(canary)
+        self.tests_run = 0  # the error budget's counter (detot/judging.py)
         self.index = index
         self.monitor = monitor
         self.engine = engine
@@ -174,6 +195,7 @@ class Controller:
             if ev is None:
                 return
             ev.correct = correct
+            ev.gold_key = gold_key
             if gold_key is not None:
                 ev.gold_target = next((s.text for s in ev.samples if s.key == gold_key), None)
 
@@ -214,7 +236,8 @@ class Controller:
                 split = self._gather()
                 evidence = split.evidence
                 candidate = self._train(old, split)
-                verdicts = self._judge(old, candidate, split)
+                self._check_budget(start, "training")
+                verdicts = self._judge(old, candidate, split, start)
                 event = self._publish(old, candidate, verdicts)
             except _Outcome as out:
                 event = ReoptimizationEvent(accepted=False, reason=out.reason, version_before=old.version,
@@ -230,14 +253,17 @@ class Controller:
 
     # ---- 1. gather -----------------------------------------------------------------------------------
     def _usable(self) -> list[Evidence]:
-        return [e for e in self.evidence() if all(d in self.index for d in e.demo_ids)]
+        """Evidence answered by the serving version (older versions' answers say nothing about it)."""
+        version = self._state.version
+        return [e for e in self.evidence() if e.version == version and all(d in self.index for d in e.demo_ids)]
 
     def _gather(self) -> _Split:
         """Split the buffer into training and held-out records; decide which parts the held-out can judge."""
         cfg = self.config
         evidence = self._usable()
         if len(evidence) < cfg.min_evidence:
-            raise _Outcome(f"only {len(evidence)} evidence records (need {cfg.min_evidence}); kept the old state")
+            raise _Outcome(f"only {len(evidence)} evidence records from serving version {self._state.version} "
+                           f"(need {cfg.min_evidence}); kept the old state")
         held = evidence[cfg.holdout_every - 1::cfg.holdout_every]
         held_ids = {e.id for e in held}
         train = [e for e in evidence if e.id not in held_ids]
@@ -296,8 +322,16 @@ class Controller:
         return [ex for ex in map(self._example, records) if ex is not None]
 
     # ---- 3. judge ------------------------------------------------------------------------------------
-    def _judge(self, old: TaskState, candidate: TaskEmbedding, split: _Split) -> list[Verdict]:
-        """One verdict per judged side, each on its own held-out measure (higher is better)."""
+    def _check_budget(self, start: float, stage: str) -> None:
+        limit = self.config.max_seconds
+        if limit is not None and time.perf_counter() - start > limit:
+            raise _Outcome(f"the {limit:.0f} s budget ran out during {stage}; kept the old state")
+
+    def _judge(self, old: TaskState, candidate: TaskEmbedding, split: _Split, start: float) -> list[Verdict]:
+        """By paired replay when the controller can replay (one verdict for the whole candidate), else one
+        proxy verdict per judged side, each on its own held-out measure (higher is better)."""
+        if self.replay is not None:
+            return [self._judge_replay(old, candidate, split, start)]
         cfg = self.config
         assert old.embedding is not None
         verdicts = []
@@ -314,6 +348,33 @@ class Controller:
         if not verdicts:
             raise _Outcome("no held-out evidence to validate on; kept the old state")
         return verdicts
+
+    def _judge_replay(self, old: TaskState, candidate: TaskEmbedding, split: _Split, start: float) -> Verdict:
+        """Both states answer the same held-out records (never trained on) and the canary set."""
+        from detot_agent.detot.judging import ReplayRules, decide
+
+        cfg = self.config
+        assert self.replay is not None
+        held = [e for e in split.held if e.inputs is not None][: cfg.replay_items]
+        items = [(e.inputs, e.gold_key) for e in held] + [(inp, gold) for inp, gold in self.canary]
+        if not items:
+            raise _Outcome("no held-out record can be replayed (no inputs) and no canary set; kept the old state")
+        new_state = TaskState(old.version + 1, candidate)
+        olds, news = [], []
+        for inputs, _ in items:
+            assert inputs is not None
+            olds.append(self.replay(old, inputs))
+            news.append(self.replay(new_state, inputs))
+            self._check_budget(start, "replay")
+        rules = ReplayRules(alpha=cfg.alpha, min_effect=cfg.min_effect, max_flip=cfg.max_flip,
+                            min_diversity=cfg.min_diversity, good_agreement=cfg.good_agreement)
+        accepted, why, stats = decide(olds, news, [g for _, g in items], rules=rules, test_index=self.tests_run)
+        self.tests_run += 1
+        stats.update(held_out=len(held), canary=len(self.canary))
+        before, after = (stats["accuracy"] if stats.get("mode") == "gold" else
+                         [sum(r.agreement for r in olds) / len(olds), sum(r.agreement for r in news) / len(news)])
+        measure = "replayed accuracy on gold items" if stats.get("mode") == "gold" else "replayed mean agreement"
+        return Verdict("replay", measure, float(before), float(after), accepted=accepted, reason=why, stats=stats)
 
     def _nll(self, embedding: TaskEmbedding, held: list[Evidence]) -> float | None:
         """Mean NLL of the held-out targets, each under its own soft prompt `P(x)`."""
@@ -366,7 +427,7 @@ class Controller:
         scores: dict[str, Any] = ({"old_score": verdicts[0].before, "new_score": verdicts[0].after}
                                   if len(verdicts) == 1 else {})
         verdict_log = [{"part": v.part, "measure": v.measure, "before": v.before, "after": v.after,
-                        "accepted": v.accepted} for v in verdicts]
+                        "accepted": v.accepted, "reason": v.reason, "stats": v.stats} for v in verdicts]
         if not accepted:
             return ReoptimizationEvent(accepted=False, reason="rolled back: " + reasons, version_before=old.version,
                                        version_after=old.version, verdicts=verdict_log, **scores)

@@ -37,6 +37,7 @@ import torch
 from detot_agent.answers import extract_number, normalize
 from detot_agent.detot.adapters import LenientChatAdapter
 from detot_agent.detot.controller import Controller, ControllerConfig
+from detot_agent.detot.judging import Replayed
 from detot_agent.detot.monitor import Monitor, Observation
 from detot_agent.detot.records import Evidence, ParsedSample, TaskState
 from detot_agent.detot.sampling import sample_engine, vote_in_rounds
@@ -91,7 +92,9 @@ class DETOT(dspy.Module):
             without.
         task_embedding: the task's `TaskEmbedding` to serve (e.g. trained by `detot tune`, or shared with a
             `TaskRetriever`); default: one built from the task description and `samples`. Its head, if it
-            has one, supplies the soft prompts (`soft_prompt` must then be None).
+            has one, supplies the soft prompts (`soft_prompt` must then be None); one without a head gets
+            one attached in place (from `soft_prompt`, or initialised as below), so a `TaskRetriever` holding
+            it shares the whole object.
         components: `M` for a new soft-prompt head: 0 (default) serves one static prompt `P0`; `M > 0` a
             per-input prompt `P(x) = P0 + sum_m a_m(x) B_m` (the bank starts at zero, so it starts as `P0`
             and the loop learns the rest).
@@ -104,6 +107,9 @@ class DETOT(dspy.Module):
             `dspy.configure(adapter=...)` / `dspy.context`, else `LenientChatAdapter` (DSPy's field
             layout). `PlainAdapter()` prompts in plain text ("... The answer is N."), which small
             local models follow better, for signatures with one answer field.
+        canary: a small labelled set (examples with the input fields and the answer field) that every
+            re-optimization replays under the serving state and the candidate: a change is kept only if it
+            answers them significantly better (`detot/judging.py`).
     """
 
     def __init__(
@@ -124,6 +130,7 @@ class DETOT(dspy.Module):
         event_log: str | Path | None = None,
         controller_config: ControllerConfig | None = None,
         adapter: dspy.Adapter | None = None,
+        canary: list[dspy.Example] | None = None,
     ) -> None:
         super().__init__()
         self.task = task
@@ -150,8 +157,10 @@ class DETOT(dspy.Module):
                                min_count=adj.min_count, cooldown=adj.cooldown, log_path=event_log)
         if controller_config is not None and not isinstance(controller_config, ControllerConfig):
             raise ConfigError(f"controller_config must be a ControllerConfig, got {type(controller_config).__name__}")
+        self.canary = self._canary(canary or [])
         self.controller = Controller(TaskState(embedding.version, embedding), index=index, monitor=self.monitor,
-                                     engine=engine, config=controller_config, k=adj.k_exemplars)
+                                     engine=engine, config=controller_config, k=adj.k_exemplars,
+                                     replay=self._replay, canary=self.canary)
         self._rollout = 0
         self._rollout_lock = threading.Lock()
 
@@ -194,13 +203,31 @@ class DETOT(dspy.Module):
             from detot_agent.softprompt.registry import check_soft_prompt
 
             check_soft_prompt(p0, hidden_size=hidden, where="soft_prompt")
-            inputs = self.encoder.encode(samples) if len(samples) >= max(components, 1) else (
-                self.index.sample_vectors(2000) if len(self.index) else None)
+            inputs = None  # the gate starts at centroids of the task's inputs: samples, else the exemplars
+            if components > 0:
+                inputs = (self.encoder.encode(samples) if len(samples) >= components else
+                          self.index.sample_vectors(2000) if len(self.index) else None)
             embedding.attach_head(p0, components=components, model_id=getattr(
                 getattr(serving, "source", None), "spec", None) or "unknown", inputs=inputs)
         elif components:
             raise ConfigError("components > 0 needs a soft prompt: a local LM, or soft_prompt=<tensor>")
         return embedding
+
+    def _canary(self, examples: list[dspy.Example]) -> list[tuple[dict[str, Any], str]]:
+        """`(inputs, gold_key)` per canary example; refuses examples without the fields or a usable answer."""
+        sig = self._signature()
+        out = []
+        for i, ex in enumerate(examples):
+            missing = [f for f in [*sig.input_fields, self.answer_field] if f not in ex]
+            if missing:
+                raise ConfigError(f"canary example #{i} lacks field(s) {missing}")
+            gold = normalize(str(ex[self.answer_field]), self.adjustments.normalizer, labels=self.task.labels or (),
+                             synonyms=self.task.label_synonyms)
+            if gold is None:
+                raise ConfigError(f"canary example #{i}: answer {ex[self.answer_field]!r} does not normalise to a "
+                                  f"{self.adjustments.normalizer.value}")
+            out.append(({f: ex[f] for f in sig.input_fields}, gold))
+        return out
 
     @property
     def task_embedding(self) -> TaskEmbedding | None:
@@ -224,7 +251,7 @@ class DETOT(dspy.Module):
         clone.controller = Controller(
             TaskState(state.version, None if state.embedding is None else copy.deepcopy(state.embedding)),
             index=self.index, monitor=clone.monitor, engine=self.controller.engine, config=self.controller.config,
-            k=self.adjustments.k_exemplars)
+            k=self.adjustments.k_exemplars, replay=clone._replay, canary=self.canary)
         clone._rollout_lock = threading.Lock()
         return clone
 
@@ -324,6 +351,30 @@ class DETOT(dspy.Module):
         if lm is None:
             raise ConfigError("no LM: pass lm= to DETOT or call dspy.configure(lm=...)")
         state = self.controller.state  # one consistent snapshot for the whole call
+        query, demo_ids, messages, samples, result, drawn = self._answer(state, inputs, text, lm)
+        tokens = sum(s.tokens for s in samples)
+        winner = next((s for s in samples if s.key == result.winner and s.fields is not None), None)
+        fields = winner.fields if winner is not None and winner.fields else {}
+        latency = time.perf_counter() - start
+        pred_id = uuid.uuid4().hex[:16]
+        out: dict[str, Any] = {name: fields.get(name) for name in sig.output_fields}
+        out.update(answer_key=result.winner, agreement=result.agreement, votes=dict(result.counts),
+                   samples_used=drawn, parse_failures=result.unparsed, demo_ids=demo_ids,
+                   embedding_version=state.version, id=pred_id, tokens=tokens, latency_s=latency,
+                   reason=None if result.winner is not None else f"none of {drawn} samples gave a parseable answer")
+        self.controller.add_evidence(Evidence(
+            id=pred_id, query=query, demo_ids=demo_ids, agreement=result.agreement, messages=messages,
+            target=(winner.text or None) if winner is not None else None, samples=samples, version=state.version,
+            inputs={name: inputs[name] for name in sig.input_fields}))
+        trigger = self.monitor.observe(Observation(id=pred_id, agreement=result.agreement, samples=drawn,
+                                                   tokens=tokens, latency_s=latency, embedding_version=state.version))
+        if trigger is not None and self.background:
+            self.controller.submit()
+        return dspy.Prediction(**out)
+
+    def _answer(self, state: TaskState, inputs: dict[str, Any], text: str, lm: Any) -> tuple[Any, ...]:
+        """The pipeline under one state: `(query, demo_ids, messages, samples, vote, drawn)`, no side effects."""
+        sig = self._signature()
         query = self.encoder.encode([text])[0]
         # q(x) and P(x) from the one task embedding, in one snapshot
         q, soft, _ = state.embedding.serve(query) if state.embedding is not None else (query, None, 0)
@@ -337,24 +388,15 @@ class DETOT(dspy.Module):
         else:
             draw = self._draw_rollouts(lm, adapter, inputs, demos)
         samples, result, drawn = vote_in_rounds(draw, self.adjustments)
-        tokens = sum(s.tokens for s in samples)
-        winner = next((s for s in samples if s.key == result.winner and s.fields is not None), None)
-        fields = winner.fields if winner is not None and winner.fields else {}
-        latency = time.perf_counter() - start
-        pred_id = uuid.uuid4().hex[:16]
-        out: dict[str, Any] = {name: fields.get(name) for name in sig.output_fields}
-        out.update(answer_key=result.winner, agreement=result.agreement, votes=dict(result.counts),
-                   samples_used=drawn, parse_failures=result.unparsed, demo_ids=demo_ids,
-                   embedding_version=state.version, id=pred_id, tokens=tokens, latency_s=latency,
-                   reason=None if result.winner is not None else f"none of {drawn} samples gave a parseable answer")
-        self.controller.add_evidence(Evidence(
-            id=pred_id, query=query, demo_ids=demo_ids, agreement=result.agreement, messages=messages,
-            target=(winner.text or None) if winner is not None else None, samples=samples))
-        trigger = self.monitor.observe(Observation(id=pred_id, agreement=result.agreement, samples=drawn,
-                                                   tokens=tokens, latency_s=latency, embedding_version=state.version))
-        if trigger is not None and self.background:
-            self.controller.submit()
-        return dspy.Prediction(**out)
+        return query, demo_ids, messages, samples, result, drawn
+
+    def _replay(self, state: TaskState, inputs: dict[str, Any]) -> Replayed:
+        """Answer `inputs` under `state` (the same seeds as a call), for judging a candidate; records nothing."""
+        sig = self._signature()
+        text = " ".join(str(inputs[name]) for name in sig.input_fields)
+        lm = self.lm or dspy.settings.lm
+        _, demo_ids, _, _, result, _ = self._answer(state, inputs, text, lm)
+        return Replayed(result.winner, result.agreement, tuple(demo_ids))
 
     def _stated_answer(self, raw: str) -> dict[str, Any] | None:
         """Numeric tasks only: an explicit "The answer is N" in a reply that broke the field layout."""

@@ -79,6 +79,9 @@ class Evidence:
         correct: correctness when known.
         gold_target: a sample whose answer matched the gold answer, when feedback supplied one.
         samples: every sample drawn for it.
+        version: the serving version that answered it (re-optimization uses only the current version's).
+        inputs: the input fields (to replay it through a candidate state).
+        gold_key: the gold answer's vote key, when feedback gave one.
     """
 
     id: str
@@ -90,6 +93,9 @@ class Evidence:
     correct: bool | None = None
     gold_target: str | None = None
     samples: list[ParsedSample] = field(default_factory=list)
+    version: int = 0
+    inputs: dict[str, Any] | None = None
+    gold_key: str | None = None
 
     def good(self, good_agreement: float) -> bool:
         """Correct, or (correctness unknown) agreed on strongly."""
@@ -111,21 +117,27 @@ class Verdict:
     """How one part of a candidate state fared on held-out evidence.
 
     Attributes:
-        part: which part was judged.
-        measure: what was compared (higher is better for both parts' scores).
+        part: which part was judged (`replay`: the whole candidate, by paired replay).
+        measure: what was compared (higher is better).
         before: the serving state's score.
         after: the candidate's score.
         accepted: whether the candidate part is kept.
+        reason: the rule's own account (replay).
+        stats: the evidence counts, test statistic and p-value (replay).
     """
 
-    part: Literal["soft_prompt", "retrieval"]
+    part: Literal["soft_prompt", "retrieval", "replay"]
     measure: str
     before: float
     after: float
     accepted: bool
+    reason: str = ""
+    stats: dict[str, Any] = field(default_factory=dict)
 
     def describe(self) -> str:
         """One line for the event's reason."""
+        if self.part == "replay":
+            return f"replay {'accepted' if self.accepted else 'rejected'}: {self.reason}"
         name = "soft prompt" if self.part == "soft_prompt" else "retrieval"
         shown = (-self.before, -self.after) if self.part == "soft_prompt" else (self.before, self.after)
         outcome = "accepted" if self.accepted else "rolled back"

@@ -30,7 +30,7 @@ import copy
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -41,7 +41,14 @@ from detot_agent.io.persist import load_tensors, read_manifest, save_tensors
 
 if TYPE_CHECKING:
     from detot_agent.embedding.update import Feedback, UpdateConfig, UpdateReport
-    from detot_agent.retrieval.encoder import Encoder
+
+
+class Encoder(Protocol):
+    """What the task embedding needs of a sentence encoder (`retrieval.encoder.Encoder` is one)."""
+
+    name: str
+
+    def encode(self, texts: list[str]) -> np.ndarray: ...
 
 __all__ = ["TaskEmbedding"]
 

@@ -273,8 +273,12 @@ def test_detot_serves_through_llama_cpp_and_trains_through_a_lazily_loaded_torch
         detot.controller.add_evidence(Evidence(
             id=f"e{i}", query=rng.standard_normal(384).astype(np.float32), demo_ids=[], agreement=1.0,
             messages=[{"role": "user", "content": f"Tom has {i} apples and buys 2 more. How many?"}],
-            target="The answer is 5."))
+            target="The answer is 5.", inputs={"question": f"Tom has {i} apples and buys 2 more. How many?"}))
     event = detot.reoptimize()
-    assert trainer.loaded and event.accepted and "soft prompt accepted" in event.reason
-    assert detot(question="2 plus 2?").embedding_version == 1  # the trained prompt serves through llama.cpp
+    # the head trained through the lazily loaded torch engine; the candidate was then judged by replay
+    assert trainer.loaded and event.verdicts and event.verdicts[0]["part"] == "replay", event.reason
+    candidate = copy.deepcopy(detot.controller.state.embedding)
+    candidate.head.set(p0=candidate.head.p0 + 0.5)
+    detot.controller.publish(TaskState(1, candidate))
+    assert detot(question="2 plus 2?").embedding_version == 1  # a published prompt serves through llama.cpp
     engine.close()

@@ -1,0 +1,180 @@
+"""Judging candidates by paired replay: harmful ones are rejected, a real fix is accepted, budgets hold."""
+
+from __future__ import annotations
+
+import random
+import time
+
+import numpy as np
+import pytest
+
+from detot_agent.detot.controller import Controller, ControllerConfig
+from detot_agent.detot.judging import Replayed, ReplayRules, alpha_for, decide, sign_test_p
+from detot_agent.detot.monitor import Monitor, MonitorConfig
+from detot_agent.detot.records import Evidence, TaskState
+from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.embedding.update import UpdateReport
+from detot_agent.errors import ConfigError
+
+RULES = ReplayRules()
+N = 12
+GOLD = [str(i) for i in range(N)]
+OLD = [Replayed(str(i) if i < 4 else f"{i}x", 0.8, (f"d{i}", f"d{i + 1}")) for i in range(N)]  # right on 4 of 12
+
+
+def test_a_constant_answer_is_rejected_with_and_without_gold():
+    constant = [Replayed("5", 1.0, r.demo_ids) for r in OLD]
+    for gold in (GOLD, [None] * N):
+        ok, why, stats = decide(OLD, constant, gold, rules=RULES, test_index=0)
+        assert not ok and "answers collapsed" in why and stats["distinct_answers"] == [N, 1]
+
+
+def test_a_collapsed_retrieval_is_rejected():
+    collapsed = [Replayed(r.key, 0.9, ("d0", "d1")) for r in OLD]
+    ok, why, _ = decide(OLD, collapsed, [None] * N, rules=RULES, test_index=0)
+    assert not ok and "retrieval collapsed" in why
+
+
+def test_random_noise_is_rejected():
+    rng = random.Random(0)
+    for trial in range(20):
+        noise = [Replayed(rng.choice(GOLD + ["7x", "9x"]), rng.random(), r.demo_ids) for r in OLD]
+        for gold in (GOLD, [None] * N):
+            ok, why, _ = decide(OLD, noise, gold, rules=RULES, test_index=0)
+            assert not ok, (trial, why)
+
+
+def test_a_candidate_that_fixes_a_systematic_error_on_gold_is_accepted():
+    fixed = [Replayed(str(i), 0.8, r.demo_ids) for i, r in enumerate(OLD)]  # right on all 12
+    ok, why, stats = decide(OLD, fixed, GOLD, rules=RULES, test_index=0)
+    assert ok, why
+    assert stats["only_candidate_right"] == 8 and stats["only_serving_right"] == 0
+    assert stats["p_value"] == pytest.approx(0.5 ** 8) and stats["accuracy"] == [4 / 12, 1.0]
+    # the same evidence, late in the program's error budget, is no longer enough
+    late = decide(OLD, fixed, GOLD, rules=RULES, test_index=6)
+    assert not late[0] and "needs <=" in late[1]
+
+
+def test_label_free_rule_accepts_a_consistent_rise_without_flips_and_refuses_flips():
+    surer = [Replayed(r.key, 1.0, r.demo_ids) for r in OLD]
+    ok, why, stats = decide(OLD, surer, [None] * N, rules=RULES, test_index=0)
+    assert ok and stats["agreement_up"] == N, why
+    flipped = [Replayed(r.key + "y" if i % 3 == 0 else r.key, 1.0, r.demo_ids) for i, r in enumerate(OLD)]
+    ok, why, stats = decide(OLD, flipped, [None] * N, rules=RULES, test_index=0)
+    assert not ok and stats["flips"] == 4 and "confident answers flipped" in why
+
+
+def test_statistics_helpers():
+    assert sign_test_p(0, 0) == 1.0 and sign_test_p(3, 3) > 0.5
+    assert sum(alpha_for(i, 0.05) for i in range(40)) < 0.05
+
+
+# ---- the controller with a replay function ---------------------------------------------------------------
+def _controller(encoder, index, replay, **cfg) -> Controller:
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=encoder)
+    config = ControllerConfig(min_evidence=6, holdout_every=2, **cfg)
+    mon = Monitor(agreement_threshold=0.6, accuracy_threshold=0.5, window=20, min_count=5, cooldown=0)
+    canary = [({"question": f"canary {i}"}, str(i)) for i in range(10)]
+    return Controller(TaskState(0, te), index=index, monitor=mon, config=config, k=2, replay=replay, canary=canary)
+
+
+def _fill(ctl: Controller, encoder, index, version: int = 0) -> None:
+    vecs = encoder.encode([index.get(f"train:{i}").text for i in range(1, 13)])
+    for i, v in enumerate(vecs):
+        ctl.add_evidence(Evidence(id=f"v{version}q{i}", query=v, demo_ids=["train:300", "train:301"], agreement=1.0,
+                                  correct=True, version=version, inputs={"question": f"held {i}"}))
+
+
+def _candidate(kind: str, monkeypatch, seconds: float = 0.0) -> None:
+    """Training yields a candidate marked `kind` (what it does is the replay function's business)."""
+
+    def update(self, feedback, **kw):
+        time.sleep(seconds)
+        self.task = kind
+        self.version += 1
+        return UpdateReport(accepted=True, retrieval_accepted=True, version=self.version)
+
+    monkeypatch.setattr(TaskEmbedding, "update", update)
+
+
+def _replay(state: TaskState, inputs: dict) -> Replayed:
+    """Serving state: right on canary items 0-2 only. `fixed`: right on all. `constant`: always 5."""
+    q = inputs["question"]
+    i = int(q.split()[-1])
+    kind = state.embedding.task
+    demos = (f"d{i}", f"e{i}")
+    if kind == "constant":
+        return Replayed("5", 1.0, demos)
+    if kind == "fixed" or (q.startswith("canary") and i < 3):
+        return Replayed(str(i), 0.8, demos)
+    return Replayed(f"{i}x", 0.8, demos)
+
+
+@pytest.mark.parametrize("kind, accepted", [("fixed", True), ("constant", False)])
+def test_the_controller_publishes_only_a_candidate_that_replays_better(kind, accepted, encoder, gsm8k_index,
+                                                                       monkeypatch):
+    ctl = _controller(encoder, gsm8k_index, _replay)
+    _fill(ctl, encoder, gsm8k_index)
+    _candidate(kind, monkeypatch)
+    old = ctl.state
+    event = ctl.reoptimize()
+    assert event.accepted == accepted, event.reason
+    verdict = event.verdicts[0]
+    assert verdict["part"] == "replay" and verdict["stats"]["canary"] == 10 and verdict["stats"]["held_out"] == 6
+    assert "p_value" in verdict["stats"] or "collapsed" in verdict["reason"]
+    assert (ctl.state is not old) == accepted and ctl.tests_run == 1
+
+
+def test_evidence_from_older_versions_is_not_used(encoder, gsm8k_index, monkeypatch):
+    ctl = _controller(encoder, gsm8k_index, _replay)
+    _fill(ctl, encoder, gsm8k_index, version=0)
+    ctl.publish(TaskState(1, ctl.state.embedding))
+    _candidate("fixed", monkeypatch)
+    event = ctl.reoptimize()
+    assert not event.accepted and "only 0 evidence records from serving version 1" in event.reason
+    _fill(ctl, encoder, gsm8k_index, version=1)
+    assert ctl.reoptimize().accepted
+
+
+def test_a_budget_stops_a_long_reoptimization_and_the_old_state_serves(encoder, gsm8k_index, monkeypatch):
+    ctl = _controller(encoder, gsm8k_index, _replay, max_seconds=0.3)
+    _fill(ctl, encoder, gsm8k_index)
+    _candidate("fixed", monkeypatch, seconds=0.6)
+    old = ctl.state
+    event = ctl.reoptimize()
+    assert not event.accepted and "budget ran out during training" in event.reason
+    assert ctl.state is old
+
+
+def test_bad_loop_settings_are_refused_when_built_one_line_per_field():
+    with pytest.raises(ConfigError) as err:
+        ControllerConfig(holdout_every=0, margin=-5, alpha=2)
+    lines = str(err.value).splitlines()
+    assert any("holdout_every" in ln for ln in lines) and any("margin" in ln for ln in lines)
+    assert any("alpha" in ln for ln in lines)
+    with pytest.raises(ConfigError, match="window"):
+        MonitorConfig(window=0)
+
+
+def test_detot_replays_its_own_pipeline_deterministically(gsm8k_index):
+    from scripted import scripted_lm
+
+    from detot_agent import DETOT, TaskProfile
+
+    lm, engine = scripted_lm(lambda text, n: "7")
+    task = TaskProfile(name="arith", description="math", kind="arithmetic", answer_format="number")
+    import dspy
+
+    detot = DETOT("question -> answer", task=task, index=gsm8k_index, lm=lm, background=False,
+                  canary=[dspy.Example(question="1 + 6?", answer="7")])
+    pred = detot(question="Tom has 3 apples and buys 4 more. How many?")
+    ev = detot.controller.evidence()[0]
+    assert ev.version == 0 and ev.inputs == {"question": "Tom has 3 apples and buys 4 more. How many?"}
+    calls = engine.calls
+    again = detot._replay(detot.controller.state, ev.inputs)
+    assert again == Replayed("7", pred.agreement, tuple(pred.demo_ids))
+    assert engine.calls > calls and len(detot.controller.evidence()) == 1  # replay records nothing
+    assert detot.canary == [({"question": "1 + 6?"}, "7")]
+    with pytest.raises(ConfigError, match="canary example #0 lacks field"):
+        DETOT("question -> answer", task=task, index=gsm8k_index, lm=lm, canary=[dspy.Example(question="x")])
+    assert np.isfinite(pred.agreement)
