@@ -53,6 +53,9 @@ def eval_run(
     soft_prompt: Annotated[Path | None, typer.Option(help="Trained soft prompt (from `detot tune`) for the "
                                                           "DETOT methods.")] = None,
     threads: Annotated[int, typer.Option(help="Problems in flight at once (their generations are batched).")] = 4,
+    feedback: Annotated[str, typer.Option(help="none, or gold: prequential evaluation, each problem answered, then "
+                                               "scored, then its gold answer given to DETOT's `feedback` (the loop "
+                                               "sees accuracy).")] = "none",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.")] = 16,
@@ -88,6 +91,8 @@ def eval_run(
         raise ConfigError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
+    if feedback not in ("none", "gold"):
+        raise ConfigError(f"--feedback must be none or gold, got {feedback!r}")
     engine = "torch" if engine == "local" else engine
     if engine not in ("auto", "torch", "llamacpp", "vllm"):
         raise ConfigError(f"--engine must be auto, torch, llamacpp or vllm, got {engine!r}")
@@ -112,13 +117,13 @@ def eval_run(
                        index=None if index is None else str(index.resolve()),
                        soft_prompt=None if soft_prompt is None else str(soft_prompt.resolve()),
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
-                       max_tokens=max_tokens, seed=seed, task_name=loaded.name,
+                       max_tokens=max_tokens, seed=seed, task_name=loaded.name, feedback=feedback,  # type: ignore[arg-type]
                        questions=[ex.question for ex in examples[:5]])
     run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "k": k, "n": n,
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
-           "engine": engine,
+           "engine": engine, "feedback": feedback,
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     if executor == "ray":
         from detot_agent.engines.models import resolve_model_source

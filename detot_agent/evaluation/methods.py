@@ -72,6 +72,7 @@ class EvalContext:
     soft_prompt: torch.Tensor | None = None
     task_embedding: TaskEmbedding | None = None
     task_name: str = "task"
+    feedback: str = "none"  # "gold": DETOT methods get each problem's gold answer after answering it
     questions: list[str] = field(default_factory=list)
     events_dir: Path | None = None
 
@@ -290,14 +291,17 @@ class DetotMethod(MethodRunner):
         return {"adjustments": self.adjustments.model_dump(mode="json", exclude={"applied"}),
                 "trained_soft_prompt": self.ctx.soft_prompt is not None or self.ctx.task_embedding is not None,
                 "task_embedding": None if self.ctx.task_embedding is None else repr(self.ctx.task_embedding),
-                "reoptimization": self.background,
+                "reoptimization": self.background, "feedback": self.ctx.feedback,
                 "adapter": type(self.program.active_adapter()).__name__}
 
     def __call__(self, example: dspy.Example) -> dict[str, Any]:
         pred = self.program(question=example.question)
+        extra: dict[str, Any] = {}
+        if self.ctx.feedback == "gold":  # prequential: answered first, then told the gold answer
+            extra["fed_back"] = self.program.feedback(pred, gold=example.answer)
         return self._record(pred.answer, tokens=pred.tokens, samples=pred.samples_used,
                             parse_failures=pred.parse_failures, agreement=pred.agreement, votes=pred.votes,
-                            demo_ids=pred.demo_ids, embedding_version=pred.embedding_version)
+                            demo_ids=pred.demo_ids, embedding_version=pred.embedding_version, **extra)
 
     def close(self) -> None:
         """Wait for a running re-optimization and stop the background worker."""

@@ -52,7 +52,29 @@ def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]]
         "errors": sum(1 for r in records if r.get("error")),
         "reoptimizations": len(reopts),
         "reoptimizations_accepted": sum(1 for e in reopts if e.get("accepted")),
+        "stream_halves": _halves(records),
+        "decisions": [_decision(e) for e in reopts],
     }
+
+
+def _halves(records: list[dict[str, Any]]) -> list[float] | None:
+    """Accuracy on the first and second half of the stream, in the order answers finished."""
+    if len(records) < 2:
+        return None
+    ordered = sorted(records, key=lambda r: r.get("finished_at", 0))
+    mid = len(ordered) // 2
+    return [accuracy([bool(r["correct"]) for r in part]) for part in (ordered[:mid], ordered[mid:])]
+
+
+def _decision(event: dict[str, Any]) -> dict[str, Any]:
+    """One re-optimization as the report shows it: outcome, why, and the replay's statistics."""
+    stats = next((v.get("stats") or {} for v in event.get("verdicts") or [] if v.get("part") == "replay"), {})
+    return {"accepted": bool(event.get("accepted")), "version": [event.get("version_before"),
+                                                                  event.get("version_after")],
+            "after_observations": event.get("observations"), "seconds": event.get("seconds"),
+            "evidence": event.get("evidence"), "mode": stats.get("mode"), "p_value": stats.get("p_value"),
+            "alpha": stats.get("alpha"), "items": stats.get("items"), "reason": event.get("reason"),
+            "error": event.get("error")}
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
@@ -116,6 +138,19 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{m['seconds_per_question']:.1f} | {m['parse_failure_rate']:.1%} | {reopt} | {p} |")
     if any(not m["complete"] for m in report["methods"].values()):
         lines += ["", "\\* unfinished: fewer problems than the suite; resume the run to complete it."]
+    halves = [(name, m["stream_halves"]) for name, m in report["methods"].items() if m.get("stream_halves")]
+    if halves:
+        lines += ["", "Accuracy on the first and second half of the stream (in answer order): " + "; ".join(
+            f"{name} {h[0]:.3f} -> {h[1]:.3f}" for name, h in halves)]
+    for name, m in report["methods"].items():
+        if m.get("decisions"):
+            lines += ["", f"Re-optimizations of `{name}`:", "", "| # | outcome | after q | mode | p (alpha) | reason |",
+                      "|---|---|---|---|---|---|"]
+            for i, d in enumerate(m["decisions"], 1):
+                p = "" if d["p_value"] is None else f"{d['p_value']:.3g} ({d['alpha']:.3g})"
+                outcome = "accepted" if d["accepted"] else ("error" if d["error"] else "rejected")
+                reason = str(d["reason"]).replace("|", "/")
+                lines.append(f"| {i} | {outcome} | {d['after_observations']} | {d['mode'] or '-'} | {p} | {reason} |")
     return "\n".join(lines) + "\n"
 
 
@@ -175,6 +210,39 @@ def _plot(out: Path, report: dict[str, Any]) -> list[Path]:
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
         path = out / "agreement.png"
+        fig.savefig(path, dpi=120)
+        written.append(path)
+    plt.close(fig)
+    written += _plot_learning_curve(out, report, plt)
+    return written
+
+
+def _plot_learning_curve(out: Path, report: dict[str, Any], plt: Any) -> list[Path]:
+    """Rolling accuracy over the stream (answer order), re-optimizations marked: is the loop learning?"""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    drew = False
+    for name in report["methods"]:
+        records = sorted(read_records(out / f"{name}.jsonl"), key=lambda r: r.get("finished_at", 0))
+        if len(records) < 4:
+            continue
+        correct = np.asarray([bool(r["correct"]) for r in records], dtype=float)
+        window = max(5, min(25, len(records) // 4))
+        series = np.convolve(correct, np.ones(window) / window, mode="valid")
+        (line,) = ax.plot(np.arange(len(series)) + window, series, label=name)
+        drew = True
+        times = [r.get("finished_at", 0) for r in records]
+        for e in _events(out / f"{name}.events.jsonl"):
+            if e.get("event") == "reoptimization":
+                x = int(np.searchsorted(times, e.get("time", 0)))
+                ax.axvline(x, color=line.get_color(), ls="-" if e.get("accepted") else "--", lw=1.2, alpha=0.8)
+    written = []
+    if drew:
+        ax.set_xlabel("questions answered (stream order)")
+        ax.set_ylabel("accuracy (rolling mean)")
+        ax.set_title("learning curve; re-optimizations: solid accepted, dashed rejected", fontsize=9)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+        fig.tight_layout()
+        path = out / "learning_curve.png"
         fig.savefig(path, dpi=120)
         written.append(path)
     plt.close(fig)

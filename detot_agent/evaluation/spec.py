@@ -62,6 +62,7 @@ class ContextSpec(StrictModel):
     max_tokens: int = Field(default=256, ge=1)
     seed: int = 0
     task_name: str = "task"
+    feedback: Literal["none", "gold"] = "none"
     questions: list[str] = Field(default_factory=list)
 
 
@@ -112,4 +113,4 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        encoder=pool.encoder if pool is not None else None, k=spec.k, n=spec.n,
                        temperature=spec.temperature, max_tokens=spec.max_tokens, seed=spec.seed,
                        soft_prompt=vectors, task_embedding=task_embedding, task_name=spec.task_name,
-                       questions=list(spec.questions))
+                       feedback=spec.feedback, questions=list(spec.questions))

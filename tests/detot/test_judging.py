@@ -38,7 +38,7 @@ def test_a_collapsed_retrieval_is_rejected():
 def test_random_noise_is_rejected():
     rng = random.Random(0)
     for trial in range(20):
-        noise = [Replayed(rng.choice(GOLD + ["7x", "9x"]), rng.random(), r.demo_ids) for r in OLD]
+        noise = [Replayed(rng.choice([*GOLD, "7x", "9x"]), rng.random(), r.demo_ids) for r in OLD]
         for gold in (GOLD, [None] * N):
             ok, why, _ = decide(OLD, noise, gold, rules=RULES, test_index=0)
             assert not ok, (trial, why)

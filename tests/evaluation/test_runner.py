@@ -135,3 +135,33 @@ def test_a_run_killed_midway_resumes_to_the_same_report(tmp_path, suite_file, lo
     for method in ("zero_shot_cot", "self_consistency", "detot_static"):
         preds = [{r["id"]: r["answer"] for r in read_records(d / f"{method}.jsonl")} for d in (whole, broken)]
         assert preds[0] == preds[1], method
+
+
+def test_prequential_gold_feedback_reaches_the_loop_and_the_report(tmp_path, multiarith_head, engine, pool):
+    from detot_agent.detot.monitor import Monitor
+
+    suite = load_suite(str(multiarith_head(8)))
+    lm = local_lm(engine=engine, cache=False)
+    ctx = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=6, task_name="multiarith",
+                      questions=[ex.question for ex in suite.examples], feedback="gold")
+    run = {"suite": suite.name, "source": suite.source, "model": "tiny", "seed": 0, "limit": None, "k": 1, "n": 1,
+           "temperature": 0.7, "max_tokens": 6, "feedback": "gold"}
+    seen: list[bool] = []
+    original = Monitor.feedback
+
+    def spy(self, pred_id, correct):
+        seen.append(correct)
+        return original(self, pred_id, correct)
+
+    Monitor.feedback = spy  # type: ignore[method-assign]
+    try:
+        out = run_eval(suite.examples, ["detot"], ctx, tmp_path / "run", run=run, threads=1, progress=False)
+    finally:
+        Monitor.feedback = original  # type: ignore[method-assign]
+    records = read_records(out / "detot.jsonl")
+    assert len(seen) == 8 and [r["fed_back"] for r in sorted(records, key=lambda r: r["finished_at"])] == seen
+    assert all(r["fed_back"] == r["correct"] for r in records)  # the loop was told what the scorer found
+    report = write_report(out)
+    assert len(report["methods"]["detot"]["stream_halves"]) == 2
+    assert (out / "learning_curve.png").stat().st_size > 0
+    assert json.loads((out / "methods.json").read_text())["detot"]["feedback"] == "gold"
