@@ -405,6 +405,41 @@ def bench_scale(
         console.print(f"wrote {json_path}")
 
 
+@bench_app.command("loop")
+def bench_loop(
+    model: ModelOpt = None,
+    engine: Annotated[str, typer.Option(help="auto, torch or llamacpp.")] = "auto",
+    requests: Annotated[int, typer.Option(help="Requests per phase (quiet, then busy).")] = 24,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 48,
+    train: Annotated[Path | None, typer.Option(help="GSM8K train JSONL for the exemplar index (default: "
+                                                    "synthetic exemplars).")] = None,
+    max_seconds: Annotated[float, typer.Option(help="Budget of one re-optimization.")] = 120.0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+) -> None:
+    """Request latency (p50/p99) while a re-optimization runs, against none running."""
+    from detot_agent.cli.bench.loop import run_loop_bench
+
+    if requests < 2 or max_tokens < 1 or not max_seconds > 0:
+        raise ConfigError(f"--requests must be >= 2, --max-tokens >= 1, --max-seconds > 0 "
+                          f"(got {requests}, {max_tokens}, {max_seconds})")
+    result = run_loop_bench(model=model, engine=engine, requests=requests, max_tokens=max_tokens, train=train,
+                            max_seconds=max_seconds)
+    table = Table(title=f"loop: {requests} requests per phase, model {result['model']} ({result['engine']}), "
+                        f"{os.cpu_count()} CPUs")
+    for col in ("phase", "requests", "p50 s", "p99 s", "mean s"):
+        table.add_column(col, justify="right")
+    for name, ph in result["phases"].items():
+        table.add_row(name, str(ph["n"]), f"{ph['p50_s']:.2f}", f"{ph['p99_s']:.2f}", f"{ph['mean_s']:.2f}")
+    console.print(table)
+    reopts = result["reoptimizations"]
+    console.print(f"p99 busy/quiet {result['p99_ratio']:.2f}x (goal <= 1.20x), p50 {result['p50_ratio']:.2f}x; "
+                  f"{len(reopts)} re-optimization(s) ran during the busy phase "
+                  f"({result['busy_share']:.0%} of it), " + ", ".join(f"{r['seconds']:.0f}s" for r in reopts))
+    if json_path:
+        write_json_atomic(json_path, result)
+        console.print(f"wrote {json_path}")
+
+
 def main() -> None:
     """Entry point: run the app, turning the library's own errors into one readable line."""
     try:

@@ -124,6 +124,16 @@ class _Split:
     judge_retrieval: bool
 
 
+def _lower_priority() -> None:
+    """Run the re-optimization thread at nice +10 (Linux: per thread), so serving threads win the cores.
+    Torch's intra-op threads are shared by the whole process and keep their priority."""
+    import contextlib
+    import os
+
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted: normal priority
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
 class _Outcome(Exception):
     """A re-optimization that ends before publishing: not accepted, with its reason."""
 
@@ -211,7 +221,8 @@ class Controller:
             if self._running is not None and not self._running.done():
                 return None
             if self._executor is None:
-                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detot-reopt")
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detot-reopt",
+                                                    initializer=_lower_priority)
             self._running = self._executor.submit(self.reoptimize)
             return self._running
 

@@ -127,3 +127,17 @@ def test_convert_turns_a_static_soft_prompt_into_the_zero_head_case(tiny_engine,
     assert result.exit_code == 0, result.output
     te = TaskEmbedding.load(tmp_path / "te", hidden_size=tiny_engine.hidden_size)
     assert te.head is not None and te.head.components == 0 and torch.equal(te.head.p0, sp.vectors)
+
+
+def test_bench_loop_writes_latency_of_both_phases(tiny_gguf, tmp_path):
+    path = tmp_path / "loop.json"
+    result = runner.invoke(app, ["bench", "loop", "--model", str(tiny_gguf), "--requests", "8", "--max-tokens", "4",
+                                 "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    for phase in ("quiet", "busy"):
+        ph = data["phases"][phase]
+        assert ph["n"] == 8 and 0 < ph["p50_s"] <= ph["p99_s"]
+    assert data["p99_ratio"] > 0 and len(data["reoptimizations"]) >= 1
+    assert all(r["error"] is None for r in data["reoptimizations"])
+    assert "p99 busy/quiet" in " ".join(result.output.split())

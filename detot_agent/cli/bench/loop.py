@@ -1,0 +1,96 @@
+"""`detot bench loop`: request latency while a re-optimization runs, against none running.
+
+One DETOT program (plain prompts, a GSM8K-train exemplar index, the loop's default budget) answers
+synthetic arithmetic questions one after another, as a single user would send them. Phase 1 (quiet):
+no re-optimization. Phase 2 (busy): a re-optimization is started in the background (training the
+task embedding on the evidence phase 1 left, then judging it by replay) and restarted whenever one
+finishes, so every request of phase 2 is served while one runs. Reported: p50 and p99 latency of each
+phase, their ratio, and the re-optimizations' own times. The re-optimization thread runs at a lower
+OS priority (nice +10) than serving, but torch's intra-op threads are shared by the process, so on a
+2-core machine the two still compete for the cores.
+
+Example:
+    >>> from detot_agent.cli.bench.loop import run_loop_bench
+    >>> result = run_loop_bench(requests=8)  # doctest: +SKIP
+    >>> sorted(result["phases"])  # doctest: +SKIP
+    ['busy', 'quiet']
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["run_loop_bench"]
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=float)
+    return {"n": len(values), "p50_s": float(np.percentile(arr, 50)), "p99_s": float(np.percentile(arr, 99)),
+            "mean_s": float(arr.mean())}
+
+
+def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: int = 24, max_tokens: int = 48,
+                   train: Path | None = None, index_size: int = 300, max_seconds: float = 120.0) -> dict[str, Any]:
+    """Serve `requests` questions quiet, then `requests` while re-optimizations run; returns the figures."""
+    import dspy
+
+    from detot_agent.answers import AnswerFormat
+    from detot_agent.cli.bench.scale import synthetic_problems
+    from detot_agent.detot.adapters import PlainAdapter
+    from detot_agent.detot.controller import ControllerConfig
+    from detot_agent.detot.module import DETOT
+    from detot_agent.detot.task import TaskKind, TaskProfile, analyze
+    from detot_agent.engines.lm import local_lm
+    from detot_agent.io.datafiles import read_exemplars
+    from detot_agent.retrieval.encoder import Encoder
+    from detot_agent.retrieval.index import ExemplarIndex
+
+    lm = local_lm(model, engine=engine, cache=False)
+    index = ExemplarIndex(Encoder())
+    if train is not None:
+        index.add(read_exemplars(train, fmt="gsm8k")[:index_size])
+    else:
+        index.add([{"id": f"ex:{i}", "text": p.question, "fields": {"question": p.question, "answer": p.answer,
+                                                                       "rationale": f"The answer is {p.answer}."}}
+                   for i, p in enumerate(synthetic_problems(index_size, seed=99))])
+    task = TaskProfile(name="arith", description="Solve arithmetic word problems step by step.",
+                       kind=TaskKind.ARITHMETIC, answer_format=AnswerFormat.NUMBER)
+    adj = analyze(task, max_samples=3, min_samples=2, max_tokens=max_tokens, k_exemplars=2, cooldown=10_000)
+    config = ControllerConfig(min_evidence=6, max_seconds=max_seconds, soft_prompt_steps=10, replay_items=6)
+    program = DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adj, background=False,
+                    controller_config=config, adapter=PlainAdapter())
+    questions = synthetic_problems(2 * requests + 1, seed=1)
+    program(question=questions[-1].question)  # warm-up (first prefill, caches)
+
+    def serve(batch: list[dspy.Example], busy: bool) -> list[float]:
+        out = []
+        for ex in batch:
+            if busy:
+                program.controller.submit()  # no-op while one runs
+            start = time.perf_counter()
+            pred = program(question=ex.question)
+            program.feedback(pred, gold=ex.answer)
+            out.append(time.perf_counter() - start)
+        return out
+
+    quiet = serve(questions[:requests], busy=False)
+    t0 = time.perf_counter()
+    busy = serve(questions[requests:2 * requests], busy=True)
+    busy_wall = time.perf_counter() - t0
+    program.controller.wait()
+    program.controller.close()
+    events = [e for e in program.monitor.events if e.get("event") == "reoptimization"]
+    phases = {"quiet": _percentiles(quiet), "busy": _percentiles(busy)}
+    return {
+        "model": lm.engine.name, "engine": type(lm.engine).__name__, "requests": requests, "max_tokens": max_tokens,
+        "phases": phases, "p99_ratio": phases["busy"]["p99_s"] / phases["quiet"]["p99_s"],
+        "p50_ratio": phases["busy"]["p50_s"] / phases["quiet"]["p50_s"],
+        "reoptimizations": [{"seconds": e.get("seconds"), "accepted": e.get("accepted"), "reason": e.get("reason"),
+                             "error": e.get("error")} for e in events],
+        "busy_share": min(1.0, sum(float(e.get("seconds") or 0) for e in events) / busy_wall) if busy_wall else 0.0,
+        "max_seconds": max_seconds,
+    }
