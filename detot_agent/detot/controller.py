@@ -48,7 +48,7 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from detot_agent.config import StrictModel
-from detot_agent.detot.judging import Replayed
+from detot_agent.detot.judging import Replayed, collapsed, hub_share
 from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
 from detot_agent.detot.records import Evidence, TaskState, Verdict
 from detot_agent.embedding.task_embedding import TaskEmbedding
@@ -76,7 +76,9 @@ class ControllerConfig(StrictModel):
             past it the re-optimization stops and the old state keeps serving.
         alpha / min_effect / max_flip / min_diversity: the replay rules (`detot/judging.py`): the family-wise
             error budget, the least accuracy gain on gold items, the most flips of confident answers and the
-            least share of distinct answers and demos, without gold.
+            least share of distinct answers, without gold.
+        max_hub_share: a retrieval collapse: one demo behind more than this share of items (and twice the
+            serving state's share), by replay or over probe queries.
         replay_items: held-out evidence records replayed per judgement (the canary set comes on top).
         negatives_per_query: exemplars ranked just below a record's demos used as negatives.
     """
@@ -100,6 +102,7 @@ class ControllerConfig(StrictModel):
     min_effect: float = Field(default=0.05, ge=0, le=1)
     max_flip: float = Field(default=0.1, ge=0, le=1)
     min_diversity: float = Field(default=0.5, ge=0, le=1)
+    max_hub_share: float = Field(default=0.5, gt=0, le=1)
     replay_items: int = Field(default=16, ge=1)
 
     @model_validator(mode="after")
@@ -354,8 +357,14 @@ class Controller:
         if split.judge_retrieval:
             before, after = self._separation(old.embedding, split.held), self._separation(candidate, split.held)
             if before is not None and after is not None:
+                hubs = [self._hub_share(e) for e in (old.embedding, candidate)]
+                gone = collapsed(hubs[0], hubs[1], cfg.max_hub_share)
                 verdicts.append(Verdict("retrieval", "held-out demo separation", before, after,
-                                        accepted=after >= before - cfg.margin))
+                                        accepted=after >= before - cfg.margin and not gone,
+                                        reason=(f"retrieval collapsed: one demo is in the top {self.k} of "
+                                                f"{hubs[1]:.0%} of {self.PROBES} probe queries, against "
+                                                f"{hubs[0]:.0%}") if gone else "",
+                                        stats={"demo_hub_share": hubs}))
         if not verdicts:
             raise _Outcome("no held-out evidence to validate on; kept the old state")
         return verdicts
@@ -378,7 +387,8 @@ class Controller:
             news.append(self.replay(new_state, inputs))
             self._check_budget(start, "replay")
         rules = ReplayRules(alpha=cfg.alpha, min_effect=cfg.min_effect, max_flip=cfg.max_flip,
-                            min_diversity=cfg.min_diversity, good_agreement=cfg.good_agreement)
+                            min_diversity=cfg.min_diversity, max_hub_share=cfg.max_hub_share,
+                            good_agreement=cfg.good_agreement)
         accepted, why, stats = decide(olds, news, [g for _, g in items], rules=rules, test_index=self.tests_run)
         self.tests_run += 1
         stats.update(held_out=len(held), canary=len(self.canary))
@@ -386,6 +396,15 @@ class Controller:
                          [sum(r.agreement for r in olds) / len(olds), sum(r.agreement for r in news) / len(news)])
         measure = "replayed accuracy on gold items" if stats.get("mode") == "gold" else "replayed mean agreement"
         return Verdict("replay", measure, float(before), float(after), accepted=accepted, reason=why, stats=stats)
+
+    PROBES = 64
+
+    def _hub_share(self, embedding: TaskEmbedding) -> float:
+        """`hub_share` of the top-k exemplars over a fixed sample of the index's own inputs used as queries
+        (the held-out records alone are too few to show a collapse)."""
+        k = min(self.k, len(self.index))
+        probes = embedding.query(self.index.sample_vectors(self.PROBES, seed=0))
+        return hub_share([[h.id for h in self.index.search(q, k)] for q in probes])
 
     def _nll(self, embedding: TaskEmbedding, held: list[Evidence]) -> float | None:
         """Mean NLL of the held-out targets, each under its own soft prompt `P(x)`."""

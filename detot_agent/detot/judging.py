@@ -15,8 +15,9 @@ pass; all of:
   (`P(X >= up | Bin(up + down, 1/2)) <= alpha_i`);
 - few flips away from confident majorities: among items the serving state answered with agreement
   `>= good_agreement`, the share whose winner changes is at most `max_flip`;
-- no collapse (checked in both modes): the candidate's distinct answers and distinct demos across the
-  items are at least `min_diversity` times the serving state's.
+- no collapse (checked in both modes): the candidate's distinct answers across the items are at least
+  `min_diversity` times the serving state's, and no single demo is shown for more than `max_hub_share`
+  of the items (unless the serving state already showed it for half as many).
 Its limits: it rewards *consistency*, not correctness: a candidate that makes the model confidently
 and diversely wrong on items where the old state was unsure can pass. Gold (feedback or a canary
 set) is the remedy; without it the loop can only become more self-consistent.
@@ -38,7 +39,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["ReplayRules", "Replayed", "alpha_for", "decide", "sign_test_p"]
+__all__ = ["ReplayRules", "Replayed", "alpha_for", "collapsed", "decide", "hub_share", "sign_test_p"]
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,7 @@ class ReplayRules:
     min_effect: float = 0.05
     max_flip: float = 0.1
     min_diversity: float = 0.5
+    max_hub_share: float = 0.5
     good_agreement: float = 0.75
 
 
@@ -84,6 +86,23 @@ def _distinct(values: Sequence[Any]) -> int:
     return len({v for v in values if v is not None})
 
 
+def hub_share(demo_lists: Sequence[Sequence[str]]) -> float:
+    """The share of items whose demos include the most shown demo (1.0: one demo behind every item)."""
+    if not demo_lists:
+        return 0.0
+    counts: dict[str, int] = {}
+    for demos in demo_lists:
+        for d in set(demos):
+            counts[d] = counts.get(d, 0) + 1
+    return max(counts.values(), default=0) / len(demo_lists)
+
+
+def collapsed(hub_old: float, hub_new: float, max_hub_share: float) -> bool:
+    """A retrieval collapse: one demo behind more than `max_hub_share` of the items, and more than twice
+    as often as under the serving state (an index with one dominant exemplar is not a collapse)."""
+    return hub_new > max_hub_share and hub_new > 2 * hub_old
+
+
 def decide(old: Sequence[Replayed], new: Sequence[Replayed], gold: Sequence[str | None], *, rules: ReplayRules,
            test_index: int) -> tuple[bool, str, dict[str, Any]]:
     """Accept or reject a candidate from paired replays: `(accepted, reason, stats)` (module docstring).
@@ -100,15 +119,15 @@ def decide(old: Sequence[Replayed], new: Sequence[Replayed], gold: Sequence[str 
     stats: dict[str, Any] = {"items": len(old), "alpha": level, "test_index": test_index}
     # no collapse, whatever the mode
     answers_old, answers_new = _distinct([r.key for r in old]), _distinct([r.key for r in new])
-    demos_old = _distinct([d for r in old for d in r.demo_ids])
-    demos_new = _distinct([d for r in new for d in r.demo_ids])
-    stats.update(distinct_answers=[answers_old, answers_new], distinct_demos=[demos_old, demos_new])
+    hubs = [hub_share([r.demo_ids for r in old]), hub_share([r.demo_ids for r in new])]
+    stats.update(distinct_answers=[answers_old, answers_new], demo_hub_share=hubs)
     if answers_new < rules.min_diversity * answers_old:
         return False, (f"answers collapsed: {answers_new} distinct answers against {answers_old} "
                        f"(needs >= {rules.min_diversity:.0%})"), stats
-    if demos_new < rules.min_diversity * demos_old:
-        return False, (f"retrieval collapsed: {demos_new} distinct demos against {demos_old} "
-                       f"(needs >= {rules.min_diversity:.0%})"), stats
+    if collapsed(hubs[0], hubs[1], rules.max_hub_share):
+        return False, (f"retrieval collapsed: one demo is shown for {hubs[1]:.0%} of the items (serving state: "
+                       f"{hubs[0]:.0%}; allowed: {rules.max_hub_share:.0%}, or at most twice the serving "
+                       "state's)"), stats
     labelled = [i for i, g in enumerate(gold) if g is not None]
     if labelled:
         wins = sum(new[i].key == gold[i] and old[i].key != gold[i] for i in labelled)

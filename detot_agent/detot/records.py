@@ -141,4 +141,5 @@ class Verdict:
         name = "soft prompt" if self.part == "soft_prompt" else "retrieval"
         shown = (-self.before, -self.after) if self.part == "soft_prompt" else (self.before, self.after)
         outcome = "accepted" if self.accepted else "rolled back"
-        return f"{name} {outcome} ({self.measure} {shown[0]:.3f} -> {shown[1]:.3f})"
+        extra = f"; {self.reason}" if self.reason else ""
+        return f"{name} {outcome} ({self.measure} {shown[0]:.3f} -> {shown[1]:.3f}{extra})"
