@@ -266,6 +266,10 @@ def update(te: TaskEmbedding, feedback: Sequence[Feedback], *, engine: Any = Non
         assert head0 is not None
         return PromptHead.mix(query(e, grad and cfg.couple), hp["p0"], hp["bank"], hp["gate"], head0.tau)
 
+    def gate_weights(e: torch.Tensor) -> torch.Tensor:
+        assert head0 is not None
+        return torch.softmax(query(e, cfg.couple) @ hp["gate"].T / head0.tau, dim=-1)  # (N, M)
+
     def lm_nll(enc: list[Any], e: torch.Tensor) -> float:
         with torch.no_grad():
             total = 0.0
@@ -315,7 +319,7 @@ def update(te: TaskEmbedding, feedback: Sequence[Feedback], *, engine: Any = Non
                 lm_value = float(lm.detach())
                 loss = loss + lm + cfg.l2_to_init * head_reg()
                 if cfg.balance > 0 and hp["bank"].shape[0] > 1:
-                    _, a = prompts(train_e, True)  # (N, M)
+                    a = gate_weights(train_e)  # (N, M): the gate alone, no (N, k, H) prompts
                     mean = a.mean(0).clamp_min(1e-9)
                     loss = loss + cfg.balance * (mean * (mean * mean.shape[0]).log()).sum()
             if not loss.requires_grad:
@@ -373,7 +377,7 @@ def update(te: TaskEmbedding, feedback: Sequence[Feedback], *, engine: Any = Non
                 new_w, new_alpha = best_wa
         if hp["bank"].shape[0] > 0:
             with torch.no_grad():
-                report.gate_usage = [round(float(x), 4) for x in prompts(train_e, False)[1].mean(0)]
+                report.gate_usage = [round(float(x), 4) for x in gate_weights(train_e).mean(0)]
     keep_query = bool(report.retrieval_accepted) or (move_query and bool(report.head_accepted) and not train_ret)
     report.accepted = keep_query or new_head is not None
     if report.accepted:
