@@ -177,8 +177,9 @@ class DETOT(dspy.Module):
             if given.encoder_name != self.index.encoder_name or given.dim != self.index.dim:
                 raise ConfigError(f"task_embedding uses encoder {given.encoder_name!r} ({given.dim} dims), the index "
                                   f"{self.index.encoder_name!r} ({self.index.dim} dims)")
-            if given.has_head and soft_prompt not in (None, False):
-                raise ConfigError("task_embedding already has a soft-prompt head; pass soft_prompt=None")
+            if given.has_head and (isinstance(soft_prompt, torch.Tensor) or soft_prompt is False):
+                raise ConfigError("task_embedding already has a soft-prompt head, which supplies the soft prompts; "
+                                  "pass soft_prompt=None (or a task embedding without a head)")
             if given.head is not None and hidden is not None and given.head.hidden_size != hidden:
                 raise ConfigError(f"task_embedding's soft prompts are {given.head.hidden_size} wide, the model's "
                                   f"hidden size is {hidden}; train one for this model")

@@ -15,7 +15,7 @@ from detot_agent.answers import extract_number
 from detot_agent.detot.adapters import PlainAdapter
 from detot_agent.detot.controller import ControllerConfig, TaskState
 from detot_agent.embedding.update import Feedback
-from detot_agent.errors import DetotError
+from detot_agent.errors import ConfigError, DetotError
 
 ARITH = TaskProfile(name="arith", description="grade-school math word problems", kind="arithmetic",
                     answer_format="number")
@@ -281,4 +281,28 @@ def test_detot_serves_through_llama_cpp_and_trains_through_a_lazily_loaded_torch
     candidate.head.set(p0=candidate.head.p0 + 0.5)
     detot.controller.publish(TaskState(1, candidate))
     assert detot(question="2 plus 2?").embedding_version == 1  # a published prompt serves through llama.cpp
+    engine.close()
+
+
+def test_a_given_task_embedding_is_served_and_shared(gsm8k_index, encoder, long_tiny_model_dir):
+    from detot_agent import TaskRetriever
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+
+    engine = LocalEngine(str(long_tiny_model_dir), device="cpu", dtype="float32", max_wait_ms=5)
+    lm = local_lm(engine=engine, cache=False)
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=encoder)
+    te.attach_head(torch.randn(3, 64), components=2, model_id="tiny")
+    detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False, task_embedding=te,
+                  adjustments=analyze(ARITH, max_samples=2, max_tokens=4, k_exemplars=1))
+    assert detot.task_embedding is te and te.head.components == 2
+    retriever = TaskRetriever(gsm8k_index, detot.task_embedding, k=1)
+    q = "Tom has 3 apples and buys 4 more. How many?"
+    assert retriever(q).ids == detot(question=q).demo_ids  # one object drives both
+    with pytest.raises(ConfigError, match="already has a soft-prompt head"):
+        DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, task_embedding=te,
+              soft_prompt=torch.zeros(3, 64))
+    wide = TaskEmbedding.from_description("arith", "math", encoder=encoder)
+    wide.attach_head(torch.zeros(3, 896), model_id="other")
+    with pytest.raises(ConfigError, match="896 wide, the model's hidden size is 64"):
+        DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, task_embedding=wide)
     engine.close()
