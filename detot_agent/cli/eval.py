@@ -56,6 +56,8 @@ def eval_run(
     feedback: Annotated[str, typer.Option(help="none, or gold: prequential evaluation, each problem answered, then "
                                                "scored, then its gold answer given to DETOT's `feedback` (the loop "
                                                "sees accuracy).")] = "none",
+    reopt_seconds: Annotated[float | None, typer.Option(help="Budget of one re-optimization of the looping DETOT "
+                                                             "methods (training and replay; default 120).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.")] = 16,
@@ -91,6 +93,8 @@ def eval_run(
         raise ConfigError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
+    if reopt_seconds is not None and not reopt_seconds > 0:
+        raise ConfigError(f"--reopt-seconds must be > 0, got {reopt_seconds}")
     if feedback not in ("none", "gold"):
         raise ConfigError(f"--feedback must be none or gold, got {feedback!r}")
     engine = "torch" if engine == "local" else engine
@@ -118,12 +122,13 @@ def eval_run(
                        soft_prompt=None if soft_prompt is None else str(soft_prompt.resolve()),
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
                        max_tokens=max_tokens, seed=seed, task_name=loaded.name, feedback=feedback,  # type: ignore[arg-type]
+                       reopt_seconds=reopt_seconds,
                        questions=[ex.question for ex in examples[:5]])
     run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "k": k, "n": n,
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
-           "engine": engine, "feedback": feedback,
+           "engine": engine, "feedback": feedback, "reopt_seconds": reopt_seconds,
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     if executor == "ray":
         from detot_agent.engines.models import resolve_model_source

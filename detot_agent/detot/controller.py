@@ -73,7 +73,10 @@ class ControllerConfig(StrictModel):
         dropout: dropout on the soft-prompt vectors while training.
         balance: weight of the gate's anti-collapse term (`UpdateConfig.balance`).
         max_seconds: wall-time budget of one re-optimization, training and replay together (None: none);
-            past it the re-optimization stops and the old state keeps serving.
+            past it the re-optimization stops and the old state keeps serving. A replay judgement runs the
+            pipeline twice per item: on a 2-core CPU with a 0.5B model that is tens of seconds an item, so
+            raise this (or lower `replay_items`) there, or every re-optimization ends on the budget.
+        train_share: the share of `max_seconds` training may use (the rest is for judging).
         alpha / min_effect / max_flip / min_diversity: the replay rules (`detot/judging.py`): the family-wise
             error budget, the least accuracy gain on gold items, the most flips of confident answers and the
             least share of distinct answers, without gold.
@@ -97,6 +100,7 @@ class ControllerConfig(StrictModel):
     dropout: float = Field(default=0.1, ge=0, lt=1)
     balance: float = Field(default=0.1, ge=0)
     max_seconds: float | None = Field(default=120.0, gt=0)
+    train_share: float = Field(default=0.5, gt=0, lt=1)
     negatives_per_query: int = Field(default=6, ge=1)
     alpha: float = Field(default=0.05, gt=0, lt=1)
     min_effect: float = Field(default=0.05, ge=0, le=1)
@@ -319,7 +323,9 @@ class Controller:
         report = candidate.update(
             items, engine=self.engine if split.judge_soft else None, steps=cfg.soft_prompt_steps,
             retrieval_steps=cfg.retrieval_steps, retrieval_lr=cfg.retrieval_lr, head_lr=cfg.soft_prompt_lr,
-            l2_to_init=cfg.l2_to_init, dropout=cfg.dropout, balance=cfg.balance, max_seconds=cfg.max_seconds)
+            l2_to_init=cfg.l2_to_init, dropout=cfg.dropout, balance=cfg.balance,
+            # training gets its share of the budget; the rest is left for judging
+            max_seconds=None if cfg.max_seconds is None else cfg.max_seconds * cfg.train_share)
         if not report.accepted:
             raise _Outcome(f"the update learnt nothing on its training records (retrieval loss {report.loss_before:.3f}"
                            f" -> {report.loss_after:.3f}, LM {report.lm_before} -> {report.lm_after}); kept the old "

@@ -43,6 +43,7 @@ import torch
 
 from detot_agent.answers import extract_number, normalize
 from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
+from detot_agent.detot.controller import ControllerConfig
 from detot_agent.detot.task import AnswerFormat, TaskKind, TaskProfile, analyze
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.generation import text_seed
@@ -73,6 +74,7 @@ class EvalContext:
     task_embedding: TaskEmbedding | None = None
     task_name: str = "task"
     feedback: str = "none"  # "gold": DETOT methods get each problem's gold answer after answering it
+    reopt_seconds: float | None = None  # the loop's budget per re-optimization (None: ControllerConfig's)
     questions: list[str] = field(default_factory=list)
     events_dir: Path | None = None
 
@@ -285,6 +287,8 @@ class DetotMethod(MethodRunner):
                              soft_prompt=ctx.soft_prompt, background=self.background, event_log=log,
                              # each method its own copy: a learning one must not move another's state
                              task_embedding=copy.deepcopy(ctx.task_embedding),
+                             controller_config=None if ctx.reopt_seconds is None else
+                             ControllerConfig(max_seconds=ctx.reopt_seconds),
                              adapter=PlainAdapter() if self.plain else None)
 
     def config(self) -> dict[str, Any]:
@@ -292,6 +296,7 @@ class DetotMethod(MethodRunner):
                 "trained_soft_prompt": self.ctx.soft_prompt is not None or self.ctx.task_embedding is not None,
                 "task_embedding": None if self.ctx.task_embedding is None else repr(self.ctx.task_embedding),
                 "reoptimization": self.background, "feedback": self.ctx.feedback,
+                "reopt_seconds": self.ctx.reopt_seconds,
                 "adapter": type(self.program.active_adapter()).__name__}
 
     def __call__(self, example: dspy.Example) -> dict[str, Any]:

@@ -63,6 +63,7 @@ class ContextSpec(StrictModel):
     seed: int = 0
     task_name: str = "task"
     feedback: Literal["none", "gold"] = "none"
+    reopt_seconds: float | None = Field(default=None, gt=0)
     questions: list[str] = Field(default_factory=list)
 
 
@@ -113,4 +114,4 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        encoder=pool.encoder if pool is not None else None, k=spec.k, n=spec.n,
                        temperature=spec.temperature, max_tokens=spec.max_tokens, seed=spec.seed,
                        soft_prompt=vectors, task_embedding=task_embedding, task_name=spec.task_name,
-                       feedback=spec.feedback, questions=list(spec.questions))
+                       feedback=spec.feedback, reopt_seconds=spec.reopt_seconds, questions=list(spec.questions))
