@@ -31,10 +31,11 @@ Example:
     >>> import numpy as np
     >>> from detot_agent.embedding.task_embedding import TaskEmbedding
     >>> te = TaskEmbedding("t", np.eye(4, dtype=np.float32)[0], encoder_name="demo")
-    >>> fb = Feedback(query=np.eye(4, dtype=np.float32)[1], positives=np.eye(4, dtype=np.float32)[2:3],
-    ...               negatives=np.eye(4, dtype=np.float32)[3:4])
-    >>> te.update([fb], retrieval_steps=20).accepted
-    True
+    >>> fb = Feedback(query=np.full(4, 0.5, dtype=np.float32), positives=np.eye(4, dtype=np.float32)[2:3],
+    ...               negatives=np.eye(4, dtype=np.float32)[3:4])       # exemplar 2 helped, 3 did not
+    >>> report = te.update([fb], retrieval_steps=20)
+    >>> report.accepted, report.loss_after < report.loss_before, te.version
+    (True, True, 1)
 """
 
 from __future__ import annotations
