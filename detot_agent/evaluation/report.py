@@ -184,65 +184,44 @@ def _plot(out: Path, report: dict[str, Any]) -> list[Path]:
     plt.close(fig)
     written.append(path)
 
-    fig, ax = plt.subplots(figsize=(8, 4))
-    drew = False
-    for name in report["methods"]:
-        records = sorted(read_records(out / f"{name}.jsonl"), key=lambda r: r.get("finished_at", 0))
-        agree = [r.get("agreement") for r in records]
-        if not records or any(a is None for a in agree):
-            continue
-        window = 10
-        series = np.convolve(np.asarray(agree, dtype=float), np.ones(window) / window, mode="valid") \
-            if len(agree) >= window else np.asarray(agree, dtype=float)
-        (line,) = ax.plot(np.arange(len(series)) + min(window, len(agree)), series, label=name)
-        drew = True
-        times = [r.get("finished_at", 0) for r in records]
-        for e in _events(out / f"{name}.events.jsonl"):
-            if e.get("event") != "reoptimization":
-                continue
-            x = int(np.searchsorted(times, e.get("time", 0)))
-            ax.axvline(x, color=line.get_color(), ls="-" if e.get("accepted") else "--", lw=1.5, alpha=0.8)
-    if drew:
-        ax.set_xlabel("questions answered")
-        ax.set_ylabel("agreement (rolling mean of 10)")
-        ax.set_title("agreement over time; re-optimizations (method's colour): solid accepted, dashed rolled back",
-                     fontsize=9)
-        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-        fig.tight_layout()
-        path = out / "agreement.png"
-        fig.savefig(path, dpi=120)
-        written.append(path)
-    plt.close(fig)
-    written += _plot_learning_curve(out, report, plt)
+    written += _plot_over_stream(
+        out, report, plt, lambda r: r.get("agreement"), path=out / "agreement.png", window=lambda n: 10,
+        ylabel="agreement (rolling mean of 10)",
+        title="agreement over time; re-optimizations (method's colour): solid accepted, dashed rolled back")
+    # is the loop learning? (with --feedback gold, a prequential learning curve)
+    written += _plot_over_stream(
+        out, report, plt, lambda r: float(bool(r["correct"])), path=out / "learning_curve.png",
+        window=lambda n: max(5, min(25, n // 4)), ylabel="accuracy (rolling mean)",
+        title="learning curve; re-optimizations: solid accepted, dashed rejected")
     return written
 
 
-def _plot_learning_curve(out: Path, report: dict[str, Any], plt: Any) -> list[Path]:
-    """Rolling accuracy over the stream (answer order), re-optimizations marked: is the loop learning?"""
+def _plot_over_stream(out: Path, report: dict[str, Any], plt: Any, value: Any, *, path: Path, window: Any,
+                      ylabel: str, title: str) -> list[Path]:
+    """A rolling mean of `value(record)` per method in the order answers finished, re-optimizations marked."""
     fig, ax = plt.subplots(figsize=(8, 4))
     drew = False
     for name in report["methods"]:
         records = sorted(read_records(out / f"{name}.jsonl"), key=lambda r: r.get("finished_at", 0))
-        if len(records) < 4:
+        values = [value(r) for r in records]
+        if len(records) < 4 or any(v is None for v in values):
             continue
-        correct = np.asarray([bool(r["correct"]) for r in records], dtype=float)
-        window = max(5, min(25, len(records) // 4))
-        series = np.convolve(correct, np.ones(window) / window, mode="valid")
-        (line,) = ax.plot(np.arange(len(series)) + window, series, label=name)
+        w = min(window(len(values)), len(values))
+        series = np.convolve(np.asarray(values, dtype=float), np.ones(w) / w, mode="valid")
+        (line,) = ax.plot(np.arange(len(series)) + w, series, label=name)
         drew = True
         times = [r.get("finished_at", 0) for r in records]
         for e in _events(out / f"{name}.events.jsonl"):
             if e.get("event") == "reoptimization":
                 x = int(np.searchsorted(times, e.get("time", 0)))
-                ax.axvline(x, color=line.get_color(), ls="-" if e.get("accepted") else "--", lw=1.2, alpha=0.8)
+                ax.axvline(x, color=line.get_color(), ls="-" if e.get("accepted") else "--", lw=1.5, alpha=0.8)
     written = []
     if drew:
         ax.set_xlabel("questions answered (stream order)")
-        ax.set_ylabel("accuracy (rolling mean)")
-        ax.set_title("learning curve; re-optimizations: solid accepted, dashed rejected", fontsize=9)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()
-        path = out / "learning_curve.png"
         fig.savefig(path, dpi=120)
         written.append(path)
     plt.close(fig)
