@@ -1,11 +1,11 @@
 #!/bin/bash
 # Issue 17: a prequential GSM8K stream (300 problems, seed 0), static DETOT against DETOT with the loop, gold
 # feedback after each answer. Needs runs/gsm8k-train-index (detot index build --data ../shared/data/gsm8k/train.jsonl
-# --out runs/gsm8k-train-index). Resumable: pass --resume. About 8 hours on the 2-core CPU.
+# --out runs/gsm8k-train-index). Resumable: pass --resume. About 14 hours on the 2-core CPU (85 s a question for static DETOT with 4 in flight).
 cd "$(dirname "$0")/../.."  # the repository root
 export HF_HUB_OFFLINE=1
 .venv/bin/detot eval --suite gsm8k --data-dir ../shared/data --methods detot_plain_static,detot_plain --limit 300 --seed 0 \
   --model "$(../shared/tools/bench-model.sh)" --index runs/gsm8k-train-index \
   --soft-prompt evals/results/dynamic_prompt_m0/dynamic_task_embedding --temperature 0.5 --max-tokens 256 \
-  --engine llamacpp --device cpu --threads 4 --feedback gold --reopt-seconds 1200 \
+  --engine llamacpp --device cpu --threads 4 --feedback gold --reopt-seconds 2400 \
   --out evals/results/prequential_gsm8k "$@"
