@@ -418,11 +418,11 @@ class Controller:
             return None
         from detot_agent.softprompt.training import target_nll
 
-        records = [ev for ev in held if self._example(ev) is not None]
-        if not records:
+        pairs = [(ev, ex) for ev in held if (ex := self._example(ev)) is not None]
+        if not pairs:
             return None
-        prompts = embedding.soft_prompts(np.stack([ev.query for ev in records]))  # (N, k, H)
-        return target_nll(self.engine, prompts, self._examples(records))
+        prompts = embedding.soft_prompts(np.stack([ev.query for ev, _ in pairs]))  # (N, k, H)
+        return target_nll(self.engine, prompts, [ex for _, ex in pairs])
 
     def _mrr(self, embedding: TaskEmbedding, records: list[Evidence]) -> float | None:
         """Mean reciprocal rank of each record's demos under `embedding`'s query for that record."""

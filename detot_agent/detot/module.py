@@ -345,7 +345,7 @@ class DETOT(dspy.Module):
         if missing:
             raise InvalidRequestError(f"missing input field(s) {missing}; the signature takes "
                                       f"{list(sig.input_fields)}")
-        text = " ".join(str(inputs[name]) for name in sig.input_fields)
+        text = self._input_text(inputs)
         if not text.strip():
             raise EmptyPromptError("the input is empty or whitespace; pass a question")
         lm = self.lm or dspy.settings.lm
@@ -391,10 +391,13 @@ class DETOT(dspy.Module):
         samples, result, drawn = vote_in_rounds(draw, self.adjustments)
         return query, demo_ids, messages, samples, result, drawn
 
+    def _input_text(self, inputs: dict[str, Any]) -> str:
+        """What the encoder reads for a call (and for its replay): the input fields, joined."""
+        return " ".join(str(inputs[name]) for name in self._signature().input_fields)
+
     def _replay(self, state: TaskState, inputs: dict[str, Any]) -> Replayed:
         """Answer `inputs` under `state` (the same seeds as a call), for judging a candidate; records nothing."""
-        sig = self._signature()
-        text = " ".join(str(inputs[name]) for name in sig.input_fields)
+        text = self._input_text(inputs)
         lm = self.lm or dspy.settings.lm
         _, demo_ids, _, _, result, _ = self._answer(state, inputs, text, lm)
         return Replayed(result.winner, result.agreement, tuple(demo_ids))

@@ -104,13 +104,18 @@ class PromptHead:
 
     # ---- the map q -> P -------------------------------------------------------------------------
     @staticmethod
+    def gate_weights(q: torch.Tensor, gate: torch.Tensor, tau: float) -> torch.Tensor:
+        """`a = softmax(G q / tau)` `(N, M)` for queries `q (N, D)` (differentiable)."""
+        return torch.softmax(q @ gate.T / tau, dim=-1)
+
+    @staticmethod
     def mix(q: torch.Tensor, p0: torch.Tensor, bank: torch.Tensor, gate: torch.Tensor, tau: float,
             ) -> tuple[torch.Tensor, torch.Tensor]:
         """`(P, a)` for queries `q (N, D)`: `P (N, k, H)`, gate weights `a (N, M)` (differentiable)."""
         n = q.shape[0]
         if bank.shape[0] == 0:
             return p0.unsqueeze(0).expand(n, -1, -1), q.new_zeros(n, 0)
-        a = torch.softmax(q @ gate.T / tau, dim=-1)  # (N, M)
+        a = PromptHead.gate_weights(q, gate, tau)  # (N, M)
         return p0 + torch.einsum("nm,mkh->nkh", a, bank), a  # (N, k, H)
 
     def __call__(self, q: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,7 @@ from pydantic import BaseModel, Field
 from detot_agent.config import StrictModel
 from detot_agent.embedding.head import PromptHead
 from detot_agent.errors import ConfigError, DetotError
-from detot_agent.softprompt.training import TuneExample, _batch_loss, _encode
+from detot_agent.softprompt.training import TuneExample, _batch_loss, _encode, _mean_nll
 
 if TYPE_CHECKING:
     from detot_agent.embedding.task_embedding import TaskEmbedding
@@ -271,16 +271,12 @@ def update(te: TaskEmbedding, feedback: Sequence[Feedback], *, engine: Any = Non
 
     def gate_weights(e: torch.Tensor) -> torch.Tensor:
         assert head0 is not None
-        return torch.softmax(query(e, cfg.couple) @ hp["gate"].T / head0.tau, dim=-1)  # (N, M)
+        return PromptHead.gate_weights(query(e, cfg.couple), hp["gate"], head0.tau)  # (N, M)
 
     def lm_nll(enc: list[Any], e: torch.Tensor) -> float:
         with torch.no_grad():
-            total = 0.0
-            for i in range(0, len(enc), cfg.batch_size):
-                part = enc[i:i + cfg.batch_size]
-                P, _ = prompts(e[i:i + cfg.batch_size], False)  # (B, k, H)
-                total += float(_batch_loss(model, P.to(dtype), part)) * len(part)
-        return total / len(enc)
+            P, _ = prompts(e, False)  # (N, k, H): one per example
+        return _mean_nll(model, P.to(dtype), enc, cfg.batch_size)
 
     def head_reg() -> torch.Tensor:
         reg = (hp["p0"] - h["p0_init"]).pow(2).sum(-1).mean()
