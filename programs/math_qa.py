@@ -6,13 +6,31 @@
 The first run embeds the training file into an index (saved under --index and reused).
 Prompts are plain text by default (`PlainAdapter`: demos and replies end in "The answer is N."),
 which small local models follow better than DSPy's field layout; `--adapter chat` uses the latter.
+
+Compiling with a DSPy optimizer (`--optimize bootstrap|mipro|gepa`): the program is scored on a seeded
+evaluation sample of a suite (the sample `detot eval --limit N --seed S` draws), compiled on training
+problems drawn from the rest of the suite (never from the evaluation sample), and scored again; the
+report gives both accuracies, the paired counts and an exact two-sided McNemar p-value:
+
+    python -m programs.math_qa --optimize bootstrap --suite multiarith --data-dir ../shared/data \
+        --train ../shared/data/gsm8k/train.jsonl --model "$(../shared/tools/bench-model.sh)" \
+        --eval-size 100 --train-size 50 --out evals/results/optimize/bootstrap.json
+
+MIPROv2 and GEPA use the same local model to propose instructions (GEPA: as its reflection LM) and split
+the training problems 60/40 into the optimizer's train and validation sets.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import random
 import sys
+import time
 from pathlib import Path
+from typing import Any
+
+import dspy
 
 from detot_agent import DETOT, Encoder, ExemplarIndex, LenientChatAdapter, PlainAdapter, TaskProfile, analyze, local_lm
 from detot_agent.answers import AnswerFormat
@@ -36,9 +54,9 @@ def load_or_build_index(index_dir: Path, train: Path | None, *, limit: int | Non
 
 
 def build(index: ExemplarIndex, *, model: str | None, max_tokens: int, max_samples: int,
-          questions: list[str], adapter: str = "plain") -> DETOT:
+          questions: list[str], adapter: str = "plain", lm: Any = None) -> DETOT:
     """A DETOT module for numeric answers on a local model."""
-    lm = local_lm(model, cache=False)
+    lm = lm if lm is not None else local_lm(model, cache=False)
     task = TaskProfile(name="math", description="Solve arithmetic word problems step by step.",
                        kind=TaskKind.ARITHMETIC, answer_format=AnswerFormat.NUMBER)
     adjustments = analyze(task, questions, max_tokens=max_tokens, max_samples=max_samples)
@@ -47,10 +65,122 @@ def build(index: ExemplarIndex, *, model: str | None, max_tokens: int, max_sampl
                  adapter=layout)
 
 
+OPTIMIZERS = ("bootstrap", "mipro", "gepa")
+
+
+def _correct(example: dspy.Example, pred: Any) -> bool:
+    from detot_agent.answers import normalize
+
+    answer = getattr(pred, "answer", None)
+    return answer is not None and normalize(str(answer), AnswerFormat.NUMBER) == example.answer
+
+
+def metric(example: dspy.Example, pred: Any, trace: Any = None) -> bool:
+    """Exact numeric match with the gold answer (the suites' normalised `answer`)."""
+    return _correct(example, pred)
+
+
+def feedback_metric(gold: dspy.Example, pred: Any, trace: Any = None, pred_name: Any = None,
+                    pred_trace: Any = None) -> dspy.Prediction:
+    """GEPA's metric: the score plus a sentence of feedback for its reflection LM."""
+    ok = _correct(gold, pred)
+    said = getattr(pred, "answer", None)
+    return dspy.Prediction(score=float(ok), feedback="Correct." if ok else
+                           f"Wrong: answered {said!r}, the correct answer is {gold.answer}.")
+
+
+def split_for_compiling(examples: list[dspy.Example], *, eval_size: int, train_size: int,
+                        seed: int) -> tuple[list[dspy.Example], list[dspy.Example]]:
+    """`(evalset, trainset)`: the seeded evaluation sample of `detot eval` and training problems drawn
+    (seeded) from the rest, so none is evaluated on."""
+    from detot_agent.evaluation.data import sample_examples
+
+    evalset = sample_examples(examples, limit=eval_size, seed=seed)
+    held = {ex.id for ex in evalset}
+    rest = [ex for ex in examples if ex.id not in held]
+    if len(rest) < train_size:
+        raise DetotError(f"only {len(rest)} problems are left beside the {len(evalset)} evaluated; "
+                         f"lower --train-size ({train_size}) or --eval-size")
+    return evalset, random.Random(seed + 1).sample(rest, train_size)
+
+
+def make_optimizer(name: str, lm: Any, *, threads: int, seed: int) -> Any:
+    """The DSPy optimizer `name` with settings sized for a CPU run (the same local LM proposes)."""
+    if name == "bootstrap":
+        return dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=2, max_labeled_demos=2, max_rounds=1)
+    if name == "mipro":
+        return dspy.MIPROv2(metric=metric, prompt_model=lm, task_model=lm, auto="light", num_threads=threads,
+                            max_bootstrapped_demos=2, max_labeled_demos=2, seed=seed, verbose=False)
+    if name == "gepa":
+        return dspy.GEPA(metric=feedback_metric, reflection_lm=lm, auto="light", num_threads=threads, seed=seed)
+    raise DetotError(f"--optimize must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
+
+
+def compile_and_compare(program: DETOT, optimizer: str, evalset: list[dspy.Example], trainset: list[dspy.Example],
+                        *, lm: Any, threads: int, seed: int) -> tuple[Any, dict[str, Any]]:
+    """Score `program` on `evalset`, compile it with `optimizer` on `trainset`, score it again."""
+    from scipy.stats import binomtest
+
+    def score(prog: Any) -> list[bool]:
+        out = dspy.Evaluate(devset=evalset, metric=metric, num_threads=threads, display_progress=True,
+                            provide_traceback=True)(prog)
+        by_id = {ex.id: bool(s) for ex, _, s in out.results}
+        return [by_id[ex.id] for ex in evalset]
+
+    start = time.perf_counter()
+    before = score(program)
+    opt = make_optimizer(optimizer, lm, threads=threads, seed=seed)
+    if optimizer == "bootstrap":
+        compiled = opt.compile(program, trainset=trainset)
+    else:
+        cut = int(len(trainset) * 0.6)
+        compiled = opt.compile(program, trainset=trainset[:cut], valset=trainset[cut:])
+    after = score(compiled)
+    gained = sum(a and not b for a, b in zip(after, before, strict=True))
+    lost = sum(b and not a for a, b in zip(after, before, strict=True))
+    inner = compiled.predictor.predict if hasattr(compiled.predictor, "predict") else compiled.predictor
+    report = {
+        "optimizer": optimizer, "eval_size": len(evalset), "train_size": len(trainset), "seed": seed,
+        "accuracy_before": sum(before) / len(before), "accuracy_after": sum(after) / len(after),
+        "gained": gained, "lost": lost,
+        "mcnemar_p_two_sided": 1.0 if gained + lost == 0 else float(binomtest(gained, gained + lost, 0.5).pvalue),
+        "demos_attached": len(inner.demos), "instructions": inner.signature.instructions,
+        "eval_ids": [ex.id for ex in evalset], "train_ids": [ex.id for ex in trainset],
+        "correct_before": before, "correct_after": after, "seconds": round(time.perf_counter() - start, 1),
+    }
+    return compiled, report
+
+
+def _optimize(args: argparse.Namespace) -> int:
+    from detot_agent.evaluation.data import load_suite
+    from detot_agent.io.persist import atomic_write_text
+
+    suite = load_suite(args.suite, data_dir=args.data_dir)
+    evalset, trainset = split_for_compiling(suite.examples, eval_size=args.eval_size, train_size=args.train_size,
+                                            seed=args.seed)
+    index = load_or_build_index(args.index, args.train, limit=args.train_limit)
+    lm = local_lm(args.model, cache=False)
+    program = build(index, model=args.model, max_tokens=args.max_tokens, max_samples=args.max_samples,
+                    questions=[ex.question for ex in trainset], adapter=args.adapter, lm=lm)
+    compiled, report = compile_and_compare(program, args.optimize, evalset, trainset, lm=lm, threads=args.threads,
+                                           seed=args.seed)
+    report.update(suite=suite.name, model=args.model or "embedded SmolLM2-135M", adapter=args.adapter,
+                  max_samples=args.max_samples)
+    print(f"{args.optimize} on {suite.name}: accuracy {report['accuracy_before']:.3f} -> "
+          f"{report['accuracy_after']:.3f} on {len(evalset)} problems (+{report['gained']} / -{report['lost']}, "
+          f"McNemar p = {report['mcnemar_p_two_sided']:.3g}); {report['demos_attached']} demos attached")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
+        compiled.save(args.out.with_suffix(".program.json"))
+        print(f"wrote {args.out} and {args.out.with_suffix('.program.json')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m programs.math_qa", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--question", action="append", required=True, help="A word problem (repeatable).")
+    ap.add_argument("--question", action="append", help="A word problem (repeatable).")
     ap.add_argument("--train", type=Path, help="Training problems for demos (GSM8K JSONL, MultiArith JSON, JSONL).")
     ap.add_argument("--index", type=Path, default=Path("runs/math-qa-index"), help="Where the index lives.")
     ap.add_argument("--train-limit", type=int, help="Index only the first N training problems.")
@@ -59,7 +189,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-samples", type=int, default=6)
     ap.add_argument("--adapter", choices=["plain", "chat"], default="plain",
                     help="Prompt layout: plain text (default) or DSPy's [[ ## field ## ]] layout.")
+    ap.add_argument("--optimize", choices=OPTIMIZERS, help="Compile with a DSPy optimizer and report the "
+                    "accuracy before and after on --suite (instead of answering --question).")
+    ap.add_argument("--suite", default="multiarith", help="Suite for --optimize (name or file).")
+    ap.add_argument("--data-dir", type=Path, help="Folder holding the known suites (else $DETOT_DATA_DIR).")
+    ap.add_argument("--eval-size", type=int, default=100, help="Seeded evaluation sample (as detot eval --limit).")
+    ap.add_argument("--train-size", type=int, default=50, help="Training problems, none from the evaluation sample.")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2, help="Evaluation and optimizer threads.")
+    ap.add_argument("--out", type=Path, help="Write the --optimize report (JSON) and the compiled program here.")
     args = ap.parse_args(argv)
+    if args.optimize is None and not args.question:
+        ap.error("pass --question (repeatable), or --optimize bootstrap|mipro|gepa")
+    if args.optimize is not None:
+        try:
+            return _optimize(args)
+        except DetotError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     try:
         index = load_or_build_index(args.index, args.train, limit=args.train_limit)
         detot = build(index, model=args.model, max_tokens=args.max_tokens, max_samples=args.max_samples,

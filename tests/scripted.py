@@ -1,14 +1,21 @@
-"""A scripted DSPy engine for control-flow tests: answers come from a function, formatted for ChatAdapter
-(or, with `plain=True`, as plain text ending in "The answer is X.", for PlainAdapter)."""
+"""Scripted engines for control-flow tests: answers come from a function, formatted for ChatAdapter (or, with
+`plain=True`, as plain text ending in "The answer is X.", for PlainAdapter). `ScriptedEngine` is a DSPy engine
+(DETOT samples it by rollouts); `ScriptedLocalEngine` is a batched local engine (DETOT's `sample(n)` path);
+`FillingEngine` answers any signature (a prompt model or reflection LM for optimizers)."""
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 from collections.abc import Callable
 from typing import Any
 
 import dspy
 from dspy.lm15 import Message, Response, TextPart, Usage, response_to_events
+
+from detot_agent import LocalEngine
+from detot_agent.engines.generation import GenOutput, GenRow
 
 
 class ScriptedEngine:
@@ -70,4 +77,93 @@ class AsyncScriptedEngine:
 def scripted_lm(answer: Callable[[str, int], str | None], *, plain: bool = False) -> tuple[Any, ScriptedEngine]:
     engine = ScriptedEngine(answer, plain=plain)
     return dspy.LM("scripted/test", engine=engine, async_engine=AsyncScriptedEngine(engine), cache=False,
+                   num_retries=0), engine
+
+
+class ScriptedLocalEngine(LocalEngine):
+    """A real batched engine whose decoding is scripted: the tiny model's tokenizer and chat template,
+    `build_row`, `sample(n)` (one row, n samples), `complete`, soft prompts and budgets all run as in
+    `LocalEngine`; only `_run` is replaced, by `answer(prompt_text, call_no)` (None: an unparseable reply).
+    Replies are ChatAdapter fields, or with `plain=True` "... The answer is X." for PlainAdapter."""
+
+    def __init__(self, model_dir: Any, answer: Callable[[str, int], str | None], *, plain: bool = False) -> None:
+        super().__init__(str(model_dir), device="cpu", dtype="float32", dynamic_batching=False)
+        self.answer = answer
+        self.plain = plain
+        self.calls = 0
+        self.prompts: list[str] = []
+        self.rows: list[GenRow] = []
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_rebuild_scripted, (self.config.model, self.answer, self.plain))
+
+    def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
+        out = []
+        for row in rows:
+            text = self.tokenizer.decode(row.prompt_ids)
+            self.prompts.append(text)
+            self.rows.append(row)
+            samples = []
+            for _ in range(row.n):
+                ans = self.answer(text, self.calls)
+                n = self.calls
+                self.calls += 1
+                if ans is None:
+                    body = "garbage without fields"
+                elif self.plain:
+                    body = f"step {n}\nThe answer is {ans}."
+                else:
+                    body = f"[[ ## reasoning ## ]]\nstep {n}\n\n[[ ## answer ## ]]\n{ans}"
+                ids = self.tokenizer(body, add_special_tokens=False)["input_ids"]
+                samples.append(GenOutput(text=body, token_ids=list(ids), finish_reason="stop", logprob=-1.0))
+            out.append(samples)
+        return out
+
+
+def _rebuild_scripted(model: str, answer: Any, plain: bool) -> ScriptedLocalEngine:
+    return ScriptedLocalEngine(model, answer, plain=plain)
+
+
+def scripted_local_lm(model_dir: Any, answer: Callable[[str, int], str | None], *,
+                      plain: bool = False) -> tuple[Any, ScriptedLocalEngine]:
+    """A `local_lm` on a `ScriptedLocalEngine` (DETOT takes its batched-engine path)."""
+    from detot_agent import local_lm
+
+    engine = ScriptedLocalEngine(model_dir, answer, plain=plain)
+    return local_lm(engine=engine, cache=False), engine
+
+
+_OUTPUT_FIELDS = re.compile(r"Your output fields are:\n(.*?)(?:\n\n|All interactions)", re.DOTALL)
+_FIELD_NAME = re.compile(r"^\d+\. `(\w+)`", re.MULTILINE)
+
+
+class FillingEngine(ScriptedEngine):
+    """A scripted DSPy engine for any signature: each output field the ChatAdapter (or JSONAdapter) asks for
+    gets `fill(field)`; a request without DSPy's field layout gets `fill("raw")`.
+    Stands in for MIPROv2's prompt model and GEPA's reflection LM."""
+
+    def __init__(self, fill: Callable[[str], str]) -> None:
+        super().__init__(lambda text, n: None)
+        self.fill = fill
+
+    def complete(self, request: Any) -> Response:
+        system = request.system if isinstance(request.system, str) else ""
+        found = _OUTPUT_FIELDS.search(system)
+        with self._lock:
+            self.calls += 1
+            self.prompts.append(system + "\n" + "\n".join(m.text or "" for m in request.messages))
+        if found and "Outputs will be a JSON object" in system:  # DSPy's JSONAdapter (GEPA's reflection)
+            body = json.dumps({name: self.fill(name) for name in _FIELD_NAME.findall(found.group(1))})
+        elif found:
+            names = _FIELD_NAME.findall(found.group(1))
+            body = "".join(f"[[ ## {name} ## ]]\n{self.fill(name)}\n\n" for name in names) + "[[ ## completed ## ]]"
+        else:
+            body = self.fill("raw")
+        return Response(id=None, model="filling", message=Message.assistant([TextPart(body)]), finish_reason="stop",
+                        usage=Usage(input_tokens=10, output_tokens=5))
+
+
+def filling_lm(fill: Callable[[str], str]) -> tuple[Any, FillingEngine]:
+    engine = FillingEngine(fill)
+    return dspy.LM("filling/test", engine=engine, async_engine=AsyncScriptedEngine(engine), cache=False,
                    num_retries=0), engine

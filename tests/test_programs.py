@@ -125,3 +125,45 @@ def test_agent_calls_the_tool_then_detot_answers(long_tiny_model_dir, train_file
     with dspy.context(lm=lm):
         pred = agent(question="What is 2 + 2?")
     assert "trajectory" in pred and pred.samples_used >= 1
+
+
+def test_math_qa_optimize_compiles_on_problems_it_does_not_evaluate(long_tiny_model_dir, train_file, tmp_path,
+                                                                    capsys):
+    from programs.math_qa import main
+
+    out = tmp_path / "opt" / "bootstrap.json"
+    rc = main(["--optimize", "bootstrap", "--suite", str(train_file), "--train", str(train_file),
+               "--index", str(tmp_path / "index"), "--model", str(long_tiny_model_dir), "--eval-size", "5",
+               "--train-size", "4", "--max-tokens", "8", "--max-samples", "2", "--threads", "1", "--out", str(out)])
+    assert rc == 0 and "bootstrap on" in capsys.readouterr().out
+    report = json.loads(out.read_text())
+    assert len(report["eval_ids"]) == 5 and len(report["train_ids"]) == 4
+    assert not set(report["eval_ids"]) & set(report["train_ids"])
+    assert len(report["correct_before"]) == len(report["correct_after"]) == 5
+    assert out.with_suffix(".program.json").is_file()
+
+
+def test_compile_and_compare_reports_a_gain_that_comes_from_the_attached_demos(encoder, long_tiny_model_dir):
+    import dspy
+    from scripted import scripted_local_lm
+
+    from detot_agent import ExemplarIndex
+    from programs.math_qa import build, compile_and_compare, split_for_compiling
+
+    index = ExemplarIndex(encoder)
+    index.add([{"id": "x", "text": "What is 1 plus 21?", "fields": {"question": "What is 1 plus 21?", "answer": "22"}}])
+    problems = [dspy.Example(id=f"p{i}", question=f"What is {i} plus {i + 2}?", answer=str(2 * i + 2))
+                .with_inputs("question") for i in range(12)]
+
+    def answer(text, n):  # right only with at least three worked answers shown: the retrieved one is not enough
+        a, b = text.rsplit("What is ", 1)[1].split("?")[0].split(" plus ")
+        return str(int(a) + int(b)) if text.count("The answer is") >= 3 else "0"
+
+    lm, _ = scripted_local_lm(long_tiny_model_dir, answer, plain=True)
+    program = build(index, model=None, max_tokens=16, max_samples=2, questions=[], lm=lm)
+    evalset, trainset = split_for_compiling(problems, eval_size=6, train_size=4, seed=0)
+    compiled, report = compile_and_compare(program, "bootstrap", evalset, trainset, lm=lm, threads=1, seed=0)
+    assert report["accuracy_before"] == 0.0 and report["accuracy_after"] == 1.0
+    assert (report["gained"], report["lost"], report["demos_attached"]) == (6, 0, 2)
+    assert report["mcnemar_p_two_sided"] == pytest.approx(2 / 2**6)
+    assert compiled is not program and program.predictor.predict.demos == []

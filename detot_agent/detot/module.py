@@ -42,6 +42,7 @@ from detot_agent.detot.monitor import Monitor, Observation
 from detot_agent.detot.records import Evidence, ParsedSample, TaskState
 from detot_agent.detot.sampling import sample_engine, vote_in_rounds
 from detot_agent.detot.task import Adjustments, TaskProfile, analyze
+from detot_agent.detot.tracing import record_trace
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.generation import text_seed
@@ -248,13 +249,35 @@ class DETOT(dspy.Module):
         clone.__dict__.update(self.__dict__)
         clone.predictor = self.predictor.deepcopy()
         state = self.controller.state
-        clone.monitor = Monitor(self.monitor.config, log_path=self.monitor.log_path)
-        clone.controller = Controller(
-            TaskState(state.version, None if state.embedding is None else copy.deepcopy(state.embedding)),
-            index=self.index, monitor=clone.monitor, engine=self.controller.engine, config=self.controller.config,
-            k=self.adjustments.k_exemplars, replay=clone._replay, canary=self.canary)
-        clone._rollout_lock = threading.Lock()
+        clone._start_loop(TaskState(state.version, None if state.embedding is None else copy.deepcopy(state.embedding)),
+                          self.monitor.config, self.monitor.log_path, self.controller.config, self.controller.engine)
         return clone
+
+    def _start_loop(self, state: TaskState, monitor_config: Any, log_path: Any, config: ControllerConfig,
+                    engine: Any) -> None:
+        """A fresh monitor and controller serving `state` (for copies and unpickled programs)."""
+        self.monitor = Monitor(monitor_config, log_path=log_path)
+        self.controller = Controller(state, index=self.index, monitor=self.monitor, engine=engine, config=config,
+                                     k=self.adjustments.k_exemplars, replay=self._replay, canary=self.canary)
+        self._rollout_lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle support (`save_program=True`, `dspy.load`): the serving state, not the running loop (its
+        thread, locks and evidence); the LM's engine and the encoder pickle as their settings."""
+        out = {k: v for k, v in super().__getstate__().items() if k not in ("controller", "monitor", "_rollout_lock")}
+        out["_loop"] = (self.controller.state, self.monitor.config, self.monitor.log_path, self.controller.config)
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        served, monitor_config, log_path, config = state.pop("_loop")
+        super().__setstate__(state)
+        self._start_loop(served, monitor_config, log_path, config, _trainer(self.lm))
+
+    def _lm(self) -> Any:
+        """The LM a call uses, by DSPy's rule: one set on the inner predictor (`set_lm`), else `lm=`, else
+        `dspy.settings.lm` (`dspy.configure` / `dspy.context`)."""
+        return self._inner().lm or self.lm or dspy.settings.lm
 
     def active_adapter(self) -> dspy.Adapter:
         """The adapter a call uses: `adapter=`, else DSPy's configured one, else `LenientChatAdapter`."""
@@ -266,12 +289,18 @@ class DETOT(dspy.Module):
         return self.controller.state.version
 
     # ---- one call ------------------------------------------------------------------------------------
-    def _demos(self, state: TaskState, q: np.ndarray) -> tuple[list[dspy.Example], list[str]]:
-        """Demos for the task-adapted query `q` (read from `state` by the caller)."""
+    def _demos(self, state: TaskState, q: np.ndarray, text: str) -> tuple[list[dspy.Example], list[str]]:
+        """Demos for the task-adapted query `q` (read from `state` by the caller); an exemplar whose question
+        is the input itself (`text`) is never shown (it would hand the model its own answer, and let an
+        optimizer bootstrap demos by copying)."""
         k = min(self.adjustments.k_exemplars, len(self.index))
         if k == 0:
             return [], []
         hits = self.index.search(q, k, mmr=self.adjustments.mmr_lambda)
+        own = " ".join(text.split())
+        if any(" ".join(h.text.split()) == own for h in hits):
+            hits = [h for h in self.index.search(q, min(k + 1, len(self.index)), mmr=self.adjustments.mmr_lambda)
+                    if " ".join(h.text.split()) != own][:k]
         sig = self._signature()
         demos = []
         for h in hits:
@@ -280,9 +309,18 @@ class DETOT(dspy.Module):
             demos.append(dspy.Example(**{k2: _defuse(v) for k2, v in values.items() if v is not None}))
         return demos, [h.id for h in hits]
 
+    def _prompt_demos(self, retrieved: list[dspy.Example]) -> list[dspy.Example]:
+        """The demos a prompt shows, in order: the inner predictor's own `demos` (set by an optimizer or by
+        hand, all of them), then the retrieved ones, less any whose first input repeats an attached demo's."""
+        attached = list(self._inner().demos)
+        first = next(iter(self._signature().input_fields))
+        seen = {" ".join(str(d.get(first, "")).split()) for d in attached}
+        return attached + [d for d in retrieved if " ".join(str(d.get(first, "")).split()) not in seen]
+
     def _draw_engine(self, engine: BatchedEngine, lm: Any, adapter: dspy.Adapter, sig: Any,
-                     messages: list[dict[str, str]], soft: torch.Tensor | None, text: str) -> Any:
-        """A round drawer for a batched engine: one `sample(n)` per round (greedy answer first)."""
+                     messages: list[dict[str, str]], soft: torch.Tensor | None, text: str, record: bool) -> Any:
+        """A round drawer for a batched engine: one `sample(n)` per round (greedy answer first), recorded
+        on `lm` as one LM call (history, usage, callbacks) when `record`."""
         adj = self.adjustments
         # a ChatAdapter reply ends at its end marker: small models otherwise keep writing to max_tokens
         stop = ("[[ ## completed ## ]]",) if isinstance(adapter, dspy.ChatAdapter) else ()
@@ -293,7 +331,8 @@ class DETOT(dspy.Module):
             # the greedy answer votes first (and so wins ties); it shares the round's prefill
             greedy = 1 if drawn == 0 and adj.greedy_first else 0
             out = sample_engine(engine, model, messages, n, soft_prompt=soft, seed=seed, stop=stop,
-                                temperature=adj.temperature, max_tokens=adj.max_tokens, greedy=greedy)
+                                temperature=adj.temperature, max_tokens=adj.max_tokens, greedy=greedy,
+                                lm=lm if record else None)
             parsed = []
             for s in out:
                 try:
@@ -308,7 +347,12 @@ class DETOT(dspy.Module):
 
     def _draw_rollouts(self, lm: Any, adapter: dspy.Adapter, inputs: dict[str, Any],
                        demos: list[dspy.Example]) -> Any:
-        """A round drawer for any other `dspy.LM`: one rollout per sample (an unparseable one counts as None)."""
+        """A round drawer for any other `dspy.LM`: one rollout per sample (an unparseable one counts as None).
+
+        Each rollout is the inner predictor called with `lm=` a copy of `lm` carrying its own temperature
+        and rollout id (so an LM set on the predictor cannot override them, and DSPy's cache keeps distinct
+        samples apart); its trace entries are dropped, since the call's trace records the winner only.
+        """
         adj = self.adjustments
 
         def draw(n: int, drawn: int) -> list[ParsedSample]:
@@ -320,8 +364,8 @@ class DETOT(dspy.Module):
                 sampler = (lm.copy(temperature=0.0) if adj.greedy_first and drawn == 0 and i == 0
                            else lm.copy(rollout_id=rid, temperature=adj.temperature))
                 try:
-                    with dspy.context(lm=sampler, adapter=adapter):
-                        pred = self.predictor(**inputs, demos=list(self._inner().demos) + demos)
+                    with dspy.context(lm=sampler, adapter=adapter, trace=[]):
+                        pred = self.predictor(**inputs, demos=demos, lm=sampler)
                     fields: dict[str, Any] | None = dict(pred.items())
                 except Exception:  # an unparseable sample is counted and skipped
                     fields = None
@@ -348,14 +392,17 @@ class DETOT(dspy.Module):
         text = self._input_text(inputs)
         if not text.strip():
             raise EmptyPromptError("the input is empty or whitespace; pass a question")
-        lm = self.lm or dspy.settings.lm
+        lm = self._lm()
         if lm is None:
-            raise ConfigError("no LM: pass lm= to DETOT or call dspy.configure(lm=...)")
+            raise ConfigError("no LM: pass lm= to DETOT, call set_lm(...) or dspy.configure(lm=...)")
         state = self.controller.state  # one consistent snapshot for the whole call
         query, demo_ids, messages, samples, result, drawn = self._answer(state, inputs, text, lm)
         tokens = sum(s.tokens for s in samples)
         winner = next((s for s in samples if s.key == result.winner and s.fields is not None), None)
         fields = winner.fields if winner is not None and winner.fields else {}
+        if fields:  # what an optimizer learns from: the inner predictor's trace entry, with the winning sample
+            record_trace(self._inner(), {name: inputs[name] for name in sig.input_fields},
+                         {name: fields[name] for name in sig.output_fields if name in fields})
         latency = time.perf_counter() - start
         pred_id = uuid.uuid4().hex[:16]
         out: dict[str, Any] = {name: fields.get(name) for name in sig.output_fields}
@@ -373,19 +420,22 @@ class DETOT(dspy.Module):
             self.controller.submit()
         return dspy.Prediction(**out)
 
-    def _answer(self, state: TaskState, inputs: dict[str, Any], text: str, lm: Any) -> tuple[Any, ...]:
-        """The pipeline under one state: `(query, demo_ids, messages, samples, vote, drawn)`, no side effects."""
+    def _answer(self, state: TaskState, inputs: dict[str, Any], text: str, lm: Any,
+                record: bool = True) -> tuple[Any, ...]:
+        """The pipeline under one state: `(query, demo_ids, messages, samples, vote, drawn)`; with `record`,
+        the engine rounds are recorded on the LM as DSPy records its calls (history, usage, callbacks)."""
         sig = self._signature()
         query = self.encoder.encode([text])[0]
         # q(x) and P(x) from the one task embedding, in one snapshot
         q, soft, _ = state.embedding.serve(query) if state.embedding is not None else (query, None, 0)
-        demos, demo_ids = self._demos(state, q)
+        retrieved, demo_ids = self._demos(state, q, text)
+        demos = self._prompt_demos(retrieved)
         engine = _serving_engine(lm)
         adapter = self.active_adapter()
         messages = None
         if engine is not None:
-            messages = adapter.format(sig, demos=list(self._inner().demos) + demos, inputs=inputs)
-            draw = self._draw_engine(engine, lm, adapter, sig, messages, soft, text)
+            messages = adapter.format(sig, demos=demos, inputs=inputs)
+            draw = self._draw_engine(engine, lm, adapter, sig, messages, soft, text, record)
         else:
             draw = self._draw_rollouts(lm, adapter, inputs, demos)
         samples, result, drawn = vote_in_rounds(draw, self.adjustments)
@@ -398,8 +448,8 @@ class DETOT(dspy.Module):
     def _replay(self, state: TaskState, inputs: dict[str, Any]) -> Replayed:
         """Answer `inputs` under `state` (the same seeds as a call), for judging a candidate; records nothing."""
         text = self._input_text(inputs)
-        lm = self.lm or dspy.settings.lm
-        _, demo_ids, _, _, result, _ = self._answer(state, inputs, text, lm)
+        with dspy.context(disable_history=True, trace=None):  # a replay is not a call the user made
+            _, demo_ids, _, _, result, _ = self._answer(state, inputs, text, self._lm(), record=False)
         return Replayed(result.winner, result.agreement, tuple(demo_ids))
 
     def _stated_answer(self, raw: str) -> dict[str, Any] | None:
@@ -439,8 +489,14 @@ class DETOT(dspy.Module):
 
     # ---- persistence -------------------------------------------------------------------------------------
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
-        """DSPy state (predictor demos/instructions) plus DETOT's own: profile, adjustments, version."""
+        """DSPy state (predictor demos/instructions) plus DETOT's own: profile, adjustments, version.
+
+        The LM is not part of the state (DETOT is loaded into an object built with its LM and index): the
+        inner predictor's `lm` is saved as None, and loading keeps the LM the object has."""
         state = super().dump_state(json_mode=json_mode)
+        for part in state.values():
+            if isinstance(part, dict) and "lm" in part:
+                part["lm"] = None
         st = self.controller.state
         state["detot"] = {"task": self.task.model_dump(mode="json"),
                           "adjustments": self.adjustments.model_dump(mode="json"), "version": st.version,
@@ -453,7 +509,9 @@ class DETOT(dspy.Module):
         """Restore `dump_state` (tensors come from the side file; see `load`)."""
         extra = state.get("detot")
         inner = {k: v for k, v in state.items() if k != "detot"}
+        kept = self._inner().lm
         super().load_state(inner, **kwargs)
+        self._inner().lm = kept
         if extra:
             info = extra.get("index", {})
             if info.get("encoder") != self.index.encoder_name or info.get("dim") != self.index.dim:
@@ -470,16 +528,41 @@ class DETOT(dspy.Module):
 
         Both go through the shared atomic persistence path: the side folder is swapped in whole,
         then the JSON file is replaced in one rename, so a crash leaves the old program loadable.
+
+        With `save_program=True`, `path` is a directory (no suffix) that receives the whole program as
+        DSPy writes it (`program.pkl` by cloudpickle, `metadata.json`), swapped in whole; read it back with
+        `dspy.load(path, allow_pickle=True)`. The pickle holds the index, the task embedding and the
+        predictor; the LM's engine and the encoder are stored as their settings and load their models again.
+
+        Example:
+            >>> detot.save("runs/arith.json")                                       # doctest: +SKIP
+            >>> detot.save("runs/arith_program", save_program=True)                 # doctest: +SKIP
+            >>> again = dspy.load("runs/arith_program", allow_pickle=True)          # doctest: +SKIP
         """
         import orjson
         from dspy.utils.saving import get_dependency_versions
 
-        from detot_agent.io.persist import atomic_write_bytes, save_tensors
+        from detot_agent.io.persist import atomic_dir, atomic_write_bytes, save_tensors
 
         target = Path(path)
-        if save_program or target.suffix != ".json":
-            raise ConfigError(f"DETOT saves its state as JSON plus a tensors folder: pass a path ending in .json "
-                              f"(got {str(path)!r}{', save_program=True' if save_program else ''})")
+        meta_bytes = orjson.dumps({"dependency_versions": get_dependency_versions()},
+                                  option=orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE)
+        if save_program:
+            import cloudpickle
+
+            if target.suffix:
+                raise ConfigError(f"save_program=True saves a directory: pass a path without a suffix (got "
+                                  f"{str(path)!r})")
+            if target.exists() and not target.is_dir():
+                raise ConfigError(f"{str(path)!r} exists and is not a directory")
+            with atomic_dir(target, kind="detot-program", version=1, meta={}) as tmp:
+                with open(tmp / "program.pkl", "wb") as f:
+                    cloudpickle.dump(self, f)
+                (tmp / "metadata.json").write_bytes(meta_bytes)
+            return
+        if target.suffix != ".json":
+            raise ConfigError(f"DETOT saves its state as JSON plus a tensors folder: pass a path ending in .json, "
+                              f"or a directory with save_program=True (got {str(path)!r})")
         st = self.controller.state
         meta: dict[str, Any] = {"version": st.version, "embedding": None}
         tensors: dict[str, torch.Tensor] = {}
@@ -500,7 +583,7 @@ class DETOT(dspy.Module):
         side = Path(str(path) + ".tensors")
         m, tensors = load_tensors(side, kind=self.TENSORS_KIND, max_version=2)
         where = str(side / "tensors.safetensors")
-        serving = _serving_engine(self.lm)
+        serving = _serving_engine(self._lm())
         hidden = getattr(serving, "hidden_size", None)
         # validate everything before changing anything: a failed load leaves the current state serving
         embedding = None

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from detot_agent.detot.records import ParsedSample
 from detot_agent.detot.task import Adjustments
+from detot_agent.detot.tracing import engine_round
 from detot_agent.detot.voting import VoteResult, should_stop, vote
 
 if TYPE_CHECKING:
@@ -53,8 +54,9 @@ def vote_in_rounds(draw: Draw, adj: Adjustments) -> tuple[list[ParsedSample], Vo
 
 def sample_engine(engine: BatchedEngine, model: str, messages: list[dict[str, str]], n: int, *,
                   soft_prompt: Any, seed: int, stop: tuple[str, ...], temperature: float, max_tokens: int,
-                  greedy: int = 0) -> list[Sample]:
-    """`n` completions of chat `messages` from one prefill, the first `greedy` of them greedy."""
+                  greedy: int = 0, lm: Any = None) -> list[Sample]:
+    """`n` completions of chat `messages` from one prefill, the first `greedy` of them greedy; recorded
+    on `lm` (history, usage, callbacks) as one LM call when given (`detot/tracing.py`)."""
     from dspy.lm15 import Config, Message, Request
 
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
@@ -62,4 +64,4 @@ def sample_engine(engine: BatchedEngine, model: str, messages: list[dict[str, st
                  for m in messages if m["role"] != "system")
     config = Config(temperature=temperature, max_tokens=max_tokens, seed=seed, stop=stop)
     request = Request(model=model, messages=chat, system=system or None, config=config)
-    return engine.sample(request, n, soft_prompt=soft_prompt, greedy=greedy)
+    return engine_round(lm, engine, request, n, soft_prompt=soft_prompt, greedy=greedy)

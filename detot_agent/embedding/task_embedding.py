@@ -131,6 +131,14 @@ class TaskEmbedding:
         clone.load_state_dict(self.state_dict())
         return clone
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle support (a whole DETOT program saved with `save_program=True`): everything but the lock."""
+        return {k: v for k, v in self.__dict__.items() if k != "_lock"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     # ---- the soft-prompt head ------------------------------------------------------------------
     def attach_head(self, p0: torch.Tensor, *, components: int = 0, tau: float = 0.1, model_id: str,
                     inputs: np.ndarray | None = None, seed: int = 0) -> None:

@@ -166,12 +166,15 @@ class Sample:
         output_tokens: tokens generated for it.
         logprob: summed log-probability of those tokens under the model (before temperature).
         finish_reason: `stop` or `length`.
+        input_tokens: prompt positions its prefill read (text tokens plus soft-prompt vectors); the `n`
+            samples of one `sample` call share that one prefill.
     """
 
     text: str
     output_tokens: int
     logprob: float
     finish_reason: str
+    input_tokens: int = 0
 
 
 class BatchedEngine(RequestBuilder):
@@ -203,6 +206,11 @@ class BatchedEngine(RequestBuilder):
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BatchedEngine:
         return self  # engines (and their weights) are shared by reference, never copied
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled as its settings (`dump_state`): unpickling rebuilds the engine and loads the model
+        again (how `save_program=True` stores a program that holds a local LM)."""
+        return (type(self).load_state, (self.dump_state(),))
 
     @property
     def name(self) -> str:
@@ -247,7 +255,8 @@ class BatchedEngine(RequestBuilder):
         if isinstance(greedy, bool) or not isinstance(greedy, int) or not 0 <= greedy <= n:
             raise InvalidRequestError(f"greedy must be an integer from 0 to n ({n}), got {greedy!r}")
         row.greedy = greedy
-        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason) for o in self._decode(row)]
+        prompt = len(row.prompt_ids) + (0 if row.soft_prompt is None else int(row.soft_prompt.shape[0]))
+        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason, prompt) for o in self._decode(row)]
 
     def complete(self, request: Request) -> Response:
         """DSPy engine entry point: one request, one response (with token usage)."""
@@ -301,6 +310,10 @@ class AsyncLocalEngine:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> AsyncLocalEngine:
         return self
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled around its sync engine (one pickle shares one rebuilt engine between the two)."""
+        return (type(self), (self.engine,))
 
     @property
     def supported_params(self) -> frozenset[str]:

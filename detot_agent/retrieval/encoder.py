@@ -74,6 +74,8 @@ class Encoder:
         if batch_size < 1 or cache_size < 0:
             raise ConfigError(f"batch_size must be >= 1 and cache_size >= 0, got {batch_size}, {cache_size}")
         self.name = DEFAULT_ENCODER if model in (None, DEFAULT_ENCODER) else str(model)
+        self._settings = {"device": device, "batch_size": batch_size, "cache_size": cache_size,
+                          "progress_over": progress_over}
         path = str(default_encoder_path()) if self.name == DEFAULT_ENCODER else self.name
         key = (path, str(device))
         with _LOADED_LOCK:
@@ -100,6 +102,10 @@ class Encoder:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Encoder:
         return self  # models are shared by reference, never copied
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled by name and settings: unpickling loads the model (once per process) again."""
+        return (_rebuild_encoder, (self.name, self._settings))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         """Encode texts to an `(N, dim)` float32 array of unit vectors (cached by text)."""
@@ -143,3 +149,5 @@ class Encoder:
             return {"size": len(self._cache), "limit": self._cache_size}
 
 
+def _rebuild_encoder(name: str, settings: dict[str, Any]) -> Encoder:
+    return Encoder(name, **settings)

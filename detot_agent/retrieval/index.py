@@ -137,6 +137,21 @@ class ExemplarIndex:
     def __deepcopy__(self, memo: dict[int, Any]) -> ExemplarIndex:
         return self  # held by reference: optimizers copy programs, not indexes
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle support (`save_program=True`): the FAISS index as bytes, no lock."""
+        with self._lock:
+            state = {k: v for k, v in self.__dict__.items() if k != "_lock"}
+            if self._faiss is not None:
+                state["_faiss"] = faiss.serialize_index(self._faiss)
+            return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        if state.get("_faiss") is not None:
+            state["_faiss"] = faiss.deserialize_index(state["_faiss"])
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def __len__(self) -> int:
         return len(self._row_of)
 

@@ -146,9 +146,9 @@ def test_no_torn_reads_under_concurrent_calls_and_reoptimization(gsm8k_index):
     seen: list[tuple[int, int, float]] = []
     original = detot._demos
 
-    def spy(state, query):
+    def spy(state, query, text):
         seen.append((state.version, state.embedding.version, float(state.soft_prompt[0, 0])))
-        return original(state, query)
+        return original(state, query, text)
 
     detot._demos = spy
     stop = threading.Event()
