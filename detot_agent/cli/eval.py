@@ -58,6 +58,10 @@ def eval_run(
                                                "sees accuracy).")] = "none",
     reopt_seconds: Annotated[float | None, typer.Option(help="Budget of one re-optimization of the looping DETOT "
                                                              "methods (training and replay; default 120).")] = None,
+    canary_file: Annotated[Path | None, typer.Option(help="Labelled problems (a suite file or name) from which a "
+                                                          "seeded canary set is drawn: every re-optimization of a "
+                                                          "looping DETOT replays it (see --canary-size).")] = None,
+    canary_size: Annotated[int, typer.Option(help="Problems in the canary set.")] = 16,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.")] = 16,
@@ -104,6 +108,13 @@ def eval_run(
     loaded = load_suite(suite, data_dir=data_dir, fmt=data_format, question_field=question_field,
                         answer_field=answer_field, labels=label_list)
     examples = sample_examples(loaded.examples, limit=limit, seed=seed)
+    canary: list[tuple[str, str]] = []
+    if canary_file is not None:
+        from detot_agent.evaluation.data import draw_canary
+
+        source = load_suite(str(canary_file), data_dir=data_dir, question_field=question_field,
+                            answer_field=answer_field, labels=label_list)
+        canary = draw_canary(source.examples, examples, size=canary_size, seed=seed)
     out = out or Path("runs") / f"eval-{loaded.name}"
     for what, path in (("--index", index), ("--soft-prompt", soft_prompt)):
         if path is not None and not path.exists():
@@ -122,13 +133,14 @@ def eval_run(
                        soft_prompt=None if soft_prompt is None else str(soft_prompt.resolve()),
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
                        max_tokens=max_tokens, seed=seed, task_name=loaded.name, feedback=feedback,  # type: ignore[arg-type]
-                       reopt_seconds=reopt_seconds,
+                       reopt_seconds=reopt_seconds, canary=canary,
                        questions=[ex.question for ex in examples[:5]])
     run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "k": k, "n": n,
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
            "engine": engine, "feedback": feedback, "reopt_seconds": reopt_seconds,
+           "canary": None if canary_file is None else {"file": str(canary_file), "size": len(canary)},
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     if executor == "ray":
         from detot_agent.engines.models import resolve_model_source

@@ -398,6 +398,11 @@ class Controller:
         accepted, why, stats = decide(olds, news, [g for _, g in items], rules=rules, test_index=self.tests_run)
         self.tests_run += 1
         stats.update(held_out=len(held), canary=len(self.canary))
+        if self.canary:  # the canary set's own accuracy, serving state vs candidate (reported per decision)
+            tail = len(self.canary)
+            golds = [g for _, g in self.canary]
+            stats["canary_accuracy"] = [sum(r.key == g for r, g in zip(rs[-tail:], golds, strict=True)) / tail
+                                        for rs in (olds, news)]
         before, after = (stats["accuracy"] if stats.get("mode") == "gold" else
                          [sum(r.agreement for r in olds) / len(olds), sum(r.agreement for r in news) / len(news)])
         measure = "replayed accuracy on gold items" if stats.get("mode") == "gold" else "replayed mean agreement"

@@ -29,7 +29,7 @@ from detot_agent.answers import AnswerFormat, normalize
 from detot_agent.errors import DataFileError
 from detot_agent.io.datafiles import DataFormat, read_exemplars
 
-__all__ = ["KNOWN_SUITES", "Suite", "load_suite", "sample_examples"]
+__all__ = ["KNOWN_SUITES", "Suite", "draw_canary", "load_suite", "sample_examples"]
 
 # name -> candidate files under the data folder (first that exists wins)
 KNOWN_SUITES: dict[str, list[str]] = {
@@ -178,3 +178,21 @@ def sample_examples(examples: list[dspy.Example], *, limit: int | None, seed: in
         raise DataFileError(f"--limit must be positive, got {limit}")
     chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
     return [examples[i] for i in chosen]
+
+
+def draw_canary(pool: list[dspy.Example], run: list[dspy.Example], *, size: int,
+                seed: int) -> list[tuple[str, str]]:
+    """A seeded canary set of `size` `(question, gold)` pairs from `pool`, none of them a problem of `run`.
+
+    Example:
+        >>> pool = [dspy.Example(question=f"q{i}", answer=str(i)) for i in range(5)]
+        >>> draw_canary(pool, [dspy.Example(question="q1")], size=4, seed=0)
+        [('q0', '0'), ('q2', '2'), ('q3', '3'), ('q4', '4')]
+    """
+    if size < 1:
+        raise DataFileError(f"--canary-size must be >= 1, got {size}")
+    asked = {" ".join(ex.question.split()) for ex in run}
+    left = [ex for ex in pool if " ".join(ex.question.split()) not in asked]
+    if len(left) < size:
+        raise DataFileError(f"only {len(left)} canary problems are not in the run; lower --canary-size ({size})")
+    return [(ex.question, ex.answer) for ex in sample_examples(left, limit=size, seed=seed + 1)]

@@ -75,6 +75,7 @@ class EvalContext:
     task_name: str = "task"
     feedback: str = "none"  # "gold": DETOT methods get each problem's gold answer after answering it
     reopt_seconds: float | None = None  # the loop's budget per re-optimization (None: ControllerConfig's)
+    canary: list[tuple[str, str]] = field(default_factory=list)  # (question, gold): replayed by every judgement
     questions: list[str] = field(default_factory=list)
     events_dir: Path | None = None
 
@@ -289,14 +290,16 @@ class DetotMethod(MethodRunner):
                              task_embedding=copy.deepcopy(ctx.task_embedding),
                              controller_config=None if ctx.reopt_seconds is None else
                              ControllerConfig(max_seconds=ctx.reopt_seconds),
-                             adapter=PlainAdapter() if self.plain else None)
+                             adapter=PlainAdapter() if self.plain else None,
+                             canary=[dspy.Example(question=q, answer=a).with_inputs("question")
+                                     for q, a in ctx.canary] or None)
 
     def config(self) -> dict[str, Any]:
         return {"adjustments": self.adjustments.model_dump(mode="json", exclude={"applied"}),
                 "trained_soft_prompt": self.ctx.soft_prompt is not None or self.ctx.task_embedding is not None,
                 "task_embedding": None if self.ctx.task_embedding is None else repr(self.ctx.task_embedding),
                 "reoptimization": self.background, "feedback": self.ctx.feedback,
-                "reopt_seconds": self.ctx.reopt_seconds,
+                "reopt_seconds": self.ctx.reopt_seconds, "canary": len(self.ctx.canary),
                 "adapter": type(self.program.active_adapter()).__name__}
 
     def __call__(self, example: dspy.Example) -> dict[str, Any]:

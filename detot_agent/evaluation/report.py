@@ -73,7 +73,8 @@ def _decision(event: dict[str, Any]) -> dict[str, Any]:
                                                                   event.get("version_after")],
             "after_observations": event.get("observations"), "seconds": event.get("seconds"),
             "evidence": event.get("evidence"), "mode": stats.get("mode"), "p_value": stats.get("p_value"),
-            "alpha": stats.get("alpha"), "items": stats.get("items"), "reason": event.get("reason"),
+            "alpha": stats.get("alpha"), "items": stats.get("items"), "canary_accuracy": stats.get("canary_accuracy"),
+            "reason": event.get("reason"),
             "error": event.get("error")}
 
 
@@ -144,13 +145,17 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"{name} {h[0]:.3f} -> {h[1]:.3f}" for name, h in halves)]
     for name, m in report["methods"].items():
         if m.get("decisions"):
-            lines += ["", f"Re-optimizations of `{name}`:", "", "| # | outcome | after q | mode | p (alpha) | reason |",
-                      "|---|---|---|---|---|---|"]
+            lines += ["", f"Re-optimizations of `{name}`:", "",
+                      "| # | outcome | after q | mode | p (alpha) | canary acc. old -> new | reason |",
+                      "|---|---|---|---|---|---|---|"]
             for i, d in enumerate(m["decisions"], 1):
                 p = "" if d["p_value"] is None else f"{d['p_value']:.3g} ({d['alpha']:.3g})"
                 outcome = "accepted" if d["accepted"] else ("error" if d["error"] else "rejected")
                 reason = str(d["reason"]).replace("|", "/")
-                lines.append(f"| {i} | {outcome} | {d['after_observations']} | {d['mode'] or '-'} | {p} | {reason} |")
+                canary = d.get("canary_accuracy")
+                can = "-" if not canary else f"{canary[0]:.2f} -> {canary[1]:.2f}"
+                lines.append(f"| {i} | {outcome} | {d['after_observations']} | {d['mode'] or '-'} | {p} | {can} | "
+                             f"{reason} |")
     return "\n".join(lines) + "\n"
 
 

@@ -41,6 +41,7 @@ class ContextSpec(StrictModel):
         answer_format, labels: the suite's answer format and label set.
         k, n, temperature, max_tokens, seed: method budgets (see `EvalContext`).
         task_name: the task's name (soft-prompt registry key, DETOT's profile name).
+        canary: `(question, gold answer)` pairs every re-optimization of a looping DETOT replays.
         questions: a few of the suite's questions (DETOT's task analysis reads them).
     """
 
@@ -64,6 +65,7 @@ class ContextSpec(StrictModel):
     task_name: str = "task"
     feedback: Literal["none", "gold"] = "none"
     reopt_seconds: float | None = Field(default=None, gt=0)
+    canary: list[tuple[str, str]] = Field(default_factory=list)
     questions: list[str] = Field(default_factory=list)
 
 
@@ -114,4 +116,5 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        encoder=pool.encoder if pool is not None else None, k=spec.k, n=spec.n,
                        temperature=spec.temperature, max_tokens=spec.max_tokens, seed=spec.seed,
                        soft_prompt=vectors, task_embedding=task_embedding, task_name=spec.task_name,
-                       feedback=spec.feedback, reopt_seconds=spec.reopt_seconds, questions=list(spec.questions))
+                       feedback=spec.feedback, reopt_seconds=spec.reopt_seconds, canary=list(spec.canary),
+                       questions=list(spec.questions))

@@ -122,6 +122,8 @@ def test_the_controller_publishes_only_a_candidate_that_replays_better(kind, acc
     verdict = event.verdicts[0]
     assert verdict["part"] == "replay" and verdict["stats"]["canary"] == 10 and verdict["stats"]["held_out"] == 6
     assert "p_value" in verdict["stats"] or "collapsed" in verdict["reason"]
+    # the canary set's own accuracy, serving state vs candidate: 3 of 10, then 10 (fixed) or 1 (constant 5)
+    assert verdict["stats"]["canary_accuracy"] == [0.3, 1.0 if kind == "fixed" else 0.1]
     assert (ctl.state is not old) == accepted and ctl.tests_run == 1
 
 

@@ -113,3 +113,18 @@ def test_seeded_sampling_is_stable_and_in_file_order(shared_data):
     order = [suite.examples.index(x) for x in a]
     assert order == sorted(order)
     assert len(sample_examples(suite.examples, limit=None, seed=0)) == 600
+
+
+def test_a_canary_set_is_seeded_and_never_holds_a_problem_of_the_run():
+    import dspy
+
+    from detot_agent.evaluation.data import draw_canary
+
+    pool = [dspy.Example(question=f"problem {i}", answer=str(i)) for i in range(30)]
+    run = pool[:10]
+    canary = draw_canary(pool, run, size=8, seed=3)
+    assert len(canary) == 8 and canary == draw_canary(pool, run, size=8, seed=3)
+    assert not {q for q, _ in canary} & {ex.question for ex in run}
+    assert all(q == f"problem {a}" for q, a in canary)
+    with pytest.raises(DataFileError, match="only 20 canary problems"):
+        draw_canary(pool, run, size=21, seed=3)

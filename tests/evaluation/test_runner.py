@@ -143,7 +143,8 @@ def test_prequential_gold_feedback_reaches_the_loop_and_the_report(tmp_path, mul
     suite = load_suite(str(multiarith_head(8)))
     lm = local_lm(engine=engine, cache=False)
     ctx = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=6, task_name="multiarith",
-                      questions=[ex.question for ex in suite.examples], feedback="gold")
+                      questions=[ex.question for ex in suite.examples], feedback="gold",
+                      canary=[("What is 1 plus 1?", "2"), ("What is 2 plus 2?", "4")])
     run = {"suite": suite.name, "source": suite.source, "model": "tiny", "seed": 0, "limit": None, "k": 1, "n": 1,
            "temperature": 0.7, "max_tokens": 6, "feedback": "gold"}
     seen: list[bool] = []
@@ -164,4 +165,5 @@ def test_prequential_gold_feedback_reaches_the_loop_and_the_report(tmp_path, mul
     report = write_report(out)
     assert len(report["methods"]["detot"]["stream_halves"]) == 2
     assert (out / "learning_curve.png").stat().st_size > 0
-    assert json.loads((out / "methods.json").read_text())["detot"]["feedback"] == "gold"
+    config = json.loads((out / "methods.json").read_text())["detot"]
+    assert config["feedback"] == "gold" and config["canary"] == 2
