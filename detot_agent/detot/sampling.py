@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from detot_agent.detot.records import ParsedSample
 from detot_agent.detot.task import Adjustments
 from detot_agent.detot.tracing import engine_round
-from detot_agent.detot.voting import VoteResult, should_stop, vote
+from detot_agent.detot.voting import VoteResult, confidence, should_stop, vote, vote_weights
 
 if TYPE_CHECKING:
     from detot_agent.engines.base import BatchedEngine, Sample
@@ -46,9 +46,18 @@ def vote_in_rounds(draw: Draw, adj: Adjustments) -> tuple[list[ParsedSample], Vo
         n = adj.min_samples if drawn == 0 else min(adj.round_size, adj.max_samples - drawn)
         samples += draw(n, drawn)
         drawn += n
-        result = vote([s.key for s in samples])
-        if should_stop(result, drawn, rule=adj.stopping, threshold=adj.stop_threshold,
-                       min_samples=adj.min_samples, max_samples=adj.max_samples):
+        keys = [s.key for s in samples]
+        counted = vote(keys)
+        # the parsed samples' confidences decide the weights; an unparsed sample has no vote anyway
+        weights = vote_weights([confidence(s.logprob, s.tokens) for s in samples if s.key is not None],
+                               weighting=adj.weighting, temperature=adj.cisc_temperature,
+                               keep_fraction=adj.keep_fraction)
+        result = counted
+        if weights is not None:
+            it = iter(weights)
+            result = vote(keys, [next(it) if k is not None else 0.0 for k in keys])
+        if should_stop(counted, drawn, rule=adj.stopping, threshold=adj.stop_threshold,
+                       min_samples=adj.min_samples, max_samples=adj.max_samples, weighted=result):
             return samples, result, drawn
 
 

@@ -30,7 +30,7 @@ from detot_agent.answers import AnswerFormat
 from detot_agent.config import StrictModel
 
 __all__ = ["RULES", "Adjustments", "AnswerFormat", "AppliedRule", "Rule", "StoppingRule", "TaskKind", "TaskProfile",
-           "analyze", "estimate_complexity"]
+           "Weighting", "analyze", "estimate_complexity"]
 
 
 class TaskKind(str, Enum):
@@ -50,6 +50,15 @@ class StoppingRule(str, Enum):
     MAJORITY = "majority"
     BETA = "beta"
     ENTROPY = "entropy"
+    CONFIDENCE = "confidence"
+
+
+class Weighting(str, Enum):
+    """How much each sample's vote counts (see `voting.vote_weights`)."""
+
+    UNIFORM = "uniform"
+    CISC = "cisc"
+    FILTER = "filter"
 
 
 class TaskProfile(StrictModel):
@@ -100,6 +109,9 @@ class Adjustments(StrictModel):
     round_size: int = Field(default=2, ge=1, le=64)
     stopping: StoppingRule = StoppingRule.BETA
     stop_threshold: float = Field(default=0.95, gt=0, le=1)
+    weighting: Weighting = Weighting.UNIFORM
+    cisc_temperature: float = Field(default=0.1, gt=0, le=10)
+    keep_fraction: float = Field(default=0.9, gt=0, le=1)
     temperature: float = Field(default=0.7, ge=0, le=2)
     greedy_first: bool = True
     max_tokens: int = Field(default=256, ge=1)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from detot_agent.detot.task import StoppingRule
-from detot_agent.detot.voting import beta_confidence, should_stop, vote
+from detot_agent.detot.voting import beta_confidence, should_stop, vote, vote_weights
 
 
 def test_vote_counts_weights_and_ties():
@@ -61,3 +61,67 @@ def test_stopping_rules_on_known_sequences(name, rule, threshold, expected):
 def test_no_parse_never_stops_early():
     assert not should_stop(vote([None, None]), 2, rule="majority", threshold=0.5, min_samples=2, max_samples=8)
     assert should_stop(vote([None] * 8), 8, rule="beta", threshold=0.95, min_samples=2, max_samples=8)
+
+
+# ---- confidence-aware voting (CISC weights, DeepConf filter and consensus stop) -------------------------------
+def _samples(spec):
+    """`(key, mean token log-prob)` pairs -> ParsedSamples of 10 tokens each."""
+    from detot_agent.detot.records import ParsedSample
+
+    return [ParsedSample("x", key=k, tokens=10, logprob=None if lp is None else 10 * lp) for k, lp in spec]
+
+
+def _run(spec, **adj):
+    from detot_agent.detot.sampling import vote_in_rounds
+    from detot_agent.detot.task import TaskProfile, analyze
+
+    samples = _samples(spec)
+    settings = {"stopping": "fixed", "min_samples": len(samples), "max_samples": len(samples)} | adj
+    return vote_in_rounds(lambda n, drawn: samples[drawn:drawn + n], analyze(TaskProfile(name="t"), **settings))
+
+
+def test_cisc_lets_a_confident_minority_beat_an_unconfident_majority():
+    spec = [("7", -1.2), ("7", -1.0), ("8", -0.05)]
+    _, uniform, _ = _run(spec)
+    _, cisc, _ = _run(spec, weighting="cisc", cisc_temperature=0.1)
+    assert uniform.winner == "7" and cisc.winner == "8" and cisc.agreement > 0.99
+    # at a high temperature CISC tends to the plain count again
+    _, warm, _ = _run(spec, weighting="cisc", cisc_temperature=10.0)
+    assert warm.winner == "7"
+
+
+def test_the_filter_keeps_only_the_most_confident_samples():
+    spec = [("7", -0.9), ("7", -0.8), ("8", -0.1), ("8", -0.2), ("9", -0.3)]
+    _, kept, _ = _run(spec, weighting="filter", keep_fraction=0.4)  # the two most confident: both "8"
+    assert kept.winner == "8" and kept.counts == {"7": 0.0, "8": 2.0, "9": 0.0}
+    assert vote_weights([-0.5], weighting="filter", keep_fraction=0.01) == [1.0]  # at least one votes
+
+
+def test_unknown_confidence_votes_uniformly_and_unparsed_samples_never_vote():
+    _, result, _ = _run([("7", None), ("8", -0.01), ("8", -0.02)], weighting="cisc")
+    assert result.counts == {"7": 1.0, "8": 2.0}
+    _, result, _ = _run([(None, -0.01), ("7", -2.0), ("8", -0.1)], weighting="cisc", cisc_temperature=0.1)
+    assert result.winner == "8" and result.unparsed == 1
+
+
+def test_the_confidence_rule_stops_on_a_confident_prefix_and_not_on_a_split_one():
+    confident = [("7", -0.01), ("7", -0.02)] + [("8", -2.0)] * 6
+    _, result, drawn = _run(confident, stopping="confidence", stop_threshold=0.9, weighting="cisc",
+                            min_samples=2, max_samples=8, round_size=2)
+    assert drawn == 2 and result.winner == "7"
+    split = [("7", -0.5), ("8", -0.5)] + [("7", -0.5)] * 6
+    _, result, drawn = _run(split, stopping="confidence", stop_threshold=0.9, weighting="cisc",
+                            min_samples=2, max_samples=8, round_size=2)
+    assert drawn == 8  # never 90% of the weight on one answer, so the whole budget is drawn
+
+
+def test_confidence_settings_are_checked_when_built():
+    from detot_agent.detot.task import TaskProfile, analyze
+    from detot_agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="cisc_temperature"):
+        analyze(TaskProfile(name="t"), cisc_temperature=0)
+    with pytest.raises(ConfigError, match="keep_fraction"):
+        analyze(TaskProfile(name="t"), keep_fraction=1.5)
+    with pytest.raises(ConfigError, match="weighting"):
+        analyze(TaskProfile(name="t"), weighting="loud")
