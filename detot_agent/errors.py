@@ -18,6 +18,7 @@ can catch the whole family in one place::
     ├── DataFileError        a data file cannot be read (names the file and the line)
     ├── ArtefactError        a saved artefact is missing, corrupted, swapped, of another kind,
     │                        built with another encoder/model, or from a newer format
+    ├── ProgramError         a program of thought was refused (unsafe construct, a limit) or failed
     └── WorkerLostError      (detot_agent.evaluation.distributed) every Ray worker of an eval is gone
 
 Messages name the offending value and the limit it broke, and say what to do.
@@ -43,6 +44,7 @@ __all__ = [
     "InputTypeError",
     "InvalidRequestError",
     "ModelNotFoundError",
+    "ProgramError",
     "SoftPromptError",
 ]
 
@@ -97,3 +99,7 @@ class DataFileError(DetotError, ValueError):
 
 class ArtefactError(DetotError, ValueError):
     """A saved artefact is missing, corrupted, of another kind, or from a newer format."""
+
+
+class ProgramError(DetotError, ValueError):
+    """A program of thought was refused (a construct outside the safe subset, a limit) or failed to run."""

@@ -3,19 +3,16 @@
     python -m programs.agent --train ../shared/data/gsm8k/train.jsonl --train-limit 500 \
         --question "A crate holds 17 boxes of 23 pens. How many pens in 4 crates?"
 
-The tool evaluates arithmetic on an AST whitelist (numbers, + - * / // % **, parentheses, and
-abs/round/min/max); anything else (names, attributes, calls, huge powers) is refused with a
-message the agent sees as the tool's observation. Python's `eval` is never used.
+The tool evaluates arithmetic with the library's safe evaluator (`detot_agent.detot.pot.run_program`
+in expression mode: numbers, + - * / // % **, parentheses, and abs/round/min/max); anything else
+(names, attributes, calls, huge powers) is refused with a message the agent sees as the tool's
+observation. Python's `eval` is never used.
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import math
-import operator
 import sys
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,57 +21,19 @@ from dspy.utils.exceptions import AdapterParseError
 
 from detot_agent import DETOT, ExemplarIndex, TaskProfile, analyze, local_lm
 from detot_agent.answers import AnswerFormat
+from detot_agent.detot.pot import run_program
 from detot_agent.detot.task import TaskKind
 from detot_agent.errors import DetotError
 
-_BINARY: dict[type[ast.operator], Callable[[Any, Any], Any]] = {
-    ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-    ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-_UNARY: dict[type[ast.unaryop], Callable[[Any], Any]] = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-_FUNCS: dict[str, Callable[..., Any]] = {"abs": abs, "round": round, "min": min, "max": max}
 MAX_LENGTH = 200
-MAX_MAGNITUDE = 1e15
 
 
 def calculate(expression: str) -> str:
     """Evaluate an arithmetic expression, e.g. "17 * 23 * 4" or "round(10 / 3, 2)"."""
     if len(expression) > MAX_LENGTH:
         raise ValueError(f"expression is {len(expression)} characters; the limit is {MAX_LENGTH}")
-    try:
-        tree = ast.parse(expression.replace("^", "**").replace(",", ", "), mode="eval")
-    except SyntaxError:
-        raise ValueError(f"not an arithmetic expression: {expression!r}") from None
-    value = _eval(tree.body)
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    return str(value)
-
-
-def _check(value: Any) -> float | int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"only numbers are allowed, got {type(value).__name__}")
-    if (isinstance(value, float) and not math.isfinite(value)) or abs(value) > MAX_MAGNITUDE:
-        raise ValueError("result out of range")
-    return value
-
-
-def _eval(node: ast.AST) -> float | int:
-    if isinstance(node, ast.Constant):
-        return _check(node.value)
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-        left, right = _eval(node.left), _eval(node.right)
-        if isinstance(node.op, ast.Pow) and (abs(right) > 64 or abs(left) > 1e6):
-            raise ValueError("power too large (exponent at most 64, base at most 1e6)")
-        try:
-            return _check(_BINARY[type(node.op)](left, right))
-        except ZeroDivisionError:
-            raise ValueError("division by zero") from None
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-        return _check(_UNARY[type(node.op)](_eval(node.operand)))
-    if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCS
-            and not node.keywords and 1 <= len(node.args) <= 8):
-        return _check(_FUNCS[node.func.id](*[_eval(a) for a in node.args]))
-    raise ValueError(f"{type(node).__name__} is not allowed; use numbers, + - * / // % ** and abs/round/min/max")
+    # the library's safe evaluator (never eval), in calculator mode: numbers, operators, abs/round/min/max
+    return str(run_program(expression.replace("^", "**").replace(",", ", "), expression=True))
 
 
 class CalculatorAgent(dspy.ReAct):
