@@ -86,10 +86,13 @@ class ScriptedLocalEngine(LocalEngine):
     `LocalEngine`; only `_run` is replaced, by `answer(prompt_text, call_no)` (None: an unparseable reply).
     Replies are ChatAdapter fields, or with `plain=True` "... The answer is X." for PlainAdapter."""
 
-    def __init__(self, model_dir: Any, answer: Callable[[str, int], str | None], *, plain: bool = False) -> None:
+    def __init__(self, model_dir: Any, answer: Callable[[str, int], str | None], *, plain: bool = False,
+                 raw: bool = False, logprob: Callable[[str, int], float] | None = None) -> None:
         super().__init__(str(model_dir), device="cpu", dtype="float32", dynamic_batching=False)
         self.answer = answer
         self.plain = plain
+        self.raw = raw  # the answer function's text is the whole reply
+        self.logprob = logprob  # per-token log-prob of a reply (default -0.1)
         self.calls = 0
         self.prompts: list[str] = []
         self.rows: list[GenRow] = []
@@ -110,12 +113,16 @@ class ScriptedLocalEngine(LocalEngine):
                 self.calls += 1
                 if ans is None:
                     body = "garbage without fields"
+                elif self.raw:
+                    body = ans
                 elif self.plain:
                     body = f"step {n}\nThe answer is {ans}."
                 else:
                     body = f"[[ ## reasoning ## ]]\nstep {n}\n\n[[ ## answer ## ]]\n{ans}"
                 ids = self.tokenizer(body, add_special_tokens=False)["input_ids"]
-                samples.append(GenOutput(text=body, token_ids=list(ids), finish_reason="stop", logprob=-1.0))
+                per_token = -0.1 if self.logprob is None else self.logprob(text, n)
+                samples.append(GenOutput(text=body, token_ids=list(ids), finish_reason="stop",
+                                         logprob=per_token * len(ids)))
             out.append(samples)
         return out
 
@@ -124,12 +131,12 @@ def _rebuild_scripted(model: str, answer: Any, plain: bool) -> ScriptedLocalEngi
     return ScriptedLocalEngine(model, answer, plain=plain)
 
 
-def scripted_local_lm(model_dir: Any, answer: Callable[[str, int], str | None], *,
-                      plain: bool = False) -> tuple[Any, ScriptedLocalEngine]:
+def scripted_local_lm(model_dir: Any, answer: Callable[[str, int], str | None], *, plain: bool = False,
+                      **kwargs: Any) -> tuple[Any, ScriptedLocalEngine]:
     """A `local_lm` on a `ScriptedLocalEngine` (DETOT takes its batched-engine path)."""
     from detot_agent import local_lm
 
-    engine = ScriptedLocalEngine(model_dir, answer, plain=plain)
+    engine = ScriptedLocalEngine(model_dir, answer, plain=plain, **kwargs)
     return local_lm(engine=engine, cache=False), engine
 
 

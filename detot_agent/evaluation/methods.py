@@ -4,11 +4,14 @@ All DSPy methods run on the same LM and the same adapter (`LenientChatAdapter`),
 answer the same way: the signature's answer field, else (numeric tasks) an explicit
 "The answer is N" in a reply that broke the field layout. Greedy methods run at temperature 0.
 `plain_cot` and the `detot_plain*` methods prompt in plain text instead (see `PlainAdapter`), the
-prompt DETOT's arithmetic soft prompt was trained on.
+prompt DETOT's arithmetic soft prompt was trained on. `plain_cot`'s cue adds "End with: The answer
+is <answer>." to `PlainAdapter`'s "Let's think step by step." (a difference kept for its published
+rows); the `plain_*` baselines use `PlainAdapter`'s prompt exactly.
 
 | name | what it is |
 |---|---|
-| `plain_cot` | the question + "Let's think step by step." as one chat message, no DSPy adapter (reference row) |
+| `plain_cot` | question + "Let's think step by step. End with: The answer is <answer>.", no adapter (reference) |
+| `plain_sc` ... `plain_pot` | matched-budget baselines in DETOT's plain prompt (`evaluation/baselines.py`) |
 | `zero_shot` | `dspy.Predict("question -> answer")` |
 | `zero_shot_cot` | `dspy.ChainOfThought("question -> answer")` |
 | `few_shot_cot` | ChainOfThought with `k` demos drawn once from the exemplar pool (seeded) |
@@ -337,6 +340,11 @@ METHODS: dict[str, Callable[[EvalContext], MethodRunner]] = {
     cls.name: cls for cls in (PlainCoT, ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT, SelfConsistency, DetotMethod,
                               DetotFull, DetotPlainStatic, DetotPlain)
 }
+
+
+from detot_agent.evaluation.baselines import BASELINES  # noqa: E402  (they build on MethodRunner, above)
+
+METHODS.update(BASELINES)
 
 
 def build_method(name: str, ctx: EvalContext) -> MethodRunner:

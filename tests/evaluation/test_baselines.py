@@ -1,0 +1,66 @@
+"""The matched-budget baselines on a batched engine with scripted decoding: budgets, rules, the shared prompt."""
+
+from __future__ import annotations
+
+import dspy
+import pytest
+from scripted import scripted_local_lm
+
+from detot_agent.evaluation import EvalContext
+from detot_agent.evaluation.baselines import BASELINES
+
+Q = "What is 3 plus 4?"
+EXAMPLE = dspy.Example(question=Q, answer="7").with_inputs("question")
+
+
+def _method(name, model_dir, answer, **kw):
+    lm, engine = scripted_local_lm(model_dir, answer, plain=True, **{k: v for k, v in kw.items() if k != "n"})
+    ctx = EvalContext(lm=lm, n=kw.get("n", 5), temperature=0.5, max_tokens=32, task_name="arith")
+    return BASELINES[name](ctx), engine
+
+
+def test_plain_sc_draws_the_greedy_answer_and_n_samples_in_the_shared_plain_prompt(long_tiny_model_dir):
+    method, engine = _method("plain_sc", long_tiny_model_dir, lambda t, n: "7" if n % 3 else "8")
+    record = method(EXAMPLE)
+    assert record["samples"] == 6 and record["pred"] == "7" and record["votes"] == {"8": 2.0, "7": 4.0}
+    row = engine.rows[0]
+    assert (row.n, row.greedy) == (6, 1)  # one prefill: the greedy answer first, then five samples
+    # PlainAdapter's prompt without demos (DETOT's plain prompt), not plain_cot's longer cue
+    assert f"{Q}\nLet's think step by step." in engine.prompts[0] and "End with" not in engine.prompts[0]
+
+
+def test_plain_sc_adaptive_stops_early_on_agreement_and_spends_the_budget_on_a_split(long_tiny_model_dir):
+    method, _ = _method("plain_sc_adaptive", long_tiny_model_dir, lambda t, n: "7")
+    assert method(EXAMPLE)["samples"] == 4  # Beta rule: P(p > 0.5) = 31/32 after four agreeing samples
+    method, _ = _method("plain_sc_adaptive", long_tiny_model_dir, lambda t, n: str(n % 2))
+    assert method(EXAMPLE)["samples"] == 6
+
+
+def test_plain_cisc_lets_confident_samples_outvote_a_majority(long_tiny_model_dir):
+    answer = lambda t, n: "8" if n in (1, 2) else "7"  # noqa: E731
+    confident = lambda t, n: -0.01 if n in (1, 2) else -1.5  # noqa: E731
+    cisc, _ = _method("plain_cisc", long_tiny_model_dir, answer, logprob=confident)
+    plain, _ = _method("plain_sc", long_tiny_model_dir, answer, logprob=confident)
+    assert cisc(EXAMPLE)["pred"] == "8" and plain(EXAMPLE)["pred"] == "7"
+
+
+def test_plain_pot_runs_the_program_safely(long_tiny_model_dir):
+    code = "Let me compute.\n```python\napples = 3\nanswer = apples + 4\n```"
+    method, engine = _method("plain_pot", long_tiny_model_dir, lambda t, n: code, raw=True)
+    record = method(EXAMPLE)
+    assert record["pred"] == "7" and record["program_error"] is None and engine.rows[0].temperature == 0
+    method, _ = _method("plain_pot", long_tiny_model_dir, lambda t, n: "```python\nimport os\nanswer = 1\n```",
+                        raw=True)
+    record = method(EXAMPLE)
+    assert record["pred"] is None and record["parse_failures"] == 1
+    assert "Import is not allowed" in record["program_error"]
+
+
+def test_baselines_need_a_batched_engine():
+    from scripted import scripted_lm
+
+    from detot_agent.errors import ConfigError
+
+    lm, _ = scripted_lm(lambda t, n: "7")
+    with pytest.raises(ConfigError, match="sample through a local or vLLM engine"):
+        BASELINES["plain_sc"](EvalContext(lm=lm))
