@@ -50,8 +50,9 @@ def eval_run(
     n: Annotated[int, typer.Option(help="Samples for self-consistency (DETOT's adaptive budget is n+1).")] = 5,
     temperature: Annotated[float, typer.Option(help="Sampling temperature of the voting methods.")] = 0.7,
     max_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 256,
-    soft_prompt: Annotated[Path | None, typer.Option(help="Trained soft prompt (from `detot tune`) for the "
-                                                          "DETOT methods.")] = None,
+    soft_prompt: Annotated[Path | None, typer.Option(help="Trained soft prompt or task embedding (from `detot tune`) "
+                                                          "for the DETOT methods; `none`: no soft-prompt vectors "
+                                                          "(default: a text-initialised, untrained prompt).")] = None,
     threads: Annotated[int, typer.Option(help="Problems in flight at once (their generations are batched).")] = 4,
     feedback: Annotated[str, typer.Option(help="none, or gold: prequential evaluation, each problem answered, then "
                                                "scored, then its gold answer given to DETOT's `feedback` (the loop "
@@ -62,6 +63,10 @@ def eval_run(
                                                           "seeded canary set is drawn: every re-optimization of a "
                                                           "looping DETOT replays it (see --canary-size).")] = None,
     canary_size: Annotated[int, typer.Option(help="Problems in the canary set.")] = 16,
+    ablate: Annotated[str | None, typer.Option(help="Comma-separated parts of DETOT to switch off, each run as an "
+                                                    "extra method `<detot method>-<part>` on the same problems: "
+                                                    "retrieval, softprompt, loop (looping methods), dynamic "
+                                                    "(task embeddings with M > 0).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.")] = 16,
@@ -85,16 +90,24 @@ def eval_run(
         raise ConfigError("detot eval needs --suite (a name such as multiarith, or a data file); "
                           "see `detot eval --help`")
     from detot_agent.evaluation import load_suite, run_eval, sample_examples, write_report
-    from detot_agent.evaluation.methods import METHODS
+    from detot_agent.evaluation.methods import METHODS, check_method
     from detot_agent.evaluation.report import render_markdown
     from detot_agent.evaluation.spec import ContextSpec, build_context
 
     # a truncated sample is a normal outcome here (it is counted as a parse failure), not a warning per call
     logging.getLogger("dspy.clients.lm").setLevel(logging.ERROR)
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    unknown = [m for m in names if m not in METHODS]
-    if unknown or not names:
-        raise ConfigError(f"unknown method(s) {unknown or names}; choose from {', '.join(METHODS)}")
+    if not names:
+        raise ConfigError(f"--methods is empty; choose from {', '.join(METHODS)}")
+    parts = [p.strip() for p in (ablate or "").split(",") if p.strip()]
+    names += [f"{m}-{p}" for p in parts for m in list(names)
+              if "-" not in m and m.startswith("detot") and (p != "loop" or m in ("detot", "detot_plain"))
+              and f"{m}-{p}" not in names]
+    if parts and not any("-" in m for m in names):
+        raise ConfigError("--ablate needs a DETOT method in --methods (detot_static, detot, detot_plain_static, "
+                          "detot_plain)")
+    for m in names:
+        check_method(m)  # one line naming the method and what exists
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
     if reopt_seconds is not None and not reopt_seconds > 0:
@@ -116,7 +129,8 @@ def eval_run(
                             answer_field=answer_field, labels=label_list)
         canary = draw_canary(source.examples, examples, size=canary_size, seed=seed)
     out = out or Path("runs") / f"eval-{loaded.name}"
-    for what, path in (("--index", index), ("--soft-prompt", soft_prompt)):
+    no_soft = soft_prompt is not None and str(soft_prompt) == "none"
+    for what, path in (("--index", index), ("--soft-prompt", None if no_soft else soft_prompt)):
         if path is not None and not path.exists():
             raise ConfigError(f"{what} {path} does not exist")
     # absolute paths: Ray actors do not run in this folder
@@ -130,7 +144,7 @@ def eval_run(
     spec = ContextSpec(model=local_model, engine=engine, device=device, dtype=dtype,  # type: ignore[arg-type]
                        max_batch_size=max_batch_size,
                        index=None if index is None else str(index.resolve()),
-                       soft_prompt=None if soft_prompt is None else str(soft_prompt.resolve()),
+                       soft_prompt=None if soft_prompt is None else "none" if no_soft else str(soft_prompt.resolve()),
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
                        max_tokens=max_tokens, seed=seed, task_name=loaded.name, feedback=feedback,  # type: ignore[arg-type]
                        reopt_seconds=reopt_seconds, canary=canary,

@@ -54,7 +54,7 @@ from detot_agent.errors import ConfigError
 from detot_agent.retrieval.encoder import Encoder
 from detot_agent.retrieval.index import ExemplarIndex
 
-__all__ = ["METHODS", "EvalContext", "MethodRunner", "build_method"]
+__all__ = ["ABLATABLE", "METHODS", "EvalContext", "MethodRunner", "build_method", "check_method", "split_ablation"]
 
 SIGNATURE = "question -> answer"
 
@@ -79,6 +79,7 @@ class EvalContext:
     feedback: str = "none"  # "gold": DETOT methods get each problem's gold answer after answering it
     reopt_seconds: float | None = None  # the loop's budget per re-optimization (None: ControllerConfig's)
     canary: list[tuple[str, str]] = field(default_factory=list)  # (question, gold): replayed by every judgement
+    no_soft_prompt: bool = False  # `--soft-prompt none`: the DETOT methods run without soft-prompt vectors
     questions: list[str] = field(default_factory=list)
     events_dir: Path | None = None
 
@@ -265,14 +266,56 @@ class SelfConsistency(MethodRunner):
                             agreement=top / ctx.n, votes={k: keys.count(k) for k in dict.fromkeys(keys) if k})
 
 
+ABLATABLE = ("retrieval", "softprompt", "loop", "dynamic")
+
+
+def split_ablation(name: str) -> tuple[str, frozenset[str]]:
+    """`"detot_plain-retrieval+softprompt"` -> `("detot_plain", {"retrieval", "softprompt"})`.
+
+    Example:
+        >>> split_ablation("detot_plain_static-retrieval")
+        ('detot_plain_static', frozenset({'retrieval'}))
+    """
+    base, _, rest = name.partition("-")
+    return base, frozenset(p for p in rest.split("+") if p)
+
+
 class DetotMethod(MethodRunner):
+    """A DETOT method; `ablate` switches parts off (named `<method>-<part>[+<part>]`):
+
+    - `retrieval`: no retrieved demos (`k = 0`);
+    - `softprompt`: no soft-prompt vectors (the task embedding's head is dropped);
+    - `loop`: no re-optimization (for the looping methods);
+    - `dynamic`: the per-input prompt `P(x)` replaced by its static part `P0` (task embeddings with `M > 0`).
+    """
+
     name = "detot_static"
     background = False
     plain = False
 
-    def __init__(self, ctx: EvalContext) -> None:
+    def __init__(self, ctx: EvalContext, ablate: frozenset[str] = frozenset()) -> None:
         super().__init__(ctx)
         from detot_agent.detot.module import DETOT
+
+        unknown = sorted(ablate - set(ABLATABLE))
+        if unknown:
+            raise ConfigError(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATABLE)}")
+        if "loop" in ablate and not self.background:
+            raise ConfigError(f"{self.name} has no loop to ablate; ablate `loop` on detot or detot_plain")
+        self.ablate = ablate
+        if ablate:
+            self.name = f"{self.name}-{'+'.join(sorted(ablate))}"
+        self.background = self.background and "loop" not in ablate
+        embedding = copy.deepcopy(ctx.task_embedding)  # each method its own copy: a learning one moves only its own
+        no_soft = ctx.no_soft_prompt or "softprompt" in ablate
+        if embedding is not None and no_soft:
+            embedding.head = None
+        if "dynamic" in ablate:
+            head = None if embedding is None else embedding.head
+            if embedding is None or head is None or head.components == 0:
+                raise ConfigError("the `dynamic` ablation needs a task embedding whose head has components (M > 0); "
+                                  "this one serves a static prompt")
+            embedding.attach_head(head.p0, components=0, model_id=embedding.model_id or "unknown")
 
         if ctx.index is None:
             ctx.pool()  # raises the "needs an exemplar pool" error
@@ -284,13 +327,12 @@ class DetotMethod(MethodRunner):
                 f"Answer with one of: {', '.join(ctx.labels)}." if ctx.labels else "Answer the question.")
         self.task = TaskProfile(name=ctx.task_name, description=desc, kind=kind,
                                 answer_format=ctx.answer_format, labels=ctx.labels or None)
-        self.adjustments = analyze(self.task, ctx.questions[:5], max_samples=ctx.n + 1,
-                                   max_tokens=ctx.max_tokens, k_exemplars=ctx.k, temperature=ctx.temperature)
+        self.adjustments = analyze(self.task, ctx.questions[:5], max_samples=ctx.n + 1, max_tokens=ctx.max_tokens,
+                                   k_exemplars=0 if "retrieval" in ablate else ctx.k, temperature=ctx.temperature)
         log = ctx.events_dir / f"{self.name}.events.jsonl" if ctx.events_dir is not None else None
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, lm=ctx.lm, adjustments=self.adjustments,
-                             soft_prompt=ctx.soft_prompt, background=self.background, event_log=log,
-                             # each method its own copy: a learning one must not move another's state
-                             task_embedding=copy.deepcopy(ctx.task_embedding),
+                             soft_prompt=False if no_soft else ctx.soft_prompt, background=self.background,
+                             event_log=log, task_embedding=embedding,
                              controller_config=None if ctx.reopt_seconds is None else
                              ControllerConfig(max_seconds=ctx.reopt_seconds),
                              adapter=PlainAdapter() if self.plain else None,
@@ -303,6 +345,8 @@ class DetotMethod(MethodRunner):
                 "task_embedding": None if self.ctx.task_embedding is None else repr(self.ctx.task_embedding),
                 "reoptimization": self.background, "feedback": self.ctx.feedback,
                 "reopt_seconds": self.ctx.reopt_seconds, "canary": len(self.ctx.canary),
+                "ablate": sorted(self.ablate),
+                "soft_prompt_off": self.ctx.no_soft_prompt or "softprompt" in self.ablate,
                 "adapter": type(self.program.active_adapter()).__name__}
 
     def __call__(self, example: dspy.Example) -> dict[str, Any]:
@@ -347,8 +391,29 @@ from detot_agent.evaluation.baselines import BASELINES  # noqa: E402  (they buil
 METHODS.update(BASELINES)
 
 
+def check_method(name: str) -> None:
+    """Refuse an unknown method, or an ablation of a method that is not DETOT's, naming what exists."""
+    base, parts = split_ablation(name)
+    if base not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (DETOT methods also as "
+                          f"<method>-<part>[+<part>], parts: {', '.join(ABLATABLE)})")
+    if parts or "-" in name:
+        cls = METHODS[base]
+        if not (isinstance(cls, type) and issubclass(cls, DetotMethod)):
+            raise ConfigError(f"{name!r}: only DETOT methods take ablations, not {base!r}")
+        unknown = sorted(parts - set(ABLATABLE))
+        if unknown or not parts:
+            raise ConfigError(f"{name!r}: unknown ablation(s) {unknown or ['(none)']}; choose from "
+                              f"{', '.join(ABLATABLE)}")
+
+
 def build_method(name: str, ctx: EvalContext) -> MethodRunner:
-    """Build the named method on `ctx`; unknown names get the list of known ones."""
-    if name not in METHODS:
-        raise ConfigError(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
-    return METHODS[name](ctx)
+    """Build the named method on `ctx` (`<detot method>-<part>+...` builds an ablation); unknown names get the
+    list of known ones."""
+    check_method(name)
+    base, parts = split_ablation(name)
+    cls = METHODS[base]
+    if parts:
+        assert isinstance(cls, type) and issubclass(cls, DetotMethod)
+        return cls(ctx, ablate=parts)
+    return cls(ctx)

@@ -37,7 +37,8 @@ class ContextSpec(StrictModel):
             `prompt_embeds`).
         device, dtype, max_batch_size, max_wait_ms: engine settings.
         index: exemplar index folder (demo pool), or None.
-        soft_prompt: trained soft prompt folder for the DETOT methods, or None.
+        soft_prompt: trained soft prompt folder for the DETOT methods, None (a text-initialised prompt), or
+            `"none"` (no soft-prompt vectors).
         answer_format, labels: the suite's answer format and label set.
         k, n, temperature, max_tokens, seed: method budgets (see `EvalContext`).
         task_name: the task's name (soft-prompt registry key, DETOT's profile name).
@@ -95,7 +96,7 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
         lm = local_lm(spec.model, engine=spec.engine, device=spec.device, dtype=spec.dtype, cache=False,
                       max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms, **lm_kwargs)
     vectors = task_embedding = None
-    if spec.soft_prompt is not None:
+    if spec.soft_prompt is not None and spec.soft_prompt != "none":
         from detot_agent.embedding.task_embedding import TaskEmbedding
         from detot_agent.io.persist import read_manifest
         from detot_agent.softprompt.prompt import SoftPrompt
@@ -117,4 +118,5 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        temperature=spec.temperature, max_tokens=spec.max_tokens, seed=spec.seed,
                        soft_prompt=vectors, task_embedding=task_embedding, task_name=spec.task_name,
                        feedback=spec.feedback, reopt_seconds=spec.reopt_seconds, canary=list(spec.canary),
+                       no_soft_prompt=spec.soft_prompt == "none",
                        questions=list(spec.questions))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -141,3 +142,14 @@ def test_bench_loop_writes_latency_of_both_phases(tiny_gguf, tmp_path):
     assert data["p99_ratio"] > 0 and len(data["reoptimizations"]) >= 1
     assert all(r["error"] is None for r in data["reoptimizations"])
     assert "p99 busy/quiet" in " ".join(result.output.split())
+
+
+def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiarith_head):
+    suite = str(multiarith_head(2))
+    cases = [(["--methods", "plain_cot", "--ablate", "retrieval"], "--ablate needs a DETOT method"),
+             (["--methods", "detot_plain", "--ablate", "bogus"], r"unknown ablation\(s\) \['bogus'\]"),
+             (["--methods", "detot-retrieval,nope"], "unknown method 'nope'")]
+    for args, why in cases:
+        result = runner.invoke(app, ["eval", "--suite", suite, *args, "--model", "/nonexistent/model"])
+        assert isinstance(result.exception, ConfigError), result.output
+        assert re.search(why, str(result.exception)), str(result.exception)

@@ -167,3 +167,45 @@ def test_prequential_gold_feedback_reaches_the_loop_and_the_report(tmp_path, mul
     assert (out / "learning_curve.png").stat().st_size > 0
     config = json.loads((out / "methods.json").read_text())["detot"]
     assert config["feedback"] == "gold" and config["canary"] == 2
+
+
+def test_ablations_run_as_their_own_methods_on_the_same_problems(tmp_path, suite_file, engine, pool):
+    names = ["detot_static", "detot_static-retrieval", "detot_static-softprompt", "detot-loop"]
+    out = _run(tmp_path / "run", suite_file, engine, pool, names)
+    records = {m: read_records(out / f"{m}.jsonl") for m in names}
+    assert all(sorted(r["id"] for r in rs) == [f"MultiArith:{i}" for i in range(4)] for rs in records.values())
+    assert all(r["demo_ids"] == [] for r in records["detot_static-retrieval"])
+    assert all(len(r["demo_ids"]) == 2 for r in records["detot_static"])
+    config = json.loads((out / "methods.json").read_text())
+    assert config["detot_static-softprompt"]["soft_prompt_off"] and not config["detot_static"]["soft_prompt_off"]
+    assert config["detot-loop"]["reoptimization"] is False and config["detot-loop"]["ablate"] == ["loop"]
+    assert write_report(out)["best_baseline"] is None or not write_report(out)["best_baseline"].startswith("detot")
+
+
+@pytest.mark.parametrize(("name", "why"), [
+    ("plain_cot-retrieval", "only DETOT methods take ablations"),
+    ("detot-bogus", r"unknown ablation\(s\) \['bogus'\]"),
+    ("detot-", "unknown ablation"),
+    ("nope", "unknown method 'nope'"),
+])
+def test_bad_method_names_are_refused_naming_what_exists(name, why):
+    from detot_agent.evaluation.methods import check_method
+
+    with pytest.raises(ConfigError, match=why):
+        check_method(name)
+
+
+def test_soft_prompt_none_and_the_softprompt_ablation_serve_no_vectors(engine, pool):
+    from detot_agent.evaluation.methods import build_method
+
+    lm = local_lm(engine=engine, cache=False)
+    base = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=4)
+    assert build_method("detot_static", base).program.controller.state.soft_prompt is not None
+    off = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=4, no_soft_prompt=True)
+    for method in (build_method("detot_static", off), build_method("detot_static-softprompt", base)):
+        state = method.program.controller.state
+        assert state.embedding is not None and not state.embedding.has_head and state.soft_prompt is None
+    with pytest.raises(ConfigError, match="has no loop to ablate"):
+        build_method("detot_static-loop", base)
+    with pytest.raises(ConfigError, match="needs a task embedding whose head has components"):
+        build_method("detot_static-dynamic", base)
