@@ -8,7 +8,8 @@ Prompts are plain text by default (`PlainAdapter`: demos and replies end in "The
 which small local models follow better than DSPy's field layout; `--adapter chat` uses the latter.
 
 Compiling with a DSPy optimizer (`--optimize bootstrap|mipro|gepa`): the program is scored on a seeded
-evaluation sample of a suite (the sample `detot eval --limit N --seed S` draws), compiled on training
+evaluation sample of a suite (by default the README's published problems: `detot eval --limit N --seed S
+--draw legacy`), compiled on training
 problems drawn from the rest of the suite (never from the evaluation sample), and scored again; the
 report gives both accuracies, the paired counts and an exact two-sided McNemar p-value:
 
@@ -89,13 +90,13 @@ def feedback_metric(gold: dspy.Example, pred: Any, trace: Any = None, pred_name:
                            f"Wrong: answered {said!r}, the correct answer is {gold.answer}.")
 
 
-def split_for_compiling(examples: list[dspy.Example], *, eval_size: int, train_size: int,
-                        seed: int) -> tuple[list[dspy.Example], list[dspy.Example]]:
-    """`(evalset, trainset)`: the seeded evaluation sample of `detot eval` and training problems drawn
-    (seeded) from the rest, so none is evaluated on."""
+def split_for_compiling(examples: list[dspy.Example], *, eval_size: int, train_size: int, seed: int,
+                        draw: str = "legacy") -> tuple[list[dspy.Example], list[dspy.Example]]:
+    """`(evalset, trainset)`: the seeded evaluation sample of `detot eval --draw DRAW` (legacy: the README's
+    published problems) and training problems drawn (seeded) from the rest, so none is evaluated on."""
     from detot_agent.evaluation.data import sample_examples
 
-    evalset = sample_examples(examples, limit=eval_size, seed=seed)
+    evalset = sample_examples(examples, limit=eval_size, seed=seed, draw=draw)
     held = {ex.id for ex in evalset}
     rest = [ex for ex in examples if ex.id not in held]
     if len(rest) < train_size:
@@ -157,7 +158,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
     suite = load_suite(args.suite, data_dir=args.data_dir)
     evalset, trainset = split_for_compiling(suite.examples, eval_size=args.eval_size, train_size=args.train_size,
-                                            seed=args.seed)
+                                            seed=args.seed, draw=args.draw)
     index = load_or_build_index(args.index, args.train, limit=args.train_limit)
     lm = local_lm(args.model, cache=False)
     program = build(index, model=args.model, max_tokens=args.max_tokens, max_samples=args.max_samples,
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-size", type=int, default=100, help="Seeded evaluation sample (as detot eval --limit).")
     ap.add_argument("--train-size", type=int, default=50, help="Training problems, none from the evaluation sample.")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--draw", choices=["legacy", "nested"], default="legacy",
+                    help="The evaluation sample's draw (legacy: the README's published problems).")
     ap.add_argument("--threads", type=int, default=2, help="Evaluation and optimizer threads.")
     ap.add_argument("--out", type=Path, help="Write the --optimize report (JSON) and the compiled program here.")
     args = ap.parse_args(argv)

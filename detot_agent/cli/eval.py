@@ -8,6 +8,7 @@ Example:
 
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import sys
@@ -63,6 +64,10 @@ def eval_run(
                                                           "seeded canary set is drawn: every re-optimization of a "
                                                           "looping DETOT replays it (see --canary-size).")] = None,
     canary_size: Annotated[int, typer.Option(help="Problems in the canary set.")] = 16,
+    draw: Annotated[str | None, typer.Option(help="How --limit draws: nested (a seeded permutation's first N: a "
+                                                  "smaller --limit is a prefix of a larger one) or legacy (the "
+                                                  "earlier releases' draw, on which the README's published rows "
+                                                  "were measured). Default: nested; --resume keeps the run's.")] = None,
     ablate: Annotated[str | None, typer.Option(help="Comma-separated parts of DETOT to switch off, each run as an "
                                                     "extra method `<detot method>-<part>` on the same problems: "
                                                     "retrieval, softprompt, loop (looping methods), dynamic "
@@ -120,15 +125,18 @@ def eval_run(
     label_list = [x.strip() for x in labels.split(",")] if labels else None
     loaded = load_suite(suite, data_dir=data_dir, fmt=data_format, question_field=question_field,
                         answer_field=answer_field, labels=label_list)
-    examples = sample_examples(loaded.examples, limit=limit, seed=seed)
+    out = out or Path("runs") / f"eval-{loaded.name}"
+    if draw is None:  # a resumed run keeps the draw it started with (runs from before `draw` existed: legacy)
+        stored = out / "run.json"
+        draw = (json.loads(stored.read_text()).get("draw", "legacy") if resume and stored.exists() else "nested")
+    examples = sample_examples(loaded.examples, limit=limit, seed=seed, draw=draw)
     canary: list[tuple[str, str]] = []
     if canary_file is not None:
         from detot_agent.evaluation.data import draw_canary
 
         source = load_suite(str(canary_file), data_dir=data_dir, question_field=question_field,
                             answer_field=answer_field, labels=label_list)
-        canary = draw_canary(source.examples, examples, size=canary_size, seed=seed)
-    out = out or Path("runs") / f"eval-{loaded.name}"
+        canary = draw_canary(source.examples, examples, size=canary_size, seed=seed, draw=draw)
     no_soft = soft_prompt is not None and str(soft_prompt) == "none"
     for what, path in (("--index", index), ("--soft-prompt", None if no_soft else soft_prompt)):
         if path is not None and not path.exists():
@@ -149,7 +157,7 @@ def eval_run(
                        max_tokens=max_tokens, seed=seed, task_name=loaded.name, feedback=feedback,  # type: ignore[arg-type]
                        reopt_seconds=reopt_seconds, canary=canary,
                        questions=[ex.question for ex in examples[:5]])
-    run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "k": k, "n": n,
+    run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "draw": draw, "k": k, "n": n,
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,

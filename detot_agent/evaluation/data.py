@@ -170,23 +170,45 @@ def _plain(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool)) or value is None
 
 
-def sample_examples(examples: list[dspy.Example], *, limit: int | None, seed: int) -> list[dspy.Example]:
-    """A seeded subset of `limit` examples, in file order (all of them when `limit` is None)."""
-    if limit is None or limit >= len(examples):
-        return list(examples)
-    if limit <= 0:
+DRAWS = ("nested", "legacy")
+
+
+def sample_examples(examples: list[dspy.Example], *, limit: int | None, seed: int,
+                    draw: str = "nested") -> list[dspy.Example]:
+    """A seeded sample of `limit` examples (all of them, in file order, when `limit` is None).
+
+    `nested` (the default): the first `limit` of one seeded permutation, in that order, so a smaller
+    `limit` is a prefix of a larger one with the same seed. `legacy`: the draw of earlier releases
+    (`random.sample`, whose choice changes with the size; returned in file order): the README's
+    published rows were measured on it.
+
+    Example:
+        >>> xs = [dspy.Example(id=str(i)) for i in range(20)]
+        >>> small, large = sample_examples(xs, limit=5, seed=0), sample_examples(xs, limit=10, seed=0)
+        >>> small == large[:5]
+        True
+    """
+    if draw not in DRAWS:
+        raise DataFileError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
+    if limit is not None and limit <= 0:
         raise DataFileError(f"--limit must be positive, got {limit}")
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
-    return [examples[i] for i in chosen]
+    if limit is None or (draw == "legacy" and limit >= len(examples)):
+        return list(examples)
+    if draw == "legacy":
+        return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), limit))]
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    return [examples[i] for i in order[:limit]]
 
 
-def draw_canary(pool: list[dspy.Example], run: list[dspy.Example], *, size: int,
-                seed: int) -> list[tuple[str, str]]:
-    """A seeded canary set of `size` `(question, gold)` pairs from `pool`, none of them a problem of `run`.
+def draw_canary(pool: list[dspy.Example], run: list[dspy.Example], *, size: int, seed: int,
+                draw: str = "nested") -> list[tuple[str, str]]:
+    """A seeded canary set of `size` `(question, gold)` pairs from `pool`, none of them a problem of `run`
+    (`draw` as in `sample_examples`: a resumed run draws its canary set as it first did).
 
     Example:
         >>> pool = [dspy.Example(question=f"q{i}", answer=str(i)) for i in range(5)]
-        >>> draw_canary(pool, [dspy.Example(question="q1")], size=4, seed=0)
+        >>> sorted(draw_canary(pool, [dspy.Example(question="q1")], size=4, seed=0))
         [('q0', '0'), ('q2', '2'), ('q3', '3'), ('q4', '4')]
     """
     if size < 1:
@@ -195,4 +217,4 @@ def draw_canary(pool: list[dspy.Example], run: list[dspy.Example], *, size: int,
     left = [ex for ex in pool if " ".join(ex.question.split()) not in asked]
     if len(left) < size:
         raise DataFileError(f"only {len(left)} canary problems are not in the run; lower --canary-size ({size})")
-    return [(ex.question, ex.answer) for ex in sample_examples(left, limit=size, seed=seed + 1)]
+    return [(ex.question, ex.answer) for ex in sample_examples(left, limit=size, seed=seed + 1, draw=draw)]

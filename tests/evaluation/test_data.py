@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
 from detot_agent.answers import AnswerFormat
 from detot_agent.errors import DataFileError
 from detot_agent.evaluation import load_suite, sample_examples
+
+ROOT = Path(__file__).resolve().parents[2]
 
 # AddSub / SingleEq and SVAMP records as their public repositories lay them out
 ADDSUB = [{"iIndex": 1, "sQuestion": "Joan found 70 seashells on the beach. She gave Sam some of her seashells. "
@@ -104,15 +107,26 @@ def test_duplicate_ids_and_missing_answers_are_refused(tmp_path):
         load_suite(str(path))
 
 
-def test_seeded_sampling_is_stable_and_in_file_order(shared_data):
+def test_seeded_draws_are_stable_and_nested(shared_data):
     suite = load_suite(str(shared_data("multiarith/MultiArith.json")))
     a = sample_examples(suite.examples, limit=10, seed=0)
     b = sample_examples(suite.examples, limit=10, seed=0)
     c = sample_examples(suite.examples, limit=10, seed=1)
     assert [x.id for x in a] == [x.id for x in b] != [x.id for x in c]
-    order = [suite.examples.index(x) for x in a]
-    assert order == sorted(order)
+    assert [x.id for x in sample_examples(suite.examples, limit=50, seed=0)] == [
+        x.id for x in sample_examples(suite.examples, limit=100, seed=0)][:50]
     assert len(sample_examples(suite.examples, limit=None, seed=0)) == 600
+    with pytest.raises(DataFileError, match="--limit must be positive"):
+        sample_examples(suite.examples, limit=0, seed=0)
+
+
+def test_the_legacy_draw_reproduces_the_published_problems_and_was_not_nested(shared_data):
+    suite = load_suite(str(shared_data("multiarith/MultiArith.json")))
+    legacy = [x.id for x in sample_examples(suite.examples, limit=100, seed=0, draw="legacy")]
+    published = json.loads((ROOT / "evals/results/eval_multiarith/run.json").read_text())["ids"]
+    assert legacy == published
+    fifty = {x.id for x in sample_examples(suite.examples, limit=50, seed=0, draw="legacy")}
+    assert not fifty <= set(legacy)  # why the default changed: the old --limit 50 was not part of --limit 100
 
 
 def test_a_canary_set_is_seeded_and_never_holds_a_problem_of_the_run():
