@@ -93,3 +93,22 @@ def test_llama_cpp_first_token_distribution_agrees_with_the_torch_engine(engine)
         assert len(set(a.topk(5).indices.tolist()) & set(b.topk(5).indices.tolist())) >= 4
     assert cpp.sample(req, 1)[0].text == engine.sample(req, 1)[0].text == "The answer is 5."
     cpp.close()
+
+
+def test_default_engine_greedy_answers_are_the_same_alone_and_inside_a_mixed_batch():
+    """The embedded model on the default engine and dtype (llama.cpp where installed): a greedy row decodes
+    the same alone and beside rows of other lengths and a sampled row of four."""
+    from detot_agent.engines.lm import build_engine
+
+    e = build_engine(None)
+    prompts = ["What is 2+3? Answer briefly.", "Name a prime number greater than 10 and explain why it is prime.",
+               "Tom has 3 apples and buys 4 more. How many apples? Let's think step by step."]
+    reqs = [Request(model="m", messages=(Message.user(p),), config=Config(max_tokens=40, temperature=0.0))
+            for p in prompts]
+    alone = [e.generate_batch([e.build_row(r)])[0][0].text for r in reqs]
+    sampled = e.build_row(Request(model="m", messages=(Message.user("Write a poem about the sea."),),
+                                  config=Config(max_tokens=40, temperature=0.8, seed=3)), n=4)
+    rows = [e.build_row(r) for r in reqs]
+    out = e.generate_batch([rows[2], sampled, rows[0], rows[1]])
+    assert [out[2][0].text, out[3][0].text, out[0][0].text] == alone
+    e.close()
