@@ -64,6 +64,9 @@ def eval_run(
                                                           "seeded canary set is drawn: every re-optimization of a "
                                                           "looping DETOT replays it (see --canary-size).")] = None,
     canary_size: Annotated[int, typer.Option(help="Problems in the canary set.")] = 16,
+    strategy: Annotated[str | None, typer.Option(help="The DETOT methods' reasoning: cot, pot (a program, run "
+                                                      "safely) or mix (half each, votes pooled); default: task "
+                                                      "analysis (cot).")] = None,
     draw: Annotated[str | None, typer.Option(help="How --limit draws: nested (a seeded permutation's first N: a "
                                                   "smaller --limit is a prefix of a larger one) or legacy (the "
                                                   "earlier releases' draw, on which the README's published rows "
@@ -117,6 +120,8 @@ def eval_run(
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
     if reopt_seconds is not None and not reopt_seconds > 0:
         raise ConfigError(f"--reopt-seconds must be > 0, got {reopt_seconds}")
+    if strategy not in (None, "cot", "pot", "mix"):
+        raise ConfigError(f"--strategy must be cot, pot or mix, got {strategy!r}")
     if feedback not in ("none", "gold"):
         raise ConfigError(f"--feedback must be none or gold, got {feedback!r}")
     engine = "torch" if engine == "local" else engine
@@ -155,13 +160,13 @@ def eval_run(
                        soft_prompt=None if soft_prompt is None else "none" if no_soft else str(soft_prompt.resolve()),
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
                        max_tokens=max_tokens, seed=seed, task_name=loaded.name, feedback=feedback,  # type: ignore[arg-type]
-                       reopt_seconds=reopt_seconds, canary=canary,
+                       reopt_seconds=reopt_seconds, canary=canary, strategy=strategy,  # type: ignore[arg-type]
                        questions=[ex.question for ex in examples[:5]])
     run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "draw": draw, "k": k, "n": n,
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
-           "engine": engine, "feedback": feedback, "reopt_seconds": reopt_seconds,
+           "engine": engine, "feedback": feedback, "reopt_seconds": reopt_seconds, "strategy": strategy,
            "canary": None if canary_file is None else {"file": str(canary_file), "size": len(canary)},
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
     if executor == "ray":

@@ -34,13 +34,14 @@ import dspy
 import numpy as np
 import torch
 
-from detot_agent.answers import extract_number, normalize
-from detot_agent.detot.adapters import LenientChatAdapter
+from detot_agent.answers import extract_number, format_number, normalize
+from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
 from detot_agent.detot.controller import Controller, ControllerConfig
 from detot_agent.detot.judging import Replayed
 from detot_agent.detot.monitor import Monitor, Observation
 from detot_agent.detot.records import Evidence, ParsedSample, TaskState
 from detot_agent.detot.sampling import sample_engine, vote_in_rounds
+from detot_agent.detot.strategies import parse_program, pot_messages, rationale_to_program
 from detot_agent.detot.task import Adjustments, TaskProfile, analyze
 from detot_agent.detot.tracing import record_trace
 from detot_agent.embedding.task_embedding import TaskEmbedding
@@ -137,7 +138,8 @@ class DETOT(dspy.Module):
         self.task = task
         self.adjustments = adjustments or analyze(task, samples or [])
         adj = self.adjustments
-        self.predictor = (dspy.ChainOfThought(signature) if adj.strategy == "cot" else dspy.Predict(signature))
+        # pot and mix keep ChainOfThought's fields: a program sample's `reasoning` is its program
+        self.predictor = (dspy.Predict(signature) if adj.strategy == "direct" else dspy.ChainOfThought(signature))
         sig = self._signature()
         self.answer_field = list(sig.output_fields)[-1]
         inputs = list(sig.input_fields)
@@ -317,17 +319,26 @@ class DETOT(dspy.Module):
         seen = {" ".join(str(d.get(first, "")).split()) for d in attached}
         return attached + [d for d in retrieved if " ".join(str(d.get(first, "")).split()) not in seen]
 
-    def _draw_engine(self, engine: BatchedEngine, lm: Any, adapter: dspy.Adapter, sig: Any,
-                     messages: list[dict[str, str]], soft: torch.Tensor | None, text: str, record: bool) -> Any:
+    def _parse_with(self, adapter: dspy.Adapter, sig: Any) -> Any:
+        """A reply parser for the adapter's layout (numeric tasks: a stated answer in a broken layout counts)."""
+        def parse(text: str) -> dict[str, Any] | None:
+            try:
+                return dict(adapter.parse(sig, text))
+            except Exception:
+                return self._stated_answer(text)
+
+        return parse
+
+    def _draw_engine(self, engine: BatchedEngine, lm: Any, parse: Any, messages: list[dict[str, str]],
+                     soft: torch.Tensor | None, text: str, record: bool, *, stop: tuple[str, ...] = (),
+                     strategy: str = "cot", seed_offset: int = 0) -> Any:
         """A round drawer for a batched engine: one `sample(n)` per round (greedy answer first), recorded
-        on `lm` as one LM call (history, usage, callbacks) when `record`."""
+        on `lm` as one LM call (history, usage, callbacks) when `record`; `parse(text)` reads a reply's fields."""
         adj = self.adjustments
-        # a ChatAdapter reply ends at its end marker: small models otherwise keep writing to max_tokens
-        stop = ("[[ ## completed ## ]]",) if isinstance(adapter, dspy.ChatAdapter) else ()
         model = lm.model if lm is not None else engine.name
 
         def draw(n: int, drawn: int) -> list[ParsedSample]:
-            seed = text_seed(text) + drawn  # same input, same samples
+            seed = text_seed(text) + drawn + seed_offset  # same input, same samples
             # the greedy answer votes first (and so wins ties); it shares the round's prefill
             greedy = 1 if drawn == 0 and adj.greedy_first else 0
             out = sample_engine(engine, model, messages, n, soft_prompt=soft, seed=seed, stop=stop,
@@ -335,15 +346,28 @@ class DETOT(dspy.Module):
                                 lm=lm if record else None)
             parsed = []
             for s in out:
-                try:
-                    fields: dict[str, Any] | None = adapter.parse(sig, s.text)
-                except Exception:
-                    fields = self._stated_answer(s.text)
+                fields = parse(s.text)
                 parsed.append(ParsedSample(text=s.text, key=self._key(fields), tokens=s.output_tokens,
-                                           logprob=s.logprob, fields=fields))
+                                           logprob=s.logprob, fields=fields, strategy=strategy))
             return parsed
 
         return draw
+
+    def _pot_demos(self, demos: list[dspy.Example]) -> list[tuple[str, str]]:
+        """`(question, program)` demos for a PoT prompt: a demo whose reasoning already is a program that gives
+        its answer (an optimizer's PoT trace), else its rationale turned into one; others are left out."""
+        first = next(iter(self._signature().input_fields))
+        out = []
+        for d in demos:
+            answer, reasoning = d.get(self.answer_field), d.get("reasoning")
+            if d.get(first) is None or answer is None:
+                continue
+            ran = parse_program(str(reasoning)) if reasoning else None
+            program = (str(reasoning) if ran is not None and ran["answer"] == format_number(str(answer))
+                       else rationale_to_program(None if reasoning is None else str(reasoning), answer))
+            if program is not None:
+                out.append((str(d[first]), program))
+        return out
 
     def _draw_rollouts(self, lm: Any, adapter: dspy.Adapter, inputs: dict[str, Any],
                        demos: list[dspy.Example]) -> Any:
@@ -396,7 +420,7 @@ class DETOT(dspy.Module):
         if lm is None:
             raise ConfigError("no LM: pass lm= to DETOT, call set_lm(...) or dspy.configure(lm=...)")
         state = self.controller.state  # one consistent snapshot for the whole call
-        query, demo_ids, messages, samples, result, drawn = self._answer(state, inputs, text, lm)
+        query, demo_ids, shown, samples, result, drawn = self._answer(state, inputs, text, lm)
         tokens = sum(s.tokens for s in samples)
         winner = next((s for s in samples if s.key == result.winner and s.fields is not None), None)
         fields = winner.fields if winner is not None and winner.fields else {}
@@ -411,7 +435,8 @@ class DETOT(dspy.Module):
                    embedding_version=state.version, id=pred_id, tokens=tokens, latency_s=latency,
                    reason=None if result.winner is not None else f"none of {drawn} samples gave a parseable answer")
         self.controller.add_evidence(Evidence(
-            id=pred_id, query=query, demo_ids=demo_ids, agreement=result.agreement, messages=messages,
+            id=pred_id, query=query, demo_ids=demo_ids, agreement=result.agreement,
+            messages=shown.get(winner.strategy if winner is not None else "cot") or next(iter(shown.values()), None),
             target=(winner.text or None) if winner is not None else None, samples=samples, version=state.version,
             inputs={name: inputs[name] for name in sig.input_fields}))
         trigger = self.monitor.observe(Observation(id=pred_id, agreement=result.agreement, samples=drawn,
@@ -432,10 +457,25 @@ class DETOT(dspy.Module):
         demos = self._prompt_demos(retrieved)
         engine = _serving_engine(lm)
         adapter = self.active_adapter()
-        messages = None
+        strategy = self.adjustments.strategy
+        messages: dict[str, list[dict[str, str]]] = {}  # per strategy: what the model was shown
         if engine is not None:
-            messages = adapter.format(sig, demos=demos, inputs=inputs)
-            draw = self._draw_engine(engine, lm, adapter, sig, messages, soft, text, record)
+            draws = {}
+            if strategy in ("cot", "direct", "mix"):
+                messages["cot"] = adapter.format(sig, demos=demos, inputs=inputs)
+                # a ChatAdapter reply ends at its end marker: small models otherwise keep writing to max_tokens
+                stop = ("[[ ## completed ## ]]",) if isinstance(adapter, dspy.ChatAdapter) else ()
+                draws["cot"] = self._draw_engine(engine, lm, self._parse_with(adapter, sig), messages["cot"], soft,
+                                                 text, record, stop=stop)
+            if strategy in ("pot", "mix"):
+                system = PlainAdapter().format_system_message(sig)
+                messages["pot"] = pot_messages(self._input_text(inputs), self._pot_demos(demos), system)
+                draws["pot"] = self._draw_engine(engine, lm, parse_program, messages["pot"], soft, text, record,
+                                                 strategy="pot", seed_offset=1_000_003)
+            draw = draws[strategy] if strategy in draws else _pooled(draws["cot"], draws["pot"])
+        elif strategy in ("pot", "mix"):
+            raise ConfigError(f"strategy {strategy!r} samples through a batched engine (local_lm or vLLM); this LM "
+                              "has none: use strategy='cot'")
         else:
             draw = self._draw_rollouts(lm, adapter, inputs, demos)
         samples, result, drawn = vote_in_rounds(draw, self.adjustments)
@@ -607,3 +647,12 @@ class DETOT(dspy.Module):
             raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
         self.controller.publish(TaskState(int(m["version"]), embedding))
         return self
+
+
+def _pooled(cot: Any, pot: Any) -> Any:
+    """The `mix` strategy's drawer: each round half CoT samples (the greedy one among them), half PoT."""
+    def draw(n: int, drawn: int) -> list[ParsedSample]:
+        half = (n + 1) // 2
+        return cot(half, drawn) + (pot(n - half, drawn) if n - half else [])
+
+    return draw

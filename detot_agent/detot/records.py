@@ -31,6 +31,7 @@ class ParsedSample:
         tokens: output tokens it cost.
         logprob: sum of its tokens' log-probabilities, when the engine reports it.
         fields: the adapter's parsed output fields (None: unparseable).
+        strategy: how it was asked for: `cot` (the adapter's prompt) or `pot` (a program).
     """
 
     text: str
@@ -38,6 +39,7 @@ class ParsedSample:
     tokens: int = 0
     logprob: float | None = None
     fields: dict[str, Any] | None = None
+    strategy: str = "cot"
 
     @property
     def parsed(self) -> bool:

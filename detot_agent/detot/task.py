@@ -101,7 +101,7 @@ class AppliedRule(StrictModel):
 class Adjustments(StrictModel):
     """How DETOT handles a task; every field can be overridden by the user."""
 
-    strategy: str = Field(default="cot", pattern="^(cot|direct)$")
+    strategy: str = Field(default="cot", pattern="^(cot|direct|pot|mix)$")
     k_exemplars: int = Field(default=3, ge=0, le=32)
     mmr_lambda: float | None = Field(default=0.7, ge=0, le=1)
     min_samples: int = Field(default=2, ge=1, le=64)

@@ -80,6 +80,7 @@ class EvalContext:
     reopt_seconds: float | None = None  # the loop's budget per re-optimization (None: ControllerConfig's)
     canary: list[tuple[str, str]] = field(default_factory=list)  # (question, gold): replayed by every judgement
     no_soft_prompt: bool = False  # `--soft-prompt none`: the DETOT methods run without soft-prompt vectors
+    strategy: str | None = None  # the DETOT methods' reasoning strategy (None: task analysis decides)
     questions: list[str] = field(default_factory=list)
     events_dir: Path | None = None
 
@@ -266,7 +267,7 @@ class SelfConsistency(MethodRunner):
                             agreement=top / ctx.n, votes={k: keys.count(k) for k in dict.fromkeys(keys) if k})
 
 
-ABLATABLE = ("retrieval", "softprompt", "loop", "dynamic")
+ABLATABLE = ("retrieval", "softprompt", "loop", "dynamic", "strategy")
 
 
 def split_ablation(name: str) -> tuple[str, frozenset[str]]:
@@ -286,7 +287,8 @@ class DetotMethod(MethodRunner):
     - `retrieval`: no retrieved demos (`k = 0`);
     - `softprompt`: no soft-prompt vectors (the task embedding's head is dropped);
     - `loop`: no re-optimization (for the looping methods);
-    - `dynamic`: the per-input prompt `P(x)` replaced by its static part `P0` (task embeddings with `M > 0`).
+    - `dynamic`: the per-input prompt `P(x)` replaced by its static part `P0` (task embeddings with `M > 0`);
+    - `strategy`: chain of thought instead of the run's `--strategy pot|mix`.
     """
 
     name = "detot_static"
@@ -302,6 +304,8 @@ class DetotMethod(MethodRunner):
             raise ConfigError(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATABLE)}")
         if "loop" in ablate and not self.background:
             raise ConfigError(f"{self.name} has no loop to ablate; ablate `loop` on detot or detot_plain")
+        if "strategy" in ablate and ctx.strategy in (None, "cot"):
+            raise ConfigError("the `strategy` ablation replaces --strategy pot or mix by cot; this run uses cot")
         self.ablate = ablate
         if ablate:
             self.name = f"{self.name}-{'+'.join(sorted(ablate))}"
@@ -328,7 +332,9 @@ class DetotMethod(MethodRunner):
         self.task = TaskProfile(name=ctx.task_name, description=desc, kind=kind,
                                 answer_format=ctx.answer_format, labels=ctx.labels or None)
         self.adjustments = analyze(self.task, ctx.questions[:5], max_samples=ctx.n + 1, max_tokens=ctx.max_tokens,
-                                   k_exemplars=0 if "retrieval" in ablate else ctx.k, temperature=ctx.temperature)
+                                   k_exemplars=0 if "retrieval" in ablate else ctx.k, temperature=ctx.temperature,
+                                   **({"strategy": "cot" if "strategy" in ablate else ctx.strategy}
+                                      if ctx.strategy else {}))
         log = ctx.events_dir / f"{self.name}.events.jsonl" if ctx.events_dir is not None else None
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, lm=ctx.lm, adjustments=self.adjustments,
                              soft_prompt=False if no_soft else ctx.soft_prompt, background=self.background,

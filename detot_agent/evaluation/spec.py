@@ -43,6 +43,7 @@ class ContextSpec(StrictModel):
         k, n, temperature, max_tokens, seed: method budgets (see `EvalContext`).
         task_name: the task's name (soft-prompt registry key, DETOT's profile name).
         canary: `(question, gold answer)` pairs every re-optimization of a looping DETOT replays.
+        strategy: the DETOT methods' reasoning strategy (`cot`, `pot`, `mix`; None: task analysis decides).
         questions: a few of the suite's questions (DETOT's task analysis reads them).
     """
 
@@ -67,6 +68,7 @@ class ContextSpec(StrictModel):
     feedback: Literal["none", "gold"] = "none"
     reopt_seconds: float | None = Field(default=None, gt=0)
     canary: list[tuple[str, str]] = Field(default_factory=list)
+    strategy: Literal["cot", "pot", "mix"] | None = None
     questions: list[str] = Field(default_factory=list)
 
 
@@ -118,5 +120,5 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        temperature=spec.temperature, max_tokens=spec.max_tokens, seed=spec.seed,
                        soft_prompt=vectors, task_embedding=task_embedding, task_name=spec.task_name,
                        feedback=spec.feedback, reopt_seconds=spec.reopt_seconds, canary=list(spec.canary),
-                       no_soft_prompt=spec.soft_prompt == "none",
+                       no_soft_prompt=spec.soft_prompt == "none", strategy=spec.strategy,
                        questions=list(spec.questions))

@@ -209,3 +209,18 @@ def test_soft_prompt_none_and_the_softprompt_ablation_serve_no_vectors(engine, p
         build_method("detot_static-loop", base)
     with pytest.raises(ConfigError, match="needs a task embedding whose head has components"):
         build_method("detot_static-dynamic", base)
+
+
+def test_a_strategy_run_and_its_ablation_on_the_tiny_model(tmp_path, suite_file, engine, pool):
+    suite = load_suite(str(suite_file))
+    ctx = EvalContext(lm=local_lm(engine=engine, cache=False), index=pool, encoder=pool.encoder, k=1, n=2,
+                      max_tokens=8, task_name="multiarith", strategy="mix")
+    run = {"suite": suite.name, "source": suite.source, "model": "tiny", "seed": 0, "limit": None, "k": 1, "n": 2,
+           "temperature": 0.7, "max_tokens": 8, "strategy": "mix"}
+    out = run_eval(suite.examples, ["detot_static", "detot_static-strategy"], ctx, tmp_path / "run", run=run,
+                   threads=2, progress=False)
+    config = json.loads((out / "methods.json").read_text())
+    assert config["detot_static"]["adjustments"]["strategy"] == "mix"
+    assert config["detot_static-strategy"]["adjustments"]["strategy"] == "cot"
+    assert all(r["error"] is None for m in ("detot_static", "detot_static-strategy")
+               for r in read_records(out / f"{m}.jsonl"))
