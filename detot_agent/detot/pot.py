@@ -115,21 +115,13 @@ class _Interpreter:
         elif isinstance(node, ast.For) and not node.orelse:
             for item in self.expr(node.iter):
                 self.assign(node.target, item)
-                try:
-                    self.block(node.body)
-                except _Break:
+                if not self.loop_body(node.body):
                     break
-                except _Continue:
-                    continue
         elif isinstance(node, ast.While) and not node.orelse:
             while self.expr(node.test):
                 self.tick()
-                try:
-                    self.block(node.body)
-                except _Break:
+                if not self.loop_body(node.body):
                     break
-                except _Continue:
-                    continue
         elif isinstance(node, ast.Break):
             raise _Break
         elif isinstance(node, ast.Continue):
@@ -143,6 +135,16 @@ class _Interpreter:
             self.solution = node
         else:
             raise ProgramError(f"{type(node).__name__} is not allowed in a program of thought")
+
+    def loop_body(self, body: list[ast.stmt]) -> bool:
+        """Run one pass of a loop body; False when it broke out."""
+        try:
+            self.block(body)
+        except _Break:
+            return False
+        except _Continue:
+            pass
+        return True
 
     def assign(self, target: ast.expr, value: Any) -> None:
         if isinstance(target, ast.Name):
