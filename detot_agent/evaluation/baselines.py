@@ -36,7 +36,7 @@ from detot_agent.detot.task import AnswerFormat, StoppingRule, TaskProfile, Weig
 from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.generation import text_seed
 from detot_agent.errors import ConfigError, ProgramError
-from detot_agent.evaluation.methods import SIGNATURE, EvalContext, MethodRunner
+from detot_agent.evaluation.context import SIGNATURE, EvalContext, MethodRunner
 
 __all__ = ["BASELINES", "PlainPoT", "PlainVote"]
 

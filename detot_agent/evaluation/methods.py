@@ -37,124 +37,20 @@ import copy
 import random
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import dspy
-import torch
 
-from detot_agent.answers import extract_number, normalize
-from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
+from detot_agent.answers import extract_number
+from detot_agent.detot.adapters import PlainAdapter
 from detot_agent.detot.controller import ControllerConfig
 from detot_agent.detot.task import AnswerFormat, TaskKind, TaskProfile, analyze
-from detot_agent.embedding.task_embedding import TaskEmbedding
-from detot_agent.engines.generation import text_seed
 from detot_agent.errors import ConfigError
+from detot_agent.evaluation.baselines import BASELINES
+from detot_agent.evaluation.context import SIGNATURE, EvalContext, MethodRunner, count_tokens, sample_seed
 from detot_agent.retrieval.encoder import Encoder
-from detot_agent.retrieval.index import ExemplarIndex
 
 __all__ = ["ABLATABLE", "METHODS", "EvalContext", "MethodRunner", "build_method", "check_method", "split_ablation"]
-
-SIGNATURE = "question -> answer"
-
-
-@dataclass
-class EvalContext:
-    """What every method shares: the LM, the exemplar pool, the suite's answer format, budgets."""
-
-    lm: Any
-    answer_format: AnswerFormat = AnswerFormat.NUMBER
-    labels: list[str] = field(default_factory=list)
-    index: ExemplarIndex | None = None
-    encoder: Encoder | None = None
-    k: int = 3
-    n: int = 5
-    temperature: float = 0.7
-    max_tokens: int = 256
-    seed: int = 0
-    soft_prompt: torch.Tensor | None = None
-    task_embedding: TaskEmbedding | None = None
-    task_name: str = "task"
-    feedback: str = "none"  # "gold": DETOT methods get each problem's gold answer after answering it
-    reopt_seconds: float | None = None  # the loop's budget per re-optimization (None: ControllerConfig's)
-    canary: list[tuple[str, str]] = field(default_factory=list)  # (question, gold): replayed by every judgement
-    no_soft_prompt: bool = False  # `--soft-prompt none`: the DETOT methods run without soft-prompt vectors
-    strategy: str | None = None  # the DETOT methods' reasoning strategy (None: task analysis decides)
-    questions: list[str] = field(default_factory=list)
-    events_dir: Path | None = None
-
-    def key(self, answer: Any) -> str | None:
-        """The normalised vote key of a raw answer."""
-        return None if answer is None else normalize(str(answer), self.answer_format, labels=self.labels)
-
-    def pool(self) -> list[dspy.Example]:
-        """The exemplar pool as labelled demos (question, reasoning, answer)."""
-        if self.index is None:
-            raise ConfigError("this method needs an exemplar pool: pass --index DIR (build one with "
-                              "`detot index build --data TRAIN_FILE --out DIR`)")
-        out = []
-        for rec in self.index.records():
-            f = rec.fields
-            demo = {"question": f.get("question", rec.text), "answer": f.get("answer")}
-            if f.get("rationale"):
-                demo["reasoning"] = f["rationale"]
-            if demo["answer"] is not None:
-                out.append(dspy.Example(id=rec.id, **demo).with_inputs("question"))
-        if not out:
-            raise ConfigError("the exemplar index holds no records with an `answer` field to use as demos")
-        return out
-
-
-def _seed(text: str, i: int) -> int:
-    return (text_seed(text) + i) % (2**31)
-
-
-class MethodRunner:
-    """Answers one example; returns a record of the answer and what it cost."""
-
-    name = "base"
-    stateful = False  # True: the method learns while it runs (its state is saved and restored on resume)
-
-    def __init__(self, ctx: EvalContext) -> None:
-        self.ctx = ctx
-        self.adapter = LenientChatAdapter()
-        self.greedy = ctx.lm.copy(temperature=0.0, max_tokens=ctx.max_tokens)
-
-    def config(self) -> dict[str, Any]:
-        """The method's settings, for the report."""
-        return {"max_tokens": self.ctx.max_tokens, "temperature": 0.0}
-
-    def __call__(self, example: dspy.Example) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def _call(self, program: Any, lm: Any, question: str, demos: list[dspy.Example] | None = None
-              ) -> tuple[Any, int, bool]:
-        """(raw answer or None, output tokens, parsed) for one DSPy call."""
-        kwargs: dict[str, Any] = {"question": question}
-        if demos is not None:
-            kwargs["demos"] = demos
-        with dspy.context(lm=lm, adapter=self.adapter, track_usage=True):
-            try:
-                pred = program(**kwargs)
-            except dspy.utils.exceptions.AdapterParseError as exc:
-                raw = str(exc.lm_response or "")
-                value = extract_number(raw) if self.ctx.answer_format is AnswerFormat.NUMBER else (None, False)
-                return (value[0] if value[1] else None), _count(raw, lm), False
-        usage = pred.get_lm_usage() or {}
-        tokens = sum(int(u.get("completion_tokens") or 0) for u in usage.values())
-        return pred.answer, tokens, True
-
-    def _record(self, answer: Any, *, tokens: int, samples: int, parse_failures: int, **extra: Any
-                ) -> dict[str, Any]:
-        return {"answer": None if answer is None else str(answer), "pred": self.ctx.key(answer), "tokens": tokens,
-                "samples": samples, "parse_failures": parse_failures, **extra}
-
-
-def _count(raw: str, lm: Any) -> int:
-    engine = getattr(lm, "engine", None)
-    tok = getattr(engine, "tokenizer", None)
-    return len(tok(raw)["input_ids"]) if tok is not None and raw else 0
 
 
 class PlainCoT(MethodRunner):
@@ -170,7 +66,8 @@ class PlainCoT(MethodRunner):
             answer = extract_number(raw)[0]  # the stated answer, else the last number
         else:
             answer = raw.strip().splitlines()[-1] if raw.strip() else None
-        return self._record(answer, tokens=_count(raw, self.greedy), samples=1, parse_failures=int(answer is None))
+        return self._record(answer, tokens=count_tokens(raw, self.greedy), samples=1,
+                            parse_failures=int(answer is None))
 
 
 class ZeroShot(MethodRunner):
@@ -249,7 +146,7 @@ class SelfConsistency(MethodRunner):
         def one(i: int) -> tuple[Any, int, bool]:
             # rollout_id separates DSPy's cache entries; the seed makes each sample reproducible
             lm = ctx.lm.copy(rollout_id=i, temperature=ctx.temperature, max_tokens=ctx.max_tokens,
-                             seed=_seed(example.question, i))
+                             seed=sample_seed(example.question, i))
             return self._call(self.program, lm, example.question)
 
         # concurrent samples: the engine's dynamic batcher decodes them in one batch
@@ -391,8 +288,6 @@ METHODS: dict[str, Callable[[EvalContext], MethodRunner]] = {
                               DetotFull, DetotPlainStatic, DetotPlain)
 }
 
-
-from detot_agent.evaluation.baselines import BASELINES  # noqa: E402  (they build on MethodRunner, above)
 
 METHODS.update(BASELINES)
 
