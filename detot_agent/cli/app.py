@@ -441,7 +441,15 @@ def bench_loop(
 
 
 def main() -> None:
-    """Entry point: run the app, turning the library's own errors into one readable line."""
+    """Entry point: run the app, turning the library's own errors into one readable line.
+
+    The command works offline unless told otherwise: `HF_HUB_OFFLINE=1` is set when the environment does
+    not set it (models and encoders load from local files; `HF_HUB_OFFLINE=0 detot ...` allows the hub),
+    so an unknown model name fails at once instead of retrying a hub this machine cannot reach.
+    """
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         app()
     except DetotError as exc:

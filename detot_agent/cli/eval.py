@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -97,9 +98,11 @@ def eval_run(
     if suite is None:
         raise ConfigError("detot eval needs --suite (a name such as multiarith, or a data file); "
                           "see `detot eval --help`")
+    from detot_agent.engines.models import resolve_model_source
     from detot_agent.evaluation import load_suite, run_eval, sample_examples, write_report
-    from detot_agent.evaluation.methods import METHODS, check_method
+    from detot_agent.evaluation.methods import METHODS, check_method, missing_requirements, needs_index
     from detot_agent.evaluation.report import render_markdown
+    from detot_agent.evaluation.runner import check_run, read_records
     from detot_agent.evaluation.spec import ContextSpec, build_context
 
     # a truncated sample is a normal outcome here (it is counted as a parse failure), not a warning per call
@@ -116,6 +119,9 @@ def eval_run(
                           "detot_plain)")
     for m in names:
         check_method(m)  # one line naming the method and what exists
+    problems = missing_requirements(names, index=index is not None)
+    if problems:  # every requirement of every method, before anything loads
+        raise ConfigError("; ".join(problems))
     if executor not in ("local", "ray"):
         raise ConfigError(f"--executor must be local or ray, got {executor!r}")
     if reopt_seconds is not None and not reopt_seconds > 0:
@@ -168,22 +174,48 @@ def eval_run(
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
            "engine": engine, "feedback": feedback, "reopt_seconds": reopt_seconds, "strategy": strategy,
            "canary": None if canary_file is None else {"file": str(canary_file), "size": len(canary)},
-           "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:])}
-    if executor == "ray":
-        from detot_agent.engines.models import resolve_model_source
-        from detot_agent.evaluation.distributed import RayExecutor
+           "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+           "model": resolve_model_source(None).name if model is None else model}
+    # a resumed run may add --index (and --soft-prompt) if no finished record came from a method using one
+    finished = [m for m in _stored_methods(out) if read_records(out / f"{m}.jsonl")]
+    addable = frozenset() if any(needs_index(m) for m in finished) else frozenset({"index", "soft_prompt"})
+    # the output folder and the resume state, checked before the model loads
+    check_run(out, {**run, "methods": names, "ids": [ex.id for ex in examples]}, resume=resume, write=False,
+              addable=addable)
+    try:
+        if executor == "ray":
+            from detot_agent.evaluation.distributed import RayExecutor
 
-        run["model"] = resolve_model_source(model).name if model is None else model
-        with RayExecutor(spec, workers=workers, threads=threads, address=address, worker_cpus=worker_cpus,
-                         worker_gpus=worker_gpus, task_timeout_s=task_timeout) as ray_executor:
-            run_eval(examples, names, None, out, run=run, resume=resume, threads=threads, executor=ray_executor)
-    else:
-        context = build_context(spec)
-        run["model"] = context.lm.engine.name if model is None else model
-        run_eval(examples, names, context, out, run=run, resume=resume, threads=threads)
+            with RayExecutor(spec, workers=workers, threads=threads, address=address, worker_cpus=worker_cpus,
+                             worker_gpus=worker_gpus, task_timeout_s=task_timeout) as ray_executor:
+                run_eval(examples, names, None, out, run=run, resume=resume, threads=threads, executor=ray_executor,
+                         addable=addable)
+        else:
+            context = build_context(spec)
+            run_eval(examples, names, context, out, run=run, resume=resume, threads=threads, addable=addable)
+    except KeyboardInterrupt:
+        # finished records are already on disk (appended and fsynced one by one); in-flight problems are
+        # dropped rather than waited for, so Ctrl-C ends in seconds
+        command = str(run["command"])
+        again = command if "--resume" in command else command + " --resume"
+        console.print(f"\ninterrupted: finished records are kept in {out}; continue with:\n  {again}",
+                      markup=False, highlight=False)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(130)
     report = write_report(out)
     console.print(render_markdown(report))
     console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
+
+
+def _stored_methods(out: Path) -> list[str]:
+    """The methods a run folder was started with (none when it holds no run)."""
+    from detot_agent.evaluation.runner import RUN_FILE
+
+    try:
+        return list(json.loads((out / RUN_FILE).read_text()).get("methods", []))
+    except (OSError, ValueError):
+        return []
 
 
 @eval_app.command("report")

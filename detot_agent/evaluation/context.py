@@ -86,6 +86,7 @@ class MethodRunner:
 
     name = "base"
     stateful = False  # True: the method learns while it runs (its state is saved and restored on resume)
+    needs_index = False  # True: the method draws demos from the exemplar pool (`--index`)
 
     def __init__(self, ctx: EvalContext) -> None:
         self.ctx = ctx

@@ -50,7 +50,8 @@ from detot_agent.evaluation.baselines import BASELINES
 from detot_agent.evaluation.context import SIGNATURE, EvalContext, MethodRunner, count_tokens, sample_seed
 from detot_agent.retrieval.encoder import Encoder
 
-__all__ = ["ABLATABLE", "METHODS", "EvalContext", "MethodRunner", "build_method", "check_method", "split_ablation"]
+__all__ = ["ABLATABLE", "METHODS", "EvalContext", "MethodRunner", "build_method", "check_method",
+           "missing_requirements", "needs_index", "split_ablation"]
 
 
 class PlainCoT(MethodRunner):
@@ -92,6 +93,7 @@ class ZeroShotCoT(ZeroShot):
 
 class FewShotCoT(MethodRunner):
     name = "few_shot_cot"
+    needs_index = True
 
     def __init__(self, ctx: EvalContext) -> None:
         super().__init__(ctx)
@@ -110,6 +112,7 @@ class FewShotCoT(MethodRunner):
 
 class KNNFewShotCoT(MethodRunner):
     name = "knn_fewshot"
+    needs_index = True
 
     def __init__(self, ctx: EvalContext) -> None:
         super().__init__(ctx)
@@ -191,6 +194,7 @@ class DetotMethod(MethodRunner):
     name = "detot_static"
     background = False
     plain = False
+    needs_index = True
 
     def __init__(self, ctx: EvalContext, ablate: frozenset[str] = frozenset()) -> None:
         super().__init__(ctx)
@@ -306,6 +310,28 @@ def check_method(name: str) -> None:
         if unknown or not parts:
             raise ConfigError(f"{name!r}: unknown ablation(s) {unknown or ['(none)']}; choose from "
                               f"{', '.join(ABLATABLE)}")
+
+
+def needs_index(name: str) -> bool:
+    """Whether the method (or ablation) `name` draws demos from the exemplar pool."""
+    return bool(getattr(METHODS[split_ablation(name)[0]], "needs_index", False))
+
+
+def missing_requirements(names: list[str], *, index: bool) -> list[str]:
+    """What the methods `names` need and were not given, one line each (checked before anything loads).
+
+    Example:
+        >>> missing_requirements(["plain_cot", "few_shot_cot", "detot"], index=False)[0][:44]
+        'few_shot_cot, detot need an exemplar pool: p'
+        >>> missing_requirements(["plain_cot"], index=False)
+        []
+    """
+    out = []
+    pooled = [n for n in names if needs_index(n)]
+    if pooled and not index:
+        out.append(f"{', '.join(pooled)} need an exemplar pool: pass --index DIR (build one with "
+                   "`detot index build --data TRAIN_FILE --out DIR`)")
+    return out
 
 
 def build_method(name: str, ctx: EvalContext) -> MethodRunner:

@@ -62,11 +62,17 @@ def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     return record_log(path).read(repair=repair)
 
 
-def check_run(out: Path, run: dict[str, Any], *, resume: bool) -> dict[str, Any]:
-    """Create `run.json`, or (resume) check it matches this run's settings and ids; returns the stored run."""
+def check_run(out: Path, run: dict[str, Any], *, resume: bool, write: bool = True,
+              addable: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Create `run.json`, or (resume) check it matches this run's settings and ids; returns the stored run.
+
+    `write=False` only checks (the CLI does, before loading anything). `addable` names settings that a
+    resumed run may add where the run had none (`--index` when no finished record used one).
+    """
     path = out / RUN_FILE
     if not path.exists():
-        atomic_write_text(path, json.dumps(run, indent=2) + "\n")
+        if write:
+            atomic_write_text(path, json.dumps(run, indent=2) + "\n")
         return run
     if not resume:
         raise ConfigError(f"{out} already holds a run ({RUN_FILE}); pass --resume to continue it, or choose "
@@ -78,16 +84,21 @@ def check_run(out: Path, run: dict[str, Any], *, resume: bool) -> dict[str, Any]
     def pinned(k: str, value: Any) -> Any:
         return _OLD_NAMES.get(k, {}).get(value, value)
 
+    added = [k for k in addable if stored.get(k) is None and run.get(k) is not None]
     diff = [f"{k}: {stored.get(k)!r} then, {run.get(k)!r} now" for k in _PINNED
-            if pinned(k, stored.get(k)) != pinned(k, run.get(k)) and not (k == "engine" and stored.get(k) is None)]
+            if pinned(k, stored.get(k)) != pinned(k, run.get(k)) and not (k == "engine" and stored.get(k) is None)
+            and k not in added]
     if stored.get("ids") != run.get("ids"):
         diff.append("the example ids differ (--suite, --limit or --seed changed, or the data file did)")
     if diff:
         raise ConfigError(f"--resume: {out} was started with other settings: " + "; ".join(diff))
     methods = list(dict.fromkeys(list(stored.get("methods", [])) + list(run["methods"])))
     # extra methods may join on resume, and a run may continue on another executor (local <-> ray)
-    if methods != stored.get("methods") or run.get("executor") != stored.get("executor"):
+    if not write:
+        return stored
+    if methods != stored.get("methods") or run.get("executor") != stored.get("executor") or added:
         stored["methods"] = methods
+        stored.update({k: run[k] for k in added})
         if run.get("executor") is not None:
             stored["executor"] = run["executor"]
         atomic_write_text(path, json.dumps(stored, indent=2) + "\n")
@@ -102,7 +113,7 @@ def _correct(pred: str | None, gold: str, fmt: AnswerFormat) -> bool:
 
 def run_eval(examples: list[dspy.Example], methods: list[str], ctx: EvalContext | None, out: str | Path, *,
              run: dict[str, Any], resume: bool = False, threads: int = 4, progress: bool = True,
-             executor: Executor | None = None) -> Path:
+             executor: Executor | None = None, addable: frozenset[str] = frozenset()) -> Path:
     """Run `methods` on `examples`, appending per-example records under `out`; returns `out`.
 
     Args:
@@ -113,6 +124,7 @@ def run_eval(examples: list[dspy.Example], methods: list[str], ctx: EvalContext 
         out: run folder.
         run: settings recorded in `run.json` (and checked on resume).
         resume: continue a run in `out` (else `out` must not hold one).
+        addable: settings a resumed run may add where it had none (see `check_run`).
         threads: examples in flight at once (the engine batches their generations).
         progress: show a progress bar per method.
         executor: where examples are answered; None: in this process (`LocalExecutor(ctx, threads)`).
@@ -125,7 +137,7 @@ def run_eval(examples: list[dspy.Example], methods: list[str], ctx: EvalContext 
             raise ConfigError("run_eval needs an EvalContext, or an executor that builds its own")
         executor = LocalExecutor(ctx, threads=threads)
     run = {**run, "methods": list(methods), "ids": [ex.id for ex in examples], "executor": executor.describe()}
-    check_run(out, run, resume=resume)
+    check_run(out, run, resume=resume, addable=addable)
     for method in methods:
         path = out / f"{method}.jsonl"
         done = {r["id"] for r in read_records(path, repair=True)}
@@ -245,11 +257,15 @@ class LocalExecutor:
 
         executor = ParallelExecutor(num_threads=self.threads, max_errors=len(todo) + 1, timeout=0,
                                     disable_progress_bar=not progress)
+        interrupted = False
         try:
             executor.execute(one, todo)
+        except KeyboardInterrupt:
+            interrupted = True  # Ctrl-C: keep what finished, do not wait for a re-optimization to end
+            raise
         finally:
             close = getattr(runner, "close", None)
-            if close is not None:
+            if close is not None and not interrupted:
                 close()
             if stateful and program is not None:
                 with sink.lock:

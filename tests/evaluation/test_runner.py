@@ -224,3 +224,52 @@ def test_a_strategy_run_and_its_ablation_on_the_tiny_model(tmp_path, suite_file,
     assert config["detot_static-strategy"]["adjustments"]["strategy"] == "cot"
     assert all(r["error"] is None for m in ("detot_static", "detot_static-strategy")
                for r in read_records(out / f"{m}.jsonl"))
+
+
+def test_ctrl_c_keeps_finished_records_exits_at_once_and_says_how_to_resume(tmp_path, multiarith_head,
+                                                                             long_tiny_model_dir):
+    suite = multiarith_head(12)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "detot_agent", "eval", "--suite", str(suite), "--model", str(long_tiny_model_dir),
+           "--methods", "plain_cot", "--max-tokens", "48", "--threads", "1", "--max-batch-size", "1",
+           "--device", "cpu", "--dtype", "float32", "--out", str(out)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    target = out / "plain_cot.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if target.exists() and target.read_bytes().count(b"\n") >= 1:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=120)
+    kept = read_records(target)
+    assert proc.returncode == 130, output
+    assert 1 <= len(kept) < 12  # it stopped, and kept what finished
+    assert "interrupted: finished records are kept in" in output and "--resume" in output
+
+
+def test_a_resumed_run_may_add_the_index_only_if_no_finished_record_used_one(tmp_path):
+    from detot_agent.evaluation.runner import check_run
+
+    run = {"suite": "s", "index": None, "methods": ["plain_cot"], "ids": ["a"]}
+    check_run(tmp_path, run, resume=False)
+    later = {**run, "index": "/idx", "methods": ["plain_cot", "detot"]}
+    with pytest.raises(ConfigError, match="index: None then, '/idx' now"):
+        check_run(tmp_path, later, resume=True)
+    check_run(tmp_path, later, resume=True, addable=frozenset({"index"}))
+    assert json.loads((tmp_path / "run.json").read_text())["index"] == "/idx"
+
+
+def test_a_missing_requirement_fails_before_anything_loads_or_runs(tmp_path, multiarith_head):
+    from typer.testing import CliRunner
+
+    from detot_agent.cli.app import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["eval", "--suite", str(multiarith_head(2)), "--methods",
+                                      "zero_shot_cot,few_shot_cot,detot_static", "--model", "/no/such/model",
+                                      "--out", str(out)])
+    assert isinstance(result.exception, ConfigError)
+    assert "few_shot_cot, detot_static need an exemplar pool: pass --index DIR" in str(result.exception)
+    assert not (out / "run.json").exists()  # nothing started
