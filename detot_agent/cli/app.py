@@ -50,9 +50,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def generate(
     prompt: Annotated[str, typer.Argument(help="The user message.")],
     model: ModelOpt = None,
-    n: Annotated[int, typer.Option(help="Number of completions (one shared prefill).")] = 1,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per completion.")] = 128,
+    n: Annotated[int, typer.Option(help="Number of completions (one shared prefill).", min=1)] = 1,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.", min=0.0, max=2.0)] = 0.0,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per completion.", min=1)] = 128,
     seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
@@ -80,7 +80,7 @@ def generate(
 @app.command()
 def demo(
     model: ModelOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 160,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.", min=1)] = 160,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -144,7 +144,8 @@ def tune(
     data: Annotated[Path, typer.Option(help="Training data (GSM8K JSONL, MultiArith JSON, or JSONL).")],
     out: Annotated[Path, typer.Option(help="Directory for the task embedding (replaced atomically).")],
     fmt: Annotated[str | None, typer.Option("--format", help="gsm8k, multiarith or jsonl; default: detect.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Use the first N records (validation taken from them).")] = None,
+    limit: Annotated[int | None, typer.Option(help="Use the first N records (validation taken from them).",
+                                              min=1)] = None,
     model: ModelOpt = None,
     description: Annotated[str, typer.Option(help="Task description (with the inputs, it sets the task vector).")] =
         "Solve the problem step by step.",
@@ -282,7 +283,7 @@ def index_build(
     text_field: Annotated[str, typer.Option(help="(jsonl) field to embed.")] = "question",
     answer_field: Annotated[str, typer.Option(help="(jsonl) field holding the answer.")] = "answer",
     id_field: Annotated[str | None, typer.Option(help="(jsonl) field holding a stable id.")] = None,
-    limit: Annotated[int | None, typer.Option(help="Only the first N records.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Only the first N records.", min=1)] = None,
     encoder: Annotated[str | None, typer.Option(help="sentence-transformers name or path.")] = None,
 ) -> None:
     """Embed a data file's problems and save them as an exemplar index."""
@@ -305,7 +306,7 @@ def index_build(
 def index_search(
     index_dir: Annotated[Path, typer.Argument(help="Directory written by `detot index build`.")],
     query: Annotated[str, typer.Argument(help="Query text.")],
-    k: Annotated[int, typer.Option("-k", "--k", help="Results to show.")] = 5,
+    k: Annotated[int, typer.Option("-k", "--k", help="Results to show.", min=1)] = 5,
     task: Annotated[str | None, typer.Option(help="A saved task embedding directory, or a task description.")] = None,
     mmr: Annotated[float | None, typer.Option(help="MMR lambda for diverse results (1 = relevance only).")] = None,
     where: Annotated[list[str] | None, typer.Option(help="Field filter FIELD=VALUE (repeatable).")] = None,
@@ -376,8 +377,8 @@ def bench_retrieval(
 def bench_scale(
     workers: Annotated[str, typer.Option(help="Comma-separated Ray worker counts.")] = "1,2",
     problems: Annotated[int, typer.Option(help="Synthetic problems per run.")] = 200,
-    threads: Annotated[int, typer.Option(help="Problems in flight per worker (and locally).")] = 4,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per answer.")] = 24,
+    threads: Annotated[int, typer.Option(help="Problems in flight per worker (and locally).", min=1)] = 4,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per answer.", min=1)] = 24,
     model: ModelOpt = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
 ) -> None:
@@ -409,8 +410,8 @@ def bench_scale(
 def bench_loop(
     model: ModelOpt = None,
     engine: Annotated[str, typer.Option(help="auto, torch or llamacpp.")] = "auto",
-    requests: Annotated[int, typer.Option(help="Requests per phase (quiet, then busy).")] = 24,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 48,
+    requests: Annotated[int, typer.Option(help="Requests per phase (quiet, then busy).", min=1)] = 24,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.", min=1)] = 48,
     train: Annotated[Path | None, typer.Option(help="GSM8K train JSONL for the exemplar index (default: "
                                                     "synthetic exemplars).")] = None,
     max_seconds: Annotated[float, typer.Option(help="Budget of one re-optimization.")] = 120.0,

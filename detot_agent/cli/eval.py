@@ -33,7 +33,7 @@ def eval_run(
                                                    "or hf:<dataset>[:<config>][@<split>].")] = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods (see `detot eval methods`).")] =
         "zero_shot_cot,few_shot_cot,knn_fewshot,self_consistency,detot_static,detot",
-    limit: Annotated[int | None, typer.Option(help="Evaluate a seeded sample of this many problems.")] = None,
+    limit: Annotated[int | None, typer.Option(help="Evaluate a seeded sample of this many problems.", min=1)] = None,
     seed: Annotated[int, typer.Option(help="Seed for the sample, the fixed demos and sampling.")] = 0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="HF folder, .gguf file or hub id; "
                                                                     "default: embedded SmolLM2-135M.")] = None,
@@ -48,14 +48,16 @@ def eval_run(
     question_field: Annotated[str, typer.Option(help="Question field of JSONL / hub data.")] = "question",
     answer_field: Annotated[str, typer.Option(help="Answer field of JSONL / hub data.")] = "answer",
     labels: Annotated[str | None, typer.Option(help="Comma-separated label set (classification).")] = None,
-    k: Annotated[int, typer.Option(help="Demos per question.")] = 3,
-    n: Annotated[int, typer.Option(help="Samples for self-consistency (DETOT's adaptive budget is n+1).")] = 5,
-    temperature: Annotated[float, typer.Option(help="Sampling temperature of the voting methods.")] = 0.7,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.")] = 256,
+    k: Annotated[int, typer.Option(help="Demos per question.", min=0)] = 3,
+    n: Annotated[int, typer.Option(help="Samples for self-consistency (DETOT's adaptive budget is n+1).", min=1)] = 5,
+    temperature: Annotated[float, typer.Option(help="Sampling temperature of the voting methods.", min=0.0,
+                                               max=2.0)] = 0.7,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.", min=1)] = 256,
     soft_prompt: Annotated[Path | None, typer.Option(help="Trained soft prompt or task embedding (from `detot tune`) "
                                                           "for the DETOT methods; `none`: no soft-prompt vectors "
                                                           "(default: a text-initialised, untrained prompt).")] = None,
-    threads: Annotated[int, typer.Option(help="Problems in flight at once (their generations are batched).")] = 4,
+    threads: Annotated[int, typer.Option(help="Problems in flight at once (their generations are batched).",
+                                         min=1)] = 4,
     feedback: Annotated[str, typer.Option(help="none, or gold: prequential evaluation, each problem answered, then "
                                                "scored, then its gold answer given to DETOT's `feedback` (the loop "
                                                "sees accuracy).")] = "none",
@@ -64,7 +66,7 @@ def eval_run(
     canary_file: Annotated[Path | None, typer.Option(help="Labelled problems (a suite file or name) from which a "
                                                           "seeded canary set is drawn: every re-optimization of a "
                                                           "looping DETOT replays it (see --canary-size).")] = None,
-    canary_size: Annotated[int, typer.Option(help="Problems in the canary set.")] = 16,
+    canary_size: Annotated[int, typer.Option(help="Problems in the canary set.", min=1)] = 16,
     strategy: Annotated[str | None, typer.Option(help="The DETOT methods' reasoning: cot, pot (a program, run "
                                                       "safely) or mix (half each, votes pooled); default: task "
                                                       "analysis (cot).")] = None,
@@ -78,7 +80,7 @@ def eval_run(
                                                     "(task embeddings with M > 0).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.")] = 16,
+    max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.", min=1)] = 16,
     engine: Annotated[str, typer.Option(help="auto (llama.cpp for a .gguf file on the CPU when installed, else "
                                              "torch), torch (transformers; `local` is the old name), llamacpp, or "
                                              "vllm (CUDA GPUs, the `vllm` extra).")] = "auto",
@@ -86,7 +88,7 @@ def eval_run(
                                                "needs the `ray` extra).")] = "local",
     address: Annotated[str | None, typer.Option(help="Ray cluster to join (auto, HOST:PORT, ray://...); "
                                                      "default: start a local Ray instance.")] = None,
-    workers: Annotated[int, typer.Option(help="Ray actors (engine replicas).")] = 2,
+    workers: Annotated[int, typer.Option(help="Ray actors (engine replicas).", min=1)] = 2,
     worker_cpus: Annotated[float, typer.Option(help="CPUs reserved per Ray actor.")] = 1.0,
     worker_gpus: Annotated[float, typer.Option(help="GPUs per Ray actor (1: one GPU per replica).")] = 0.0,
     task_timeout: Annotated[float | None, typer.Option(help="Seconds after which an unanswered problem marks its "

@@ -61,9 +61,13 @@ def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as exc:
-            raise DataFileError(f"{path} line {no}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+            hint = ("; the file looks like one JSON array (the MultiArith layout): pass --format multiarith"
+                    if no == 1 and text.lstrip().startswith("[") else "")
+            raise DataFileError(f"{path} line {no}: not valid JSON ({exc.msg} at column {exc.colno}){hint}") from None
         if not isinstance(obj, dict):
-            raise DataFileError(f"{path} line {no}: expected a JSON object, got {type(obj).__name__}")
+            hint = ("; a JSON array of problems is the MultiArith layout: pass --format multiarith"
+                    if isinstance(obj, list) else "")
+            raise DataFileError(f"{path} line {no}: expected a JSON object, got {type(obj).__name__}{hint}")
         yield no, obj
 
 

@@ -153,3 +153,37 @@ def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiari
         result = runner.invoke(app, ["eval", "--suite", suite, *args, "--model", "/nonexistent/model"])
         assert isinstance(result.exception, ConfigError), result.output
         assert re.search(why, str(result.exception)), str(result.exception)
+
+
+def _bad_inputs(tmp_path, multiarith_head):
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a model\n")
+    suite = str(multiarith_head(2))
+    ev = ["eval", "--suite", suite, "--methods", "plain_cot", "--out", str(tmp_path / "ev")]
+    return [
+        (["generate", "hi", "--model", str(fake)], "not a valid GGUF model file"),
+        (["generate", "hi", "--max-tokens", "0"], "Invalid value for '--max-tokens'"),
+        (["generate", "hi", "--max-tokens", "-3"], "Invalid value for '--max-tokens'"),
+        (["generate", "hi", "--temperature", "-1"], "Invalid value for '--temperature'"),
+        ([*ev, "--model", str(fake)], "not a valid GGUF model file"),
+        ([*ev, "--max-tokens", "0"], "Invalid value for '--max-tokens'"),
+        ([*ev, "--n", "0"], "Invalid value for '--n'"),
+        ([*ev, "--threads", "0"], "Invalid value for '--threads'"),
+        ([*ev, "--limit", "-2"], "Invalid value for '--limit'"),
+        (["eval", "--suite", suite, "--methods", "nope"], "unknown method 'nope'"),
+        (["index", "build", "--data", suite, "--limit", "-3", "--out", str(tmp_path / "ix")],
+         "Invalid value for '--limit'"),
+        (["index", "build", "--data", suite, "--format", "gsm8k", "--out", str(tmp_path / "ix")],
+         "pass --format multiarith"),
+    ]
+
+
+def test_bad_inputs_get_one_message_naming_what_was_wrong(tmp_path, multiarith_head):
+    from detot_agent.errors import DetotError
+
+    for args, why in _bad_inputs(tmp_path, multiarith_head):
+        result = runner.invoke(app, args)
+        said = str(result.exception) if isinstance(result.exception, DetotError) else result.output
+        assert result.exit_code != 0 and why in " ".join(said.split()), (args, said)
+        # no traceback of our own: either a usage error (exit 2) or one of the library's errors
+        assert result.exit_code == 2 or isinstance(result.exception, DetotError), (args, result.exception)
