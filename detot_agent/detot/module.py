@@ -472,7 +472,7 @@ class DETOT(dspy.Module):
                 messages["pot"] = pot_messages(self._input_text(inputs), self._pot_demos(demos), system)
                 draws["pot"] = self._draw_engine(engine, lm, parse_program, messages["pot"], soft, text, record,
                                                  strategy="pot", seed_offset=1_000_003)
-            draw = draws[strategy] if strategy in draws else _pooled(draws["cot"], draws["pot"])
+            draw = _pooled(draws["cot"], draws["pot"]) if strategy == "mix" else next(iter(draws.values()))
         elif strategy in ("pot", "mix"):
             raise ConfigError(f"strategy {strategy!r} samples through a batched engine (local_lm or vLLM); this LM "
                               "has none: use strategy='cot'")

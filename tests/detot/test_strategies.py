@@ -89,3 +89,9 @@ def test_the_trace_of_a_pot_call_holds_the_program(worked_index, long_tiny_model
         program(question=Q)
         (_, _, outputs), = dspy.settings.trace
     assert outputs.answer == "7" and outputs.reasoning.startswith("first = 3")
+
+
+def test_direct_answers_through_the_adapter_prompt(worked_index, long_tiny_model_dir):
+    lm, engine = scripted_local_lm(long_tiny_model_dir, lambda t, n: "7", plain=True)
+    pred = _detot(worked_index, lm, "direct", max_samples=2)(question=Q)
+    assert pred.answer == "7" and not any("Python program" in p for p in engine.prompts)
