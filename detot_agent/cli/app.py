@@ -317,6 +317,8 @@ def index_search(
     from detot_agent.retrieval.encoder import Encoder
     from detot_agent.retrieval.index import ExemplarIndex
 
+    if not query.strip():
+        raise ConfigError("the query is empty; pass the text to search for")
     manifest = read_manifest(index_dir, kind=ExemplarIndex.FORMAT, max_version=ExemplarIndex.FORMAT_VERSION,
                              verify=False)
     enc = Encoder(manifest["encoder"])
@@ -328,11 +330,16 @@ def index_search(
         vec = te.query(vec)
     filters = dict(item.split("=", 1) for item in (where or []) if "=" in item)
     hits = index.search(vec, min(k, len(index)), mmr=mmr, where=filters or None)
-    table = Table(title=f"top {len(hits)} of {len(index)} for {query!r}")
-    for col in ("rank", "id", "score", "text"):
+    # similarity is always the cosine to the query; with --mmr the order (and its score) also rewards
+    # being unlike the hits above, shown apart so a diverse pick does not read as a poor match
+    sims = index.vectors([h.id for h in hits]) @ vec if hits else []
+    table = Table(title=f"top {len(hits)} of {len(index)} for {query!r}"
+                        + (f" (MMR, lambda {mmr}: ordered by relevance and diversity)" if mmr is not None else ""))
+    for col in ("rank", "id", "similarity", *(["mmr score"] if mmr is not None else []), "text"):
         table.add_column(col)
-    for rank, h in enumerate(hits, 1):
-        table.add_row(str(rank), h.id, f"{h.score:.3f}", h.text[:100])
+    for rank, (h, sim) in enumerate(zip(hits, sims, strict=True), 1):
+        table.add_row(str(rank), h.id, f"{float(sim):.3f}", *([f"{h.score:.3f}"] if mmr is not None else []),
+                      h.text[:100])
     console.print(table)
 
 

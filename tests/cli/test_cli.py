@@ -73,6 +73,16 @@ def test_index_build_and_search(gsm8k_train, tmp_path):
                                 "--task", "Solve grade-school math word problems"])
     assert found.exit_code == 0, found.output
     assert "train:1" in found.output and found.output.count("train:") == 3
+    # with MMR, the similarity to the query and the MMR score are shown apart; the top hit's similarity is the
+    # same as without MMR (MMR only reorders what follows it)
+    plain = runner.invoke(app, ["index", "search", str(out), "How many clips did Natalia sell?", "-k", "1"])
+    diverse = runner.invoke(app, ["index", "search", str(out), "How many clips did Natalia sell?", "-k", "3",
+                                  "--mmr", "0.5"])
+    assert "similarity" in diverse.output and "mmr score" in diverse.output and "mmr score" not in plain.output
+    top = re.search(r"train:1\s*│\s*([0-9.]+)", plain.output)
+    assert top is not None and top.group(1) in diverse.output
+    empty = runner.invoke(app, ["index", "search", str(out), "  "])
+    assert isinstance(empty.exception, ConfigError) and "query is empty" in str(empty.exception)
 
 
 def test_index_build_reports_bad_data_with_file_and_line(tmp_path):
