@@ -32,6 +32,34 @@ app.add_typer(eval_app, name="eval")
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
+# Third-party libraries' warnings (transformers, DSPy, LiteLLM, torch) are not the user's to act on: the one
+# place that silences them for the command line. `detot --verbose ...` (or DETOT_VERBOSE=1) shows them.
+_NOISY_LOGGERS = ("transformers", "dspy", "LiteLLM", "litellm", "httpx", "sentence_transformers", "accelerate")
+
+
+def quiet_third_party(verbose: bool) -> None:
+    """Silence other packages' warnings and info logs unless `verbose` (ours still show)."""
+    import logging
+    import os
+    import warnings
+
+    if verbose:
+        return
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", module=r"(?!detot_agent)")  # a warning raised outside this package
+    for name in _NOISY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@app.callback()
+def _options(verbose: Annotated[bool, typer.Option("--verbose", help="Show other packages' warnings and "
+                                                                     "logs too.")] = False) -> None:
+    """DETOT: task-adapted prompting for DSPy on local models."""
+    import os
+
+    quiet_third_party(verbose or os.environ.get("DETOT_VERBOSE") == "1")
+
 ModelOpt = Annotated[
     str | None, typer.Option("--model", "-m", help="HF folder, .gguf file or hub id; default: embedded SmolLM2-135M.")
 ]

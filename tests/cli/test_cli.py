@@ -197,3 +197,19 @@ def test_bad_inputs_get_one_message_naming_what_was_wrong(tmp_path, multiarith_h
         assert result.exit_code != 0 and why in " ".join(said.split()), (args, said)
         # no traceback of our own: either a usage error (exit 2) or one of the library's errors
         assert result.exit_code == 2 or isinstance(result.exception, DetotError), (args, result.exception)
+
+
+def test_other_packages_warnings_are_quiet_unless_verbose():
+    import logging
+    import warnings
+
+    from detot_agent.cli.app import quiet_third_party
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_third_party(False)
+        warnings.warn_explicit("third-party noise", UserWarning, "x.py", 1, module="transformers.generation")
+        warnings.warn_explicit("ours", UserWarning, "y.py", 1, module="detot_agent.engines.lm")
+    assert [str(w.message) for w in seen] == ["ours"]
+    assert logging.getLogger("transformers").level == logging.ERROR
+    logging.getLogger("transformers").setLevel(logging.NOTSET)

@@ -234,7 +234,7 @@ def test_gepa_reflects_on_detot_traces_and_its_instruction_reaches_the_prompt(sm
     program = MathQA(small_index, lm, stopping="fixed", min_samples=1, max_samples=1)
     tp = dspy.GEPA(metric=feedback_metric, reflection_lm=reflection, max_metric_calls=40, reflection_minibatch_size=2,
                    num_threads=1, seed=0)
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="dspy"):  # explicit: a CLI test may have quieted DSPy's logger
         compiled = tp.compile(program, trainset=_examples(TRAIN), valset=_examples(VAL))
     assert "No valid reflective examples" not in caplog.text
     # the reflection LM saw DETOT's inputs and its (winning) outputs with the metric's feedback
