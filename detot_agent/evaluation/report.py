@@ -165,53 +165,60 @@ def _plot(out: Path, report: dict[str, Any]) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    seen: dict[tuple[float, float], int] = {}
-    for name, m in report["methods"].items():
-        if not m["n"]:
-            continue
-        lo, hi = m["ci95"]
-        x, y = m["samples_per_question"], m["accuracy"]
-        # methods on (almost) the same spot are nudged right, so none hides another
-        spot = (round(x, 1), round(y, 2))
-        x += 0.08 * seen.get(spot, 0)
-        seen[spot] = seen.get(spot, 0) + 1
-        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=name)
-    ax.set_xlabel("samples per question" + (" (coinciding points nudged right)" if max(seen.values(), default=1) > 1
-                                            else ""))
-    ax.set_ylabel("accuracy (95% bootstrap CI)")
-    ax.set_title(f"{report['suite']}: accuracy vs samples")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    fig.tight_layout()
-    path = out / "accuracy_vs_samples.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    written.append(path)
+    written = [_scatter(out, report, plt, "samples_per_question", "samples per question", "samples", 0.08),
+               _scatter(out, report, plt, "tokens_per_question", "output tokens per question", "tokens", 4.0)]
 
     written += _plot_over_stream(
         out, report, plt, lambda r: r.get("agreement"), path=out / "agreement.png", window=lambda n: 10,
-        ylabel="agreement (rolling mean of 10)",
+        ylabel="agreement (rolling mean of {w})",
         title="agreement over time; re-optimizations (method's colour): solid accepted, dashed rolled back")
     # is the loop learning? (with --feedback gold, a prequential learning curve)
     written += _plot_over_stream(
         out, report, plt, lambda r: float(bool(r["correct"])), path=out / "learning_curve.png",
-        window=lambda n: max(5, min(25, n // 4)), ylabel="accuracy (rolling mean)",
+        window=lambda n: max(5, min(25, n // 4)), ylabel="accuracy (rolling mean of {w})",
         title="learning curve; re-optimizations: solid accepted, dashed rejected")
     return written
 
 
+def _scatter(out: Path, report: dict[str, Any], plt: Any, key: str, xlabel: str, what: str, nudge: float) -> Path:
+    """Accuracy (95% CI) against a cost per question, one point per method (ablations included)."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    seen: dict[tuple[float, float], int] = {}
+    for name, m in report["methods"].items():
+        if not m["n"] or m.get(key) is None:
+            continue
+        lo, hi = m["ci95"]
+        x, y = m[key], m["accuracy"]
+        # methods on (almost) the same spot are nudged right, so none hides another
+        spot = (round(x / nudge), round(y, 2))
+        x += nudge * seen.get(spot, 0)
+        seen[spot] = seen.get(spot, 0) + 1
+        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=name)
+    ax.set_xlabel(xlabel + (" (coinciding points nudged right)" if max(seen.values(), default=1) > 1 else ""))
+    ax.set_ylabel("accuracy (95% bootstrap CI)")
+    ax.set_title(f"{report['suite']}: accuracy vs {what}")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.tight_layout()
+    path = out / f"accuracy_vs_{what}.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plot_over_stream(out: Path, report: dict[str, Any], plt: Any, value: Any, *, path: Path, window: Any,
                       ylabel: str, title: str) -> list[Path]:
-    """A rolling mean of `value(record)` per method in the order answers finished, re-optimizations marked."""
+    """A rolling mean of `value(record)` per method in the order answers finished, re-optimizations marked;
+    `ylabel` may name the window actually used as `{w}` (a short run uses a shorter one)."""
     fig, ax = plt.subplots(figsize=(8, 4))
     drew = False
+    used: set[int] = set()
     for name in report["methods"]:
         records = sorted(read_records(out / f"{name}.jsonl"), key=lambda r: r.get("finished_at", 0))
         values = [value(r) for r in records]
         if len(records) < 4 or any(v is None for v in values):
             continue
         w = min(window(len(values)), len(values))
+        used.add(w)
         series = np.convolve(np.asarray(values, dtype=float), np.ones(w) / w, mode="valid")
         (line,) = ax.plot(np.arange(len(series)) + w, series, label=name)
         drew = True
@@ -223,7 +230,7 @@ def _plot_over_stream(out: Path, report: dict[str, Any], plt: Any, value: Any, *
     written = []
     if drew:
         ax.set_xlabel("questions answered (stream order)")
-        ax.set_ylabel(ylabel)
+        ax.set_ylabel(ylabel.format(w="/".join(str(w) for w in sorted(used))))
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
         fig.tight_layout()

@@ -63,6 +63,17 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# tempfile makes files 0600 and folders 0700; artefacts get the modes a plain open()/mkdir() would give
+_UMASK = _umask()
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
+
 def _fsync_dir(path: Path) -> None:
     with contextlib.suppress(OSError):  # not every filesystem allows it
         fd = os.open(path, os.O_RDONLY)
@@ -81,6 +92,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
+            os.fchmod(f.fileno(), FILE_MODE)
             os.fsync(f.fileno())
         os.replace(tmp, path)
         _fsync_dir(path.parent)
@@ -108,10 +120,12 @@ def atomic_dir(path: Path, *, kind: str, version: int, meta: dict[str, Any]) -> 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.new-"))
+    os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
         files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file() and p.name != MANIFEST}
         for p in tmp.iterdir():
+            os.chmod(p, FILE_MODE)  # some writers (safetensors) make their files 0600
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         manifest = {"kind": kind, "format_version": version, **meta, "files": files}

@@ -68,6 +68,7 @@ def test_every_method_runs_and_reports(tmp_path, suite_file, engine, pool):
     assert 1 <= report["methods"]["detot"]["samples_per_question"] <= 4
     assert report["best_baseline"] in METHODS and not report["best_baseline"].startswith("detot")
     assert (out / "accuracy_vs_samples.png").stat().st_size > 0 and (out / "agreement.png").stat().st_size > 0
+    assert (out / "accuracy_vs_tokens.png").stat().st_size > 0
     md = (out / "report.md").read_text()
     assert all(f"| {m} | 4 |" in md for m in METHODS)
     assert json.loads((out / "methods.json").read_text())["few_shot_cot"]["k"] == 2

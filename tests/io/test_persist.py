@@ -84,3 +84,18 @@ def test_tensor_artefacts_round_trip_and_refuse_nan_or_missing_tensors(tmp_path)
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ArtefactError, match="t: x holds NaN or inf"):
         load_tensors(path, kind="demo", max_version=1)
+
+
+def test_artefacts_get_the_modes_of_plain_files_and_folders(tmp_path):
+    import stat
+
+    import torch
+
+    from detot_agent.io.persist import DIR_MODE, FILE_MODE, atomic_write_text, save_tensors
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    folder = save_tensors(tmp_path / "t", kind="demo", version=1, meta={}, tensors={"x": torch.zeros(2)})
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == FILE_MODE
+    assert stat.S_IMODE(folder.stat().st_mode) == DIR_MODE
+    assert all(stat.S_IMODE(p.stat().st_mode) == FILE_MODE for p in folder.iterdir())
+    assert FILE_MODE & 0o044  # readable by others under the usual umask, unlike tempfile's 0600
