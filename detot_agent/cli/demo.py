@@ -22,7 +22,7 @@ from typing import Any
 
 from detot_agent.retrieval.index import Exemplar
 
-__all__ = ["DEMO_QUESTIONS", "demo_exemplars", "run_demo"]
+__all__ = ["DEMO_QUESTIONS", "demo_exemplars", "describe", "run_demo"]
 
 _TEMPLATES = [
     ("{n} has {a} {thing} and gets {b} more. How many {thing} does {n} have now?",
@@ -82,8 +82,6 @@ def _cache_dir() -> Path:
 def run_demo(*, model: str | None = None, device: str = "auto", dtype: str = "auto", max_tokens: int = 160,
              say: Any = print) -> dict[str, Any]:
     """Run the demo; prints as it goes through `say` and returns a summary."""
-    from rich.table import Table
-
     from detot_agent.detot.module import DETOT
     from detot_agent.detot.task import AnswerFormat, TaskKind, TaskProfile, analyze
     from detot_agent.engines.lm import local_lm
@@ -110,19 +108,17 @@ def run_demo(*, model: str | None = None, device: str = "auto", dtype: str = "au
                   min_count=3, window=4, cooldown=0)
     detot = DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adj, background=False)
     say("adjustment rules applied: " + ", ".join(a.rule for a in adj.applied))
-    table = Table(title="DETOT on the embedded model")
-    for col in ("question", "demos", "votes", "agree", "samples", "answer", "gold", "s"):
-        table.add_column(col)
+    say(f"each question: up to {adj.max_samples} samples in rounds of {adj.round_size} (the greedy answer first), "
+        f"stopping early by the {adj.stopping.value} rule at {adj.stop_threshold}; the monitor watches the last "
+        f"{adj.window} answers and may trigger after {adj.min_count}")
     correct = 0
-    for question, gold in DEMO_QUESTIONS:
+    for i, (question, gold) in enumerate(DEMO_QUESTIONS, 1):
         t0 = time.perf_counter()
         pred = detot(question=question)
         ok = detot.feedback(pred, gold=gold)
         correct += ok
-        votes = ", ".join(f"{k}:{int(v)}" for k, v in pred.votes.items()) or "-"
-        table.add_row(question[:48], " ".join(pred.demo_ids), votes, f"{pred.agreement:.2f}", str(pred.samples_used),
-                      str(pred.answer_key), gold + (" ok" if ok else ""), f"{time.perf_counter() - t0:.1f}")
-    say(table)
+        say(describe(i, question, pred, gold, ok, index=index, max_samples=adj.max_samples,
+                     seconds=time.perf_counter() - t0))
     stats = detot.monitor.stats()
     triggers = [e for e in detot.monitor.events if e["event"] == "trigger"]
     say(f"{correct}/{len(DEMO_QUESTIONS)} correct; window agreement {stats['agreement']:.2f}, accuracy "
@@ -132,6 +128,33 @@ def run_demo(*, model: str | None = None, device: str = "auto", dtype: str = "au
     colour = "green" if event.accepted else "yellow"
     say(f"re-optimization: [{colour}]{event.reason}[/] (version {event.version_before} -> {event.version_after}, "
         f"{event.seconds:.1f}s)")
+    if event.accepted:  # what the new version answers
+        question, gold = DEMO_QUESTIONS[0]
+        pred = detot(question=question)
+        say(f"after it, version {pred.embedding_version} answers Q1: {pred.answer_key} (gold {gold})")
     total = time.perf_counter() - start
     say(f"demo finished in {total:.1f}s")
     return {"correct": correct, "questions": len(DEMO_QUESTIONS), "accepted": event.accepted, "seconds": total}
+
+
+def _short(text: str, width: int = 60) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def describe(i: int, question: str, pred: Any, gold: str, ok: bool, *, index: Any, max_samples: int,
+             seconds: float) -> str:
+    """One question as a few short lines (readable at 80 columns): the retrieved demos' text, the votes and
+    why sampling stopped, the answer against gold."""
+    demos = [_short(index.get(d).text, 44) for d in pred.demo_ids]
+    votes = " ".join(f"{k}:{int(v)}" for k, v in pred.votes.items()) or "none"
+    stopped = ("stopped early: the vote was settled" if pred.samples_used < max_samples
+               else "drew the whole budget: the vote never settled")
+    unparsed = f", {pred.parse_failures} unparsed" if pred.parse_failures else ""
+    verdict = "[green]right[/]" if ok else "[red]wrong[/]"
+    return "\n".join([
+        f"[bold]Q{i}[/] {_short(question, 74)}",
+        *(f"    demo: {d}" for d in demos),
+        f"    votes {votes} (agreement {pred.agreement:.2f}); {pred.samples_used} samples{unparsed}; {stopped}",
+        f"    answer {pred.answer_key}, gold {gold}: {verdict}  ({seconds:.1f}s)",
+    ])

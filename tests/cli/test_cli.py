@@ -213,3 +213,27 @@ def test_other_packages_warnings_are_quiet_unless_verbose():
     assert [str(w.message) for w in seen] == ["ours"]
     assert logging.getLogger("transformers").level == logging.ERROR
     logging.getLogger("transformers").setLevel(logging.NOTSET)
+
+
+def test_the_demo_shows_each_question_in_short_lines_with_demo_text_and_why_sampling_stopped(encoder):
+    import dspy
+    from rich.console import Console
+
+    from detot_agent.cli.demo import demo_exemplars, describe
+    from detot_agent.retrieval.index import ExemplarIndex
+
+    index = ExemplarIndex(encoder)
+    index.add(demo_exemplars(6))
+    pred = dspy.Prediction(demo_ids=["demo:0", "demo:1"], votes={"7": 3.0, "8": 1.0}, agreement=0.75,
+                           samples_used=4, parse_failures=2, answer_key="7")
+    text = describe(1, "Tom has 3 apples and buys 4 more. " * 4, pred, "7", True, index=index, max_samples=6,
+                    seconds=1.5)
+    console = Console(width=80, record=True, force_terminal=False)
+    console.print(text)
+    shown = console.export_text()
+    assert all(len(line) <= 80 for line in shown.splitlines())
+    assert index.get("demo:0").text[:30] in shown and "2 unparsed" in shown and "stopped early" in shown
+    assert "answer 7, gold 7: right" in shown
+    full = describe(2, "q", dspy.Prediction(demo_ids=[], votes={}, agreement=0.0, samples_used=6, parse_failures=6,
+                                            answer_key=None), "7", False, index=index, max_samples=6, seconds=1.0)
+    assert "drew the whole budget" in full and "votes none" in full and "wrong" in full
