@@ -353,6 +353,11 @@ class DETOT(dspy.Module):
 
         return draw
 
+    def _program_fields(self, text: str) -> dict[str, Any] | None:
+        """A PoT reply's fields under this signature's names: `reasoning` (the program), the answer field."""
+        ran = parse_program(text)
+        return None if ran is None else {"reasoning": ran["reasoning"], self.answer_field: ran["answer"]}
+
     def _pot_demos(self, demos: list[dspy.Example]) -> list[tuple[str, str]]:
         """`(question, program)` demos for a PoT prompt: a demo whose reasoning already is a program that gives
         its answer (an optimizer's PoT trace), else its rationale turned into one; others are left out."""
@@ -470,8 +475,8 @@ class DETOT(dspy.Module):
             if strategy in ("pot", "mix"):
                 system = PlainAdapter().format_system_message(sig)
                 messages["pot"] = pot_messages(self._input_text(inputs), self._pot_demos(demos), system)
-                draws["pot"] = self._draw_engine(engine, lm, parse_program, messages["pot"], soft, text, record,
-                                                 strategy="pot", seed_offset=1_000_003)
+                draws["pot"] = self._draw_engine(engine, lm, self._program_fields, messages["pot"], soft, text,
+                                                 record, strategy="pot", seed_offset=1_000_003)
             draw = _pooled(draws["cot"], draws["pot"]) if strategy == "mix" else next(iter(draws.values()))
         elif strategy in ("pot", "mix"):
             raise ConfigError(f"strategy {strategy!r} samples through a batched engine (local_lm or vLLM); this LM "

@@ -95,3 +95,13 @@ def test_direct_answers_through_the_adapter_prompt(worked_index, long_tiny_model
     lm, engine = scripted_local_lm(long_tiny_model_dir, lambda t, n: "7", plain=True)
     pred = _detot(worked_index, lm, "direct", max_samples=2)(question=Q)
     assert pred.answer == "7" and not any("Python program" in p for p in engine.prompts)
+
+
+def test_pot_fills_the_signatures_own_answer_field(worked_index, long_tiny_model_dir):
+    lm, _ = scripted_local_lm(long_tiny_model_dir, reply, raw=True)
+    detot = DETOT("question -> total", task=ARITH, index=worked_index, lm=lm, background=False, soft_prompt=False,
+                  adapter=PlainAdapter(), demo_fields={"question": "question", "reasoning": "rationale",
+                                                       "total": "answer"},
+                  adjustments=analyze(ARITH, strategy="pot", k_exemplars=2, max_samples=2))
+    pred = detot(question=Q)
+    assert pred.total == "7" and pred.answer_key == "7"
