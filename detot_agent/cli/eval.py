@@ -61,6 +61,10 @@ def eval_run(
     feedback: Annotated[str, typer.Option(help="none, or gold: prequential evaluation, each problem answered, then "
                                                "scored, then its gold answer given to DETOT's `feedback` (the loop "
                                                "sees accuracy).")] = "none",
+    reopt_cooldown: Annotated[int | None, typer.Option(help="Answers that must pass between two re-optimizations "
+                                                            "of the looping DETOT methods (default 20); each "
+                                                            "one replays its held-out and canary items twice.",
+                                                       min=0)] = None,
     reopt_seconds: Annotated[float | None, typer.Option(help="Budget of one re-optimization of the looping DETOT "
                                                              "methods (training and replay; default 120).")] = None,
     canary_file: Annotated[Path | None, typer.Option(help="Labelled problems (a suite file or name) from which a "
@@ -169,12 +173,14 @@ def eval_run(
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
                        max_tokens=max_tokens, seed=seed, task_name=loaded.name, feedback=feedback,  # type: ignore[arg-type]
                        reopt_seconds=reopt_seconds, canary=canary, strategy=strategy,  # type: ignore[arg-type]
+                       reopt_cooldown=reopt_cooldown,
                        questions=[ex.question for ex in examples[:5]])
     run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "draw": draw, "k": k, "n": n,
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
            "engine": engine, "feedback": feedback, "reopt_seconds": reopt_seconds, "strategy": strategy,
+           "reopt_cooldown": reopt_cooldown,
            "canary": None if canary_file is None else {"file": str(canary_file), "size": len(canary)},
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "model": resolve_model_source(None).name if model is None else model}

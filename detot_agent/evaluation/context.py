@@ -49,6 +49,7 @@ class EvalContext:
     feedback: str = "none"  # "gold": DETOT methods get each problem's gold answer after answering it
     reopt_seconds: float | None = None  # the loop's budget per re-optimization (None: ControllerConfig's)
     canary: list[tuple[str, str]] = field(default_factory=list)  # (question, gold): replayed by every judgement
+    reopt_cooldown: int | None = None  # answers between two re-optimizations of a looping method (None: default)
     no_soft_prompt: bool = False  # `--soft-prompt none`: the DETOT methods run without soft-prompt vectors
     strategy: str | None = None  # the DETOT methods' reasoning strategy (None: task analysis decides)
     questions: list[str] = field(default_factory=list)

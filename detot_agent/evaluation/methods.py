@@ -235,7 +235,8 @@ class DetotMethod(MethodRunner):
         self.adjustments = analyze(self.task, ctx.questions[:5], max_samples=ctx.n + 1, max_tokens=ctx.max_tokens,
                                    k_exemplars=0 if "retrieval" in ablate else ctx.k, temperature=ctx.temperature,
                                    **({"strategy": "cot" if "strategy" in ablate else ctx.strategy}
-                                      if ctx.strategy else {}))
+                                      if ctx.strategy else {}),
+                                   **({"cooldown": ctx.reopt_cooldown} if ctx.reopt_cooldown is not None else {}))
         log = ctx.events_dir / f"{self.name}.events.jsonl" if ctx.events_dir is not None else None
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, lm=ctx.lm, adjustments=self.adjustments,
                              soft_prompt=False if no_soft else ctx.soft_prompt, background=self.background,

@@ -44,6 +44,7 @@ class ContextSpec(StrictModel):
         task_name: the task's name (soft-prompt registry key, DETOT's profile name).
         canary: `(question, gold answer)` pairs every re-optimization of a looping DETOT replays.
         strategy: the DETOT methods' reasoning strategy (`cot`, `pot`, `mix`; None: task analysis decides).
+        reopt_cooldown: answers between two re-optimizations of a looping DETOT (None: task analysis's).
         questions: a few of the suite's questions (DETOT's task analysis reads them).
     """
 
@@ -69,6 +70,7 @@ class ContextSpec(StrictModel):
     reopt_seconds: float | None = Field(default=None, gt=0)
     canary: list[tuple[str, str]] = Field(default_factory=list)
     strategy: Literal["cot", "pot", "mix"] | None = None
+    reopt_cooldown: int | None = Field(default=None, ge=0)
     questions: list[str] = Field(default_factory=list)
 
 
@@ -121,4 +123,5 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        soft_prompt=vectors, task_embedding=task_embedding, task_name=spec.task_name,
                        feedback=spec.feedback, reopt_seconds=spec.reopt_seconds, canary=list(spec.canary),
                        no_soft_prompt=spec.soft_prompt == "none", strategy=spec.strategy,
+                       reopt_cooldown=spec.reopt_cooldown,
                        questions=list(spec.questions))

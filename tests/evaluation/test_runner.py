@@ -274,3 +274,14 @@ def test_a_missing_requirement_fails_before_anything_loads_or_runs(tmp_path, mul
     assert isinstance(result.exception, ConfigError)
     assert "few_shot_cot, detot_static need an exemplar pool: pass --index DIR" in str(result.exception)
     assert not (out / "run.json").exists()  # nothing started
+
+
+def test_the_reoptimization_cooldown_reaches_the_looping_method(engine, pool):
+    from detot_agent.evaluation.methods import build_method
+
+    ctx = EvalContext(lm=local_lm(engine=engine, cache=False), index=pool, encoder=pool.encoder, k=1, n=1,
+                      max_tokens=4, reopt_cooldown=50)
+    method = build_method("detot", ctx)
+    assert method.adjustments.cooldown == 50 and method.program.monitor.cooldown == 50
+    default = build_method("detot", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder))
+    assert default.program.monitor.cooldown == 20
