@@ -377,7 +377,7 @@ class Controller:
 
     def _judge_replay(self, old: TaskState, candidate: TaskEmbedding, split: _Split, start: float) -> Verdict:
         """Both states answer the same held-out records (never trained on) and the canary set."""
-        from detot_agent.detot.judging import ReplayRules, decide
+        from detot_agent.detot.judging import ReplayRules, decide, futile
 
         cfg = self.config
         assert self.replay is not None
@@ -386,19 +386,33 @@ class Controller:
         if not items:
             raise _Outcome("no held-out record can be replayed (no inputs) and no canary set; kept the old state")
         new_state = TaskState(old.version + 1, candidate)
+        rules = ReplayRules(alpha=cfg.alpha, min_effect=cfg.min_effect, max_flip=cfg.max_flip,
+                            min_diversity=cfg.min_diversity, max_hub_share=cfg.max_hub_share,
+                            good_agreement=cfg.good_agreement)
+        golds = [g for _, g in items]
+        total_gold = sum(g is not None for g in golds)
         olds, news = [], []
-        for inputs, _ in items:
+        stopped = None
+        for j, (inputs, _) in enumerate(items):
             assert inputs is not None
             olds.append(self.replay(old, inputs))
             news.append(self.replay(new_state, inputs))
             self._check_budget(start, "replay")
-        rules = ReplayRules(alpha=cfg.alpha, min_effect=cfg.min_effect, max_flip=cfg.max_flip,
-                            min_diversity=cfg.min_diversity, max_hub_share=cfg.max_hub_share,
-                            good_agreement=cfg.good_agreement)
-        accepted, why, stats = decide(olds, news, [g for _, g in items], rules=rules, test_index=self.tests_run)
+            left = sum(g is not None for g in golds[j + 1:])
+            if left and futile(olds, news, golds[: j + 1], remaining_gold=left, total_gold=total_gold, rules=rules,
+                               test_index=self.tests_run):
+                stopped = j + 1  # no outcome of the rest can pass: the same rejection, for less work
+                break
+        accepted, why, stats = decide(olds, news, golds[: len(olds)], rules=rules, test_index=self.tests_run)
         self.tests_run += 1
         stats.update(held_out=len(held), canary=len(self.canary))
-        if self.canary:  # the canary set's own accuracy, serving state vs candidate (reported per decision)
+        if stopped is not None:
+            accepted = False
+            why = (f"stopped after {stopped} of {len(items)} items: even if the candidate alone were right on all "
+                   f"{total_gold - sum(g is not None for g in golds[:stopped])} gold items left, it could not pass "
+                   f"(so far: {why})")
+            stats.update(stopped_after=stopped)
+        if self.canary and stopped is None:  # the canary set's own accuracy, serving state vs candidate
             tail = len(self.canary)
             golds = [g for _, g in self.canary]
             stats["canary_accuracy"] = [sum(r.key == g for r, g in zip(rs[-tail:], golds, strict=True)) / tail

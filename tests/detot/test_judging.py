@@ -122,8 +122,10 @@ def test_the_controller_publishes_only_a_candidate_that_replays_better(kind, acc
     verdict = event.verdicts[0]
     assert verdict["part"] == "replay" and verdict["stats"]["canary"] == 10 and verdict["stats"]["held_out"] == 6
     assert "p_value" in verdict["stats"] or "collapsed" in verdict["reason"]
-    # the canary set's own accuracy, serving state vs candidate: 3 of 10, then 10 (fixed) or 1 (constant 5)
-    assert verdict["stats"]["canary_accuracy"] == [0.3, 1.0 if kind == "fixed" else 0.1]
+    if accepted:  # the canary set's own accuracy, serving state vs candidate: 3 of 10, then all 10
+        assert verdict["stats"]["canary_accuracy"] == [0.3, 1.0] and "stopped_after" not in verdict["stats"]
+    else:  # the constant candidate could no longer pass part-way: the replay stopped there, rejected
+        assert verdict["stats"]["stopped_after"] < 16 and "stopped after" in event.reason
     assert (ctl.state is not old) == accepted and ctl.tests_run == 1
 
 
@@ -180,3 +182,31 @@ def test_detot_replays_its_own_pipeline_deterministically(gsm8k_index):
     with pytest.raises(ConfigError, match="canary example #0 lacks field"):
         DETOT("question -> answer", task=task, index=gsm8k_index, lm=lm, canary=[dspy.Example(question="x")])
     assert np.isfinite(pred.agreement)
+
+
+def test_a_replay_stops_once_the_candidate_cannot_pass_and_decides_as_the_full_replay(encoder, gsm8k_index,
+                                                                                      monkeypatch):
+    calls = []
+
+    def counting(state, inputs):
+        calls.append(state.version)
+        return _replay(state, inputs)
+
+    for kind, accepted in (("unchanged", False), ("fixed", True)):  # "unchanged" answers as the serving state
+        calls.clear()
+        ctl = _controller(encoder, gsm8k_index, counting)
+        _fill(ctl, encoder, gsm8k_index)
+        _candidate(kind, monkeypatch)
+        event = ctl.reoptimize()
+        assert event.accepted == accepted, event.reason
+        # 6 held-out records (no gold) + 10 canary items (gold), two states each: 32 replays in full
+        assert (len(calls) < 32) == (not accepted), (kind, len(calls))
+    # the early stop never changes a decision: with every item replayed the unchanged candidate is rejected too
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=encoder)
+    unchanged = TaskEmbedding.from_description("unchanged", "math word problems", encoder=encoder)
+    items = [{"question": f"held {i}"} for i in range(6)] + [{"question": f"canary {i}"} for i in range(10)]
+    gold = [None] * 6 + [str(i) for i in range(10)]
+    ok, _, _ = decide([_replay(TaskState(0, te), x) for x in items], [_replay(TaskState(1, unchanged), x)
+                                                                         for x in items], gold,
+                      rules=ReplayRules(), test_index=0)
+    assert not ok
