@@ -238,9 +238,12 @@ def eval_report(run_dir: Annotated[Path, typer.Argument(help="A run folder writt
 
 @eval_app.command("methods")
 def eval_methods() -> None:
-    """List the methods."""
-    from detot_agent.evaluation import methods as mod
+    """List the methods (and how to name an ablation)."""
+    from detot_agent.evaluation import baselines, methods
 
-    for line in (mod.__doc__ or "").splitlines():
-        if line.startswith("| `"):
-            console.print(line, markup=False, highlight=False)
+    for mod in (methods, baselines):
+        for line in (mod.__doc__ or "").splitlines():
+            if line.startswith("| `") and not line.startswith("| `plain_sc` ..."):
+                console.print(line, markup=False, highlight=False)
+    console.print(f"ablations: <detot method>-<part>[+<part>], parts: {', '.join(methods.ABLATABLE)}",
+                  markup=False, highlight=False)

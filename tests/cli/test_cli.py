@@ -237,3 +237,12 @@ def test_the_demo_shows_each_question_in_short_lines_with_demo_text_and_why_samp
     full = describe(2, "q", dspy.Prediction(demo_ids=[], votes={}, agreement=0.0, samples_used=6, parse_failures=6,
                                             answer_key=None), "7", False, index=index, max_samples=6, seconds=1.0)
     assert "drew the whole budget" in full and "votes none" in full and "wrong" in full
+
+
+def test_eval_methods_lists_every_method_once_and_the_ablation_syntax():
+    from detot_agent.evaluation.methods import METHODS
+
+    out = runner.invoke(app, ["eval", "methods"], terminal_width=200).output
+    listed = re.findall(r"^\| `(\w+)`", out, re.M)
+    assert sorted(listed) == sorted(METHODS)
+    assert "ablations: <detot method>-<part>" in out and "strategy" in out
