@@ -290,6 +290,18 @@ class Controller:
         embedding = self._state.embedding
         if embedding is None:
             raise _Outcome("no task embedding to re-optimize; kept the old state")
+        if self.replay is not None:
+            # paired replay judges the whole pipeline on held-out inputs and the canary set: a side is trained
+            # when the *training* records can teach it, whatever the held-out records hold
+            if not self.canary and not any(e.inputs is not None for e in held):
+                raise _Outcome("no held-out record can be replayed (no inputs) and no canary set; kept the old state "
+                               "without training")
+            judge_soft = embedding.has_head and self.engine is not None and bool(self._examples(train))
+            judge_retrieval = any(e.good(cfg.good_agreement) and e.demo_ids for e in train)
+            if not judge_soft and not judge_retrieval:
+                raise _Outcome(f"nothing to learn from: none of the {len(train)} training records has a learnable "
+                               "target or good demos; kept the old state without training")
+            return _Split(evidence, train, held, judge_soft, judge_retrieval)
         judge_soft = embedding.has_head and self.engine is not None and bool(self._examples(held))
         judge_retrieval = any(e.good(cfg.good_agreement) and e.demo_ids for e in held)
         if not judge_soft and not judge_retrieval:

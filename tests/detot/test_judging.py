@@ -210,3 +210,19 @@ def test_a_replay_stops_once_the_candidate_cannot_pass_and_decides_as_the_full_r
                                                                          for x in items], gold,
                       rules=ReplayRules(), test_index=0)
     assert not ok
+
+
+def test_under_replay_held_out_records_need_no_targets_of_their_own(encoder, gsm8k_index, monkeypatch):
+    """Paired replay judges the whole pipeline on held-out inputs and the canary: a loop on a hard task, whose
+    held-out answers were all wrong, still trains on its good training records and is judged."""
+    ctl = _controller(encoder, gsm8k_index, _replay)
+    vecs = encoder.encode([gsm8k_index.get(f"train:{i}").text for i in range(1, 13)])
+    for i, v in enumerate(vecs):
+        good = i % 2 == 0  # holdout_every=2: the held-out records are the odd ones, all wrong, low agreement
+        ctl.add_evidence(Evidence(id=f"q{i}", query=v, demo_ids=["train:300", "train:301"],
+                                  agreement=1.0 if good else 0.2, correct=good, version=0,
+                                  inputs={"question": f"held {i}"}))
+    _candidate("fixed", monkeypatch)
+    event = ctl.reoptimize()
+    assert event.accepted, event.reason
+    assert event.verdicts[0]["part"] == "replay" and event.verdicts[0]["stats"]["held_out"] == 6
