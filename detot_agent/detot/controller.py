@@ -285,8 +285,6 @@ class Controller:
         held = evidence[cfg.holdout_every - 1::cfg.holdout_every]
         held_ids = {e.id for e in held}
         train = [e for e in evidence if e.id not in held_ids]
-        # train only the parts that the held-out records can judge (training the soft prompt is the
-        # expensive part: minutes on a CPU), so an unjudgeable change is never paid for
         embedding = self._state.embedding
         if embedding is None:
             raise _Outcome("no task embedding to re-optimize; kept the old state")
@@ -296,17 +294,18 @@ class Controller:
             if not self.canary and not any(e.inputs is not None for e in held):
                 raise _Outcome("no held-out record can be replayed (no inputs) and no canary set; kept the old state "
                                "without training")
-            judge_soft = embedding.has_head and self.engine is not None and bool(self._examples(train))
-            judge_retrieval = any(e.good(cfg.good_agreement) and e.demo_ids for e in train)
-            if not judge_soft and not judge_retrieval:
-                raise _Outcome(f"nothing to learn from: none of the {len(train)} training records has a learnable "
-                               "target or good demos; kept the old state without training")
-            return _Split(evidence, train, held, judge_soft, judge_retrieval)
-        judge_soft = embedding.has_head and self.engine is not None and bool(self._examples(held))
-        judge_retrieval = any(e.good(cfg.good_agreement) and e.demo_ids for e in held)
+            basis, nothing = train, (f"nothing to learn from: none of the {len(train)} training records has a "
+                                     "learnable target or good demos")
+        else:
+            # the proxy judges measure each side on the held-out records: train only the sides they can judge
+            # (training the soft prompt is the expensive part: minutes on a CPU), so an unjudgeable change is
+            # never paid for
+            basis, nothing = held, (f"no held-out evidence to validate on (none of the {len(held)} held-out "
+                                    "records has a learnable target or good demos)")
+        judge_soft = embedding.has_head and self.engine is not None and bool(self._examples(basis))
+        judge_retrieval = any(e.good(cfg.good_agreement) and e.demo_ids for e in basis)
         if not judge_soft and not judge_retrieval:
-            raise _Outcome(f"no held-out evidence to validate on (none of the {len(held)} held-out records has a "
-                           "learnable target or good demos); kept the old state without training")
+            raise _Outcome(f"{nothing}; kept the old state without training")
         return _Split(evidence, train, held, judge_soft, judge_retrieval)
 
     # ---- 2. train ------------------------------------------------------------------------------------
@@ -395,8 +394,7 @@ class Controller:
         assert self.replay is not None
         held = [e for e in split.held if e.inputs is not None][: cfg.replay_items]
         items = [(e.inputs, e.gold_key) for e in held] + [(inp, gold) for inp, gold in self.canary]
-        if not items:
-            raise _Outcome("no held-out record can be replayed (no inputs) and no canary set; kept the old state")
+        assert items, "_gather refuses a split with nothing to replay"
         new_state = TaskState(old.version + 1, candidate)
         rules = ReplayRules(alpha=cfg.alpha, min_effect=cfg.min_effect, max_flip=cfg.max_flip,
                             min_diversity=cfg.min_diversity, max_hub_share=cfg.max_hub_share,
