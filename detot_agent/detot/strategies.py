@@ -27,7 +27,7 @@ from detot_agent.answers import format_number
 from detot_agent.detot.pot import run_program
 from detot_agent.errors import ProgramError
 
-__all__ = ["POT_CUE", "STRATEGIES", "parse_program", "pot_messages", "rationale_to_program"]
+__all__ = ["POT_CUE", "STRATEGIES", "extract_program", "parse_program", "pot_messages", "rationale_to_program"]
 
 STRATEGIES = ("cot", "direct", "pot", "mix")
 POT_CUE = ("Write a short Python program that computes the answer. Use only arithmetic, and store the final "
@@ -79,11 +79,16 @@ def pot_messages(question: str, demos: list[tuple[str, str]], system: str = "") 
     return [*messages, {"role": "user", "content": f"{question}\n{POT_CUE}"}]
 
 
-def parse_program(text: str) -> dict[str, Any] | None:
-    """`{"reasoning": program, "answer": result}` for a reply holding a program (its last code block, else
-    the whole reply), or None when the program is refused or gives no number."""
+def extract_program(text: str) -> str:
+    """The program in a reply: its last code block, else the whole reply."""
     found = _CODE.findall(text)
-    source = (found[-1] if found else text).strip()
+    return (found[-1] if found else text).strip()
+
+
+def parse_program(text: str) -> dict[str, Any] | None:
+    """`{"reasoning": program, "answer": result}` for a reply holding a program (`extract_program`), or None
+    when the program is refused or gives no number."""
+    source = extract_program(text)
     try:
         value = run_program(source)
     except ProgramError:

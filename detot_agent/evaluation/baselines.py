@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +31,7 @@ from detot_agent.detot.adapters import PlainAdapter
 from detot_agent.detot.pot import run_program
 from detot_agent.detot.records import ParsedSample
 from detot_agent.detot.sampling import sample_engine, vote_in_rounds
+from detot_agent.detot.strategies import POT_CUE, extract_program, pot_messages
 from detot_agent.detot.task import AnswerFormat, StoppingRule, TaskProfile, Weighting, analyze
 from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.generation import text_seed
@@ -40,9 +40,6 @@ from detot_agent.evaluation.context import SIGNATURE, EvalContext, MethodRunner
 
 __all__ = ["BASELINES", "PlainPoT", "PlainVote"]
 
-POT_CUE = ("Write a short Python program that computes the answer. Use only arithmetic, and store the final "
-           "number in a variable named `answer`.")
-_CODE = re.compile(r"```(?:python|py)?\s*\n(.*?)```", re.DOTALL)
 
 
 def _engine(ctx: EvalContext) -> BatchedEngine:
@@ -133,13 +130,11 @@ class PlainPoT(MethodRunner):
         return {"max_tokens": self.ctx.max_tokens, "temperature": 0.0, "cue": POT_CUE}
 
     def __call__(self, example: dspy.Example) -> dict[str, Any]:
-        messages = [{"role": "user", "content": f"{example.question}\n{POT_CUE}"}]
+        messages = pot_messages(example.question, [])  # DETOT's PoT prompt, without demos
         out = sample_engine(self.engine, self.engine.name, messages, 1, soft_prompt=None, seed=text_seed(
             example.question), stop=(), temperature=0.0, max_tokens=self.ctx.max_tokens)[0]
-        found = _CODE.findall(out.text)
-        source = found[-1] if found else out.text
         try:
-            answer: Any = run_program(source)
+            answer: Any = run_program(extract_program(out.text))
             error = None
         except ProgramError as exc:
             answer, error = None, str(exc)
