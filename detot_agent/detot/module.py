@@ -299,10 +299,10 @@ class DETOT(dspy.Module):
         if k == 0:
             return [], []
         hits = self.index.search(q, k, mmr=self.adjustments.mmr_lambda)
-        own = " ".join(text.split())
-        if any(" ".join(h.text.split()) == own for h in hits):
+        own = _squash(text)
+        if any(_squash(h.text) == own for h in hits):
             hits = [h for h in self.index.search(q, min(k + 1, len(self.index)), mmr=self.adjustments.mmr_lambda)
-                    if " ".join(h.text.split()) != own][:k]
+                    if _squash(h.text) != own][:k]
         sig = self._signature()
         demos = []
         for h in hits:
@@ -315,9 +315,13 @@ class DETOT(dspy.Module):
         """The demos a prompt shows, in order: the inner predictor's own `demos` (set by an optimizer or by
         hand, all of them), then the retrieved ones, less any whose first input repeats an attached demo's."""
         attached = list(self._inner().demos)
-        first = next(iter(self._signature().input_fields))
-        seen = {" ".join(str(d.get(first, "")).split()) for d in attached}
-        return attached + [d for d in retrieved if " ".join(str(d.get(first, "")).split()) not in seen]
+        first = self._first_input()
+        seen = {_squash(str(d.get(first, ""))) for d in attached}
+        return attached + [d for d in retrieved if _squash(str(d.get(first, ""))) not in seen]
+
+    def _first_input(self) -> str:
+        """The signature's first input field (the one demos and exemplars are matched on)."""
+        return next(iter(self._signature().input_fields))
 
     def _parse_with(self, adapter: dspy.Adapter, sig: Any) -> Any:
         """A reply parser for the adapter's layout (numeric tasks: a stated answer in a broken layout counts)."""
@@ -361,7 +365,7 @@ class DETOT(dspy.Module):
     def _pot_demos(self, demos: list[dspy.Example]) -> list[tuple[str, str]]:
         """`(question, program)` demos for a PoT prompt: a demo whose reasoning already is a program that gives
         its answer (an optimizer's PoT trace), else its rationale turned into one; others are left out."""
-        first = next(iter(self._signature().input_fields))
+        first = self._first_input()
         out = []
         for d in demos:
             answer, reasoning = d.get(self.answer_field), d.get("reasoning")
@@ -474,7 +478,7 @@ class DETOT(dspy.Module):
                                                  text, record, stop=stop)
             if strategy in ("pot", "mix"):
                 system = PlainAdapter().format_system_message(sig)
-                messages["pot"] = pot_messages(self._input_text(inputs), self._pot_demos(demos), system)
+                messages["pot"] = pot_messages(text, self._pot_demos(demos), system)
                 draws["pot"] = self._draw_engine(engine, lm, self._program_fields, messages["pot"], soft, text,
                                                  record, strategy="pot", seed_offset=1_000_003)
             draw = _pooled(draws["cot"], draws["pot"]) if strategy == "mix" else next(iter(draws.values()))
@@ -652,6 +656,11 @@ class DETOT(dspy.Module):
             raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
         self.controller.publish(TaskState(int(m["version"]), embedding))
         return self
+
+
+def _squash(text: str) -> str:
+    """Text with its whitespace runs collapsed, for "is this the same question" comparisons."""
+    return " ".join(text.split())
 
 
 def _pooled(cot: Any, pot: Any) -> Any:
