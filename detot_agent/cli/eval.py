@@ -14,7 +14,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -81,7 +81,8 @@ def eval_run(
     ablate: Annotated[str | None, typer.Option(help="Comma-separated parts of DETOT to switch off, each run as an "
                                                     "extra method `<detot method>-<part>` on the same problems: "
                                                     "retrieval, softprompt, loop (looping methods), dynamic "
-                                                    "(task embeddings with M > 0).")] = None,
+                                                    "(task embeddings with M > 0), strategy (--strategy pot|mix)."
+                                                    )] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.", min=1)] = 16,
@@ -106,7 +107,13 @@ def eval_run(
                           "see `detot eval --help`")
     from detot_agent.engines.models import resolve_model_source
     from detot_agent.evaluation import load_suite, run_eval, sample_examples, write_report
-    from detot_agent.evaluation.methods import METHODS, check_method, missing_requirements, needs_index
+    from detot_agent.evaluation.methods import (
+        METHODS,
+        check_method,
+        expand_ablations,
+        missing_requirements,
+        needs_index,
+    )
     from detot_agent.evaluation.report import render_markdown
     from detot_agent.evaluation.runner import check_run, read_records
     from detot_agent.evaluation.spec import ContextSpec, build_context
@@ -117,12 +124,8 @@ def eval_run(
     if not names:
         raise ConfigError(f"--methods is empty; choose from {', '.join(METHODS)}")
     parts = [p.strip() for p in (ablate or "").split(",") if p.strip()]
-    names += [f"{m}-{p}" for p in parts for m in list(names)
-              if "-" not in m and m.startswith("detot") and (p != "loop" or m in ("detot", "detot_plain"))
-              and f"{m}-{p}" not in names]
-    if parts and not any("-" in m for m in names):
-        raise ConfigError("--ablate needs a DETOT method in --methods (detot_static, detot, detot_plain_static, "
-                          "detot_plain)")
+    if parts:
+        names = expand_ablations(names, parts)
     for m in names:
         check_method(m)  # one line naming the method and what exists
     problems = missing_requirements(names, index=index is not None)
@@ -143,9 +146,9 @@ def eval_run(
     loaded = load_suite(suite, data_dir=data_dir, fmt=data_format, question_field=question_field,
                         answer_field=answer_field, labels=label_list)
     out = out or Path("runs") / f"eval-{loaded.name}"
+    stored = _stored_run(out)
     if draw is None:  # a resumed run keeps the draw it started with (runs from before `draw` existed: legacy)
-        stored = out / "run.json"
-        draw = (json.loads(stored.read_text()).get("draw", "legacy") if resume and stored.exists() else "nested")
+        draw = stored.get("draw", "legacy") if resume and stored else "nested"
     examples = sample_examples(loaded.examples, limit=limit, seed=seed, draw=draw)
     canary: list[tuple[str, str]] = []
     if canary_file is not None:
@@ -185,7 +188,7 @@ def eval_run(
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "model": resolve_model_source(None).name if model is None else model}
     # a resumed run may add --index (and --soft-prompt) if no finished record came from a method using one
-    finished = [m for m in _stored_methods(out) if read_records(out / f"{m}.jsonl")]
+    finished = [m for m in stored.get("methods", []) if read_records(out / f"{m}.jsonl")]
     addable = frozenset() if any(needs_index(m) for m in finished) else frozenset({"index", "soft_prompt"})
     # the output folder and the resume state, checked before the model loads
     check_run(out, {**run, "methods": names, "ids": [ex.id for ex in examples]}, resume=resume, write=False,
@@ -216,14 +219,15 @@ def eval_run(
     console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
 
 
-def _stored_methods(out: Path) -> list[str]:
-    """The methods a run folder was started with (none when it holds no run)."""
+def _stored_run(out: Path) -> dict[str, Any]:
+    """The settings a run folder was started with (empty when it holds no readable run)."""
     from detot_agent.evaluation.runner import RUN_FILE
 
     try:
-        return list(json.loads((out / RUN_FILE).read_text()).get("methods", []))
+        stored = json.loads((out / RUN_FILE).read_text())
     except (OSError, ValueError):
-        return []
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 @eval_app.command("report")

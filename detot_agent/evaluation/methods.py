@@ -51,7 +51,7 @@ from detot_agent.evaluation.context import SIGNATURE, EvalContext, MethodRunner,
 from detot_agent.retrieval.encoder import Encoder
 
 __all__ = ["ABLATABLE", "METHODS", "EvalContext", "MethodRunner", "build_method", "check_method",
-           "missing_requirements", "needs_index", "split_ablation"]
+           "expand_ablations", "missing_requirements", "needs_index", "split_ablation"]
 
 
 class PlainCoT(MethodRunner):
@@ -311,6 +311,26 @@ def check_method(name: str) -> None:
         if unknown or not parts:
             raise ConfigError(f"{name!r}: unknown ablation(s) {unknown or ['(none)']}; choose from "
                               f"{', '.join(ABLATABLE)}")
+
+
+def expand_ablations(names: list[str], parts: list[str]) -> list[str]:
+    """`names` plus `<method>-<part>` for each DETOT method among them and each part (`loop` only for the
+    looping methods), as `detot eval --ablate` asks.
+
+    Example:
+        >>> expand_ablations(["plain_cot", "detot_static", "detot"], ["retrieval", "loop"])
+        ['plain_cot', 'detot_static', 'detot', 'detot_static-retrieval', 'detot-retrieval', 'detot-loop']
+    """
+    detot = {n: c for n, c in METHODS.items() if isinstance(c, type) and issubclass(c, DetotMethod)}
+    out = list(names)
+    for part in parts:
+        for name in names:
+            cls = detot.get(name)
+            if cls is not None and (part != "loop" or cls.background) and f"{name}-{part}" not in out:
+                out.append(f"{name}-{part}")
+    if len(out) == len(names):
+        raise ConfigError(f"--ablate needs a DETOT method in --methods (one of {', '.join(detot)})")
+    return out
 
 
 def needs_index(name: str) -> bool:
