@@ -105,6 +105,11 @@ def _answer_text(raw: str) -> str:
     return raw.strip().rstrip(".").strip().strip("*").strip()
 
 
+COT_CUE = "Let's think step by step."
+"""The plain prompt's reasoning cue: `PlainAdapter`, `plain_cot`, the `plain_*` baselines and DETOT's plain methods
+all send the question followed by this line."""
+
+
 class PlainAdapter(dspy.Adapter):
     """Plain-text prompting for a signature with one answer field (plus `reasoning` from ChainOfThought).
 
@@ -143,7 +148,7 @@ class PlainAdapter(dspy.Adapter):
     def _cue(self, signature: Any) -> str:
         if self.cue is not None:
             return self.cue
-        return ("Let's think step by step." if "reasoning" in signature.output_fields
+        return (COT_CUE if "reasoning" in signature.output_fields
                 else "Reply with: The answer is <answer>.")
 
     def format(self, signature: Any, demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:

@@ -3,14 +3,16 @@
 All DSPy methods run on the same LM and the same adapter (`LenientChatAdapter`), and parse the
 answer the same way: the signature's answer field, else (numeric tasks) an explicit
 "The answer is N" in a reply that broke the field layout. Greedy methods run at temperature 0.
-`plain_cot` and the `detot_plain*` methods prompt in plain text instead (see `PlainAdapter`), the
-prompt DETOT's arithmetic soft prompt was trained on. `plain_cot`'s cue adds "End with: The answer
-is <answer>." to `PlainAdapter`'s "Let's think step by step." (a difference kept for its published
-rows); the `plain_*` baselines use `PlainAdapter`'s prompt exactly.
+`plain_cot`, the `plain_*` baselines and the `detot_plain*` methods prompt in plain text instead, all
+in one prompt: the question, then "Let's think step by step." (`COT_CUE`, `PlainAdapter`'s cue; the
+prompt DETOT's arithmetic soft prompt was trained on). `plain_cot_legacy` keeps the longer cue the
+README's earlier `plain_cot` rows were made with, so those rows stay reproducible and the cue's
+effect is a named factor.
 
 | name | what it is |
 |---|---|
-| `plain_cot` | question + "Let's think step by step. End with: The answer is <answer>.", no adapter (reference) |
+| `plain_cot` | question + "Let's think step by step." as one message, greedy, no DSPy adapter (reference) |
+| `plain_cot_legacy` | `plain_cot` with the earlier cue "Let's think step by step. End with: The answer is <answer>." |
 | `plain_sc` ... `plain_pot` | matched-budget baselines in DETOT's plain prompt (`evaluation/baselines.py`) |
 | `zero_shot` | `dspy.Predict("question -> answer")` |
 | `zero_shot_cot` | `dspy.ChainOfThought("question -> answer")` |
@@ -42,7 +44,7 @@ from typing import Any
 import dspy
 
 from detot_agent.answers import extract_number
-from detot_agent.detot.adapters import PlainAdapter
+from detot_agent.detot.adapters import COT_CUE, PlainAdapter
 from detot_agent.detot.controller import ControllerConfig
 from detot_agent.detot.task import AnswerFormat, TaskKind, TaskProfile, analyze
 from detot_agent.errors import ConfigError
@@ -55,10 +57,13 @@ __all__ = ["ABLATABLE", "METHODS", "EvalContext", "MethodRunner", "build_method"
 
 
 class PlainCoT(MethodRunner):
-    """Zero-shot CoT without DSPy's field layout: how much does the adapter's format cost a small model?"""
+    """Zero-shot CoT without DSPy's field layout, in the shared plain prompt (the greedy draw of `plain_sc`)."""
 
     name = "plain_cot"
-    cue = "Let's think step by step. End with: The answer is <answer>."
+    cue = COT_CUE
+
+    def config(self) -> dict[str, Any]:
+        return {**super().config(), "cue": self.cue}
 
     def __call__(self, example: dspy.Example) -> dict[str, Any]:
         out = self.greedy(f"{example.question}\n{self.cue}")  # one user message
@@ -69,6 +74,13 @@ class PlainCoT(MethodRunner):
             answer = raw.strip().splitlines()[-1] if raw.strip() else None
         return self._record(answer, tokens=count_tokens(raw, self.greedy), samples=1,
                             parse_failures=int(answer is None))
+
+
+class PlainCoTLegacy(PlainCoT):
+    """`plain_cot` with the cue of the README's earlier `plain_cot` rows (kept to reproduce them)."""
+
+    name = "plain_cot_legacy"
+    cue = f"{COT_CUE} End with: The answer is <answer>."
 
 
 class ZeroShot(MethodRunner):
@@ -289,8 +301,8 @@ class DetotPlain(DetotFull):
 
 
 METHODS: dict[str, Callable[[EvalContext], MethodRunner]] = {
-    cls.name: cls for cls in (PlainCoT, ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT, SelfConsistency, DetotMethod,
-                              DetotFull, DetotPlainStatic, DetotPlain)
+    cls.name: cls for cls in (PlainCoT, PlainCoTLegacy, ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT,
+                              SelfConsistency, DetotMethod, DetotFull, DetotPlainStatic, DetotPlain)
 }
 
 

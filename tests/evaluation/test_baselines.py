@@ -25,7 +25,7 @@ def test_plain_sc_draws_the_greedy_answer_and_n_samples_in_the_shared_plain_prom
     assert record["samples"] == 6 and record["pred"] == "7" and record["votes"] == {"8": 2.0, "7": 4.0}
     row = engine.rows[0]
     assert (row.n, row.greedy) == (6, 1)  # one prefill: the greedy answer first, then five samples
-    # PlainAdapter's prompt without demos (DETOT's plain prompt), not plain_cot's longer cue
+    # PlainAdapter's prompt without demos (DETOT's plain prompt), not plain_cot_legacy's longer cue
     assert f"{Q}\nLet's think step by step." in engine.prompts[0] and "End with" not in engine.prompts[0]
 
 
@@ -64,3 +64,27 @@ def test_baselines_need_a_batched_engine():
     lm, _ = scripted_lm(lambda t, n: "7")
     with pytest.raises(ConfigError, match="sample through a local or vLLM engine"):
         BASELINES["plain_sc"](EvalContext(lm=lm))
+
+
+def test_plain_cot_the_baselines_and_plain_detot_share_one_plain_prompt(long_tiny_model_dir, encoder,
+                                                                        multiarith_file):
+    """Compared methods send the same user turn: the question, then COT_CUE; only `plain_cot_legacy` differs."""
+    from detot_agent.detot.adapters import COT_CUE
+    from detot_agent.evaluation.methods import build_method
+    from detot_agent.io.datafiles import read_exemplars
+    from detot_agent.retrieval.index import ExemplarIndex
+
+    index = ExemplarIndex(encoder)
+    index.add(read_exemplars(multiarith_file, fmt="multiarith")[100:110])
+
+    def prompt(name: str) -> str:
+        lm, engine = scripted_local_lm(long_tiny_model_dir, lambda t, n: "7", plain=True)
+        ctx = EvalContext(lm=lm, index=index, encoder=encoder, k=2, n=1, temperature=0.5, max_tokens=16,
+                          task_name="arith", no_soft_prompt=True)
+        build_method(name, ctx)(EXAMPLE)
+        assert len(engine.prompts) == 1
+        return engine.prompts[0]  # the whole templated prompt: no system message, no demos
+
+    shared = {name: prompt(name) for name in ("plain_cot", "plain_sc", "detot_plain_static-retrieval")}
+    assert len(set(shared.values())) == 1 and f"\n{Q}\n{COT_CUE}</s>" in shared["plain_cot"], shared
+    assert f"{COT_CUE} End with: The answer is <answer>." in prompt("plain_cot_legacy")  # the named difference
