@@ -58,3 +58,19 @@ def test_every_readme_command_and_option_exists():
             text = " ".join(helped.output.split())
             for option in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*|-k)\b", variant):
                 assert option in text, f"`detot {' '.join(path)}` has no option {option} (README: {variant!r})"
+
+
+@pytest.mark.slow
+def test_the_first_snippet_runs_verbatim_on_the_embedded_model_and_prints_a_sensible_answer(tmp_path):
+    """The README's first snippet, as a new user pastes it: the embedded model, no set-up."""
+    import os
+    import subprocess
+    import sys
+
+    first = SNIPPETS[0]
+    assert "local_lm()" in first  # the embedded default, nothing passed
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", first], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip().splitlines()[-1] == "Paris", done.stdout

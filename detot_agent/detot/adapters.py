@@ -92,8 +92,9 @@ class LenientChatAdapter(dspy.ChatAdapter):
         return {name: parsed[name] for name in outputs}
 
 
-# a statement runs to the end of its line or to the next statement on the same line
-_STATEMENT = re.compile(rf"(?:{ANSWER_CUE})[ \t:=]*((?:(?!{ANSWER_CUE})[^\n])*)", re.IGNORECASE)
+# a statement runs to the end of its line or to the next statement on the same line; a cue that ends its line
+# ("So, the answer is:\n\nParis") takes the next non-blank line
+_STATEMENT = re.compile(rf"(?:{ANSWER_CUE})[ \t:=]*(?:\n\s*)?((?:(?!{ANSWER_CUE})[^\n])*)", re.IGNORECASE)
 
 # DSPy's generated instructions ("Given the fields `question`, produce the fields `answer`."); ChainOfThought
 # keeps the text of the signature it extends, so it need not name `reasoning`

@@ -68,6 +68,7 @@ def test_plain_adapter_keeps_custom_instructions_and_cue():
     ("5 + 3 = 8 apples.\nThe answer is 8.", {"reasoning": "5 + 3 = 8 apples.", "answer": "8"}),
     ("The answer is 7? No. The final answer is **$1,200**.", {"reasoning": "The answer is 7? No.", "answer": "$1,200"}),
     ("Working.\nAnswer: blue", {"reasoning": "Working.", "answer": "blue"}),
+    ("1. It is Paris.\nThe answer is:\n\nParis", {"reasoning": "1. It is Paris.", "answer": "Paris"}),
 ])
 def test_plain_adapter_parses_the_last_statement(reply, expected):
     assert PlainAdapter().parse(COT, reply) == expected
@@ -83,6 +84,8 @@ def test_plain_adapter_round_trips_its_own_demos():
 def test_plain_adapter_refuses_what_it_cannot_read():
     with pytest.raises(AdapterParseError, match="no \"The answer is"):
         PlainAdapter().parse(COT, "3 + 4 = 7")
+    with pytest.raises(AdapterParseError, match="no \"The answer is"):
+        PlainAdapter().parse(COT, "3 + 4 = 7. The answer is:\n\n")  # a cue with nothing after it
     with pytest.raises(AdapterParseError, match="does not parse"):
         PlainAdapter().parse(NUM, "The answer is twelve.")
     assert PlainAdapter().parse(NUM, "The answer is 12.") == {"answer": 12}
