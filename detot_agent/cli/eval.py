@@ -74,6 +74,12 @@ def eval_run(
     strategy: Annotated[str | None, typer.Option(help="The DETOT methods' reasoning: cot, pot (a program, run "
                                                       "safely) or mix (half each, votes pooled); default: task "
                                                       "analysis (cot).")] = None,
+    loop_policy: Annotated[list[str] | None, typer.Option(metavar="POLICY",
+                                                          help="A reasoning strategy or vote weighting the looping "
+                                                              "DETOT methods may switch to, e.g. strategy=pot or "
+                                                              "strategy=mix,weighting=cisc (repeatable): each "
+                                                              "re-optimization judges it on gold items (feedback, "
+                                                              "canary) and adopts it only if it helps.")] = None,
     draw: Annotated[str | None, typer.Option(help="How --limit draws: nested (a seeded permutation's first N: a "
                                                   "smaller --limit is a prefix of a larger one) or legacy (the "
                                                   "earlier releases' draw, on which the README's published rows "
@@ -128,6 +134,9 @@ def eval_run(
         names = expand_ablations(names, parts)
     for m in names:
         check_method(m)  # one line naming the method and what exists
+    from detot_agent.detot.task import Policy
+
+    policies = [Policy.parse(text) for text in loop_policy or []]
     problems = missing_requirements(names, index=index is not None)
     if problems:  # every requirement of every method, before anything loads
         raise ConfigError("; ".join(problems))
@@ -176,14 +185,14 @@ def eval_run(
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
                        max_tokens=max_tokens, seed=seed, task_name=loaded.name, feedback=feedback,  # type: ignore[arg-type]
                        reopt_seconds=reopt_seconds, canary=canary, strategy=strategy,  # type: ignore[arg-type]
-                       reopt_cooldown=reopt_cooldown,
+                       reopt_cooldown=reopt_cooldown, loop_policies=[p.changes() for p in policies],
                        questions=[ex.question for ex in examples[:5]])
     run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "draw": draw, "k": k, "n": n,
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
            "engine": engine, "feedback": feedback, "reopt_seconds": reopt_seconds, "strategy": strategy,
-           "reopt_cooldown": reopt_cooldown,
+           "reopt_cooldown": reopt_cooldown, "loop_policies": [p.describe() for p in policies],
            "canary": None if canary_file is None else {"file": str(canary_file), "size": len(canary)},
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "model": resolve_model_source(None).name if model is None else model}

@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -51,6 +51,7 @@ from detot_agent.config import StrictModel
 from detot_agent.detot.judging import Replayed, collapsed, hub_share
 from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
 from detot_agent.detot.records import Evidence, TaskState, Verdict
+from detot_agent.detot.task import Policy
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.retrieval.index import ExemplarIndex
 
@@ -84,6 +85,13 @@ class ControllerConfig(StrictModel):
             serving state's share), by replay or over probe queries.
         replay_items: held-out evidence records replayed per judgement (the canary set comes on top).
         negatives_per_query: exemplars ranked just below a record's demos used as negatives.
+        policies: reasoning strategies and vote weightings (`Policy`) the loop may switch to. After the
+            embedding step of each re-optimization, every listed policy other than the serving one is judged
+            against the serving state by paired replay on **gold items only** (held-out records given
+            feedback, and the canary set), each test spending the error budget, each with its own
+            `max_seconds`; the first that passes is published (one change per re-optimization). Empty (the
+            default): the loop never changes how the task reasons or votes. Needs a replaying controller
+            (inside `DETOT`); `pot` and `mix` need a batched engine.
     """
 
     evidence_size: int = Field(default=200, ge=1)
@@ -108,6 +116,7 @@ class ControllerConfig(StrictModel):
     min_diversity: float = Field(default=0.5, ge=0, le=1)
     max_hub_share: float = Field(default=0.5, gt=0, le=1)
     replay_items: int = Field(default=16, ge=1)
+    policies: list[Policy] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _enough_to_hold_out(self) -> ControllerConfig:
@@ -174,6 +183,7 @@ class Controller:
         self.replay = replay
         self.canary = list(canary)
         self.tests_run = 0  # the error budget's counter (detot/judging.py)
+        self.history: deque[ReoptimizationEvent] = deque(maxlen=100)  # every decision, embedding and policy
         self.index = index
         self.monitor = monitor
         self.engine = engine
@@ -245,29 +255,78 @@ class Controller:
             self._executor = None
 
     def reoptimize(self) -> ReoptimizationEvent:
-        """Run one re-optimization synchronously: gather, train, judge, publish (or roll back)."""
+        """Run one re-optimization synchronously: gather, train, judge, publish (or roll back); then try the
+        configured policies (`ControllerConfig.policies`). Returns the embedding step's event; every event,
+        policy trials included, goes to the monitor's log and `history`."""
         with self._reopt_lock:
-            start = time.perf_counter()
-            old = self._state
-            evidence: list[Evidence] = []
-            try:
-                split = self._gather()
-                evidence = split.evidence
-                candidate = self._train(old, split)
-                self._check_budget(start, "training")
-                verdicts = self._judge(old, candidate, split, start)
-                event = self._publish(old, candidate, verdicts)
-            except _Outcome as out:
-                event = ReoptimizationEvent(accepted=False, reason=out.reason, version_before=old.version,
-                                            version_after=old.version)
-            except Exception as exc:  # the old state keeps serving; the error is reported, not raised
-                event = ReoptimizationEvent(accepted=False, reason="re-optimization raised; kept the old state",
-                                            version_before=old.version, version_after=old.version,
-                                            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
-            event.evidence = len(evidence) if evidence else len(self._usable())
-            event.seconds = time.perf_counter() - start
-            self.monitor.reoptimized(event)
+            event = self._reoptimize_embedding()
+            self._record(event)
+            if self.config.policies and self.replay is not None:
+                for trial in self._try_policies():
+                    self._record(trial)
+                    if trial.accepted:
+                        break
             return event
+
+    def _record(self, event: ReoptimizationEvent) -> None:
+        self.history.append(event)
+        self.monitor.reoptimized(event)
+
+    def _reoptimize_embedding(self) -> ReoptimizationEvent:
+        """Gather, train, judge and publish (or roll back) a new task embedding."""
+        start = time.perf_counter()
+        old = self._state
+        evidence: list[Evidence] = []
+        try:
+            split = self._gather()
+            evidence = split.evidence
+            candidate = self._train(old, split)
+            self._check_budget(start, "training")
+            verdicts = self._judge(old, candidate, split, start)
+            event = self._publish(old, candidate, verdicts)
+        except _Outcome as out:
+            event = ReoptimizationEvent(accepted=False, reason=out.reason, version_before=old.version,
+                                        version_after=old.version)
+        except Exception as exc:  # the old state keeps serving; the error is reported, not raised
+            event = ReoptimizationEvent(accepted=False, reason="re-optimization raised; kept the old state",
+                                        version_before=old.version, version_after=old.version,
+                                        error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+        event.evidence = len(evidence) if evidence else len(self._usable())
+        event.seconds = time.perf_counter() - start
+        return event
+
+    def _try_policies(self) -> Iterator[ReoptimizationEvent]:
+        """Judge each configured policy against the serving state on gold items; yield one event per trial."""
+        for policy in self.config.policies:
+            old = self._state
+            new_policy = policy.merged(old.policy)
+            if new_policy == old.policy:
+                continue  # already serving
+            start = time.perf_counter()
+            change = f"policy {policy.describe()}"
+            try:
+                held = [e for e in self._usable() if e.inputs is not None]
+                verdict = self._judge_replay(old, TaskState(old.version + 1, old.embedding, new_policy), held, start,
+                                             gold_only=True)
+                if verdict.accepted:
+                    self.publish(TaskState(old.version + 1, old.embedding, new_policy))
+                event = ReoptimizationEvent(
+                    accepted=verdict.accepted, change=change,
+                    reason=("accepted: " if verdict.accepted else "rolled back: ") + verdict.describe(),
+                    version_before=old.version, version_after=self._state.version, old_score=verdict.before,
+                    new_score=verdict.after, verdicts=[{"part": "policy", "measure": verdict.measure,
+                                                        "before": verdict.before, "after": verdict.after,
+                                                        "accepted": verdict.accepted, "reason": verdict.reason,
+                                                        "stats": verdict.stats}])
+            except _Outcome as out:
+                event = ReoptimizationEvent(accepted=False, change=change, reason=out.reason,
+                                            version_before=old.version, version_after=old.version)
+            except Exception as exc:  # the old state keeps serving
+                event = ReoptimizationEvent(accepted=False, change=change, reason="policy trial raised; kept the "
+                                            "old state", version_before=old.version, version_after=old.version,
+                                            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+            event.seconds = time.perf_counter() - start
+            yield event
 
     # ---- 1. gather -----------------------------------------------------------------------------------
     def _usable(self) -> list[Evidence]:
@@ -362,7 +421,7 @@ class Controller:
         """By paired replay when the controller can replay (one verdict for the whole candidate), else one
         proxy verdict per judged side, each on its own held-out measure (higher is better)."""
         if self.replay is not None:
-            return [self._judge_replay(old, candidate, split, start)]
+            return [self._judge_replay(old, TaskState(old.version + 1, candidate, old.policy), split.held, start)]
         cfg = self.config
         assert old.embedding is not None
         verdicts = []
@@ -386,16 +445,22 @@ class Controller:
             raise _Outcome("no held-out evidence to validate on; kept the old state")
         return verdicts
 
-    def _judge_replay(self, old: TaskState, candidate: TaskEmbedding, split: _Split, start: float) -> Verdict:
-        """Both states answer the same held-out records (never trained on) and the canary set."""
+    def _judge_replay(self, old: TaskState, new_state: TaskState, records: list[Evidence], start: float, *,
+                      gold_only: bool = False) -> Verdict:
+        """Both states answer the same records (never trained on by the candidate) and the canary set; with
+        `gold_only`, only the items whose gold answer is known."""
         from detot_agent.detot.judging import ReplayRules, decide, futile
 
         cfg = self.config
         assert self.replay is not None
-        held = [e for e in split.held if e.inputs is not None][: cfg.replay_items]
+        held = [e for e in records if e.inputs is not None and (e.gold_key is not None or not gold_only)]
+        held = held[: cfg.replay_items]
         items = [(e.inputs, e.gold_key) for e in held] + [(inp, gold) for inp, gold in self.canary]
-        assert items, "_gather refuses a split with nothing to replay"
-        new_state = TaskState(old.version + 1, candidate)
+        if not items:
+            if gold_only:
+                raise _Outcome("no gold items to judge a policy on (give feedback or a canary set); kept the old "
+                               "state")
+            raise AssertionError("_gather refuses a split with nothing to replay")
         rules = ReplayRules(alpha=cfg.alpha, min_effect=cfg.min_effect, max_flip=cfg.max_flip,
                             min_diversity=cfg.min_diversity, max_hub_share=cfg.max_hub_share,
                             good_agreement=cfg.good_agreement)
@@ -498,6 +563,6 @@ class Controller:
                                        version_after=old.version, verdicts=verdict_log, **scores)
         version = old.version + 1
         candidate.version = version
-        self.publish(TaskState(version=version, embedding=candidate))
+        self.publish(TaskState(version=version, embedding=candidate, policy=old.policy))
         return ReoptimizationEvent(accepted=True, reason="accepted: " + reasons, version_before=old.version,
                                    version_after=version, verdicts=verdict_log, **scores)

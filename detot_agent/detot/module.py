@@ -42,7 +42,7 @@ from detot_agent.detot.monitor import Monitor, Observation
 from detot_agent.detot.records import Evidence, ParsedSample, TaskState
 from detot_agent.detot.sampling import sample_engine, vote_in_rounds
 from detot_agent.detot.strategies import parse_program, pot_messages, rationale_to_program
-from detot_agent.detot.task import Adjustments, TaskProfile, analyze
+from detot_agent.detot.task import Adjustments, Policy, TaskProfile, analyze
 from detot_agent.detot.tracing import record_trace
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.base import BatchedEngine
@@ -251,8 +251,9 @@ class DETOT(dspy.Module):
         clone.__dict__.update(self.__dict__)
         clone.predictor = self.predictor.deepcopy()
         state = self.controller.state
-        clone._start_loop(TaskState(state.version, None if state.embedding is None else copy.deepcopy(state.embedding)),
-                          self.monitor.config, self.monitor.log_path, self.controller.config, self.controller.engine)
+        embedding = None if state.embedding is None else copy.deepcopy(state.embedding)
+        clone._start_loop(TaskState(state.version, embedding, state.policy), self.monitor.config,
+                          self.monitor.log_path, self.controller.config, self.controller.engine)
         return clone
 
     def _start_loop(self, state: TaskState, monitor_config: Any, log_path: Any, config: ControllerConfig,
@@ -334,11 +335,10 @@ class DETOT(dspy.Module):
         return parse
 
     def _draw_engine(self, engine: BatchedEngine, lm: Any, parse: Any, messages: list[dict[str, str]],
-                     soft: torch.Tensor | None, text: str, record: bool, *, stop: tuple[str, ...] = (),
-                     strategy: str = "cot", seed_offset: int = 0) -> Any:
+                     soft: torch.Tensor | None, text: str, record: bool, adj: Adjustments, *,
+                     stop: tuple[str, ...] = (), strategy: str = "cot", seed_offset: int = 0) -> Any:
         """A round drawer for a batched engine: one `sample(n)` per round (greedy answer first), recorded
         on `lm` as one LM call (history, usage, callbacks) when `record`; `parse(text)` reads a reply's fields."""
-        adj = self.adjustments
         model = lm.model if lm is not None else engine.name
 
         def draw(n: int, drawn: int) -> list[ParsedSample]:
@@ -379,14 +379,13 @@ class DETOT(dspy.Module):
         return out
 
     def _draw_rollouts(self, lm: Any, adapter: dspy.Adapter, inputs: dict[str, Any],
-                       demos: list[dspy.Example]) -> Any:
+                       demos: list[dspy.Example], adj: Adjustments) -> Any:
         """A round drawer for any other `dspy.LM`: one rollout per sample (an unparseable one counts as None).
 
         Each rollout is the inner predictor called with `lm=` a copy of `lm` carrying its own temperature
         and rollout id (so an LM set on the predictor cannot override them, and DSPy's cache keeps distinct
         samples apart); its trace entries are dropped, since the call's trace records the winner only.
         """
-        adj = self.adjustments
 
         def draw(n: int, drawn: int) -> list[ParsedSample]:
             out = []
@@ -466,7 +465,8 @@ class DETOT(dspy.Module):
         demos = self._prompt_demos(retrieved)
         engine = _serving_engine(lm)
         adapter = self.active_adapter()
-        strategy = self.adjustments.strategy
+        adj = state.adjust(self.adjustments)  # the task's adjustments under the state's policy
+        strategy = adj.strategy
         messages: dict[str, list[dict[str, str]]] = {}  # per strategy: what the model was shown
         if engine is not None:
             draws = {}
@@ -475,19 +475,19 @@ class DETOT(dspy.Module):
                 # a ChatAdapter reply ends at its end marker: small models otherwise keep writing to max_tokens
                 stop = ("[[ ## completed ## ]]",) if isinstance(adapter, dspy.ChatAdapter) else ()
                 draws["cot"] = self._draw_engine(engine, lm, self._parse_with(adapter, sig), messages["cot"], soft,
-                                                 text, record, stop=stop)
+                                                 text, record, adj, stop=stop)
             if strategy in ("pot", "mix"):
                 system = PlainAdapter().format_system_message(sig)
                 messages["pot"] = pot_messages(text, self._pot_demos(demos), system)
                 draws["pot"] = self._draw_engine(engine, lm, self._program_fields, messages["pot"], soft, text,
-                                                 record, strategy="pot", seed_offset=1_000_003)
+                                                 record, adj, strategy="pot", seed_offset=1_000_003)
             draw = _pooled(draws["cot"], draws["pot"]) if strategy == "mix" else next(iter(draws.values()))
         elif strategy in ("pot", "mix"):
             raise ConfigError(f"strategy {strategy!r} samples through a batched engine (local_lm or vLLM); this LM "
                               "has none: use strategy='cot'")
         else:
-            draw = self._draw_rollouts(lm, adapter, inputs, demos)
-        samples, result, drawn = vote_in_rounds(draw, self.adjustments)
+            draw = self._draw_rollouts(lm, adapter, inputs, demos, adj)
+        samples, result, drawn = vote_in_rounds(draw, adj)
         return query, demo_ids, messages, samples, result, drawn
 
     def _input_text(self, inputs: dict[str, Any]) -> str:
@@ -549,6 +549,7 @@ class DETOT(dspy.Module):
         st = self.controller.state
         state["detot"] = {"task": self.task.model_dump(mode="json"),
                           "adjustments": self.adjustments.model_dump(mode="json"), "version": st.version,
+                          "policy": None if st.policy is None else st.policy.model_dump(mode="json", exclude_none=True),
                           "index": {"encoder": self.index.encoder_name, "dim": self.index.dim,
                                     "count": len(self.index)},
                           "monitor": self.monitor.stats()}
@@ -568,6 +569,10 @@ class DETOT(dspy.Module):
                                     f"dims); this index uses {self.index.encoder_name!r} ({self.index.dim} dims)")
             self.task = TaskProfile(**extra["task"])
             self.adjustments = Adjustments(**extra["adjustments"])
+            policy = Policy(**extra["policy"]) if extra.get("policy") else None
+            st = self.controller.state
+            if policy != st.policy:  # the loop's policy serves with the loaded state
+                self.controller.publish(TaskState(st.version, st.embedding, policy))
         return self
 
     TENSORS_KIND = "detot-program-tensors"
@@ -654,7 +659,7 @@ class DETOT(dspy.Module):
             super().load(str(path), **kwargs)
         except (ValueError, UnicodeDecodeError, OSError) as exc:  # JSONDecodeError is a ValueError
             raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
-        self.controller.publish(TaskState(int(m["version"]), embedding))
+        self.controller.publish(TaskState(int(m["version"]), embedding, self.controller.state.policy))
         return self
 
 

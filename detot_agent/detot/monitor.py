@@ -75,6 +75,7 @@ class ReoptimizationEvent(BaseModel):
     """What a re-optimization did: accepted (new version) or rolled back, and why."""
 
     event: Literal["reoptimization"] = "reoptimization"
+    change: str = "embedding"  # what was tried: a new task embedding, or "policy strategy=pot" (a `Policy`)
     accepted: bool
     reason: str
     version_before: int

@@ -16,6 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from detot_agent.detot.task import Adjustments, Policy
     from detot_agent.embedding.task_embedding import TaskEmbedding
 
 __all__ = ["Evidence", "ParsedSample", "TaskState", "Verdict"]
@@ -55,10 +56,17 @@ class TaskState:
     Attributes:
         version: the serving version (the embedding's own `version` follows it).
         embedding: the task embedding, or None (no retrieval adaptation, no soft prompt).
+        policy: the reasoning strategy / vote weighting the loop switched to, or None (the task's own
+            `Adjustments`).
     """
 
     version: int
     embedding: TaskEmbedding | None
+    policy: Policy | None = None
+
+    def adjust(self, adjustments: Adjustments) -> Adjustments:
+        """The adjustments a call under this state uses: the task's, with the policy applied."""
+        return adjustments if self.policy is None else self.policy.apply(adjustments)
 
     @property
     def soft_prompt(self) -> torch.Tensor | None:

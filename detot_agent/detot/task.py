@@ -29,8 +29,8 @@ from pydantic import Field, model_validator
 from detot_agent.answers import AnswerFormat
 from detot_agent.config import StrictModel
 
-__all__ = ["RULES", "Adjustments", "AnswerFormat", "AppliedRule", "Rule", "StoppingRule", "TaskKind", "TaskProfile",
-           "Weighting", "analyze", "estimate_complexity"]
+__all__ = ["RULES", "Adjustments", "AnswerFormat", "AppliedRule", "Policy", "Rule", "StoppingRule", "TaskKind",
+           "TaskProfile", "Weighting", "analyze", "estimate_complexity"]
 
 
 class TaskKind(str, Enum):
@@ -130,6 +130,67 @@ class Adjustments(StrictModel):
         if self.min_samples > self.max_samples:
             raise ValueError(f"min_samples ({self.min_samples}) exceeds max_samples ({self.max_samples})")
         return self
+
+
+class Policy(StrictModel):
+    """How a task's calls reason and vote, as the optimization loop may change it: the `Adjustments` fields
+    a serving state overrides (`TaskState.policy`). The loop tries the policies the user lists in
+    `ControllerConfig.policies` and keeps one only when paired replay on gold items shows it helps.
+
+    Attributes:
+        strategy: `cot`, `pot` or `mix` (None: keep the task's; `direct` is the predictor's shape, chosen when
+            the module is built).
+        weighting: `uniform`, `cisc` or `filter` (None: keep the task's).
+
+    Example:
+        >>> pot = Policy(strategy="pot")
+        >>> pot.apply(Adjustments()).strategy, pot.describe()
+        ('pot', 'strategy=pot')
+    """
+
+    strategy: str | None = Field(default=None, pattern="^(cot|pot|mix)$")
+    weighting: Weighting | None = None
+
+    @model_validator(mode="after")
+    def _changes_something(self) -> Policy:
+        if self.strategy is None and self.weighting is None:
+            raise ValueError("a policy sets strategy or weighting (or both)")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """The fields it sets."""
+        return {k: v for k, v in (("strategy", self.strategy), ("weighting", self.weighting)) if v is not None}
+
+    @classmethod
+    def parse(cls, text: str) -> Policy:
+        """`"strategy=pot,weighting=cisc"` -> `Policy` (the command line's form).
+
+        Example:
+            >>> Policy.parse("strategy=mix, weighting=cisc").describe()
+            'strategy=mix, weighting=cisc'
+        """
+        from detot_agent.errors import ConfigError
+
+        fields: dict[str, str] = {}
+        for part in (p.strip() for p in text.split(",")):
+            name, eq, value = part.partition("=")
+            if not eq or name.strip() not in cls.model_fields:
+                raise ConfigError(f"policy {text!r}: expected strategy=cot|pot|mix and/or "
+                                  f"weighting=uniform|cisc|filter, comma-separated; got {part!r}")
+            fields[name.strip()] = value.strip()
+        return cls(**fields)  # type: ignore[arg-type]
+
+    def merged(self, base: Policy | None) -> Policy:
+        """`base` with this policy's fields in place (what a state serving `base` switches to)."""
+        return self if base is None else Policy(**{**base.changes(), **self.changes()})
+
+    def apply(self, adjustments: Adjustments) -> Adjustments:
+        """`adjustments` with this policy's fields in place of the task's."""
+        return adjustments.model_copy(update=self.changes())
+
+    def describe(self) -> str:
+        """`strategy=pot, weighting=cisc`."""
+        return ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in self.changes().items())
 
 
 _QUANTITY = re.compile(r"\d+(?:[.,]\d+)?")

@@ -17,7 +17,7 @@ import torch
 
 from detot_agent.answers import extract_number, normalize
 from detot_agent.detot.adapters import LenientChatAdapter
-from detot_agent.detot.task import AnswerFormat
+from detot_agent.detot.task import AnswerFormat, Policy
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.generation import text_seed
 from detot_agent.errors import ConfigError
@@ -50,6 +50,7 @@ class EvalContext:
     reopt_seconds: float | None = None  # the loop's budget per re-optimization (None: ControllerConfig's)
     canary: list[tuple[str, str]] = field(default_factory=list)  # (question, gold): replayed by every judgement
     reopt_cooldown: int | None = None  # answers between two re-optimizations of a looping method (None: default)
+    loop_policies: list[Policy] = field(default_factory=list)  # what the loop may switch to (ControllerConfig)
     no_soft_prompt: bool = False  # `--soft-prompt none`: the DETOT methods run without soft-prompt vectors
     strategy: str | None = None  # the DETOT methods' reasoning strategy (None: task analysis decides)
     questions: list[str] = field(default_factory=list)

@@ -253,8 +253,9 @@ class DetotMethod(MethodRunner):
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, lm=ctx.lm, adjustments=self.adjustments,
                              soft_prompt=False if no_soft else ctx.soft_prompt, background=self.background,
                              event_log=log, task_embedding=embedding,
-                             controller_config=None if ctx.reopt_seconds is None else
-                             ControllerConfig(max_seconds=ctx.reopt_seconds),
+                             controller_config=ControllerConfig(policies=list(ctx.loop_policies)) if
+                             ctx.reopt_seconds is None else
+                             ControllerConfig(max_seconds=ctx.reopt_seconds, policies=list(ctx.loop_policies)),
                              adapter=PlainAdapter() if self.plain else None,
                              canary=[dspy.Example(question=q, answer=a).with_inputs("question")
                                      for q, a in ctx.canary] or None)
@@ -265,6 +266,7 @@ class DetotMethod(MethodRunner):
                 "task_embedding": None if self.ctx.task_embedding is None else repr(self.ctx.task_embedding),
                 "reoptimization": self.background, "feedback": self.ctx.feedback,
                 "reopt_seconds": self.ctx.reopt_seconds, "canary": len(self.ctx.canary),
+                "loop_policies": [p.describe() for p in self.ctx.loop_policies] if self.background else [],
                 "ablate": sorted(self.ablate),
                 "soft_prompt_off": self.ctx.no_soft_prompt or "softprompt" in self.ablate,
                 "adapter": type(self.program.active_adapter()).__name__}
@@ -362,7 +364,8 @@ def missing_requirements(names: list[str], *, index: bool) -> list[str]:
     out = []
     pooled = [n for n in names if needs_index(n)]
     if pooled and not index:
-        out.append(f"{', '.join(pooled)} need an exemplar pool: pass --index DIR (build one with "
+        verb = "needs" if len(pooled) == 1 else "need"
+        out.append(f"{', '.join(pooled)} {verb} an exemplar pool: pass --index DIR (build one with "
                    "`detot index build --data TRAIN_FILE --out DIR`)")
     return out
 

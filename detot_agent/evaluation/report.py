@@ -68,9 +68,10 @@ def _halves(records: list[dict[str, Any]]) -> list[float] | None:
 
 def _decision(event: dict[str, Any]) -> dict[str, Any]:
     """One re-optimization as the report shows it: outcome, why, and the replay's statistics."""
-    stats = next((v.get("stats") or {} for v in event.get("verdicts") or [] if v.get("part") == "replay"), {})
-    return {"accepted": bool(event.get("accepted")), "version": [event.get("version_before"),
-                                                                  event.get("version_after")],
+    stats = next((v.get("stats") or {} for v in event.get("verdicts") or [] if v.get("part") in ("replay", "policy")),
+                 {})
+    return {"change": event.get("change", "embedding"), "accepted": bool(event.get("accepted")),
+            "version": [event.get("version_before"), event.get("version_after")],
             "after_observations": event.get("observations"), "seconds": event.get("seconds"),
             "evidence": event.get("evidence"), "mode": stats.get("mode"), "p_value": stats.get("p_value"),
             "alpha": stats.get("alpha"), "items": stats.get("items"), "canary_accuracy": stats.get("canary_accuracy"),
@@ -146,16 +147,16 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, m in report["methods"].items():
         if m.get("decisions"):
             lines += ["", f"Re-optimizations of `{name}`:", "",
-                      "| # | outcome | after q | mode | p (alpha) | canary acc. old -> new | reason |",
-                      "|---|---|---|---|---|---|---|"]
+                      "| # | change | outcome | after q | mode | p (alpha) | canary acc. old -> new | reason |",
+                      "|---|---|---|---|---|---|---|---|"]
             for i, d in enumerate(m["decisions"], 1):
                 p = "" if d["p_value"] is None else f"{d['p_value']:.3g} ({d['alpha']:.3g})"
                 outcome = "accepted" if d["accepted"] else ("error" if d["error"] else "rejected")
                 reason = str(d["reason"]).replace("|", "/")
                 canary = d.get("canary_accuracy")
                 can = "-" if not canary else f"{canary[0]:.2f} -> {canary[1]:.2f}"
-                lines.append(f"| {i} | {outcome} | {d['after_observations']} | {d['mode'] or '-'} | {p} | {can} | "
-                             f"{reason} |")
+                lines.append(f"| {i} | {d.get('change', 'embedding')} | {outcome} | {d['after_observations']} | "
+                             f"{d['mode'] or '-'} | {p} | {can} | {reason} |")
     return "\n".join(lines) + "\n"
 
 

@@ -21,6 +21,7 @@ from pydantic import ConfigDict, Field
 
 from detot_agent.answers import AnswerFormat
 from detot_agent.config import StrictModel
+from detot_agent.detot.task import Policy
 from detot_agent.errors import ArtefactError, ConfigError
 from detot_agent.evaluation.methods import EvalContext
 
@@ -45,6 +46,8 @@ class ContextSpec(StrictModel):
         canary: `(question, gold answer)` pairs every re-optimization of a looping DETOT replays.
         strategy: the DETOT methods' reasoning strategy (`cot`, `pot`, `mix`; None: task analysis decides).
         reopt_cooldown: answers between two re-optimizations of a looping DETOT (None: task analysis's).
+        loop_policies: `Policy` fields (`{"strategy": "pot"}`) a looping DETOT may switch to when gold shows
+            they help (`ControllerConfig.policies`).
         questions: a few of the suite's questions (DETOT's task analysis reads them).
     """
 
@@ -71,6 +74,7 @@ class ContextSpec(StrictModel):
     canary: list[tuple[str, str]] = Field(default_factory=list)
     strategy: Literal["cot", "pot", "mix"] | None = None
     reopt_cooldown: int | None = Field(default=None, ge=0)
+    loop_policies: list[dict[str, str]] = Field(default_factory=list)
     questions: list[str] = Field(default_factory=list)
 
 
@@ -124,4 +128,5 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        feedback=spec.feedback, reopt_seconds=spec.reopt_seconds, canary=list(spec.canary),
                        no_soft_prompt=spec.soft_prompt == "none", strategy=spec.strategy,
                        reopt_cooldown=spec.reopt_cooldown,
+                       loop_policies=[Policy(**p) for p in spec.loop_policies],  # type: ignore[arg-type]
                        questions=list(spec.questions))

@@ -158,7 +158,9 @@ def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiari
     suite = str(multiarith_head(2))
     cases = [(["--methods", "plain_cot", "--ablate", "retrieval"], "--ablate needs a DETOT method"),
              (["--methods", "detot_plain", "--ablate", "bogus"], r"unknown ablation\(s\) \['bogus'\]"),
-             (["--methods", "detot-retrieval,nope"], "unknown method 'nope'")]
+             (["--methods", "detot-retrieval,nope"], "unknown method 'nope'"),
+             (["--methods", "detot_plain", "--loop-policy", "pot"], "policy 'pot': expected strategy="),
+             (["--methods", "detot_plain", "--loop-policy", "strategy=direct"], "strategy: String should match")]
     for args, why in cases:
         result = runner.invoke(app, ["eval", "--suite", suite, *args, "--model", "/nonexistent/model"])
         assert isinstance(result.exception, ConfigError), result.output

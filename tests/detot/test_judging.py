@@ -226,3 +226,70 @@ def test_under_replay_held_out_records_need_no_targets_of_their_own(encoder, gsm
     event = ctl.reoptimize()
     assert event.accepted, event.reason
     assert event.verdicts[0]["part"] == "replay" and event.verdicts[0]["stats"]["held_out"] == 6
+
+
+# ---- policies: the loop may change how the task reasons or votes, judged on gold only -----------------------
+def _policy_replay(pot: str):
+    """Serving (CoT) state: right on canary items 0-2 only. Under a `strategy=pot` policy: `pot` says how
+    ("right": right on every item; "wrong": wrong on every item; "constant": always 5)."""
+
+    def replay(state: TaskState, inputs: dict) -> Replayed:
+        q = inputs["question"]
+        i = int(q.split()[-1])
+        demos = (f"d{i}", f"e{i}")
+        if state.policy is not None and state.policy.strategy == "pot":
+            key = {"right": str(i), "wrong": f"{i}x", "constant": "5"}[pot]
+            return Replayed(key, 0.8, demos)
+        return Replayed(str(i) if q.startswith("canary") and i < 3 else f"{i}x", 0.8, demos)
+
+    return replay
+
+
+@pytest.mark.parametrize("pot, accepted", [("right", True), ("wrong", False), ("constant", False)])
+def test_a_policy_is_adopted_only_when_it_replays_better_on_gold(pot, accepted, encoder, gsm8k_index, monkeypatch):
+    from detot_agent.detot.task import Policy
+
+    ctl = _controller(encoder, gsm8k_index, _policy_replay(pot), policies=[Policy(strategy="pot")])
+    _fill(ctl, encoder, gsm8k_index)
+    _candidate("unchanged", monkeypatch)  # the embedding step finds nothing better
+    old = ctl.state
+    event = ctl.reoptimize()
+    assert not event.accepted and event.change == "embedding"
+    trial = ctl.history[-1]
+    assert trial.change == "policy strategy=pot" and trial.accepted == accepted, trial.reason
+    assert trial.verdicts[0]["part"] == "policy" and trial.verdicts[0]["stats"]["mode"] == "gold"
+    assert trial.verdicts[0]["stats"]["held_out"] == 0  # the held-out records have no gold: canary only
+    assert ctl.tests_run == 2  # the policy trial spent the error budget too
+    if accepted:
+        assert ctl.state.policy == Policy(strategy="pot") and ctl.state.version == old.version + 1
+        assert ctl.state.embedding is old.embedding and trial.verdicts[0]["stats"]["canary_accuracy"] == [0.3, 1.0]
+    else:
+        assert ctl.state is old
+
+
+def test_a_policy_is_not_judged_without_gold_and_the_serving_policy_is_not_retried(encoder, gsm8k_index,
+                                                                                     monkeypatch):
+    from detot_agent.detot.task import Policy
+
+    ctl = _controller(encoder, gsm8k_index, _policy_replay("right"), policies=[Policy(strategy="pot")])
+    ctl.canary = []
+    _fill(ctl, encoder, gsm8k_index)
+    _candidate("unchanged", monkeypatch)
+    ctl.reoptimize()
+    trial = ctl.history[-1]
+    assert not trial.accepted and "no gold items to judge a policy on" in trial.reason
+    ctl.publish(TaskState(ctl.state.version, ctl.state.embedding, Policy(strategy="pot")))
+    before = len(ctl.history)
+    ctl.reoptimize()
+    assert len(ctl.history) == before + 1  # the embedding step only: pot already serves
+
+
+def test_bad_policies_are_refused_when_built():
+    from detot_agent.detot.task import Policy
+
+    with pytest.raises(ConfigError, match="sets strategy or weighting"):
+        Policy()
+    with pytest.raises(ConfigError, match="strategy"):
+        Policy(strategy="direct")  # the predictor's shape, not a policy
+    with pytest.raises(ConfigError, match="policies"):
+        ControllerConfig(policies=[{"weighting": "loudest"}])

@@ -105,3 +105,46 @@ def test_pot_fills_the_signatures_own_answer_field(worked_index, long_tiny_model
                   adjustments=analyze(ARITH, strategy="pot", k_exemplars=2, max_samples=2))
     pred = detot(question=Q)
     assert pred.total == "7" and pred.answer_key == "7"
+
+
+def test_the_loop_switches_to_pot_when_gold_shows_it_fixes_cot_and_the_switch_is_saved(worked_index,
+                                                                                         long_tiny_model_dir,
+                                                                                         tmp_path):
+    """CoT replies are always wrong (99), programs right: with a canary set and `policies=[strategy=pot]`, a
+    re-optimization adopts PoT, the next call asks for a program, and save/load keeps the policy."""
+    import re
+
+    from detot_agent.detot.controller import ControllerConfig
+    from detot_agent.detot.task import Policy
+
+    asked = re.compile(r"What is (\d+) plus (\d+)\?")
+
+    def program_right(text: str, n: int) -> str:
+        a, b = asked.findall(text)[-1]
+        if "Python program" in text.rsplit("<|user|>", 1)[-1]:
+            return f"```python\nanswer = {a} + {b}\n```"
+        return "The answer is 99."
+
+    lm, engine = scripted_local_lm(long_tiny_model_dir, program_right, raw=True)
+    canary = [dspy.Example(question=f"What is {a} plus {b}?", answer=str(a + b)).with_inputs("question")
+              for a, b in [(1, 2), (3, 5), (2, 9), (4, 4), (6, 7), (8, 1), (5, 5), (9, 3)]]
+    config = ControllerConfig(min_evidence=2, holdout_every=2, max_seconds=None, policies=[Policy(strategy="pot")])
+    adj = analyze(ARITH, strategy="cot", k_exemplars=2, stopping="fixed", min_samples=2, max_samples=2)
+    detot = DETOT("question -> answer", task=ARITH, index=worked_index, lm=lm, background=False, soft_prompt=False,
+                  adapter=PlainAdapter(), controller_config=config, canary=canary, adjustments=adj)
+    assert detot(question=Q).answer == "99"  # CoT, wrong
+    detot(question="What is 2 plus 2?")
+    detot.reoptimize()
+    trial = detot.controller.history[-1]
+    assert trial.change == "policy strategy=pot" and trial.accepted, trial.reason
+    assert trial.verdicts[0]["stats"]["canary_accuracy"] == [0.0, 1.0]
+    n_prompts = len(engine.prompts)
+    pred = detot(question=Q)
+    assert pred.answer == "7" and pred.embedding_version == detot.controller.state.version
+    assert all("Python program" in p for p in engine.prompts[n_prompts:])  # the call now asks for a program
+    detot.save(tmp_path / "p.json")
+    fresh = DETOT("question -> answer", task=ARITH, index=worked_index, lm=lm, background=False, soft_prompt=False,
+                  adapter=PlainAdapter(), adjustments=adj)
+    assert fresh.controller.state.policy is None
+    fresh.load(tmp_path / "p.json")
+    assert fresh.controller.state.policy == Policy(strategy="pot") and fresh(question=Q).answer == "7"

@@ -284,4 +284,13 @@ def test_the_reoptimization_cooldown_reaches_the_looping_method(engine, pool):
     method = build_method("detot", ctx)
     assert method.adjustments.cooldown == 50 and method.program.monitor.cooldown == 50
     default = build_method("detot", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder))
-    assert default.program.monitor.cooldown == 20
+    assert default.program.monitor.cooldown == 20 and default.program.controller.config.policies == []
+
+
+def test_loop_policies_reach_the_looping_method_only():
+    from detot_agent.detot.task import Policy
+    from detot_agent.evaluation.spec import ContextSpec
+
+    spec = ContextSpec(loop_policies=[Policy.parse("strategy=pot").changes()])
+    assert spec.loop_policies == [{"strategy": "pot"}]
+    assert Policy(**spec.loop_policies[0]) == Policy(strategy="pot")
