@@ -184,6 +184,8 @@ class Controller:
         self.canary = list(canary)
         self.tests_run = 0  # the error budget's counter (detot/judging.py)
         self.history: deque[ReoptimizationEvent] = deque(maxlen=100)  # every decision, embedding and policy
+        self._canary_state: TaskState | None = None  # whose canary answers `_canary_answers` holds
+        self._canary_answers: dict[int, Replayed] = {}
         self.index = index
         self.monitor = monitor
         self.engine = engine
@@ -468,9 +470,12 @@ class Controller:
         total_gold = sum(g is not None for g in golds)
         olds, news = [], []
         stopped = None
+        reused = 0
         for j, (inputs, _) in enumerate(items):
             assert inputs is not None
-            olds.append(self.replay(old, inputs))
+            known = self._served(old, held[j] if j < len(held) else None, j - len(held))
+            reused += known is not None
+            olds.append(known if known is not None else self._remember(old, j - len(held), self.replay(old, inputs)))
             news.append(self.replay(new_state, inputs))
             self._check_budget(start, "replay")
             left = sum(g is not None for g in golds[j + 1:])
@@ -480,7 +485,7 @@ class Controller:
                 break
         accepted, why, stats = decide(olds, news, golds[: len(olds)], rules=rules, test_index=self.tests_run)
         self.tests_run += 1
-        stats.update(held_out=len(held), canary=len(self.canary))
+        stats.update(held_out=len(held), canary=len(self.canary), serving_answers_reused=reused)
         if stopped is not None:
             accepted = False
             why = (f"stopped after {stopped} of {len(items)} items: even if the candidate alone were right on all "
@@ -496,6 +501,23 @@ class Controller:
                          [sum(r.agreement for r in olds) / len(olds), sum(r.agreement for r in news) / len(news)])
         measure = "replayed accuracy on gold items" if stats.get("mode") == "gold" else "replayed mean agreement"
         return Verdict("replay", measure, float(before), float(after), accepted=accepted, reason=why, stats=stats)
+
+    def _served(self, old: TaskState, record: Evidence | None, canary_index: int) -> Replayed | None:
+        """The serving state's side of an item, when it is already known: a held-out record it answered
+        itself (`Evidence.served`: the same pipeline and seeds a replay would run), or a canary item it
+        answered in an earlier judgement (cached per serving state)."""
+        if record is not None:
+            return record.served if record.version == old.version else None
+        if self._canary_state is not old:
+            return None
+        return self._canary_answers.get(canary_index)
+
+    def _remember(self, old: TaskState, canary_index: int, answer: Replayed) -> Replayed:
+        if canary_index >= 0:  # a canary item: keep the serving state's answer for its next judgement
+            if self._canary_state is not old:
+                self._canary_state, self._canary_answers = old, {}
+            self._canary_answers[canary_index] = answer
+        return answer
 
     PROBES = 64
 

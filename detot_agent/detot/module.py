@@ -446,7 +446,8 @@ class DETOT(dspy.Module):
             id=pred_id, query=query, demo_ids=demo_ids, agreement=result.agreement,
             messages=shown.get(winner.strategy if winner is not None else "cot") or next(iter(shown.values()), None),
             target=(winner.text or None) if winner is not None else None, samples=samples, version=state.version,
-            inputs={name: inputs[name] for name in sig.input_fields}))
+            inputs={name: inputs[name] for name in sig.input_fields},
+            served=Replayed(result.winner, result.agreement, tuple(demo_ids))))
         trigger = self.monitor.observe(Observation(id=pred_id, agreement=result.agreement, samples=drawn,
                                                    tokens=tokens, latency_s=latency, embedding_version=state.version))
         if trigger is not None and self.background:

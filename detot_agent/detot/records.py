@@ -16,6 +16,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
+    from detot_agent.detot.judging import Replayed
     from detot_agent.detot.task import Adjustments, Policy
     from detot_agent.embedding.task_embedding import TaskEmbedding
 
@@ -92,6 +93,8 @@ class Evidence:
         version: the serving version that answered it (re-optimization uses only the current version's).
         inputs: the input fields (to replay it through a candidate state).
         gold_key: the gold answer's vote key, when feedback gave one.
+        served: how the serving version answered it (winning key, agreement, demos): its side of a paired
+            replay, which would reproduce it (the same pipeline and seeds), so it is not replayed again.
     """
 
     id: str
@@ -106,6 +109,7 @@ class Evidence:
     version: int = 0
     inputs: dict[str, Any] | None = None
     gold_key: str | None = None
+    served: Replayed | None = None
 
     def good(self, good_agreement: float) -> bool:
         """Correct, or (correctness unknown) agreed on strongly."""

@@ -176,7 +176,7 @@ def test_detot_replays_its_own_pipeline_deterministically(gsm8k_index):
     assert ev.version == 0 and ev.inputs == {"question": "Tom has 3 apples and buys 4 more. How many?"}
     calls = engine.calls
     again = detot._replay(detot.controller.state, ev.inputs)
-    assert again == Replayed("7", pred.agreement, tuple(pred.demo_ids))
+    assert again == Replayed("7", pred.agreement, tuple(pred.demo_ids)) == ev.served  # what it served, replayed
     assert engine.calls > calls and len(detot.controller.evidence()) == 1  # replay records nothing
     assert detot.canary == [({"question": "1 + 6?"}, "7")]
     with pytest.raises(ConfigError, match="canary example #0 lacks field"):
@@ -293,3 +293,36 @@ def test_bad_policies_are_refused_when_built():
         Policy(strategy="direct")  # the predictor's shape, not a policy
     with pytest.raises(ConfigError, match="policies"):
         ControllerConfig(policies=[{"weighting": "loudest"}])
+
+
+def test_the_serving_side_is_not_replayed_again_when_it_is_already_known(encoder, gsm8k_index, monkeypatch):
+    """A held-out record's own served answer, and the canary answers of the same serving state from an earlier
+    judgement, stand for the serving side; a published change starts the canary answers afresh."""
+    calls: list[tuple[int, str]] = []
+
+    def counting(state, inputs):
+        calls.append((state.version, inputs["question"]))
+        return _replay(state, inputs)
+
+    ctl = _controller(encoder, gsm8k_index, counting)
+    _fill(ctl, encoder, gsm8k_index)
+    for ev in ctl.evidence():  # what the serving state answered when it served them (as DETOT records it)
+        ev.served = _replay(ctl.state, ev.inputs)
+    _candidate("unchanged", monkeypatch)
+    first = ctl.reoptimize()
+    served_side = [q for v, q in calls if v == 0]
+    assert not first.accepted and served_side and all(q.startswith("canary") for q in served_side)  # held-out: not
+    assert first.verdicts[0]["stats"]["serving_answers_reused"] == 6  # replayed; it stopped part-way (futile)
+    calls.clear()
+    _candidate("fixed", monkeypatch)
+    second = ctl.reoptimize()  # the same serving state: the canary answers it gave before are known
+    assert second.accepted, second.reason
+    again = [q for v, q in calls if v == 0]
+    assert again and not set(again) & set(served_side)  # only the canary items the first judgement never reached
+    assert second.verdicts[0]["stats"]["serving_answers_reused"] == 6 + len(served_side)
+    # the decision is the one a full replay gives (tested above: "fixed" is accepted with every item replayed)
+    assert second.verdicts[0]["stats"]["canary_accuracy"] == [0.3, 1.0]
+    calls.clear()
+    _fill(ctl, encoder, gsm8k_index, version=ctl.state.version)
+    ctl.reoptimize()
+    assert any(v == ctl.state.version and q.startswith("canary") for v, q in calls)  # a new state: replayed
