@@ -417,7 +417,7 @@ class Controller:
     def _check_budget(self, start: float, stage: str) -> None:
         limit = self.config.max_seconds
         if limit is not None and time.perf_counter() - start > limit:
-            raise _Outcome(f"the {limit:.0f} s budget ran out during {stage}; kept the old state")
+            raise _Outcome(f"the {limit:g} s budget ran out during {stage}; kept the old state")
 
     def _judge(self, old: TaskState, candidate: TaskEmbedding, split: _Split, start: float) -> list[Verdict]:
         """By paired replay when the controller can replay (one verdict for the whole candidate), else one
@@ -451,7 +451,7 @@ class Controller:
                       gold_only: bool = False) -> Verdict:
         """Both states answer the same records (never trained on by the candidate) and the canary set; with
         `gold_only`, only the items whose gold answer is known."""
-        from detot_agent.detot.judging import ReplayRules, decide, futile
+        from detot_agent.detot.judging import ReplayRules, decide, futile, gold_counts
 
         cfg = self.config
         assert self.replay is not None
@@ -477,7 +477,13 @@ class Controller:
             reused += known is not None
             olds.append(known if known is not None else self._remember(old, j - len(held), self.replay(old, inputs)))
             news.append(self.replay(new_state, inputs))
-            self._check_budget(start, "replay")
+            try:
+                self._check_budget(start, "replay")
+            except _Outcome:  # say how far it got: a budget-stopped judgement is still evidence
+                wins, losses = gold_counts(olds, news, golds[: j + 1])
+                raise _Outcome(f"the {cfg.max_seconds:g} s budget ran out during replay, after {j + 1} of {len(items)} "
+                               f"items (so far the candidate alone was right on {wins} gold items, the serving state "
+                               f"alone on {losses}); kept the old state") from None
             left = sum(g is not None for g in golds[j + 1:])
             if left and futile(olds, news, golds[: j + 1], remaining_gold=left, total_gold=total_gold, rules=rules,
                                test_index=self.tests_run):

@@ -82,6 +82,13 @@ def alpha_for(test_index: int, alpha: float) -> float:
     return alpha / 2 ** (test_index + 1)
 
 
+def gold_counts(old: Sequence[Replayed], new: Sequence[Replayed], gold: Sequence[str | None]) -> tuple[int, int]:
+    """`(wins, losses)` on the gold items: the candidate alone right, the serving state alone right."""
+    wins = sum(g is not None and n.key == g and o.key != g for o, n, g in zip(old, new, gold, strict=True))
+    losses = sum(g is not None and o.key == g and n.key != g for o, n, g in zip(old, new, gold, strict=True))
+    return wins, losses
+
+
 def futile(old: Sequence[Replayed], new: Sequence[Replayed], gold: Sequence[str | None], *, remaining_gold: int,
            total_gold: int, rules: ReplayRules, test_index: int) -> bool:
     """Whether `decide` must reject whatever the `remaining_gold` gold items not yet replayed give: even if the
@@ -96,8 +103,7 @@ def futile(old: Sequence[Replayed], new: Sequence[Replayed], gold: Sequence[str 
     """
     if total_gold == 0:
         return False  # label-free mode: agreement and flips, no early stop
-    wins = sum(g is not None and n.key == g and o.key != g for o, n, g in zip(old, new, gold, strict=True))
-    losses = sum(g is not None and o.key == g and n.key != g for o, n, g in zip(old, new, gold, strict=True))
+    wins, losses = gold_counts(old, new, gold)
     best = wins + remaining_gold
     return (sign_test_p(best, losses) > alpha_for(test_index, rules.alpha)
             or (best - losses) / total_gold < rules.min_effect)

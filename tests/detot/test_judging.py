@@ -326,3 +326,18 @@ def test_the_serving_side_is_not_replayed_again_when_it_is_already_known(encoder
     _fill(ctl, encoder, gsm8k_index, version=ctl.state.version)
     ctl.reoptimize()
     assert any(v == ctl.state.version and q.startswith("canary") for v, q in calls)  # a new state: replayed
+
+
+def test_a_budget_that_runs_out_during_replay_says_how_far_the_judgement_got(encoder, gsm8k_index, monkeypatch):
+    def slow(state, inputs):
+        time.sleep(0.05)
+        return _replay(state, inputs)
+
+    ctl = _controller(encoder, gsm8k_index, slow, max_seconds=0.5, train_share=0.1)
+    _fill(ctl, encoder, gsm8k_index)
+    _candidate("fixed", monkeypatch)
+    old = ctl.state
+    event = ctl.reoptimize()
+    assert not event.accepted and ctl.state is old
+    assert "budget ran out during replay, after" in event.reason, event.reason
+    assert "of 16 items (so far the candidate alone was right on" in event.reason
