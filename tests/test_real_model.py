@@ -43,6 +43,8 @@ def test_demo_runs_end_to_end(engine, tmp_path, monkeypatch):
     assert "exemplar index: built 60" in result.output
     assert "correct; window agreement" in result.output
     assert "re-optimization" in result.output and "demo finished" in result.output
+    assert "too weak for arithmetic" in result.output  # the embedded model's limit, said once, up front
+    assert not any(w in result.output for w in ("Warning", "it/s]", "deprecated"))  # no third-party noise
     assert len(ExemplarIndex.load(tmp_path / "demo-index", encoder=Encoder())) == 60  # what the next run loads
 
 

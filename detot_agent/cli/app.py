@@ -47,6 +47,17 @@ def quiet_third_party(verbose: bool) -> None:
         return
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars (our own progress still shows)
+    import sys
+
+    if "huggingface_hub" in sys.modules:  # already imported (the switch above is read at import): say it directly
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    if "transformers" in sys.modules:  # it copied the switch when it was imported
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", module=r"(?!detot_agent)")  # a warning raised outside this package
     for name in _NOISY_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)

@@ -92,6 +92,9 @@ def run_demo(*, model: str | None = None, device: str = "auto", dtype: str = "au
     start = time.perf_counter()
     lm = local_lm(model, device=device, dtype=dtype, cache=False)
     say(f"model [bold]{lm.model}[/] on {lm.engine.device} ({time.perf_counter() - start:.1f}s)")
+    if model is None:
+        say("[yellow]the embedded SmolLM2-135M is too weak for arithmetic (about 2 of these 6 right): watch the "
+            "mechanism (demos, votes, stopping, the loop's judge), or pass --model with a 0.5B+ GGUF[/]")
     encoder = Encoder()
     cache = _cache_dir()
     try:

@@ -235,6 +235,28 @@ def _loading(source: ModelSource, what: str) -> Iterator[None]:
                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
 
 
+@contextlib.contextmanager
+def _gguf_bar_follows_hf_switch() -> Iterator[None]:
+    """transformers' GGUF de-quantization bar ignores Hugging Face's progress-bar switch
+    (`HF_HUB_DISABLE_PROGRESS_BARS`, which the `detot` command line sets unless `--verbose`); while a
+    model loads, make it follow that switch."""
+    from huggingface_hub.utils import are_progress_bars_disabled
+
+    if not are_progress_bars_disabled():
+        yield
+        return
+    import functools
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    original = gguf_utils.tqdm
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _load_kwargs(source: ModelSource) -> dict[str, Any]:
     kwargs: dict[str, Any] = {}
     if source.gguf_file:
@@ -267,7 +289,7 @@ def load_model(
         model_kwargs = dict(_load_kwargs(source), dtype=dtype)
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
-        with _loading(source, "model"):
+        with _loading(source, "model"), _gguf_bar_follows_hf_switch():
             model = AutoModelForCausalLM.from_pretrained(source.location, **model_kwargs)
         model = model.to(device)  # type: ignore[arg-type]
         model.eval()
