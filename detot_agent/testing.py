@@ -19,7 +19,27 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_tiny_gguf", "build_tiny_model"]
+__all__ = ["build_tiny_gguf", "build_tiny_model", "greedy_alone_and_batched"]
+
+BATCH_PROMPTS = ("What is 2+3? Answer briefly.", "Name a prime number greater than 10 and explain why it is prime.",
+                 "Tom has 3 apples and buys 4 more. How many apples? Let's think step by step.")
+
+
+def greedy_alone_and_batched(engine: Any, prompts: tuple[str, ...] = BATCH_PROMPTS,
+                             max_tokens: int = 40) -> tuple[list[str], list[str]]:
+    """Greedy answers of `prompts` decoded alone, and decoded together beside a sampled row of four (rows of
+    other lengths, so other padding): a batch-invariant engine returns the same two lists."""
+    from dspy.lm15 import Config, Message, Request
+
+    reqs = [Request(model="m", messages=(Message.user(p),), config=Config(max_tokens=max_tokens, temperature=0.0))
+            for p in prompts]
+    alone = [engine.generate_batch([engine.build_row(r)])[0][0].text for r in reqs]
+    sampled = engine.build_row(Request(model="m", messages=(Message.user("Write a poem about the sea."),),
+                                       config=Config(max_tokens=max_tokens, temperature=0.8, seed=3)), n=4)
+    rows = [engine.build_row(r) for r in reqs]
+    out = engine.generate_batch([rows[-1], sampled, *rows[:-1]])  # the last prompt first, the sampled row next
+    batched = [o[0].text for o in out[2:]] + [out[0][0].text]
+    return alone, batched
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"

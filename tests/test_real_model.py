@@ -101,16 +101,9 @@ def test_default_engine_greedy_answers_are_the_same_alone_and_inside_a_mixed_bat
     """The embedded model on the default engine and dtype (llama.cpp where installed): a greedy row decodes
     the same alone and beside rows of other lengths and a sampled row of four."""
     from detot_agent.engines.lm import build_engine
+    from detot_agent.testing import greedy_alone_and_batched
 
     e = build_engine(None)
-    prompts = ["What is 2+3? Answer briefly.", "Name a prime number greater than 10 and explain why it is prime.",
-               "Tom has 3 apples and buys 4 more. How many apples? Let's think step by step."]
-    reqs = [Request(model="m", messages=(Message.user(p),), config=Config(max_tokens=40, temperature=0.0))
-            for p in prompts]
-    alone = [e.generate_batch([e.build_row(r)])[0][0].text for r in reqs]
-    sampled = e.build_row(Request(model="m", messages=(Message.user("Write a poem about the sea."),),
-                                  config=Config(max_tokens=40, temperature=0.8, seed=3)), n=4)
-    rows = [e.build_row(r) for r in reqs]
-    out = e.generate_batch([rows[2], sampled, rows[0], rows[1]])
-    assert [out[2][0].text, out[3][0].text, out[0][0].text] == alone
+    alone, batched = greedy_alone_and_batched(e)
+    assert batched == alone and all(alone)
     e.close()

@@ -12,12 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dspy.lm15 import Config, Message, Request
-
 from detot_agent import LocalEngine
-
-PROMPTS = ["What is 2+3? Answer briefly.", "Name a prime number greater than 10 and explain why it is prime.",
-           "Tom has 3 apples and buys 4 more. How many apples? Let's think step by step."]
+from detot_agent.testing import greedy_alone_and_batched
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,14 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     for dtype in args.dtypes.split(","):
         engine = LocalEngine(args.model, device="cpu", dtype=dtype)
-        reqs = [Request(model="m", messages=(Message.user(p),), config=Config(max_tokens=40, temperature=0.0))
-                for p in PROMPTS]
-        alone = [engine.generate_batch([engine.build_row(r)])[0][0].text for r in reqs]
-        sampled = engine.build_row(Request(model="m", messages=(Message.user("Write a poem about the sea."),),
-                                           config=Config(max_tokens=40, temperature=0.8, seed=3)), n=4)
-        rows = [engine.build_row(r) for r in reqs]
-        out = engine.generate_batch([rows[2], sampled, rows[0], rows[1]])
-        same = [out[2][0].text, out[3][0].text, out[0][0].text] == alone
+        alone, batched = greedy_alone_and_batched(engine)
+        same = batched == alone
         print(f"{dtype}: greedy answers {'identical' if same else 'DIFFERENT'} alone and inside a mixed batch")
         engine.close()
     return 0
