@@ -71,6 +71,9 @@ def eval_run(
                                                           "seeded canary set is drawn: every re-optimization of a "
                                                           "looping DETOT replays it (see --canary-size).")] = None,
     canary_size: Annotated[int, typer.Option(help="Problems in the canary set.", min=1)] = 16,
+    replay_items: Annotated[int | None, typer.Option(help="Held-out records each re-optimization of the looping "
+                                                          "DETOT methods replays under both states (default 16; "
+                                                          "the canary set comes on top).", min=1)] = None,
     strategy: Annotated[str | None, typer.Option(help="The DETOT methods' reasoning: cot, pot (a program, run "
                                                       "safely) or mix (half each, votes pooled); default: task "
                                                       "analysis (cot).")] = None,
@@ -186,6 +189,7 @@ def eval_run(
                        max_tokens=max_tokens, seed=seed, task_name=loaded.name, feedback=feedback,  # type: ignore[arg-type]
                        reopt_seconds=reopt_seconds, canary=canary, strategy=strategy,  # type: ignore[arg-type]
                        reopt_cooldown=reopt_cooldown, loop_policies=[p.changes() for p in policies],
+                       replay_items=replay_items,
                        questions=[ex.question for ex in examples[:5]])
     run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "draw": draw, "k": k, "n": n,
            "temperature": temperature, "max_tokens": max_tokens,
@@ -193,6 +197,7 @@ def eval_run(
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
            "engine": engine, "feedback": feedback, "reopt_seconds": reopt_seconds, "strategy": strategy,
            "reopt_cooldown": reopt_cooldown, "loop_policies": [p.describe() for p in policies],
+           "replay_items": replay_items,
            "canary": None if canary_file is None else {"file": str(canary_file), "size": len(canary)},
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "model": resolve_model_source(None).name if model is None else model}

@@ -51,6 +51,7 @@ class EvalContext:
     canary: list[tuple[str, str]] = field(default_factory=list)  # (question, gold): replayed by every judgement
     reopt_cooldown: int | None = None  # answers between two re-optimizations of a looping method (None: default)
     loop_policies: list[Policy] = field(default_factory=list)  # what the loop may switch to (ControllerConfig)
+    replay_items: int | None = None  # held-out records replayed per judgement (None: ControllerConfig's)
     no_soft_prompt: bool = False  # `--soft-prompt none`: the DETOT methods run without soft-prompt vectors
     strategy: str | None = None  # the DETOT methods' reasoning strategy (None: task analysis decides)
     questions: list[str] = field(default_factory=list)

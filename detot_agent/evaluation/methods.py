@@ -250,12 +250,15 @@ class DetotMethod(MethodRunner):
                                       if ctx.strategy else {}),
                                    **({"cooldown": ctx.reopt_cooldown} if ctx.reopt_cooldown is not None else {}))
         log = ctx.events_dir / f"{self.name}.events.jsonl" if ctx.events_dir is not None else None
+        loop: dict[str, Any] = {"policies": list(ctx.loop_policies)}  # ControllerConfig's defaults otherwise
+        if ctx.reopt_seconds is not None:
+            loop["max_seconds"] = ctx.reopt_seconds
+        if ctx.replay_items is not None:
+            loop["replay_items"] = ctx.replay_items
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, lm=ctx.lm, adjustments=self.adjustments,
                              soft_prompt=False if no_soft else ctx.soft_prompt, background=self.background,
                              event_log=log, task_embedding=embedding,
-                             controller_config=ControllerConfig(policies=list(ctx.loop_policies)) if
-                             ctx.reopt_seconds is None else
-                             ControllerConfig(max_seconds=ctx.reopt_seconds, policies=list(ctx.loop_policies)),
+                             controller_config=ControllerConfig(**loop),
                              adapter=PlainAdapter() if self.plain else None,
                              canary=[dspy.Example(question=q, answer=a).with_inputs("question")
                                      for q, a in ctx.canary] or None)
@@ -266,6 +269,7 @@ class DetotMethod(MethodRunner):
                 "task_embedding": None if self.ctx.task_embedding is None else repr(self.ctx.task_embedding),
                 "reoptimization": self.background, "feedback": self.ctx.feedback,
                 "reopt_seconds": self.ctx.reopt_seconds, "canary": len(self.ctx.canary),
+                "replay_items": self.program.controller.config.replay_items,
                 "loop_policies": [p.describe() for p in self.ctx.loop_policies] if self.background else [],
                 "ablate": sorted(self.ablate),
                 "soft_prompt_off": self.ctx.no_soft_prompt or "softprompt" in self.ablate,

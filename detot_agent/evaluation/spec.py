@@ -48,6 +48,7 @@ class ContextSpec(StrictModel):
         reopt_cooldown: answers between two re-optimizations of a looping DETOT (None: task analysis's).
         loop_policies: `Policy` fields (`{"strategy": "pot"}`) a looping DETOT may switch to when gold shows
             they help (`ControllerConfig.policies`).
+        replay_items: held-out records a looping DETOT replays per judgement (None: `ControllerConfig`'s 16).
         questions: a few of the suite's questions (DETOT's task analysis reads them).
     """
 
@@ -75,6 +76,7 @@ class ContextSpec(StrictModel):
     strategy: Literal["cot", "pot", "mix"] | None = None
     reopt_cooldown: int | None = Field(default=None, ge=0)
     loop_policies: list[dict[str, str]] = Field(default_factory=list)
+    replay_items: int | None = Field(default=None, ge=1)
     questions: list[str] = Field(default_factory=list)
 
 
@@ -129,4 +131,5 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        no_soft_prompt=spec.soft_prompt == "none", strategy=spec.strategy,
                        reopt_cooldown=spec.reopt_cooldown,
                        loop_policies=[Policy(**p) for p in spec.loop_policies],  # type: ignore[arg-type]
+                       replay_items=spec.replay_items,
                        questions=list(spec.questions))

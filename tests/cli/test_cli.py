@@ -182,6 +182,7 @@ def _bad_inputs(tmp_path, multiarith_head):
         ([*ev, "--n", "0"], "Invalid value for '--n'"),
         ([*ev, "--threads", "0"], "Invalid value for '--threads'"),
         ([*ev, "--limit", "-2"], "Invalid value for '--limit'"),
+        ([*ev, "--replay-items", "0"], "Invalid value for '--replay-items'"),
         (["eval", "--suite", suite, "--methods", "nope"], "unknown method 'nope'"),
         (["index", "build", "--data", suite, "--limit", "-3", "--out", str(tmp_path / "ix")],
          "Invalid value for '--limit'"),

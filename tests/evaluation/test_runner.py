@@ -285,6 +285,11 @@ def test_the_reoptimization_cooldown_reaches_the_looping_method(engine, pool):
     assert method.adjustments.cooldown == 50 and method.program.monitor.cooldown == 50
     default = build_method("detot", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder))
     assert default.program.monitor.cooldown == 20 and default.program.controller.config.policies == []
+    assert default.program.controller.config.replay_items == 16
+    smaller = build_method("detot", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder, replay_items=8,
+                                                reopt_seconds=60))
+    assert (smaller.program.controller.config.replay_items, smaller.program.controller.config.max_seconds) == (8, 60)
+    assert smaller.config()["replay_items"] == 8
 
 
 def test_loop_policies_reach_the_looping_method_only():
