@@ -316,10 +316,7 @@ class Controller:
                     accepted=verdict.accepted, change=change,
                     reason=("accepted: " if verdict.accepted else "rolled back: ") + verdict.describe(),
                     version_before=old.version, version_after=self._state.version, old_score=verdict.before,
-                    new_score=verdict.after, verdicts=[{"part": "policy", "measure": verdict.measure,
-                                                        "before": verdict.before, "after": verdict.after,
-                                                        "accepted": verdict.accepted, "reason": verdict.reason,
-                                                        "stats": verdict.stats}])
+                    new_score=verdict.after, verdicts=[verdict.log("policy")])
             except _Outcome as out:
                 event = ReoptimizationEvent(accepted=False, change=change, reason=out.reason,
                                             version_before=old.version, version_after=old.version)
@@ -414,10 +411,12 @@ class Controller:
         return [ex for ex in map(self._example, records) if ex is not None]
 
     # ---- 3. judge ------------------------------------------------------------------------------------
-    def _check_budget(self, start: float, stage: str) -> None:
+    def _check_budget(self, start: float, stage: str, progress: Callable[[], str] | None = None) -> None:
+        """Stop with `_Outcome` past `max_seconds`; `progress()` says how far the stage got."""
         limit = self.config.max_seconds
         if limit is not None and time.perf_counter() - start > limit:
-            raise _Outcome(f"the {limit:g} s budget ran out during {stage}; kept the old state")
+            done = f", {progress()}" if progress is not None else ""
+            raise _Outcome(f"the {limit:g} s budget ran out during {stage}{done}; kept the old state")
 
     def _judge(self, old: TaskState, candidate: TaskEmbedding, split: _Split, start: float) -> list[Verdict]:
         """By paired replay when the controller can replay (one verdict for the whole candidate), else one
@@ -473,17 +472,17 @@ class Controller:
         reused = 0
         for j, (inputs, _) in enumerate(items):
             assert inputs is not None
-            known = self._served(old, held[j] if j < len(held) else None, j - len(held))
-            reused += known is not None
-            olds.append(known if known is not None else self._remember(old, j - len(held), self.replay(old, inputs)))
+            answer, known = self._serving_side(old, held[j] if j < len(held) else None, j - len(held), inputs)
+            reused += known
+            olds.append(answer)
             news.append(self.replay(new_state, inputs))
-            try:
-                self._check_budget(start, "replay")
-            except _Outcome:  # say how far it got: a budget-stopped judgement is still evidence
-                wins, losses = gold_counts(olds, news, golds[: j + 1])
-                raise _Outcome(f"the {cfg.max_seconds:g} s budget ran out during replay, after {j + 1} of {len(items)} "
-                               f"items (so far the candidate alone was right on {wins} gold items, the serving state "
-                               f"alone on {losses}); kept the old state") from None
+
+            def progress(done: int = j + 1) -> str:  # a budget-stopped judgement is still evidence
+                wins, losses = gold_counts(olds, news, golds[:done])
+                return (f"after {done} of {len(items)} items (so far the candidate alone was right on {wins} gold "
+                        f"items, the serving state alone on {losses})")
+
+            self._check_budget(start, "replay", progress)
             left = sum(g is not None for g in golds[j + 1:])
             if left and futile(olds, news, golds[: j + 1], remaining_gold=left, total_gold=total_gold, rules=rules,
                                test_index=self.tests_run):
@@ -508,22 +507,23 @@ class Controller:
         measure = "replayed accuracy on gold items" if stats.get("mode") == "gold" else "replayed mean agreement"
         return Verdict("replay", measure, float(before), float(after), accepted=accepted, reason=why, stats=stats)
 
-    def _served(self, old: TaskState, record: Evidence | None, canary_index: int) -> Replayed | None:
-        """The serving state's side of an item, when it is already known: a held-out record it answered
-        itself (`Evidence.served`: the same pipeline and seeds a replay would run), or a canary item it
-        answered in an earlier judgement (cached per serving state)."""
+    def _serving_side(self, old: TaskState, record: Evidence | None, canary_index: int,
+                      inputs: dict[str, Any]) -> tuple[Replayed, bool]:
+        """`(answer, already known)`: the serving state's side of an item. Replayed only when unknown: a
+        held-out record keeps the answer it was served (`Evidence.served`: the same pipeline and seeds a
+        replay would run); a canary item's answer is kept per serving state for its next judgement."""
+        assert self.replay is not None
         if record is not None:
-            return record.served if record.version == old.version else None
+            if record.served is not None and record.version == old.version:
+                return record.served, True
+            return self.replay(old, inputs), False
         if self._canary_state is not old:
-            return None
-        return self._canary_answers.get(canary_index)
-
-    def _remember(self, old: TaskState, canary_index: int, answer: Replayed) -> Replayed:
-        if canary_index >= 0:  # a canary item: keep the serving state's answer for its next judgement
-            if self._canary_state is not old:
-                self._canary_state, self._canary_answers = old, {}
-            self._canary_answers[canary_index] = answer
-        return answer
+            self._canary_state, self._canary_answers = old, {}
+        known = self._canary_answers.get(canary_index)
+        if known is not None:
+            return known, True
+        answer = self._canary_answers[canary_index] = self.replay(old, inputs)
+        return answer, False
 
     PROBES = 64
 
@@ -584,8 +584,7 @@ class Controller:
         # one side judged: its own before/after; two: each is in `verdicts` (they are never added up)
         scores: dict[str, Any] = ({"old_score": verdicts[0].before, "new_score": verdicts[0].after}
                                   if len(verdicts) == 1 else {})
-        verdict_log = [{"part": v.part, "measure": v.measure, "before": v.before, "after": v.after,
-                        "accepted": v.accepted, "reason": v.reason, "stats": v.stats} for v in verdicts]
+        verdict_log = [v.log() for v in verdicts]
         if not accepted:
             return ReoptimizationEvent(accepted=False, reason="rolled back: " + reasons, version_before=old.version,
                                        version_after=old.version, verdicts=verdict_log, **scores)

@@ -157,8 +157,7 @@ def decide(old: Sequence[Replayed], new: Sequence[Replayed], gold: Sequence[str 
                        "state's)"), stats
     labelled = [i for i, g in enumerate(gold) if g is not None]
     if labelled:
-        wins = sum(new[i].key == gold[i] and old[i].key != gold[i] for i in labelled)
-        losses = sum(old[i].key == gold[i] and new[i].key != gold[i] for i in labelled)
+        wins, losses = gold_counts(old, new, gold)
         p = sign_test_p(wins, losses)
         effect = (wins - losses) / len(labelled)
         stats.update(mode="gold", gold_items=len(labelled), only_candidate_right=wins, only_serving_right=losses,

@@ -148,6 +148,11 @@ class Verdict:
     reason: str = ""
     stats: dict[str, Any] = field(default_factory=dict)
 
+    def log(self, part: str | None = None) -> dict[str, Any]:
+        """The verdict as a `ReoptimizationEvent` lists it (`part` names it otherwise, e.g. `policy`)."""
+        return {"part": part or self.part, "measure": self.measure, "before": self.before, "after": self.after,
+                "accepted": self.accepted, "reason": self.reason, "stats": self.stats}
+
     def describe(self) -> str:
         """One line for the event's reason."""
         if self.part == "replay":

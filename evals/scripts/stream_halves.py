@@ -18,14 +18,8 @@ import sys
 from pathlib import Path
 
 from detot_agent.evaluation.metrics import paired
+from detot_agent.evaluation.report import build_report
 from detot_agent.evaluation.runner import read_records
-
-
-def _events(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [e for e in (json.loads(line) for line in path.read_text().splitlines() if line.strip())
-            if e.get("event") == "reoptimization"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,19 +50,13 @@ def main(argv: list[str] | None = None) -> int:
         out["halves"][name] = row
         print(f"| {name} ({len(both)}) | {row['static']:.3f} | {row['loop']:.3f} | {test.b} | {test.c} | "
               f"{test.p_value:.3f} |")
-    decisions = []
-    for e in _events(args.run / f"{args.loop}.events.jsonl"):
-        stats = next((v.get("stats") or {} for v in e.get("verdicts") or []), {})
-        decisions.append({"change": e.get("change", "embedding"), "accepted": e["accepted"],
-                          "after_answers": e.get("observations"), "seconds": round(e.get("seconds") or 0, 1),
-                          "canary_accuracy": stats.get("canary_accuracy"), "p_value": stats.get("p_value"),
-                          "reason": e["reason"]})
+    decisions = build_report(args.run)["methods"][args.loop]["decisions"]  # as `detot eval report` reads them
     out["decisions"] = decisions
     print(f"\n{len(decisions)} re-optimization decisions of {args.loop}, "
           f"{sum(d['accepted'] for d in decisions)} accepted")
     for d in decisions:
-        print(f"- {'accepted' if d['accepted'] else 'rejected'} after {d['after_answers']} answers "
-              f"({d['seconds']} s), canary {d['canary_accuracy']}: {d['reason'][:160]}")
+        print(f"- {d['change']} {'accepted' if d['accepted'] else 'rejected'} after {d['after_observations']} "
+              f"answers ({d['seconds'] or 0:.1f} s), canary {d['canary_accuracy']}: {d['reason'][:160]}")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
