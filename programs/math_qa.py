@@ -19,6 +19,10 @@ report gives both accuracies, the paired counts and an exact two-sided McNemar p
 
 MIPROv2 and GEPA use the same local model to propose instructions (GEPA: as its reflection LM) and split
 the training problems 60/40 into the optimizer's train and validation sets.
+
+Each stage is written to --out as it ends (the first scoring, then the compiled program beside the report), so
+`--resume` goes on from where a stopped run got; `--before REPORT` takes the uncompiled program's scores from
+another optimizer's report on the same problems and settings instead of scoring them again.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import json
 import random
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,8 +123,16 @@ def make_optimizer(name: str, lm: Any, *, threads: int, seed: int) -> Any:
 
 
 def compile_and_compare(program: DETOT, optimizer: str, evalset: list[dspy.Example], trainset: list[dspy.Example],
-                        *, lm: Any, threads: int, seed: int) -> tuple[Any, dict[str, Any]]:
-    """Score `program` on `evalset`, compile it with `optimizer` on `trainset`, score it again."""
+                        *, lm: Any, threads: int, seed: int, before: list[bool] | None = None,
+                        compiled: Any = None, checkpoint: Callable[[str, dict[str, Any], Any], None] | None = None,
+                        ) -> tuple[Any, dict[str, Any]]:
+    """Score `program` on `evalset`, compile it with `optimizer` on `trainset`, score it again.
+
+    Each stage can come from an earlier run: `before` (the uncompiled program's per-problem scores on
+    `evalset`) skips the first scoring, `compiled` skips compiling. `checkpoint(stage, report, compiled)` is
+    called after the first scoring (stage "scored") and after compiling (stage "compiled") with the report
+    so far, so a stopped run can resume from it (`--resume`).
+    """
     from scipy.stats import binomtest
 
     def score(prog: Any) -> list[bool]:
@@ -129,27 +142,65 @@ def compile_and_compare(program: DETOT, optimizer: str, evalset: list[dspy.Examp
         return [by_id[ex.id] for ex in evalset]
 
     start = time.perf_counter()
-    before = score(program)
-    opt = make_optimizer(optimizer, lm, threads=threads, seed=seed)
-    if optimizer == "bootstrap":
-        compiled = opt.compile(program, trainset=trainset)
-    else:
-        cut = int(len(trainset) * 0.6)
-        compiled = opt.compile(program, trainset=trainset[:cut], valset=trainset[cut:])
+    report: dict[str, Any] = {
+        "optimizer": optimizer, "eval_size": len(evalset), "train_size": len(trainset), "seed": seed,
+        "eval_ids": [ex.id for ex in evalset], "train_ids": [ex.id for ex in trainset],
+    }
+    if before is None:
+        before = score(program)
+    elif len(before) != len(evalset):
+        raise DetotError(f"{len(before)} earlier scores for {len(evalset)} evaluated problems")
+    report.update(stage="scored", accuracy_before=sum(before) / len(before), correct_before=before)
+    if compiled is None:
+        if checkpoint is not None:
+            checkpoint("scored", report, None)
+        opt = make_optimizer(optimizer, lm, threads=threads, seed=seed)
+        if optimizer == "bootstrap":
+            compiled = opt.compile(program, trainset=trainset)
+        else:
+            cut = int(len(trainset) * 0.6)
+            compiled = opt.compile(program, trainset=trainset[:cut], valset=trainset[cut:])
+        report["stage"] = "compiled"
+        if checkpoint is not None:
+            checkpoint("compiled", report, compiled)
     after = score(compiled)
     gained = sum(a and not b for a, b in zip(after, before, strict=True))
     lost = sum(b and not a for a, b in zip(after, before, strict=True))
     inner = compiled.predictor.predict if hasattr(compiled.predictor, "predict") else compiled.predictor
-    report = {
-        "optimizer": optimizer, "eval_size": len(evalset), "train_size": len(trainset), "seed": seed,
-        "accuracy_before": sum(before) / len(before), "accuracy_after": sum(after) / len(after),
-        "gained": gained, "lost": lost,
-        "mcnemar_p_two_sided": 1.0 if gained + lost == 0 else float(binomtest(gained, gained + lost, 0.5).pvalue),
-        "demos_attached": len(inner.demos), "instructions": inner.signature.instructions,
-        "eval_ids": [ex.id for ex in evalset], "train_ids": [ex.id for ex in trainset],
-        "correct_before": before, "correct_after": after, "seconds": round(time.perf_counter() - start, 1),
-    }
+    report.update(
+        stage="done", accuracy_after=sum(after) / len(after), gained=gained, lost=lost,
+        mcnemar_p_two_sided=1.0 if gained + lost == 0 else float(binomtest(gained, gained + lost, 0.5).pvalue),
+        demos_attached=len(inner.demos), instructions=inner.signature.instructions, correct_after=after,
+        seconds=round(time.perf_counter() - start, 1))
     return compiled, report
+
+
+# what must match for an earlier report's scores to stand in for this run's (the rest: `_REUSED_IF_RECORDED`)
+_SAME_SCORING = ("suite", "model", "adapter", "max_samples", "seed", "eval_ids")
+_REUSED_IF_RECORDED = ("max_tokens", "index", "draw")
+
+
+def earlier_scores(path: Path, settings: dict[str, Any], *, keys: tuple[str, ...] = _SAME_SCORING) -> dict[str, Any]:
+    """The report at `path` when it scored the same problems with the same settings, else a clear error.
+
+    Example:
+        >>> earlier_scores(Path("evals/results/optimize/bootstrap.json"), settings)["correct_before"]  # doctest: +SKIP
+    """
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ArtefactError(f"{path}: not a readable --optimize report ({type(exc).__name__}: {exc})") from None
+    if not isinstance(earlier, dict) or not isinstance(earlier.get("correct_before"), list):
+        raise ArtefactError(f"{path}: no correct_before in it; pass a report written by --optimize --out")
+    differ = [k for k in keys if earlier.get(k) != settings.get(k)]
+    differ += [k for k in _REUSED_IF_RECORDED if k in earlier and earlier[k] != settings.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}: {earlier.get(k)!r} there, {settings.get(k)!r} here" for k in differ
+                          if k not in ("eval_ids", "train_ids"))
+        ids = [k for k in differ if k in ("eval_ids", "train_ids")]
+        raise DetotError(f"{path} was scored with other settings ({shown}{'; ' if shown and ids else ''}"
+                         f"{'other ' + ' and '.join(ids) if ids else ''}); rerun without reusing it")
+    return earlier
 
 
 def _optimize(args: argparse.Namespace) -> int:
@@ -159,22 +210,48 @@ def _optimize(args: argparse.Namespace) -> int:
     suite = load_suite(args.suite, data_dir=args.data_dir)
     evalset, trainset = split_for_compiling(suite.examples, eval_size=args.eval_size, train_size=args.train_size,
                                             seed=args.seed, draw=args.draw)
+    settings = {"suite": suite.name, "model": args.model or "embedded SmolLM2-135M", "adapter": args.adapter,
+                "max_samples": args.max_samples, "max_tokens": args.max_tokens, "seed": args.seed,
+                "draw": args.draw, "index": str(args.index), "optimizer": args.optimize,
+                "eval_ids": [ex.id for ex in evalset], "train_ids": [ex.id for ex in trainset]}
+    program_file = args.out.with_suffix(".program.json") if args.out else None
+    before, resumed = None, None
+    if args.before is not None:
+        before = earlier_scores(args.before, settings)["correct_before"]
+    if args.resume and args.out is not None and args.out.exists():
+        resumed = earlier_scores(args.out, settings, keys=(*_SAME_SCORING, "optimizer", "train_ids"))
+        if resumed.get("stage") == "done":
+            print(f"{args.out} is complete (stage done); nothing to resume")
+            return 0
+        before = resumed["correct_before"]
     index = load_or_build_index(args.index, args.train, limit=args.train_limit)
     lm = local_lm(args.model, cache=False)
     program = build(index, model=args.model, max_tokens=args.max_tokens, max_samples=args.max_samples,
                     questions=[ex.question for ex in trainset], adapter=args.adapter, lm=lm)
+    compiled = None
+    if resumed is not None and resumed.get("stage") == "compiled" and program_file is not None:
+        compiled = program.deepcopy().load(program_file)
+        print(f"resuming from the compiled program in {program_file}")
+
+    def checkpoint(stage: str, report: dict[str, Any], prog: Any) -> None:
+        if args.out is None:
+            return
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        if prog is not None:
+            prog.save(program_file)  # before the report names the stage, so "compiled" always has its program
+        atomic_write_text(args.out, json.dumps({**settings, **report}, indent=2) + "\n")
+
     compiled, report = compile_and_compare(program, args.optimize, evalset, trainset, lm=lm, threads=args.threads,
-                                           seed=args.seed)
-    report.update(suite=suite.name, model=args.model or "embedded SmolLM2-135M", adapter=args.adapter,
-                  max_samples=args.max_samples)
+                                           seed=args.seed, before=before, compiled=compiled, checkpoint=checkpoint)
+    report = {**settings, **report}
     print(f"{args.optimize} on {suite.name}: accuracy {report['accuracy_before']:.3f} -> "
           f"{report['accuracy_after']:.3f} on {len(evalset)} problems (+{report['gained']} / -{report['lost']}, "
           f"McNemar p = {report['mcnemar_p_two_sided']:.3g}); {report['demos_attached']} demos attached")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
-        compiled.save(args.out.with_suffix(".program.json"))
-        print(f"wrote {args.out} and {args.out.with_suffix('.program.json')}")
+        compiled.save(program_file)
+        print(f"wrote {args.out} and {program_file}")
     return 0
 
 
@@ -200,7 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draw", choices=["legacy", "nested"], default="legacy",
                     help="The evaluation sample's draw (legacy: the README's published problems).")
     ap.add_argument("--threads", type=int, default=2, help="Evaluation and optimizer threads.")
-    ap.add_argument("--out", type=Path, help="Write the --optimize report (JSON) and the compiled program here.")
+    ap.add_argument("--out", type=Path, help="Write the --optimize report (JSON) and the compiled program here "
+                    "(also after each stage, so --resume can go on from it).")
+    ap.add_argument("--resume", action="store_true", help="Go on from the stage --out reached (scored or "
+                    "compiled) when it was written with the same settings.")
+    ap.add_argument("--before", type=Path, help="Take the uncompiled program's scores from this earlier "
+                    "--optimize report (same suite, problems, model and settings) instead of scoring it again.")
     args = ap.parse_args(argv)
     if args.optimize is None and not args.question:
         ap.error("pass --question (repeatable), or --optimize bootstrap|mipro|gepa")

@@ -167,3 +167,63 @@ def test_compile_and_compare_reports_a_gain_that_comes_from_the_attached_demos(e
     assert (report["gained"], report["lost"], report["demos_attached"]) == (6, 0, 2)
     assert report["mcnemar_p_two_sided"] == pytest.approx(2 / 2**6)
     assert compiled is not program and program.predictor.predict.demos == []
+
+
+def _optimize_args(train_file, tmp_path, model_dir, optimizer="bootstrap"):
+    return ["--optimize", optimizer, "--suite", str(train_file), "--train", str(train_file),
+            "--index", str(tmp_path / "index"), "--model", str(model_dir), "--eval-size", "5",
+            "--train-size", "4", "--max-tokens", "8", "--max-samples", "2", "--threads", "1"]
+
+
+def test_math_qa_optimize_resumes_from_the_compiled_stage_and_reuses_earlier_scores(long_tiny_model_dir, train_file,
+                                                                                      tmp_path, capsys):
+    from programs.math_qa import main
+
+    out = tmp_path / "opt" / "bootstrap.json"
+    args = [*_optimize_args(train_file, tmp_path, long_tiny_model_dir), "--out", str(out)]
+    assert main(args) == 0
+    report = json.loads(out.read_text())
+    assert report["stage"] == "done" and report["max_tokens"] == 8
+    # a run stopped after compiling: its report names the stage, its first scores stand (the tiny model cannot
+    # score 5/5: reading these back, not rescoring, is what puts them in the resumed report)
+    report.update(stage="compiled", correct_before=[True] * 5, accuracy_before=1.0)
+    for key in ("accuracy_after", "correct_after", "gained", "lost"):
+        report.pop(key)
+    out.write_text(json.dumps(report))
+    capsys.readouterr()
+    assert main([*args, "--resume"]) == 0
+    assert "resuming from the compiled program" in capsys.readouterr().out
+    resumed = json.loads(out.read_text())
+    assert resumed["stage"] == "done" and resumed["correct_before"] == [True] * 5
+    assert resumed["lost"] == 5 - sum(resumed["correct_after"])
+    assert main([*args, "--resume"]) == 0 and "nothing to resume" in capsys.readouterr().out
+
+    # another run borrows the first scoring from the finished report
+    borrowed = tmp_path / "opt" / "again.json"
+    base = _optimize_args(train_file, tmp_path, long_tiny_model_dir)
+    assert main([*base, "--out", str(borrowed), "--before", str(out)]) == 0
+    assert json.loads(borrowed.read_text())["correct_before"] == [True] * 5
+
+
+def test_math_qa_refuses_scores_made_with_other_settings(long_tiny_model_dir, train_file, tmp_path, capsys):
+    from programs.math_qa import earlier_scores, main
+
+    settings = {"suite": "s", "model": "m", "adapter": "plain", "max_samples": 2, "max_tokens": 8, "seed": 0,
+                "eval_ids": ["a", "b"]}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({**settings, "correct_before": [True, False]}))
+    assert earlier_scores(earlier, settings)["correct_before"] == [True, False]
+    with pytest.raises(Exception, match="max_samples: 2 there, 6 here"):
+        earlier_scores(earlier, {**settings, "max_samples": 6})
+    with pytest.raises(Exception, match="other eval_ids"):
+        earlier_scores(earlier, {**settings, "eval_ids": ["a", "c"]})
+    earlier.write_text(json.dumps({**settings, "max_tokens": 256, "correct_before": [True, False]}))
+    with pytest.raises(Exception, match="max_tokens: 256 there, 8 here"):
+        earlier_scores(earlier, settings)
+    earlier.write_text("{not json")
+    with pytest.raises(Exception, match="not a readable --optimize report"):
+        earlier_scores(earlier, settings)
+    # through the command line: a clear error and exit 2, nothing written
+    out = tmp_path / "opt.json"
+    rc = main([*_optimize_args(train_file, tmp_path, long_tiny_model_dir), "--out", str(out), "--before", str(earlier)])
+    assert rc == 2 and "not a readable --optimize report" in capsys.readouterr().err and not out.exists()
