@@ -119,14 +119,19 @@ def generate(
 @app.command()
 def demo(
     model: ModelOpt = None,
-    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.", min=1)] = 160,
+    task: Annotated[str, typer.Option(help="arithmetic, sentiment, or auto: sentiment on the embedded model "
+                                           "(it cannot add), arithmetic with --model.")] = "auto",
+    max_tokens: Annotated[int | None, typer.Option(help="New tokens per sample [default: 160 for arithmetic, "
+                                                        "48 for sentiment].", min=1)] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """DETOT end to end: retrieve demos, vote, monitor, then re-optimize (accept or roll back)."""
-    from detot_agent.cli.demo import run_demo
+    from detot_agent.cli.demo import DEMO_TASKS, run_demo
 
-    run_demo(model=model, device=device, dtype=dtype, max_tokens=max_tokens, say=console.print)
+    if task not in DEMO_TASKS:
+        raise typer.BadParameter(f"must be one of {', '.join(DEMO_TASKS)}, got {task!r}", param_hint="--task")
+    run_demo(model=model, task=task, device=device, dtype=dtype, max_tokens=max_tokens, say=console.print)
 
 
 @bench_app.command("engine")

@@ -188,6 +188,8 @@ def _bad_inputs(tmp_path, multiarith_head):
          "Invalid value for '--limit'"),
         (["index", "build", "--data", suite, "--format", "gsm8k", "--out", str(tmp_path / "ix")],
          "pass --format multiarith"),
+        (["demo", "--task", "bogus"], "Invalid value for --task: must be one of auto, arithmetic, sentiment"),
+        (["demo", "--max-tokens", "0"], "Invalid value for '--max-tokens'"),
     ]
 
 
