@@ -144,6 +144,8 @@ class DETOT(dspy.Module):
         self.answer_field = list(sig.output_fields)[-1]
         inputs = list(sig.input_fields)
         self.demo_fields = demo_fields or {inputs[0]: "question", "reasoning": "rationale", self.answer_field: "answer"}
+        if adj.k_exemplars > 0:
+            _check_demo_fields(index, self.demo_fields, self.answer_field)
         self.index = index
         found = encoder or index.encoder
         if found is None:
@@ -662,6 +664,21 @@ class DETOT(dspy.Module):
             raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
         self.controller.publish(TaskState(int(m["version"]), embedding, self.controller.state.policy))
         return self
+
+
+def _check_demo_fields(index: ExemplarIndex, demo_fields: dict[str, str], answer_field: str) -> None:
+    """Refuse an index none of whose exemplars (the first 200 looked at) has the field a demo's answer comes
+    from: every retrieved demo would be shown without its answer, or dropped."""
+    source = demo_fields.get(answer_field)
+    if source is None:
+        raise ConfigError(f"demo_fields maps no exemplar field to the answer field {answer_field!r}: add "
+                          f"{answer_field!r}: '<exemplar field>' (now {demo_fields})")
+    records = index.records()[:200]
+    if records and not any(source in r.fields for r in records):
+        seen = sorted({k for r in records for k in r.fields})
+        raise ConfigError(f"the index's exemplars have no {source!r} field (they have {seen or 'no fields'}), so "
+                          f"no demo would show an answer: pass demo_fields={{..., {answer_field!r}: '<one of "
+                          f"those>'}}, index the answers as {source!r}, or set k_exemplars=0 for no demos")
 
 
 def _squash(text: str) -> str:

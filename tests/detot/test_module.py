@@ -306,3 +306,24 @@ def test_a_given_task_embedding_is_served_and_shared(gsm8k_index, encoder, long_
     with pytest.raises(ConfigError, match="896 wide, the model's hidden size is 64"):
         DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, task_embedding=wide)
     engine.close()
+
+
+def test_an_index_whose_exemplars_lack_the_answer_field_is_refused_when_built(encoder):
+    from detot_agent import ExemplarIndex
+
+    index = ExemplarIndex(encoder)
+    index.add([{"id": f"r{i}", "text": t, "fields": {"review": t, "label": lab}}
+               for i, (t, lab) in enumerate([("Great food.", "positive"), ("Cold soup.", "negative")])])
+    lm, engine = scripted_lm(lambda text, n: "positive")
+    task = TaskProfile(name="s", description="sentiment", kind="classification", answer_format="label",
+                       labels=["positive", "negative"])
+    with pytest.raises(ConfigError, match=r"no 'answer' field \(they have \['label', 'review'\]\)"):
+        DETOT("question -> answer", task=task, index=index, lm=lm, background=False)
+    # mapped onto the fields the exemplars have, the answers reach the prompt
+    detot = DETOT("question -> answer", task=task, index=index, lm=lm, background=False,
+                  demo_fields={"question": "review", "answer": "label"})
+    assert detot(question="Lovely staff.").answer == "positive"
+    assert "negative" in engine.prompts[0] and "positive" in engine.prompts[0]
+    # no demos asked for: nothing to check (a RAG answerer over passages)
+    DETOT("question -> answer", task=task, index=index, lm=lm, background=False,
+          adjustments=analyze(task, k_exemplars=0))
