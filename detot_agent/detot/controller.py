@@ -207,6 +207,16 @@ class Controller:
         """Replace the serving state (one assignment: readers see old or new)."""
         self._state = state
 
+    def restore(self, state: TaskState) -> None:
+        """Serve a state that comes from outside the loop (a loaded program). The evidence buffer and the
+        serving state's cached canary answers are dropped: they were gathered under what served before, and
+        a loaded state may carry the same version number as that one."""
+        with self._lock:
+            self._evidence.clear()
+            self._by_id.clear()
+            self._canary_state, self._canary_answers = None, {}
+            self._state = state
+
     # ---- evidence ----------------------------------------------------------------------------
     def add_evidence(self, ev: Evidence) -> None:
         """Append an answered question to the buffer (oldest dropped beyond `evidence_size`)."""

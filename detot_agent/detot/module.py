@@ -575,7 +575,7 @@ class DETOT(dspy.Module):
             policy = Policy(**extra["policy"]) if extra.get("policy") else None
             st = self.controller.state
             if policy != st.policy:  # the loop's policy serves with the loaded state
-                self.controller.publish(TaskState(st.version, st.embedding, policy))
+                self.controller.restore(TaskState(st.version, st.embedding, policy))
         return self
 
     TENSORS_KIND = "detot-program-tensors"
@@ -662,7 +662,7 @@ class DETOT(dspy.Module):
             super().load(str(path), **kwargs)
         except (ValueError, UnicodeDecodeError, OSError) as exc:  # JSONDecodeError is a ValueError
             raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
-        self.controller.publish(TaskState(int(m["version"]), embedding, self.controller.state.policy))
+        self.controller.restore(TaskState(int(m["version"]), embedding, self.controller.state.policy))
         return self
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import threading
 
 import dspy
@@ -111,7 +112,12 @@ def test_save_load_reproduces_predictions(gsm8k_index, tmp_path, encoder):
     detot.save(tmp_path / "detot.json")
     fresh = make(gsm8k_index, lm)
     assert fresh(question=Q).demo_ids != before.demo_ids
+    assert len(fresh.controller.evidence()) == 1  # served at version 0 by the state the load replaces
+    fresh.controller.publish(TaskState(1, fresh.controller.state.embedding))  # as a re-optimization would
+    fresh.controller.add_evidence(dataclasses.replace(fresh.controller.evidence()[0], id="other", version=1))
     fresh.load(tmp_path / "detot.json")
+    # what the replaced state answered is not evidence about the loaded one, though both say version 1
+    assert fresh.controller.evidence() == []
     after = fresh(question=Q)
     assert (after.demo_ids, after.answer, after.embedding_version) == (before.demo_ids, before.answer, 1)
     assert fresh.predictor.predict.demos[0]["question"] == "1+1?"
