@@ -110,23 +110,28 @@ def split_for_compiling(examples: list[dspy.Example], *, eval_size: int, train_s
     return evalset, random.Random(seed + 1).sample(rest, train_size)
 
 
-def make_optimizer(name: str, lm: Any, *, threads: int, seed: int) -> Any:
-    """The DSPy optimizer `name` with settings sized for a CPU run (the same local LM proposes)."""
+def make_optimizer(name: str, lm: Any, *, threads: int, seed: int, proposer: Any = None) -> Any:
+    """The DSPy optimizer `name` with settings sized for a CPU run; `proposer` (default: `lm`, the program's LM)
+    writes MIPROv2's instructions and GEPA's reflections."""
+    proposer = proposer if proposer is not None else lm
     if name == "bootstrap":
         return dspy.BootstrapFewShot(metric=metric, max_bootstrapped_demos=2, max_labeled_demos=2, max_rounds=1)
     if name == "mipro":
-        return dspy.MIPROv2(metric=metric, prompt_model=lm, task_model=lm, auto="light", num_threads=threads,
+        return dspy.MIPROv2(metric=metric, prompt_model=proposer, task_model=lm, auto="light", num_threads=threads,
                             max_bootstrapped_demos=2, max_labeled_demos=2, seed=seed, verbose=False)
     if name == "gepa":
-        return dspy.GEPA(metric=feedback_metric, reflection_lm=lm, auto="light", num_threads=threads, seed=seed)
+        return dspy.GEPA(metric=feedback_metric, reflection_lm=proposer, auto="light", num_threads=threads, seed=seed)
     raise DetotError(f"--optimize must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
 
 
 def compile_and_compare(program: DETOT, optimizer: str, evalset: list[dspy.Example], trainset: list[dspy.Example],
-                        *, lm: Any, threads: int, seed: int, before: list[bool] | None = None,
+                        *, lm: Any, threads: int, seed: int, proposer: Any = None, before: list[bool] | None = None,
                         compiled: Any = None, checkpoint: Callable[[str, dict[str, Any], Any], None] | None = None,
                         ) -> tuple[Any, dict[str, Any]]:
     """Score `program` on `evalset`, compile it with `optimizer` on `trainset`, score it again.
+
+    `proposer` (default `lm`) runs the optimizer's own prompts (MIPROv2's instructions, GEPA's reflections):
+    give it a context long enough for them (`local_lm(model, n_ctx=8192)`).
 
     Each stage can come from an earlier run: `before` (the uncompiled program's per-problem scores on
     `evalset`) skips the first scoring, `compiled` skips compiling. `checkpoint(stage, report, compiled)` is
@@ -154,12 +159,15 @@ def compile_and_compare(program: DETOT, optimizer: str, evalset: list[dspy.Examp
     if compiled is None:
         if checkpoint is not None:
             checkpoint("scored", report, None)
-        opt = make_optimizer(optimizer, lm, threads=threads, seed=seed)
+        opt = make_optimizer(optimizer, lm, threads=threads, seed=seed, proposer=proposer)
         if optimizer == "bootstrap":
             compiled = opt.compile(program, trainset=trainset)
         else:
             cut = int(len(trainset) * 0.6)
-            compiled = opt.compile(program, trainset=trainset[:cut], valset=trainset[cut:])
+            # MIPROv2's program-aware proposer would put DETOT's whole source (~9k tokens) in every prompt:
+            # beyond a small model's context, and nothing about the task
+            extra = {"program_aware_proposer": False} if optimizer == "mipro" else {}
+            compiled = opt.compile(program, trainset=trainset[:cut], valset=trainset[cut:], **extra)
         report["stage"] = "compiled"
         if checkpoint is not None:
             checkpoint("compiled", report, compiled)
@@ -228,6 +236,9 @@ def _optimize(args: argparse.Namespace) -> int:
     lm = local_lm(args.model, cache=False)
     program = build(index, model=args.model, max_tokens=args.max_tokens, max_samples=args.max_samples,
                     questions=[ex.question for ex in trainset], adapter=args.adapter, lm=lm)
+    # the optimizers' own prompts (a data summary, instruction proposals, reflections) run far longer than a
+    # word problem with its demos: they get their own engine on the same model with a longer context
+    proposer = lm if args.optimize == "bootstrap" else local_lm(args.model, cache=False, n_ctx=args.proposer_ctx)
     compiled = None
     if resumed is not None and resumed.get("stage") == "compiled" and program_file is not None:
         compiled = program.deepcopy().load(program_file)
@@ -242,7 +253,8 @@ def _optimize(args: argparse.Namespace) -> int:
         atomic_write_text(args.out, json.dumps({**settings, **report}, indent=2) + "\n")
 
     compiled, report = compile_and_compare(program, args.optimize, evalset, trainset, lm=lm, threads=args.threads,
-                                           seed=args.seed, before=before, compiled=compiled, checkpoint=checkpoint)
+                                           seed=args.seed, proposer=proposer, before=before, compiled=compiled,
+                                           checkpoint=checkpoint)
     report = {**settings, **report}
     print(f"{args.optimize} on {suite.name}: accuracy {report['accuracy_before']:.3f} -> "
           f"{report['accuracy_after']:.3f} on {len(evalset)} problems (+{report['gained']} / -{report['lost']}, "
@@ -277,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--draw", choices=["legacy", "nested"], default="legacy",
                     help="The evaluation sample's draw (legacy: the README's published problems).")
     ap.add_argument("--threads", type=int, default=2, help="Evaluation and optimizer threads.")
+    ap.add_argument("--proposer-ctx", type=int, default=8192, help="Context (positions) of the engine that runs "
+                    "MIPROv2's and GEPA's own prompts (llama.cpp; the program's engine keeps its default).")
     ap.add_argument("--out", type=Path, help="Write the --optimize report (JSON) and the compiled program here "
                     "(also after each stage, so --resume can go on from it).")
     ap.add_argument("--resume", action="store_true", help="Go on from the stage --out reached (scored or "
