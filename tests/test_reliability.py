@@ -191,7 +191,7 @@ CHILD = textwrap.dedent("""
     out = {out!r}
     enc = Encoder()
     index = ExemplarIndex(enc)
-    index.add([{{"id": f"r{{i}}", "text": f"problem number {{i}}"}} for i in range(20)])
+    index.add([{{"id": f"r{{i}}", "text": f"problem number {{i}}", "fields": {{"answer": str(i)}}}} for i in range(20)])
     task = TaskProfile(name="arith", description="math", kind="arithmetic", answer_format="number")
     lm, _ = scripted_lm(lambda text, n: "1")
     detot = DETOT("question -> answer", task=task, index=index, lm=lm, background=False)
