@@ -43,7 +43,8 @@ def test_demo_runs_end_to_end(engine, tmp_path, monkeypatch):
     assert "exemplar index: built 30 hand-written reviews" in result.output  # the embedded model: sentiment
     assert "correct; window agreement" in result.output
     assert "re-optimization" in result.output and "demo finished" in result.output
-    assert "cannot add" in result.output  # the embedded model's limit, said once, up front
+    said = [line for line in result.output.splitlines() if "cannot add" in line]
+    assert len(said) == 1 and "--model M for arithmetic" in said[0]  # the model's limit, in one line, up front
     assert not any(w in result.output for w in ("Warning", "it/s]", "deprecated"))  # no third-party noise
     right = int(result.output.split("/6 correct")[0].rsplit(None, 1)[-1])
     assert right >= 4, result.output  # a task this model can do (5 of 6 when measured)

@@ -189,8 +189,8 @@ def run_demo(*, model: str | None = None, task: str = "auto", device: str = "aut
     lm = local_lm(model, device=device, dtype=dtype, cache=False)
     say(f"model [bold]{lm.model}[/] on {lm.engine.device} ({time.perf_counter() - start:.1f}s)")
     if model is None and chosen == "sentiment":
-        say("[yellow]the embedded SmolLM2-135M cannot add (about 2 of 6 arithmetic questions right), so this demo "
-            "shows DETOT on review sentiment, which it can do; --model with a 0.5B+ GGUF runs arithmetic[/]")
+        # one line at 80 columns: why this task, and how to get the other
+        say("[yellow]SmolLM2-135M cannot add (2/6 right): demo on sentiment; --model M for arithmetic[/]")
     elif model is None:
         say("[yellow]the embedded SmolLM2-135M is too weak for arithmetic (about 2 of these 6 right): watch the "
             "mechanism (demos, votes, stopping, the loop's judge), or pass --model with a 0.5B+ GGUF[/]")
