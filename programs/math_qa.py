@@ -127,7 +127,7 @@ def make_optimizer(name: str, lm: Any, *, threads: int, seed: int, proposer: Any
 def compile_and_compare(program: DETOT, optimizer: str, evalset: list[dspy.Example], trainset: list[dspy.Example],
                         *, lm: Any, threads: int, seed: int, proposer: Any = None, before: list[bool] | None = None,
                         compiled: Any = None, checkpoint: Callable[[str, dict[str, Any], Any], None] | None = None,
-                        ) -> tuple[Any, dict[str, Any]]:
+                        elapsed: float = 0.0) -> tuple[Any, dict[str, Any]]:
     """Score `program` on `evalset`, compile it with `optimizer` on `trainset`, score it again.
 
     `proposer` (default `lm`) runs the optimizer's own prompts (MIPROv2's instructions, GEPA's reflections):
@@ -136,7 +136,8 @@ def compile_and_compare(program: DETOT, optimizer: str, evalset: list[dspy.Examp
     Each stage can come from an earlier run: `before` (the uncompiled program's per-problem scores on
     `evalset`) skips the first scoring, `compiled` skips compiling. `checkpoint(stage, report, compiled)` is
     called after the first scoring (stage "scored") and after compiling (stage "compiled") with the report
-    so far, so a stopped run can resume from it (`--resume`).
+    so far, so a stopped run can resume from it (`--resume`). `seconds` in the report counts from the start,
+    `elapsed` being the seconds an earlier run spent on the stages it finished.
     """
     from scipy.stats import binomtest
 
@@ -156,9 +157,13 @@ def compile_and_compare(program: DETOT, optimizer: str, evalset: list[dspy.Examp
     elif len(before) != len(evalset):
         raise DetotError(f"{len(before)} earlier scores for {len(evalset)} evaluated problems")
     report.update(stage="scored", accuracy_before=sum(before) / len(before), correct_before=before)
+
+    def seconds() -> float:
+        return round(elapsed + time.perf_counter() - start, 1)
+
     if compiled is None:
         if checkpoint is not None:
-            checkpoint("scored", report, None)
+            checkpoint("scored", {**report, "seconds": seconds()}, None)
         opt = make_optimizer(optimizer, lm, threads=threads, seed=seed, proposer=proposer)
         if optimizer == "bootstrap":
             compiled = opt.compile(program, trainset=trainset)
@@ -170,7 +175,7 @@ def compile_and_compare(program: DETOT, optimizer: str, evalset: list[dspy.Examp
             compiled = opt.compile(program, trainset=trainset[:cut], valset=trainset[cut:], **extra)
         report["stage"] = "compiled"
         if checkpoint is not None:
-            checkpoint("compiled", report, compiled)
+            checkpoint("compiled", {**report, "seconds": seconds()}, compiled)
     after = score(compiled)
     gained = sum(a and not b for a, b in zip(after, before, strict=True))
     lost = sum(b and not a for a, b in zip(after, before, strict=True))
@@ -179,7 +184,7 @@ def compile_and_compare(program: DETOT, optimizer: str, evalset: list[dspy.Examp
         stage="done", accuracy_after=sum(after) / len(after), gained=gained, lost=lost,
         mcnemar_p_two_sided=1.0 if gained + lost == 0 else float(binomtest(gained, gained + lost, 0.5).pvalue),
         demos_attached=len(inner.demos), instructions=inner.signature.instructions, correct_after=after,
-        seconds=round(time.perf_counter() - start, 1))
+        seconds=seconds())
     return compiled, report
 
 
@@ -239,7 +244,10 @@ def _optimize(args: argparse.Namespace) -> int:
     # the optimizers' own prompts (a data summary, instruction proposals, reflections) run far longer than a
     # word problem with its demos: they get their own engine on the same model with a longer context
     proposer = lm if args.optimize == "bootstrap" else local_lm(args.model, cache=False, n_ctx=args.proposer_ctx)
-    compiled = None
+    compiled, elapsed = None, 0.0
+    if resumed is not None:  # the earlier run's time (runs from before stages recorded it: unknown, not counted)
+        elapsed = float(resumed.get("seconds") or 0.0)
+        settings["resumed_from_stage"] = resumed.get("stage")
     if resumed is not None and resumed.get("stage") == "compiled" and program_file is not None:
         compiled = program.deepcopy().load(program_file)
         print(f"resuming from the compiled program in {program_file}")
@@ -254,7 +262,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
     compiled, report = compile_and_compare(program, args.optimize, evalset, trainset, lm=lm, threads=args.threads,
                                            seed=args.seed, proposer=proposer, before=before, compiled=compiled,
-                                           checkpoint=checkpoint)
+                                           checkpoint=checkpoint, elapsed=elapsed)
     report = {**settings, **report}
     print(f"{args.optimize} on {suite.name}: accuracy {report['accuracy_before']:.3f} -> "
           f"{report['accuracy_after']:.3f} on {len(evalset)} problems (+{report['gained']} / -{report['lost']}, "
@@ -300,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.optimize is None and not args.question:
         ap.error("pass --question (repeatable), or --optimize bootstrap|mipro|gepa")
+    if args.proposer_ctx < 512:
+        ap.error(f"--proposer-ctx must be at least 512 positions, got {args.proposer_ctx}")
     if args.optimize is not None:
         try:
             return _optimize(args)

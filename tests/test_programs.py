@@ -195,6 +195,7 @@ def test_math_qa_optimize_resumes_from_the_compiled_stage_and_reuses_earlier_sco
     assert "resuming from the compiled program" in capsys.readouterr().out
     resumed = json.loads(out.read_text())
     assert resumed["stage"] == "done" and resumed["correct_before"] == [True] * 5
+    assert resumed["resumed_from_stage"] == "compiled" and resumed["seconds"] >= report["seconds"]
     assert resumed["lost"] == 5 - sum(resumed["correct_after"])
     assert main([*args, "--resume"]) == 0 and "nothing to resume" in capsys.readouterr().out
 
