@@ -221,6 +221,9 @@ def run_demo(*, model: str | None = None, task: str = "auto", device: str = "aut
         question, gold = questions[0]
         pred = detot(question=question)
         say(f"after it, version {pred.embedding_version} answers Q1: {pred.answer_key} (gold {gold})")
+    else:
+        say(f"[dim]the loop keeps a change only if it wins clearly on replayed held-out questions; "
+            f"{len(questions)} questions leave too few to prove one, so the serving state stays[/]")
     total = time.perf_counter() - start
     say(f"demo finished in {total:.1f}s")
     return {"task": chosen, "correct": correct, "questions": len(questions), "accepted": event.accepted,
