@@ -268,9 +268,7 @@ def _optimize(args: argparse.Namespace) -> int:
           f"{report['accuracy_after']:.3f} on {len(evalset)} problems (+{report['gained']} / -{report['lost']}, "
           f"McNemar p = {report['mcnemar_p_two_sided']:.3g}); {report['demos_attached']} demos attached")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
-        compiled.save(program_file)
+        checkpoint("done", report, compiled)  # the program first, then the report naming the stage
         print(f"wrote {args.out} and {program_file}")
     return 0
 
