@@ -34,6 +34,9 @@ def eval_run(
     methods: Annotated[str, typer.Option(help="Comma-separated methods (see `detot eval methods`).")] =
         "zero_shot_cot,few_shot_cot,knn_fewshot,self_consistency,detot_static,detot",
     limit: Annotated[int | None, typer.Option(help="Evaluate a seeded sample of this many problems.", min=1)] = None,
+    offset: Annotated[int, typer.Option(help="Skip this many problems of the seeded draw first: --offset 300 "
+                                             "--limit 50 is a development split disjoint from --limit 300 (same "
+                                             "seed; nested draw only).", min=0)] = 0,
     seed: Annotated[int, typer.Option(help="Seed for the sample, the fixed demos and sampling.")] = 0,
     model: Annotated[str | None, typer.Option("--model", "-m", help="HF folder, .gguf file or hub id; "
                                                                     "default: embedded SmolLM2-135M.")] = None,
@@ -77,6 +80,10 @@ def eval_run(
     strategy: Annotated[str | None, typer.Option(help="The DETOT methods' reasoning: cot, pot (a program, run "
                                                       "safely) or mix (half each, votes pooled); default: task "
                                                       "analysis (cot).")] = None,
+    weighting: Annotated[str | None, typer.Option(help="The DETOT methods' vote weighting: uniform, cisc (votes "
+                                                       "weighted by sample confidence) or filter (only the most "
+                                                       "confident samples vote); default: task analysis "
+                                                       "(uniform).")] = None,
     loop_policy: Annotated[list[str] | None, typer.Option(metavar="POLICY",
                                                           help="A reasoning strategy or vote weighting the looping "
                                                               "DETOT methods may switch to, e.g. strategy=pot or "
@@ -149,6 +156,8 @@ def eval_run(
         raise ConfigError(f"--reopt-seconds must be > 0, got {reopt_seconds}")
     if strategy not in (None, "cot", "pot", "mix"):
         raise ConfigError(f"--strategy must be cot, pot or mix, got {strategy!r}")
+    if weighting not in (None, "uniform", "cisc", "filter"):
+        raise ConfigError(f"--weighting must be uniform, cisc or filter, got {weighting!r}")
     if feedback not in ("none", "gold"):
         raise ConfigError(f"--feedback must be none or gold, got {feedback!r}")
     engine = "torch" if engine == "local" else engine
@@ -161,7 +170,7 @@ def eval_run(
     stored = _stored_run(out)
     if draw is None:  # a resumed run keeps the draw it started with (runs from before `draw` existed: legacy)
         draw = stored.get("draw", "legacy") if resume and stored else "nested"
-    examples = sample_examples(loaded.examples, limit=limit, seed=seed, draw=draw)
+    examples = sample_examples(loaded.examples, limit=limit, seed=seed, draw=draw, offset=offset)
     canary: list[tuple[str, str]] = []
     if canary_file is not None:
         from detot_agent.evaluation.data import draw_canary
@@ -188,14 +197,17 @@ def eval_run(
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
                        max_tokens=max_tokens, seed=seed, task_name=loaded.name, feedback=feedback,  # type: ignore[arg-type]
                        reopt_seconds=reopt_seconds, canary=canary, strategy=strategy,  # type: ignore[arg-type]
+                       weighting=weighting,  # type: ignore[arg-type]
                        reopt_cooldown=reopt_cooldown, loop_policies=[p.changes() for p in policies],
                        replay_items=replay_items,
                        questions=[ex.question for ex in examples[:5]])
-    run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "draw": draw, "k": k, "n": n,
+    run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "draw": draw,
+           **({"offset": offset} if offset else {}), "k": k, "n": n,
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
            "engine": engine, "feedback": feedback, "reopt_seconds": reopt_seconds, "strategy": strategy,
+           **({"weighting": weighting} if weighting else {}),
            "reopt_cooldown": reopt_cooldown, "loop_policies": [p.describe() for p in policies],
            "replay_items": replay_items,
            "canary": None if canary_file is None else {"file": str(canary_file), "size": len(canary)},

@@ -54,6 +54,7 @@ class EvalContext:
     replay_items: int | None = None  # held-out records replayed per judgement (None: ControllerConfig's)
     no_soft_prompt: bool = False  # `--soft-prompt none`: the DETOT methods run without soft-prompt vectors
     strategy: str | None = None  # the DETOT methods' reasoning strategy (None: task analysis decides)
+    weighting: str | None = None  # the DETOT methods' vote weighting (None: task analysis decides)
     questions: list[str] = field(default_factory=list)
     events_dir: Path | None = None
 

@@ -174,31 +174,46 @@ DRAWS = ("nested", "legacy")
 
 
 def sample_examples(examples: list[dspy.Example], *, limit: int | None, seed: int,
-                    draw: str = "nested") -> list[dspy.Example]:
+                    draw: str = "nested", offset: int = 0) -> list[dspy.Example]:
     """A seeded sample of `limit` examples (all of them, in file order, when `limit` is None).
 
     `nested` (the default): the first `limit` of one seeded permutation, in that order, so a smaller
-    `limit` is a prefix of a larger one with the same seed. `legacy`: the draw of earlier releases
+    `limit` is a prefix of a larger one with the same seed. `offset` skips that many of the permutation
+    first: `offset=300, limit=50` is a development split disjoint from `limit=300` (same seed), on which
+    settings can be chosen before the reported run. `legacy`: the draw of earlier releases
     (`random.sample`, whose choice changes with the size; returned in file order): the README's
-    published rows were measured on it.
+    published rows were measured on it (no `offset`).
 
     Example:
         >>> xs = [dspy.Example(id=str(i)) for i in range(20)]
         >>> small, large = sample_examples(xs, limit=5, seed=0), sample_examples(xs, limit=10, seed=0)
         >>> small == large[:5]
         True
+        >>> dev = sample_examples(xs, limit=5, seed=0, offset=10)
+        >>> set(x.id for x in dev) & set(x.id for x in large)
+        set()
     """
     if draw not in DRAWS:
         raise DataFileError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
     if limit is not None and limit <= 0:
         raise DataFileError(f"--limit must be positive, got {limit}")
-    if limit is None or (draw == "legacy" and limit >= len(examples)):
+    if offset < 0:
+        raise DataFileError(f"--offset must be >= 0, got {offset}")
+    if offset:
+        if draw == "legacy":
+            raise DataFileError("--offset needs the nested draw (--draw nested); the legacy one has no order to skip")
+        if offset >= len(examples):
+            raise DataFileError(f"--offset {offset} skips all {len(examples)} problems of the suite; lower it")
+    if limit is None and not offset:
         return list(examples)
     if draw == "legacy":
+        if limit is None or limit >= len(examples):
+            return list(examples)
         return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), limit))]
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
-    return [examples[i] for i in order[:limit]]
+    end = None if limit is None else offset + limit
+    return [examples[i] for i in order[offset:end]]
 
 
 def draw_canary(pool: list[dspy.Example], run: list[dspy.Example], *, size: int, seed: int,

@@ -248,6 +248,7 @@ class DetotMethod(MethodRunner):
                                    k_exemplars=0 if "retrieval" in ablate else ctx.k, temperature=ctx.temperature,
                                    **({"strategy": "cot" if "strategy" in ablate else ctx.strategy}
                                       if ctx.strategy else {}),
+                                   **({"weighting": ctx.weighting} if ctx.weighting else {}),
                                    **({"cooldown": ctx.reopt_cooldown} if ctx.reopt_cooldown is not None else {}))
         log = ctx.events_dir / f"{self.name}.events.jsonl" if ctx.events_dir is not None else None
         loop: dict[str, Any] = {"policies": list(ctx.loop_policies)}  # ControllerConfig's defaults otherwise

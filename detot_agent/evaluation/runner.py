@@ -43,7 +43,7 @@ __all__ = ["RUN_FILE", "Executor", "LocalExecutor", "RecordSink", "answer_exampl
 RUN_FILE = "run.json"
 # settings that must match for --resume to continue a run rather than mix two
 _PINNED = ("suite", "source", "model", "seed", "limit", "k", "n", "temperature", "max_tokens", "soft_prompt",
-           "strategy", "index", "engine")
+           "strategy", "weighting", "index", "engine")
 _OLD_NAMES = {"engine": {"local": "torch"}}  # values older runs recorded under another name
 
 

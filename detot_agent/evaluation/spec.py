@@ -45,6 +45,7 @@ class ContextSpec(StrictModel):
         task_name: the task's name (soft-prompt registry key, DETOT's profile name).
         canary: `(question, gold answer)` pairs every re-optimization of a looping DETOT replays.
         strategy: the DETOT methods' reasoning strategy (`cot`, `pot`, `mix`; None: task analysis decides).
+        weighting: the DETOT methods' vote weighting (`uniform`, `cisc`, `filter`; None: task analysis decides).
         reopt_cooldown: answers between two re-optimizations of a looping DETOT (None: task analysis's).
         loop_policies: `Policy` fields (`{"strategy": "pot"}`) a looping DETOT may switch to when gold shows
             they help (`ControllerConfig.policies`).
@@ -74,6 +75,7 @@ class ContextSpec(StrictModel):
     reopt_seconds: float | None = Field(default=None, gt=0)
     canary: list[tuple[str, str]] = Field(default_factory=list)
     strategy: Literal["cot", "pot", "mix"] | None = None
+    weighting: Literal["uniform", "cisc", "filter"] | None = None
     reopt_cooldown: int | None = Field(default=None, ge=0)
     loop_policies: list[dict[str, str]] = Field(default_factory=list)
     replay_items: int | None = Field(default=None, ge=1)
@@ -128,7 +130,7 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        temperature=spec.temperature, max_tokens=spec.max_tokens, seed=spec.seed,
                        soft_prompt=vectors, task_embedding=task_embedding, task_name=spec.task_name,
                        feedback=spec.feedback, reopt_seconds=spec.reopt_seconds, canary=list(spec.canary),
-                       no_soft_prompt=spec.soft_prompt == "none", strategy=spec.strategy,
+                       no_soft_prompt=spec.soft_prompt == "none", strategy=spec.strategy, weighting=spec.weighting,
                        reopt_cooldown=spec.reopt_cooldown,
                        loop_policies=[Policy(**p) for p in spec.loop_policies],  # type: ignore[arg-type]
                        replay_items=spec.replay_items,

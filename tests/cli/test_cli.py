@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from detot_agent.cli.app import app
-from detot_agent.errors import ConfigError
+from detot_agent.errors import ConfigError, DataFileError
 
 runner = CliRunner()
 
@@ -160,11 +160,15 @@ def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiari
              (["--methods", "detot_plain", "--ablate", "bogus"], r"unknown ablation\(s\) \['bogus'\]"),
              (["--methods", "detot-retrieval,nope"], "unknown method 'nope'"),
              (["--methods", "detot_plain", "--loop-policy", "pot"], "policy 'pot': expected strategy="),
-             (["--methods", "detot_plain", "--loop-policy", "strategy=direct"], "strategy: String should match")]
+             (["--methods", "detot_plain", "--loop-policy", "strategy=direct"], "strategy: String should match"),
+             (["--methods", "plain_cot", "--weighting", "loudest"], "--weighting must be uniform, cisc or filter")]
     for args, why in cases:
         result = runner.invoke(app, ["eval", "--suite", suite, *args, "--model", "/nonexistent/model"])
         assert isinstance(result.exception, ConfigError), result.output
         assert re.search(why, str(result.exception)), str(result.exception)
+    result = runner.invoke(app, ["eval", "--suite", suite, "--methods", "plain_cot", "--limit", "1", "--offset", "5",
+                                 "--model", "/nonexistent/model"])
+    assert isinstance(result.exception, DataFileError) and "--offset 5 skips all 2 problems" in str(result.exception)
 
 
 def _bad_inputs(tmp_path, multiarith_head):

@@ -120,6 +120,21 @@ def test_seeded_draws_are_stable_and_nested(shared_data):
         sample_examples(suite.examples, limit=0, seed=0)
 
 
+def test_an_offset_draws_a_development_split_disjoint_from_the_reported_one(shared_data):
+    suite = load_suite(str(shared_data("multiarith/MultiArith.json")))
+    reported = [x.id for x in sample_examples(suite.examples, limit=300, seed=0)]
+    dev = [x.id for x in sample_examples(suite.examples, limit=60, seed=0, offset=300)]
+    assert len(dev) == 60 and not set(dev) & set(reported)
+    assert dev == [x.id for x in sample_examples(suite.examples, limit=360, seed=0)][300:]
+    assert len(sample_examples(suite.examples, limit=None, seed=0, offset=550)) == 50
+    with pytest.raises(DataFileError, match="--offset needs the nested draw"):
+        sample_examples(suite.examples, limit=10, seed=0, draw="legacy", offset=5)
+    with pytest.raises(DataFileError, match="skips all 600 problems"):
+        sample_examples(suite.examples, limit=10, seed=0, offset=600)
+    with pytest.raises(DataFileError, match="--offset must be >= 0"):
+        sample_examples(suite.examples, limit=10, seed=0, offset=-1)
+
+
 def test_the_legacy_draw_reproduces_the_published_problems_and_was_not_nested(shared_data):
     suite = load_suite(str(shared_data("multiarith/MultiArith.json")))
     legacy = [x.id for x in sample_examples(suite.examples, limit=100, seed=0, draw="legacy")]

@@ -223,8 +223,21 @@ def test_a_strategy_run_and_its_ablation_on_the_tiny_model(tmp_path, suite_file,
     config = json.loads((out / "methods.json").read_text())
     assert config["detot_static"]["adjustments"]["strategy"] == "mix"
     assert config["detot_static-strategy"]["adjustments"]["strategy"] == "cot"
+    assert config["detot_static"]["adjustments"]["weighting"] == "uniform"  # task analysis's default
     assert all(r["error"] is None for m in ("detot_static", "detot_static-strategy")
                for r in read_records(out / f"{m}.jsonl"))
+
+
+def test_a_weighting_reaches_the_detot_methods_and_their_ablations(engine, pool):
+    from detot_agent.evaluation.methods import build_method
+
+    ctx = EvalContext(lm=local_lm(engine=engine, cache=False), index=pool, encoder=pool.encoder, k=1, n=2,
+                      max_tokens=8, task_name="multiarith", weighting="cisc")
+    for name in ("detot_plain_static", "detot_static-retrieval"):
+        method = build_method(name, ctx)
+        assert method.program.adjustments.weighting.value == "cisc" == method.config()["adjustments"]["weighting"]
+    assert build_method("detot_plain_static", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder, k=1, n=2,
+                                                          max_tokens=8)).adjustments.weighting.value == "uniform"
 
 
 def test_ctrl_c_keeps_finished_records_exits_at_once_and_says_how_to_resume(tmp_path, multiarith_head,
