@@ -1,0 +1,52 @@
+#!/bin/bash
+# Issue 19: DETOT against every matched-budget baseline at 300 problems, with ablations, on the bench model.
+#   dev:    five DETOT configurations (chain of thought with and without the soft prompt, CISC-weighted votes,
+#           program of thought, the CoT/PoT mix) on 40 development problems (--offset 300: none of them is in
+#           the reported 300), then evals/scripts/choose_config.py picks one (most accurate; ties: fewer tokens)
+#           into evals/results/accuracy/dev_SUITE/choice.json;
+#   main:   the reported run, 300 problems (seed 0, nested draw): plain_cot, plain_sc, plain_sc_adaptive,
+#           plain_cisc, plain_pot and detot_plain_static in the chosen configuration, with its ablations
+#           (retrieval; softprompt when the soft prompt is on; strategy when it is not chain of thought).
+# Everything on the llama.cpp engine, plain-text prompts, n = 5 (DETOT: at most 6 samples, greedy first),
+# temperature 0.5, the M = 0 task embedding ("Measurement: the dynamic soft prompt"), GSM8K-train demos.
+# Every stage resumes (--resume): rerun the same command after a stop. Hours on the 2-core CPU: run alone.
+# Needs runs/gsm8k-train-index (detot index build --data ../shared/data/gsm8k/train.jsonl --out runs/gsm8k-train-index).
+# Usage: bash evals/scripts/accuracy_suite.sh multiarith|gsm8k dev|main
+set -euo pipefail
+cd "$(dirname "$0")/../.."  # the repository root
+export HF_HUB_OFFLINE=1
+suite="${1:?pass multiarith or gsm8k}"
+stage="${2:?pass dev or main}"
+tokens=256
+[ "$suite" = gsm8k ] && tokens=320  # GSM8K's chains are longer (the README's earlier GSM8K table used 320)
+sp=evals/results/dynamic_prompt_m0/dynamic_task_embedding
+root=evals/results/accuracy
+common=(--suite "$suite" --data-dir ../shared/data --model "$(../shared/tools/bench-model.sh)"
+        --index runs/gsm8k-train-index --temperature 0.5 --max-tokens "$tokens" --n 5 --seed 0
+        --engine llamacpp --device cpu --threads 4 --resume)
+dev() {  # dev NAME ARGS...: one development configuration
+  local name="$1"; shift
+  .venv/bin/detot eval "${common[@]}" --offset 300 --limit 40 --methods detot_plain_static "$@" \
+    --out "$root/dev_$suite/$name"
+}
+if [ "$stage" = dev ]; then
+  dev cot --soft-prompt "$sp" --ablate softprompt
+  dev cisc --soft-prompt "$sp" --weighting cisc
+  dev pot --soft-prompt "$sp" --strategy pot
+  dev mix --soft-prompt "$sp" --strategy mix
+  .venv/bin/python evals/scripts/choose_config.py "$root/dev_$suite"
+elif [ "$stage" = main ]; then
+  choice="$root/dev_$suite/choice.json"
+  [ -f "$choice" ] || { echo "no $choice: run the dev stage first" >&2; exit 2; }
+  read -r strategy weighting soft < <(.venv/bin/python -c "import json,sys; c=json.load(open(sys.argv[1])); \
+print(c['strategy'], c['weighting'], 'on' if c['soft_prompt'] else 'off')" "$choice")
+  ablate=retrieval
+  if [ "$soft" = on ]; then soft_arg="$sp"; ablate+=",softprompt"; else soft_arg=none; fi
+  [ "$strategy" != cot ] && ablate+=",strategy"
+  .venv/bin/detot eval "${common[@]}" --limit 300 \
+    --methods plain_cot,plain_sc,plain_sc_adaptive,plain_cisc,plain_pot,detot_plain_static \
+    --strategy "$strategy" --weighting "$weighting" --soft-prompt "$soft_arg" --ablate "$ablate" \
+    --out "$root/$suite"
+else
+  echo "stage must be dev or main, got $stage" >&2; exit 2
+fi

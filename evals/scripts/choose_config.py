@@ -1,0 +1,80 @@
+"""Choose DETOT's configuration for the reported run from development runs (issue 19).
+
+Reads every `report.json` under DEV_DIR (one folder per configuration, written by
+`bash evals/scripts/accuracy_suite.sh SUITE dev`), lists each DETOT row's configuration (reasoning
+strategy, vote weighting, soft prompt on or off) with its accuracy and output tokens, and picks the
+most accurate; a tie goes to fewer output tokens per question. The development problems are
+`--offset 300` of the seeded draw, so none of them is in the reported `--limit 300`.
+
+Usage:
+    python evals/scripts/choose_config.py evals/results/accuracy/dev_multiarith
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def rows(dev: Path) -> list[dict[str, Any]]:
+    """One row per DETOT method of every complete run under `dev`."""
+    out = []
+    for report in sorted(dev.glob("*/report.json")):
+        data = json.loads(report.read_text())
+        for name, m in data["methods"].items():
+            if not name.startswith("detot"):
+                continue
+            adj = m["config"]["adjustments"]
+            out.append({"run": report.parent.name, "method": name, "strategy": adj["strategy"],
+                        "weighting": adj.get("weighting", "uniform"),
+                        "soft_prompt": not m["config"].get("soft_prompt_off", False),
+                        "n": m["n"], "correct": m["correct"], "accuracy": m["accuracy"],
+                        "tokens_per_question": round(m["tokens_per_question"], 1),
+                        "samples_per_question": round(m["samples_per_question"], 2), "complete": m["complete"]})
+    return out
+
+
+def choose(candidates: list[dict[str, Any]]) -> dict[str, Any]:
+    """The most accurate complete row; ties: fewer output tokens per question.
+
+    Example:
+        >>> choose([{"accuracy": 0.5, "tokens_per_question": 300, "complete": True},
+        ...         {"accuracy": 0.5, "tokens_per_question": 200, "complete": True}])["tokens_per_question"]
+        200
+    """
+    done = [r for r in candidates if r["complete"]]
+    if not done:
+        raise SystemExit("no complete development run yet: run `accuracy_suite.sh SUITE dev` to the end first")
+    return max(done, key=lambda r: (r["accuracy"], -r["tokens_per_question"]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dev", type=Path, help="folder of development runs (one subfolder per configuration)")
+    args = parser.parse_args()
+    table = rows(args.dev)
+    best = choose(table)
+    print("| run | method | strategy | weighting | soft prompt | accuracy | tokens/q | samples/q |")
+    print("|---|---|---|---|---|---:|---:|---:|")
+    for r in table:
+        mark = " **(chosen)**" if r is best else ""
+        print(f"| {r['run']} | {r['method']}{mark} | {r['strategy']} | {r['weighting']} | "
+              f"{'on' if r['soft_prompt'] else 'off'} | {r['correct']}/{r['n']} | {r['tokens_per_question']} | "
+              f"{r['samples_per_question']} |")
+    choice = {"strategy": best["strategy"], "weighting": best["weighting"], "soft_prompt": best["soft_prompt"],
+              "chosen_from": table, "rule": "most accurate on the development split; ties: fewer output tokens"}
+    fd, tmp = tempfile.mkstemp(dir=args.dev, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(choice, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, args.dev / "choice.json")
+    print(f"chosen: strategy={best['strategy']} weighting={best['weighting']} "
+          f"soft_prompt={'on' if best['soft_prompt'] else 'off'} -> {args.dev / 'choice.json'}")
+
+
+if __name__ == "__main__":
+    main()
