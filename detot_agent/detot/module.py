@@ -411,7 +411,8 @@ class DETOT(dspy.Module):
 
     def forward(self, **inputs: Any) -> dspy.Prediction:
         """Answer one input; returns the answer field(s), reasoning, agreement, votes, samples_used,
-        parse_failures, demo_ids, embedding_version and an `id` for `feedback`.
+        parse_failures, demo_ids, embedding_version, `sample_keys` / `sample_tokens` (each sample's vote key
+        and output tokens, in the order drawn) and an `id` for `feedback`.
 
         Raises:
             InvalidRequestError: a missing input field; `EmptyPromptError` for an empty input.
@@ -442,6 +443,7 @@ class DETOT(dspy.Module):
         out: dict[str, Any] = {name: fields.get(name) for name in sig.output_fields}
         out.update(answer_key=result.winner, agreement=result.agreement, votes=dict(result.counts),
                    samples_used=drawn, parse_failures=result.unparsed, demo_ids=demo_ids,
+                   sample_keys=[sm.key for sm in samples], sample_tokens=[sm.tokens for sm in samples],
                    embedding_version=state.version, id=pred_id, tokens=tokens, latency_s=latency,
                    reason=None if result.winner is not None else f"none of {drawn} samples gave a parseable answer")
         self.controller.add_evidence(Evidence(

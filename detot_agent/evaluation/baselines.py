@@ -102,7 +102,8 @@ class PlainVote(MethodRunner):
         winner = next((s for s in samples if s.key == result.winner and s.fields), None)
         return self._record(None if winner is None or winner.fields is None else winner.fields.get("answer"),
                             tokens=sum(s.tokens for s in samples), samples=drawn, parse_failures=result.unparsed,
-                            agreement=result.agreement, votes=dict(result.counts))
+                            agreement=result.agreement, votes=dict(result.counts),
+                            sample_keys=[s.key for s in samples], sample_tokens=[s.tokens for s in samples])
 
 
 class PlainAdaptive(PlainVote):

@@ -283,7 +283,8 @@ class DetotMethod(MethodRunner):
             extra["fed_back"] = self.program.feedback(pred, gold=example.answer)
         return self._record(pred.answer, tokens=pred.tokens, samples=pred.samples_used,
                             parse_failures=pred.parse_failures, agreement=pred.agreement, votes=pred.votes,
-                            demo_ids=pred.demo_ids, embedding_version=pred.embedding_version, **extra)
+                            demo_ids=pred.demo_ids, embedding_version=pred.embedding_version,
+                            sample_keys=pred.sample_keys, sample_tokens=pred.sample_tokens, **extra)
 
     def close(self) -> None:
         """Wait for a running re-optimization and stop the background worker."""

@@ -8,6 +8,12 @@ seconds per question, parse failures (per sample drawn), errors, re-optimization
 and McNemar's exact test of each method against the best baseline (the most accurate method that
 is not DETOT) on the items both answered.
 
+Fixed-budget self-consistency (`plain_sc`, whose records keep every sample's vote key in the order
+drawn, the greedy one first) also gets its prefix curve: the accuracy and output tokens of the
+majority over its first m samples, for every m, which is what self-consistency with m samples
+would have scored on the same problems. Each DETOT method is then placed on it: the fewest samples
+fixed-N self-consistency needs to match its accuracy (`sc_samples_to_match`).
+
 Example:
     >>> summarize_method([{"id": "a", "correct": True, "samples": 1, "tokens": 10, "latency_s": 1.0,
     ...                    "parse_failures": 0}])["accuracy"]
@@ -22,13 +28,16 @@ from typing import Any
 
 import numpy as np
 
+from detot_agent.answers import AnswerFormat, numbers_equal
 from detot_agent.errors import ArtefactError
 from detot_agent.evaluation.metrics import accuracy, bootstrap_ci, paired
 from detot_agent.evaluation.runner import RUN_FILE, read_records
 from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.io.persist import atomic_write_text
 
-__all__ = ["build_report", "render_markdown", "summarize_method", "write_report"]
+__all__ = ["build_report", "prefix_curve", "render_markdown", "summarize_method", "write_report"]
+
+CURVE_METHOD = "plain_sc"  # the fixed-budget baseline whose sample prefixes make the self-consistency curve
 
 
 def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -55,6 +64,43 @@ def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]]
         "stream_halves": _halves(records),
         "decisions": [_decision(e) for e in reopts],
     }
+
+
+def prefix_curve(records: list[dict[str, Any]], fmt: AnswerFormat = AnswerFormat.NUMBER) -> list[dict[str, Any]]:
+    """Self-consistency over each record's first m samples, for m = 1 .. the shortest record's count.
+
+    Uniform majority, a tie going to the key drawn first (as `vote` breaks it); a sample that did not
+    parse (key None) counts as drawn but casts no vote. Returns `{"m", "accuracy", "tokens_per_question"}`
+    per m; empty when a record lacks `sample_keys` (runs from before they were recorded).
+
+    Example:
+        >>> recs = [{"gold": "2", "sample_keys": ["3", "2", "2"], "sample_tokens": [10, 10, 10]},
+        ...         {"gold": "5", "sample_keys": ["5", "4", "4"], "sample_tokens": [8, 9, 10]}]
+        >>> [(p["m"], p["accuracy"]) for p in prefix_curve(recs)]
+        [(1, 0.5), (2, 0.5), (3, 0.5)]
+    """
+    from detot_agent.detot.voting import vote
+
+    if not records or any(not r.get("sample_keys") for r in records):
+        return []
+    depth = min(len(r["sample_keys"]) for r in records)
+    curve = []
+    for m in range(1, depth + 1):
+        right = 0
+        tokens = 0
+        for r in records:
+            winner = vote(r["sample_keys"][:m]).winner
+            gold = str(r["gold"])
+            right += winner is not None and (numbers_equal(winner, gold) if fmt is AnswerFormat.NUMBER
+                                             else winner == gold)
+            tokens += sum(int(t) for t in (r.get("sample_tokens") or [])[:m])
+        curve.append({"m": m, "accuracy": right / len(records), "tokens_per_question": tokens / len(records)})
+    return curve
+
+
+def _samples_to_match(curve: list[dict[str, Any]], target: float) -> int | None:
+    """The fewest samples on the curve whose accuracy reaches `target` (None: none does)."""
+    return next((p["m"] for p in curve if p["accuracy"] >= target - 1e-12), None)
 
 
 def _halves(records: list[dict[str, Any]]) -> list[float] | None:
@@ -94,6 +140,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
     configs = json.loads((out / "methods.json").read_text()) if (out / "methods.json").exists() else {}
     methods: dict[str, Any] = {}
     outcomes: dict[str, dict[str, bool]] = {}
+    fmt = AnswerFormat(run.get("answer_format", AnswerFormat.NUMBER.value))
     for method in run["methods"]:
         seen: dict[str, dict[str, Any]] = {}
         for r in read_records(out / f"{method}.jsonl"):
@@ -105,10 +152,15 @@ def build_report(out: str | Path) -> dict[str, Any]:
         summary["config"] = configs.get(method, {})
         methods[method] = summary
         outcomes[method] = {r["id"]: bool(r["correct"]) for r in records}
+        if method == CURVE_METHOD:
+            summary["prefix_curve"] = prefix_curve(records, fmt)
     baselines = [m for m in methods if not m.startswith("detot") and methods[m]["n"]]
     best = max(baselines, key=lambda m: (methods[m]["accuracy"], -methods[m]["samples_per_question"]),
                default=None)
+    curve = methods.get(CURVE_METHOD, {}).get("prefix_curve") if methods.get(CURVE_METHOD, {}).get("complete") else None
     for method, summary in methods.items():
+        if curve and method.startswith("detot") and summary["complete"]:
+            summary["sc_samples_to_match"] = _samples_to_match(curve, summary["accuracy"])
         if best is None or method == best or not summary["n"]:
             summary["vs_best_baseline"] = None
             continue
@@ -140,6 +192,17 @@ def render_markdown(report: dict[str, Any]) -> str:
                      f"{m['seconds_per_question']:.1f} | {m['parse_failure_rate']:.1%} | {reopt} | {p} |")
     if any(not m["complete"] for m in report["methods"].values()):
         lines += ["", "\\* unfinished: fewer problems than the suite; resume the run to complete it."]
+    curve = report["methods"].get(CURVE_METHOD, {}).get("prefix_curve")
+    if curve:
+        lines += ["", f"Self-consistency over the first m samples of `{CURVE_METHOD}` (greedy first; same problems): " +
+                  ", ".join(f"m={p['m']} {p['accuracy']:.3f} ({p['tokens_per_question']:.0f} tok)" for p in curve)]
+        for name, m in report["methods"].items():
+            if "sc_samples_to_match" in m:
+                need = m["sc_samples_to_match"]
+                lines.append(f"- `{name}` ({m['accuracy']:.3f} at {m['samples_per_question']:.2f} samples): fixed-N "
+                             "self-consistency " + (f"needs {need} samples to match it "
+                                                    f"({need / m['samples_per_question']:.2f}x its samples)"
+                                                    if need is not None else f"does not reach it with {len(curve)}"))
     halves = [(name, m["stream_halves"]) for name, m in report["methods"].items() if m.get("stream_halves")]
     if halves:
         lines += ["", "Accuracy on the first and second half of the stream (in answer order): " + "; ".join(
@@ -195,6 +258,11 @@ def _scatter(out: Path, report: dict[str, Any], plt: Any, key: str, xlabel: str,
         x += nudge * seen.get(spot, 0)
         seen[spot] = seen.get(spot, 0) + 1
         ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=name)
+    curve = report["methods"].get(CURVE_METHOD, {}).get("prefix_curve")
+    if curve:  # what fixed-N self-consistency scores with 1, 2, ... samples
+        xs = [p["m"] if key == "samples_per_question" else p["tokens_per_question"] for p in curve]
+        ax.plot(xs, [p["accuracy"] for p in curve], ":", color="grey", marker=".",
+                label=f"{CURVE_METHOD}, first m samples")
     ax.set_xlabel(xlabel + (" (coinciding points nudged right)" if max(seen.values(), default=1) > 1 else ""))
     ax.set_ylabel("accuracy (95% bootstrap CI)")
     ax.set_title(f"{report['suite']}: accuracy vs {what}")

@@ -23,6 +23,8 @@ def test_plain_sc_draws_the_greedy_answer_and_n_samples_in_the_shared_plain_prom
     method, engine = _method("plain_sc", long_tiny_model_dir, lambda t, n: "7" if n % 3 else "8")
     record = method(EXAMPLE)
     assert record["samples"] == 6 and record["pred"] == "7" and record["votes"] == {"8": 2.0, "7": 4.0}
+    # every sample's vote key in the order drawn (greedy first): what the report's prefix curve is built from
+    assert record["sample_keys"] == ["8", "7", "7", "8", "7", "7"] and len(record["sample_tokens"]) == 6
     row = engine.rows[0]
     assert (row.n, row.greedy) == (6, 1)  # one prefill: the greedy answer first, then five samples
     # PlainAdapter's prompt without demos (DETOT's plain prompt), not plain_cot_legacy's longer cue

@@ -15,6 +15,7 @@ import pytest
 from detot_agent import local_lm
 from detot_agent.errors import ArtefactError, ConfigError
 from detot_agent.evaluation import METHODS, EvalContext, load_suite, run_eval, write_report
+from detot_agent.evaluation.report import render_markdown
 from detot_agent.evaluation.runner import read_records
 
 
@@ -170,6 +171,44 @@ def test_prequential_gold_feedback_reaches_the_loop_and_the_report(tmp_path, mul
     assert config["feedback"] == "gold" and config["canary"] == 2
 
 
+def _write_run(out, records_by_method):
+    ids = [r["id"] for r in next(iter(records_by_method.values()))]
+    out.mkdir()
+    (out / "run.json").write_text(json.dumps({"suite": "s", "model": "m", "seed": 0, "ids": ids,
+                                              "methods": list(records_by_method), "answer_format": "number"}))
+    for method, records in records_by_method.items():
+        (out / f"{method}.jsonl").write_text("".join(json.dumps({"method": method, **r}) + "\n" for r in records))
+
+
+def _rec(i, gold, keys, correct):
+    return {"id": f"q{i}", "gold": gold, "pred": keys[0], "correct": correct, "samples": len(keys),
+            "tokens": 10 * len(keys), "sample_keys": keys, "sample_tokens": [10] * len(keys)}
+
+
+def test_the_report_places_detot_on_fixed_n_self_consistency_s_prefix_curve(tmp_path):
+    # plain_sc: q0 right from the first sample, q1 only once the majority turns (m = 3), q2 never
+    sc = [_rec(0, "1", ["1", "1", "1"], True), _rec(1, "2", ["5", "2", "2"], True),
+          _rec(2, "3", ["9", "9", "9"], False)]
+    detot = [_rec(0, "1", ["1", "1"], True), _rec(1, "2", ["2", "2"], True), _rec(2, "3", ["9", "9"], False)]
+    better = [{**r, "correct": True} for r in detot]  # above anything the curve reaches
+    _write_run(tmp_path / "a", {"plain_sc": sc, "detot_plain_static": detot, "detot_plain": better})
+    report = write_report(tmp_path / "a", plots=False)
+    curve = report["methods"]["plain_sc"]["prefix_curve"]
+    assert [round(p["accuracy"], 3) for p in curve] == [0.333, 0.333, 0.667]  # m=2: the tie goes to "5", drawn first
+    assert [p["tokens_per_question"] for p in curve] == [10, 20, 30]
+    assert curve[-1]["accuracy"] == report["methods"]["plain_sc"]["accuracy"]  # the full budget is plain_sc itself
+    assert report["methods"]["detot_plain_static"]["sc_samples_to_match"] == 3
+    assert report["methods"]["detot_plain"]["sc_samples_to_match"] is None
+    text = render_markdown(report)
+    assert "needs 3 samples to match it (1.50x its samples)" in text and "does not reach it with 3" in text
+    # a run whose records predate sample_keys has no curve (and no claim)
+    _write_run(tmp_path / "b", {"plain_sc": [{k: v for k, v in r.items() if k != "sample_keys"} for r in sc],
+                                "detot_plain_static": detot})
+    report = write_report(tmp_path / "b", plots=False)
+    assert report["methods"]["plain_sc"]["prefix_curve"] == []
+    assert "sc_samples_to_match" not in report["methods"]["detot_plain_static"]
+
+
 def test_ablations_run_as_their_own_methods_on_the_same_problems(tmp_path, suite_file, engine, pool):
     names = ["detot_static", "detot_static-retrieval", "detot_static-softprompt", "detot-loop"]
     out = _run(tmp_path / "run", suite_file, engine, pool, names)
@@ -226,6 +265,10 @@ def test_a_strategy_run_and_its_ablation_on_the_tiny_model(tmp_path, suite_file,
     assert config["detot_static"]["adjustments"]["weighting"] == "uniform"  # task analysis's default
     assert all(r["error"] is None for m in ("detot_static", "detot_static-strategy")
                for r in read_records(out / f"{m}.jsonl"))
+    # each sample's vote key and tokens, in the order drawn
+    assert all(len(r["sample_keys"]) == len(r["sample_tokens"]) == r["samples"]
+               and sum(r["sample_tokens"]) == r["tokens"]
+               for m in ("detot_static", "detot_static-strategy") for r in read_records(out / f"{m}.jsonl"))
 
 
 def test_a_weighting_reaches_the_detot_methods_and_their_ablations(engine, pool):
