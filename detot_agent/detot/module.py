@@ -40,7 +40,7 @@ from detot_agent.detot.controller import Controller, ControllerConfig
 from detot_agent.detot.judging import Replayed
 from detot_agent.detot.monitor import Monitor, Observation
 from detot_agent.detot.records import Evidence, ParsedSample, TaskState
-from detot_agent.detot.sampling import sample_engine, vote_in_rounds
+from detot_agent.detot.sampling import round_seed, sample_engine, vote_in_rounds
 from detot_agent.detot.strategies import parse_program, pot_messages, rationale_to_program
 from detot_agent.detot.task import Adjustments, Policy, TaskProfile, analyze
 from detot_agent.detot.tracing import record_trace
@@ -344,7 +344,8 @@ class DETOT(dspy.Module):
         model = lm.model if lm is not None else engine.name
 
         def draw(n: int, drawn: int) -> list[ParsedSample]:
-            seed = text_seed(text) + drawn + seed_offset  # same input, same samples
+            # same input, same samples; the i-th sampled answer has the same seed however rounds split the budget
+            seed = round_seed(text_seed(text) + seed_offset, drawn, greedy_first=adj.greedy_first)
             # the greedy answer votes first (and so wins ties); it shares the round's prefill
             greedy = 1 if drawn == 0 and adj.greedy_first else 0
             out = sample_engine(engine, model, messages, n, soft_prompt=soft, seed=seed, stop=stop,

@@ -30,9 +30,27 @@ from detot_agent.detot.voting import VoteResult, confidence, should_stop, vote, 
 if TYPE_CHECKING:
     from detot_agent.engines.base import BatchedEngine, Sample
 
-__all__ = ["sample_engine", "vote_in_rounds"]
+__all__ = ["round_seed", "sample_engine", "vote_in_rounds"]
 
 Draw = Callable[[int, int], list[ParsedSample]]  # (n to draw, drawn so far) -> n parsed samples
+
+
+def round_seed(base: int, drawn: int, *, greedy_first: bool) -> int:
+    """The seed of a round drawn after `drawn` samples of one question, so that the question's i-th
+    sampled answer has seed `base + i` however its budget is split into rounds.
+
+    An engine seeds sample j of a row with `seed + j - greedy` (the greedy answer takes no seed), so a
+    one-shot `sample(6, greedy=1, seed=base)` and rounds of 2 with these seeds draw the same samples:
+    adaptive stopping (DETOT, `plain_sc_adaptive`) sees a prefix of what fixed-N self-consistency
+    (`plain_sc`) draws for the same question.
+
+    Example:
+        >>> [round_seed(100, drawn, greedy_first=True) for drawn in (0, 2, 4)]
+        [100, 101, 103]
+        >>> [round_seed(100, drawn, greedy_first=False) for drawn in (0, 2, 4)]
+        [100, 102, 104]
+    """
+    return base + drawn - (1 if greedy_first and drawn > 0 else 0)
 
 
 def vote_in_rounds(draw: Draw, adj: Adjustments) -> tuple[list[ParsedSample], VoteResult, int]:

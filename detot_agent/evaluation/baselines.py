@@ -30,7 +30,7 @@ from detot_agent.answers import extract_number
 from detot_agent.detot.adapters import PlainAdapter
 from detot_agent.detot.pot import run_program
 from detot_agent.detot.records import ParsedSample
-from detot_agent.detot.sampling import sample_engine, vote_in_rounds
+from detot_agent.detot.sampling import round_seed, sample_engine, vote_in_rounds
 from detot_agent.detot.strategies import POT_CUE, extract_program, pot_messages
 from detot_agent.detot.task import AnswerFormat, StoppingRule, TaskProfile, Weighting, analyze
 from detot_agent.engines.base import BatchedEngine
@@ -89,7 +89,8 @@ class PlainVote(MethodRunner):
 
         def draw(n: int, drawn: int) -> list[ParsedSample]:
             out = sample_engine(self.engine, self.engine.name, messages, n, soft_prompt=None,
-                                seed=text_seed(q) + drawn, stop=(), temperature=adj.temperature,
+                                seed=round_seed(text_seed(q), drawn, greedy_first=True), stop=(),
+                                temperature=adj.temperature,
                                 max_tokens=adj.max_tokens, greedy=1 if drawn == 0 else 0)
             parsed = []
             for s in out:
