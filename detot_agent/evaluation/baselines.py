@@ -6,6 +6,13 @@ the same seeds as DETOT for the same question) and votes with `vote_in_rounds`: 
 DETOT only in what DETOT adds (retrieved demos, the soft prompt, the loop), so a comparison says
 what those parts earn.
 
+The three voting baselines draw the same samples for a question (the same seeds, rounds seeded by
+`round_seed`), so in a run folder where `plain_sc` already answered a question, `plain_sc_adaptive` and
+`plain_cisc` re-vote its recorded samples (vote key, tokens, log-probability, in the order drawn) under
+their own rule instead of drawing them again: the same outcome without the engine's batch-to-batch
+noise, at no generation cost (their records say `revoted_from`, and their seconds per question are
+not a timing). Elsewhere (no `plain_sc` records, a Ray executor) they draw.
+
 | name | what it is |
 |---|---|
 | `plain_sc` | self-consistency: the greedy answer, then `n` samples at `temperature`, majority vote |
@@ -37,6 +44,7 @@ from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.generation import text_seed
 from detot_agent.errors import ConfigError, ProgramError
 from detot_agent.evaluation.context import SIGNATURE, EvalContext, MethodRunner
+from detot_agent.io.jsonlog import JsonlLog
 
 __all__ = ["BASELINES", "PlainPoT", "PlainVote"]
 
@@ -69,10 +77,31 @@ class PlainVote(MethodRunner):
                                    min_samples=budget if fixed else min(2, budget), round_size=2,
                                    temperature=ctx.temperature, max_tokens=ctx.max_tokens)
 
+        self.recorded = self._recorded_draws() if self.name != PlainVote.name else {}
+
+    def _recorded_draws(self) -> dict[str, list[ParsedSample]]:
+        """`plain_sc`'s recorded samples per question id, from this run folder (empty: none usable)."""
+        run_dir = self.ctx.events_dir
+        path = None if run_dir is None else run_dir / f"{PlainVote.name}.jsonl"
+        if path is None or not path.exists():
+            return {}
+        out = {}
+        for r in JsonlLog(path).read():
+            keys, tokens, logprobs = r.get("sample_keys"), r.get("sample_tokens"), r.get("sample_logprobs")
+            if (r.get("error") or not isinstance(r.get("id"), str) or not isinstance(keys, list)
+                    or len(keys) != self.adjustments.max_samples or not isinstance(tokens, list)
+                    or not isinstance(logprobs, list) or not len(keys) == len(tokens) == len(logprobs)):
+                continue  # an older record, a failure, another budget: that question is drawn again
+            out[r["id"]] = [ParsedSample("", key=k, tokens=int(t), logprob=lp,
+                                         fields=None if k is None else {"answer": k})
+                            for k, t, lp in zip(keys, tokens, logprobs, strict=True)]
+        return out
+
     def config(self) -> dict[str, Any]:
         adj = self.adjustments
         return {"max_samples": adj.max_samples, "stopping": adj.stopping.value, "weighting": adj.weighting.value,
-                "temperature": adj.temperature, "max_tokens": adj.max_tokens, "prompt": "PlainAdapter, no demos"}
+                "temperature": adj.temperature, "max_tokens": adj.max_tokens, "prompt": "PlainAdapter, no demos",
+                **({"revoted_from": PlainVote.name, "revoted_questions": len(self.recorded)} if self.recorded else {})}
 
     def _parse(self, text: str) -> dict[str, Any] | None:
         try:
@@ -86,6 +115,11 @@ class PlainVote(MethodRunner):
     def __call__(self, example: dspy.Example) -> dict[str, Any]:
         adj, q = self.adjustments, example.question
         messages = self.plain.format(self.signature, demos=[], inputs={"question": q})
+        recorded = self.recorded.get(str(example.get("id")))
+
+        def replay(n: int, drawn: int) -> list[ParsedSample]:
+            assert recorded is not None
+            return recorded[drawn:drawn + n]
 
         def draw(n: int, drawn: int) -> list[ParsedSample]:
             out = sample_engine(self.engine, self.engine.name, messages, n, soft_prompt=None,
@@ -99,12 +133,14 @@ class PlainVote(MethodRunner):
                 parsed.append(ParsedSample(s.text, key=key, tokens=s.output_tokens, logprob=s.logprob, fields=fields))
             return parsed
 
-        samples, result, drawn = vote_in_rounds(draw, adj)
+        samples, result, drawn = vote_in_rounds(draw if recorded is None else replay, adj)
         winner = next((s for s in samples if s.key == result.winner and s.fields), None)
         return self._record(None if winner is None or winner.fields is None else winner.fields.get("answer"),
                             tokens=sum(s.tokens for s in samples), samples=drawn, parse_failures=result.unparsed,
                             agreement=result.agreement, votes=dict(result.counts),
-                            sample_keys=[s.key for s in samples], sample_tokens=[s.tokens for s in samples])
+                            sample_keys=[s.key for s in samples], sample_tokens=[s.tokens for s in samples],
+                            sample_logprobs=[s.logprob for s in samples],
+                            **({"revoted_from": PlainVote.name} if recorded is not None else {}))
 
 
 class PlainAdaptive(PlainVote):

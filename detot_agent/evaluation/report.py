@@ -187,9 +187,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         looping = m.get("config", {}).get("reoptimization")
         reopt = f"{m['reoptimizations']} ({m['reoptimizations_accepted']})" if looping else "-"
         n = f"{m['n']}" + ("" if m["complete"] else "*")
+        # a method that re-voted another's recorded samples spent no generation time of its own
+        seconds = "re-voted" if m.get("config", {}).get("revoted_from") else f"{m['seconds_per_question']:.1f}"
         lines.append(f"| {name} | {n} | {m['accuracy']:.3f} | {m['ci95'][0]:.2f}-{m['ci95'][1]:.2f} | "
                      f"{m['samples_per_question']:.2f} | {m['tokens_per_question']:.0f} | "
-                     f"{m['seconds_per_question']:.1f} | {m['parse_failure_rate']:.1%} | {reopt} | {p} |")
+                     f"{seconds} | {m['parse_failure_rate']:.1%} | {reopt} | {p} |")
     if any(not m["complete"] for m in report["methods"].values()):
         lines += ["", "\\* unfinished: fewer problems than the suite; resume the run to complete it."]
     curve = report["methods"].get(CURVE_METHOD, {}).get("prefix_curve")

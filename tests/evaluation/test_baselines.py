@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import dspy
 import pytest
-from scripted import scripted_local_lm
+from scripted import ScriptedLocalEngine, scripted_local_lm
 
+from detot_agent.engines.generation import GenOutput
 from detot_agent.evaluation import EvalContext
 from detot_agent.evaluation.baselines import BASELINES
 
@@ -90,3 +91,61 @@ def test_plain_cot_the_baselines_and_plain_detot_share_one_plain_prompt(long_tin
     shared = {name: prompt(name) for name in ("plain_cot", "plain_sc", "detot_plain_static-retrieval")}
     assert len(set(shared.values())) == 1 and f"\n{Q}\n{COT_CUE}</s>" in shared["plain_cot"], shared
     assert f"{COT_CUE} End with: The answer is <answer>." in prompt("plain_cot_legacy")  # the named difference
+
+
+class SeededEngine(ScriptedLocalEngine):
+    """Scripted decoding where each sample's answer and confidence depend only on the seed it is drawn with
+    (the engines' rule: sample j of a row has seed `seed + j - greedy`; the greedy one has none)."""
+
+    def _run(self, rows):
+        out = []
+        for row in rows:
+            self.rows.append(row)
+            samples = []
+            for j in range(row.n):
+                seed = None if row.is_greedy(j) else row.seed + j - row.greedy
+                answer = "8" if seed is not None and seed % 4 == 0 else "7"  # a confident "8" one seed in four
+                ids = self.tokenizer(f"step\nThe answer is {answer}.", add_special_tokens=False)["input_ids"]
+                per_token = -0.01 if answer == "8" else -1.0
+                samples.append(GenOutput(text=f"step\nThe answer is {answer}.", token_ids=list(ids),
+                                         finish_reason="stop", logprob=per_token * len(ids)))
+            out.append(samples)
+        return out
+
+
+def test_adaptive_and_cisc_re_vote_plain_sc_s_samples_and_match_drawing_them(long_tiny_model_dir, tmp_path):
+    from detot_agent import local_lm
+    from detot_agent.evaluation import run_eval
+    from detot_agent.evaluation.runner import read_records
+
+    examples = [dspy.Example(id=f"q{i}", question=f"What is {i} plus 7?", answer="7").with_inputs("question")
+                for i in range(8)]
+    run = {"suite": "s", "source": "s", "model": "m", "seed": 0, "limit": None, "k": 3, "n": 5,
+           "temperature": 0.5, "max_tokens": 32}
+    variants = ["plain_sc_adaptive", "plain_cisc"]
+
+    def evaluate(methods, out):
+        engine = SeededEngine(long_tiny_model_dir, lambda t, n: None, plain=True)
+        ctx = EvalContext(lm=local_lm(engine=engine, cache=False), n=5, temperature=0.5, max_tokens=32)
+        run_eval(examples, methods, ctx, out, run=run, threads=1, progress=False)
+        return engine, {m: {r["id"]: r for r in read_records(out / f"{m}.jsonl")} for m in methods}
+
+    engine, revoted = evaluate(["plain_sc", *variants], tmp_path / "together")
+    assert len(engine.rows) == len(examples)  # only plain_sc drew: one row of six per question
+    _, drawn = evaluate(variants, tmp_path / "apart")  # no plain_sc records: they draw
+    for m in variants:
+        for qid, rec in revoted[m].items():
+            assert rec["revoted_from"] == "plain_sc" and "revoted_from" not in drawn[m][qid]
+            for field in ("pred", "samples", "sample_keys", "sample_tokens", "votes", "tokens"):
+                assert rec[field] == drawn[m][qid][field], (m, qid, field)
+    sc = revoted["plain_sc"]
+    adaptive = revoted["plain_sc_adaptive"]
+    assert all(r["sample_keys"] == sc[q]["sample_keys"][: r["samples"]] for q, r in adaptive.items())
+    assert any(r["samples"] < 6 for r in revoted["plain_sc_adaptive"].values())  # it did stop early somewhere
+    assert any(revoted["plain_cisc"][q]["pred"] != sc[q]["pred"] for q in sc)  # and CISC's weights did change votes
+    from detot_agent.evaluation import write_report
+    from detot_agent.evaluation.report import render_markdown
+
+    rows = {line.split(" | ")[0].strip("| "): line for line in render_markdown(
+        write_report(tmp_path / "together", plots=False)).splitlines() if line.startswith("| plain")}
+    assert "re-voted" in rows["plain_cisc"] and "re-voted" not in rows["plain_sc"]  # no timing claimed for them
