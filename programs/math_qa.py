@@ -226,7 +226,9 @@ def _optimize(args: argparse.Namespace) -> int:
     settings = {"suite": suite.name, "model": args.model or "embedded SmolLM2-135M", "adapter": args.adapter,
                 "max_samples": args.max_samples, "max_tokens": args.max_tokens, "seed": args.seed,
                 "draw": args.draw, "index": str(args.index), "optimizer": args.optimize,
-                "eval_ids": [ex.id for ex in evalset], "train_ids": [ex.id for ex in trainset]}
+                "eval_ids": [ex.id for ex in evalset], "train_ids": [ex.id for ex in trainset],
+                **({"proposer_model": args.proposer_model} if args.proposer_model and args.optimize != "bootstrap"
+                   else {})}
     program_file = args.out.with_suffix(".program.json") if args.out else None
     before, resumed = None, None
     if args.before is not None:
@@ -243,7 +245,9 @@ def _optimize(args: argparse.Namespace) -> int:
                     questions=[ex.question for ex in trainset], adapter=args.adapter, lm=lm)
     # the optimizers' own prompts (a data summary, instruction proposals, reflections) run far longer than a
     # word problem with its demos: they get their own engine on the same model with a longer context
-    proposer = lm if args.optimize == "bootstrap" else local_lm(args.model, cache=False, n_ctx=args.proposer_ctx)
+    # (`--proposer-model`: another, stronger model for them; a 0.5B model proposes copied word problems)
+    proposer = lm if args.optimize == "bootstrap" else local_lm(args.proposer_model or args.model, cache=False,
+                                                                n_ctx=args.proposer_ctx)
     compiled, elapsed = None, 0.0
     if resumed is not None:  # the earlier run's time (runs from before stages recorded it: unknown, not counted)
         elapsed = float(resumed.get("seconds") or 0.0)
@@ -297,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="Evaluation and optimizer threads.")
     ap.add_argument("--proposer-ctx", type=int, default=8192, help="Context (positions) of the engine that runs "
                     "MIPROv2's and GEPA's own prompts (llama.cpp; the program's engine keeps its default).")
+    ap.add_argument("--proposer-model", help="The model that runs MIPROv2's and GEPA's own prompts (instruction "
+                    "proposals, reflections); default: --model.")
     ap.add_argument("--out", type=Path, help="Write the --optimize report (JSON) and the compiled program here "
                     "(also after each stage, so --resume can go on from it).")
     ap.add_argument("--resume", action="store_true", help="Go on from the stage --out reached (scored or "

@@ -228,3 +228,32 @@ def test_math_qa_refuses_scores_made_with_other_settings(long_tiny_model_dir, tr
     out = tmp_path / "opt.json"
     rc = main([*_optimize_args(train_file, tmp_path, long_tiny_model_dir), "--out", str(out), "--before", str(earlier)])
     assert rc == 2 and "not a readable --optimize report" in capsys.readouterr().err and not out.exists()
+
+
+def test_math_qa_runs_the_optimizer_s_own_prompts_on_the_proposer_model(long_tiny_model_dir, train_file, tmp_path,
+                                                                          monkeypatch):
+    import programs.math_qa as math_qa
+
+    built: list[tuple[str | None, dict]] = []
+    real = math_qa.local_lm
+
+    class Stop(Exception):
+        pass
+
+    def spy(model=None, **kw):
+        built.append((model, kw))
+        if len(built) == 2:  # the proposer's engine: enough seen, skip the compile
+            raise Stop
+        return real(model, **kw)
+
+    monkeypatch.setattr(math_qa, "local_lm", spy)
+    other = str(tmp_path / "proposer.gguf")
+    with pytest.raises(Stop):
+        math_qa.main([*_optimize_args(train_file, tmp_path, long_tiny_model_dir, "mipro"), "--proposer-model", other,
+                      "--proposer-ctx", "1024"])
+    assert built[0][0] == str(long_tiny_model_dir)  # the program's LM
+    assert built[1][0] == other and built[1][1]["n_ctx"] == 1024  # MIPROv2's prompts: the other model
+    built.clear()
+    with pytest.raises(Stop):
+        math_qa.main(_optimize_args(train_file, tmp_path, long_tiny_model_dir, "mipro"))
+    assert built[1][0] == str(long_tiny_model_dir)  # default: the program's own model
