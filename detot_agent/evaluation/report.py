@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from detot_agent.answers import AnswerFormat, numbers_equal
+from detot_agent.answers import AnswerFormat
 from detot_agent.errors import ArtefactError
 from detot_agent.evaluation.metrics import accuracy, bootstrap_ci, paired
-from detot_agent.evaluation.runner import RUN_FILE, read_records
+from detot_agent.evaluation.runner import RUN_FILE, is_correct, read_records
 from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.io.persist import atomic_write_text
 
@@ -86,14 +86,8 @@ def prefix_curve(records: list[dict[str, Any]], fmt: AnswerFormat = AnswerFormat
     depth = min(len(r["sample_keys"]) for r in records)
     curve = []
     for m in range(1, depth + 1):
-        right = 0
-        tokens = 0
-        for r in records:
-            winner = vote(r["sample_keys"][:m]).winner
-            gold = str(r["gold"])
-            right += winner is not None and (numbers_equal(winner, gold) if fmt is AnswerFormat.NUMBER
-                                             else winner == gold)
-            tokens += sum(int(t) for t in (r.get("sample_tokens") or [])[:m])
+        right = sum(is_correct(vote(r["sample_keys"][:m]).winner, str(r["gold"]), fmt) for r in records)
+        tokens = sum(int(t) for r in records for t in (r.get("sample_tokens") or [])[:m])
         curve.append({"m": m, "accuracy": right / len(records), "tokens_per_question": tokens / len(records)})
     return curve
 
@@ -157,7 +151,8 @@ def build_report(out: str | Path) -> dict[str, Any]:
     baselines = [m for m in methods if not m.startswith("detot") and methods[m]["n"]]
     best = max(baselines, key=lambda m: (methods[m]["accuracy"], -methods[m]["samples_per_question"]),
                default=None)
-    curve = methods.get(CURVE_METHOD, {}).get("prefix_curve") if methods.get(CURVE_METHOD, {}).get("complete") else None
+    sc = methods.get(CURVE_METHOD, {})
+    curve = sc.get("prefix_curve") if sc.get("complete") else None
     for method, summary in methods.items():
         if curve and method.startswith("detot") and summary["complete"]:
             summary["sc_samples_to_match"] = _samples_to_match(curve, summary["accuracy"])

@@ -105,7 +105,8 @@ def check_run(out: Path, run: dict[str, Any], *, resume: bool, write: bool = Tru
     return stored
 
 
-def _correct(pred: str | None, gold: str, fmt: AnswerFormat) -> bool:
+def is_correct(pred: str | None, gold: str, fmt: AnswerFormat) -> bool:
+    """Whether a normalised prediction matches the gold answer (numbers compare by value)."""
     if pred is None:
         return False
     return numbers_equal(pred, gold) if fmt is AnswerFormat.NUMBER else pred == gold
@@ -200,7 +201,7 @@ def answer_example(runner: MethodRunner, ex: dspy.Example, fmt: AnswerFormat) ->
         if not str(exc):
             error += " " + traceback.format_exc(limit=2)
     return {"id": ex.id, "method": runner.name, "gold": ex.answer, **rec,
-            "correct": _correct(rec.get("pred"), ex.answer, fmt), "latency_s": time.perf_counter() - start,
+            "correct": is_correct(rec.get("pred"), ex.answer, fmt), "latency_s": time.perf_counter() - start,
             "finished_at": time.time(), "error": error}
 
 

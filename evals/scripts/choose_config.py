@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
+
+from detot_agent.io.persist import atomic_write_text
 
 
 def rows(dev: Path) -> list[dict[str, Any]]:
@@ -67,11 +67,7 @@ def main() -> None:
               f"{r['samples_per_question']} |")
     choice = {"strategy": best["strategy"], "weighting": best["weighting"], "soft_prompt": best["soft_prompt"],
               "chosen_from": table, "rule": "most accurate on the development split; ties: fewer output tokens"}
-    fd, tmp = tempfile.mkstemp(dir=args.dev, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(choice, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, args.dev / "choice.json")
+    atomic_write_text(args.dev / "choice.json", json.dumps(choice, indent=2) + "\n")
     print(f"chosen: strategy={best['strategy']} weighting={best['weighting']} "
           f"soft_prompt={'on' if best['soft_prompt'] else 'off'} -> {args.dev / 'choice.json'}")
 

@@ -8,7 +8,7 @@
 # items with a 40-minute budget and no policy, and no judgement finished: pass those options to repeat it.
 # Needs runs/gsm8k-train-index (detot index build --data ../shared/data/gsm8k/train.jsonl --out runs/gsm8k-train-index).
 # Resumable: pass --resume. About 2-3 hours a method on the 2-core CPU alone (about 20 s a question for static
-# DETOT with 4 in flight). Later options win: "$@" may override any of these.
+# DETOT with 4 in flight). "$@" comes last: a repeated option overrides these (a repeated --loop-policy adds one).
 cd "$(dirname "$0")/../.."  # the repository root
 export HF_HUB_OFFLINE=1
 .venv/bin/detot eval --suite gsm8k --data-dir ../shared/data --methods detot_plain_static,detot_plain --limit 300 --seed 0 \
