@@ -31,7 +31,7 @@ class Device(str, Enum):
 
 
 class DType(str, Enum):
-    """Floating-point type of the model weights. `auto`: bfloat16 on CUDA, float32 elsewhere."""
+    """Floating-point type of the model weights. `auto`: float32 (batch-invariant greedy answers; README)."""
 
     AUTO = "auto"
     FLOAT32 = "float32"
@@ -59,7 +59,8 @@ class EngineConfig(StrictModel):
         model: a local Hugging Face folder, a `.gguf` file, or a hub id (only where a
             hub is reachable). None means the embedded default model.
         device: `auto`, `cpu`, `cuda` or `mps`.
-        dtype: weight dtype; `auto` is bfloat16 on CUDA and float32 elsewhere.
+        dtype: weight dtype; `auto` is float32 on every device (in bfloat16 a greedy answer depends on its
+            batch-mates, measured on CPU and CUDA); `bfloat16` halves memory for large models.
         dynamic_batching: gather concurrent `complete` calls into one batch.
         max_batch_size: most sequences (rows x samples) decoded together.
         max_wait_ms: how long the batcher waits for more requests after the first.

@@ -25,13 +25,14 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
-__all__ = ["GenOutput", "GenRow", "embed_row", "finish_text", "generate_rows", "sample_ranks", "seeded_generators",
+__all__ = ["GenOutput", "GenRow", "cache_argument", "embed_row", "finish_text", "generate_rows", "sample_ranks", "seeded_generators",
            "stop_in_tail", "text_seed"]
 
 
@@ -197,6 +198,18 @@ def embed_row(embed: torch.nn.Module, row: GenRow, *, device: torch.device | str
 
 
 @torch.inference_mode()
+def cache_argument(model: Any) -> str:
+    """The forward's name for the key/value cache: `cache` (recent transformers 5.x) or `past_key_values` (earlier).
+
+    Example:
+        >>> class Old:
+        ...     def forward(self, input_ids=None, past_key_values=None, use_cache=None): ...
+        >>> cache_argument(Old())
+        'past_key_values'
+    """
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) -> list[list[GenOutput]]:
     """Decode every row; returns, per row, its `n` samples in order.
 
@@ -221,17 +234,17 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
         inputs[i, L - seq.shape[0] :] = seq
         mask[i, L - seq.shape[0] :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # (B, L)
-    cache = DynamicCache()
+    cache = DynamicCache()  # filled in place by every forward below
+    cache_kw = {cache_argument(model): cache}
     out = model(
         inputs_embeds=inputs,
         attention_mask=mask,
         position_ids=positions,
-        cache=cache,
         use_cache=True,
         logits_to_keep=1,
+        **cache_kw,
     )
     logits = out.logits[:, -1, :].float()  # (B, V)
-    cache = out.cache
 
     # ---- fan out: sample j of row i gets a copy of row i's cache
     owner = [i for i, row in enumerate(rows) for _ in range(row.n)]  # sequence -> row
@@ -280,10 +293,9 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=next_pos.unsqueeze(1),
-            cache=cache,
             use_cache=True,
+            **cache_kw,
         )
-        cache = out.cache
         logits = out.logits[:, -1, :].float()  # (A, V)
         next_pos = next_pos + 1
 

@@ -171,10 +171,15 @@ def pick_device(device: Device | str) -> torch.device:
 
 
 def pick_dtype(dtype: DType | str, device: torch.device) -> torch.dtype:
-    """`auto` -> bfloat16 on CUDA, float32 elsewhere."""
+    """`auto` -> float32 on every device (bfloat16 makes greedy answers depend on their batch-mates; README).
+
+    Example:
+        >>> pick_dtype("auto", torch.device("cuda"))
+        torch.float32
+    """
     dtype = DType(dtype)
     if dtype is DType.AUTO:
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.float32
     return {DType.FLOAT32: torch.float32, DType.BFLOAT16: torch.bfloat16, DType.FLOAT16: torch.float16}[dtype]
 
 
