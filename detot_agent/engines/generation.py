@@ -32,8 +32,8 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-__all__ = ["GenOutput", "GenRow", "cache_argument", "embed_row", "finish_text", "generate_rows", "sample_ranks", "seeded_generators",
-           "stop_in_tail", "text_seed"]
+__all__ = ["GenOutput", "GenRow", "cache_argument", "embed_row", "finish_text", "generate_rows", "sample_ranks",
+           "seeded_generators", "stop_in_tail", "text_seed"]
 
 
 @dataclass

@@ -75,6 +75,10 @@ def invariance(engine: LocalEngine, new_tokens: int) -> dict:
     }
 
 
+def _peak_gib() -> float | None:
+    return round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None
+
+
 def _sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
@@ -95,7 +99,7 @@ def throughput(engine: LocalEngine, batches: list[int], n: int, new_tokens: int)
         dt = time.perf_counter() - t0
         tokens = sum(len(o.token_ids) for r in res for o in r)
         out.append({"rows": b, "samples_per_row": n, "sequences": b * n, "tokens": tokens, "seconds": round(dt, 3),
-                    "tok_s": round(tokens / dt, 1), "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if torch.cuda.is_available() else None})
+                    "tok_s": round(tokens / dt, 1), "peak_gib": _peak_gib()})
         print(f"  {b:>4} rows x {n}: {tokens:>7} tokens in {dt:6.2f} s = {tokens / dt:9.1f} tok/s", flush=True)
     return out
 
@@ -111,7 +115,8 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--invariance-tokens", type=int, default=96)
     args = p.parse_args()
-    result: dict = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device, "model": Path(args.model).name,
+    result: dict = {"torch": torch.__version__, "model": Path(args.model).name,
+                    "device": torch.cuda.get_device_name(0) if args.device == "cuda" else args.device,
                     "dtypes": {}}
     for dtype in args.dtypes.split(","):
         t0 = time.perf_counter()
