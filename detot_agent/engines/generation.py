@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
@@ -250,7 +250,7 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
     owner = [i for i, row in enumerate(rows) for _ in range(row.n)]  # sequence -> row
     index = torch.tensor(owner, dtype=torch.long, device=device)
     if len(owner) != B or owner != list(range(B)):
-        cache.reorder_cache(index)
+        cache.reorder_cache(cast(torch.LongTensor, index))
         logits, mask = logits[index], mask[index]
     next_pos = positions[index, -1] + 1  # (S,)
     generators = seeded_generators(rows, device)
@@ -284,7 +284,7 @@ def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) ->
             break
         if len(still) != len(active):
             keep = torch.tensor(still, dtype=torch.long, device=device)
-            cache.reorder_cache(keep)
+            cache.reorder_cache(cast(torch.LongTensor, keep))
             mask, next_pos = mask[keep], next_pos[keep]
             active = [active[k] for k in still]
         step_ids = torch.tensor(chosen, dtype=torch.long, device=device).unsqueeze(1)  # (A, 1)
