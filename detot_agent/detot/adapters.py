@@ -26,7 +26,8 @@ Example:
 from __future__ import annotations
 
 import re
-from typing import Any
+import typing
+from typing import Any, Literal
 
 import dspy
 from dspy.adapters.utils import parse_value
@@ -125,7 +126,8 @@ class PlainAdapter(dspy.Adapter):
 
     Args:
         cue: appended to the request's input; default: "Let's think step by step." for reasoning
-            signatures, "Reply with: The answer is <answer>." otherwise.
+            signatures, "Reply with: The answer is <answer>." otherwise; an answer field declared as
+            `Literal["a", "b"]` adds its labels ("... The answer is one of: a, b.").
 
     Example:
         >>> import dspy
@@ -146,11 +148,18 @@ class PlainAdapter(dspy.Adapter):
                               f"this one outputs {list(signature.output_fields)}: use LenientChatAdapter")
         return outputs[0]
 
+    def _labels(self, signature: Any) -> list[str]:
+        """The answer field's label set when it is declared as a `Literal[...]`, else []."""
+        annotation = signature.output_fields[self._answer_field(signature)].annotation
+        return [str(a) for a in typing.get_args(annotation)] if typing.get_origin(annotation) is Literal else []
+
     def _cue(self, signature: Any) -> str:
         if self.cue is not None:
             return self.cue
-        return (COT_CUE if "reasoning" in signature.output_fields
-                else "Reply with: The answer is <answer>.")
+        labels = self._labels(signature)
+        if "reasoning" in signature.output_fields:  # the one shared plain prompt, plus the label set if declared
+            return COT_CUE + (f" The answer is one of: {', '.join(labels)}." if labels else "")
+        return "Reply with: The answer is " + (f"one of: {', '.join(labels)}." if labels else "<answer>.")
 
     def format(self, signature: Any, demos: list[dict[str, Any]], inputs: dict[str, Any]) -> list[dict[str, Any]]:
         """Messages: the signature's own instructions as system message (none for DSPy's default text),

@@ -690,9 +690,29 @@ def _squash(text: str) -> str:
 
 
 def _pooled(cot: Any, pot: Any) -> Any:
-    """The `mix` strategy's drawer: each round half CoT samples (the greedy one among them), half PoT."""
+    """The `mix` strategy's drawer: each round half CoT samples (the greedy one among them), half PoT.
+
+    Each side is told how many samples *it* has drawn, so its seeds run as they do when it serves alone: a
+    mix's CoT samples are a prefix of a CoT-only run's for the same question, and likewise for PoT.
+
+    Example:
+        >>> calls = []
+        >>> side = lambda name: lambda n, drawn: calls.append((name, n, drawn)) or [name] * n
+        >>> draw = _pooled(side("cot"), side("pot"))
+        >>> draw(3, 0), draw(2, 3)
+        (['cot', 'cot', 'pot'], ['cot', 'pot'])
+        >>> calls
+        [('cot', 2, 0), ('pot', 1, 0), ('cot', 1, 2), ('pot', 1, 1)]
+    """
+    taken = {"cot": 0, "pot": 0}
+
     def draw(n: int, drawn: int) -> list[ParsedSample]:
         half = (n + 1) // 2
-        return cot(half, drawn) + (pot(n - half, drawn) if n - half else [])
+        out = cot(half, taken["cot"])
+        taken["cot"] += half
+        if n - half:
+            out += pot(n - half, taken["pot"])
+            taken["pot"] += n - half
+        return out
 
     return draw

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import dspy
 import pytest
 from dspy.utils.exceptions import AdapterParseError
@@ -101,3 +103,18 @@ def test_plain_adapter_serves_dspy_modules():
         pred = dspy.ChainOfThought("question -> answer")(question="5 + 3?")
     assert (pred.answer, pred.reasoning) == ("8", "step 0")
     assert "[[ ##" not in engine.prompts[0] and engine.prompts[0].endswith("Let's think step by step.")
+
+
+def test_plain_cue_lists_a_literal_answer_fields_labels_and_leaves_other_signatures_alone():
+    class Sentiment(dspy.Signature):
+        review: str = dspy.InputField()
+        sentiment: Literal["positive", "negative"] = dspy.OutputField()
+
+    direct = PlainAdapter().format(Sentiment, [], {"review": "Loved it."})[-1]["content"]
+    assert direct.endswith("Reply with: The answer is one of: positive, negative.")
+    cot = PlainAdapter().format(dspy.ChainOfThought(Sentiment).predict.signature, [], {"review": "Loved it."})
+    assert cot[-1]["content"].endswith("Let's think step by step. The answer is one of: positive, negative.")
+    # free-text answers keep the one shared plain prompt
+    assert PlainAdapter().format(COT, [], {"question": "2 + 3?"})[-1]["content"] == "2 + 3?\nLet's think step by step."
+    plain = dspy.Predict("question -> answer").signature
+    assert PlainAdapter().format(plain, [], {"question": "2 + 3?"})[-1]["content"].endswith("The answer is <answer>.")

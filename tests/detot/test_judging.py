@@ -7,6 +7,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from detot_agent.detot.controller import Controller, ControllerConfig
 from detot_agent.detot.judging import Replayed, ReplayRules, alpha_for, decide, sign_test_p
@@ -262,7 +263,12 @@ def test_a_policy_is_adopted_only_when_it_replays_better_on_gold(pot, accepted, 
     assert ctl.tests_run == 2  # the policy trial spent the error budget too
     if accepted:
         assert ctl.state.policy == Policy(strategy="pot") and ctl.state.version == old.version + 1
-        assert ctl.state.embedding is old.embedding and trial.verdicts[0]["stats"]["canary_accuracy"] == [0.3, 1.0]
+        assert trial.verdicts[0]["stats"]["canary_accuracy"] == [0.3, 1.0]
+        # the same embedding, carrying the new version (saved on its own, it says which state it served)
+        new = ctl.state.embedding
+        assert new is not old.embedding and new.version == ctl.state.version and old.embedding.version == old.version
+        assert all(torch.equal(a, b) for a, b in zip(new.state_dict().values(), old.embedding.state_dict().values(),
+                                                      strict=True) if isinstance(a, torch.Tensor))
     else:
         assert ctl.state is old
 
