@@ -544,7 +544,8 @@ class DETOT(dspy.Module):
 
     # ---- persistence -------------------------------------------------------------------------------------
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
-        """DSPy state (predictor demos/instructions) plus DETOT's own: profile, adjustments, version.
+        """DSPy state (predictor demos/instructions) plus DETOT's own: profile, adjustments, version, policy, and
+        the loop's spent error budget (`tests_run`).
 
         The LM is not part of the state (DETOT is loaded into an object built with its LM and index): the
         inner predictor's `lm` is saved as None, and loading keeps the LM the object has."""
@@ -558,7 +559,9 @@ class DETOT(dspy.Module):
                           "policy": None if st.policy is None else st.policy.model_dump(mode="json", exclude_none=True),
                           "index": {"encoder": self.index.encoder_name, "dim": self.index.dim,
                                     "count": len(self.index)},
-                          "monitor": self.monitor.stats()}
+                          "monitor": self.monitor.stats(),
+                          # the loop's error budget: a reloaded program must not test afresh at the first alpha
+                          "tests_run": self.controller.tests_run}
         return state
 
     def load_state(self, state: dict[str, Any], **kwargs: Any) -> DETOT:
@@ -576,6 +579,7 @@ class DETOT(dspy.Module):
             self.task = TaskProfile(**extra["task"])
             self.adjustments = Adjustments(**extra["adjustments"])
             policy = Policy(**extra["policy"]) if extra.get("policy") else None
+            self.controller.tests_run = max(self.controller.tests_run, int(extra.get("tests_run", 0)))
             st = self.controller.state
             if policy != st.policy:  # the loop's policy serves with the loaded state
                 self.controller.restore(TaskState(st.version, st.embedding, policy))

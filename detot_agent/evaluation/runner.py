@@ -217,11 +217,18 @@ class Executor(Protocol):
         ...
 
 
+def _checkpoint_mark(program: Any) -> tuple[int, int]:
+    """What a saved program must be current with: its serving version and the judgements its loop has spent
+    (a rejected candidate changes no version but spends error budget)."""
+    controller = getattr(program, "controller", None)
+    return getattr(program, "version", 0), getattr(controller, "tests_run", 0)
+
+
 class LocalExecutor:
     """Answers examples in this process: `threads` at once, their generations batched by the engine.
 
-    Full DETOT's serving state is saved to `<method>.program.json` whenever its version changes,
-    and reloaded from there on resume.
+    Full DETOT's serving state is saved to `<method>.program.json` whenever its version changes or its loop
+    judges a candidate (the spent error budget), and reloaded from there on resume.
 
     Example:
         >>> from detot_agent.evaluation.runner import LocalExecutor
@@ -244,16 +251,17 @@ class LocalExecutor:
         program = getattr(runner, "program", None)
         if stateful and program is not None and sink.program_path.exists():
             program.load(sink.program_path)
-        saved = [getattr(program, "version", 0)]
+        saved = [_checkpoint_mark(program)]
 
         def one(ex: dspy.Example) -> dict[str, Any]:
             rec = answer_example(runner, ex, self.ctx.answer_format)
             sink.record(rec)
             if stateful and program is not None:
                 with sink.lock:
-                    if program.version != saved[0]:
+                    mark = _checkpoint_mark(program)
+                    if mark != saved[0]:
                         program.save(sink.program_path)
-                        saved[0] = program.version
+                        saved[0] = mark
             return rec
 
         executor = ParallelExecutor(num_threads=self.threads, max_errors=len(todo) + 1, timeout=0,

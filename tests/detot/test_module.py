@@ -109,6 +109,7 @@ def test_save_load_reproduces_predictions(gsm8k_index, tmp_path, encoder):
     detot.controller.publish(TaskState(1, emb))
     detot.predictor.predict.demos = [dspy.Example(question="1+1?", reasoning="1+1=2", answer="2")]
     before = detot(question=Q)
+    detot.controller.tests_run = 3  # three judgements spent the loop's error budget
     detot.save(tmp_path / "detot.json")
     fresh = make(gsm8k_index, lm)
     assert fresh(question=Q).demo_ids != before.demo_ids
@@ -121,6 +122,7 @@ def test_save_load_reproduces_predictions(gsm8k_index, tmp_path, encoder):
     after = fresh(question=Q)
     assert (after.demo_ids, after.answer, after.embedding_version) == (before.demo_ids, before.answer, 1)
     assert fresh.predictor.predict.demos[0]["question"] == "1+1?"
+    assert fresh.controller.tests_run == 3  # a resumed loop tests on at the fourth alpha, not the first
     (tmp_path / "detot.json.tensors" / "tensors.safetensors").write_bytes(b"broken")
     with pytest.raises(Exception, match="checksum"):
         make(gsm8k_index, lm).load(tmp_path / "detot.json")

@@ -358,3 +358,15 @@ def test_loop_policies_reach_the_looping_method_only():
     spec = ContextSpec(loop_policies=[Policy.parse("strategy=pot").changes()])
     assert spec.loop_policies == [{"strategy": "pot"}]
     assert Policy(**spec.loop_policies[0]) == Policy(strategy="pot")
+
+
+def test_a_looping_program_is_saved_again_when_a_rejected_judgement_spends_error_budget():
+    from types import SimpleNamespace
+
+    from detot_agent.evaluation.runner import _checkpoint_mark
+
+    program = SimpleNamespace(version=2, controller=SimpleNamespace(tests_run=1))
+    before = _checkpoint_mark(program)
+    program.controller.tests_run += 1  # a candidate judged and rejected: same version
+    assert _checkpoint_mark(program) != before
+    assert _checkpoint_mark(SimpleNamespace()) == (0, 0)  # a method without a loop
