@@ -197,7 +197,6 @@ def embed_row(embed: torch.nn.Module, row: GenRow, *, device: torch.device | str
         return tok
 
 
-@torch.inference_mode()
 def cache_argument(model: Any) -> str:
     """The forward's name for the key/value cache: `cache` (recent transformers 5.x) or `past_key_values` (earlier).
 
@@ -210,6 +209,7 @@ def cache_argument(model: Any) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+@torch.inference_mode()
 def generate_rows(model, tokenizer, rows: list[GenRow], *, eos_ids: set[int]) -> list[list[GenOutput]]:
     """Decode every row; returns, per row, its `n` samples in order.
 

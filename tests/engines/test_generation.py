@@ -107,3 +107,17 @@ def test_end_token_finishes_a_sample(tiny_engine):
     ended = generate_rows(tiny_engine.model, tiny_engine.tokenizer, [row], eos_ids=eos)[0][0]
     assert ended.finish_reason == "stop"
     assert ended.token_ids == full.token_ids[: full.token_ids.index(full.token_ids[2]) + 1]
+
+
+def test_decoding_runs_in_inference_mode(tiny_engine):
+    """No autograd bookkeeping on the hot path, even for a soft prompt that is a trainable parameter."""
+    seen = []
+    handle = tiny_engine.model.register_forward_pre_hook(
+        lambda mod, args: seen.append(torch.is_inference_mode_enabled()))
+    try:
+        soft = torch.nn.Parameter(torch.randn(3, tiny_engine.hidden_size))
+        generate_rows(tiny_engine.model, tiny_engine.tokenizer, [_row(tiny_engine, PROMPTS[0], soft_prompt=soft,
+                                                                     max_new_tokens=4)], eos_ids=set())
+    finally:
+        handle.remove()
+    assert seen and all(seen)
