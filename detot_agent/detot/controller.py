@@ -321,7 +321,7 @@ class Controller:
                 verdict = self._judge_replay(old, TaskState(old.version + 1, old.embedding, new_policy), held, start,
                                              gold_only=True)
                 if verdict.accepted:  # the same embedding under the new version (a copy: the old state is not touched)
-                    embedding = None if old.embedding is None else copy.deepcopy(old.embedding)
+                    embedding = copy.deepcopy(old.embedding)
                     if embedding is not None:
                         embedding.version = old.version + 1
                     self.publish(TaskState(old.version + 1, embedding, new_policy))
