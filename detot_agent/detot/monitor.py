@@ -28,9 +28,10 @@ from collections import deque
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from detot_agent.config import StrictModel, build
+from detot_agent.errors import ArtefactError
 from detot_agent.io.jsonlog import JsonlLog
 
 __all__ = ["Monitor", "MonitorConfig", "Observation", "ReoptimizationEvent", "Trigger"]
@@ -215,6 +216,57 @@ class Monitor:
                           observations=self.count)
         self._log(trigger)
         return trigger
+
+    def restore(self, path: str | Path | None = None) -> int:
+        """Rebuild the window, the observation count and the cooldown from an event log (this monitor's own
+        by default), so a resumed run goes on where the logged one stopped; returns the observations read.
+
+        Observations fill the window in order (with their later feedback), an accepted re-optimization
+        clears it, and the last finished re-optimization starts the cooldown again. A trigger whose
+        re-optimization never finished (the process stopped) is not pending: the rules may raise it again.
+        The log is not written to. Call it before serving.
+
+        Example:
+            >>> import tempfile, pathlib
+            >>> log = pathlib.Path(tempfile.mkdtemp()) / "events.jsonl"
+            >>> m = Monitor(window=4, min_count=2, cooldown=0, log_path=log)
+            >>> _ = m.observe(Observation(id="q1", agreement=0.9, samples=2, tokens=80, latency_s=1.0))
+            >>> again = Monitor(window=4, log_path=log)
+            >>> again.restore(), again.stats()["count"]
+            (1, 1)
+        """
+        source = Path(path) if path is not None else self.log_path
+        if source is None:
+            raise ValueError("Monitor.restore: no log to read (pass a path, or build the monitor with log_path)")
+        events = JsonlLog(source, fsync=False).read()
+        with self._lock:
+            self._window.clear()
+            self._by_id.clear()
+            self.count, self.last_reopt_at, self.pending = 0, None, False
+            for no, data in enumerate(events, 1):
+                kind = data.get("event") if isinstance(data, dict) else None
+                try:
+                    if kind == "observation":
+                        obs = Observation.model_validate(data)
+                        self._window.append(obs)
+                        self._by_id[obs.id] = obs
+                        self.count += 1
+                    elif kind == "feedback":
+                        fb = FeedbackEvent.model_validate(data)
+                        if fb.id in self._by_id:
+                            self._by_id[fb.id].correct = fb.correct
+                    elif kind == "reoptimization":
+                        event = ReoptimizationEvent.model_validate(data)
+                        self.last_reopt_at = event.observations
+                        if event.accepted:
+                            self._window.clear()
+                except ValidationError as exc:
+                    raise ArtefactError(f"{source} line {no}: invalid {kind} event "
+                                        f"({exc.errors()[0]['msg']}); fix or remove that line") from None
+            if len(self._by_id) > 10 * (self._window.maxlen or 1):
+                keep = {o.id for o in self._window}
+                self._by_id = {k: v for k, v in self._by_id.items() if k in keep}
+            return self.count
 
     def reoptimized(self, event: ReoptimizationEvent) -> None:
         """Record a finished re-optimization and start the cooldown (the window restarts if accepted)."""

@@ -228,7 +228,8 @@ class LocalExecutor:
     """Answers examples in this process: `threads` at once, their generations batched by the engine.
 
     Full DETOT's serving state is saved to `<method>.program.json` whenever its version changes or its loop
-    judges a candidate (the spent error budget), and reloaded from there on resume.
+    judges a candidate (the spent error budget), and reloaded from there on resume; its monitor's window,
+    observation count and cooldown are rebuilt from `<method>.events.jsonl`.
 
     Example:
         >>> from detot_agent.evaluation.runner import LocalExecutor
@@ -251,6 +252,9 @@ class LocalExecutor:
         program = getattr(runner, "program", None)
         if stateful and program is not None and sink.program_path.exists():
             program.load(sink.program_path)
+        monitor = getattr(program, "monitor", None) if stateful else None
+        if monitor is not None and monitor.log_path is not None and monitor.log_path.exists():
+            monitor.restore()  # the window, count and cooldown go on from the log, not from zero
         saved = [_checkpoint_mark(program)]
 
         def one(ex: dspy.Example) -> dict[str, Any]:

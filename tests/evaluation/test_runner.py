@@ -370,3 +370,31 @@ def test_a_looping_program_is_saved_again_when_a_rejected_judgement_spends_error
     program.controller.tests_run += 1  # a candidate judged and rejected: same version
     assert _checkpoint_mark(program) != before
     assert _checkpoint_mark(SimpleNamespace()) == (0, 0)  # a method without a loop
+
+
+def test_a_resumed_looping_run_rebuilds_its_monitor_from_the_event_log(tmp_path, multiarith_head, engine, pool,
+                                                                      monkeypatch):
+    from detot_agent.detot.monitor import Monitor
+
+    suite = load_suite(str(multiarith_head(6)))
+    lm = local_lm(engine=engine, cache=False)
+    ctx = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=6, task_name="multiarith",
+                      questions=[ex.question for ex in suite.examples])
+    run = {"suite": suite.name, "source": suite.source, "model": "tiny", "seed": 0, "limit": None, "k": 1, "n": 1,
+           "temperature": 0.7, "max_tokens": 6}
+    out = run_eval(suite.examples, ["detot"], ctx, tmp_path / "run", run=run, threads=1, progress=False)
+    records = (out / "detot.jsonl").read_text().splitlines()
+    (out / "detot.jsonl").write_text("\n".join(records[:4]) + "\n")  # the process stopped after 4 records
+    restored: list[tuple[Monitor, int]] = []
+    original = Monitor.restore
+
+    def spy(self, path=None):
+        restored.append((self, original(self, path)))
+        return restored[-1][1]
+
+    monkeypatch.setattr(Monitor, "restore", spy)
+    run_eval(suite.examples, ["detot"], ctx, out, run=run, resume=True, threads=1, progress=False)
+    (monitor, read), = restored
+    assert read == 6  # every observation the first process logged (two of them lost their records)
+    assert monitor.count == 8  # and the two answered again after the resume
+    assert len(read_records(out / "detot.jsonl")) == 6
