@@ -135,6 +135,7 @@ class Monitor:
         self.count = 0
         self.last_reopt_at: int | None = None
         self.pending = False  # a trigger was raised and its re-optimization has not finished
+        self._restored_at: int | None = None  # the count `restore` read from a log
         self._events: deque[dict[str, Any]] = deque(maxlen=cfg.keep_events)
         self.events_logged = 0  # events ever logged (the in-memory deque holds the last `keep_events`)
         self.log_path = Path(log_path) if log_path else None
@@ -203,6 +204,8 @@ class Monitor:
             return None
         if self.last_reopt_at is not None and self.count - self.last_reopt_at < self.cooldown:
             return None
+        if self._restored_at is not None and self.count - self._restored_at < self.min_count:
+            return None  # restored from a log: wait for evidence from this process (see `restore`)
         s = self._stats()
         reason = None
         if s["count"] >= self.min_count and s["agreement"] is not None and s["agreement"] < self.agreement_threshold:
@@ -224,7 +227,9 @@ class Monitor:
         Observations fill the window in order (with their later feedback), an accepted re-optimization
         clears it, and the last finished re-optimization starts the cooldown again. A trigger whose
         re-optimization never finished (the process stopped) is not pending: the rules may raise it again.
-        The log is not written to. Call it before serving.
+        The restored monitor triggers only after `min_count` fresh observations: what a re-optimization trains
+        on (the controller's evidence) is not in the log and starts empty. The log is not written to. Call it
+        before serving.
 
         Example:
             >>> import tempfile, pathlib
@@ -266,6 +271,7 @@ class Monitor:
             if len(self._by_id) > 10 * (self._window.maxlen or 1):
                 keep = {o.id for o in self._window}
                 self._by_id = {k: v for k, v in self._by_id.items() if k in keep}
+            self._restored_at = self.count
             return self.count
 
     def reoptimized(self, event: ReoptimizationEvent) -> None:
