@@ -111,6 +111,11 @@ class MonitorConfig(StrictModel):
     keep_events: int = Field(default=1000, ge=1)
 
 
+# the logged events `Monitor.restore` applies again, by their `event` field
+_REPLAYED: dict[str, type[Observation | FeedbackEvent | ReoptimizationEvent]] = {
+    "observation": Observation, "feedback": FeedbackEvent, "reoptimization": ReoptimizationEvent}
+
+
 class Monitor:
     """Sliding-window monitor with trigger rules and an optional JSONL event log.
 
@@ -181,23 +186,37 @@ class Monitor:
     def observe(self, obs: Observation) -> Trigger | None:
         """Record an answered question; returns a `Trigger` if re-optimization is due."""
         with self._lock:
-            self._window.append(obs)
-            self._by_id[obs.id] = obs
-            if len(self._by_id) > 10 * (self._window.maxlen or 1):
-                for key in list(self._by_id)[: len(self._by_id) // 2]:
-                    del self._by_id[key]
-            self.count += 1
+            self._apply(obs)
             self._log(obs)
             return self._check()
 
     def feedback(self, obs_id: str, correct: bool) -> Trigger | None:
         """Record whether an earlier answer was correct; may trigger on accuracy."""
         with self._lock:
-            obs = self._by_id.get(obs_id)
-            if obs is not None:
-                obs.correct = bool(correct)
-            self._log(FeedbackEvent(id=obs_id, correct=bool(correct)))
+            event = FeedbackEvent(id=obs_id, correct=bool(correct))
+            self._apply(event)
+            self._log(event)
             return self._check()
+
+    def _apply(self, event: Observation | FeedbackEvent | ReoptimizationEvent) -> None:
+        """What one event does to the window, the count and the cooldown (the lock is held): live, and when
+        `restore` reads the log back."""
+        if isinstance(event, Observation):
+            self._window.append(event)
+            self._by_id[event.id] = event
+            if len(self._by_id) > 10 * (self._window.maxlen or 1):
+                for key in list(self._by_id)[: len(self._by_id) // 2]:
+                    del self._by_id[key]
+            self.count += 1
+        elif isinstance(event, FeedbackEvent):
+            obs = self._by_id.get(event.id)
+            if obs is not None:
+                obs.correct = event.correct
+        else:
+            self.pending = False
+            self.last_reopt_at = event.observations
+            if event.accepted:
+                self._window.clear()  # judge the new state on its own answers
 
     def _check(self) -> Trigger | None:
         if self.pending:
@@ -250,27 +269,14 @@ class Monitor:
             self.count, self.last_reopt_at, self.pending = 0, None, False
             for no, data in enumerate(events, 1):
                 kind = data.get("event") if isinstance(data, dict) else None
+                model = _REPLAYED.get(kind) if isinstance(kind, str) else None
+                if model is None:
+                    continue  # triggers (and anything else) change no state
                 try:
-                    if kind == "observation":
-                        obs = Observation.model_validate(data)
-                        self._window.append(obs)
-                        self._by_id[obs.id] = obs
-                        self.count += 1
-                    elif kind == "feedback":
-                        fb = FeedbackEvent.model_validate(data)
-                        if fb.id in self._by_id:
-                            self._by_id[fb.id].correct = fb.correct
-                    elif kind == "reoptimization":
-                        event = ReoptimizationEvent.model_validate(data)
-                        self.last_reopt_at = event.observations
-                        if event.accepted:
-                            self._window.clear()
+                    self._apply(model.model_validate(data))
                 except ValidationError as exc:
                     raise ArtefactError(f"{source} line {no}: invalid {kind} event "
                                         f"({exc.errors()[0]['msg']}); fix or remove that line") from None
-            if len(self._by_id) > 10 * (self._window.maxlen or 1):
-                keep = {o.id for o in self._window}
-                self._by_id = {k: v for k, v in self._by_id.items() if k in keep}
             self._restored_at = self.count
             return self.count
 
@@ -279,7 +285,4 @@ class Monitor:
         with self._lock:
             event.observations = self.count
             self._log(event)
-            self.pending = False
-            self.last_reopt_at = self.count
-            if event.accepted:
-                self._window.clear()  # judge the new state on its own answers
+            self._apply(event)
