@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import re
 import typing
 from typing import Any, Literal
@@ -128,6 +129,9 @@ class PlainAdapter(dspy.Adapter):
         cue: appended to the request's input; default: "Let's think step by step." for reasoning
             signatures, "Reply with: The answer is <answer>." otherwise; an answer field declared as
             `Literal["a", "b"]` adds its labels ("... The answer is one of: a, b.").
+        labels: the label set for a plain `str` answer field, listed in the cue as a `Literal` field's
+            would be (a field's own `Literal` wins); DETOT passes its task's `labels` through
+            `with_labels` when the adapter has none.
 
     Example:
         >>> import dspy
@@ -137,9 +141,28 @@ class PlainAdapter(dspy.Adapter):
         ["1 + 1?\\nLet's think step by step.", '1 + 1 = 2.\\nThe answer is 2.', "2 + 3?\\nLet's think step by step."]
     """
 
-    def __init__(self, cue: str | None = None, **kwargs: Any) -> None:
+    def __init__(self, cue: str | None = None, labels: typing.Sequence[str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.cue = cue
+        self.labels = list(labels) if labels is not None else None
+        if self.labels is not None and (not self.labels or not all(isinstance(x, str) and x for x in self.labels)):
+            raise ConfigError(f"PlainAdapter(labels=...) needs non-empty label strings, got {labels!r}")
+
+    def with_labels(self, labels: typing.Sequence[str]) -> PlainAdapter:
+        """This adapter with `labels` for fields that declare none; itself when it already has labels
+        or a custom cue (the caller's choice stands). The original is left unchanged.
+
+        Example:
+            >>> import dspy
+            >>> sig = dspy.Predict("review -> sentiment").signature
+            >>> PlainAdapter().with_labels(["pos", "neg"]).format(sig, [], {"review": "Fine."})[-1]["content"]
+            'Fine.\\nReply with: The answer is one of: pos, neg.'
+        """
+        if self.labels is not None or self.cue is not None:
+            return self
+        clone = copy.copy(self)
+        clone.labels = list(labels)
+        return clone
 
     def _answer_field(self, signature: Any) -> str:
         outputs = [name for name in signature.output_fields if name != "reasoning"]
@@ -149,9 +172,12 @@ class PlainAdapter(dspy.Adapter):
         return outputs[0]
 
     def _labels(self, signature: Any) -> list[str]:
-        """The answer field's label set when it is declared as a `Literal[...]`, else []."""
+        """The answer field's label set when it is declared as a `Literal[...]`, else the adapter's
+        `labels` for a `str` field, else []."""
         annotation = signature.output_fields[self._answer_field(signature)].annotation
-        return [str(a) for a in typing.get_args(annotation)] if typing.get_origin(annotation) is Literal else []
+        if typing.get_origin(annotation) is Literal:
+            return [str(a) for a in typing.get_args(annotation)]
+        return list(self.labels) if self.labels and annotation is str else []
 
     def _cue(self, signature: Any) -> str:
         if self.cue is not None:

@@ -285,8 +285,12 @@ class DETOT(dspy.Module):
         return self._inner().lm or self.lm or dspy.settings.lm
 
     def active_adapter(self) -> dspy.Adapter:
-        """The adapter a call uses: `adapter=`, else DSPy's configured one, else `LenientChatAdapter`."""
-        return self.adapter or dspy.settings.adapter or self._default_adapter
+        """The adapter a call uses: `adapter=`, else DSPy's configured one, else `LenientChatAdapter`.
+        A `PlainAdapter` of a label task lists the task's labels in its cue (`PlainAdapter.with_labels`)."""
+        adapter = self.adapter or dspy.settings.adapter or self._default_adapter
+        if isinstance(adapter, PlainAdapter) and self.task.labels:
+            return adapter.with_labels(self.task.labels)
+        return adapter
 
     @property
     def version(self) -> int:
