@@ -42,6 +42,7 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -53,6 +54,8 @@ from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
 from detot_agent.detot.records import Evidence, TaskState, Verdict
 from detot_agent.detot.task import Policy
 from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.errors import ArtefactError
+from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.retrieval.index import ExemplarIndex
 
 __all__ = ["Controller", "ControllerConfig", "Evidence", "TaskState"]
@@ -173,12 +176,15 @@ class Controller:
             it, candidates are judged by paired replay (`detot/judging.py`), without it by the held-out
             proxies (target NLL, demo separation), which are weaker: they cannot see answers.
         canary: labelled `(inputs, gold_key)` items every replay judgement also answers.
+        evidence_log: JSONL file every buffered record and its later outcome are appended to (not fsynced),
+            so `restore_evidence` can rebuild the buffer after a restart; None: memory only.
     """
 
     def __init__(self, state: TaskState, *, index: ExemplarIndex, monitor: Monitor, engine: Any = None,
                  config: ControllerConfig | None = None, k: int = 3,
                  replay: Callable[[TaskState, dict[str, Any]], Replayed] | None = None,
-                 canary: Sequence[tuple[dict[str, Any], str]] = ()) -> None:
+                 canary: Sequence[tuple[dict[str, Any], str]] = (),
+                 evidence_log: str | Path | None = None) -> None:
         self._state = state
         self.replay = replay
         self.canary = list(canary)
@@ -194,6 +200,8 @@ class Controller:
         self._evidence: deque[Evidence] = deque(maxlen=self.config.evidence_size)
         self._by_id: dict[str, Evidence] = {}
         self._lock = threading.Lock()  # evidence buffer
+        self.evidence_log = Path(evidence_log) if evidence_log is not None else None
+        self._evidence_file = JsonlLog(self.evidence_log, fsync=False) if self.evidence_log is not None else None
         self._reopt_lock = threading.Lock()  # one re-optimization at a time
         self._executor: ThreadPoolExecutor | None = None
         self._running: Future[ReoptimizationEvent] | None = None
@@ -226,6 +234,8 @@ class Controller:
                 self._by_id.pop(old.id, None)
             self._evidence.append(ev)
             self._by_id[ev.id] = ev
+            if self._evidence_file is not None:
+                self._evidence_file.append({"kind": "evidence", **ev.to_record()})
 
     def record_outcome(self, pred_id: str, *, correct: bool, gold_key: str | None = None) -> None:
         """Attach correctness (and a gold-matching sample, if any) to a buffered record."""
@@ -233,10 +243,60 @@ class Controller:
             ev = self._by_id.get(pred_id)
             if ev is None:
                 return
-            ev.correct = correct
-            ev.gold_key = gold_key
-            if gold_key is not None:
-                ev.gold_target = next((s.text for s in ev.samples if s.key == gold_key), None)
+            self._outcome(ev, correct, gold_key)
+            if self._evidence_file is not None:
+                self._evidence_file.append({"kind": "outcome", "id": pred_id, "correct": correct,
+                                            "gold_key": gold_key})
+
+    @staticmethod
+    def _outcome(ev: Evidence, correct: bool, gold_key: str | None) -> None:
+        ev.correct = correct
+        ev.gold_key = gold_key
+        if gold_key is not None:
+            ev.gold_target = next((s.text for s in ev.samples if s.key == gold_key), None)
+
+    def restore_evidence(self, path: str | Path | None = None) -> int:
+        """Rebuild the evidence buffer from an evidence log (this controller's own by default): its last
+        `evidence_size` records with their outcomes, as the logged controller held them; returns how many.
+        The log is not written to. Call it after the serving state is restored (`restore` empties the
+        buffer) and before serving.
+
+        Example:
+            >>> import tempfile, pathlib, numpy as np
+            >>> log = pathlib.Path(tempfile.mkdtemp()) / "evidence.jsonl"
+            >>> c = Controller(TaskState(0, None), index=None, monitor=Monitor(), evidence_log=log)
+            >>> c.add_evidence(Evidence(id="q1", query=np.zeros(4, np.float32), demo_ids=[], agreement=1.0))
+            >>> c.record_outcome("q1", correct=True)
+            >>> again = Controller(TaskState(0, None), index=None, monitor=Monitor(), evidence_log=log)
+            >>> again.restore_evidence(), again.evidence()[0].correct
+            (1, True)
+        """
+        source = Path(path) if path is not None else self.evidence_log
+        if source is None:
+            raise ValueError("Controller.restore_evidence: no log to read (pass a path, or build the controller "
+                             "with evidence_log)")
+        records = JsonlLog(source, fsync=False).read()
+        with self._lock:
+            self._evidence.clear()
+            self._by_id.clear()
+            for no, data in enumerate(records, 1):
+                kind = data.get("kind") if isinstance(data, dict) else None
+                try:
+                    if kind == "evidence":
+                        ev = Evidence.from_record(data)
+                        if len(self._evidence) == self._evidence.maxlen:
+                            self._by_id.pop(self._evidence[0].id, None)
+                        self._evidence.append(ev)
+                        self._by_id[ev.id] = ev
+                    elif kind == "outcome":
+                        old = self._by_id.get(str(data["id"]))
+                        if old is not None:
+                            self._outcome(old, bool(data["correct"]), data.get("gold_key"))
+                    else:
+                        raise ValueError(f"unknown kind {kind!r} (evidence or outcome)")
+                except (ValueError, KeyError) as exc:
+                    raise ArtefactError(f"{source} line {no}: {exc}; fix or remove that line") from None
+            return len(self._evidence)
 
     def evidence(self) -> list[Evidence]:
         """A copy of the buffer."""

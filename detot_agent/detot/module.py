@@ -104,6 +104,8 @@ class DETOT(dspy.Module):
             `question`, `reasoning` to `rationale`, the answer field to `answer`.
         background: re-optimize in a background thread (True) or only when `reoptimize()` is called.
         event_log: JSONL file for the monitor's events.
+        evidence_log: JSONL file the loop's evidence buffer is appended to, so a restarted program can
+            rebuild it (`controller.restore_evidence()`); None: memory only.
         controller_config: settings of the optimization loop.
         adapter: how prompts are laid out and replies parsed; default: the adapter set with
             `dspy.configure(adapter=...)` / `dspy.context`, else `LenientChatAdapter` (DSPy's field
@@ -130,6 +132,7 @@ class DETOT(dspy.Module):
         demo_fields: dict[str, str] | None = None,
         background: bool = True,
         event_log: str | Path | None = None,
+        evidence_log: str | Path | None = None,
         controller_config: ControllerConfig | None = None,
         adapter: dspy.Adapter | None = None,
         canary: list[dspy.Example] | None = None,
@@ -165,7 +168,7 @@ class DETOT(dspy.Module):
         self.canary = self._canary(canary or [])
         self.controller = Controller(TaskState(embedding.version, embedding), index=index, monitor=self.monitor,
                                      engine=engine, config=controller_config, k=adj.k_exemplars,
-                                     replay=self._replay, canary=self.canary)
+                                     replay=self._replay, canary=self.canary, evidence_log=evidence_log)
         self._rollout = 0
         self._rollout_lock = threading.Lock()
 

@@ -239,15 +239,17 @@ class Monitor:
         self._log(trigger)
         return trigger
 
-    def restore(self, path: str | Path | None = None) -> int:
+    def restore(self, path: str | Path | None = None, *, wait_for_fresh: bool = True) -> int:
         """Rebuild the window, the observation count and the cooldown from an event log (this monitor's own
         by default), so a resumed run goes on where the logged one stopped; returns the observations read.
 
         Observations fill the window in order (with their later feedback), an accepted re-optimization
         clears it, and the last finished re-optimization starts the cooldown again. A trigger whose
         re-optimization never finished (the process stopped) is not pending: the rules may raise it again.
-        The restored monitor triggers only after `min_count` fresh observations: what a re-optimization trains
-        on (the controller's evidence) is not in the log and starts empty. The log is not written to. Call it
+        With `wait_for_fresh` (the default) the restored monitor triggers only after `min_count` fresh
+        observations: what a re-optimization trains on (the controller's evidence) is not in this log, so
+        without `Controller.restore_evidence` it starts empty. Pass False when the evidence was restored too:
+        the resumed monitor then decides as the logged one would have. The log is not written to. Call it
         before serving.
 
         Example:
@@ -277,7 +279,7 @@ class Monitor:
                 except ValidationError as exc:
                     raise ArtefactError(f"{source} line {no}: invalid {kind} event "
                                         f"({exc.errors()[0]['msg']}); fix or remove that line") from None
-            self._restored_at = self.count
+            self._restored_at = self.count if wait_for_fresh else None
             return self.count
 
     def reoptimized(self, event: ReoptimizationEvent) -> None:

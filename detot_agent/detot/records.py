@@ -8,7 +8,9 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import base64
+import binascii
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -110,6 +112,46 @@ class Evidence:
     inputs: dict[str, Any] | None = None
     gold_key: str | None = None
     served: Replayed | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        """A JSON-ready dict (`from_record` reads it back): the query as base64 float32 bytes, samples as
+        dicts; input and parsed field values go through JSON (others as their `str`)."""
+        served = None if self.served is None else {"key": self.served.key, "agreement": self.served.agreement,
+                                                   "demo_ids": list(self.served.demo_ids)}
+        query = np.ascontiguousarray(self.query, dtype=np.float32)
+        return {"id": self.id, "query": base64.b64encode(query.tobytes()).decode("ascii"), "dim": int(query.size),
+                "demo_ids": list(self.demo_ids), "agreement": self.agreement, "messages": self.messages,
+                "target": self.target, "correct": self.correct, "gold_target": self.gold_target,
+                "samples": [asdict(s) for s in self.samples], "version": self.version, "inputs": self.inputs,
+                "gold_key": self.gold_key, "served": served}
+
+    @classmethod
+    def from_record(cls, data: dict[str, Any]) -> Evidence:
+        """The record `to_record` wrote; raises `ValueError` naming what is missing or malformed.
+
+        Example:
+            >>> ev = Evidence(id="q1", query=np.ones(3, dtype=np.float32), demo_ids=["d1"], agreement=0.5,
+            ...               samples=[ParsedSample("The answer is 7.", key="7", tokens=5)])
+            >>> back = Evidence.from_record(ev.to_record())
+            >>> back.id, back.query.tolist(), back.samples[0].key
+            ('q1', [1.0, 1.0, 1.0], '7')
+        """
+        from detot_agent.detot.judging import Replayed
+
+        try:
+            query = np.frombuffer(base64.b64decode(data["query"], validate=True), dtype=np.float32).copy()
+            if query.size != data["dim"]:
+                raise ValueError(f"query has {query.size} values, dim says {data['dim']}")
+            served = data.get("served")
+            return cls(id=str(data["id"]), query=query, demo_ids=[str(d) for d in data["demo_ids"]],
+                       agreement=float(data["agreement"]), messages=data.get("messages"),
+                       target=data.get("target"), correct=data.get("correct"), gold_target=data.get("gold_target"),
+                       samples=[ParsedSample(**s) for s in data.get("samples", [])], version=int(data["version"]),
+                       inputs=data.get("inputs"), gold_key=data.get("gold_key"),
+                       served=None if served is None else Replayed(served["key"], float(served["agreement"]),
+                                                                   tuple(served["demo_ids"])))
+        except (KeyError, TypeError, binascii.Error) as exc:
+            raise ValueError(f"evidence record {data.get('id', '?')!r}: missing or malformed {exc}") from None
 
     def good(self, good_agreement: float) -> bool:
         """Correct, or (correctness unknown) agreed on strongly."""

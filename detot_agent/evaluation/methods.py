@@ -251,6 +251,8 @@ class DetotMethod(MethodRunner):
                                    **({"weighting": ctx.weighting} if ctx.weighting else {}),
                                    **({"cooldown": ctx.reopt_cooldown} if ctx.reopt_cooldown is not None else {}))
         log = ctx.events_dir / f"{self.name}.events.jsonl" if ctx.events_dir is not None else None
+        # a looping method's evidence buffer, so a resumed run re-optimizes from what the stopped one had
+        evidence = ctx.events_dir / f"{self.name}.evidence.jsonl" if ctx.events_dir and self.background else None
         loop: dict[str, Any] = {"policies": list(ctx.loop_policies)}  # ControllerConfig's defaults otherwise
         if ctx.reopt_seconds is not None:
             loop["max_seconds"] = ctx.reopt_seconds
@@ -258,7 +260,7 @@ class DetotMethod(MethodRunner):
             loop["replay_items"] = ctx.replay_items
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, lm=ctx.lm, adjustments=self.adjustments,
                              soft_prompt=False if no_soft else ctx.soft_prompt, background=self.background,
-                             event_log=log, task_embedding=embedding,
+                             event_log=log, evidence_log=evidence, task_embedding=embedding,
                              controller_config=ControllerConfig(**loop),
                              adapter=PlainAdapter() if self.plain else None,
                              canary=[dspy.Example(question=q, answer=a).with_inputs("question")

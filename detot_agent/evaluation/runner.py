@@ -5,12 +5,14 @@ Layout of a run folder:
     run.json               suite, example ids, settings (checked on --resume)
     <method>.jsonl         one record per finished example, appended and fsynced as it finishes
     <method>.events.jsonl  DETOT's monitor and re-optimization events
+    <method>.evidence.jsonl  a looping DETOT's evidence buffer (answered questions and their outcomes)
     <method>.program.json  DETOT's latest serving state (+ .tensors/), saved when its version changes
     report.json / report.md / *.png   written by `report.write_report`
 
 A crash (or Ctrl-C, or SIGKILL) loses at most the examples in flight: `resume=True` skips the
 ids already in each method's JSONL, drops a torn last line, and, for full DETOT, reloads the
-last saved serving state (its evidence buffer and monitor windows start empty again).
+last saved serving state and rebuilds its monitor (window, count, cooldown) and its loop's evidence buffer
+from their logs, so the resumed run decides as the stopped one would have.
 
 Example:
     >>> from detot_agent.evaluation.runner import read_records
@@ -229,7 +231,8 @@ class LocalExecutor:
 
     Full DETOT's serving state is saved to `<method>.program.json` whenever its version changes or its loop
     judges a candidate (the spent error budget), and reloaded from there on resume; its monitor's window,
-    observation count and cooldown are rebuilt from `<method>.events.jsonl`.
+    observation count and cooldown are rebuilt from `<method>.events.jsonl`, its evidence buffer from
+    `<method>.evidence.jsonl`.
 
     Example:
         >>> from detot_agent.evaluation.runner import LocalExecutor
@@ -253,8 +256,14 @@ class LocalExecutor:
         if stateful and program is not None and sink.program_path.exists():
             program.load(sink.program_path)
         monitor = getattr(program, "monitor", None) if stateful else None
+        controller = getattr(program, "controller", None) if stateful else None
+        evidence_log = getattr(controller, "evidence_log", None)
+        restored = controller is not None and evidence_log is not None and evidence_log.exists()
+        if controller is not None and restored:
+            controller.restore_evidence()  # what the next re-optimization trains and judges on
         if monitor is not None and monitor.log_path is not None and monitor.log_path.exists():
-            monitor.restore()  # the window, count and cooldown go on from the log, not from zero
+            # the window, count and cooldown go on from the log; without the evidence, wait for fresh answers
+            monitor.restore(wait_for_fresh=not restored)
         saved = [_checkpoint_mark(program)]
 
         def one(ex: dspy.Example) -> dict[str, Any]:

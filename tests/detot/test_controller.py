@@ -11,6 +11,7 @@ from detot_agent.detot.controller import Controller, ControllerConfig
 from detot_agent.detot.monitor import Monitor
 from detot_agent.detot.records import Evidence, ParsedSample, TaskState
 from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.errors import ArtefactError
 from detot_agent.softprompt.prompt import SoftPrompt
 
 
@@ -203,3 +204,51 @@ def test_gold_feedback_picks_the_matching_sample_as_target(engine, gsm8k_index):
     ctl.add_evidence(ev)
     ctl.record_outcome("x", correct=False, gold_key="4")
     assert ev.learn_target(0.75) == "right 4"
+
+
+def test_the_evidence_log_rebuilds_the_buffer_with_outcomes_and_evictions(tmp_path):
+    from detot_agent.detot.judging import Replayed
+
+    log = tmp_path / "evidence.jsonl"
+    config = ControllerConfig(evidence_size=6, min_evidence=6, holdout_every=3)
+    live = Controller(TaskState(2, None), index=None, monitor=_monitor(), config=config, evidence_log=log)
+    for i, ev in enumerate(_evidence(8, [f"The answer is {i}." for i in range(9)])):
+        ev.samples = [ParsedSample(f"The answer is {i}.", key=str(i), tokens=7, logprob=-1.5,
+                                   fields={"answer": str(i)}), ParsedSample("junk", tokens=3, strategy="pot")]
+        ev.version, ev.inputs, ev.served = 2, {"question": f"q{i}"}, Replayed(str(i), 0.5, ("d1", "d2"))
+        live.add_evidence(ev)
+        if i % 2 == 0:
+            live.record_outcome(ev.id, correct=i % 4 == 0, gold_key=str(i))
+    live.record_outcome("e0", correct=True)  # evicted: changes nothing, logs nothing
+    again = Controller(TaskState(2, None), index=None, monitor=_monitor(), config=config, evidence_log=log)
+    assert again.restore_evidence() == 6
+    got, want = again.evidence(), live.evidence()
+    assert [e.id for e in got] == [e.id for e in want] == [f"e{i}" for i in range(3, 9)]
+    for g, w in zip(got, want, strict=True):
+        assert np.array_equal(g.query, w.query) and g.query.dtype == np.float32
+        assert (g.correct, g.gold_key, g.gold_target, g.samples, g.served, g.inputs, g.messages, g.version) == (
+            w.correct, w.gold_key, w.gold_target, w.samples, w.served, w.inputs, w.messages, w.version)
+    assert again.evidence()[1].gold_target == "The answer is 4." and again.evidence()[0].correct is None
+    # restoring reads the log without writing to it; outcomes recorded later reach the restored record
+    size = log.stat().st_size
+    again.restore_evidence()
+    assert log.stat().st_size == size
+    again.record_outcome("e3", correct=False)
+    assert again.evidence()[0].correct is False
+
+
+def test_a_malformed_evidence_line_is_refused_with_its_line_number(tmp_path):
+    log = tmp_path / "evidence.jsonl"
+    live = Controller(TaskState(0, None), index=None, monitor=_monitor(), evidence_log=log)
+    for ev in _evidence(4, ["a", "b"]):
+        live.add_evidence(ev)
+    lines = log.read_text().splitlines()
+    broken = lines[0].replace('"query": "', '"query": "!!')
+    log.write_text("\n".join([broken, lines[1]]) + "\n")
+    with pytest.raises(ArtefactError, match=r"line 1: .*malformed"):
+        Controller(TaskState(0, None), index=None, monitor=_monitor(), evidence_log=log).restore_evidence()
+    log.write_text("\n".join([lines[0], '{"kind": "note"}', lines[1]]) + "\n")
+    with pytest.raises(ArtefactError, match=r"line 2: unknown kind 'note'"):
+        Controller(TaskState(0, None), index=None, monitor=_monitor(), evidence_log=log).restore_evidence()
+    with pytest.raises(ValueError, match="no log to read"):
+        Controller(TaskState(0, None), index=None, monitor=_monitor()).restore_evidence()

@@ -117,6 +117,11 @@ def test_restore_after_an_accepted_change_and_a_lost_trigger(tmp_path):
     assert not resumed.pending
     fired = [resumed.observe(_obs(i, 0.25)) for i in range(6, 9)]
     assert fired[:2] == [None, None] and fired[2] is not None  # raised again after min_count fresh answers
+    # with the evidence restored too, it need not wait: it decides on the next answer as the stopped one would
+    again = Monitor(agreement_threshold=0.6, accuracy_threshold=0.5, window=5, min_count=3, cooldown=0,
+                    log_path=log)
+    again.restore(wait_for_fresh=False)
+    assert again.observe(_obs(6, 0.25)) is not None
 
 
 def test_restore_refuses_a_malformed_event_naming_its_line(tmp_path):

@@ -388,8 +388,8 @@ def test_a_resumed_looping_run_rebuilds_its_monitor_from_the_event_log(tmp_path,
     restored: list[tuple[Monitor, int]] = []
     original = Monitor.restore
 
-    def spy(self, path=None):
-        restored.append((self, original(self, path)))
+    def spy(self, path=None, **kw):
+        restored.append((self, original(self, path, **kw)))
         return restored[-1][1]
 
     monkeypatch.setattr(Monitor, "restore", spy)
@@ -398,3 +398,36 @@ def test_a_resumed_looping_run_rebuilds_its_monitor_from_the_event_log(tmp_path,
     assert read == 6  # every observation the first process logged (two of them lost their records)
     assert monitor.count == 8  # and the two answered again after the resume
     assert len(read_records(out / "detot.jsonl")) == 6
+
+
+@pytest.mark.parametrize("evidence_kept", [True, False], ids=["evidence-log", "evidence-log-lost"])
+def test_a_resumed_looping_run_rebuilds_its_evidence_buffer(tmp_path, multiarith_head, engine, pool, monkeypatch,
+                                                            evidence_kept):
+    from detot_agent.detot.controller import Controller
+
+    suite = load_suite(str(multiarith_head(6)))
+    lm = local_lm(engine=engine, cache=False)
+    ctx = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=6, task_name="multiarith",
+                      questions=[ex.question for ex in suite.examples])
+    run = {"suite": suite.name, "source": suite.source, "model": "tiny", "seed": 0, "limit": None, "k": 1, "n": 1,
+           "temperature": 0.7, "max_tokens": 6}
+    out = run_eval(suite.examples, ["detot"], ctx, tmp_path / "run", run=run, threads=1, progress=False)
+    logged = [json.loads(line) for line in (out / "detot.evidence.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in logged] == ["evidence"] * 6  # every answered question (no feedback: no outcomes)
+    records = (out / "detot.jsonl").read_text().splitlines()
+    (out / "detot.jsonl").write_text("\n".join(records[:4]) + "\n")  # the process stopped after 4 records
+    if not evidence_kept:
+        (out / "detot.evidence.jsonl").unlink()
+    built: list[Controller] = []
+    init = Controller.__init__
+    monkeypatch.setattr(Controller, "__init__", lambda self, *a, **kw: built.append(self) or init(self, *a, **kw))
+    run_eval(suite.examples, ["detot"], ctx, out, run=run, resume=True, threads=1, progress=False)
+    controller, = [c for c in built if c.evidence_log is not None]  # the served program's (copies keep no log)
+    buffer = controller.evidence()
+    if evidence_kept:  # the six logged records, then the two answered again
+        assert len(buffer) == 8
+        assert [ev.id for ev in buffer[:6]] == [r["id"] for r in logged if r["kind"] == "evidence"]
+        assert controller.monitor._restored_at is None  # it decides at once, as the stopped run would have
+    else:  # the violation: only what was answered after the resume, and the monitor waits for fresh answers
+        assert len(buffer) == 2
+        assert controller.monitor._restored_at == 6
