@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -372,10 +373,8 @@ def test_a_looping_program_is_saved_again_when_a_rejected_judgement_spends_error
     assert _checkpoint_mark(SimpleNamespace()) == (0, 0)  # a method without a loop
 
 
-def test_a_resumed_looping_run_rebuilds_its_monitor_from_the_event_log(tmp_path, multiarith_head, engine, pool,
-                                                                      monkeypatch):
-    from detot_agent.detot.monitor import Monitor
-
+def _looping_run(tmp_path, multiarith_head, engine, pool) -> tuple[Path, Callable[[], None]]:
+    """Six problems through `detot` (the loop on); returns the run folder and a resume of it."""
     suite = load_suite(str(multiarith_head(6)))
     lm = local_lm(engine=engine, cache=False)
     ctx = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=6, task_name="multiarith",
@@ -383,6 +382,18 @@ def test_a_resumed_looping_run_rebuilds_its_monitor_from_the_event_log(tmp_path,
     run = {"suite": suite.name, "source": suite.source, "model": "tiny", "seed": 0, "limit": None, "k": 1, "n": 1,
            "temperature": 0.7, "max_tokens": 6}
     out = run_eval(suite.examples, ["detot"], ctx, tmp_path / "run", run=run, threads=1, progress=False)
+
+    def resume() -> None:
+        run_eval(suite.examples, ["detot"], ctx, out, run=run, resume=True, threads=1, progress=False)
+
+    return out, resume
+
+
+def test_a_resumed_looping_run_rebuilds_its_monitor_from_the_event_log(tmp_path, multiarith_head, engine, pool,
+                                                                      monkeypatch):
+    from detot_agent.detot.monitor import Monitor
+
+    out, resume = _looping_run(tmp_path, multiarith_head, engine, pool)
     records = (out / "detot.jsonl").read_text().splitlines()
     (out / "detot.jsonl").write_text("\n".join(records[:4]) + "\n")  # the process stopped after 4 records
     restored: list[tuple[Monitor, int]] = []
@@ -393,7 +404,7 @@ def test_a_resumed_looping_run_rebuilds_its_monitor_from_the_event_log(tmp_path,
         return restored[-1][1]
 
     monkeypatch.setattr(Monitor, "restore", spy)
-    run_eval(suite.examples, ["detot"], ctx, out, run=run, resume=True, threads=1, progress=False)
+    resume()
     (monitor, read), = restored
     assert read == 6  # every observation the first process logged (two of them lost their records)
     assert monitor.count == 8  # and the two answered again after the resume
@@ -405,13 +416,7 @@ def test_a_resumed_looping_run_rebuilds_its_evidence_buffer(tmp_path, multiarith
                                                             evidence_kept):
     from detot_agent.detot.controller import Controller
 
-    suite = load_suite(str(multiarith_head(6)))
-    lm = local_lm(engine=engine, cache=False)
-    ctx = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=6, task_name="multiarith",
-                      questions=[ex.question for ex in suite.examples])
-    run = {"suite": suite.name, "source": suite.source, "model": "tiny", "seed": 0, "limit": None, "k": 1, "n": 1,
-           "temperature": 0.7, "max_tokens": 6}
-    out = run_eval(suite.examples, ["detot"], ctx, tmp_path / "run", run=run, threads=1, progress=False)
+    out, resume = _looping_run(tmp_path, multiarith_head, engine, pool)
     logged = [json.loads(line) for line in (out / "detot.evidence.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in logged] == ["evidence"] * 6  # every answered question (no feedback: no outcomes)
     records = (out / "detot.jsonl").read_text().splitlines()
@@ -421,7 +426,7 @@ def test_a_resumed_looping_run_rebuilds_its_evidence_buffer(tmp_path, multiarith
     built: list[Controller] = []
     init = Controller.__init__
     monkeypatch.setattr(Controller, "__init__", lambda self, *a, **kw: built.append(self) or init(self, *a, **kw))
-    run_eval(suite.examples, ["detot"], ctx, out, run=run, resume=True, threads=1, progress=False)
+    resume()
     controller, = [c for c in built if c.evidence_log is not None]  # the served program's (copies keep no log)
     buffer = controller.evidence()
     if evidence_kept:  # the six logged records, then the two answered again
