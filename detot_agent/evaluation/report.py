@@ -12,7 +12,9 @@ Fixed-budget self-consistency (`plain_sc`, whose records keep every sample's vot
 drawn, the greedy one first) also gets its prefix curve: the accuracy and output tokens of the
 majority over its first m samples, for every m, which is what self-consistency with m samples
 would have scored on the same problems. Each DETOT method is then placed on it: the fewest samples
-fixed-N self-consistency needs to match its accuracy (`sc_samples_to_match`).
+fixed-N self-consistency needs to match its accuracy (`sc_samples_to_match`), and the same-budget
+comparison: self-consistency over the fewest first samples that cost at least the method's output
+tokens per question, with McNemar's exact test on the same problems (`vs_sc_at_its_tokens`).
 
 Example:
     >>> summarize_method([{"id": "a", "correct": True, "samples": 1, "tokens": 10, "latency_s": 1.0,
@@ -35,7 +37,8 @@ from detot_agent.evaluation.runner import RUN_FILE, is_correct, read_records
 from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.io.persist import atomic_write_text
 
-__all__ = ["build_report", "prefix_curve", "render_markdown", "summarize_method", "write_report"]
+__all__ = ["build_report", "prefix_curve", "prefix_outcomes", "render_markdown", "summarize_method",
+           "write_report"]
 
 CURVE_METHOD = "plain_sc"  # the fixed-budget baseline whose sample prefixes make the self-consistency curve
 
@@ -92,6 +95,24 @@ def prefix_curve(records: list[dict[str, Any]], fmt: AnswerFormat = AnswerFormat
     return curve
 
 
+def prefix_outcomes(records: list[dict[str, Any]], m: int,
+                    fmt: AnswerFormat = AnswerFormat.NUMBER) -> dict[str, bool]:
+    """Per problem id, whether self-consistency over the record's first `m` samples is right (as `prefix_curve`).
+
+    Example:
+        >>> prefix_outcomes([{"id": "q1", "gold": "2", "sample_keys": ["3", "2", "2"]}], 3)
+        {'q1': True}
+    """
+    from detot_agent.detot.voting import vote
+
+    return {r["id"]: is_correct(vote(r["sample_keys"][:m]).winner, str(r["gold"]), fmt) for r in records}
+
+
+def _token_matched(curve: list[dict[str, Any]], tokens: float) -> dict[str, Any] | None:
+    """The cheapest point of the curve spending at least `tokens` per question (None: none does)."""
+    return next((p for p in curve if p["tokens_per_question"] >= tokens), None)
+
+
 def _samples_to_match(curve: list[dict[str, Any]], target: float) -> int | None:
     """The fewest samples on the curve whose accuracy reaches `target` (None: none does)."""
     return next((p["m"] for p in curve if p["accuracy"] >= target - 1e-12), None)
@@ -134,6 +155,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
     configs = json.loads((out / "methods.json").read_text()) if (out / "methods.json").exists() else {}
     methods: dict[str, Any] = {}
     outcomes: dict[str, dict[str, bool]] = {}
+    sc_records: list[dict[str, Any]] = []
     fmt = AnswerFormat(run.get("answer_format", AnswerFormat.NUMBER.value))
     for method in run["methods"]:
         seen: dict[str, dict[str, Any]] = {}
@@ -148,6 +170,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
         outcomes[method] = {r["id"]: bool(r["correct"]) for r in records}
         if method == CURVE_METHOD:
             summary["prefix_curve"] = prefix_curve(records, fmt)
+            sc_records = records
     baselines = [m for m in methods if not m.startswith("detot") and methods[m]["n"]]
     best = max(baselines, key=lambda m: (methods[m]["accuracy"], -methods[m]["samples_per_question"]),
                default=None)
@@ -156,6 +179,12 @@ def build_report(out: str | Path) -> dict[str, Any]:
     for method, summary in methods.items():
         if curve and method.startswith("detot") and summary["complete"]:
             summary["sc_samples_to_match"] = _samples_to_match(curve, summary["accuracy"])
+            # the same budget: self-consistency over the fewest first samples that cost at least its tokens
+            point = _token_matched(curve, summary["tokens_per_question"])
+            if point is not None:
+                test = paired(outcomes[method], prefix_outcomes(sc_records, point["m"], fmt))
+                summary["vs_sc_at_its_tokens"] = {**point, "only_this_right": test.b, "only_sc_right": test.c,
+                                                  "p_value": test.p_value}
         if best is None or method == best or not summary["n"]:
             summary["vs_best_baseline"] = None
             continue
@@ -200,6 +229,12 @@ def render_markdown(report: dict[str, Any]) -> str:
                              "self-consistency " + (f"needs {need} samples to match it "
                                                     f"({need / m['samples_per_question']:.2f}x its samples)"
                                                     if need is not None else f"does not reach it with {len(curve)}"))
+                same = m.get("vs_sc_at_its_tokens")
+                if same:
+                    lines.append(f"  At its tokens ({m['tokens_per_question']:.0f}/q), self-consistency over the first "
+                                 f"{same['m']} samples ({same['tokens_per_question']:.0f} tok) gets "
+                                 f"{same['accuracy']:.3f}: {same['only_this_right']} problems only `{name}` solved, "
+                                 f"{same['only_sc_right']} only it, exact McNemar p = {same['p_value']:.3g}")
     halves = [(name, m["stream_halves"]) for name, m in report["methods"].items() if m.get("stream_halves")]
     if halves:
         lines += ["", "Accuracy on the first and second half of the stream (in answer order): " + "; ".join(

@@ -202,6 +202,17 @@ def test_the_report_places_detot_on_fixed_n_self_consistency_s_prefix_curve(tmp_
     assert report["methods"]["detot_plain"]["sc_samples_to_match"] is None
     text = render_markdown(report)
     assert "needs 3 samples to match it (1.50x its samples)" in text and "does not reach it with 3" in text
+    # the same budget: DETOT spends 20 tokens/q, so it meets the majority over plain_sc's first 2 samples (20 tok),
+    # which solves only q0; q1 is the one problem only DETOT solved
+    same = report["methods"]["detot_plain_static"]["vs_sc_at_its_tokens"]
+    assert (same["m"], same["tokens_per_question"], round(same["accuracy"], 3)) == (2, 20, 0.333)
+    assert (same["only_this_right"], same["only_sc_right"], same["p_value"]) == (1, 0, 1.0)
+    assert report["methods"]["detot_plain"]["vs_sc_at_its_tokens"]["only_this_right"] == 2
+    assert "first 2 samples (20 tok) gets 0.333: 1 problems only `detot_plain_static` solved, 0 only it" in text
+    # a method spending more tokens than plain_sc's whole budget gets no same-budget claim
+    dear = [{**r, "tokens": 100} for r in detot]
+    _write_run(tmp_path / "c", {"plain_sc": sc, "detot_plain_static": dear})
+    assert "vs_sc_at_its_tokens" not in write_report(tmp_path / "c", plots=False)["methods"]["detot_plain_static"]
     # a run whose records predate sample_keys has no curve (and no claim)
     _write_run(tmp_path / "b", {"plain_sc": [{k: v for k, v in r.items() if k != "sample_keys"} for r in sc],
                                 "detot_plain_static": detot})
