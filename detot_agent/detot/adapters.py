@@ -130,8 +130,7 @@ class PlainAdapter(dspy.Adapter):
             signatures, "Reply with: The answer is <answer>." otherwise; an answer field declared as
             `Literal["a", "b"]` adds its labels ("... The answer is one of: a, b.").
         labels: the label set for a plain `str` answer field, listed in the cue as a `Literal` field's
-            would be (a field's own `Literal` wins); DETOT passes its task's `labels` through
-            `with_labels` when the adapter has none.
+            would be (a field's own `Literal` wins). Opt-in: DETOT does not copy its task's `labels` here.
 
     Example:
         >>> import dspy

@@ -289,11 +289,9 @@ class DETOT(dspy.Module):
 
     def active_adapter(self) -> dspy.Adapter:
         """The adapter a call uses: `adapter=`, else DSPy's configured one, else `LenientChatAdapter`.
-        A `PlainAdapter` of a label task lists the task's labels in its cue (`PlainAdapter.with_labels`)."""
-        adapter = self.adapter or dspy.settings.adapter or self._default_adapter
-        if isinstance(adapter, PlainAdapter) and self.task.labels:
-            return adapter.with_labels(self.task.labels)
-        return adapter
+        A task's `labels` are not added to a `PlainAdapter`'s cue by themselves (on the embedded model that
+        hurt: README, "The DETOT module"); pass `PlainAdapter(labels=task.labels)` to list them."""
+        return self.adapter or dspy.settings.adapter or self._default_adapter
 
     @property
     def version(self) -> int:

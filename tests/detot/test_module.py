@@ -337,16 +337,15 @@ def test_an_index_whose_exemplars_lack_the_answer_field_is_refused_when_built(en
           adjustments=analyze(task, k_exemplars=0))
 
 
-def test_a_label_tasks_plain_prompt_lists_its_labels(gsm8k_index):
+def test_a_label_tasks_plain_prompt_lists_its_labels_only_when_the_adapter_has_them(gsm8k_index):
     sentiment = TaskProfile(name="sentiment", description="Is the review positive or negative?", kind="classification",
                             answer_format="label", labels=["positive", "negative"], complexity=0.1)
-    adapter = PlainAdapter()
-    for task, cue in [(sentiment, "Reply with: The answer is one of: positive, negative."),
-                      (ARITH, "Let's think step by step.")]:  # a task without labels keeps the shared prompt
+    listed = "Reply with: The answer is one of: positive, negative."
+    for adapter, cue in [(PlainAdapter(labels=sentiment.labels), listed),
+                         (PlainAdapter(), "Reply with: The answer is <answer>.")]:  # not added by DETOT itself
         lm, engine = scripted_lm(lambda text, n: "positive", plain=True)
-        detot = DETOT("question -> answer", task=task, index=gsm8k_index, lm=lm, background=False, adapter=adapter,
-                      adjustments=analyze(task, stopping="fixed", max_samples=2, k_exemplars=0))
+        detot = DETOT("question -> answer", task=sentiment, index=gsm8k_index, lm=lm, background=False, adapter=adapter,
+                      adjustments=analyze(sentiment, stopping="fixed", max_samples=2, k_exemplars=0))
         pred = detot(question="The soup was warm and tasty.")
-        assert engine.prompts[0].rstrip().endswith(cue), (task.name, engine.prompts)
-        assert pred.samples_used == 2
-    assert adapter.labels is None  # the user's adapter object is not changed
+        assert engine.prompts[0].rstrip().endswith(cue), engine.prompts
+        assert pred.answer_key == "positive" and pred.samples_used == 2
