@@ -25,7 +25,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 import re
 import typing
 from typing import Any, Literal
@@ -146,22 +145,6 @@ class PlainAdapter(dspy.Adapter):
         self.labels = list(labels) if labels is not None else None
         if self.labels is not None and (not self.labels or not all(isinstance(x, str) and x for x in self.labels)):
             raise ConfigError(f"PlainAdapter(labels=...) needs non-empty label strings, got {labels!r}")
-
-    def with_labels(self, labels: typing.Sequence[str]) -> PlainAdapter:
-        """This adapter with `labels` for fields that declare none; itself when it already has labels
-        or a custom cue (the caller's choice stands). The original is left unchanged.
-
-        Example:
-            >>> import dspy
-            >>> sig = dspy.Predict("review -> sentiment").signature
-            >>> PlainAdapter().with_labels(["pos", "neg"]).format(sig, [], {"review": "Fine."})[-1]["content"]
-            'Fine.\\nReply with: The answer is one of: pos, neg.'
-        """
-        if self.labels is not None or self.cue is not None:
-            return self
-        clone = copy.copy(self)
-        clone.labels = list(labels)
-        return clone
 
     def _answer_field(self, signature: Any) -> str:
         outputs = [name for name in signature.output_fields if name != "reasoning"]

@@ -229,11 +229,7 @@ class Controller:
     def add_evidence(self, ev: Evidence) -> None:
         """Append an answered question to the buffer (oldest dropped beyond `evidence_size`)."""
         with self._lock:
-            if len(self._evidence) == self._evidence.maxlen:
-                old = self._evidence[0]
-                self._by_id.pop(old.id, None)
-            self._evidence.append(ev)
-            self._by_id[ev.id] = ev
+            self._push(ev)
             if self._evidence_file is not None:
                 self._evidence_file.append({"kind": "evidence", **ev.to_record()})
 
@@ -247,6 +243,13 @@ class Controller:
             if self._evidence_file is not None:
                 self._evidence_file.append({"kind": "outcome", "id": pred_id, "correct": correct,
                                             "gold_key": gold_key})
+
+    def _push(self, ev: Evidence) -> None:
+        """Append `ev`, dropping the oldest record (and its id) beyond `evidence_size`. Caller holds the lock."""
+        if len(self._evidence) == self._evidence.maxlen:
+            self._by_id.pop(self._evidence[0].id, None)
+        self._evidence.append(ev)
+        self._by_id[ev.id] = ev
 
     @staticmethod
     def _outcome(ev: Evidence, correct: bool, gold_key: str | None) -> None:
@@ -283,11 +286,7 @@ class Controller:
                 kind = data.get("kind") if isinstance(data, dict) else None
                 try:
                     if kind == "evidence":
-                        ev = Evidence.from_record(data)
-                        if len(self._evidence) == self._evidence.maxlen:
-                            self._by_id.pop(self._evidence[0].id, None)
-                        self._evidence.append(ev)
-                        self._by_id[ev.id] = ev
+                        self._push(Evidence.from_record(data))
                     elif kind == "outcome":
                         old = self._by_id.get(str(data["id"]))
                         if old is not None:

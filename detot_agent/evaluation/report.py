@@ -82,14 +82,12 @@ def prefix_curve(records: list[dict[str, Any]], fmt: AnswerFormat = AnswerFormat
         >>> [(p["m"], p["accuracy"]) for p in prefix_curve(recs)]
         [(1, 0.5), (2, 0.5), (3, 0.5)]
     """
-    from detot_agent.detot.voting import vote
-
     if not records or any(not r.get("sample_keys") for r in records):
         return []
     depth = min(len(r["sample_keys"]) for r in records)
     curve = []
     for m in range(1, depth + 1):
-        right = sum(is_correct(vote(r["sample_keys"][:m]).winner, str(r["gold"]), fmt) for r in records)
+        right = sum(_prefix_right(r, m, fmt) for r in records)
         tokens = sum(int(t) for r in records for t in (r.get("sample_tokens") or [])[:m])
         curve.append({"m": m, "accuracy": right / len(records), "tokens_per_question": tokens / len(records)})
     return curve
@@ -103,9 +101,14 @@ def prefix_outcomes(records: list[dict[str, Any]], m: int,
         >>> prefix_outcomes([{"id": "q1", "gold": "2", "sample_keys": ["3", "2", "2"]}], 3)
         {'q1': True}
     """
+    return {r["id"]: _prefix_right(r, m, fmt) for r in records}
+
+
+def _prefix_right(record: dict[str, Any], m: int, fmt: AnswerFormat) -> bool:
+    """Whether the uniform majority over the record's first `m` sample keys matches its gold answer."""
     from detot_agent.detot.voting import vote
 
-    return {r["id"]: is_correct(vote(r["sample_keys"][:m]).winner, str(r["gold"]), fmt) for r in records}
+    return is_correct(vote(record["sample_keys"][:m]).winner, str(record["gold"]), fmt)
 
 
 def _token_matched(curve: list[dict[str, Any]], tokens: float) -> dict[str, Any] | None:

@@ -120,13 +120,12 @@ def test_plain_cue_lists_a_literal_answer_fields_labels_and_leaves_other_signatu
     assert PlainAdapter().format(plain, [], {"question": "2 + 3?"})[-1]["content"].endswith("The answer is <answer>.")
 
 
-def test_with_labels_lists_a_str_fields_labels_and_leaves_the_callers_choices_alone():
+def test_labels_list_a_str_fields_labels_and_a_literal_field_keeps_its_own():
     plain = dspy.Predict("review -> sentiment").signature
-    adapter = PlainAdapter()
-    labelled = adapter.with_labels(["positive", "negative"])
+    labelled = PlainAdapter(labels=["positive", "negative"])
     content = labelled.format(plain, [], {"review": "Loved it."})[-1]["content"]
     assert content == "Loved it.\nReply with: The answer is one of: positive, negative."
-    assert adapter.labels is None and adapter.format(plain, [], {"review": "x"})[-1]["content"].endswith("<answer>.")
+    assert PlainAdapter().format(plain, [], {"review": "x"})[-1]["content"].endswith("<answer>.")
     # a field's own Literal wins over the adapter's labels; a non-str field gets none
     class Sentiment(dspy.Signature):
         review: str = dspy.InputField()
@@ -134,10 +133,5 @@ def test_with_labels_lists_a_str_fields_labels_and_leaves_the_callers_choices_al
 
     assert labelled.format(Sentiment, [], {"review": "x"})[-1]["content"].endswith("one of: good, bad.")
     assert labelled.format(NUM, [], {"question": "x"})[-1]["content"].endswith("<answer>.")
-    # the caller's own labels or cue stand
-    mine = PlainAdapter(labels=["yes", "no"])
-    assert mine.with_labels(["positive", "negative"]) is mine
-    custom = PlainAdapter(cue="Be brief.")
-    assert custom.with_labels(["positive", "negative"]) is custom
     with pytest.raises(ConfigError, match="non-empty label strings"):
         PlainAdapter(labels=[])
