@@ -237,7 +237,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                     lines.append(f"  At its tokens ({m['tokens_per_question']:.0f}/q), self-consistency over the first "
                                  f"{same['m']} samples ({same['tokens_per_question']:.0f} tok) gets "
                                  f"{same['accuracy']:.3f}: {same['only_this_right']} problems only `{name}` solved, "
-                                 f"{same['only_sc_right']} only it, exact McNemar p = {same['p_value']:.3g}")
+                                 f"{same['only_sc_right']} only self-consistency solved, "
+                                 f"exact McNemar p = {same['p_value']:.3g}")
     halves = [(name, m["stream_halves"]) for name, m in report["methods"].items() if m.get("stream_halves")]
     if halves:
         lines += ["", "Accuracy on the first and second half of the stream (in answer order): " + "; ".join(
