@@ -1,12 +1,13 @@
 #!/bin/bash
 # Issue 19: DETOT against every matched-budget baseline at 300 problems, with ablations, on the bench model.
-#   dev:    five DETOT configurations (chain of thought with and without the soft prompt, CISC-weighted votes,
-#           program of thought, the CoT/PoT mix) on 40 development problems (--offset 300: none of them is in
-#           the reported 300), then evals/scripts/choose_config.py picks one (most accurate; ties: fewer tokens)
-#           into evals/results/accuracy/dev_SUITE/choice.json;
+#   dev:    six DETOT configurations (chain of thought with and without the soft prompt, CISC-weighted votes,
+#           program of thought, the CoT/PoT mix, chain of thought with no demos) on 40 development problems
+#           (--offset 300: none of them is in the reported 300), then evals/scripts/choose_config.py picks one
+#           (most accurate; ties: fewer tokens) into evals/results/accuracy/dev_SUITE/choice.json;
 #   main:   the reported run, 300 problems (seed 0, nested draw): plain_cot, plain_sc, plain_sc_adaptive,
 #           plain_cisc, plain_pot and detot_plain_static in the chosen configuration, with its ablations
-#           (retrieval; softprompt when the soft prompt is on; strategy when it is not chain of thought).
+#           (retrieval when it uses demos; softprompt when the soft prompt is on; strategy when it is not chain
+#           of thought).
 # Everything on the llama.cpp engine, plain-text prompts, n = 5 (DETOT: at most 6 samples, greedy first),
 # temperature 0.5, the M = 0 task embedding ("Measurement: the dynamic soft prompt"), GSM8K-train demos.
 # Every stage resumes (--resume): rerun the same command after a stop. Hours on the 2-core CPU: run alone.
@@ -34,18 +35,22 @@ if [ "$stage" = dev ]; then
   dev cisc --soft-prompt "$sp" --weighting cisc
   dev pot --soft-prompt "$sp" --strategy pot
   dev mix --soft-prompt "$sp" --strategy mix
+  dev zeroshot --soft-prompt "$sp" --k 0  # added after MultiArith's retrieval ablation (README)
   .venv/bin/python evals/scripts/choose_config.py "$root/dev_$suite"
 elif [ "$stage" = main ]; then
   choice="$root/dev_$suite/choice.json"
   [ -f "$choice" ] || { echo "no $choice: run the dev stage first" >&2; exit 2; }
-  read -r strategy weighting soft < <(.venv/bin/python -c "import json,sys; c=json.load(open(sys.argv[1])); \
-print(c['strategy'], c['weighting'], 'on' if c['soft_prompt'] else 'off')" "$choice")
-  ablate=retrieval
-  if [ "$soft" = on ]; then soft_arg="$sp"; ablate+=",softprompt"; else soft_arg=none; fi
-  [ "$strategy" != cot ] && ablate+=",strategy"
+  read -r strategy weighting soft k < <(.venv/bin/python -c "import json,sys; c=json.load(open(sys.argv[1])); \
+print(c['strategy'], c['weighting'], 'on' if c['soft_prompt'] else 'off', c.get('k', 3))" "$choice")
+  parts=()
+  [ "$k" != 0 ] && parts+=(retrieval)
+  if [ "$soft" = on ]; then soft_arg="$sp"; parts+=(softprompt); else soft_arg=none; fi
+  [ "$strategy" != cot ] && parts+=(strategy)
+  ablate=()
+  [ ${#parts[@]} -gt 0 ] && ablate=(--ablate "$(IFS=,; echo "${parts[*]}")")
   .venv/bin/detot eval "${common[@]}" --limit 300 \
     --methods plain_cot,plain_sc,plain_sc_adaptive,plain_cisc,plain_pot,detot_plain_static \
-    --strategy "$strategy" --weighting "$weighting" --soft-prompt "$soft_arg" --ablate "$ablate" \
+    --strategy "$strategy" --weighting "$weighting" --soft-prompt "$soft_arg" --k "$k" "${ablate[@]}" \
     --out "$root/$suite"
 else
   echo "stage must be dev or main, got $stage" >&2; exit 2

@@ -2,7 +2,7 @@
 
 Reads every `report.json` under DEV_DIR (one folder per configuration, written by
 `bash evals/scripts/accuracy_suite.sh SUITE dev`), lists each DETOT row's configuration (reasoning
-strategy, vote weighting, soft prompt on or off) with its accuracy and output tokens, and picks the
+strategy, vote weighting, soft prompt on or off, demos per question) with its accuracy and output tokens, and picks the
 most accurate; a tie goes to fewer output tokens per question. The development problems are
 `--offset 300` of the seeded draw, so none of them is in the reported `--limit 300`.
 
@@ -32,6 +32,7 @@ def rows(dev: Path) -> list[dict[str, Any]]:
             out.append({"run": report.parent.name, "method": name, "strategy": adj["strategy"],
                         "weighting": adj.get("weighting", "uniform"),
                         "soft_prompt": not m["config"].get("soft_prompt_off", False),
+                        "k": adj["k_exemplars"],
                         "n": m["n"], "correct": m["correct"], "accuracy": m["accuracy"],
                         "tokens_per_question": round(m["tokens_per_question"], 1),
                         "samples_per_question": round(m["samples_per_question"], 2), "complete": m["complete"]})
@@ -58,18 +59,19 @@ def main() -> None:
     args = parser.parse_args()
     table = rows(args.dev)
     best = choose(table)
-    print("| run | method | strategy | weighting | soft prompt | accuracy | tokens/q | samples/q |")
-    print("|---|---|---|---|---|---:|---:|---:|")
+    print("| run | method | strategy | weighting | soft prompt | demos | accuracy | tokens/q | samples/q |")
+    print("|---|---|---|---|---|---:|---:|---:|---:|")
     for r in table:
         mark = " **(chosen)**" if r is best else ""
         print(f"| {r['run']} | {r['method']}{mark} | {r['strategy']} | {r['weighting']} | "
-              f"{'on' if r['soft_prompt'] else 'off'} | {r['correct']}/{r['n']} | {r['tokens_per_question']} | "
-              f"{r['samples_per_question']} |")
+              f"{'on' if r['soft_prompt'] else 'off'} | {r['k']} | {r['correct']}/{r['n']} | "
+              f"{r['tokens_per_question']} | {r['samples_per_question']} |")
     choice = {"strategy": best["strategy"], "weighting": best["weighting"], "soft_prompt": best["soft_prompt"],
+              "k": best["k"],
               "chosen_from": table, "rule": "most accurate on the development split; ties: fewer output tokens"}
     atomic_write_text(args.dev / "choice.json", json.dumps(choice, indent=2) + "\n")
     print(f"chosen: strategy={best['strategy']} weighting={best['weighting']} "
-          f"soft_prompt={'on' if best['soft_prompt'] else 'off'} -> {args.dev / 'choice.json'}")
+          f"soft_prompt={'on' if best['soft_prompt'] else 'off'} k={best['k']} -> {args.dev / 'choice.json'}")
 
 
 if __name__ == "__main__":
