@@ -14,7 +14,10 @@ majority over its first m samples, for every m, which is what self-consistency w
 would have scored on the same problems. Each DETOT method is then placed on it: the fewest samples
 fixed-N self-consistency needs to match its accuracy (`sc_samples_to_match`), and the same-budget
 comparison: self-consistency over the fewest first samples that cost at least the method's output
-tokens per question, with McNemar's exact test on the same problems (`vs_sc_at_its_tokens`).
+tokens per question, with McNemar's exact test on the same problems (`vs_sc_at_its_tokens`). A DETOT
+method's own records keep their sample keys too: its own prefix curve (what it would have answered
+with at most m samples: a sample's seed depends only on its index) and the fewest of its samples
+that reach fixed-N self-consistency's full-budget accuracy (`samples_to_match_sc`).
 
 Example:
     >>> summarize_method([{"id": "a", "correct": True, "samples": 1, "tokens": 10, "latency_s": 1.0,
@@ -69,11 +72,14 @@ def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]]
     }
 
 
-def prefix_curve(records: list[dict[str, Any]], fmt: AnswerFormat = AnswerFormat.NUMBER) -> list[dict[str, Any]]:
-    """Self-consistency over each record's first m samples, for m = 1 .. the shortest record's count.
+def prefix_curve(records: list[dict[str, Any]], fmt: AnswerFormat = AnswerFormat.NUMBER, *,
+                 upto: int | None = None) -> list[dict[str, Any]]:
+    """Self-consistency over each record's first m samples, for m = 1 .. `upto` (default: the shortest
+    record's count).
 
     Uniform majority, a tie going to the key drawn first (as `vote` breaks it); a sample that did not
-    parse (key None) counts as drawn but casts no vote. Returns `{"m", "accuracy", "tokens_per_question"}`
+    parse (key None) counts as drawn but casts no vote. A record with fewer than m samples (a method
+    that stopped early) votes over all it has, as it did. Returns `{"m", "accuracy", "tokens_per_question"}`
     per m; empty when a record lacks `sample_keys` (runs from before they were recorded).
 
     Example:
@@ -84,7 +90,7 @@ def prefix_curve(records: list[dict[str, Any]], fmt: AnswerFormat = AnswerFormat
     """
     if not records or any(not r.get("sample_keys") for r in records):
         return []
-    depth = min(len(r["sample_keys"]) for r in records)
+    depth = upto if upto is not None else min(len(r["sample_keys"]) for r in records)
     curve = []
     for m in range(1, depth + 1):
         right = sum(_prefix_right(r, m, fmt) for r in records)
@@ -158,7 +164,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
     configs = json.loads((out / "methods.json").read_text()) if (out / "methods.json").exists() else {}
     methods: dict[str, Any] = {}
     outcomes: dict[str, dict[str, bool]] = {}
-    sc_records: list[dict[str, Any]] = []
+    by_method: dict[str, list[dict[str, Any]]] = {}
     fmt = AnswerFormat(run.get("answer_format", AnswerFormat.NUMBER.value))
     for method in run["methods"]:
         seen: dict[str, dict[str, Any]] = {}
@@ -171,21 +177,28 @@ def build_report(out: str | Path) -> dict[str, Any]:
         summary["config"] = configs.get(method, {})
         methods[method] = summary
         outcomes[method] = {r["id"]: bool(r["correct"]) for r in records}
+        by_method[method] = records
         if method == CURVE_METHOD:
             summary["prefix_curve"] = prefix_curve(records, fmt)
-            sc_records = records
     baselines = [m for m in methods if not m.startswith("detot") and methods[m]["n"]]
     best = max(baselines, key=lambda m: (methods[m]["accuracy"], -methods[m]["samples_per_question"]),
                default=None)
     sc = methods.get(CURVE_METHOD, {})
     curve = sc.get("prefix_curve") if sc.get("complete") else None
     for method, summary in methods.items():
+        if method.startswith("detot") and summary["complete"]:
+            own = prefix_curve(by_method[method], fmt,
+                               upto=max((len(r.get("sample_keys") or []) for r in by_method[method]), default=0))
+            if own:
+                summary["prefix_curve"] = own
+                if curve:  # how few of its own samples reach fixed-N self-consistency's full budget
+                    summary["samples_to_match_sc"] = _samples_to_match(own, curve[-1]["accuracy"])
         if curve and method.startswith("detot") and summary["complete"]:
             summary["sc_samples_to_match"] = _samples_to_match(curve, summary["accuracy"])
             # the same budget: self-consistency over the fewest first samples that cost at least its tokens
             point = _token_matched(curve, summary["tokens_per_question"])
             if point is not None:
-                test = paired(outcomes[method], prefix_outcomes(sc_records, point["m"], fmt))
+                test = paired(outcomes[method], prefix_outcomes(by_method[CURVE_METHOD], point["m"], fmt))
                 summary["vs_sc_at_its_tokens"] = {**point, "only_this_right": test.b, "only_sc_right": test.c,
                                                   "p_value": test.p_value}
         if best is None or method == best or not summary["n"]:
@@ -233,6 +246,14 @@ def render_markdown(report: dict[str, Any]) -> str:
                                                     f"({need / m['samples_per_question']:.2f}x its samples)"
                                                     if need is not None else f"does not reach it with {len(curve)}"))
                 same = m.get("vs_sc_at_its_tokens")
+                if "samples_to_match_sc" in m:
+                    own, sc_m = m["samples_to_match_sc"], curve[-1]
+                    lines.append("  Its own first m samples: " + ", ".join(
+                        f"m={p['m']} {p['accuracy']:.3f} ({p['tokens_per_question']:.0f} tok)"
+                        for p in m["prefix_curve"]) + "; " +
+                        (f"reaches fixed-N self-consistency's {sc_m['accuracy']:.3f} ({sc_m['m']} samples) "
+                         f"with {own} ({sc_m['m'] / own:.2f}x fewer samples)" if own is not None else
+                         f"does not reach fixed-N self-consistency's {sc_m['accuracy']:.3f}"))
                 if same:
                     lines.append(f"  At its tokens ({m['tokens_per_question']:.0f}/q), self-consistency over the first "
                                  f"{same['m']} samples ({same['tokens_per_question']:.0f} tok) gets "
@@ -293,15 +314,19 @@ def _scatter(out: Path, report: dict[str, Any], plt: Any, key: str, xlabel: str,
         spot = (round(x / nudge), round(y, 2))
         x += nudge * seen.get(spot, 0)
         seen[spot] = seen.get(spot, 0) + 1
-        ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=name)
+        bars = ax.errorbar(x, y, yerr=[[y - lo], [hi - y]], fmt="o", capsize=3, label=name)
+        if name != CURVE_METHOD and m.get("prefix_curve"):  # a DETOT method capped at m samples, its colour
+            own = m["prefix_curve"]
+            ax.plot([p["m"] if key == "samples_per_question" else p["tokens_per_question"] for p in own],
+                    [p["accuracy"] for p in own], ":", color=bars[0].get_color(), marker=".", linewidth=0.8)
     curve = report["methods"].get(CURVE_METHOD, {}).get("prefix_curve")
     if curve:  # what fixed-N self-consistency scores with 1, 2, ... samples
         xs = [p["m"] if key == "samples_per_question" else p["tokens_per_question"] for p in curve]
-        ax.plot(xs, [p["accuracy"] for p in curve], ":", color="grey", marker=".",
+        ax.plot(xs, [p["accuracy"] for p in curve], ":", color="black", marker=".",
                 label=f"{CURVE_METHOD}, first m samples")
     ax.set_xlabel(xlabel + (" (coinciding points nudged right)" if max(seen.values(), default=1) > 1 else ""))
     ax.set_ylabel("accuracy (95% bootstrap CI)")
-    ax.set_title(f"{report['suite']}: accuracy vs {what}")
+    ax.set_title(f"{report['suite']}: accuracy vs {what} (dotted: a method's first m samples)", fontsize=10)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     path = out / f"accuracy_vs_{what}.png"

@@ -208,7 +208,21 @@ def test_the_report_places_detot_on_fixed_n_self_consistency_s_prefix_curve(tmp_
     assert (same["m"], same["tokens_per_question"], round(same["accuracy"], 3)) == (2, 20, 0.333)
     assert (same["only_this_right"], same["only_sc_right"], same["p_value"]) == (1, 0, 1.0)
     assert report["methods"]["detot_plain"]["vs_sc_at_its_tokens"]["only_this_right"] == 2
-    assert "first 2 samples (20 tok) gets 0.333: 1 problems only `detot_plain_static` solved, 0 only it" in text
+    assert ("first 2 samples (20 tok) gets 0.333: 1 problems only `detot_plain_static` solved, 0 only "
+            "self-consistency solved") in text
+    # DETOT's own prefix curve: its first sample alone is right on q0 and q1, which plain_sc needs 3 samples for
+    own = report["methods"]["detot_plain_static"]
+    assert [round(p["accuracy"], 3) for p in own["prefix_curve"]] == [0.667, 0.667]
+    assert own["samples_to_match_sc"] == 1
+    assert "reaches fixed-N self-consistency's 0.667 (3 samples) with 1 (3.00x fewer samples)" in text
+    # the violation: a DETOT whose own samples never reach that accuracy gets no such claim
+    # (q0 stopped early, after one sample: its later prefixes keep that one vote)
+    weak = [_rec(0, "1", ["1"], True), _rec(1, "2", ["7", "7"], False), _rec(2, "3", ["9", "9"], False)]
+    _write_run(tmp_path / "d", {"plain_sc": sc, "detot_plain_static": weak})
+    report_d = write_report(tmp_path / "d", plots=False)
+    assert report_d["methods"]["detot_plain_static"]["samples_to_match_sc"] is None
+    assert [round(p["accuracy"], 3) for p in report_d["methods"]["detot_plain_static"]["prefix_curve"]] == [0.333] * 2
+    assert "does not reach fixed-N self-consistency's 0.667" in render_markdown(report_d)
     # a method spending more tokens than plain_sc's whole budget gets no same-budget claim
     dear = [{**r, "tokens": 100} for r in detot]
     _write_run(tmp_path / "c", {"plain_sc": sc, "detot_plain_static": dear})
