@@ -16,7 +16,8 @@ fixed-N self-consistency needs to match its accuracy (`sc_samples_to_match`), an
 comparison: self-consistency over the fewest first samples that cost at least the method's output
 tokens per question, with McNemar's exact test on the same problems (`vs_sc_at_its_tokens`). A DETOT
 method's own records keep their sample keys too: its own prefix curve (what it would have answered
-with at most m samples: a sample's seed depends only on its index) and the fewest of its samples
+with at most m samples: a sample's seed depends only on its index; on llama.cpp, up to its batch-shape
+dependence, README "Accuracy per token") and the fewest of its samples
 that reach fixed-N self-consistency's full-budget accuracy (`samples_to_match_sc`).
 
 Example:
