@@ -8,11 +8,14 @@
 #           plain_cisc, plain_pot and detot_plain_static in the chosen configuration, with its ablations
 #           (retrieval when it uses demos; softprompt when the soft prompt is on; strategy when it is not chain
 #           of thought).
+#   confirm: (MultiArith) the no-demo DETOT configuration, which the reported run's ablation found best after
+#           the fact, against plain_sc and plain_cisc on the 260 problems neither the reported 300 nor the
+#           development 40 use (--offset 340), into evals/results/accuracy/confirm_SUITE: a blind check.
 # Everything on the llama.cpp engine, plain-text prompts, n = 5 (DETOT: at most 6 samples, greedy first),
 # temperature 0.5, the M = 0 task embedding ("Measurement: the dynamic soft prompt"), GSM8K-train demos.
 # Every stage resumes (--resume): rerun the same command after a stop. Hours on the 2-core CPU: run alone.
 # Needs runs/gsm8k-train-index (detot index build --data ../shared/data/gsm8k/train.jsonl --out runs/gsm8k-train-index).
-# Usage: bash evals/scripts/accuracy_suite.sh multiarith|gsm8k dev|main
+# Usage: bash evals/scripts/accuracy_suite.sh multiarith|gsm8k dev|main|confirm
 set -euo pipefail
 cd "$(dirname "$0")/../.."  # the repository root
 export HF_HUB_OFFLINE=1
@@ -52,6 +55,9 @@ print(c['strategy'], c['weighting'], 'on' if c['soft_prompt'] else 'off', c.get(
     --methods plain_cot,plain_sc,plain_sc_adaptive,plain_cisc,plain_pot,detot_plain_static \
     --strategy "$strategy" --weighting "$weighting" --soft-prompt "$soft_arg" --k "$k" "${ablate[@]}" \
     --out "$root/$suite"
+elif [ "$stage" = confirm ]; then
+  .venv/bin/detot eval "${common[@]}" --offset 340 --limit 260 --methods plain_sc,plain_cisc,detot_plain_static \
+    --strategy cot --weighting uniform --soft-prompt "$sp" --k 0 --out "$root/confirm_$suite"
 else
-  echo "stage must be dev or main, got $stage" >&2; exit 2
+  echo "stage must be dev, main or confirm, got $stage" >&2; exit 2
 fi
