@@ -6,6 +6,10 @@ strategy, vote weighting, soft prompt on or off, demos per question) with its ac
 most accurate; a tie goes to fewer output tokens per question. The development problems are
 `--offset 300` of the seeded draw, so none of them is in the reported `--limit 300`.
 
+A choice is made once, before the reported run: when `choice.json` exists it is kept (the reported run
+was made with it, and `--resume` pins its settings); the script then prints what the rule would choose
+now. `--rechoose` overwrites it (for a new reported run).
+
 Usage:
     python evals/scripts/choose_config.py evals/results/accuracy/dev_multiarith
 """
@@ -56,6 +60,7 @@ def choose(candidates: list[dict[str, Any]]) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dev", type=Path, help="folder of development runs (one subfolder per configuration)")
+    parser.add_argument("--rechoose", action="store_true", help="overwrite an existing choice.json")
     args = parser.parse_args()
     table = rows(args.dev)
     best = choose(table)
@@ -66,12 +71,20 @@ def main() -> None:
         print(f"| {r['run']} | {r['method']}{mark} | {r['strategy']} | {r['weighting']} | "
               f"{'on' if r['soft_prompt'] else 'off'} | {r['k']} | {r['correct']}/{r['n']} | "
               f"{r['tokens_per_question']} | {r['samples_per_question']} |")
+    path = args.dev / "choice.json"
+    if path.exists() and not args.rechoose:
+        kept = json.loads(path.read_text())
+        print(f"kept {path} (strategy={kept['strategy']} weighting={kept['weighting']} soft_prompt="
+              f"{'on' if kept['soft_prompt'] else 'off'} k={kept.get('k', 3)}); the rule would choose now: "
+              f"strategy={best['strategy']} weighting={best['weighting']} "
+              f"soft_prompt={'on' if best['soft_prompt'] else 'off'} k={best['k']} (--rechoose to take it)")
+        return
     choice = {"strategy": best["strategy"], "weighting": best["weighting"], "soft_prompt": best["soft_prompt"],
               "k": best["k"],
               "chosen_from": table, "rule": "most accurate on the development split; ties: fewer output tokens"}
-    atomic_write_text(args.dev / "choice.json", json.dumps(choice, indent=2) + "\n")
+    atomic_write_text(path, json.dumps(choice, indent=2) + "\n")
     print(f"chosen: strategy={best['strategy']} weighting={best['weighting']} "
-          f"soft_prompt={'on' if best['soft_prompt'] else 'off'} k={best['k']} -> {args.dev / 'choice.json'}")
+          f"soft_prompt={'on' if best['soft_prompt'] else 'off'} k={best['k']} -> {path}")
 
 
 if __name__ == "__main__":
