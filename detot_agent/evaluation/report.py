@@ -188,20 +188,20 @@ def build_report(out: str | Path) -> dict[str, Any]:
     curve = sc.get("prefix_curve") if sc.get("complete") else None
     for method, summary in methods.items():
         if method.startswith("detot") and summary["complete"]:
-            own = prefix_curve(by_method[method], fmt,
-                               upto=max((len(r.get("sample_keys") or []) for r in by_method[method]), default=0))
+            records = by_method[method]
+            own = prefix_curve(records, fmt, upto=max((len(r.get("sample_keys") or []) for r in records), default=0))
             if own:
                 summary["prefix_curve"] = own
-                if curve:  # how few of its own samples reach fixed-N self-consistency's full budget
+            if curve:
+                summary["sc_samples_to_match"] = _samples_to_match(curve, summary["accuracy"])
+                if own:  # how few of its own samples reach fixed-N self-consistency's full budget
                     summary["samples_to_match_sc"] = _samples_to_match(own, curve[-1]["accuracy"])
-        if curve and method.startswith("detot") and summary["complete"]:
-            summary["sc_samples_to_match"] = _samples_to_match(curve, summary["accuracy"])
-            # the same budget: self-consistency over the fewest first samples that cost at least its tokens
-            point = _token_matched(curve, summary["tokens_per_question"])
-            if point is not None:
-                test = paired(outcomes[method], prefix_outcomes(by_method[CURVE_METHOD], point["m"], fmt))
-                summary["vs_sc_at_its_tokens"] = {**point, "only_this_right": test.b, "only_sc_right": test.c,
-                                                  "p_value": test.p_value}
+                # the same budget: self-consistency over the fewest first samples that cost at least its tokens
+                point = _token_matched(curve, summary["tokens_per_question"])
+                if point is not None:
+                    test = paired(outcomes[method], prefix_outcomes(by_method[CURVE_METHOD], point["m"], fmt))
+                    summary["vs_sc_at_its_tokens"] = {**point, "only_this_right": test.b,
+                                                      "only_sc_right": test.c, "p_value": test.p_value}
         if best is None or method == best or not summary["n"]:
             summary["vs_best_baseline"] = None
             continue

@@ -57,6 +57,17 @@ def choose(candidates: list[dict[str, Any]]) -> dict[str, Any]:
     return max(done, key=lambda r: (r["accuracy"], -r["tokens_per_question"]))
 
 
+def describe(config: dict[str, Any]) -> str:
+    """One configuration on one line (a choice from before `k` was recorded had 3 demos).
+
+    Example:
+        >>> describe({"strategy": "cot", "weighting": "uniform", "soft_prompt": True, "k": 0})
+        'strategy=cot weighting=uniform soft_prompt=on k=0'
+    """
+    return (f"strategy={config['strategy']} weighting={config['weighting']} "
+            f"soft_prompt={'on' if config['soft_prompt'] else 'off'} k={config.get('k', 3)}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("dev", type=Path, help="folder of development runs (one subfolder per configuration)")
@@ -73,18 +84,14 @@ def main() -> None:
               f"{r['tokens_per_question']} | {r['samples_per_question']} |")
     path = args.dev / "choice.json"
     if path.exists() and not args.rechoose:
-        kept = json.loads(path.read_text())
-        print(f"kept {path} (strategy={kept['strategy']} weighting={kept['weighting']} soft_prompt="
-              f"{'on' if kept['soft_prompt'] else 'off'} k={kept.get('k', 3)}); the rule would choose now: "
-              f"strategy={best['strategy']} weighting={best['weighting']} "
-              f"soft_prompt={'on' if best['soft_prompt'] else 'off'} k={best['k']} (--rechoose to take it)")
+        print(f"kept {path} ({describe(json.loads(path.read_text()))}); the rule would choose now: "
+              f"{describe(best)} (--rechoose to take it)")
         return
     choice = {"strategy": best["strategy"], "weighting": best["weighting"], "soft_prompt": best["soft_prompt"],
               "k": best["k"],
               "chosen_from": table, "rule": "most accurate on the development split; ties: fewer output tokens"}
     atomic_write_text(path, json.dumps(choice, indent=2) + "\n")
-    print(f"chosen: strategy={best['strategy']} weighting={best['weighting']} "
-          f"soft_prompt={'on' if best['soft_prompt'] else 'off'} k={best['k']} -> {path}")
+    print(f"chosen: {describe(best)} -> {path}")
 
 
 if __name__ == "__main__":
