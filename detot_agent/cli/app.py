@@ -182,6 +182,31 @@ def bench_engine(
 COT_SUFFIX = "\nLet's think step by step."
 
 
+def _load_index(path: Path) -> Any:
+    """An exemplar index folder with its own encoder (refused with the reason when it is not one)."""
+    from detot_agent.io.persist import read_manifest
+    from detot_agent.retrieval.encoder import Encoder
+    from detot_agent.retrieval.index import ExemplarIndex
+
+    manifest = read_manifest(path, kind=ExemplarIndex.FORMAT, max_version=ExemplarIndex.FORMAT_VERSION, verify=False)
+    return ExemplarIndex.load(path, encoder=Encoder(manifest["encoder"]))
+
+
+def _with_demos(pairs: list[Any], records: list[Any], te: Any, index: Any, demos: int) -> list[Any]:
+    """Each training pair's prompt as `DETOT` (plain prompts) serves its question with `demos` demos from
+    `index` under `te`'s query; the target stays."""
+    from detot_agent.detot.adapters import PlainAdapter
+    from detot_agent.detot.module import DETOT
+    from detot_agent.detot.task import TaskProfile, analyze
+    from detot_agent.softprompt.training import TuneExample
+
+    profile = TaskProfile(name=te.task, description=te.task)
+    program = DETOT("question -> answer", task=profile, index=index, task_embedding=te, adapter=PlainAdapter(),
+                    adjustments=analyze(profile, k_exemplars=demos), background=False)
+    return [TuneExample(messages=program.prompt(question=r.text), target=p.target)
+            for p, r in zip(pairs, records, strict=True)]
+
+
 @app.command()
 def tune(
     task: Annotated[str, typer.Option(help="Task name.")],
@@ -210,13 +235,22 @@ def tune(
     text_field: Annotated[str, typer.Option(help="(jsonl) prompt field.")] = "question",
     target_field: Annotated[str, typer.Option(help="(jsonl) target field; GSM8K/MultiArith use the rationale.")] =
         "answer",
+    index: Annotated[Path | None, typer.Option(help="An exemplar index (`detot index build`) to take --demos from.")] =
+        None,
+    demos: Annotated[int, typer.Option(help="Demos in each training prompt, retrieved as DETOT serves them (the task "
+                                            "embedding's query, MMR, never the question itself); 0: the question "
+                                            "alone. Train with the k_exemplars you will serve with (longer prompts: "
+                                            "slower steps).", min=0, max=32)] = 0,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Train a task embedding with a soft-prompt head (model frozen); saves it with a loss plot and report.
 
+    The soft prompt learns in the context it will be served in: the question alone, or with `--demos`
+    retrieved from `--index` exactly as `DETOT` retrieves them (the prompts are built by `DETOT.prompt`).
     The retrieval side learns from feedback at serving time (DETOT's loop, `TaskRetriever.feedback`),
-    not from a data file: here it keeps its initial state.
+    not from a data file: here it keeps its initial state, so the demos a question is trained with are
+    the ones it is served with.
     """
     from detot_agent.cli.plots import plot_loss
     from detot_agent.embedding.task_embedding import TaskEmbedding
@@ -237,6 +271,11 @@ def tune(
     if k < 1 or components < 0 or not tau > 0:
         raise typer.BadParameter(f"--k must be >= 1, --components >= 0 and --tau > 0 (got {k}, {components}, {tau})")
     form = DataFormat(fmt) if fmt else detect_format(data)
+    if demos and (index is None or form is DataFormat.JSONL):
+        raise typer.BadParameter("--demos needs --index (an exemplar index with rationales) and GSM8K or MultiArith "
+                                 f"data (worked answers to learn after the demos); got --index {index}, {form.value} "
+                                 "data. Drop --demos to train on the question alone")
+    exemplars = _load_index(index) if index is not None else None
     records = read_exemplars(data, fmt=form, text_field=text_field, answer_field=target_field)
     records = records[:limit] if limit else records
     if form is DataFormat.JSONL:
@@ -246,22 +285,26 @@ def tune(
         pairs = [TuneExample(prompt=r.text + COT_SUFFIX, target=r.fields["rationale"]) for r in records]
     if len(pairs) < 2:
         raise typer.BadParameter(f"{data} gave {len(pairs)} usable training pair(s); need at least 2")
-    encoder = Encoder()
+    encoder = exemplars.encoder if exemplars is not None and exemplars.encoder is not None else Encoder()
     vectors = encoder.encode([r.text for r in records])
-    items = [Feedback(query=v, example=p) for v, p in zip(vectors, pairs, strict=True)]
-    n_val = min(val, len(items) // 4)
+    n_val = min(val, len(pairs) // 4)
     engine = LocalEngine(model, device=device, dtype=dtype)
     te = TaskEmbedding.from_description(task, description, encoder=encoder, samples=[r.text for r in records[:32]])
     te.attach_head(SoftPrompt.initialize(engine, task, k=k, init=init).vectors, components=components, tau=tau,
                    model_id=engine.source.spec, inputs=vectors[n_val:])
+    if exemplars is not None and demos:
+        pairs = _with_demos(pairs, records, te, exemplars, demos)
+    items = [Feedback(query=v, example=p) for v, p in zip(vectors, pairs, strict=True)]
     console.print(f"training the task embedding of {task!r} on {engine.name}: soft prompts of {k} x "
-                  f"{engine.hidden_size}, {components} component(s); {len(items) - n_val} training / {n_val} "
-                  "validation examples")
+                  f"{engine.hidden_size}, {components} component(s), "
+                  f"{f'{demos} demo(s) from {index}' if demos else 'no demos'} in each prompt; "
+                  f"{len(items) - n_val} training / {n_val} validation examples")
     report = te.update(items[n_val:], val=items[:n_val], engine=engine, config=cfg, progress=True)
     te.save(out)
     plot_loss(report.train_loss, report.val_loss, out / "loss.png", title=f"task embedding {task!r} on {engine.name}",
               initial_val=report.lm_before)
-    write_json_atomic(out / "report.json", report.model_dump())
+    write_json_atomic(out / "report.json", {**report.model_dump(), "demos_in_prompt": demos,
+                                            "demo_index": None if index is None or not demos else str(index)})
     verdict = "accepted" if report.accepted else "NOT accepted (validation loss did not improve); kept the init"
     console.print(f"{report.steps} steps in {report.seconds:.1f}s; NLL {report.lm_before:.3f} -> {report.lm_after:.3f}"
                   f"{'' if report.gate_usage is None else f'; gate usage {report.gate_usage}'}"

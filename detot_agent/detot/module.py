@@ -299,6 +299,35 @@ class DETOT(dspy.Module):
         return self.controller.state.version
 
     # ---- one call ------------------------------------------------------------------------------------
+    def _context(self, state: TaskState, text: str) -> tuple[np.ndarray, Any, list[dspy.Example], list[str]]:
+        """What one task embedding gives an input under `state`: `(e(x), P(x) or None, demos shown, their ids)`;
+        `q(x)` and `P(x)` come from one snapshot."""
+        query = self.encoder.encode([text])[0]  # (dim,)
+        q, soft, _ = state.embedding.serve(query) if state.embedding is not None else (query, None, 0)
+        retrieved, demo_ids = self._demos(state, q, text)
+        return query, soft, self._prompt_demos(retrieved), demo_ids
+
+    def prompt(self, **inputs: Any) -> list[dict[str, Any]]:
+        """The chat messages a chain-of-thought call shows the model for `inputs` under the serving state
+        (demos retrieved with the task embedding's query, never the input itself; the active adapter's
+        layout), without generating. The soft prompt, if any, goes in front of them as vectors. Used to train
+        a soft prompt in the context it is served in (`detot tune --demos`).
+
+        Example:
+            >>> task = TaskProfile(name="arith")
+            >>> program = DETOT("question -> answer", task=task, index=index, soft_prompt=False,  # doctest: +SKIP
+            ...                 adapter=PlainAdapter(), adjustments=analyze(task, k_exemplars=1), background=False)
+            >>> [m["role"] for m in program.prompt(question="3 + 4?")]                    # doctest: +SKIP
+            ['user', 'assistant', 'user']
+        """
+        sig = self._signature()
+        missing = [name for name in sig.input_fields if name not in inputs]
+        if missing:
+            raise InvalidRequestError(f"missing input field(s) {missing}; the signature takes "
+                                      f"{list(sig.input_fields)}")
+        _, _, demos, _ = self._context(self.controller.state, self._input_text(inputs))
+        return list(self.active_adapter().format(sig, demos=demos, inputs=inputs))
+
     def _demos(self, state: TaskState, q: np.ndarray, text: str) -> tuple[list[dspy.Example], list[str]]:
         """Demos for the task-adapted query `q` (read from `state` by the caller); an exemplar whose question
         is the input itself (`text`) is never shown (it would hand the model its own answer, and let an
@@ -469,11 +498,7 @@ class DETOT(dspy.Module):
         """The pipeline under one state: `(query, demo_ids, messages, samples, vote, drawn)`; with `record`,
         the engine rounds are recorded on the LM as DSPy records its calls (history, usage, callbacks)."""
         sig = self._signature()
-        query = self.encoder.encode([text])[0]
-        # q(x) and P(x) from the one task embedding, in one snapshot
-        q, soft, _ = state.embedding.serve(query) if state.embedding is not None else (query, None, 0)
-        retrieved, demo_ids = self._demos(state, q, text)
-        demos = self._prompt_demos(retrieved)
+        query, soft, demos, demo_ids = self._context(state, text)
         engine = _serving_engine(lm)
         adapter = self.active_adapter()
         adj = state.adjust(self.adjustments)  # the task's adjustments under the state's policy

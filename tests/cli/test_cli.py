@@ -127,6 +127,44 @@ def test_tune_trains_the_whole_task_embedding_and_its_artefact_serves_everywhere
     assert bad.exit_code != 0 and "freeze" in bad.output
 
 
+def test_tune_with_demos_trains_on_the_prompts_detot_serves(tiny_model_dir, gsm8k_train, tmp_path, monkeypatch):
+    from detot_agent.embedding.task_embedding import TaskEmbedding
+
+    idx = tmp_path / "idx"  # the same problems as the training data: each question's own exemplar is nearest
+    assert runner.invoke(app, ["index", "build", "--data", str(gsm8k_train), "--limit", "30", "--out",
+                               str(idx)]).exit_code == 0
+    seen = []
+    update = TaskEmbedding.update
+    monkeypatch.setattr(TaskEmbedding, "update", lambda self, items, **kw: seen.append((items, kw["val"])) or
+                        update(self, items, **kw))  # observe what it trains on, then train
+    out = tmp_path / "te"
+    result = runner.invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "12", "--model",
+                                 str(tiny_model_dir), "--k", "2", "--steps", "2", "--val", "3", "--index", str(idx),
+                                 "--demos", "2", "--out", str(out), "--device", "cpu", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert "2 demo(s) from" in " ".join(result.output.split())
+    items, val = seen[0]
+    assert len(items) + len(val) == 12
+    for item in [*items, *val]:
+        messages = item.example.messages
+        assert [m["role"] for m in messages] == ["user", "assistant"] * 2 + ["user"]
+        question = messages[-1]["content"].removesuffix("\nLet's think step by step.")
+        assert not any(question in m["content"] for m in messages[:-1])  # never its own worked answer
+        assert item.example.target.endswith(".") and "The answer is" in item.example.target
+    report = json.loads((out / "report.json").read_text())
+    assert report["demos_in_prompt"] == 2 and report["demo_index"] == str(idx)
+    # without --demos the prompt is the question alone (as before)
+    seen.clear()
+    assert runner.invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "8", "--model",
+                               str(tiny_model_dir), "--k", "2", "--steps", "1", "--val", "0", "--out",
+                               str(tmp_path / "te0"), "--device", "cpu", "--dtype", "float32"]).exit_code == 0
+    assert all(i.example.messages is None and i.example.prompt.endswith("step by step.") for i in seen[0][0])
+    # --demos without an index is refused before a model loads
+    bad = runner.invoke(app, ["tune", "--task", "a", "--data", str(gsm8k_train), "--out", str(tmp_path / "x"),
+                              "--demos", "2", "--model", "/nonexistent/model"])
+    assert bad.exit_code != 0 and "--demos needs --index" in " ".join(bad.output.split())
+
+
 def test_convert_turns_a_static_soft_prompt_into_the_zero_head_case(tiny_engine, tmp_path):
     from detot_agent.embedding.task_embedding import TaskEmbedding
     from detot_agent.softprompt.prompt import SoftPrompt

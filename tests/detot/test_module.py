@@ -9,7 +9,7 @@ import threading
 import dspy
 import pytest
 import torch
-from scripted import scripted_lm
+from scripted import scripted_lm, scripted_local_lm
 
 from detot_agent import DETOT, LocalEngine, TaskProfile, analyze, local_lm
 from detot_agent.answers import extract_number
@@ -59,6 +59,27 @@ def test_retrieved_demos_reach_the_prompt(gsm8k_index):
     demo_question = gsm8k_index.get(pred.demo_ids[0]).fields["question"]
     assert demo_question in engine.prompts[0]
     assert pred.embedding_version == 0
+
+
+def test_prompt_is_what_a_call_shows_and_never_holds_the_input_itself(gsm8k_index, long_tiny_model_dir):
+    lm, _ = scripted_local_lm(long_tiny_model_dir, lambda text, n: "7", plain=True)
+    detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False, adapter=PlainAdapter(),
+                  soft_prompt=False, adjustments=analyze(ARITH, stopping="fixed", max_samples=2, k_exemplars=3))
+    shown = detot.prompt(question=Q)
+    detot(question=Q)
+    assert shown == detot.controller.evidence()[0].messages  # the messages the call sent, nothing generated
+    assert [m["role"] for m in shown] == ["user", "assistant"] * 3 + ["user"]
+    # an indexed question: its own exemplar (the nearest) is never a demo, as in a call
+    own = gsm8k_index.get("train:1").fields["question"]
+    demos = [m["content"] for m in detot.prompt(question=own)[:-1:2]]
+    assert len(demos) == 3 and not any(own in d for d in demos)
+    nearest = gsm8k_index.search(detot.task_embedding.query(detot.encoder.encode([own])[0]), 1)[0]
+    assert nearest.text == own  # so the exclusion was needed
+    without = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False,
+                    adapter=PlainAdapter(), adjustments=analyze(ARITH, k_exemplars=0))
+    assert without.prompt(question=Q) == [{"role": "user", "content": f"{Q}\nLet's think step by step."}]
+    with pytest.raises(DetotError, match="missing input field"):
+        detot.prompt(text=Q)
 
 
 def test_trigger_fires_on_falling_agreement(gsm8k_index):
