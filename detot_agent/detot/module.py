@@ -299,6 +299,15 @@ class DETOT(dspy.Module):
         return self.controller.state.version
 
     # ---- one call ------------------------------------------------------------------------------------
+    def _checked(self, inputs: dict[str, Any]) -> Any:
+        """The signature, once `inputs` are known to hold each of its input fields (else `InvalidRequestError`)."""
+        sig = self._signature()
+        missing = [name for name in sig.input_fields if name not in inputs]
+        if missing:
+            raise InvalidRequestError(f"missing input field(s) {missing}; the signature takes "
+                                      f"{list(sig.input_fields)}")
+        return sig
+
     def _context(self, state: TaskState, text: str) -> tuple[np.ndarray, Any, list[dspy.Example], list[str]]:
         """What one task embedding gives an input under `state`: `(e(x), P(x) or None, demos shown, their ids)`;
         `q(x)` and `P(x)` come from one snapshot."""
@@ -320,11 +329,7 @@ class DETOT(dspy.Module):
             >>> [m["role"] for m in program.prompt(question="3 + 4?")]                    # doctest: +SKIP
             ['user', 'assistant', 'user']
         """
-        sig = self._signature()
-        missing = [name for name in sig.input_fields if name not in inputs]
-        if missing:
-            raise InvalidRequestError(f"missing input field(s) {missing}; the signature takes "
-                                      f"{list(sig.input_fields)}")
+        sig = self._checked(inputs)
         _, _, demos, _ = self._context(self.controller.state, self._input_text(inputs))
         return list(self.active_adapter().format(sig, demos=demos, inputs=inputs))
 
@@ -454,11 +459,7 @@ class DETOT(dspy.Module):
             ConfigError: no LM given or configured.
         """
         start = time.perf_counter()
-        sig = self._signature()
-        missing = [name for name in sig.input_fields if name not in inputs]
-        if missing:
-            raise InvalidRequestError(f"missing input field(s) {missing}; the signature takes "
-                                      f"{list(sig.input_fields)}")
+        sig = self._checked(inputs)
         text = self._input_text(inputs)
         if not text.strip():
             raise EmptyPromptError("the input is empty or whitespace; pass a question")
