@@ -192,21 +192,6 @@ def _load_index(path: Path) -> Any:
     return ExemplarIndex.load(path, encoder=Encoder(manifest["encoder"]))
 
 
-def _with_demos(pairs: list[Any], records: list[Any], te: Any, index: Any, demos: int) -> list[Any]:
-    """Each training pair's prompt as `DETOT` (plain prompts) serves its question with `demos` demos from
-    `index` under `te`'s query; the target stays."""
-    from detot_agent.detot.adapters import PlainAdapter
-    from detot_agent.detot.module import DETOT
-    from detot_agent.detot.task import TaskProfile, analyze
-    from detot_agent.softprompt.training import TuneExample
-
-    profile = TaskProfile(name=te.task, description=te.task)
-    program = DETOT("question -> answer", task=profile, index=index, task_embedding=te, adapter=PlainAdapter(),
-                    adjustments=analyze(profile, k_exemplars=demos), background=False)
-    return [TuneExample(messages=program.prompt(question=r.text), target=p.target)
-            for p, r in zip(pairs, records, strict=True)]
-
-
 @app.command()
 def tune(
     task: Annotated[str, typer.Option(help="Task name.")],
@@ -253,6 +238,7 @@ def tune(
     the ones it is served with.
     """
     from detot_agent.cli.plots import plot_loss
+    from detot_agent.detot.served import served_examples
     from detot_agent.embedding.task_embedding import TaskEmbedding
     from detot_agent.embedding.update import Feedback, UpdateConfig
     from detot_agent.engines.torch_engine import LocalEngine
@@ -293,7 +279,7 @@ def tune(
     te.attach_head(SoftPrompt.initialize(engine, task, k=k, init=init).vectors, components=components, tau=tau,
                    model_id=engine.source.spec, inputs=vectors[n_val:])
     if exemplars is not None and demos:
-        pairs = _with_demos(pairs, records, te, exemplars, demos)
+        pairs = served_examples(te, exemplars, [r.text for r in records], [p.target for p in pairs], k=demos)
     items = [Feedback(query=v, example=p) for v, p in zip(vectors, pairs, strict=True)]
     console.print(f"training the task embedding of {task!r} on {engine.name}: soft prompts of {k} x "
                   f"{engine.hidden_size}, {components} component(s), "
@@ -400,16 +386,11 @@ def index_search(
 ) -> None:
     """Search an exemplar index (optionally through a task embedding)."""
     from detot_agent.embedding.task_embedding import TaskEmbedding
-    from detot_agent.io.persist import read_manifest
-    from detot_agent.retrieval.encoder import Encoder
-    from detot_agent.retrieval.index import ExemplarIndex
 
     if not query.strip():
         raise ConfigError("the query is empty; pass the text to search for")
-    manifest = read_manifest(index_dir, kind=ExemplarIndex.FORMAT, max_version=ExemplarIndex.FORMAT_VERSION,
-                             verify=False)
-    enc = Encoder(manifest["encoder"])
-    index = ExemplarIndex.load(index_dir, encoder=enc)
+    index = _load_index(index_dir)
+    enc = index.encoder
     vec = enc.encode([query])[0]
     if task:
         te = (TaskEmbedding.load(task, encoder_name=enc.name) if Path(task).is_dir()

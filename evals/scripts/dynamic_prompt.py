@@ -10,7 +10,9 @@ Conditions, on the same engine, prompt and seeded problems:
 Each condition's per-problem results are appended to `<out>/<suite>/<condition>.jsonl` as they finish, so an
 interrupted run resumes. `--nll` also writes the held-out target NLL of each condition (GSM8K train problems
 that neither prompt trained or early-stopped on) to `<out>/nll.json`. `--summary` prints the table with exact
-McNemar p-values (static vs dynamic, none vs each).
+McNemar p-values (static vs dynamic, none vs each). `--train-dynamic --demos K --index DIR` trains the task
+embedding with K demos in each prompt, as DETOT serves it (`detot_agent.detot.served`), instead of the
+question alone.
 
     python evals/scripts/dynamic_prompt.py --model "$(../shared/tools/bench-model.sh)" --suite gsm8k \
         --conditions none,static,dynamic --static S --dynamic D --out evals/results/dynamic_prompt
@@ -131,12 +133,20 @@ def train_dynamic(engine: LocalEngine, args: argparse.Namespace) -> Path:
     pick = random.Random(args.seed).sample(range(len(gsm)), args.train + 32)
     encoder = Encoder()
     e = encoder.encode([gsm[i].text for i in pick])
-    items = [Feedback(query=e[j], example=TuneExample(prompt=gsm[i].text + COT, target=gsm[i].fields["rationale"]))
-             for j, i in enumerate(pick)]
     te = TaskEmbedding.from_description("arithmetic", "Solve arithmetic word problems step by step.",
                                         encoder=encoder, samples=[gsm[i].text for i in pick[32:64]])
     p0 = SoftPrompt.initialize(engine, "arithmetic", k=args.k, init="text").vectors
     te.attach_head(p0, components=args.components, tau=args.tau, model_id=engine.source.spec, inputs=e[32:])
+    if args.demos:  # each question behind the demos DETOT serves it with (never its own exemplar)
+        from detot_agent.detot.served import served_examples
+        from detot_agent.retrieval.index import ExemplarIndex
+
+        index = ExemplarIndex.load(args.index, encoder=encoder)
+        examples = served_examples(te, index, [gsm[i].text for i in pick], [gsm[i].fields["rationale"] for i in pick],
+                                   k=args.demos)
+    else:
+        examples = [TuneExample(prompt=gsm[i].text + COT, target=gsm[i].fields["rationale"]) for i in pick]
+    items = [Feedback(query=e[j], example=x) for j, x in enumerate(examples)]
     report = te.update(items[32:], val=items[:32], engine=engine, steps=args.steps, head_lr=args.lr,
                        batch_size=args.batch_size, eval_every=20, patience=3, balance=args.balance,
                        max_seconds=None, progress=True)
@@ -209,11 +219,16 @@ def main() -> int:
     ap.add_argument("--components", type=int, default=4)
     ap.add_argument("--tau", type=float, default=0.1)
     ap.add_argument("--balance", type=float, default=0.1)
+    ap.add_argument("--demos", type=int, default=0,
+                    help="--train-dynamic: demos in each training prompt, as DETOT serves them (needs --index)")
+    ap.add_argument("--index", type=Path, default=None, help="exemplar index for --demos (the GSM8K train index)")
     args = ap.parse_args()
     conds = [c.strip() for c in args.conditions.split(",") if c.strip()]
     bad = sorted(set(conds) - {"none", "static", "dynamic"})
     if bad:
         raise SystemExit(f"unknown condition(s) {bad}; choose from none, static, dynamic")
+    if args.demos and (args.index is None or not args.train_dynamic):
+        raise SystemExit("--demos trains with demos in context: it needs --train-dynamic and --index DIR")
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.summary:
         engine = LocalEngine(args.model, dtype=args.dtype, device="cpu")
