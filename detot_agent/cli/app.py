@@ -271,7 +271,7 @@ def tune(
         pairs = [TuneExample(prompt=r.text + COT_SUFFIX, target=r.fields["rationale"]) for r in records]
     if len(pairs) < 2:
         raise typer.BadParameter(f"{data} gave {len(pairs)} usable training pair(s); need at least 2")
-    encoder = exemplars.encoder if exemplars is not None and exemplars.encoder is not None else Encoder()
+    encoder = exemplars.encoder if exemplars is not None else Encoder()  # the index's own (`_load_index`)
     vectors = encoder.encode([r.text for r in records])
     n_val = min(val, len(pairs) // 4)
     engine = LocalEngine(model, device=device, dtype=dtype)
