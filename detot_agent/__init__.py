@@ -31,7 +31,7 @@ if TYPE_CHECKING:
     from detot_agent.engines.config import EngineConfig
     from detot_agent.engines.llamacpp_engine import LlamaCppEngine
     from detot_agent.engines.lm import local_lm
-    from detot_agent.engines.models import default_model_path
+    from detot_agent.engines.models import default_model_path, release_models
     from detot_agent.engines.torch_engine import LocalEngine
     from detot_agent.engines.vllm_engine import VLLMEngine, vllm_lm
     from detot_agent.errors import (
@@ -110,6 +110,7 @@ _WHERE = {
     "local_lm": "detot_agent.engines.lm",
     "normalize": "detot_agent.answers",
     "read_exemplars": "detot_agent.io.datafiles",
+    "release_models": "detot_agent.engines.models",
     "tune": "detot_agent.softprompt.training",
     "vllm_lm": "detot_agent.engines.vllm_engine",
     "vote": "detot_agent.detot.voting",
@@ -170,6 +171,7 @@ __all__ = [
     "local_lm",
     "normalize",
     "read_exemplars",
+    "release_models",
     "tune",
     "vllm_lm",
     "vote",

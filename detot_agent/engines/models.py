@@ -2,7 +2,8 @@
 
 Nothing here runs at import time. Loaded models are shared within a process:
 two engines (for example DSPy's sync and async engine, or a program loaded
-twice) built for the same source, device and dtype hold one set of weights.
+twice) built for the same source, device and dtype hold one set of weights, kept until
+`release_models()` (dropping the engines alone frees nothing).
 
 Example:
     >>> from detot_agent.engines.models import resolve_model_source
@@ -277,8 +278,14 @@ def load_model(
     device: torch.device,
     dtype: torch.dtype,
     attn_implementation: str | None = None,
+    cache: bool = True,
 ) -> LoadedModel:
-    """Load (or reuse) model and tokenizer for `source`; weights are frozen and in eval mode."""
+    """Load (or reuse) model and tokenizer for `source`; weights are frozen and in eval mode.
+
+    With `cache=True` (engines) the model is kept for this process, so engines on the same source share
+    one copy until `release_models()`; `cache=False` loads a private copy that is freed with its last
+    reference (a cached copy is still reused when there is one).
+    """
     key = (source.location, source.gguf_file, str(device), str(dtype), attn_implementation)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
@@ -300,5 +307,36 @@ def load_model(
         model.eval()
         model.requires_grad_(False)
         loaded = LoadedModel(model, tokenizer, source, device, dtype)
-        _CACHE[key] = loaded
+        if cache:
+            _CACHE[key] = loaded
         return loaded
+
+
+def release_models(model: str | os.PathLike[str] | None = None) -> int:
+    """Forget this process's cached models (all, or every copy of `model`); returns how many copies.
+
+    Engines share one copy of a model per source, device and dtype, kept for the process, so dropping an
+    engine alone frees nothing. Close and drop the engines first, then release: the memory (host, or the
+    GPU's, whose caching allocator is emptied here) is freed once nothing references the model. An engine
+    that still holds a released model keeps working; a new engine loads the model again.
+
+    Args:
+        model: what the engine was given (a `.gguf` file, a folder, a hub id, `default`); None: all.
+
+    Example:
+        >>> from detot_agent.engines.models import release_models
+        >>> release_models() >= 0
+        True
+    """
+    import gc
+
+    want = None if model is None else resolve_model_source(model)
+    with _CACHE_LOCK:
+        keys = [k for k in _CACHE if want is None or k[:2] == (want.location, want.gguf_file)]
+        for k in keys:
+            del _CACHE[k]
+    if keys:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return len(keys)

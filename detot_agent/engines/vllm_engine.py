@@ -88,7 +88,8 @@ def load_input_embeddings(source: ModelSource, *, dtype: torch.dtype) -> tuple[A
     """(tokenizer, input-embedding weight `(V, H)` on CPU, context length) of a model.
 
     Reads only the embedding tensor from a safetensors checkpoint when it can; GGUF files and other
-    layouts load the whole model once on CPU and keep its embedding matrix.
+    layouts load the whole model once on CPU, copy its embedding matrix and free the rest (the model is
+    not kept in the process's model cache: vLLM holds its own copy).
     """
     from transformers import AutoTokenizer
 
@@ -107,7 +108,7 @@ def load_input_embeddings(source: ModelSource, *, dtype: torch.dtype) -> tuple[A
     if found is not None:
         weight, config = found
     else:
-        loaded = load_model(source, device=torch.device("cpu"), dtype=dtype)
+        loaded = load_model(source, device=torch.device("cpu"), dtype=dtype, cache=False)  # not kept
         weight, config = loaded.model.get_input_embeddings().weight.detach().clone(), loaded.model.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or 2048
     return tokenizer, weight, int(context)

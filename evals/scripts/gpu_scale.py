@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,10 @@ from typing import Any
 import torch
 from gpu_check import _peak_gib, _sync, invariance, throughput  # same folder
 
+from detot_agent.detot.adapters import COT_CUE
+from detot_agent.engines.models import release_models
 from detot_agent.engines.torch_engine import LocalEngine
+from detot_agent.io.datafiles import read_exemplars
 from detot_agent.softprompt.prompt import SoftPrompt
 from detot_agent.softprompt.training import TuneExample, tune
 
@@ -75,15 +77,8 @@ def build(shape: str, tokenizer_dir: Path, folder: Path, device: str) -> dict[st
 
 
 def gsm8k_pairs(path: Path) -> list[TuneExample]:
-    """GSM8K train lines as (question + CoT cue, rationale + answer statement) pairs."""
-    pairs = []
-    for line in path.read_text().splitlines():
-        row = json.loads(line)
-        rationale, answer = row["answer"].split("####")
-        rationale = re.sub(r"<<[^>]*>>", "", rationale).strip()
-        pairs.append(TuneExample(prompt=row["question"] + "\nLet's think step by step.",
-                                 target=f"{rationale}\nThe answer is {answer.strip()}."))
-    return pairs
+    """GSM8K train lines as (question + CoT cue, rationale + answer statement) pairs, as `detot tune` makes them."""
+    return [TuneExample(prompt=f"{e.text}\n{COT_CUE}", target=e.fields["rationale"]) for e in read_exemplars(path)]
 
 
 def tuning(engine: LocalEngine, pairs: list[TuneExample], steps: int) -> dict[str, Any]:
@@ -146,9 +141,9 @@ def main() -> None:
             d["throughput"] = throughput(engine, [int(b) for b in args.batches.split(",")], args.n,
                                          args.new_tokens)
             save()
+            engine.close()
             del engine
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            release_models()  # the process's model cache holds the weights until released
 
 
 if __name__ == "__main__":

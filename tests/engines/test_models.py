@@ -59,3 +59,36 @@ def test_import_downloads_nothing(tmp_path):
     env = {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9", "PATH": "/usr/bin:/bin"}
     subprocess.run([sys.executable, "-c", "import detot_agent, detot_agent.cli.app"], env=env, check=True)
     assert not Path(tmp_path / "hf").exists() or not any(Path(tmp_path / "hf").rglob("*.safetensors"))
+
+
+def test_release_models_frees_a_model_that_dropping_its_engine_does_not(tmp_path, tiny_model_dir):
+    import gc
+    import weakref
+
+    import torch
+
+    from detot_agent import LocalEngine
+    from detot_agent.engines.models import load_model, release_models
+    from detot_agent.testing import build_tiny_model
+
+    folder = build_tiny_model(tmp_path / "own")  # no other test's engine holds this one
+    engine = LocalEngine(str(folder), device="cpu", dtype="float32", max_wait_ms=5)
+    weights = weakref.ref(engine.model)
+    again = LocalEngine(str(folder), device="cpu", dtype="float32", max_wait_ms=5)
+    assert again.model is engine.model  # one shared copy per source, device and dtype
+    engine.close()
+    again.close()
+    del engine, again
+    gc.collect()
+    assert weights() is not None  # the process cache still holds it: dropping engines frees nothing
+
+    release_models(tiny_model_dir)  # releasing another model spares this one
+    assert weights() is not None
+    assert release_models(folder) == 1
+    assert weights() is None
+    assert release_models(folder) == 0
+
+    source = LocalEngine(str(folder), device="cpu", dtype="float32").source
+    private = load_model(source, device=torch.device("cpu"), dtype=torch.float16, cache=False)
+    assert load_model(source, device=torch.device("cpu"), dtype=torch.float16, cache=False) is not private
+    assert release_models(folder) == 1  # the float32 copy of the engine just built, not the private ones
