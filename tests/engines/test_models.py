@@ -61,7 +61,7 @@ def test_import_downloads_nothing(tmp_path):
     assert not Path(tmp_path / "hf").exists() or not any(Path(tmp_path / "hf").rglob("*.safetensors"))
 
 
-def test_release_models_frees_a_model_that_dropping_its_engine_does_not(tmp_path, tiny_model_dir):
+def test_release_models_frees_a_model_that_dropping_its_engine_does_not(tmp_path):
     import gc
     import weakref
 
@@ -71,24 +71,30 @@ def test_release_models_frees_a_model_that_dropping_its_engine_does_not(tmp_path
     from detot_agent.engines.models import load_model, release_models
     from detot_agent.testing import build_tiny_model
 
-    folder = build_tiny_model(tmp_path / "own")  # no other test's engine holds this one
+    # models of this test's own: releasing a shared fixture's model would make other tests load a new copy
+    folder, other = build_tiny_model(tmp_path / "own"), build_tiny_model(tmp_path / "other")
     engine = LocalEngine(str(folder), device="cpu", dtype="float32", max_wait_ms=5)
     weights = weakref.ref(engine.model)
     again = LocalEngine(str(folder), device="cpu", dtype="float32", max_wait_ms=5)
     assert again.model is engine.model  # one shared copy per source, device and dtype
+    bystander = LocalEngine(str(other), device="cpu", dtype="float32", max_wait_ms=5)
     engine.close()
     again.close()
     del engine, again
     gc.collect()
     assert weights() is not None  # the process cache still holds it: dropping engines frees nothing
 
-    release_models(tiny_model_dir)  # releasing another model spares this one
+    assert release_models(other) == 1  # releasing another model spares this one
     assert weights() is not None
     assert release_models(folder) == 1
     assert weights() is None
     assert release_models(folder) == 0
+    from dspy.lm15 import Config, Message, Request
 
-    source = LocalEngine(str(folder), device="cpu", dtype="float32").source
+    reply = bystander.complete(Request(model="tiny", messages=(Message.user("hi"),), config=Config(max_tokens=3)))
+    assert reply.usage.output_tokens > 0  # an engine holding a released model keeps working
+
+    source = bystander.source
     private = load_model(source, device=torch.device("cpu"), dtype=torch.float16, cache=False)
     assert load_model(source, device=torch.device("cpu"), dtype=torch.float16, cache=False) is not private
-    assert release_models(folder) == 1  # the float32 copy of the engine just built, not the private ones
+    assert release_models(other) == 0  # private copies never enter the cache
