@@ -20,6 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
+from paired_counts import load, methods  # same folder
+
 from detot_agent.evaluation.metrics import paired
 
 BUCKETS = ((1, 2), (3, 4), (5, 99))
@@ -46,11 +48,8 @@ def main() -> None:
     head = " | ".join(f"{lo}-{hi if hi < 99 else ''} steps" for lo, hi in BUCKETS)
     print(f"| method | problems | {head} | samples with no answer | of them cut at {args.max_tokens} tokens |")
     print("|---|---:|" + "---:|" * len(BUCKETS) + "---:|---:|")
-    votes: list[tuple[str, list[dict]]] = []
-    for path in sorted(args.folder.glob("*.jsonl")):
-        if "." in path.stem:  # event / evidence logs
-            continue
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    records = {m: list(load(args.folder, m).values()) for m in methods(args.folder)}
+    for name, rows in records.items():
         cells = []
         for lo, hi in BUCKETS:
             got = [r["correct"] for r in rows if lo <= steps[r["id"]] <= hi]
@@ -59,24 +58,21 @@ def main() -> None:
                                                        r.get("sample_tokens") or [r["tokens"]], strict=False)]
         none = [t for k, t in keys if k is None]
         cut = sum(1 for t in none if t >= args.max_tokens)
-        print(f"| {path.stem} | {len(rows)} | " + " | ".join(cells)
+        print(f"| {name} | {len(rows)} | " + " | ".join(cells)
               + f" | {len(none) / max(len(keys), 1):.1%} | {cut / max(len(keys), 1):.1%} |")
-        if any(len(r.get("sample_keys") or []) > 1 for r in rows):
-            votes.append((path.stem, rows))
     print("\n| method | greedy first sample right | any sample right | distinct stated answers/q "
           "| stated answers that are right |")
     print("|---|---:|---:|---:|---:|")
-    for name, rows in votes:
+    for name, rows in records.items():
+        if not any(len(r.get("sample_keys") or []) > 1 for r in rows):
+            continue  # one reply per problem: nothing voted
         stated = [(k, r["gold"]) for r in rows for k in r["sample_keys"] if k is not None]
         print(f"| {name} | {sum(r['sample_keys'][0] == r['gold'] for r in rows)} "
               f"| {sum(r['gold'] in r['sample_keys'] for r in rows)} "
               f"| {sum(len(set(r['sample_keys']) - {None}) for r in rows) / len(rows):.2f} "
               f"| {sum(k == g for k, g in stated) / max(len(stated), 1):.3f} |")
-
-
     if args.pair:
-        a, b = ({r["id"]: r["correct"] for r in map(json.loads, (args.folder / f"{m}.jsonl").read_text().splitlines())}
-                for m in args.pair)
+        a, b = ({r["id"]: r["correct"] for r in records[m]} for m in args.pair)
         for lo, hi in BUCKETS:
             t = paired({i: v for i, v in a.items() if lo <= steps[i] <= hi}, b)
             print(f"{lo}-{hi if hi < 99 else ''} steps: only {args.pair[0]} right {t.b}, only {args.pair[1]} right "

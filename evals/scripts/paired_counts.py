@@ -15,19 +15,25 @@ import sys
 from pathlib import Path
 
 from detot_agent.evaluation.metrics import paired
+from detot_agent.evaluation.runner import RUN_FILE, read_records
+
+
+def methods(folder: Path) -> list[str]:
+    """The run's methods, as `detot eval report` lists them (from `run.json`)."""
+    return list(json.loads((folder / RUN_FILE).read_text())["methods"])
 
 
 def load(folder: Path, method: str) -> dict[str, dict]:
+    """id -> record of one method (`evaluation.runner.read_records`); empty if it has none yet."""
     path = folder / f"{method}.jsonl"
-    return {r["id"]: r for r in map(json.loads, path.read_text().splitlines())} if path.is_file() else {}
+    return {r["id"]: r for r in read_records(path)} if path.is_file() else {}
 
 
 def main() -> None:
     folder, method = Path(sys.argv[1]), sys.argv[2]
     ours = {i: r["correct"] for i, r in load(folder, method).items()}
-    for path in sorted(folder.glob("*.jsonl")):
-        other = path.stem
-        if other == method or "." in other:  # skip event / evidence logs
+    for other in methods(folder):
+        if other == method:
             continue
         t = paired(ours, {i: r["correct"] for i, r in load(folder, other).items()})
         print(f"{method} vs {other}: only {method} right {t.b}, only {other} right {t.c}, exact McNemar p = "

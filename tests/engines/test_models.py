@@ -66,6 +66,7 @@ def test_release_models_frees_a_model_that_dropping_its_engine_does_not(tmp_path
     import weakref
 
     import torch
+    from dspy.lm15 import Config, Message, Request
 
     from detot_agent import LocalEngine
     from detot_agent.engines.models import load_model, release_models
@@ -89,8 +90,6 @@ def test_release_models_frees_a_model_that_dropping_its_engine_does_not(tmp_path
     assert release_models(folder) == 1
     assert weights() is None
     assert release_models(folder) == 0
-    from dspy.lm15 import Config, Message, Request
-
     reply = bystander.complete(Request(model="tiny", messages=(Message.user("hi"),), config=Config(max_tokens=3)))
     assert reply.usage.output_tokens > 0  # an engine holding a released model keeps working
 
