@@ -99,8 +99,11 @@ def _permute(w: Any, n_head: int) -> Any:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def build_tiny_gguf(path: Path, *, seed: int = 0, context: int = 512) -> Path:
-    """Write the tiny random Llama of `build_tiny_model` as a float32 GGUF file at `path` (a `.gguf` file).
+def build_tiny_gguf(path: Path, *, seed: int = 0, context: int = 512, quantization: str = "f32") -> Path:
+    """Write the tiny random Llama of `build_tiny_model` as a GGUF file at `path` (a `.gguf` file).
+
+    `quantization` is `f32` (every tensor float32) or `q4_0` / `q8_0` (the layers' matrices quantised, as a
+    released GGUF's are: what llama.cpp's extra buffer types repack).
 
     Example:
         >>> import tempfile, pathlib
@@ -111,6 +114,7 @@ def build_tiny_gguf(path: Path, *, seed: int = 0, context: int = 512) -> Path:
     import tempfile
 
     import gguf
+    import gguf.quants
     import numpy as np
     from safetensors.numpy import load_file
 
@@ -132,7 +136,9 @@ def build_tiny_gguf(path: Path, *, seed: int = 0, context: int = 512) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_name("detot-tiny-llama")
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    quant = {"f32": None, "q4_0": gguf.GGMLQuantizationType.Q4_0, "q8_0": gguf.GGMLQuantizationType.Q8_0}[quantization]
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
+                          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[quantization])
     writer.add_context_length(context)
     writer.add_embedding_length(hidden)
     writer.add_block_count(config["num_hidden_layers"])
@@ -164,7 +170,11 @@ def build_tiny_gguf(path: Path, *, seed: int = 0, context: int = 512) -> Path:
                 w = _permute(w, heads)
             elif gg == "attn_k":
                 w = _permute(w, kv_heads)
-            writer.add_tensor(f"blk.{i}.{gg}.weight", np.ascontiguousarray(w))
+            w = np.ascontiguousarray(w)
+            if quant is not None and gg not in ("attn_norm", "ffn_norm"):
+                writer.add_tensor(f"blk.{i}.{gg}.weight", gguf.quants.quantize(w, quant), raw_dtype=quant)
+            else:
+                writer.add_tensor(f"blk.{i}.{gg}.weight", w)
     writer.add_tensor("output_norm.weight", weights["model.norm.weight"].astype(np.float32))
     writer.add_tensor("output.weight", weights["lm_head.weight"].astype(np.float32))
     writer.write_header_to_file()

@@ -104,6 +104,7 @@ def generate(
     from detot_agent.engines.lm import build_engine
 
     engine = build_engine(model, engine=engine_kind, device=device, dtype=dtype)
+    console.print(f"[dim]model {engine.name} on {engine.device}[/]")
     request = Request(model=engine.name, messages=(Message.user(prompt),),
                       config=Config(max_tokens=max_tokens, temperature=temperature, seed=seed))
     start = time.perf_counter()
@@ -174,6 +175,44 @@ def bench_engine(
     console.print(table)
     for name, value in result["ratios"].items():
         console.print(f"{name}: [bold]{value:.2f}x[/]")
+    if json_path:
+        write_json_atomic(json_path, result)
+        console.print(f"wrote {json_path}")
+
+
+@bench_app.command("buffers")
+def bench_buffers(
+    model: ModelOpt = None,
+    settings: Annotated[str, typer.Option(help="Extra-buffer settings to measure, comma-separated: on, off, "
+                                               "auto (each in a child process; a crash is reported).")] = "on,off",
+    prompt_tokens: Annotated[int, typer.Option(help="Prompt length for the prefill figure.", min=1)] = 512,
+    new_tokens: Annotated[int, typer.Option(help="Tokens decoded per sequence.", min=1)] = 64,
+    n: Annotated[int, typer.Option(help="Sequences of the batched decode figure.", min=1)] = 6,
+    repeats: Annotated[int, typer.Option(help="Timed runs per figure (the median is kept).", min=1)] = 3,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+) -> None:
+    """llama.cpp with and without its extra buffer types (repacking, AMX): prefill and decode tok/s."""
+    from detot_agent.cli.bench.buffers import PHASES, run_buffers_bench
+
+    wanted = [s.strip() for s in settings.split(",") if s.strip()]
+    result = run_buffers_bench(model=model, settings=wanted, prompt_tokens=prompt_tokens, new_tokens=new_tokens,
+                               n=n, repeats=repeats)
+    amx = ", ".join(result["amx_flags"]) or "no AMX flags"
+    table = Table(title=f"llama.cpp extra buffers on {result['model']}: {result['cpu']} ({amx}), "
+                        f"{result['cpus']} CPUs; prompt {prompt_tokens}, {new_tokens} new tokens, n={n}")
+    table.add_column("setting")
+    table.add_column("extra buffers")
+    for label in PHASES.values():
+        table.add_column(f"{label} tok/s", justify="right")
+    for setting, row in result["settings"].items():
+        if "crashed" in row:
+            table.add_row(setting, f"[red]crashed ({row['crashed']})[/]", *["-"] * len(PHASES))
+            continue
+        table.add_row(setting, "on" if row["enabled"] else "off",
+                      *[f"{row[p + '_tok_s']:.1f}" for p in PHASES])
+    console.print(table)
+    for phase, ratio in result.get("off_over_on", {}).items():
+        console.print(f"off / on, {PHASES[phase]}: [bold]{ratio:.2f}x[/]")
     if json_path:
         write_json_atomic(json_path, result)
         console.print(f"wrote {json_path}")

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from detot_agent.config import StrictModel
 
-__all__ = ["DType", "Device", "EngineConfig", "Overflow"]
+__all__ = ["DType", "Device", "EngineConfig", "ExtraBuffers", "Overflow"]
 
 
 class Device(str, Enum):
@@ -52,6 +52,19 @@ class Overflow(str, Enum):
     TRUNCATE_MIDDLE = "truncate_middle"
 
 
+class ExtraBuffers(str, Enum):
+    """Whether llama.cpp may put weights in its extra CPU buffer types (weight repacking, AMX).
+
+    `auto` (default): read `$DETOT_LLAMACPP_EXTRA_BUFFERS` if set, else off where llama.cpp reports
+    AMX (its AMX buffers segfault at the first decode, ggml-org/llama.cpp#20824) and on elsewhere
+    (repacking speeds up prompt processing). `on` and `off` decide outright.
+    """
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
 class EngineConfig(StrictModel):
     """Settings of `LocalEngine`.
 
@@ -71,6 +84,9 @@ class EngineConfig(StrictModel):
             one request may take; 0 is the model's training context. The cache holds `max_batch_size` such
             streams (Qwen2.5-0.5B: about 12 KB a cell, so 16 x 2048 cells is 400 MB).
         n_threads: (llama.cpp) CPU threads; None is the CPUs this process may use.
+        extra_buffers: (llama.cpp) `auto`, `on` or `off`: may the weights go into llama.cpp's extra CPU
+            buffer types (repacked, AMX)? `auto` is off on CPUs where llama.cpp reports AMX (it crashes
+            there) and on elsewhere; see `ExtraBuffers` and `engines/llamacpp_load.py`.
     """
 
     model: str | None = None
@@ -84,3 +100,4 @@ class EngineConfig(StrictModel):
     overflow: Overflow = Overflow.ERROR
     n_ctx: int = Field(default=2048, ge=0)
     n_threads: int | None = Field(default=None, ge=1)
+    extra_buffers: ExtraBuffers = ExtraBuffers.AUTO

@@ -43,6 +43,7 @@ from detot_agent.engines.generation import (
     seeded_generators,
     stop_in_tail,
 )
+from detot_agent.engines.llamacpp_load import BufferChoice
 from detot_agent.engines.llamacpp_runtime import LlamaContext
 from detot_agent.engines.models import load_tokenizer
 from detot_agent.errors import ConfigError, ContextLengthError
@@ -74,7 +75,8 @@ class LlamaCppEngine(BatchedEngine):
             raise ConfigError(f"the llama.cpp engine serves .gguf files; {self.source.spec!r} is a "
                               f"{self.source.kind}: pass a .gguf file or engine='torch'")
         self._ctx = LlamaContext(f"{self.source.location}/{self.source.gguf_file}", n_ctx=self.config.n_ctx,
-                                 n_seq_max=self.config.max_batch_size, n_threads=self.config.n_threads)
+                                 n_seq_max=self.config.max_batch_size, n_threads=self.config.n_threads,
+                                 extra_buffers=self.config.extra_buffers)
         self._tokenizer = load_tokenizer(self.source)
         specials = set(self._tokenizer.all_special_ids)
         eos = {i for i in specials if 0 <= i < self._ctx.n_vocab and self._ctx.is_eog(i)}
@@ -96,8 +98,13 @@ class LlamaCppEngine(BatchedEngine):
 
     @property
     def device(self) -> str:
-        """Where decoding runs, for people."""
-        return f"cpu (llama.cpp, {self._ctx.n_threads} threads)"
+        """Where decoding runs and where the weights sit, for people (the load line of `detot demo`/`generate`)."""
+        return f"cpu (llama.cpp, {self._ctx.n_threads} threads; {self._ctx.buffers.describe()})"
+
+    @property
+    def buffers(self) -> BufferChoice:
+        """The extra-buffer decision this engine's model was loaded with (`llamacpp_load`)."""
+        return self._ctx.buffers
 
     @property
     def vocab_size(self) -> int:

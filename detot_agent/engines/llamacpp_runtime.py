@@ -23,43 +23,17 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import importlib.util
-import logging
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from detot_agent.errors import ArtefactError, ConfigError, InvalidRequestError
+from detot_agent.engines.config import ExtraBuffers
+from detot_agent.engines.llamacpp_load import llama_cpp_available, load_library, load_model
+from detot_agent.errors import ConfigError, InvalidRequestError
 
 __all__ = ["LlamaContext", "llama_cpp_available"]
-
-_INIT_LOCK = threading.Lock()
-_BACKEND_READY = False
-
-
-def llama_cpp_available() -> bool:
-    """Whether llama-cpp-python is installed (nothing is imported)."""
-    return importlib.util.find_spec("llama_cpp") is not None
-
-
-def _lib() -> Any:
-    global _BACKEND_READY
-    if not llama_cpp_available():
-        raise ConfigError("the llama.cpp engine needs llama-cpp-python: `pip install llama-cpp-python` "
-                          "(it builds from source with a C/C++ compiler and cmake), or pass engine='torch'")
-    import llama_cpp
-
-    with _INIT_LOCK:
-        if not _BACKEND_READY:
-            # llama.cpp's load chatter; its bindings map ggml's WARN level onto ERROR, so only CRITICAL
-            # stays quiet. Our own errors (a file it cannot load, a full cache) are raised, not logged.
-            logging.getLogger("llama-cpp-python").setLevel(logging.CRITICAL)
-            llama_cpp.llama_backend_init()
-            _BACKEND_READY = True
-    return llama_cpp
 
 
 class LlamaContext:
@@ -71,19 +45,18 @@ class LlamaContext:
             training context); llama.cpp rounds it up to a multiple of 256.
         n_seq_max: most sequences decoded together (each gets its own `n_ctx` cells).
         n_threads: CPU threads (None: the CPUs this process may use).
+        extra_buffers: `auto`, `on` or `off`: may the weights go into llama.cpp's extra buffer types
+            (decided by `llamacpp_load.load_model`; the result is `self.buffers`).
 
     Not thread-safe: the engine calls it from one thread at a time.
     """
 
-    def __init__(self, path: str | Path, *, n_ctx: int, n_seq_max: int, n_threads: int | None = None) -> None:
-        lib = _lib()
+    def __init__(self, path: str | Path, *, n_ctx: int, n_seq_max: int, n_threads: int | None = None,
+                 extra_buffers: ExtraBuffers | str = ExtraBuffers.AUTO) -> None:
+        lib = load_library()
         self._lib = lib
         path = Path(path)
-        mparams = lib.llama_model_default_params()
-        model = lib.llama_model_load_from_file(str(path).encode(), mparams)
-        if not model:
-            raise ArtefactError(f"llama.cpp cannot load {path}: not a valid GGUF model file (or an architecture "
-                                "this llama.cpp does not know)")
+        model, self.buffers = load_model(lib, path, extra_buffers)
         self._model = model
         self.n_embd = int(lib.llama_model_n_embd(model))
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(model))

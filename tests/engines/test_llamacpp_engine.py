@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 
 import dspy
-import llama_cpp
 import pytest
 import torch
 from dspy.lm15 import Config, Message, Request
@@ -13,6 +12,7 @@ from dspy.lm15 import Config, Message, Request
 from detot_agent import LlamaCppEngine, LocalEngine, local_lm
 from detot_agent.engines.config import EngineConfig
 from detot_agent.engines.generation import GenRow
+from detot_agent.engines.llamacpp_load import open_llama
 from detot_agent.engines.lm import AsyncLlamaCppEngine, choose_engine
 from detot_agent.errors import ArtefactError, ConfigError, InvalidRequestError, SoftPromptError
 
@@ -53,7 +53,7 @@ def test_the_tiny_gguf_loads_in_both_engines_with_the_same_prompt_tokens(cpp, pt
 def test_greedy_tokens_equal_llama_cpp_own_token_path(cpp, tiny_gguf):
     ids = cpp.render(_req("what is two plus three"))
     ours = cpp.generate_batch([GenRow(prompt_ids=ids, max_new_tokens=16)])[0][0].token_ids
-    llm = llama_cpp.Llama(str(tiny_gguf), n_ctx=256, verbose=False)
+    llm, _ = open_llama(tiny_gguf, n_ctx=256, verbose=False)
     theirs = []
     for tok in llm.generate(ids, temp=0.0, top_k=1, top_p=1.0, min_p=0.0, repeat_penalty=1.0):
         theirs.append(tok)

@@ -125,15 +125,13 @@ def _bench_one(kind: str, *, model: str | None, n: int, max_tokens: int, tempera
 def _llama_cpp_reference(model: str | None, ids: list[int], *, max_tokens: int,
                          temperature: float) -> dict[str, Any]:
     """llama.cpp's own high-level `Llama`, single stream, on the same prompt tokens (no soft prompt)."""
-    import llama_cpp
-
-    from detot_agent.engines.llamacpp_runtime import _lib
+    from detot_agent.engines.llamacpp_load import open_llama
     from detot_agent.engines.models import resolve_model_source
 
-    _lib()  # quiet logging, backend ready
     source = resolve_model_source(model)
     assert source.gguf_file is not None  # the llama.cpp engine ran on it
-    llm = llama_cpp.Llama(os.path.join(source.location, source.gguf_file), n_ctx=2048, verbose=False, seed=0)
+    # the same buffer decision as the engine (llamacpp_load): AMX buffers crash llama.cpp
+    llm, _ = open_llama(os.path.join(source.location, source.gguf_file), n_ctx=2048, verbose=False, seed=0)
     llm.eval(ids[:4])  # warm-up
     llm.reset()
     count = 0
