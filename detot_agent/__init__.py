@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from detot_agent.softprompt.registry import SoftPromptRegistry
     from detot_agent.softprompt.training import TuneConfig, TuneExample, TuneReport, tune
 
-__version__ = "0.1.0"
+__version__ = "0.4.0.dev0"  # the next release; CHANGELOG.md lists what it holds so far
 
 _WHERE = {
     "Adjustments": "detot_agent.detot.task",

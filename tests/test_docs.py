@@ -1,5 +1,6 @@
-"""The README stays true to the code: its Python snippets parse and import names that exist, and every command
-and option of its command-line summary is one the CLI accepts."""
+"""The README and the docs site stay true to the code: their Python snippets parse, import names that exist and
+run verbatim; every command and option of the command-line reference is one the CLI accepts; the README stays
+a landing page; every results page says how to regenerate it."""
 
 from __future__ import annotations
 
@@ -13,12 +14,28 @@ from typer.testing import CliRunner
 
 from detot_agent.cli.app import app
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-SNIPPETS = re.findall(r"```python\n(.*?)```", README, re.S)
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+README = (ROOT / "README.md").read_text()
+# the pages whose snippets a reader runs in this order (the nav's order), after the README's own
+GUIDES = ["getting-started.md", "guides/dspy.md", "guides/detot-module.md", "guides/task-embedding.md",
+          "guides/loop.md", "guides/retrieval.md", "guides/soft-prompts.md", "guides/evaluation.md",
+          "guides/scale-out.md", "guides/troubleshooting.md"]
+CLI = (DOCS / "reference" / "cli.md").read_text()
+
+
+def _snippets(text: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", text, re.S)
+
+
+README_SNIPPETS = _snippets(README)
+SNIPPETS = [*README_SNIPPETS]
+for _page in GUIDES:  # a guide repeating a README snippet verbatim runs once
+    SNIPPETS += [s for s in _snippets((DOCS / _page).read_text()) if s not in SNIPPETS]
 
 
 def _command_lines() -> list[str]:
-    block = README.split("## Command line", 1)[1].split("```", 2)[1]
+    block = CLI.split("# Command line", 1)[1].split("```", 2)[1]
     lines, current = [], ""
     for raw in block.splitlines():
         line = raw.split("#", 1)[0].rstrip()
@@ -38,7 +55,7 @@ def test_readme_snippets_parse_and_import_names_that_exist(snippet):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("detot_agent"):
             module = importlib.import_module(node.module)
             missing = [a.name for a in node.names if not hasattr(module, a.name)]
-            assert not missing, f"README imports {missing} from {node.module}, which has no such name"
+            assert not missing, f"the docs import {missing} from {node.module}, which has no such name"
 
 
 def test_every_readme_command_and_option_exists():
@@ -57,13 +74,13 @@ def test_every_readme_command_and_option_exists():
             assert helped.exit_code == 0, (path, helped.output)
             text = " ".join(helped.output.split())
             for option in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*|-k)\b", variant):
-                assert option in text, f"`detot {' '.join(path)}` has no option {option} (README: {variant!r})"
+                assert option in text, f"`detot {' '.join(path)}` has no option {option} (docs: {variant!r})"
 
 
 @pytest.mark.slow
 def test_the_snippets_run_verbatim_in_order_on_the_embedded_model(tmp_path):
-    """The README's snippets pasted in order into one Python session, as a new user would, on a fresh
-    checkout's layout (`../shared` beside the working folder): no set-up, the embedded model."""
+    """The README's snippets, then the guides', pasted in order into one Python session, as a new user would, on
+    a fresh checkout's layout (`../shared` beside the working folder): no set-up, the embedded model."""
     import os
     import subprocess
     import sys
@@ -90,3 +107,36 @@ def test_the_snippets_run_verbatim_in_order_on_the_embedded_model(tmp_path):
     for made in ("runs/detot.json", "runs/events.jsonl", "runs/sentiment-te", "runs/gsm8k-index", "runs/arith-sp",
                  "runs/arith-peft"):
         assert (work / made).exists(), made
+
+
+def test_the_readme_is_a_landing_page_with_the_two_commands_and_two_snippets():
+    assert len(README.encode()) <= 12_000, f"README.md is {len(README.encode())} bytes; move detail to docs/"
+    assert "make demo" in README and "make test" in README
+    assert len(README_SNIPPETS) == 2 and "local_lm()" in README_SNIPPETS[0] and "DETOT(" in README_SNIPPETS[1]
+    # every figure it keeps sits beside a link to its results page
+    assert "docs/results/accuracy-300.md" in README
+
+
+def test_every_readme_link_to_the_docs_resolves():
+    links = re.findall(r"\]\((docs/[^)#]+)", README)
+    assert links, "the README links to no docs page"
+    assert [link for link in links if not (ROOT / link).is_file()] == []
+
+
+def _command_blocks(text: str) -> list[str]:
+    return [b for b in re.findall(r"```(?:bash)?\n(.*?)```", text, re.S)
+            if re.search(r"(?m)^\s*(detot |python |bash |[A-Z_]+=\S+ detot )", b)] + re.findall(
+        r"`((?:detot|python) [^`]+)`", text)
+
+
+def test_every_results_page_carries_the_command_that_regenerates_it():
+    pages = sorted(p for p in (DOCS / "results").glob("*.md") if p.name != "index.md")
+    assert len(pages) >= 15
+    assert [p.name for p in pages if not _command_blocks(p.read_text())] == []
+    listed = (DOCS / "results" / "index.md").read_text()
+    assert [p.name for p in pages if f"({p.name})" not in listed] == []
+
+
+def test_the_results_check_catches_a_page_without_a_command():
+    assert _command_blocks("# A study\n\nWe measured things.\n") == []
+    assert _command_blocks("```bash\ndetot bench engine --json x.json\n```\n")
