@@ -27,12 +27,12 @@ if TYPE_CHECKING:
     from detot_agent.embedding.head import PromptHead
     from detot_agent.embedding.task_embedding import TaskEmbedding
     from detot_agent.embedding.update import Feedback, UpdateConfig, UpdateReport
-    from detot_agent.engines.base import AsyncLocalEngine, Sample
+    from detot_agent.engines.base import Sample
     from detot_agent.engines.config import EngineConfig
     from detot_agent.engines.llamacpp_engine import LlamaCppEngine
     from detot_agent.engines.lm import local_lm
     from detot_agent.engines.models import default_model_path, release_models
-    from detot_agent.engines.torch_engine import LocalEngine
+    from detot_agent.engines.torch_engine import AsyncLocalEngine, LocalEngine
     from detot_agent.engines.vllm_engine import VLLMEngine, vllm_lm
     from detot_agent.errors import (
         ArtefactError,
@@ -62,7 +62,7 @@ _WHERE = {
     "Adjustments": "detot_agent.detot.task",
     "AnswerFormat": "detot_agent.answers",
     "ArtefactError": "detot_agent.errors",
-    "AsyncLocalEngine": "detot_agent.engines.base",
+    "AsyncLocalEngine": "detot_agent.engines.torch_engine",
     "ConfigError": "detot_agent.errors",
     "ContextLengthError": "detot_agent.errors",
     "Controller": "detot_agent.detot.controller",

@@ -54,7 +54,7 @@ from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
 from detot_agent.detot.records import Evidence, TaskState, Verdict
 from detot_agent.detot.task import Policy
 from detot_agent.embedding.task_embedding import TaskEmbedding
-from detot_agent.errors import ArtefactError
+from detot_agent.errors import ArtefactError, ConfigError, DetotError
 from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.retrieval.index import ExemplarIndex
 
@@ -124,10 +124,10 @@ class ControllerConfig(StrictModel):
     @model_validator(mode="after")
     def _enough_to_hold_out(self) -> ControllerConfig:
         if self.min_evidence < self.holdout_every:
-            raise ValueError(f"min_evidence ({self.min_evidence}) must be at least holdout_every "
+            raise ConfigError(f"min_evidence ({self.min_evidence}) must be at least holdout_every "
                              f"({self.holdout_every}), or no record is ever held out")
         if self.evidence_size < self.min_evidence:
-            raise ValueError(f"evidence_size ({self.evidence_size}) is below min_evidence ({self.min_evidence}): "
+            raise ConfigError(f"evidence_size ({self.evidence_size}) is below min_evidence ({self.min_evidence}): "
                              "the loop could never run")
         return self
 
@@ -276,7 +276,7 @@ class Controller:
         """
         source = Path(path) if path is not None else self.evidence_log
         if source is None:
-            raise ValueError("Controller.restore_evidence: no log to read (pass a path, or build the controller "
+            raise ConfigError("Controller.restore_evidence: no log to read (pass a path, or build the controller "
                              "with evidence_log)")
         records = JsonlLog(source, fsync=False).read()
         with self._lock:
@@ -292,7 +292,7 @@ class Controller:
                         if old is not None:
                             self._outcome(old, bool(data["correct"]), data.get("gold_key"))
                     else:
-                        raise ValueError(f"unknown kind {kind!r} (evidence or outcome)")
+                        raise ArtefactError(f"unknown kind {kind!r} (evidence or outcome)")
                 except (ValueError, KeyError) as exc:
                     raise ArtefactError(f"{source} line {no}: {exc}; fix or remove that line") from None
             return len(self._evidence)
@@ -533,7 +533,7 @@ class Controller:
             if gold_only:
                 raise _Outcome("no gold items to judge a policy on (give feedback or a canary set); kept the old "
                                "state")
-            raise AssertionError("_gather refuses a split with nothing to replay")
+            raise DetotError("internal: _gather let through a split with nothing to replay; please report it")
         rules = ReplayRules(alpha=cfg.alpha, min_effect=cfg.min_effect, max_flip=cfg.max_flip,
                             min_diversity=cfg.min_diversity, max_hub_share=cfg.max_hub_share,
                             good_agreement=cfg.good_agreement)

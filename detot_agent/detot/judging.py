@@ -39,6 +39,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from detot_agent.errors import InvalidRequestError
+
 __all__ = ["ReplayRules", "Replayed", "alpha_for", "collapsed", "decide", "futile", "hub_share", "sign_test_p"]
 
 
@@ -141,7 +143,8 @@ def decide(old: Sequence[Replayed], new: Sequence[Replayed], gold: Sequence[str 
         test_index: how many tests this program ran before (the error budget).
     """
     if not (len(old) == len(new) == len(gold)) or not old:
-        raise ValueError(f"decide needs the same non-zero number of items: {len(old)}, {len(new)}, {len(gold)}")
+        raise InvalidRequestError(f"decide needs the same non-zero number of items: {len(old)}, {len(new)}, "
+                                  f"{len(gold)}")
     level = alpha_for(test_index, rules.alpha)
     stats: dict[str, Any] = {"items": len(old), "alpha": level, "test_index": test_index}
     # no collapse, whatever the mode

@@ -31,7 +31,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, ValidationError
 
 from detot_agent.config import StrictModel, build
-from detot_agent.errors import ArtefactError
+from detot_agent.errors import ArtefactError, ConfigError
 from detot_agent.io.jsonlog import JsonlLog
 
 __all__ = ["Monitor", "MonitorConfig", "Observation", "ReoptimizationEvent", "Trigger"]
@@ -263,7 +263,7 @@ class Monitor:
         """
         source = Path(path) if path is not None else self.log_path
         if source is None:
-            raise ValueError("Monitor.restore: no log to read (pass a path, or build the monitor with log_path)")
+            raise ConfigError("Monitor.restore: no log to read (pass a path, or build the monitor with log_path)")
         events = JsonlLog(source, fsync=False).read()
         with self._lock:
             self._window.clear()

@@ -87,6 +87,7 @@ class _Interpreter:
         self.max_steps = max_steps
         self.deadline = time.monotonic() + max_seconds
         self.allow_names = allow_names
+        self.in_solution = False
 
     def tick(self) -> None:
         self.steps += 1
@@ -249,10 +250,15 @@ class _Interpreter:
                 raise ProgramError(f"range of {len(span)} items exceeds the step limit ({self.max_steps})")
             return list(span)
         if fn == "solution" and self.solution is not None and not args:
+            if self.in_solution:
+                raise ProgramError("solution() calls itself: recursion is not allowed in a program of thought")
+            self.in_solution = True
             try:
                 self.block(self.solution.body)
             except _Return as ret:
                 return ret.value
+            finally:
+                self.in_solution = False
             return None
         self.allowed_call(fn)
         allowed = self._functions()
@@ -270,6 +276,13 @@ def run_program(source: str, *, max_steps: int = 20_000, max_seconds: float = 1.
     Raises:
         ProgramError: a refused construct (named), a limit passed, a runtime error, or no answer.
     """
+    try:
+        return _run(source, max_steps=max_steps, max_seconds=max_seconds, max_chars=max_chars, expression=expression)
+    except RecursionError:  # nesting deep enough to exhaust Python's stack (parser or interpreter)
+        raise ProgramError("the program nests too deeply (or recurses) to evaluate") from None
+
+
+def _run(source: str, *, max_steps: int, max_seconds: float, max_chars: int, expression: bool) -> int | float:
     text = source.strip()
     if len(text) > max_chars:
         raise ProgramError(f"the program is {len(text)} characters; the limit is {max_chars}")

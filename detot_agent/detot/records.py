@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from detot_agent.errors import ArtefactError
+
 if TYPE_CHECKING:
     import torch
 
@@ -141,7 +143,7 @@ class Evidence:
         try:
             query = np.frombuffer(base64.b64decode(data["query"], validate=True), dtype=np.float32).copy()
             if query.size != data["dim"]:
-                raise ValueError(f"query has {query.size} values, dim says {data['dim']}")
+                raise ArtefactError(f"query has {query.size} values, dim says {data['dim']}")
             served = data.get("served")
             return cls(id=str(data["id"]), query=query, demo_ids=[str(d) for d in data["demo_ids"]],
                        agreement=float(data["agreement"]), messages=data.get("messages"),
@@ -151,7 +153,7 @@ class Evidence:
                        served=None if served is None else Replayed(served["key"], float(served["agreement"]),
                                                                    tuple(served["demo_ids"])))
         except (KeyError, TypeError, binascii.Error) as exc:
-            raise ValueError(f"evidence record {data.get('id', '?')!r}: missing or malformed {exc}") from None
+            raise ArtefactError(f"evidence record {data.get('id', '?')!r}: missing or malformed {exc}") from None
 
     def good(self, good_agreement: float) -> bool:
         """Correct, or (correctness unknown) agreed on strongly."""

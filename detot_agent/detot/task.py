@@ -28,6 +28,7 @@ from pydantic import Field, model_validator
 
 from detot_agent.answers import AnswerFormat
 from detot_agent.config import StrictModel
+from detot_agent.errors import ConfigError
 
 __all__ = ["RULES", "Adjustments", "AnswerFormat", "AppliedRule", "Policy", "Rule", "StoppingRule", "TaskKind",
            "TaskProfile", "Weighting", "analyze", "estimate_complexity"]
@@ -87,7 +88,7 @@ class TaskProfile(StrictModel):
     @model_validator(mode="after")
     def _labels_for_label_tasks(self) -> TaskProfile:
         if self.answer_format is AnswerFormat.LABEL and not self.labels:
-            raise ValueError("answer_format 'label' needs a non-empty labels list")
+            raise ConfigError("answer_format 'label' needs a non-empty labels list")
         return self
 
 
@@ -128,7 +129,7 @@ class Adjustments(StrictModel):
     @model_validator(mode="after")
     def _budget(self) -> Adjustments:
         if self.min_samples > self.max_samples:
-            raise ValueError(f"min_samples ({self.min_samples}) exceeds max_samples ({self.max_samples})")
+            raise ConfigError(f"min_samples ({self.min_samples}) exceeds max_samples ({self.max_samples})")
         return self
 
 
@@ -154,7 +155,7 @@ class Policy(StrictModel):
     @model_validator(mode="after")
     def _changes_something(self) -> Policy:
         if self.strategy is None and self.weighting is None:
-            raise ValueError("a policy sets strategy or weighting (or both)")
+            raise ConfigError("a policy sets strategy or weighting (or both)")
         return self
 
     def changes(self) -> dict[str, Any]:

@@ -236,12 +236,11 @@ class TaskEmbedding:
         Only the input-independent part has a PEFT equivalent: PEFT's prompt tuning serves one prompt for
         every input, so the component bank and its gate (the per-input part) are not in the adapter.
         """
-        from detot_agent.softprompt.peft import export_peft
-        from detot_agent.softprompt.prompt import SoftPrompt
+        from detot_agent.softprompt.peft import write_adapter
 
         head = self._need_head()
-        sp = SoftPrompt(self.task, head.p0, model_id=self.model_id or "unknown", version=self.version)
-        return export_peft(sp, path, base_model_name_or_path=base_model_name_or_path)
+        return write_adapter(path, head.p0, task=self.task, model_id=self.model_id or "unknown",
+                             base_model=base_model_name_or_path)
 
     # ---- queries -------------------------------------------------------------------------------
     def _query(self, e: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:

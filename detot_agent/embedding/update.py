@@ -46,7 +46,7 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -58,8 +58,21 @@ from detot_agent.embedding.head import PromptHead
 from detot_agent.errors import ConfigError, DetotError
 from detot_agent.softprompt.training import TuneExample, _batch_loss, _encode, _mean_nll
 
-if TYPE_CHECKING:
-    from detot_agent.embedding.task_embedding import TaskEmbedding
+
+class Trainable(Protocol):
+    """What `update` needs of a task embedding (`TaskEmbedding` is one); a protocol, so this file does not
+    import `task_embedding.py`, which calls `update` from its own `update` method."""
+
+    task: str
+    dim: int
+    version: int
+    head: PromptHead | None
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def _query(self, e: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor: ...
 
 __all__ = ["Feedback", "UpdateConfig", "UpdateReport", "update"]
 
@@ -161,7 +174,7 @@ def _rows(vectors: np.ndarray | None, dim: int, what: str, i: int) -> torch.Tens
     return t
 
 
-def update(te: TaskEmbedding, feedback: Sequence[Feedback], *, engine: Any = None, val: Sequence[Feedback] = (),
+def update(te: Trainable, feedback: Sequence[Feedback], *, engine: Any = None, val: Sequence[Feedback] = (),
            config: UpdateConfig | None = None, progress: bool = False, **overrides: Any) -> UpdateReport:
     """Train `te` in place on `feedback` (see the module docstring for the losses and rules).
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -29,10 +30,10 @@ from detot_agent.engines.batching import DynamicBatcher
 from detot_agent.engines.config import EngineConfig, Overflow
 from detot_agent.engines.generation import GenOutput, GenRow
 from detot_agent.engines.models import ModelSource, resolve_model_source
-from detot_agent.errors import ContextLengthError, EmptyPromptError, InvalidRequestError
+from detot_agent.errors import ConfigError, ContextLengthError, EmptyPromptError, InvalidRequestError
 from detot_agent.softprompt.registry import METADATA_TASK, METADATA_VERSION, SoftPromptRegistry, check_soft_prompt
 
-__all__ = ["AsyncLocalEngine", "BatchedEngine", "RequestBuilder", "Sample"]
+__all__ = ["AsyncEngine", "BatchedEngine", "RequestBuilder", "Sample"]
 
 
 def _system_text(request: Request) -> str:
@@ -294,21 +295,24 @@ class BatchedEngine(RequestBuilder):
         raise NotImplementedError
 
 
-class AsyncLocalEngine:
+class AsyncEngine:
     """The async twin DSPy requires beside a custom engine; it runs the sync engine in a thread.
 
+    Each engine kind has its own subclass naming the sync class `load_state` rebuilds
+    (`AsyncLocalEngine` in `torch_engine.py`, `AsyncLlamaCppEngine` in `lm.py`, `AsyncVLLMEngine`).
+
     Example:
-        >>> from detot_agent import LocalEngine
+        >>> from detot_agent import AsyncLocalEngine, LocalEngine
         >>> engine = LocalEngine()  # doctest: +SKIP
         >>> async_engine = AsyncLocalEngine(engine)  # doctest: +SKIP
     """
 
-    sync_engine: type[BatchedEngine] | None = None  # what load_state rebuilds (None: `LocalEngine`)
+    sync_engine: type[BatchedEngine] | None = None  # what load_state rebuilds (set by each subclass)
 
     def __init__(self, engine: BatchedEngine) -> None:
         self.engine = engine
 
-    def __deepcopy__(self, memo: dict[int, Any]) -> AsyncLocalEngine:
+    def __deepcopy__(self, memo: dict[int, Any]) -> AsyncEngine:
         return self
 
     def __reduce__(self) -> tuple[Any, ...]:
@@ -338,10 +342,21 @@ class AsyncLocalEngine:
         return self.engine.dump_state()
 
     @classmethod
-    def load_state(cls, state: dict[str, Any]) -> AsyncLocalEngine:
-        """Rebuild around a (shared-weights) sync engine."""
+    def load_state(cls, state: dict[str, Any]) -> AsyncEngine:
+        """Rebuild around a (shared-weights) sync engine of this kind."""
         if cls.sync_engine is None:
-            from detot_agent.engines.torch_engine import LocalEngine
-
-            return cls(LocalEngine.load_state(state))
+            raise ConfigError(f"{cls.__name__} names no sync engine to rebuild; use the async twin of an engine "
+                              "kind (AsyncLocalEngine, AsyncLlamaCppEngine, AsyncVLLMEngine)")
         return cls(cls.sync_engine.load_state(state))
+
+
+def __getattr__(name: str) -> Any:
+    """Deprecated since 0.4.0: `AsyncLocalEngine` lives in `detot_agent.engines.torch_engine` (and at the top
+    level). Programs saved before name this path; they still load."""
+    if name == "AsyncLocalEngine":
+        warnings.warn("detot_agent.engines.base.AsyncLocalEngine moved to detot_agent.engines.torch_engine "
+                      "(import it from detot_agent)", DeprecationWarning, stacklevel=2)
+        from detot_agent.engines.torch_engine import AsyncLocalEngine
+
+        return AsyncLocalEngine
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

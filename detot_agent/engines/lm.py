@@ -19,7 +19,7 @@ import threading
 from typing import Any, Literal
 
 from detot_agent.config import build
-from detot_agent.engines.base import AsyncLocalEngine, BatchedEngine
+from detot_agent.engines.base import AsyncEngine, BatchedEngine
 from detot_agent.engines.config import Device, EngineConfig
 from detot_agent.errors import ConfigError, InvalidRequestError
 from detot_agent.softprompt.registry import SoftPromptRegistry
@@ -71,7 +71,7 @@ def build_engine(model: str | None = None, *, engine: str = "auto", registry: So
     return LocalEngine(config=config, registry=registry)
 
 
-class AsyncLlamaCppEngine(AsyncLocalEngine):
+class AsyncLlamaCppEngine(AsyncEngine):
     """The async twin of a `LlamaCppEngine` (`load_state` rebuilds a llama.cpp engine)."""
 
     @classmethod
@@ -124,6 +124,8 @@ def local_lm(
 
     if isinstance(built, LlamaCppEngine):
         return dspy.LM(f"llamacpp/{built.name}", engine=built, async_engine=AsyncLlamaCppEngine(built), **kwargs)
+    from detot_agent.engines.torch_engine import AsyncLocalEngine
+
     return dspy.LM(f"local/{built.name}", engine=built, async_engine=AsyncLocalEngine(built), **kwargs)
 
 

@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from dspy.lm15 import Request
 
-from detot_agent.engines.base import BatchedEngine
+from detot_agent.engines.base import AsyncEngine, BatchedEngine
 from detot_agent.engines.config import EngineConfig
 from detot_agent.engines.generation import GenOutput, GenRow, embed_row, generate_rows
 from detot_agent.engines.models import LoadedModel, load_model, pick_device, pick_dtype
 from detot_agent.softprompt.registry import SoftPromptRegistry
 
-__all__ = ["LocalEngine"]
+__all__ = ["AsyncLocalEngine", "LocalEngine"]
 
 
 class LocalEngine(BatchedEngine):
@@ -128,3 +128,14 @@ class LocalEngine(BatchedEngine):
     def load_state(cls, state: dict[str, Any]) -> LocalEngine:
         """Rebuild an engine from `dump_state()`; weights are shared if already loaded."""
         return cls(config=EngineConfig(**state))
+
+
+class AsyncLocalEngine(AsyncEngine):
+    """The async twin of a `LocalEngine` (what DSPy's `async_engine=` takes; `load_state` rebuilds a torch engine).
+
+    Example:
+        >>> from detot_agent import AsyncLocalEngine, LocalEngine
+        >>> async_engine = AsyncLocalEngine(LocalEngine())  # doctest: +SKIP
+    """
+
+    sync_engine = LocalEngine

@@ -37,7 +37,7 @@ import torch
 from dspy.lm15 import Request
 
 from detot_agent.config import build
-from detot_agent.engines.base import AsyncLocalEngine, BatchedEngine
+from detot_agent.engines.base import AsyncEngine, BatchedEngine
 from detot_agent.engines.batching import DynamicBatcher
 from detot_agent.engines.config import EngineConfig
 from detot_agent.engines.generation import GenOutput, GenRow, embed_row
@@ -253,7 +253,7 @@ def _greedy_apart(row: GenRow) -> list[tuple[GenRow, int]]:
     return parts
 
 
-class AsyncVLLMEngine(AsyncLocalEngine):
+class AsyncVLLMEngine(AsyncEngine):
     """The async twin DSPy requires beside a custom engine (runs the sync engine in a thread)."""
 
     sync_engine = VLLMEngine

@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, field_validator
 
+from detot_agent.errors import IndexDataError
+
 __all__ = ["Exemplar"]
 
 
@@ -30,12 +32,12 @@ class Exemplar(BaseModel):
     @classmethod
     def _id(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("id must be a non-empty string")
+            raise IndexDataError("id must be a non-empty string")
         return v
 
     @field_validator("text")
     @classmethod
     def _text(cls, v: str) -> str:
         if not v.strip():
-            raise ValueError("text must be non-empty (it is what gets embedded)")
+            raise IndexDataError("text must be non-empty (it is what gets embedded)")
         return v

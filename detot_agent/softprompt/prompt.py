@@ -22,9 +22,11 @@ import torch
 
 from detot_agent.errors import ArtefactError, SoftPromptError
 from detot_agent.io.persist import load_tensors, save_tensors
+from detot_agent.softprompt.peft import read_adapter, write_adapter
 from detot_agent.softprompt.registry import SoftPromptRegistry, check_soft_prompt
 
 __all__ = ["DEFAULT_INIT_TEXT", "SoftPrompt", "SoftPromptInit"]
+
 
 class SoftPromptInit(str, Enum):
     """How a soft prompt's vectors start.
@@ -185,16 +187,28 @@ class SoftPrompt:
                    init_text=m.get("init_text"), init_vectors=tensors["init_vectors"], version=int(m["version"]),
                    report=m.get("report"))
 
-    # ---- PEFT interoperability (softprompt/peft.py) ---------------------------------------------
+    # ---- PEFT interoperability (the folder format: softprompt/peft.py) ---------------------------
     def export_peft(self, path: str | Path, *, base_model_name_or_path: str | None = None) -> Path:
-        """Write a PEFT prompt-tuning adapter (see `detot_agent.softprompt.peft.export_peft`)."""
-        from detot_agent.softprompt.peft import export_peft
+        """Write a PEFT prompt-tuning adapter (`adapter_config.json` + `adapter_model.safetensors`), atomically.
 
-        return export_peft(self, path, base_model_name_or_path=base_model_name_or_path)
+        Example:
+            >>> import tempfile, torch
+            >>> folder = SoftPrompt("arith", torch.ones(2, 4), model_id="tiny").export_peft(tempfile.mkdtemp() + "/a")
+            >>> SoftPrompt.from_peft(folder, task="arith").vectors.shape
+            torch.Size([2, 4])
+        """
+        return write_adapter(path, self.vectors, task=self.task, model_id=self.model_id,
+                             text_init=self.init_kind is SoftPromptInit.TEXT, init_text=self.init_text,
+                             base_model=base_model_name_or_path)
 
     @classmethod
     def from_peft(cls, path: str | Path, *, task: str, hidden_size: int | None = None) -> SoftPrompt:
-        """Read a PEFT prompt-tuning adapter folder (see `detot_agent.softprompt.peft.from_peft`)."""
-        from detot_agent.softprompt.peft import from_peft
+        """Read a PEFT prompt-tuning adapter folder into a soft prompt for `task`.
 
-        return from_peft(path, task=task, hidden_size=hidden_size)
+        Raises:
+            ArtefactError: not a readable prompt-tuning adapter, or vectors of the wrong width.
+        """
+        adapter = read_adapter(path, hidden_size=hidden_size)
+        return cls(task, adapter.vectors, model_id=adapter.base_model,
+                   init_kind=SoftPromptInit.TEXT if adapter.text_init else SoftPromptInit.RANDOM,
+                   init_text=adapter.init_text)

@@ -52,7 +52,7 @@ class TuneExample(StrictModel):
     @model_validator(mode="after")
     def _has_prompt(self) -> TuneExample:
         if not self.messages and not self.prompt.strip():
-            raise ValueError("a TuneExample needs a non-empty prompt or messages")
+            raise ConfigError("a TuneExample needs a non-empty prompt or messages")
         return self
 
 

@@ -21,7 +21,7 @@ from detot_agent import (
     SoftPromptRegistry,
     local_lm,
 )
-from detot_agent.engines.base import AsyncLocalEngine
+from detot_agent.engines.torch_engine import AsyncLocalEngine
 
 QUESTION = {"question": "What is 2 plus 2?"}
 CHAT_TARGET = "[[ ## reasoning ## ]]\n2 plus 2 is 4.\n\n[[ ## answer ## ]]\n4\n\n[[ ## completed ## ]]"
@@ -259,3 +259,35 @@ def test_engine_state_round_trip(tiny_engine):
     again = AsyncLocalEngine.load_state(state)
     assert again.engine.model is tiny_engine.model
     assert again.engine.config == tiny_engine.config
+
+
+def test_a_program_saved_under_the_old_async_engine_path_still_loads(tiny_engine, tmp_path):
+    """Programs saved before 0.4.0 name `detot_agent.engines.base:AsyncLocalEngine`; DSPy imports that path."""
+    import json
+
+    import dspy
+
+    from detot_agent import local_lm
+
+    program = dspy.Predict("question -> answer")
+    program.set_lm(local_lm(engine=tiny_engine, cache=False))
+    program.save(tmp_path / "p.json")
+    saved = json.loads((tmp_path / "p.json").read_text())
+    text = json.dumps(saved)
+    assert "detot_agent.engines.torch_engine:AsyncLocalEngine" in text  # what a save writes now
+    (tmp_path / "old.json").write_text(text.replace("detot_agent.engines.torch_engine:AsyncLocalEngine",
+                                                    "detot_agent.engines.base:AsyncLocalEngine"))
+    fresh = dspy.Predict("question -> answer")
+    with pytest.warns(DeprecationWarning, match="AsyncLocalEngine moved to detot_agent.engines.torch_engine"):
+        fresh.load(tmp_path / "old.json", allow_unsafe_lm_state=True)
+    rebuilt = fresh.lm._async_engine_spec  # DSPy keeps the async engine object it was given here
+    assert isinstance(rebuilt, AsyncLocalEngine)  # the class at its new home
+    assert rebuilt.engine.model is tiny_engine.model
+
+
+def test_the_generic_async_twin_refuses_to_guess_its_engine():
+    from detot_agent.engines.base import AsyncEngine
+    from detot_agent.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="AsyncEngine names no sync engine"):
+        AsyncEngine.load_state({})

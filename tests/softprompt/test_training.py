@@ -157,14 +157,25 @@ def test_peft_adapter_round_trip_gives_the_engine_logits(tiny_engine, tmp_path):
 
 
 def test_a_peft_export_is_swapped_in_whole_and_checked_on_read(tmp_path):
-    from detot_agent.softprompt.peft import export_peft, from_peft
-
-    folder = export_peft(SoftPrompt("arith", torch.ones(3, 8), model_id="tiny"), tmp_path / "adapter")
-    export_peft(SoftPrompt("arith", torch.zeros(3, 8), model_id="tiny"), folder)  # replaces it whole
+    folder = SoftPrompt("arith", torch.ones(3, 8), model_id="tiny").export_peft(tmp_path / "adapter")
+    SoftPrompt("arith", torch.zeros(3, 8), model_id="tiny").export_peft(folder)  # replaces it whole
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    assert float(from_peft(folder, task="arith").vectors.sum()) == 0.0
+    assert float(SoftPrompt.from_peft(folder, task="arith").vectors.sum()) == 0.0
     data = bytearray((folder / "adapter_model.safetensors").read_bytes())
     data[-1] ^= 0xFF  # one flipped byte
     (folder / "adapter_model.safetensors").write_bytes(bytes(data))
     with pytest.raises(ArtefactError, match="does not match its checksum"):
-        from_peft(folder, task="arith")
+        SoftPrompt.from_peft(folder, task="arith")
+
+
+def test_the_old_peft_functions_still_work_with_a_deprecation_warning(tmp_path):
+    import detot_agent.softprompt.peft as peft
+
+    with pytest.warns(DeprecationWarning, match="use SoftPrompt.export_peft"):
+        export_peft = peft.export_peft
+    with pytest.warns(DeprecationWarning, match="use SoftPrompt.from_peft"):
+        from_peft = peft.from_peft
+    folder = export_peft(SoftPrompt("arith", torch.ones(3, 8), model_id="tiny"), tmp_path / "adapter")
+    assert float(from_peft(folder, task="arith").vectors.sum()) == 24.0
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        _ = peft.nope
