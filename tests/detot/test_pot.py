@@ -63,3 +63,19 @@ def test_expression_mode_is_a_calculator():
         run_program("x + 1", expression=True)
     with pytest.raises(ProgramError, match="Call is not allowed: sum"):
         run_program("sum([1, 2])", expression=True)
+
+
+@pytest.mark.parametrize("source, message", [
+    ("def solution():\n    return solution()", "recursion is not allowed"),
+    ("def solution():\n    x = 1\n    if x > 0:\n        return solution() + 1\n    return 0", "recursion is not allowed"),
+    ("def solution():\n    return helper()\n\ndef helper():\n    return solution()", "FunctionDef is not allowed"),
+    ("answer = " + "+".join(["1"] * 1900), "nests too deeply"),
+    ("answer = " + "-" * 3000 + "1", "nests too deeply"),
+])
+def test_recursion_and_deep_nesting_are_program_errors_not_python_crashes(source, message):
+    with pytest.raises(ProgramError, match=message):
+        run_program(source)
+
+
+def test_a_solution_called_once_still_works_after_the_recursion_guard():
+    assert run_program("def solution():\n    return 2 + 3\n\nprint(solution())") == 5

@@ -1,0 +1,257 @@
+"""How a `DETOT` is saved, loaded, copied and pickled: `PersistentModule`, the base `DETOT` gets these from.
+
+DSPy's JSON state with a `detot` block, a side folder of tensors, or the whole program pickled into a
+directory. Every write goes through the atomic persistence path (`io/persist.py`); every read is validated
+before anything changes. Copies (DSPy's optimizers deep-copy programs) and pickles carry the serving state,
+never the running loop: each gets a fresh monitor and controller (`_start_loop`).
+
+Layout of `save("p.json")`:
+
+- `p.json`: DSPy's state of the inner predictor (demos, instructions; its `lm` saved as None) plus
+  `detot`: the task profile, adjustments, serving version and policy, the index's encoder and size, the
+  monitor's statistics and the loop's spent error budget (`tests_run`);
+- `p.json.tensors/`: the serving task embedding (`embedding.*` tensors, head included), kind
+  `detot-program-tensors`, version 2 (version 1, the first release, kept a static soft prompt beside it).
+
+Example:
+    >>> json_target("runs/p.json").name
+    'p.json'
+    >>> json_target("runs/p")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    detot_agent.errors.ConfigError: DETOT saves its state as JSON plus a tensors folder: ... (got 'runs/p')
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import dspy
+import torch
+
+from detot_agent.detot.controller import Controller, ControllerConfig
+from detot_agent.detot.monitor import Monitor
+from detot_agent.detot.records import TaskState
+from detot_agent.detot.task import Adjustments, Policy, TaskProfile
+from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.engines.base import BatchedEngine
+from detot_agent.engines.lm import training_engine
+from detot_agent.errors import ArtefactError, ConfigError, DetotError
+from detot_agent.retrieval.index import ExemplarIndex
+
+__all__ = ["TENSORS_KIND", "PersistentModule", "detot_block", "json_target", "read_block", "read_side",
+           "write_program_dir", "write_side"]
+
+TENSORS_KIND = "detot-program-tensors"
+
+
+def detot_block(task: TaskProfile, adjustments: Adjustments, state: TaskState, index: ExemplarIndex,
+                monitor_stats: dict[str, Any], tests_run: int) -> dict[str, Any]:
+    """The `detot` block of the JSON state (everything but the tensors)."""
+    return {"task": task.model_dump(mode="json"), "adjustments": adjustments.model_dump(mode="json"),
+            "version": state.version,
+            "policy": None if state.policy is None else state.policy.model_dump(mode="json", exclude_none=True),
+            "index": {"encoder": index.encoder_name, "dim": index.dim, "count": len(index)},
+            "monitor": monitor_stats,
+            # the loop's error budget: a reloaded program must not test afresh at the first alpha
+            "tests_run": tests_run}
+
+
+def read_block(extra: dict[str, Any], index: ExemplarIndex) -> tuple[TaskProfile, Adjustments, Policy | None, int]:
+    """`(task, adjustments, policy, tests_run)` from a `detot` block, refused for another encoder or width."""
+    info = extra.get("index", {})
+    if info.get("encoder") != index.encoder_name or info.get("dim") != index.dim:
+        raise ArtefactError(f"saved DETOT state used encoder {info.get('encoder')!r} ({info.get('dim')} "
+                            f"dims); this index uses {index.encoder_name!r} ({index.dim} dims)")
+    policy = Policy(**extra["policy"]) if extra.get("policy") else None
+    return (TaskProfile(**extra["task"]), Adjustments(**extra["adjustments"]), policy,
+            int(extra.get("tests_run", 0)))
+
+
+def json_target(path: str | Path) -> Path:
+    """The `.json` file `save` writes (its side folder is `<path>.tensors`); other suffixes are refused."""
+    target = Path(path)
+    if target.suffix != ".json":
+        raise ConfigError(f"DETOT saves its state as JSON plus a tensors folder: pass a path ending in .json, "
+                          f"or a directory with save_program=True (got {str(path)!r})")
+    return target
+
+
+def write_side(path: str | Path, state: TaskState) -> None:
+    """Write `<path>.tensors/`: the serving task embedding, swapped in whole."""
+    from detot_agent.io.persist import save_tensors
+
+    meta: dict[str, Any] = {"version": state.version, "embedding": None}
+    tensors: dict[str, torch.Tensor] = {}
+    if state.embedding is not None:
+        emeta, etensors = state.embedding.to_tensors()
+        meta["embedding"] = emeta
+        tensors.update({f"embedding.{k}": v for k, v in etensors.items()})
+    save_tensors(Path(str(path) + ".tensors"), kind=TENSORS_KIND, version=2, meta=meta, tensors=tensors)
+
+
+def read_side(path: str | Path, *, encoder_name: str, hidden: int | None) -> tuple[int, TaskEmbedding | None]:
+    """`(version, task embedding)` from `<path>.tensors/` (this release's or the first release's), validated:
+    shapes, finiteness, the encoder and the soft prompts' width (`hidden`, None: unchecked)."""
+    from detot_agent.io.persist import load_tensors
+
+    side = Path(str(path) + ".tensors")
+    m, tensors = load_tensors(side, kind=TENSORS_KIND, max_version=2)
+    where = str(side / "tensors.safetensors")
+    embedding = None
+    parts = {k.removeprefix("embedding."): v for k, v in tensors.items() if k.startswith("embedding.")}
+    if parts:
+        emeta = m.get("embedding") or {**m, "dim": int(parts["t"].shape[0])}  # first release: fields at the top
+        embedding = TaskEmbedding.from_tensors(emeta, parts, where=where, encoder_name=encoder_name,
+                                               hidden_size=hidden)
+    soft = tensors.get("soft_prompt")  # first release: a static prompt beside the embedding
+    if soft is not None and embedding is not None:
+        from detot_agent.softprompt.registry import check_soft_prompt
+
+        try:
+            check_soft_prompt(soft, hidden_size=hidden, where=f"{where}: soft_prompt")
+        except DetotError as exc:
+            raise ArtefactError(str(exc)) from None
+        embedding.attach_head(soft, components=0, model_id="unknown")
+    return int(m["version"]), embedding
+
+
+def write_program_dir(program: Any, path: str | Path, meta_bytes: bytes) -> None:
+    """`save_program=True`: the whole program pickled (cloudpickle) with DSPy's `metadata.json`, into a
+    directory swapped in whole; read back with `dspy.load(path, allow_pickle=True)`."""
+    import cloudpickle
+
+    from detot_agent.io.persist import atomic_dir
+
+    target = Path(path)
+    if target.suffix:
+        raise ConfigError(f"save_program=True saves a directory: pass a path without a suffix (got {str(path)!r})")
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"{str(path)!r} exists and is not a directory")
+    with atomic_dir(target, kind="detot-program", version=1, meta={}) as tmp:
+        with open(tmp / "program.pkl", "wb") as f:
+            cloudpickle.dump(program, f)
+        (tmp / "metadata.json").write_bytes(meta_bytes)
+
+
+class PersistentModule(dspy.Module):
+    """Saving, loading, copying and pickling for `DETOT` (its base class); the rest of DETOT is in `module.py`."""
+
+    TENSORS_KIND = TENSORS_KIND
+    # what these methods read of the program (set by DETOT.__init__ and DETOT._start_loop)
+    task: TaskProfile
+    adjustments: Adjustments
+    index: ExemplarIndex
+    predictor: Any
+    lm: Any
+    monitor: Monitor
+    controller: Controller
+
+    def _inner(self) -> dspy.Predict:
+        raise NotImplementedError
+
+    def _lm(self) -> Any:
+        raise NotImplementedError
+
+    def _start_loop(self, state: TaskState, monitor_config: Any, log_path: Any, config: ControllerConfig,
+                    engine: Any) -> None:
+        raise NotImplementedError
+
+    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
+        """DSPy state (predictor demos/instructions) plus DETOT's own `detot` block: profile, adjustments,
+        version, policy, and the loop's spent error budget (`tests_run`).
+
+        The LM is not part of the state (DETOT is loaded into an object built with its LM and index): the
+        inner predictor's `lm` is saved as None, and loading keeps the LM the object has."""
+        state = super().dump_state(json_mode=json_mode)
+        for part in state.values():
+            if isinstance(part, dict) and "lm" in part:
+                part["lm"] = None
+        state["detot"] = detot_block(self.task, self.adjustments, self.controller.state, self.index,
+                                     self.monitor.stats(), self.controller.tests_run)
+        return state
+
+    def load_state(self, state: dict[str, Any], **kwargs: Any) -> PersistentModule:
+        """Restore `dump_state` (tensors come from the side file; see `load`)."""
+        extra = state.get("detot")
+        inner = {k: v for k, v in state.items() if k != "detot"}
+        kept = self._inner().lm
+        super().load_state(inner, **kwargs)
+        self._inner().lm = kept
+        if extra:
+            self.task, self.adjustments, policy, tests_run = read_block(extra, self.index)
+            self.controller.tests_run = max(self.controller.tests_run, tests_run)
+            st = self.controller.state
+            if policy != st.policy:  # the loop's policy serves with the loaded state
+                self.controller.restore(TaskState(st.version, st.embedding, policy))
+        return self
+
+    def save(self, path: str | Path, save_program: bool = False, **kwargs: Any) -> None:
+        """Save to `path` (DSPy's JSON state) and `<path>.tensors/` (the task embedding, head included).
+
+        Both go through the shared atomic persistence path: the side folder is swapped in whole,
+        then the JSON file is replaced in one rename, so a crash leaves the old program loadable.
+
+        With `save_program=True`, `path` is a directory (no suffix) that receives the whole program as
+        DSPy writes it (`program.pkl` by cloudpickle, `metadata.json`), swapped in whole; read it back with
+        `dspy.load(path, allow_pickle=True)`. The pickle holds the index, the task embedding and the
+        predictor; the LM's engine and the encoder are stored as their settings and load their models again.
+
+        Example:
+            >>> detot.save("runs/arith.json")                                       # doctest: +SKIP
+            >>> detot.save("runs/arith_program", save_program=True)                 # doctest: +SKIP
+            >>> again = dspy.load("runs/arith_program", allow_pickle=True)          # doctest: +SKIP
+        """
+        import orjson
+        from dspy.utils.saving import get_dependency_versions
+
+        from detot_agent.io.persist import atomic_write_bytes
+
+        meta = {"dependency_versions": get_dependency_versions()}
+        options = orjson.OPT_INDENT_2 | orjson.OPT_APPEND_NEWLINE
+        if save_program:
+            write_program_dir(self, path, orjson.dumps(meta, option=options))
+            return
+        target = json_target(path)
+        write_side(target, self.controller.state)
+        atomic_write_bytes(target, orjson.dumps({**self.dump_state(), "metadata": meta}, option=options))
+
+    def load(self, path: str | Path, **kwargs: Any) -> PersistentModule:
+        """Load what `save` wrote (this release's or the first release's side folder); validates shapes,
+        finiteness, the encoder and the soft prompts' width before changing anything."""
+        engine = getattr(self._lm(), "engine", None)
+        hidden = engine.hidden_size if isinstance(engine, BatchedEngine) else None
+        # validate everything before changing anything: a failed load leaves the current state serving
+        version, embedding = read_side(path, encoder_name=self.index.encoder_name, hidden=hidden)
+        try:
+            super().load(str(path), **kwargs)
+        except (ValueError, UnicodeDecodeError, OSError) as exc:  # JSONDecodeError is a ValueError
+            raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
+        self.controller.restore(TaskState(version, embedding, self.controller.state.policy))
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> PersistentModule:
+        """Optimizers' copies: predictor and state copied; index, encoder, LM and engine shared."""
+        clone = type(self).__new__(type(self))
+        clone.__dict__.update(self.__dict__)
+        clone.predictor = self.predictor.deepcopy()
+        state = self.controller.state
+        embedding = None if state.embedding is None else copy.deepcopy(state.embedding)
+        clone._start_loop(TaskState(state.version, embedding, state.policy), self.monitor.config,
+                          self.monitor.log_path, self.controller.config, self.controller.engine)
+        return clone
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle support (`save_program=True`, `dspy.load`): the serving state, not the running loop (its
+        thread, locks and evidence); the LM's engine and the encoder pickle as their settings."""
+        out = {k: v for k, v in super().__getstate__().items() if k not in ("controller", "monitor", "_rollout_lock")}
+        out["_loop"] = (self.controller.state, self.monitor.config, self.monitor.log_path, self.controller.config)
+        return out
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        served, monitor_config, log_path, config = state.pop("_loop")
+        super().__setstate__(state)
+        self._start_loop(served, monitor_config, log_path, config, training_engine(getattr(self.lm, "engine", None)))
