@@ -51,7 +51,29 @@ def test_a_detot_with_a_bad_loop_setting_fails_before_serving():
     from detot_agent.detot.controller import ControllerConfig
 
     with pytest.raises(ConfigError, match="dropout"):
-        ControllerConfig(dropout=-0.1)
+        ControllerConfig(update={"dropout": -0.1})
     cfg = ControllerConfig()
-    with pytest.raises(ConfigError, match="soft_prompt_steps"):
-        cfg.soft_prompt_steps = 0  # assignment is validated too
+    with pytest.raises(ConfigError, match="steps"):
+        cfg.update.steps = 0  # assignment is validated too, nested settings included
+
+
+def test_the_loop_settings_nest_and_the_old_flat_names_still_build_with_a_warning():
+    from detot_agent.detot.controller import ControllerConfig
+    from detot_agent.detot.judging import ReplayRules
+    from detot_agent.embedding.update import UpdateConfig
+
+    cfg = ControllerConfig()
+    assert isinstance(cfg.update, UpdateConfig) and isinstance(cfg.replay, ReplayRules)
+    assert (cfg.update.steps, cfg.update.retrieval_steps) == (20, 40)  # the loop's own defaults, as before
+    # no setting is declared twice: the loop's training and judging fields live only in their own configs; the
+    # one shared name is a budget at each level (the loop's whole re-optimization; the update's own, which the
+    # loop replaces with train_share of its budget)
+    shared = set(ControllerConfig.model_fields) & (set(UpdateConfig.model_fields) | set(ReplayRules.model_fields))
+    assert shared == {"max_seconds"}
+    with pytest.warns(DeprecationWarning, match=r"soft_prompt_steps=...\) is deprecated; use ControllerConfig\("
+                                                r"update=\{'steps': ...\}\)"):
+        old = ControllerConfig(soft_prompt_steps=7, soft_prompt_lr=0.01, alpha=0.02, good_agreement=0.9)
+    assert (old.update.steps, old.update.head_lr, old.update.retrieval_steps) == (7, 0.01, 40)
+    assert (old.replay.alpha, old.replay.good_agreement, old.replay.max_flip) == (0.02, 0.9, 0.1)
+    with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="alpha"):
+        ControllerConfig(alpha=2)  # an old name with a bad value is still refused, by its new home

@@ -243,7 +243,7 @@ def test_soak_eight_threads_with_reoptimizations_on_the_tiny_model(long_tiny_mod
     adj = analyze(ARITH, max_samples=2, min_samples=2, max_tokens=4, k_exemplars=1, window=10, min_count=5,
                   cooldown=10, agreement_threshold=1.0, soft_prompt_k=2)
     detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, adjustments=adj, background=True,
-                  controller_config=ControllerConfig(min_evidence=6, soft_prompt_steps=3, retrieval_steps=3))
+                  controller_config=ControllerConfig(min_evidence=6, update={"steps": 3, "retrieval_steps": 3}))
     published: dict[int, int] = {0: id(detot.controller.state)}
     lock = threading.Lock()
     original = detot.controller.publish

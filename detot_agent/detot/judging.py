@@ -1,4 +1,4 @@
-"""Judging a candidate task embedding by paired replay (issue 17): the decision rules, as pure functions.
+"""Judging a candidate: by paired replay (`ReplayJudge`, the rules as pure functions), or by held-out proxies.
 
 Both states answer the same held-out items (questions the candidate never trained on, answered by
 the serving version, plus the labelled canary set), through the whole pipeline (retrieval, soft
@@ -22,6 +22,11 @@ Its limits: it rewards *consistency*, not correctness: a candidate that makes th
 and diversely wrong on items where the old state was unsure can pass. Gold (feedback or a canary
 set) is the remedy; without it the loop can only become more self-consistent.
 
+**Without replay** (a `Controller` used on its own), the held-out proxies: the target NLL under each
+record's own soft prompt (`held_out_nll`) and the demo *separation* (`separation`: MRR of demos behind good
+answers minus that of demos behind poor ones), with a retrieval-collapse check over probe queries
+(`probe_hub_share`).
+
 **Error budget**: the i-th test of a program (i = 0, 1, ...) runs at `alpha_i = alpha / 2^(i+1)`,
 so all the re-optimizations of one program together accept a change that does not help with
 probability at most `alpha` (a union bound over the series).
@@ -35,40 +40,68 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from detot_agent.errors import InvalidRequestError
+import numpy as np
+from pydantic import ConfigDict, Field
 
-__all__ = ["ReplayRules", "Replayed", "alpha_for", "collapsed", "decide", "futile", "hub_share", "sign_test_p"]
+from detot_agent.config import StrictModel
+from detot_agent.detot.records import Evidence, Replayed, TaskState, Verdict
+from detot_agent.errors import DetotError, InvalidRequestError
+
+__all__ = [
+    "PROBES",
+    "ReoptimizationStopped",
+    "ReplayJudge",
+    "ReplayRules",
+    "Replayed",
+    "alpha_for",
+    "budget_check",
+    "collapsed",
+    "decide",
+    "futile",
+    "held_out_nll",
+    "hub_share",
+    "mrr",
+    "probe_hub_share",
+    "separation",
+    "sign_test_p",
+]
+
+PROBES = 64  # probe queries for the retrieval-collapse check
 
 
-@dataclass(frozen=True)
-class Replayed:
-    """One item answered by one state.
+class ReoptimizationStopped(DetotError):
+    """A re-optimization that ends before publishing: the old state keeps serving, for `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class ReplayRules(StrictModel):
+    """The thresholds of `decide` and the loop's notion of a good answer (`ControllerConfig.replay`).
 
     Attributes:
-        key: the winning vote key (None: no parseable answer).
-        agreement: the winner's share of the vote.
-        demo_ids: the demos retrieved for it.
+        alpha: the family-wise error budget of all a program's tests.
+        min_effect: the least accuracy gain on gold items.
+        max_flip: without gold, the most flips of the serving state's confident answers.
+        min_diversity: the least share of the serving state's distinct answers (and demos) a candidate keeps.
+        max_hub_share: a retrieval collapse: one demo behind more than this share of items (and twice the
+            serving state's share).
+        good_agreement: agreement at which an unlabelled answer counts as good (also for training targets).
     """
 
-    key: str | None
-    agreement: float
-    demo_ids: tuple[str, ...] = ()
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
-
-@dataclass(frozen=True)
-class ReplayRules:
-    """The thresholds of `decide` (from `ControllerConfig`)."""
-
-    alpha: float = 0.05
-    min_effect: float = 0.05
-    max_flip: float = 0.1
-    min_diversity: float = 0.5
-    max_hub_share: float = 0.5
-    good_agreement: float = 0.75
+    alpha: float = Field(default=0.05, gt=0, lt=1)
+    min_effect: float = Field(default=0.05, ge=0, le=1)
+    max_flip: float = Field(default=0.1, ge=0, le=1)
+    min_diversity: float = Field(default=0.5, ge=0, le=1)
+    max_hub_share: float = Field(default=0.5, gt=0, le=1)
+    good_agreement: float = Field(default=0.75, ge=0, le=1)
 
 
 def sign_test_p(wins: int, losses: int) -> float:
@@ -184,3 +217,159 @@ def decide(old: Sequence[Replayed], new: Sequence[Replayed], gold: Sequence[str 
            f"{level:.3g}); {flips} of {len(confident)} confident answers flipped (share {flip_share:.2f}, needs <= "
            f"{rules.max_flip:.2f})")
     return p <= level and flip_share <= rules.max_flip, why, stats
+
+
+# ---- paired replay ---------------------------------------------------------------------------------------------
+Replay = Callable[[TaskState, dict[str, Any]], Replayed]
+
+
+class ReplayJudge:
+    """Judges a candidate state against the serving one by paired replay of held-out records and the canary set.
+
+    Args:
+        replay: answers one input under a given state through the whole pipeline (DETOT supplies it).
+
+    The serving state's side is replayed only where its answer is unknown: a held-out record keeps the answer
+    it was served (`Evidence.served`), and a canary item's answer is kept per serving state for its next
+    judgement.
+    """
+
+    def __init__(self, replay: Replay) -> None:
+        self.replay = replay
+        self._canary_state: TaskState | None = None  # whose canary answers `_canary_answers` holds
+        self._canary_answers: dict[int, Replayed] = {}
+
+    def forget(self) -> None:
+        """Drop the cached canary answers (the serving state came from outside the loop)."""
+        self._canary_state, self._canary_answers = None, {}
+
+    def judge(self, old: TaskState, new_state: TaskState, records: list[Evidence], *, rules: ReplayRules,
+              test_index: int, max_items: int, check_budget: Callable[[Callable[[], str]], None],
+              canary: Sequence[tuple[dict[str, Any], str]] = (), gold_only: bool = False) -> Verdict:
+        """Both states answer the same records (never trained on by the candidate) and the `canary` set
+        (labelled `(inputs, gold_key)` items); with `gold_only`, only the items whose gold answer is known.
+        `check_budget(progress)` raises `ReoptimizationStopped` past the time budget."""
+        held = [e for e in records if e.inputs is not None and (e.gold_key is not None or not gold_only)][:max_items]
+        items = [(e.inputs, e.gold_key) for e in held] + [(inp, gold) for inp, gold in canary]
+        if not items:
+            if gold_only:
+                raise ReoptimizationStopped("no gold items to judge a policy on (give feedback or a canary set); "
+                                            "kept the old state")
+            raise DetotError("internal: the controller let through a split with nothing to replay; please report it")
+        golds = [g for _, g in items]
+        total_gold = sum(g is not None for g in golds)
+        olds: list[Replayed] = []
+        news: list[Replayed] = []
+        stopped = None
+        reused = 0
+        for j, (inputs, _) in enumerate(items):
+            assert inputs is not None
+            answer, known = self._serving_side(old, held[j] if j < len(held) else None, j - len(held), inputs)
+            reused += known
+            olds.append(answer)
+            news.append(self.replay(new_state, inputs))
+
+            def progress(done: int = j + 1) -> str:  # a budget-stopped judgement is still evidence
+                wins, losses = gold_counts(olds, news, golds[:done])
+                return (f"after {done} of {len(items)} items (so far the candidate alone was right on {wins} gold "
+                        f"items, the serving state alone on {losses})")
+
+            check_budget(progress)
+            left = sum(g is not None for g in golds[j + 1:])
+            if left and futile(olds, news, golds[: j + 1], remaining_gold=left, total_gold=total_gold, rules=rules,
+                               test_index=test_index):
+                stopped = j + 1  # no outcome of the rest can pass: the same rejection, for less work
+                break
+        accepted, why, stats = decide(olds, news, golds[: len(olds)], rules=rules, test_index=test_index)
+        stats.update(held_out=len(held), canary=len(canary), serving_answers_reused=reused)
+        if stopped is not None:
+            accepted = False
+            why = (f"stopped after {stopped} of {len(items)} items: even if the candidate alone were right on all "
+                   f"{total_gold - sum(g is not None for g in golds[:stopped])} gold items left, it could not pass "
+                   f"(so far: {why})")
+            stats.update(stopped_after=stopped)
+        if canary and stopped is None:  # the canary set's own accuracy, serving state vs candidate
+            tail = len(canary)
+            canary_golds = [g for _, g in canary]
+            stats["canary_accuracy"] = [sum(r.key == g for r, g in zip(rs[-tail:], canary_golds, strict=True)) / tail
+                                        for rs in (olds, news)]
+        before, after = (stats["accuracy"] if stats.get("mode") == "gold" else
+                         [sum(r.agreement for r in olds) / len(olds), sum(r.agreement for r in news) / len(news)])
+        measure = "replayed accuracy on gold items" if stats.get("mode") == "gold" else "replayed mean agreement"
+        return Verdict("replay", measure, float(before), float(after), accepted=accepted, reason=why, stats=stats)
+
+    def _serving_side(self, old: TaskState, record: Evidence | None, canary_index: int,
+                      inputs: dict[str, Any]) -> tuple[Replayed, bool]:
+        """`(answer, already known)`: the serving state's side of an item."""
+        if record is not None:
+            if record.served is not None and record.version == old.version:
+                return record.served, True
+            return self.replay(old, inputs), False
+        if self._canary_state is not old:
+            self._canary_state, self._canary_answers = old, {}
+        known = self._canary_answers.get(canary_index)
+        if known is not None:
+            return known, True
+        answer = self._canary_answers[canary_index] = self.replay(old, inputs)
+        return answer, False
+
+
+def budget_check(start: float, limit: float | None, stage: str) -> Callable[..., None]:
+    """A `check_budget(progress)` that raises `ReoptimizationStopped` once `limit` seconds have passed since
+    `start` (None: never); `progress()` says how far `stage` got."""
+    def check(progress: Callable[[], str] | None = None) -> None:
+        if limit is not None and time.perf_counter() - start > limit:
+            done = f", {progress()}" if progress is not None else ""
+            raise ReoptimizationStopped(f"the {limit:g} s budget ran out during {stage}{done}; kept the old state")
+
+    return check
+
+
+# ---- held-out proxies (a Controller without replay) --------------------------------------------------------------
+def probe_hub_share(index: Any, embedding: Any, k: int, probes: int = PROBES) -> float:
+    """`hub_share` of the top-k exemplars over a fixed sample of the index's own inputs used as queries
+    (the held-out records alone are too few to show a collapse)."""
+    k = min(k, len(index))
+    queries = embedding.query(index.sample_vectors(probes, seed=0))
+    return hub_share([[h.id for h in index.search(q, k)] for q in queries])
+
+
+def held_out_nll(engine: Any, embedding: Any, pairs: list[tuple[Evidence, Any]]) -> float | None:
+    """Mean NLL of held-out targets (`(record, TuneExample)` pairs), each under its own soft prompt `P(x)`."""
+    if engine is None or not embedding.has_head or not pairs:
+        return None
+    from detot_agent.softprompt.training import target_nll
+
+    prompts = embedding.soft_prompts(np.stack([ev.query for ev, _ in pairs]))  # (N, k, H)
+    return target_nll(engine, prompts, [ex for _, ex in pairs])
+
+
+def mrr(index: Any, embedding: Any, records: list[Evidence]) -> float | None:
+    """Mean reciprocal rank of each record's demos under `embedding`'s query for that record."""
+    records = [e for e in records if e.demo_ids]
+    if not records:
+        return None
+    total = 0.0
+    depth = min(len(index), 50)
+    for ev in records:
+        ranked = [h.id for h in index.search(embedding.query(ev.query), depth)]
+        ranks = [ranked.index(d) + 1 for d in ev.demo_ids if d in ranked]
+        total += sum(1.0 / r for r in ranks) / len(ev.demo_ids)
+    return total / len(records)
+
+
+def separation(index: Any, embedding: Any, held: list[Evidence], good_agreement: float) -> float | None:
+    """MRR of the demos behind good held-out answers minus MRR of those behind poor ones.
+
+    Every held-out demo was a top result of the *old* query, so plain MRR of good demos favours the
+    old state whatever the new one learnt. The difference cancels that bias: a query that ranks
+    helpful demos above unhelpful ones scores higher. Without poor records it falls back to the
+    good demos' MRR (conservative: a retrieval change must then keep them where they were).
+    """
+    if embedding is None:
+        return None
+    good = mrr(index, embedding, [e for e in held if e.good(good_agreement)])
+    if good is None:
+        return None
+    poor = mrr(index, embedding, [e for e in held if not e.good(good_agreement)])
+    return good - (poor or 0.0)

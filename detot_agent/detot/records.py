@@ -20,11 +20,25 @@ from detot_agent.errors import ArtefactError
 if TYPE_CHECKING:
     import torch
 
-    from detot_agent.detot.judging import Replayed
     from detot_agent.detot.task import Adjustments, Policy
     from detot_agent.embedding.task_embedding import TaskEmbedding
 
-__all__ = ["Evidence", "ParsedSample", "TaskState", "Verdict"]
+__all__ = ["Evidence", "ParsedSample", "Replayed", "TaskState", "Verdict"]
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """One item answered by one state (a served answer, or a replay of it for judging: `judging.py`).
+
+    Attributes:
+        key: the winning vote key (None: no parseable answer).
+        agreement: the winner's share of the vote.
+        demo_ids: the demos retrieved for it.
+    """
+
+    key: str | None
+    agreement: float
+    demo_ids: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,6 @@ class Evidence:
             >>> back.id, back.query.tolist(), back.samples[0].key
             ('q1', [1.0, 1.0, 1.0], '7')
         """
-        from detot_agent.detot.judging import Replayed
-
         try:
             query = np.frombuffer(base64.b64decode(data["query"], validate=True), dtype=np.float32).copy()
             if query.size != data["dim"]:

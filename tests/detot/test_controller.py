@@ -41,12 +41,14 @@ def _with_head(te: TaskEmbedding, engine, components: int = 0) -> TaskEmbedding:
     return te
 
 
+LOOP_UPDATE = {"steps": 25, "retrieval_steps": 40, "head_lr": 0.05, "dropout": 0.0}
+
+
 def _controller(engine, index, components: int = 0, **cfg) -> tuple[Controller, Monitor]:
     te = _with_head(TaskEmbedding("t", np.ones(384, dtype=np.float32), encoder_name=index.encoder_name), engine,
                     components)
     mon = _monitor()
-    config = ControllerConfig(min_evidence=6, holdout_every=3, soft_prompt_steps=25, soft_prompt_lr=0.05,
-                              dropout=0.0, margin=0.0, **cfg)
+    config = ControllerConfig(min_evidence=6, holdout_every=3, update=LOOP_UPDATE, margin=0.0, **cfg)
     return Controller(TaskState(0, te), index=index, monitor=mon, engine=engine, config=config), mon
 
 
@@ -139,8 +141,7 @@ def test_one_object_is_rolled_back_whole_when_one_side_fails(engine, gsm8k_index
     # The soft prompt learns the held-out targets; the retrieval change contradicts the held-out demos.
     # One object, one decision: the candidate is not published, not even its better soft prompt.
     te = _with_head(TaskEmbedding.from_description("arith", "math word problems", encoder=encoder), engine)
-    config = ControllerConfig(min_evidence=6, holdout_every=3, soft_prompt_steps=25, soft_prompt_lr=0.05,
-                              dropout=0.0, margin=0.0)
+    config = ControllerConfig(min_evidence=6, holdout_every=3, update=LOOP_UPDATE, margin=0.0)
     ctl = Controller(TaskState(0, te), index=gsm8k_index, monitor=_monitor(), engine=engine, config=config, k=3)
     vecs = encoder.encode([gsm8k_index.get(f"train:{i}").text for i in range(1, 13)])
     for i, v in enumerate(vecs):

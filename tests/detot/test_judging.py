@@ -153,7 +153,7 @@ def test_a_budget_stops_a_long_reoptimization_and_the_old_state_serves(encoder, 
 
 def test_bad_loop_settings_are_refused_when_built_one_line_per_field():
     with pytest.raises(ConfigError) as err:
-        ControllerConfig(holdout_every=0, margin=-5, alpha=2)
+        ControllerConfig(holdout_every=0, margin=-5, replay={"alpha": 2})
     lines = str(err.value).splitlines()
     assert any("holdout_every" in ln for ln in lines) and any("margin" in ln for ln in lines)
     assert any("alpha" in ln for ln in lines)

@@ -290,8 +290,9 @@ def test_detot_serves_through_llama_cpp_and_trains_through_a_lazily_loaded_torch
     detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=local_lm(engine=engine, cache=False),
                   background=False, adapter=PlainAdapter(),
                   adjustments=analyze(ARITH, max_samples=2, max_tokens=8, k_exemplars=1),
-                  controller_config=ControllerConfig(min_evidence=6, soft_prompt_steps=25, soft_prompt_lr=0.05,
-                                                     dropout=0.0, margin=0.0))
+                  controller_config=ControllerConfig(
+                      min_evidence=6, margin=0.0,
+                      update={"steps": 25, "retrieval_steps": 40, "head_lr": 0.05, "dropout": 0.0}))
     trainer = detot.controller.engine
     assert detot.controller.state.soft_prompt.shape == (detot.adjustments.soft_prompt_k, 64)  # from the GGUF table
     pred = detot(question="2 plus 2?")

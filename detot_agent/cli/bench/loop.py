@@ -44,6 +44,7 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
     from detot_agent.detot.controller import ControllerConfig
     from detot_agent.detot.module import DETOT
     from detot_agent.detot.task import TaskKind, TaskProfile, analyze
+    from detot_agent.embedding.update import UpdateConfig
     from detot_agent.engines.lm import local_lm
     from detot_agent.io.datafiles import read_exemplars
     from detot_agent.retrieval.encoder import Encoder
@@ -60,7 +61,8 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
     task = TaskProfile(name="arith", description="Solve arithmetic word problems step by step.",
                        kind=TaskKind.ARITHMETIC, answer_format=AnswerFormat.NUMBER)
     adj = analyze(task, max_samples=3, min_samples=2, max_tokens=max_tokens, k_exemplars=2, cooldown=10_000)
-    config = ControllerConfig(min_evidence=6, max_seconds=max_seconds, soft_prompt_steps=10, replay_items=6)
+    config = ControllerConfig(min_evidence=6, max_seconds=max_seconds, replay_items=6,
+                              update=UpdateConfig(steps=10, retrieval_steps=40))
     program = DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adj, background=False,
                     controller_config=config, adapter=PlainAdapter())
     questions = synthetic_problems(2 * requests + 1, seed=1)
