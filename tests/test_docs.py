@@ -140,3 +140,12 @@ def test_every_results_page_carries_the_command_that_regenerates_it():
 def test_the_results_check_catches_a_page_without_a_command():
     assert _command_blocks("# A study\n\nWe measured things.\n") == []
     assert _command_blocks("```bash\ndetot bench engine --json x.json\n```\n")
+
+
+def test_every_docs_and_readme_snippet_imports_only_from_the_top_level():
+    deep = []
+    for snippet in SNIPPETS:
+        for node in ast.walk(ast.parse(snippet)):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("detot_agent."):
+                deep.append(node.module)
+    assert deep == [], "docs examples import from `detot_agent` only; plumbing stays in its subpackage"

@@ -244,3 +244,18 @@ def test_the_circle_check_catches_a_pair_and_only_exempts_a_warning_shim():
     silent = "def __getattr__(name):\n    from detot_agent.b import X\n    return X\n"
     assert _edges(lazy) == _edges(typing_only) == _edges(silent) == {"detot_agent.b"}
     assert _edges(shim) == set()
+
+
+# ---- the public API: what a user builds or catches ----------------------------------------------------------------
+def test_the_public_api_is_what_users_build_or_catch_and_plumbing_still_resolves_with_a_warning():
+    public = set(detot_agent.__all__)
+    assert 30 <= len(public) <= 45, len(public)
+    errors = {n for n in public if n.endswith("Error")}
+    import detot_agent.errors as family
+
+    assert errors == {n for n in family.__all__}  # every error is catchable from the top level
+    for name in ("Controller", "TaskState", "Monitor", "PromptHead", "Sample", "AsyncLocalEngine", "vote"):
+        assert name not in public
+        with pytest.warns(DeprecationWarning, match=f"from detot_agent import {name}` is deprecated"):
+            obj = getattr(detot_agent, name)
+        assert obj is not None

@@ -302,7 +302,7 @@ class AsyncEngine:
     (`AsyncLocalEngine` in `torch_engine.py`, `AsyncLlamaCppEngine` in `lm.py`, `AsyncVLLMEngine`).
 
     Example:
-        >>> from detot_agent import AsyncLocalEngine, LocalEngine
+        >>> from detot_agent.engines.torch_engine import AsyncLocalEngine, LocalEngine
         >>> engine = LocalEngine()  # doctest: +SKIP
         >>> async_engine = AsyncLocalEngine(engine)  # doctest: +SKIP
     """

@@ -134,7 +134,7 @@ class AsyncLocalEngine(AsyncEngine):
     """The async twin of a `LocalEngine` (what DSPy's `async_engine=` takes; `load_state` rebuilds a torch engine).
 
     Example:
-        >>> from detot_agent import AsyncLocalEngine, LocalEngine
+        >>> from detot_agent.engines.torch_engine import AsyncLocalEngine, LocalEngine
         >>> async_engine = AsyncLocalEngine(LocalEngine())  # doctest: +SKIP
     """
 

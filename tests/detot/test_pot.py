@@ -67,7 +67,8 @@ def test_expression_mode_is_a_calculator():
 
 @pytest.mark.parametrize("source, message", [
     ("def solution():\n    return solution()", "recursion is not allowed"),
-    ("def solution():\n    x = 1\n    if x > 0:\n        return solution() + 1\n    return 0", "recursion is not allowed"),
+    ("def solution():\n    x = 1\n    if x > 0:\n        return solution() + 1\n    return 0",
+     "recursion is not allowed"),
     ("def solution():\n    return helper()\n\ndef helper():\n    return solution()", "FunctionDef is not allowed"),
     ("answer = " + "+".join(["1"] * 1900), "nests too deeply"),
     ("answer = " + "-" * 3000 + "1", "nests too deeply"),
