@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from detot_agent.detot.module import DETOT
     from detot_agent.detot.task import Adjustments, Policy, TaskProfile, analyze
     from detot_agent.embedding.task_embedding import TaskEmbedding
+    from detot_agent.embedding.tune import tune
     from detot_agent.embedding.update import UpdateConfig
     from detot_agent.engines.config import EngineConfig
     from detot_agent.engines.llamacpp_engine import LlamaCppEngine
@@ -50,9 +51,9 @@ if TYPE_CHECKING:
     from detot_agent.retrieval.encoder import Encoder
     from detot_agent.retrieval.index import ExemplarIndex
     from detot_agent.retrieval.retriever import TaskRetriever
+    from detot_agent.softprompt.loss import TuneExample
     from detot_agent.softprompt.prompt import SoftPrompt
     from detot_agent.softprompt.registry import SoftPromptRegistry
-    from detot_agent.softprompt.training import TuneConfig, TuneExample, tune
 
 __version__ = "0.4.0.dev0"  # the next release; CHANGELOG.md lists what it holds so far
 
@@ -93,9 +94,8 @@ _WHERE = {
     "TaskEmbedding": "detot_agent.embedding.task_embedding",
     "TaskProfile": "detot_agent.detot.task",
     "TaskRetriever": "detot_agent.retrieval.retriever",
-    "tune": "detot_agent.softprompt.training",
-    "TuneConfig": "detot_agent.softprompt.training",
-    "TuneExample": "detot_agent.softprompt.training",
+    "tune": "detot_agent.embedding.tune",
+    "TuneExample": "detot_agent.softprompt.loss",
     "UpdateConfig": "detot_agent.embedding.update",
     "vllm_lm": "detot_agent.engines.vllm_engine",
     "VLLMEngine": "detot_agent.engines.vllm_engine",
@@ -117,7 +117,8 @@ _DEPRECATED = {
     "SoftPromptInit": "detot_agent.softprompt.prompt",
     "TaskKind": "detot_agent.detot.task",
     "TaskState": "detot_agent.detot.records",
-    "TuneReport": "detot_agent.softprompt.training",
+    "TuneConfig": "detot_agent.embedding.tune",
+    "TuneReport": "detot_agent.embedding.tune",
     "UpdateReport": "detot_agent.embedding.update",
     "vote": "detot_agent.detot.voting",
 }
@@ -156,7 +157,6 @@ __all__ = [
     "TaskEmbedding",
     "TaskProfile",
     "TaskRetriever",
-    "TuneConfig",
     "TuneExample",
     "UpdateConfig",
     "VLLMEngine",

@@ -2,7 +2,7 @@
 
 Each part of detot-agent reads one `StrictModel` subclass that lives beside it
 (`EngineConfig` in `engines/config.py`, `ControllerConfig` and `MonitorConfig` in
-`detot/`, `TuneConfig` in `softprompt/training.py`, `IndexConfig` in
+`detot/`, `UpdateConfig` in `embedding/update.py`, `IndexConfig` in
 `retrieval/index.py`, `Adjustments` in `detot/task.py`). Unknown keys and
 out-of-range values are refused on construction, and on assignment, with one
 readable line per offending field, so nothing that can fail validation is found

@@ -36,7 +36,7 @@ def test_assignment_is_validated():
     (lambda: __import__("detot_agent").ControllerConfig(holdout_every=0, margin=-5), ["holdout_every", "margin"]),
     (lambda: __import__("detot_agent").ControllerConfig(min_evidence=2, holdout_every=3), ["min_evidence (2)"]),
     (lambda: __import__("detot_agent").Monitor(window=0, agreement_threshold=1.5), ["window", "agreement_threshold"]),
-    (lambda: __import__("detot_agent").TuneConfig(lr=0, dropout=1.0), ["lr", "dropout"]),
+    (lambda: __import__("detot_agent").UpdateConfig(head_lr=0, dropout=1.0), ["head_lr", "dropout"]),
     (lambda: __import__("detot_agent").ExemplarIndex(encoder_name="e", dim=3, target_recall=0), ["target_recall"]),
 ])
 def test_every_settings_object_refuses_bad_values_when_built(build_it, fields):

@@ -37,9 +37,14 @@ def _room(module: str) -> str:
 
 
 def _imports(path: Path) -> list[str]:
+    """The package modules a file imports, deprecation shims aside (see `_is_deprecation_shim`)."""
     tree = ast.parse(path.read_text())
     found = []
+    shims = [n for n in tree.body if _is_deprecation_shim(n)]
+    skip = {id(node) for shim in shims for node in ast.walk(shim)}
     for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("detot_agent"):
             found.append(node.module)
         elif isinstance(node, ast.Import):

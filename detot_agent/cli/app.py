@@ -284,8 +284,8 @@ def tune(
     from detot_agent.errors import ConfigError
     from detot_agent.io.datafiles import DataFormat, detect_format, read_exemplars
     from detot_agent.retrieval.encoder import Encoder
+    from detot_agent.softprompt.loss import TuneExample
     from detot_agent.softprompt.prompt import SoftPrompt, SoftPromptInit
-    from detot_agent.softprompt.training import TuneExample
 
     try:  # every setting checked before a model loads
         cfg = UpdateConfig.model_validate({"steps": steps, "head_lr": lr, "batch_size": batch_size, "balance": balance,

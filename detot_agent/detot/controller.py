@@ -332,7 +332,7 @@ class Controller:
         return candidate
 
     def _example(self, ev: Evidence) -> Any:
-        from detot_agent.softprompt.training import TuneExample
+        from detot_agent.softprompt.loss import TuneExample
 
         target = ev.learn_target(self.config.replay.good_agreement)
         return TuneExample(messages=ev.messages, target=target) if target and ev.messages else None

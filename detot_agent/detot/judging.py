@@ -338,7 +338,7 @@ def held_out_nll(engine: Any, embedding: Any, pairs: list[tuple[Evidence, Any]])
     """Mean NLL of held-out targets (`(record, TuneExample)` pairs), each under its own soft prompt `P(x)`."""
     if engine is None or not embedding.has_head or not pairs:
         return None
-    from detot_agent.softprompt.training import target_nll
+    from detot_agent.softprompt.loss import target_nll
 
     prompts = embedding.soft_prompts(np.stack([ev.query for ev, _ in pairs]))  # (N, k, H)
     return target_nll(engine, prompts, [ex for _, ex in pairs])

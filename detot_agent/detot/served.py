@@ -22,7 +22,7 @@ from detot_agent.detot.task import TaskProfile, analyze
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.errors import ConfigError
 from detot_agent.retrieval.index import ExemplarIndex
-from detot_agent.softprompt.training import TuneExample
+from detot_agent.softprompt.loss import TuneExample
 
 __all__ = ["served_examples"]
 

@@ -56,7 +56,7 @@ from pydantic import BaseModel, Field
 from detot_agent.config import StrictModel
 from detot_agent.embedding.head import PromptHead
 from detot_agent.errors import ConfigError, DetotError
-from detot_agent.softprompt.training import TuneExample, _batch_loss, _encode, _mean_nll
+from detot_agent.softprompt.loss import TuneExample, batch_loss, encode_example, mean_nll
 
 
 class Trainable(Protocol):
@@ -271,8 +271,8 @@ def update(te: Trainable, feedback: Sequence[Feedback], *, engine: Any = None, v
                   "gate": "gate" in cfg.freeze or empty}
         hp = {n: h[n].clone().requires_grad_(not frozen[n]) for n in ("p0", "bank", "gate")}
         params.append({"params": [v for n, v in hp.items() if not frozen[n]], "lr": cfg.head_lr})
-        train_enc = [_encode(engine, fb.example, cfg.max_length) for fb in lm_items]  # type: ignore[arg-type]
-        val_enc = [_encode(engine, fb.example, cfg.max_length) for fb in val_items]  # type: ignore[arg-type]
+        train_enc = [encode_example(engine, fb.example, cfg.max_length) for fb in lm_items]  # type: ignore[arg-type]
+        val_enc = [encode_example(engine, fb.example, cfg.max_length) for fb in val_items]  # type: ignore[arg-type]
         train_e = torch.stack([_rows(fb.query, D, "query", i)[0] for i, fb in enumerate(lm_items)])  # (N, D)
         val_e = (torch.stack([_rows(fb.query, D, "query", i)[0] for i, fb in enumerate(val_items)])
                  if val_items else train_e[:0])
@@ -289,7 +289,7 @@ def update(te: Trainable, feedback: Sequence[Feedback], *, engine: Any = None, v
     def lm_nll(enc: list[Any], e: torch.Tensor) -> float:
         with torch.no_grad():
             P, _ = prompts(e, False)  # (N, k, H): one per example
-        return _mean_nll(model, P.to(dtype), enc, cfg.batch_size)
+        return mean_nll(model, P.to(dtype), enc, cfg.batch_size)
 
     def head_reg() -> torch.Tensor:
         reg = (hp["p0"] - h["p0_init"]).pow(2).sum(-1).mean()
@@ -327,7 +327,7 @@ def update(te: Trainable, feedback: Sequence[Feedback], *, engine: Any = None, v
                 idx = [order.pop() for _ in range(min(cfg.batch_size, len(train_enc)))]
                 P, _ = prompts(train_e[idx], True)  # (B, k, H)
                 P = F.dropout(P, p=cfg.dropout, training=cfg.dropout > 0)
-                lm = _batch_loss(model, P.to(dtype), [train_enc[i] for i in idx])
+                lm = batch_loss(model, P.to(dtype), [train_enc[i] for i in idx])
                 lm_value = float(lm.detach())
                 loss = loss + lm + cfg.l2_to_init * head_reg()
                 if cfg.balance > 0 and hp["bank"].shape[0] > 1:

@@ -25,8 +25,8 @@ from detot_agent.engines.torch_engine import LocalEngine
 from detot_agent.io.datafiles import read_exemplars
 from detot_agent.retrieval.encoder import Encoder
 from detot_agent.retrieval.index import ExemplarIndex
+from detot_agent.softprompt.loss import TuneExample, target_nll
 from detot_agent.softprompt.prompt import SoftPrompt
-from detot_agent.softprompt.training import TuneExample, target_nll
 
 COT = "\nLet's think step by step."
 

@@ -98,7 +98,7 @@ def run_condition(engine: LocalEngine, prompts: Prompts, cond: str, chosen: list
 def held_out_nll(engine: LocalEngine, prompts: Prompts, conds: list[str], data_dir: Path, seed: int,
                  skip: int, n: int) -> dict[str, float]:
     """Target NLL on GSM8K train problems beyond the first `skip` of the tuning order (never trained on)."""
-    from detot_agent.softprompt.training import TuneExample, target_nll
+    from detot_agent.softprompt.loss import TuneExample, target_nll
 
     gsm = read_exemplars(data_dir / "gsm8k" / "train.jsonl", fmt="gsm8k")
     pick = random.Random(seed).sample(range(len(gsm)), skip + n)[skip:]
@@ -123,8 +123,8 @@ def train_dynamic(engine: LocalEngine, args: argparse.Namespace) -> Path:
     from detot_agent.embedding.task_embedding import TaskEmbedding
     from detot_agent.embedding.update import Feedback
     from detot_agent.retrieval.encoder import Encoder
+    from detot_agent.softprompt.loss import TuneExample
     from detot_agent.softprompt.prompt import SoftPrompt
-    from detot_agent.softprompt.training import TuneExample
 
     out = args.out / "dynamic_task_embedding"
     if (out / "manifest.json").is_file():

@@ -33,12 +33,12 @@ from typing import Any
 import torch
 from gpu_check import _peak_gib, _sync, invariance, throughput  # same folder
 
+from detot_agent import TuneExample, tune
 from detot_agent.detot.adapters import COT_CUE
 from detot_agent.engines.models import release_models
 from detot_agent.engines.torch_engine import LocalEngine
 from detot_agent.io.datafiles import read_exemplars
 from detot_agent.softprompt.prompt import SoftPrompt
-from detot_agent.softprompt.training import TuneExample, tune
 
 # The published Qwen2.5 configs (config.json of each release); `tiny` is for trying the script on a CPU.
 SHAPES: dict[str, dict[str, Any]] = {

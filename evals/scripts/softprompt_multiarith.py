@@ -23,12 +23,12 @@ from pathlib import Path
 
 from dspy.lm15 import Config, Message, Request
 
+from detot_agent import TuneExample, tune
 from detot_agent.answers import extract_number, numbers_equal
 from detot_agent.cli.plots import plot_loss
 from detot_agent.engines.torch_engine import LocalEngine
 from detot_agent.io.datafiles import read_exemplars
 from detot_agent.softprompt.prompt import SoftPrompt
-from detot_agent.softprompt.training import TuneExample, tune
 
 COT = "\nLet's think step by step."
 

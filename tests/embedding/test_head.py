@@ -14,8 +14,8 @@ from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.embedding.update import Feedback
 from detot_agent.errors import ArtefactError, DetotError
 from detot_agent.io.persist import save_tensors
+from detot_agent.softprompt.loss import TuneExample, batch_loss, encode_example
 from detot_agent.softprompt.prompt import SoftPrompt
-from detot_agent.softprompt.training import TuneExample, _batch_loss, _encode
 
 QUESTIONS = ["Tom has 3 apples and buys 4 more. How many apples?", "A train travels 60 miles in 2 hours. Speed?",
              "Sara reads 12 pages a day for 5 days. Pages?", "There are 9 birds and 4 fly away. How many left?",
@@ -90,7 +90,7 @@ def test_lm_loss_gradient_reaches_the_head_and_reaches_the_query_only_when_coupl
     _nonzero_bank(te)
     head = te.head
     ex = TuneExample(prompt=QUESTIONS[0], target="The answer is 7.")
-    enc = [_encode(tiny_engine, ex, 256)]
+    enc = [encode_example(tiny_engine, ex, 256)]
     e = torch.as_tensor(encoder.encode(QUESTIONS[:1]))
     for couple in (False, True):
         w = te.w.clone().requires_grad_(True)
@@ -98,7 +98,7 @@ def test_lm_loss_gradient_reaches_the_head_and_reaches_the_query_only_when_coupl
                           head.gate.clone().requires_grad_(True))
         q = te._query(e, w, te.alpha)
         P, _ = PromptHead.mix(q if couple else q.detach(), p0, bank, gate, head.tau)
-        _batch_loss(tiny_engine.model, P, enc).backward()
+        batch_loss(tiny_engine.model, P, enc).backward()
         assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (p0, bank, gate))
         assert (w.grad is not None and w.grad.abs().sum() > 0) == couple
 

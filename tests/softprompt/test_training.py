@@ -8,10 +8,9 @@ import pytest
 import torch
 from dspy.lm15 import Config, Message, Request
 
-from detot_agent import LocalEngine, SoftPromptRegistry, local_lm
+from detot_agent import LocalEngine, SoftPromptRegistry, TuneExample, local_lm, tune
 from detot_agent.errors import ArtefactError, DetotError
 from detot_agent.softprompt.prompt import SoftPrompt, SoftPromptInit
-from detot_agent.softprompt.training import TuneExample, tune
 
 TRAIN = [TuneExample(prompt=f"Tom has {i} apples and buys 2 more. How many?", target=f"The answer is {i + 2}.")
          for i in range(12)]
@@ -45,7 +44,7 @@ def test_training_lowers_loss_and_leaves_the_model_untouched(tiny_engine):
     before = _checksum(tiny_engine.model)
     sp = SoftPrompt.initialize(tiny_engine, "arith", k=4, init="vocab")
     start = sp.vectors.clone()
-    report = tune(sp, tiny_engine, TRAIN, val_examples=VAL, steps=30, lr=0.05, eval_every=5, patience=10,
+    report = tune(sp, tiny_engine, TRAIN, val_examples=VAL, steps=30, head_lr=0.05, eval_every=5, patience=10,
                   progress=False)
     assert report.accepted and report.best_val_loss < report.initial_val_loss
     assert sum(report.train_loss[-5:]) / 5 < sum(report.train_loss[:5]) / 5
@@ -58,7 +57,7 @@ def test_l2_pull_is_active(tiny_engine):
     drift = {}
     for l2 in (0.0, 50.0):
         sp = SoftPrompt.initialize(tiny_engine, "t", k=4, init="vocab")
-        tune(sp, tiny_engine, TRAIN, steps=15, lr=0.05, l2_to_init=l2, dropout=0.0, progress=False)
+        tune(sp, tiny_engine, TRAIN, steps=15, head_lr=0.05, l2_to_init=l2, dropout=0.0, progress=False)
         drift[l2] = float((sp.vectors - sp.init_vectors).norm())
     assert drift[50.0] < 0.5 * drift[0.0]
 
@@ -67,7 +66,7 @@ def test_dropout_is_active(tiny_engine):
     results = []
     for dropout in (0.0, 0.5):
         sp = SoftPrompt.initialize(tiny_engine, "t", k=4, init="vocab")
-        report = tune(sp, tiny_engine, TRAIN, steps=6, lr=0.05, dropout=dropout, seed=3, progress=False)
+        report = tune(sp, tiny_engine, TRAIN, steps=6, head_lr=0.05, dropout=dropout, seed=3, progress=False)
         results.append((sp.vectors.clone(), report.train_loss[0]))
     # same data order and init: only dropout differs, and it changes both the first loss and the result
     assert results[0][1] != results[1][1]
@@ -76,7 +75,7 @@ def test_dropout_is_active(tiny_engine):
 
 def test_early_stopping_keeps_the_best_vectors(tiny_engine):
     sp = SoftPrompt.initialize(tiny_engine, "t", k=4, init="vocab")
-    report = tune(sp, tiny_engine, TRAIN, val_examples=TRAIN[:2], steps=200, lr=1.0, max_grad_norm=100.0,
+    report = tune(sp, tiny_engine, TRAIN, val_examples=TRAIN[:2], steps=200, head_lr=1.0, max_grad_norm=100.0,
                   eval_every=2, patience=2, dropout=0.0, progress=False)
     assert report.stopped_early and report.steps_run < 200
     best = min(v for _, v in report.val_loss)
@@ -128,7 +127,7 @@ def test_engine_serves_the_registry_current_version(tiny_model_dir):
     sp = SoftPrompt.initialize(engine, "arith", k=4, init="vocab")
     sp.register(registry)
     first = lm("Tom has 3 apples", metadata=registry.metadata("arith"))[0]
-    tune(sp, engine, TRAIN, steps=10, lr=0.2, dropout=0.0, progress=False)
+    tune(sp, engine, TRAIN, steps=10, head_lr=0.2, dropout=0.0, progress=False)
     assert sp.register(registry) == 2
     second = lm("Tom has 3 apples", metadata=registry.metadata("arith"))[0]
     direct = engine.sample(Request(model="t", messages=(Message.user("Tom has 3 apples"),),
@@ -179,3 +178,37 @@ def test_the_old_peft_functions_still_work_with_a_deprecation_warning(tmp_path):
     assert float(from_peft(folder, task="arith").vectors.sum()) == 24.0
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         _ = peft.nope
+
+
+def test_tune_is_a_wrapper_over_update_and_the_old_names_still_work(tiny_engine):
+    """One training loop: `tune` runs `update`; the moved names and `lr` still work, with a warning."""
+    import detot_agent.softprompt.training as old
+
+    with pytest.warns(DeprecationWarning, match="moved to detot_agent.embedding.tune"):
+        old_tune = old.tune
+    assert old_tune is tune
+    from detot_agent.embedding.tune import TuneConfig
+
+    with pytest.warns(DeprecationWarning, match="TuneConfig is deprecated"):
+        cfg = TuneConfig(lr=0.05, steps=4, dropout=0.0)
+    assert (cfg.head_lr, cfg.steps) == (0.05, 4)
+    sp = SoftPrompt.initialize(tiny_engine, "t", k=4, init="vocab")
+    with pytest.warns(DeprecationWarning, match="tune\\(lr=...\\) is deprecated"):
+        report = tune(sp, tiny_engine, TRAIN, steps=4, lr=0.05, dropout=0.0, progress=False)
+    assert report.steps_run == 4 and report.examples == len(TRAIN)
+    assert report.accepted == (sp.version == 1)
+
+
+def test_the_package_has_one_soft_prompt_training_loop():
+    import ast
+    from pathlib import Path
+
+    import detot_agent
+
+    loops = []
+    for path in Path(detot_agent.__file__).parent.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Attribute) and node.attr in ("Adam", "AdamW", "SGD")
+                    and isinstance(node.value, ast.Attribute) and node.value.attr == "optim"):
+                loops.append(path.name)
+    assert loops == ["update.py"]
