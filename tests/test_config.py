@@ -77,3 +77,16 @@ def test_the_loop_settings_nest_and_the_old_flat_names_still_build_with_a_warnin
     assert (old.replay.alpha, old.replay.good_agreement, old.replay.max_flip) == (0.02, 0.9, 0.1)
     with pytest.warns(DeprecationWarning), pytest.raises(ConfigError, match="alpha"):
         ControllerConfig(alpha=2)  # an old name with a bad value is still refused, by its new home
+
+
+def test_the_monitor_thresholds_are_declared_once_with_one_set_of_defaults():
+    from detot_agent.detot.monitor import Monitor, MonitorConfig
+    from detot_agent.detot.task import Adjustments
+
+    for name in MonitorConfig.THRESHOLDS:
+        mine, theirs = Adjustments.model_fields[name], MonitorConfig.model_fields[name]
+        assert (mine.default, mine.metadata) == (theirs.default, theirs.metadata), name
+    assert Adjustments().monitor_config() == MonitorConfig()  # a task's monitor and a plain Monitor agree
+    assert Monitor().config.min_count == Adjustments().min_count == 10
+    with pytest.raises(ConfigError, match="cooldown"):
+        Adjustments(cooldown=-1)  # the limits come along with the defaults

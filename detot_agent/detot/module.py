@@ -153,9 +153,7 @@ class DETOT(PersistentModule):
         embedding = build_task_embedding(task_embedding, soft_prompt, components, samples or [], task=task,
                                          adjustments=adj, encoder=self.encoder, index=index,
                                          serving=_serving_engine(lm), trainer=engine)
-        self.monitor = Monitor(agreement_threshold=adj.agreement_threshold,
-                               accuracy_threshold=adj.accuracy_threshold, window=adj.window,
-                               min_count=adj.min_count, cooldown=adj.cooldown, log_path=event_log)
+        self.monitor = Monitor(adj.monitor_config(), log_path=event_log)
         if controller_config is not None and not isinstance(controller_config, ControllerConfig):
             raise ConfigError(f"controller_config must be a ControllerConfig, got {type(controller_config).__name__}")
         self.canary = canary_items(canary or [], sig, self.answer_field, task, adj)

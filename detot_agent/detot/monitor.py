@@ -26,7 +26,7 @@ import threading
 import time
 from collections import deque
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, Field, ValidationError
 
@@ -106,9 +106,13 @@ class MonitorConfig(StrictModel):
     agreement_threshold: float = Field(default=0.6, ge=0, le=1)
     accuracy_threshold: float = Field(default=0.5, ge=0, le=1)
     window: int = Field(default=20, ge=1)
-    min_count: int = Field(default=8, ge=1)
-    cooldown: int = Field(default=10, ge=0)
+    min_count: int = Field(default=10, ge=1)
+    cooldown: int = Field(default=20, ge=0)
     keep_events: int = Field(default=1000, ge=1)
+
+    THRESHOLDS: ClassVar[tuple[str, ...]] = (
+        "agreement_threshold", "accuracy_threshold", "window", "min_count", "cooldown")
+    """The fields a task's `Adjustments` carries (declared here once; task analysis may set them per task)."""
 
 
 # the logged events `Monitor.restore` applies again, by their `event` field

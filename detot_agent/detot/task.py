@@ -18,6 +18,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pydantic import Field, model_validator
 
 from detot_agent.answers import AnswerFormat
 from detot_agent.config import StrictModel
+from detot_agent.detot.monitor import MonitorConfig
 from detot_agent.errors import ConfigError
 
 __all__ = ["RULES", "Adjustments", "AnswerFormat", "AppliedRule", "Policy", "Rule", "StoppingRule", "TaskKind",
@@ -99,6 +101,11 @@ class AppliedRule(StrictModel):
     reason: str
 
 
+def _monitor_field(name: str) -> Any:
+    """`MonitorConfig`'s declaration of `name` (its default and limits), for `Adjustments` to carry."""
+    return copy.copy(MonitorConfig.model_fields[name])
+
+
 class Adjustments(StrictModel):
     """How DETOT handles a task; every field can be overridden by the user."""
 
@@ -119,12 +126,17 @@ class Adjustments(StrictModel):
     normalizer: AnswerFormat = AnswerFormat.TEXT
     soft_prompt_init_text: str = "Answer the question. End with: The answer is <answer>."
     soft_prompt_k: int = Field(default=8, ge=1, le=256)
-    agreement_threshold: float = Field(default=0.6, ge=0, le=1)
-    accuracy_threshold: float = Field(default=0.5, ge=0, le=1)
-    window: int = Field(default=20, ge=1)
-    min_count: int = Field(default=10, ge=1)
-    cooldown: int = Field(default=20, ge=0)
+    # the monitor's thresholds for this task: declared once, in `MonitorConfig` (same defaults and limits)
+    agreement_threshold: float = _monitor_field("agreement_threshold")
+    accuracy_threshold: float = _monitor_field("accuracy_threshold")
+    window: int = _monitor_field("window")
+    min_count: int = _monitor_field("min_count")
+    cooldown: int = _monitor_field("cooldown")
     applied: list[AppliedRule] = Field(default_factory=list)
+
+    def monitor_config(self) -> MonitorConfig:
+        """The `MonitorConfig` these adjustments ask for (what `DETOT` builds its monitor from)."""
+        return MonitorConfig(**{name: getattr(self, name) for name in MonitorConfig.THRESHOLDS})
 
     @model_validator(mode="after")
     def _budget(self) -> Adjustments:
