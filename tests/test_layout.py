@@ -264,3 +264,23 @@ def test_the_public_api_is_what_users_build_or_catch_and_plumbing_still_resolves
         with pytest.warns(DeprecationWarning, match=f"from detot_agent import {name}` is deprecated"):
             obj = getattr(detot_agent, name)
         assert obj is not None
+
+
+# ---- files stay small: one role each ----------------------------------------------------------------------------
+MAX_LINES = 420  # "about 400": a file past it holds more than one role (split it, as module.py and controller.py were)
+
+
+def _too_long(paths: list[Path], limit: int = MAX_LINES, base: Path = PACKAGE.parent) -> list[str]:
+    return [f"{p.relative_to(base)}: {n} lines" for p in paths if (n := len(p.read_text().splitlines())) > limit]
+
+
+def test_no_file_in_the_package_is_over_about_400_lines():
+    assert _too_long(sorted(PACKAGE.rglob("*.py"))) == []
+
+
+def test_the_size_check_catches_a_long_file(tmp_path):
+    long = tmp_path / "long.py"
+    long.write_text("x = 1\n" * (MAX_LINES + 1))
+    short = tmp_path / "short.py"
+    short.write_text("x = 1\n" * MAX_LINES)
+    assert _too_long([long, short], base=tmp_path) == [f"long.py: {MAX_LINES + 1} lines"]

@@ -26,7 +26,6 @@ import json
 import math
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,43 +34,14 @@ import numpy as np
 from pydantic import Field, ValidationError
 
 from detot_agent.config import StrictModel
-from detot_agent.errors import ArtefactError, EmptyIndexError, IndexDataError
-from detot_agent.io.persist import load_tensors, read_manifest, save_tensors
+from detot_agent.errors import EmptyIndexError, IndexDataError
+from detot_agent.io.persist import save_tensors
 from detot_agent.io.records import Exemplar
 from detot_agent.retrieval.encoder import Encoder
+from detot_agent.retrieval.index_files import read_index_files
+from detot_agent.retrieval.scoring import Hit, check_vectors, exact_top, matches, mmr_select
 
 __all__ = ["Exemplar", "ExemplarIndex", "Hit", "IndexConfig"]
-
-
-@dataclass(frozen=True)
-class Hit:
-    """A search result: the exemplar and its score (cosine similarity, or the MMR score when `mmr` is set)."""
-
-    id: str
-    text: str
-    fields: dict[str, Any]
-    score: float
-
-
-def _check_vectors(vecs: np.ndarray, dim: int, what: str) -> np.ndarray:
-    arr = np.ascontiguousarray(np.asarray(vecs, dtype=np.float32))
-    if arr.ndim != 2 or arr.shape[1] != dim:
-        raise IndexDataError(f"{what} must have shape (N, {dim}), got {arr.shape}")
-    bad = ~np.isfinite(arr).all(axis=1)
-    if bad.any():
-        raise IndexDataError(f"{what}: {int(bad.sum())} vector(s) hold NaN or inf (first at row {int(bad.argmax())})")
-    return arr
-
-
-def _matches(fields: dict[str, Any], where: dict[str, Any]) -> bool:
-    for key, want in where.items():
-        have = fields.get(key)
-        if isinstance(want, (list, tuple, set, frozenset)):
-            if have not in want:
-                return False
-        elif have != want:
-            return False
-    return True
 
 
 class IndexConfig(StrictModel):
@@ -169,7 +139,7 @@ class ExemplarIndex:
     def add_vectors(self, records: Sequence[Exemplar | dict[str, Any]], vectors: np.ndarray) -> None:
         """Add records with their (unit) vectors; ids must be new and unique."""
         recs = self._validate_records(records)
-        vecs = _check_vectors(vectors, self.dim, "vectors")
+        vecs = check_vectors(vectors, self.dim, "vectors")
         if len(vecs) != len(recs):
             raise IndexDataError(f"{len(recs)} records but {len(vecs)} vectors")
         norms = np.linalg.norm(vecs, axis=1, keepdims=True)
@@ -315,7 +285,7 @@ class ExemplarIndex:
         fetch_k: int | None = None,
     ) -> list[list[Hit]]:
         """`search` for a batch of query vectors `(N, dim)`."""
-        q = _check_vectors(queries, self.dim, "query")
+        q = check_vectors(queries, self.dim, "query")
         norms = np.linalg.norm(q, axis=1, keepdims=True)
         if (norms == 0).any():
             raise IndexDataError("query vector is all zeros")
@@ -332,61 +302,31 @@ class ExemplarIndex:
             want = k if mmr is None else min(n, max(fetch_k or 4 * k, 20, k))
             if where:
                 rows = np.array([r for r, rec in enumerate(self._records) if rec is not None
-                                 and _matches(rec.fields, where)], dtype=np.int64)
+                                 and matches(rec.fields, where)], dtype=np.int64)
                 if len(rows) == 0:
                     return [[] for _ in range(len(q))]
                 want = min(want, len(rows))
                 scores, found = self._filtered_search(index, q, rows, want)
             elif index is None:
                 rows, vecs = self._flat  # type: ignore[misc]
-                scores, found = self._exact(q, rows, vecs, want)
+                scores, found = exact_top(q, rows, vecs, want)
             else:
                 scores, found = index.search(q, want)
             out: list[list[Hit]] = []
             for i in range(len(q)):
                 cand = [(int(r), float(s)) for r, s in zip(found[i], scores[i], strict=True) if r >= 0]
                 if mmr is not None:
-                    cand = self._mmr(q[i], cand, k, mmr)
+                    cand = mmr_select(q[i], cand, k, mmr, self._vecs)
                 out.append([self._hit(r, s) for r, s in cand[:k]])
             return out
-
-    @staticmethod
-    def _exact(q: np.ndarray, rows: np.ndarray, vecs: np.ndarray, want: int) -> tuple[np.ndarray, np.ndarray]:
-        sims = q @ vecs.T  # (Q, R)
-        if want < sims.shape[1]:
-            part = np.argpartition(-sims, want - 1, axis=1)[:, :want]  # (Q, want), unordered
-        else:
-            part = np.broadcast_to(np.arange(sims.shape[1]), (len(q), sims.shape[1]))
-        part_sims = np.take_along_axis(sims, part, axis=1)
-        order = np.argsort(-part_sims, axis=1, kind="stable")
-        top = np.take_along_axis(part, order, axis=1)
-        return np.take_along_axis(sims, top, axis=1), rows[top]
 
     def _filtered_search(self, index: Any, q: np.ndarray, rows: np.ndarray, want: int) -> tuple[Any, Any]:
         # Exact over the matching rows unless they are many (an IVF probe could miss a small subset entirely).
         if index is None or len(rows) <= self.exact_threshold:
-            return self._exact(q, rows, self._vecs[rows], want)
+            return exact_top(q, rows, self._vecs[rows], want)
         sel = faiss.IDSelectorBatch(rows)
         params = faiss.SearchParametersIVF(sel=sel, nprobe=max(self._nprobe, 1))  # type: ignore[call-arg]
         return index.search(q, want, params=params)
-
-    def _mmr(self, q: np.ndarray, cand: list[tuple[int, float]], k: int, lam: float) -> list[tuple[int, float]]:
-        rows = np.array([r for r, _ in cand], dtype=np.int64)
-        vecs = self._vecs[rows]  # (C, D)
-        rel = vecs @ q  # (C,)
-        sim = vecs @ vecs.T  # (C, C)
-        chosen: list[int] = []
-        best_sim = np.full(len(rows), -np.inf, dtype=np.float32)
-        picked: list[tuple[int, float]] = []
-        for _ in range(min(k, len(rows))):
-            redundancy = np.where(np.isfinite(best_sim), best_sim, 0.0)
-            score = lam * rel - (1 - lam) * redundancy
-            score[chosen] = -np.inf
-            j = int(np.argmax(score))
-            chosen.append(j)
-            picked.append((int(rows[j]), float(score[j])))
-            best_sim = np.maximum(best_sim, sim[j])
-        return picked
 
     def _hit(self, row: int, score: float) -> Hit:
         rec = self._records[row]
@@ -464,46 +404,15 @@ class ExemplarIndex:
             ArtefactError: corrupted or truncated files, a newer format, or an index built with another
                 encoder or dimension than `encoder` (the message names both).
         """
-        path = Path(path)
-        m = read_manifest(path, kind=cls.FORMAT, max_version=cls.FORMAT_VERSION, verify=False)
-        if encoder is not None and (encoder.name != m.get("encoder") or encoder.dim != m.get("dim")):
-            raise ArtefactError(
-                f"{path} was built with encoder {m.get('encoder')!r} ({m.get('dim')} dims), but the encoder given is "
-                f"{encoder.name!r} ({encoder.dim} dims); rebuild the index or pass the same encoder"
-            )
-        m, arrays = load_tensors(path, kind=cls.FORMAT, max_version=cls.FORMAT_VERSION, filename=cls.VECTORS,
-                                 names=("vectors",), framework="np")
-        folder = Path(m["_dir"])
-        vecs = arrays["vectors"]
-        count, dim = int(m["count"]), int(m["dim"])
-        if vecs.shape != (count, dim) or vecs.dtype != np.float32:
-            raise ArtefactError(f"{folder}/vectors.safetensors holds {vecs.dtype} {vecs.shape}, manifest says "
-                                f"float32 ({count}, {dim})")
-        records = []
-        with open(folder / "records.jsonl", encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                try:
-                    records.append(Exemplar(**json.loads(line)))
-                except (json.JSONDecodeError, ValidationError, TypeError) as exc:
-                    raise ArtefactError(f"{folder}/records.jsonl line {line_no} is invalid: {exc}") from None
-        if len(records) != count:
-            raise ArtefactError(f"{folder}/records.jsonl has {len(records)} records, manifest says {count}")
-        idx = cls(encoder, encoder_name=m["encoder"], dim=dim, exact_threshold=int(m["exact_threshold"]),
+        m, vecs, records, index = read_index_files(Path(path), encoder, kind=cls.FORMAT,
+                                                   max_version=cls.FORMAT_VERSION, filename=cls.VECTORS)
+        idx = cls(encoder, encoder_name=m["encoder"], dim=int(m["dim"]), exact_threshold=int(m["exact_threshold"]),
                   target_recall=float(m["target_recall"]))
         idx._vecs = vecs
         idx._records = list(records)
         idx._row_of = {r.id: i for i, r in enumerate(records)}
-        if len(idx._row_of) != count:
-            raise ArtefactError(f"{folder}/records.jsonl repeats ids")
-        fpath = folder / "faiss.index"
         idx._kind = m["index_type"]
-        if count and idx._kind == "ivf":
-            try:
-                index: Any = faiss.deserialize_index(np.frombuffer(fpath.read_bytes(), dtype=np.uint8))
-            except (RuntimeError, OSError) as exc:
-                raise ArtefactError(f"{fpath} cannot be read: {exc}") from None
-            if index.ntotal != count or index.d != dim:
-                raise ArtefactError(f"{fpath} holds {index.ntotal} x {index.d}, manifest says {count} x {dim}")
+        if index is not None:
             idx._faiss = index
             idx._nprobe, idx._recall = int(m["nprobe"]), m["recall_at_10"]
             index.nprobe = idx._nprobe
