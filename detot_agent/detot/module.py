@@ -39,7 +39,7 @@ from detot_agent.detot.controller import Controller, ControllerConfig
 from detot_agent.detot.demos import check_demo_fields, prompt_demos, retrieve_demos
 from detot_agent.detot.judging import Replayed
 from detot_agent.detot.monitor import Monitor, Observation
-from detot_agent.detot.persistence import PersistentModule
+from detot_agent.detot.persistence import CarryingPredict, PersistentModule
 from detot_agent.detot.records import Evidence, TaskState
 from detot_agent.detot.sampling import vote_in_rounds
 from detot_agent.detot.strategies import pot_messages
@@ -134,6 +134,11 @@ class DETOT(PersistentModule):
         adj = self.adjustments
         # pot and mix keep ChainOfThought's fields: a program sample's `reasoning` is its program
         self.predictor = (dspy.Predict(signature) if adj.strategy == "direct" else dspy.ChainOfThought(signature))
+        # the inner predictor carries the learned state in its DSPy state, so any program's save keeps it
+        if adj.strategy == "direct":
+            self.predictor = CarryingPredict(self.predictor.signature)
+        else:
+            self.predictor.predict = CarryingPredict(self.predictor.predict.signature)
         sig = self._signature()
         self.answer_field = list(sig.output_fields)[-1]
         inputs = list(sig.input_fields)
@@ -162,6 +167,7 @@ class DETOT(PersistentModule):
                                      replay=self._replay, canary=self.canary, evidence_log=evidence_log)
         self._rollout = 0
         self._rollout_lock = threading.Lock()
+        self._link()
 
     @property
     def task_embedding(self) -> TaskEmbedding | None:

@@ -5,13 +5,17 @@ directory. Every write goes through the atomic persistence path (`io/persist.py`
 before anything changes. Copies (DSPy's optimizers deep-copy programs) and pickles carry the serving state,
 never the running loop: each gets a fresh monitor and controller (`_start_loop`).
 
-Layout of `save("p.json")`:
+Where the learned state lives (since 0.4.0): inside the inner predictor's own DSPy state, under `detot`
+(`CarryingPredict`), so it travels with **every** DSPy save: `detot.save("p.json")`, and the `save`/`load` /
+`dump_state`/`load_state` of any program that holds a DETOT (DSPy saves a parent by its named parameters, and
+the inner predictor is one). The block holds the task profile, adjustments, serving version and policy, the
+index's encoder and size, the monitor's statistics, the loop's spent error budget (`tests_run`), and the
+serving task embedding as safetensors bytes in base64 with their sha256 (`embedding`). Loading validates all of
+it (checksum, shapes, finiteness, encoder, the model's width) before anything changes. Size: about 1.37x the
+raw float32 tensors (base64); a static 8 x 896 soft prompt with its anchor and the 384-wide retrieval weights
+is about 80 KB of JSON.
 
-- `p.json`: DSPy's state of the inner predictor (demos, instructions; its `lm` saved as None) plus
-  `detot`: the task profile, adjustments, serving version and policy, the index's encoder and size, the
-  monitor's statistics and the loop's spent error budget (`tests_run`);
-- `p.json.tensors/`: the serving task embedding (`embedding.*` tensors, head included), kind
-  `detot-program-tensors`, version 2 (version 1, the first release, kept a static soft prompt beside it).
+Saves of 0.3 and before (a top-level `detot` block, tensors in `p.json.tensors/`) still load.
 
 Example:
     >>> json_target("runs/p.json").name
@@ -24,7 +28,11 @@ Example:
 
 from __future__ import annotations
 
+import base64
 import copy
+import hashlib
+import json
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +49,8 @@ from detot_agent.engines.lm import training_engine
 from detot_agent.errors import ArtefactError, ConfigError, DetotError
 from detot_agent.retrieval.index import ExemplarIndex
 
-__all__ = ["TENSORS_KIND", "PersistentModule", "detot_block", "json_target", "read_block", "read_side",
-           "write_program_dir", "write_side"]
+__all__ = ["TENSORS_KIND", "CarryingPredict", "PersistentModule", "decode_embedding", "detot_block",
+           "encode_embedding", "json_target", "read_block", "read_side", "write_program_dir", "write_side"]
 
 TENSORS_KIND = "detot-program-tensors"
 
@@ -136,6 +144,79 @@ def write_program_dir(program: Any, path: str | Path, meta_bytes: bytes) -> None
         (tmp / "metadata.json").write_bytes(meta_bytes)
 
 
+def encode_embedding(embedding: TaskEmbedding) -> dict[str, Any]:
+    """The task embedding as JSON: its meta, and its tensors as safetensors bytes in base64 with their sha256."""
+    from safetensors.torch import save
+
+    meta, tensors = embedding.to_tensors()
+    raw = save({k: v.detach().contiguous() for k, v in tensors.items()})
+    return {"meta": meta, "format": "safetensors+base64", "sha256": hashlib.sha256(raw).hexdigest(),
+            "data": base64.b64encode(raw).decode("ascii")}
+
+
+def decode_embedding(data: dict[str, Any], *, encoder_name: str, hidden: int | None,
+                     where: str = "DETOT state") -> TaskEmbedding:
+    """Inverse of `encode_embedding`, validated: checksum, shapes, finiteness, encoder, the model's width.
+
+    Raises:
+        ArtefactError: naming what is wrong.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    if data.get("format") != "safetensors+base64":
+        raise ArtefactError(f"{where}: embedding format {data.get('format')!r} is not safetensors+base64")
+    try:
+        raw = base64.b64decode(str(data["data"]), validate=True)
+    except (KeyError, ValueError) as exc:
+        raise ArtefactError(f"{where}: the embedding's tensors are not valid base64 ({exc})") from None
+    if hashlib.sha256(raw).hexdigest() != data.get("sha256"):
+        raise ArtefactError(f"{where}: the embedding's tensors do not match their checksum (corrupted or edited)")
+    try:
+        tensors = load(raw)
+    except SafetensorError as exc:
+        raise ArtefactError(f"{where}: the embedding's tensors cannot be read ({exc})") from None
+    return TaskEmbedding.from_tensors(dict(data.get("meta") or {}), tensors, where=where, encoder_name=encoder_name,
+                                      hidden_size=hidden)
+
+
+class CarryingPredict(dspy.Predict):
+    """DETOT's inner predictor: a `dspy.Predict` whose DSPy state also carries its DETOT's learned state.
+
+    Optimizers see an ordinary `Predict` (demos, instructions, traces); DSPy's save of any program that holds
+    the DETOT writes the learned state with it, and its load restores it.
+    """
+
+    _owner: Any = None  # a weak reference to the DETOT (set by it; never saved, pickled or copied as a link)
+
+    def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
+        """`Predict`'s state plus `detot`: the owner's learned state (see the module docstring)."""
+        state = super().dump_state(json_mode=json_mode)
+        owner = self._owner() if self._owner is not None else None
+        if owner is not None:
+            state["detot"] = owner.learned_state()
+        return state
+
+    def load_state(self, state: dict[str, Any], **kwargs: Any) -> CarryingPredict:
+        """`Predict`'s state; a `detot` block is validated and restored into the owner (first, so a bad block
+        changes nothing)."""
+        state = dict(state)
+        block = state.pop("detot", None)
+        owner = self._owner() if self._owner is not None else None
+        if block is not None and owner is not None:
+            owner.restore_learned_state(block)
+        super().load_state(state, **kwargs)
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in super().__getstate__().items() if k != "_owner"}
+
+
+def _carried(predictor: Any) -> bool:
+    """Whether a saved state of 0.4.0 or later: the inner predictor's state holds the `detot` block."""
+    return isinstance(predictor, dict) and "detot" in predictor
+
+
 class PersistentModule(dspy.Module):
     """Saving, loading, copying and pickling for `DETOT` (its base class); the rest of DETOT is in `module.py`."""
 
@@ -159,9 +240,37 @@ class PersistentModule(dspy.Module):
                     engine: Any) -> None:
         raise NotImplementedError
 
+    def _link(self) -> None:
+        """Point the inner predictor at this program (after building, copying or unpickling)."""
+        inner = self._inner()
+        if isinstance(inner, CarryingPredict):
+            inner._owner = weakref.ref(self)
+
+    def learned_state(self) -> dict[str, Any]:
+        """What the loop (or the user) changed, as JSON: the `detot` block with the serving task embedding."""
+        state = self.controller.state
+        block = detot_block(self.task, self.adjustments, state, self.index, self.monitor.stats(),
+                            self.controller.tests_run)
+        block["embedding"] = None if state.embedding is None else encode_embedding(state.embedding)
+        return block
+
+    def restore_learned_state(self, block: dict[str, Any], embedding: Any = "carried") -> None:
+        """Serve what `learned_state` wrote: every part is validated before anything changes.
+
+        `embedding` is the task embedding when it was read elsewhere (a 0.3 save's side folder)."""
+        task, adjustments, policy, tests_run = read_block(block, self.index)
+        if embedding == "carried":
+            data = block.get("embedding")
+            engine = getattr(self._lm(), "engine", None)
+            hidden = engine.hidden_size if isinstance(engine, BatchedEngine) else None
+            embedding = None if data is None else decode_embedding(data, encoder_name=self.index.encoder_name,
+                                                                   hidden=hidden)
+        self.task, self.adjustments = task, adjustments
+        self.controller.tests_run = max(self.controller.tests_run, tests_run)
+        self.controller.restore(TaskState(int(block.get("version", 0)), embedding, policy))
+
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
-        """DSPy state (predictor demos/instructions) plus DETOT's own `detot` block: profile, adjustments,
-        version, policy, and the loop's spent error budget (`tests_run`).
+        """DSPy state: the inner predictor's (demos, instructions, and the learned state under `detot`).
 
         The LM is not part of the state (DETOT is loaded into an object built with its LM and index): the
         inner predictor's `lm` is saved as None, and loading keeps the LM the object has."""
@@ -169,30 +278,25 @@ class PersistentModule(dspy.Module):
         for part in state.values():
             if isinstance(part, dict) and "lm" in part:
                 part["lm"] = None
-        state["detot"] = detot_block(self.task, self.adjustments, self.controller.state, self.index,
-                                     self.monitor.stats(), self.controller.tests_run)
         return state
 
     def load_state(self, state: dict[str, Any], **kwargs: Any) -> PersistentModule:
-        """Restore `dump_state` (tensors come from the side file; see `load`)."""
-        extra = state.get("detot")
+        """Restore `dump_state`; a 0.3 state's top-level `detot` block is read too (its tensors: see `load`)."""
+        legacy = state.get("detot")
         inner = {k: v for k, v in state.items() if k != "detot"}
         kept = self._inner().lm
         super().load_state(inner, **kwargs)
         self._inner().lm = kept
-        if extra:
-            self.task, self.adjustments, policy, tests_run = read_block(extra, self.index)
-            self.controller.tests_run = max(self.controller.tests_run, tests_run)
+        if legacy and not any(_carried(v) for v in inner.values()):
             st = self.controller.state
-            if policy != st.policy:  # the loop's policy serves with the loaded state
-                self.controller.restore(TaskState(st.version, st.embedding, policy))
+            self.restore_learned_state({**legacy, "version": st.version}, embedding=st.embedding)
         return self
 
     def save(self, path: str | Path, save_program: bool = False, **kwargs: Any) -> None:
-        """Save to `path` (DSPy's JSON state) and `<path>.tensors/` (the task embedding, head included).
+        """Save to `path`: one DSPy JSON file, the learned state (task embedding included) inside it.
 
-        Both go through the shared atomic persistence path: the side folder is swapped in whole,
-        then the JSON file is replaced in one rename, so a crash leaves the old program loadable.
+        The file is replaced in one rename, so a crash leaves the old program loadable. A program that holds
+        this DETOT saves it too, through DSPy's own `save` (see the module docstring).
 
         With `save_program=True`, `path` is a directory (no suffix) that receives the whole program as
         DSPy writes it (`program.pkl` by cloudpickle, `metadata.json`), swapped in whole; read it back with
@@ -215,21 +319,30 @@ class PersistentModule(dspy.Module):
             write_program_dir(self, path, orjson.dumps(meta, option=options))
             return
         target = json_target(path)
-        write_side(target, self.controller.state)
         atomic_write_bytes(target, orjson.dumps({**self.dump_state(), "metadata": meta}, option=options))
 
     def load(self, path: str | Path, **kwargs: Any) -> PersistentModule:
-        """Load what `save` wrote (this release's or the first release's side folder); validates shapes,
-        finiteness, the encoder and the soft prompts' width before changing anything."""
-        engine = getattr(self._lm(), "engine", None)
-        hidden = engine.hidden_size if isinstance(engine, BatchedEngine) else None
-        # validate everything before changing anything: a failed load leaves the current state serving
-        version, embedding = read_side(path, encoder_name=self.index.encoder_name, hidden=hidden)
+        """Load what `save` wrote (this release's one file, or an earlier release's file and side folder);
+        validates the learned state (checksum, shapes, finiteness, encoder, the model's width) before changing
+        anything."""
         try:
-            super().load(str(path), **kwargs)
+            saved = json.loads(Path(path).read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError, OSError) as exc:  # JSONDecodeError is a ValueError
             raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
-        self.controller.restore(TaskState(version, embedding, self.controller.state.policy))
+        legacy = None
+        if isinstance(saved, dict) and not any(_carried(v) for v in saved.values()):
+            engine = getattr(self._lm(), "engine", None)
+            hidden = engine.hidden_size if isinstance(engine, BatchedEngine) else None
+            legacy = read_side(path, encoder_name=self.index.encoder_name, hidden=hidden)  # 0.3: a side folder
+        try:
+            super().load(str(path), **kwargs)
+        except ArtefactError:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
+        if legacy is not None:
+            version, embedding = legacy
+            self.controller.restore(TaskState(version, embedding, self.controller.state.policy))
         return self
 
     def __deepcopy__(self, memo: dict[int, Any]) -> PersistentModule:
@@ -241,17 +354,21 @@ class PersistentModule(dspy.Module):
         embedding = None if state.embedding is None else copy.deepcopy(state.embedding)
         clone._start_loop(TaskState(state.version, embedding, state.policy), self.monitor.config,
                           self.monitor.log_path, self.controller.config, self.controller.engine)
+        clone._link()
         return clone
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickle support (`save_program=True`, `dspy.load`): the serving state, not the running loop (its
         thread, locks and evidence); the LM's engine and the encoder pickle as their settings."""
         out = {k: v for k, v in super().__getstate__().items() if k not in ("controller", "monitor", "_rollout_lock")}
-        out["_loop"] = (self.controller.state, self.monitor.config, self.monitor.log_path, self.controller.config)
+        out["_loop"] = (self.controller.state, self.monitor.config, self.monitor.log_path, self.controller.config,
+                        self.controller.tests_run)  # the loop's spent error budget travels too
         return out
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
-        served, monitor_config, log_path, config = state.pop("_loop")
+        served, monitor_config, log_path, config, *budget = state.pop("_loop")  # 0.3 pickles: no budget
         super().__setstate__(state)
         self._start_loop(served, monitor_config, log_path, config, training_engine(getattr(self.lm, "engine", None)))
+        self.controller.tests_run = int(budget[0]) if budget else 0
+        self._link()

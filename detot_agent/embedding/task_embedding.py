@@ -305,7 +305,7 @@ class TaskEmbedding:
 
     def to_tensors(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         """`(meta, tensors)`: the one saved form of the whole object (a directory via `save`, a DETOT
-        program's side file, or JSON via `to_json`). Head tensors are named `head.<name>`."""
+        program's carried state, or JSON via `to_json`). Head tensors are named `head.<name>`."""
         s = self.state_dict()
         meta: dict[str, Any] = {"task": self.task, "encoder": self.encoder_name, "dim": self.dim,
                                 "version": s["version"], "alpha": float(s["alpha"]),

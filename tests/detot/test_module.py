@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import threading
 
 import dspy
@@ -16,7 +17,7 @@ from detot_agent.answers import extract_number
 from detot_agent.detot.adapters import PlainAdapter
 from detot_agent.detot.controller import ControllerConfig, TaskState
 from detot_agent.embedding.update import Feedback
-from detot_agent.errors import ConfigError, DetotError
+from detot_agent.errors import ArtefactError, ConfigError, DetotError
 
 ARITH = TaskProfile(name="arith", description="grade-school math word problems", kind="arithmetic",
                     answer_format="number")
@@ -144,8 +145,12 @@ def test_save_load_reproduces_predictions(gsm8k_index, tmp_path, encoder):
     assert (after.demo_ids, after.answer, after.embedding_version) == (before.demo_ids, before.answer, 1)
     assert fresh.predictor.predict.demos[0]["question"] == "1+1?"
     assert fresh.controller.tests_run == 3  # a resumed loop tests on at the fourth alpha, not the first
-    (tmp_path / "detot.json.tensors" / "tensors.safetensors").write_bytes(b"broken")
-    with pytest.raises(Exception, match="checksum"):
+    assert not (tmp_path / "detot.json.tensors").exists()  # one file: the learned state travels inside it
+    saved = json.loads((tmp_path / "detot.json").read_text())
+    carried = saved["predictor.predict"]["detot"]["embedding"]
+    carried["data"] = carried["data"][:-8] + ("A" * 8 if not carried["data"].endswith("A" * 8) else "B" * 8)
+    (tmp_path / "detot.json").write_text(json.dumps(saved))
+    with pytest.raises(ArtefactError, match="checksum"):
         make(gsm8k_index, lm).load(tmp_path / "detot.json")
 
 
