@@ -3,6 +3,7 @@ fresh process, and `save_program=True`."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -116,7 +117,7 @@ def _change_what_the_loop_learns(program) -> None:
 
     for shift, d in ((0.5, program.solve), (-0.25, program.check)):
         st = d.controller.state
-        embedding = __import__("copy").deepcopy(st.embedding)
+        embedding = copy.deepcopy(st.embedding)
         embedding.head.set(p0=embedding.head.p0 + shift * torch.ones_like(embedding.head.p0))
         policy = Policy(weighting="cisc") if d is program.solve else None
         d.controller.publish(TaskState(st.version + 3, embedding, policy))
@@ -154,7 +155,7 @@ def test_a_parent_program_saves_and_loads_detots_learned_state_in_a_fresh_proces
 def test_a_parent_load_refuses_a_corrupted_learned_state_and_changes_nothing(setup, tmp_path):
     from detot_agent.errors import ArtefactError
 
-    folder, prog, index_dir, model = setup
+    _, prog, index_dir, model = setup
     program = prog.build(model, index_dir)
     _change_what_the_loop_learns(program)
     program.save(tmp_path / "program.json")
@@ -170,7 +171,7 @@ def test_a_parent_load_refuses_a_corrupted_learned_state_and_changes_nothing(set
 
 
 def test_optimizers_still_see_each_detot_predictor(setup):
-    folder, prog, index_dir, model = setup
+    _, prog, index_dir, model = setup
     program = prog.build(model, index_dir)
     names = [name for name, _ in program.named_predictors()]
     assert names == ["solve.predictor.predict", "check.predictor.predict", "note"]
