@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -16,6 +16,13 @@ from detot_agent.errors import ConfigError
 __all__ = ["bench_app"]
 
 bench_app = typer.Typer(help="Benchmarks: print a table and write JSON.", no_args_is_help=True)
+
+
+def _write(json_path: Path | None, result: dict[str, Any]) -> None:
+    """Write a benchmark's figures to `--json`, when given, and say so."""
+    if json_path:
+        write_json_atomic(json_path, result)
+        console.print(f"wrote {json_path}")
 
 
 @bench_app.command("engine")
@@ -58,9 +65,7 @@ def bench_engine(
     console.print(table)
     for name, value in result["ratios"].items():
         console.print(f"{name}: [bold]{value:.2f}x[/]")
-    if json_path:
-        write_json_atomic(json_path, result)
-        console.print(f"wrote {json_path}")
+    _write(json_path, result)
 
 
 @bench_app.command("buffers")
@@ -96,9 +101,7 @@ def bench_buffers(
     console.print(table)
     for phase, ratio in result.get("off_over_on", {}).items():
         console.print(f"off / on, {PHASES[phase]}: [bold]{ratio:.2f}x[/]")
-    if json_path:
-        write_json_atomic(json_path, result)
-        console.print(f"wrote {json_path}")
+    _write(json_path, result)
 
 
 @bench_app.command("retrieval")
@@ -133,9 +136,7 @@ def bench_retrieval(
                       f"{r['batch_qps']:.0f}", f"{r['recall_at_10']:.3f}", f"{r['baseline_numpy_p50_ms']:.2f}",
                       f"{r['speedup_vs_numpy_p50']:.0f}x", dspy_cell)
     console.print(table)
-    if json_path:
-        write_json_atomic(json_path, result)
-        console.print(f"wrote {json_path}")
+    _write(json_path, result)
 
 
 @bench_app.command("scale")
@@ -166,9 +167,7 @@ def bench_scale(
     overhead = result["ray_overhead_ms_per_problem"]
     console.print(f"Ray start-up {result['ray_init_s']:.1f} s; Ray overhead per problem (1 worker vs local): "
                   + ("n/a" if overhead is None else f"{overhead:.0f} ms"))
-    if json_path:
-        write_json_atomic(json_path, result)
-        console.print(f"wrote {json_path}")
+    _write(json_path, result)
 
 
 @bench_app.command("loop")
@@ -201,6 +200,4 @@ def bench_loop(
     console.print(f"p99 busy/quiet {result['p99_ratio']:.2f}x (goal <= 1.20x), p50 {result['p50_ratio']:.2f}x; "
                   f"{len(reopts)} re-optimization(s) ran during the busy phase "
                   f"({result['busy_share']:.0%} of it), " + ", ".join(f"{r['seconds']:.0f}s" for r in reopts))
-    if json_path:
-        write_json_atomic(json_path, result)
-        console.print(f"wrote {json_path}")
+    _write(json_path, result)
