@@ -149,3 +149,21 @@ def test_every_docs_and_readme_snippet_imports_only_from_the_top_level():
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("detot_agent."):
                 deep.append(node.module)
     assert deep == [], "docs examples import from `detot_agent` only; plumbing stays in its subpackage"
+
+
+def _unlisted(results: Path, listing: str) -> list[str]:
+    names = [p for p in sorted(results.iterdir()) if p.name != "accuracy"] + sorted((results / "accuracy").iterdir())
+    return [str(p.relative_to(results)) for p in names if f"results/{p.relative_to(results)}" not in listing]
+
+
+def test_evals_readme_lists_every_result_with_a_docs_page_that_exists():
+    listing = (ROOT / "evals" / "README.md").read_text()
+    assert _unlisted(ROOT / "evals" / "results", listing) == []
+    pages = re.findall(r"\]\(\.\./(docs/[^)#]+)\)", listing)
+    assert pages and [p for p in pages if not (ROOT / p).is_file()] == []
+
+
+def test_the_evals_listing_check_catches_an_unlisted_result(tmp_path):
+    (tmp_path / "accuracy" / "gsm8k").mkdir(parents=True)
+    (tmp_path / "bench_new.json").write_text("{}")
+    assert _unlisted(tmp_path, "| `results/accuracy/gsm8k/` |") == ["bench_new.json"]
