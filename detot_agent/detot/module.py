@@ -48,7 +48,7 @@ from detot_agent.detot.tracing import record_trace
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.lm import training_engine
-from detot_agent.errors import ConfigError, EmptyPromptError, InvalidRequestError
+from detot_agent.errors import ConfigError, EmptyPromptError, InputTypeError, InvalidRequestError
 from detot_agent.retrieval.encoder import Encoder
 from detot_agent.retrieval.index import ExemplarIndex
 
@@ -152,6 +152,8 @@ class DETOT(PersistentModule):
         self.encoder: Encoder = found
         self.lm = lm
         self.background = background
+        if isinstance(adapter, PlainAdapter):
+            adapter._answer_field(sig)  # refused now (ConfigError), not at the first call
         self.adapter = adapter
         self._default_adapter = LenientChatAdapter()
         engine = _trainer(lm)
@@ -189,6 +191,12 @@ class DETOT(PersistentModule):
                                      k=self.adjustments.k_exemplars, replay=self._replay, canary=self.canary)
         self._rollout_lock = threading.Lock()
 
+    def get_lm(self) -> Any:
+        """The LM this DETOT was given: one set on its predictor (`set_lm`), else `lm=`; None if neither (a call
+        then uses `dspy.settings.lm`). Wrappers such as `dspy.BestOfN` and `dspy.Refine` read it, so they sample
+        DETOT's own LM, not the global one."""
+        return self._inner().lm or self.lm
+
     def _lm(self) -> Any:
         """The LM a call uses, by DSPy's rule: one set on the inner predictor (`set_lm`), else `lm=`, else
         `dspy.settings.lm` (`dspy.configure` / `dspy.context`)."""
@@ -207,12 +215,20 @@ class DETOT(PersistentModule):
 
     # ---- one call ------------------------------------------------------------------------------------
     def _checked(self, inputs: dict[str, Any]) -> Any:
-        """The signature, once `inputs` are known to hold each of its input fields (else `InvalidRequestError`)."""
+        """The signature, once `inputs` hold each of its input fields, none of them None, text fields as text
+        (else `InvalidRequestError` / `InputTypeError`)."""
         sig = self._signature()
         missing = [name for name in sig.input_fields if name not in inputs]
         if missing:
             raise InvalidRequestError(f"missing input field(s) {missing}; the signature takes "
                                       f"{list(sig.input_fields)}")
+        for name, field in sig.input_fields.items():
+            value = inputs[name]
+            if value is None:
+                raise InvalidRequestError(f"input field {name!r} is None; pass the text to answer")
+            if field.annotation is str and not isinstance(value, str):
+                raise InputTypeError(f"input field {name!r} takes text, got {type(value).__name__} ({value!r:.40}); "
+                                     f"pass str(...) if that is what you mean")
         return sig
 
     def _context(self, state: TaskState, text: str) -> tuple[np.ndarray, Any, list[dspy.Example], list[str]]:
@@ -259,15 +275,20 @@ class DETOT(PersistentModule):
             self._rollout += 1
             return self._rollout
 
-    def forward(self, **inputs: Any) -> dspy.Prediction:
+    def forward(self, *args: Any, **inputs: Any) -> dspy.Prediction:
         """Answer one input; returns the answer field(s), reasoning, agreement, votes, samples_used,
         parse_failures, demo_ids, embedding_version, `sample_keys` / `sample_tokens` (each sample's vote key
         and output tokens, in the order drawn) and an `id` for `feedback`.
 
         Raises:
-            InvalidRequestError: a missing input field; `EmptyPromptError` for an empty input.
+            InvalidRequestError: a missing or None input field, positional arguments; `EmptyPromptError` for an
+                empty input; `InputTypeError` for a text field given something else.
             ConfigError: no LM given or configured.
         """
+        if args:
+            names = list(self._signature().input_fields)
+            raise InvalidRequestError(f"DETOT takes its inputs by name, as DSPy modules do: detot({names[0]}=...) "
+                                      f"(got {len(args)} positional argument(s); the inputs are {names})")
         start = time.perf_counter()
         sig = self._checked(inputs)
         text = self._input_text(inputs)

@@ -1,0 +1,54 @@
+"""DETOT as DSPy users hold it (issue 37): bad inputs refused at build and call time, and the LM it was given is
+the one wrappers sample."""
+
+from __future__ import annotations
+
+import dspy
+import pytest
+from scripted import scripted_lm
+
+from detot_agent import DETOT, PlainAdapter, TaskProfile, analyze
+from detot_agent.errors import ConfigError, InputTypeError, InvalidRequestError
+
+ARITH = TaskProfile(name="arith", description="grade-school math word problems", kind="arithmetic",
+                    answer_format="number")
+Q = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+
+
+def _detot(index, lm, **kw):
+    return DETOT("question -> answer", task=ARITH, index=index, lm=lm, background=False,
+                 adjustments=analyze(ARITH, stopping="fixed", max_samples=2), **kw)
+
+
+def test_none_non_text_and_positional_inputs_are_refused_with_the_fix(gsm8k_index):
+    lm, engine = scripted_lm(lambda text, n: "7")
+    detot = _detot(gsm8k_index, lm)
+    with pytest.raises(InvalidRequestError, match="input field 'question' is None"):
+        detot(question=None)
+    with pytest.raises(InputTypeError, match="input field 'question' takes text, got int"):
+        detot(question=42)
+    with pytest.raises(InvalidRequestError, match=r"takes its inputs by name.*detot\(question=\.\.\.\)"):
+        detot(Q)
+    assert engine.calls == 0  # refused before any sampling
+    assert detot(question=Q).answer == "7"  # and a good call still works
+
+
+def test_a_signature_plain_prompts_cannot_serve_is_refused_when_built(gsm8k_index):
+    lm, _ = scripted_lm(lambda text, n: "7")
+    with pytest.raises(ConfigError, match="PlainAdapter serves signatures with one answer field"):
+        DETOT("question -> answer, unit", task=ARITH, index=gsm8k_index, lm=lm, background=False,
+              adapter=PlainAdapter())
+    DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False, adapter=PlainAdapter())
+
+
+def test_get_lm_is_detots_own_and_best_of_n_samples_it_not_the_global_lm(gsm8k_index):
+    own, own_engine = scripted_lm(lambda text, n: "7")
+    other, other_engine = scripted_lm(lambda text, n: "9")
+    detot = _detot(gsm8k_index, own)
+    assert detot.get_lm() is own
+    assert _detot(gsm8k_index, None).get_lm() is None  # nothing given: a call uses dspy.settings.lm
+    best = dspy.BestOfN(module=detot, N=2, reward_fn=lambda args, pred: 1.0 if pred.answer else 0.0, threshold=1.0)
+    with dspy.context(lm=other):
+        pred = best(question=Q)
+    assert pred.answer == "7"
+    assert own_engine.calls > 0 and other_engine.calls == 0  # the global LM was never called
