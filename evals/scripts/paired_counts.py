@@ -1,26 +1,20 @@
-"""Paired comparisons the eval report does not print: one method against every other, on the same problems.
+"""Paired comparisons for the accuracy write-up: one method against every other, on the same problems.
 
-`detot eval report` compares each method with the best baseline only. This prints, for METHOD, McNemar's
-exact test (`evaluation.metrics.paired`) against every other method in the folder, and, where `plain_sc`
-and `plain_cot` are both there, how often `plain_sc`'s greedy first sample and `plain_cot`'s greedy reply
-disagree (no stated answer / another value), and on how many problems `plain_sc_adaptive` stopped early:
+The paired tests themselves are `detot eval report DIR --paired METHOD` (`evaluation/paired.py`); this adds,
+where `plain_sc` and `plain_cot` are both there, how often `plain_sc`'s greedy first sample and `plain_cot`'s
+greedy reply disagree (no stated answer / another value), and on how many problems `plain_sc_adaptive`
+stopped early:
 
     python evals/scripts/paired_counts.py evals/results/accuracy/gsm8k detot_plain_static
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from detot_agent.evaluation.metrics import paired
-from detot_agent.evaluation.runner import RUN_FILE, read_records
-
-
-def methods(folder: Path) -> list[str]:
-    """The run's methods, as `detot eval report` lists them (from `run.json`)."""
-    return list(json.loads((folder / RUN_FILE).read_text())["methods"])
+from detot_agent.evaluation.paired import paired_against
+from detot_agent.evaluation.runner import read_records
 
 
 def load(folder: Path, method: str) -> dict[str, dict]:
@@ -31,13 +25,9 @@ def load(folder: Path, method: str) -> dict[str, dict]:
 
 def main() -> None:
     folder, method = Path(sys.argv[1]), sys.argv[2]
-    ours = {i: r["correct"] for i, r in load(folder, method).items()}
-    for other in methods(folder):
-        if other == method:
-            continue
-        t = paired(ours, {i: r["correct"] for i, r in load(folder, other).items()})
-        print(f"{method} vs {other}: only {method} right {t.b}, only {other} right {t.c}, exact McNemar p = "
-              f"{t.p_value:.3f}")
+    for row in paired_against(folder, method):
+        print(f"{method} vs {row['other']}: only {method} right {row['only_method']}, only {row['other']} right "
+              f"{row['only_other']}, exact McNemar p = {row['p_value']:.3f}")
     sc, cot = load(folder, "plain_sc"), load(folder, "plain_cot")
     if sc and cot:
         common = sc.keys() & cot.keys()
