@@ -254,17 +254,19 @@ class PersistentModule(dspy.Module):
         block["embedding"] = None if state.embedding is None else encode_embedding(state.embedding)
         return block
 
-    def restore_learned_state(self, block: dict[str, Any], embedding: Any = "carried") -> None:
-        """Serve what `learned_state` wrote: every part is validated before anything changes.
+    def restore_learned_state(self, block: dict[str, Any]) -> None:
+        """Serve what `learned_state` wrote, the task embedding included; every part is validated before anything
+        changes (`ArtefactError` naming what is wrong)."""
+        data = block.get("embedding")
+        engine = getattr(self._lm(), "engine", None)
+        hidden = engine.hidden_size if isinstance(engine, BatchedEngine) else None
+        embedding = None if data is None else decode_embedding(data, encoder_name=self.index.encoder_name,
+                                                               hidden=hidden)
+        self._serve_block(block, embedding)
 
-        `embedding` is the task embedding when it was read elsewhere (a 0.3 save's side folder)."""
+    def _serve_block(self, block: dict[str, Any], embedding: TaskEmbedding | None) -> None:
+        """Serve a `detot` block's settings with `embedding` (validated by the caller)."""
         task, adjustments, policy, tests_run = read_block(block, self.index)
-        if embedding == "carried":
-            data = block.get("embedding")
-            engine = getattr(self._lm(), "engine", None)
-            hidden = engine.hidden_size if isinstance(engine, BatchedEngine) else None
-            embedding = None if data is None else decode_embedding(data, encoder_name=self.index.encoder_name,
-                                                                   hidden=hidden)
         self.task, self.adjustments = task, adjustments
         self.controller.tests_run = max(self.controller.tests_run, tests_run)
         self.controller.restore(TaskState(int(block.get("version", 0)), embedding, policy))
@@ -289,7 +291,7 @@ class PersistentModule(dspy.Module):
         self._inner().lm = kept
         if legacy and not any(_carried(v) for v in inner.values()):
             st = self.controller.state
-            self.restore_learned_state({**legacy, "version": st.version}, embedding=st.embedding)
+            self._serve_block({**legacy, "version": st.version}, st.embedding)  # 0.3: tensors in the side folder
         return self
 
     def save(self, path: str | Path, save_program: bool = False, **kwargs: Any) -> None:

@@ -376,3 +376,29 @@ def test_a_label_tasks_plain_prompt_lists_its_labels_only_when_the_adapter_has_t
         pred = detot(question="The soup was warm and tasty.")
         assert engine.prompts[0].rstrip().endswith(cue), engine.prompts
         assert pred.answer_key == "positive" and pred.samples_used == 2
+
+
+def test_a_program_saved_by_0_3_with_its_side_folder_still_loads(tmp_path, gsm8k_index):
+    """0.3 wrote a top-level `detot` block and the tensors in `p.json.tensors/`; 0.4 writes one file."""
+    from detot_agent.detot.persistence import detot_block, write_side
+    from detot_agent.detot.task import Policy
+
+    lm, _ = scripted_lm(lambda text, n: "7")
+    detot = make(gsm8k_index, lm)
+    st = detot.controller.state
+    emb = copy.deepcopy(st.embedding)
+    emb.w = emb.w * 1.5
+    detot.controller.publish(TaskState(4, emb, Policy(weighting="cisc")))
+    detot.controller.tests_run = 2
+    state = detot.dump_state()
+    for part in state.values():
+        part.pop("detot", None)  # no carried block: the 0.3 layout
+    state["detot"] = detot_block(detot.task, detot.adjustments, detot.controller.state, detot.index,
+                                 detot.monitor.stats(), detot.controller.tests_run)
+    state["metadata"] = {"dependency_versions": {}}  # as DSPy writes it
+    (tmp_path / "old.json").write_text(json.dumps(state))
+    write_side(tmp_path / "old.json", detot.controller.state)
+    fresh = make(gsm8k_index, lm).load(tmp_path / "old.json")
+    loaded = fresh.controller.state
+    assert (loaded.version, loaded.policy, fresh.controller.tests_run) == (4, Policy(weighting="cisc"), 2)
+    assert torch.equal(loaded.embedding.w, emb.w)
