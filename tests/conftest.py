@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ from detot_agent.testing import build_tiny_model
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the tests' own cache folder (converted tokenizers, demo indexes): nothing is written to the user's
+os.environ["DETOT_CACHE"] = tempfile.mkdtemp(prefix="detot-test-cache-")
 
 
 @pytest.fixture(scope="session")

@@ -206,7 +206,8 @@ def load_tokenizer(source: ModelSource) -> Any:
     """The Hugging Face tokenizer (with its chat template) of `source`, loaded once per process.
 
     Both engines render prompts with it, so the torch and llama.cpp engines feed a model the same
-    token ids for the same request.
+    token ids for the same request. A GGUF's tokenizer is converted once and then read from a disk cache
+    (`engines/tokenizer_cache.py`).
     """
     key = (source.location, source.gguf_file)
     with _CACHE_LOCK:
@@ -217,7 +218,13 @@ def load_tokenizer(source: ModelSource) -> Any:
 
         kwargs = _load_kwargs(source)
         with _loading(source, "the tokenizer of"):
-            tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
+            if source.gguf_file is not None:  # converting a GGUF's tokenizer is slow: kept on disk once done
+                from detot_agent.engines.tokenizer_cache import cached_tokenizer
+
+                tokenizer, _ = cached_tokenizer(Path(source.location) / source.gguf_file,
+                                                lambda: AutoTokenizer.from_pretrained(source.location, **kwargs))
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(source.location, **kwargs)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         _TOKENIZERS[key] = tokenizer
