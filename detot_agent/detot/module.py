@@ -48,7 +48,7 @@ from detot_agent.detot.tracing import record_trace
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.lm import training_engine
-from detot_agent.errors import ConfigError, EmptyPromptError, InputTypeError, InvalidRequestError
+from detot_agent.errors import ConfigError, EmptyPromptError, InputTypeError, InvalidRequestError, SoftPromptError
 from detot_agent.retrieval.encoder import Encoder
 from detot_agent.retrieval.index import ExemplarIndex
 
@@ -332,6 +332,11 @@ class DETOT(PersistentModule):
         sig = self._signature()
         query, soft, demos, demo_ids = self._context(state, text)
         engine = _serving_engine(lm)
+        if engine is not None and soft is not None and soft.shape[-1] != engine.hidden_size:
+            raise SoftPromptError(f"this DETOT's soft prompts are {soft.shape[-1]} wide, made for another model; "
+                                  f"the LM in use ({getattr(lm, 'model', engine.name)}) has hidden size "
+                                  f"{engine.hidden_size}: use the model they were trained for, train a task "
+                                  "embedding for this one (`detot tune`), or build the DETOT with soft_prompt=False")
         adapter = self.active_adapter()
         adj = state.adjust(self.adjustments)  # the task's adjustments under the state's policy
         strategy = adj.strategy

@@ -52,3 +52,21 @@ def test_get_lm_is_detots_own_and_best_of_n_samples_it_not_the_global_lm(gsm8k_i
         pred = best(question=Q)
     assert pred.answer == "7"
     assert own_engine.calls > 0 and other_engine.calls == 0  # the global LM was never called
+
+
+def test_an_lm_of_another_width_than_the_soft_prompt_gets_an_error_that_says_what_to_do(gsm8k_index,
+                                                                                          tiny_model_dir):
+    import torch
+
+    from detot_agent import LocalEngine, TaskEmbedding, local_lm
+    from detot_agent.errors import SoftPromptError
+
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=gsm8k_index.encoder)
+    te.attach_head(torch.zeros(4, 32), model_id="a-32-wide-model")  # made for another model
+    detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, task_embedding=te, background=False,
+                  adjustments=analyze(ARITH, stopping="fixed", max_samples=2, max_tokens=4))
+    engine = LocalEngine(str(tiny_model_dir), device="cpu", dtype="float32", dynamic_batching=False)
+    with dspy.context(lm=local_lm(engine=engine, cache=False)), pytest.raises(
+            SoftPromptError, match=r"soft prompts are 32 wide, made for another model; the LM in use .* has hidden "
+                                   r"size 64: .*detot tune.*soft_prompt=False"):
+        detot(question=Q)
