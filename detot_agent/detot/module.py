@@ -37,6 +37,7 @@ from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
 from detot_agent.detot.assembly import build_task_embedding, canary_items
 from detot_agent.detot.controller import Controller, ControllerConfig
 from detot_agent.detot.demos import check_demo_fields, prompt_demos, retrieve_demos
+from detot_agent.detot.inputs import check_inputs
 from detot_agent.detot.judging import Replayed
 from detot_agent.detot.monitor import Monitor, Observation
 from detot_agent.detot.persistence import CarryingPredict, PersistentModule
@@ -48,7 +49,7 @@ from detot_agent.detot.tracing import record_trace
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.base import BatchedEngine
 from detot_agent.engines.lm import training_engine
-from detot_agent.errors import ConfigError, EmptyPromptError, InputTypeError, InvalidRequestError, SoftPromptError
+from detot_agent.errors import ConfigError, EmptyPromptError, InvalidRequestError, SoftPromptError
 from detot_agent.retrieval.encoder import Encoder
 from detot_agent.retrieval.index import ExemplarIndex
 
@@ -214,21 +215,10 @@ class DETOT(PersistentModule):
         return self.controller.state.version
 
     # ---- one call ------------------------------------------------------------------------------------
-    def _checked(self, inputs: dict[str, Any]) -> Any:
-        """The signature, once `inputs` hold each of its input fields, none of them None, text fields as text
-        (else `InvalidRequestError` / `InputTypeError`)."""
+    def _checked(self, inputs: dict[str, Any], args: tuple[Any, ...] = ()) -> Any:
+        """The signature, once the call's inputs pass `inputs.check_inputs`."""
         sig = self._signature()
-        missing = [name for name in sig.input_fields if name not in inputs]
-        if missing:
-            raise InvalidRequestError(f"missing input field(s) {missing}; the signature takes "
-                                      f"{list(sig.input_fields)}")
-        for name, field in sig.input_fields.items():
-            value = inputs[name]
-            if value is None:
-                raise InvalidRequestError(f"input field {name!r} is None; pass the text to answer")
-            if field.annotation is str and not isinstance(value, str):
-                raise InputTypeError(f"input field {name!r} takes text, got {type(value).__name__} ({value!r:.40}); "
-                                     f"pass str(...) if that is what you mean")
+        check_inputs(sig, inputs, args)
         return sig
 
     def _context(self, state: TaskState, text: str) -> tuple[np.ndarray, Any, list[dspy.Example], list[str]]:
@@ -285,12 +275,8 @@ class DETOT(PersistentModule):
                 empty input; `InputTypeError` for a text field given something else.
             ConfigError: no LM given or configured.
         """
-        if args:
-            names = list(self._signature().input_fields)
-            raise InvalidRequestError(f"DETOT takes its inputs by name, as DSPy modules do: detot({names[0]}=...) "
-                                      f"(got {len(args)} positional argument(s); the inputs are {names})")
         start = time.perf_counter()
-        sig = self._checked(inputs)
+        sig = self._checked(inputs, args)
         text = self._input_text(inputs)
         if not text.strip():
             raise EmptyPromptError("the input is empty or whitespace; pass a question")
@@ -324,6 +310,16 @@ class DETOT(PersistentModule):
         if trigger is not None and self.background:
             self.controller.submit()
         return dspy.Prediction(**out)
+
+    async def aforward(self, *args: Any, **inputs: Any) -> dspy.Prediction:
+        """`forward` for `await detot.acall(...)`, `dspy.Parallel` and `asyncio.gather`: each call runs on a worker
+        thread (DSPy's context travels with it), and concurrent calls share the engine's batches. Not yet native
+        async: the sampling rounds are synchronous code."""
+        import asyncio
+        import contextvars
+
+        context = contextvars.copy_context()
+        return await asyncio.to_thread(context.run, self.forward, *args, **inputs)
 
     def _answer(self, state: TaskState, inputs: dict[str, Any], text: str, lm: Any,
                 record: bool = True) -> tuple[Any, ...]:

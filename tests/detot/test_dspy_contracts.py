@@ -70,3 +70,25 @@ def test_an_lm_of_another_width_than_the_soft_prompt_gets_an_error_that_says_wha
             SoftPromptError, match=r"soft prompts are 32 wide, made for another model; the LM in use .* has hidden "
                                    r"size 64: .*detot tune.*soft_prompt=False"):
         detot(question=Q)
+
+
+def test_acall_answers_as_call_does_and_concurrent_acalls_share_the_engines_batches(gsm8k_index, long_tiny_model_dir):
+    import asyncio
+
+    from scripted import scripted_local_lm
+
+    questions = [f"Sam has {i} pens and gets 2 more. How many pens?" for i in range(8)]
+    lm, engine = scripted_local_lm(long_tiny_model_dir, lambda text, n: "7", plain=True)
+    engine.config.dynamic_batching = True
+    engine.config.max_wait_ms = 200.0
+    detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False,
+                  adapter=PlainAdapter(), soft_prompt=False,
+                  adjustments=analyze(ARITH, stopping="fixed", max_samples=2, k_exemplars=0))
+    sync = [detot(question=q) for q in questions]
+
+    async def all_at_once():
+        return await asyncio.gather(*(detot.acall(question=q) for q in questions))
+
+    together = asyncio.run(all_at_once())
+    assert [(p.answer, p.votes) for p in together] == [(p.answer, p.votes) for p in sync]
+    assert engine.batch_stats["largest"] > 1  # concurrent calls were decoded together
