@@ -16,6 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the tests' own cache folder (converted tokenizers, demo indexes): nothing is written to the user's
 os.environ["DETOT_CACHE"] = tempfile.mkdtemp(prefix="detot-test-cache-")
+os.environ["DSPY_CACHEDIR"] = tempfile.mkdtemp(prefix="detot-test-dspy-cache-")  # DSPy's disk cache, likewise
 
 
 @pytest.fixture(scope="session")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from detot_agent.answers import extract_number, normalize
-from detot_agent.detot import drawers
+from detot_agent.detot import call_cache, drawers
 from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
 from detot_agent.detot.assembly import build_task_embedding, canary_items
 from detot_agent.detot.controller import Controller, ControllerConfig
@@ -284,6 +284,13 @@ class DETOT(PersistentModule):
         if lm is None:
             raise ConfigError("no LM: pass lm= to DETOT, call set_lm(...) or dspy.configure(lm=...)")
         state = self.controller.state  # one consistent snapshot for the whole call
+        request = call_cache.cache_request(self, state, inputs, lm)
+        cached = call_cache.get(request)
+        if cached is not None:  # the same call under the same state: no sampling, no new evidence
+            fields = {name: cached.get(name) for name in sig.output_fields}
+            if cached.get("answer_key") is not None:
+                record_trace(self._inner(), {name: inputs[name] for name in sig.input_fields}, fields)
+            return dspy.Prediction(**{**cached, "id": uuid.uuid4().hex[:16], "from_cache": True})
         query, demo_ids, shown, samples, result, drawn = self._answer(state, inputs, text, lm)
         tokens = sum(s.tokens for s in samples)
         winner = next((s for s in samples if s.key == result.winner and s.fields is not None), None)
@@ -309,7 +316,8 @@ class DETOT(PersistentModule):
                                                    tokens=tokens, latency_s=latency, embedding_version=state.version))
         if trigger is not None and self.background:
             self.controller.submit()
-        return dspy.Prediction(**out)
+        call_cache.put(request, out)
+        return dspy.Prediction(**out, from_cache=False)
 
     async def aforward(self, *args: Any, **inputs: Any) -> dspy.Prediction:
         """`forward` for `await detot.acall(...)`, `dspy.Parallel` and `asyncio.gather`: each call runs on a worker

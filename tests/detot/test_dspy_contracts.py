@@ -92,3 +92,44 @@ def test_acall_answers_as_call_does_and_concurrent_acalls_share_the_engines_batc
     together = asyncio.run(all_at_once())
     assert [(p.answer, p.votes) for p in together] == [(p.answer, p.votes) for p in sync]
     assert engine.batch_stats["largest"] > 1  # concurrent calls were decoded together
+
+
+def test_the_same_call_under_the_same_state_is_answered_from_dspys_cache(gsm8k_index, long_tiny_model_dir):
+    import copy
+    import uuid
+
+    import torch
+    from scripted import ScriptedLocalEngine
+
+    from detot_agent import local_lm
+    from detot_agent.detot.records import TaskState
+
+    engine = ScriptedLocalEngine(long_tiny_model_dir, lambda text, n: "7", plain=True)
+    task = TaskProfile(name=f"cached-{uuid.uuid4().hex[:8]}", kind="arithmetic", answer_format="number")
+    adj = analyze(task, stopping="fixed", max_samples=2, k_exemplars=1)
+    cached_lm = local_lm(engine=engine)  # DSPy's default: cache=True
+    detot = DETOT("question -> answer", task=task, index=gsm8k_index, lm=cached_lm, background=False,
+                  adapter=PlainAdapter(), adjustments=adj)
+    first = detot(question=Q)
+    calls = engine.calls
+    second = detot(question=Q)
+    assert engine.calls == calls and second.from_cache and not first.from_cache  # nothing sampled
+    assert (second.answer, second.votes, second.demo_ids) == (first.answer, first.votes, first.demo_ids)
+    assert second.id != first.id and len(detot.controller.evidence()) == 1  # not new evidence
+    detot(question=Q + " Think twice.")  # other inputs: sampled
+    assert engine.calls > calls
+    calls = engine.calls
+    st = detot.controller.state  # a new serving version misses, and so does a changed embedding
+    emb = copy.deepcopy(st.embedding)
+    emb.head.set(p0=emb.head.p0 + 0.1 * torch.ones_like(emb.head.p0))
+    detot.controller.publish(TaskState(st.version + 1, emb, st.policy))
+    assert not detot(question=Q).from_cache and engine.calls > calls
+    calls = engine.calls
+    detot.set_lm(cached_lm.copy(rollout_id=7))  # a new seed for the samples: another key
+    assert not detot(question=Q).from_cache and engine.calls > calls
+    uncached = DETOT("question -> answer", task=task, index=gsm8k_index, lm=local_lm(engine=engine, cache=False),
+                     background=False, adapter=PlainAdapter(), adjustments=adj)
+    calls = engine.calls
+    uncached(question=Q)
+    uncached(question=Q)
+    assert engine.calls == calls + 4  # an LM that does not cache: every call samples (2 samples each)
