@@ -90,3 +90,17 @@ def test_the_monitor_thresholds_are_declared_once_with_one_set_of_defaults():
     assert Monitor().config.min_count == Adjustments().min_count == 10
     with pytest.raises(ConfigError, match="cooldown"):
         Adjustments(cooldown=-1)  # the limits come along with the defaults
+
+
+def test_a_loop_config_unpickled_from_a_0_3_program_is_rebuilt_in_the_new_shape():
+    from detot_agent.detot.controller import ControllerConfig
+    from detot_agent.detot.controller_config import upgraded
+
+    old = ControllerConfig.__new__(ControllerConfig)  # what unpickling a 0.3 program restores: flat attributes
+    object.__setattr__(old, "__dict__", {"evidence_size": 50, "min_evidence": 6, "holdout_every": 3,
+                                         "soft_prompt_steps": 9, "alpha": 0.01, "max_seconds": 30.0})
+    with pytest.warns(DeprecationWarning):
+        new = upgraded(old)
+    assert (new.evidence_size, new.update.steps, new.replay.alpha, new.max_seconds) == (50, 9, 0.01, 30.0)
+    current = ControllerConfig()
+    assert upgraded(current) is current

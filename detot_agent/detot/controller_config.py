@@ -20,7 +20,7 @@ from detot_agent.detot.task import Policy
 from detot_agent.embedding.update import UpdateConfig
 from detot_agent.errors import ConfigError
 
-__all__ = ["ControllerConfig"]
+__all__ = ["ControllerConfig", "upgraded"]
 
 # flat settings of releases before 0.4.0 -> where they live now
 _MOVED = {"retrieval_steps": ("update", "retrieval_steps"), "retrieval_lr": ("update", "retrieval_lr"),
@@ -118,3 +118,12 @@ class ControllerConfig(StrictModel):
             raise ConfigError(f"evidence_size ({self.evidence_size}) is below min_evidence ({self.min_evidence}): "
                               "the loop could never run")
         return self
+
+
+def upgraded(config: Any) -> ControllerConfig:
+    """A `ControllerConfig` unpickled from a program saved by 0.3 (flat fields, no `update`/`replay`), rebuilt
+    in this release's shape (pickles restore attributes without validation); a current one is returned as is."""
+    if isinstance(config, ControllerConfig) and "update" in vars(config) and "replay" in vars(config):
+        return config
+    return ControllerConfig(**{k: v for k, v in vars(config).items() if not k.startswith("_")})
+

@@ -40,6 +40,7 @@ import dspy
 import torch
 
 from detot_agent.detot.controller import Controller, ControllerConfig
+from detot_agent.detot.controller_config import upgraded
 from detot_agent.detot.monitor import Monitor
 from detot_agent.detot.records import TaskState
 from detot_agent.detot.task import Adjustments, Policy, TaskProfile
@@ -370,6 +371,7 @@ class PersistentModule(dspy.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         state = dict(state)
         served, monitor_config, log_path, config, *budget = state.pop("_loop")  # 0.3 pickles: no budget
+        config = upgraded(config)  # 0.3 pickles: the loop's flat settings
         super().__setstate__(state)
         self._start_loop(served, monitor_config, log_path, config, training_engine(getattr(self.lm, "engine", None)))
         self.controller.tests_run = int(budget[0]) if budget else 0
