@@ -22,6 +22,7 @@ from typing import Any
 
 import dspy
 
+from detot_agent.detot.persistence import embedding_bytes
 from detot_agent.detot.records import TaskState
 
 __all__ = ["cache_request", "embedding_digest", "request_digest"]
@@ -41,11 +42,9 @@ def embedding_digest(state: TaskState) -> str | None:
     known = _DIGESTS.get(id(state))
     if known is not None and known[0] is state:
         return known[1]
-    meta, tensors = state.embedding.to_tensors()
+    meta, raw = embedding_bytes(state.embedding)  # the bytes a save writes
     h = hashlib.sha256(json.dumps(meta, sort_keys=True, default=str).encode())
-    for name in sorted(tensors):
-        h.update(name.encode())
-        h.update(tensors[name].detach().contiguous().float().numpy().tobytes())
+    h.update(raw)
     if len(_DIGESTS) > 64:
         _DIGESTS.clear()
     _DIGESTS[id(state)] = (state, h.hexdigest())

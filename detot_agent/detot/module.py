@@ -47,8 +47,7 @@ from detot_agent.detot.strategies import pot_messages
 from detot_agent.detot.task import Adjustments, TaskProfile, analyze
 from detot_agent.detot.tracing import record_trace
 from detot_agent.embedding.task_embedding import TaskEmbedding
-from detot_agent.engines.base import BatchedEngine
-from detot_agent.engines.lm import training_engine
+from detot_agent.engines.lm import serving_engine, training_engine
 from detot_agent.errors import ConfigError, EmptyPromptError, InvalidRequestError, SoftPromptError
 from detot_agent.retrieval.encoder import Encoder
 from detot_agent.retrieval.index import ExemplarIndex
@@ -59,12 +58,6 @@ __all__ = ["DETOT"]
 def _trainer(lm: Any) -> Any:
     """What trains the LM's soft prompts: its torch engine, a lazily loaded one for llama.cpp, or None."""
     return training_engine(getattr(lm, "engine", None))
-
-
-def _serving_engine(lm: Any) -> BatchedEngine | None:
-    """The LM's engine when it serves batched `sample(request, n, soft_prompt=...)` (torch, llama.cpp, vLLM)."""
-    engine = getattr(lm, "engine", None)
-    return engine if isinstance(engine, BatchedEngine) else None
 
 
 class DETOT(PersistentModule):
@@ -160,7 +153,7 @@ class DETOT(PersistentModule):
         engine = _trainer(lm)
         embedding = build_task_embedding(task_embedding, soft_prompt, components, samples or [], task=task,
                                          adjustments=adj, encoder=self.encoder, index=index,
-                                         serving=_serving_engine(lm), trainer=engine)
+                                         serving=serving_engine(lm), trainer=engine)
         self.monitor = Monitor(adj.monitor_config(), log_path=event_log)
         if controller_config is not None and not isinstance(controller_config, ControllerConfig):
             raise ConfigError(f"controller_config must be a ControllerConfig, got {type(controller_config).__name__}")
@@ -335,7 +328,7 @@ class DETOT(PersistentModule):
         the engine rounds are recorded on the LM as DSPy records its calls (history, usage, callbacks)."""
         sig = self._signature()
         query, soft, demos, demo_ids = self._context(state, text)
-        engine = _serving_engine(lm)
+        engine = serving_engine(lm)
         if engine is not None and soft is not None and soft.shape[-1] != engine.hidden_size:
             raise SoftPromptError(f"this DETOT's soft prompts are {soft.shape[-1]} wide, made for another model; "
                                   f"the LM in use ({getattr(lm, 'model', engine.name)}) has hidden size "

@@ -23,7 +23,7 @@ Example:
     >>> json_target("runs/p")  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
-    detot_agent.errors.ConfigError: DETOT saves its state as JSON plus a tensors folder: ... (got 'runs/p')
+    detot_agent.errors.ConfigError: DETOT saves its state as one JSON file: ... (got 'runs/p')
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import dspy
-import torch
 
 from detot_agent.detot.controller import Controller, ControllerConfig
 from detot_agent.detot.controller_config import upgraded
@@ -45,13 +44,12 @@ from detot_agent.detot.monitor import Monitor
 from detot_agent.detot.records import TaskState
 from detot_agent.detot.task import Adjustments, Policy, TaskProfile
 from detot_agent.embedding.task_embedding import TaskEmbedding
-from detot_agent.engines.base import BatchedEngine
-from detot_agent.engines.lm import training_engine
+from detot_agent.engines.lm import serving_engine, training_engine
 from detot_agent.errors import ArtefactError, ConfigError, DetotError
 from detot_agent.retrieval.index import ExemplarIndex
 
 __all__ = ["TENSORS_KIND", "CarryingPredict", "PersistentModule", "decode_embedding", "detot_block",
-           "encode_embedding", "json_target", "read_block", "read_side", "write_program_dir", "write_side"]
+           "embedding_bytes", "encode_embedding", "json_target", "read_block", "read_side", "write_program_dir"]
 
 TENSORS_KIND = "detot-program-tensors"
 
@@ -80,25 +78,12 @@ def read_block(extra: dict[str, Any], index: ExemplarIndex) -> tuple[TaskProfile
 
 
 def json_target(path: str | Path) -> Path:
-    """The `.json` file `save` writes (its side folder is `<path>.tensors`); other suffixes are refused."""
+    """The `.json` file `save` writes; other suffixes are refused."""
     target = Path(path)
     if target.suffix != ".json":
-        raise ConfigError(f"DETOT saves its state as JSON plus a tensors folder: pass a path ending in .json, "
+        raise ConfigError(f"DETOT saves its state as one JSON file: pass a path ending in .json, "
                           f"or a directory with save_program=True (got {str(path)!r})")
     return target
-
-
-def write_side(path: str | Path, state: TaskState) -> None:
-    """Write `<path>.tensors/`: the serving task embedding, swapped in whole."""
-    from detot_agent.io.persist import save_tensors
-
-    meta: dict[str, Any] = {"version": state.version, "embedding": None}
-    tensors: dict[str, torch.Tensor] = {}
-    if state.embedding is not None:
-        emeta, etensors = state.embedding.to_tensors()
-        meta["embedding"] = emeta
-        tensors.update({f"embedding.{k}": v for k, v in etensors.items()})
-    save_tensors(Path(str(path) + ".tensors"), kind=TENSORS_KIND, version=2, meta=meta, tensors=tensors)
 
 
 def read_side(path: str | Path, *, encoder_name: str, hidden: int | None) -> tuple[int, TaskEmbedding | None]:
@@ -145,12 +130,17 @@ def write_program_dir(program: Any, path: str | Path, meta_bytes: bytes) -> None
         (tmp / "metadata.json").write_bytes(meta_bytes)
 
 
-def encode_embedding(embedding: TaskEmbedding) -> dict[str, Any]:
-    """The task embedding as JSON: its meta, and its tensors as safetensors bytes in base64 with their sha256."""
+def embedding_bytes(embedding: TaskEmbedding) -> tuple[dict[str, Any], bytes]:
+    """`(meta, safetensors bytes)`: the task embedding serialised once, for the saved state and its digest."""
     from safetensors.torch import save
 
     meta, tensors = embedding.to_tensors()
-    raw = save({k: v.detach().contiguous() for k, v in tensors.items()})
+    return meta, save({k: v.detach().contiguous() for k, v in tensors.items()})
+
+
+def encode_embedding(embedding: TaskEmbedding) -> dict[str, Any]:
+    """The task embedding as JSON: its meta, and its tensors as safetensors bytes in base64 with their sha256."""
+    meta, raw = embedding_bytes(embedding)
     return {"meta": meta, "format": "safetensors+base64", "sha256": hashlib.sha256(raw).hexdigest(),
             "data": base64.b64encode(raw).decode("ascii")}
 
@@ -255,14 +245,17 @@ class PersistentModule(dspy.Module):
         block["embedding"] = None if state.embedding is None else encode_embedding(state.embedding)
         return block
 
+    def _hidden(self) -> int | None:
+        """The serving model's width, which loaded soft prompts must have (None: no batched engine to check)."""
+        engine = serving_engine(self._lm())
+        return None if engine is None else engine.hidden_size
+
     def restore_learned_state(self, block: dict[str, Any]) -> None:
         """Serve what `learned_state` wrote, the task embedding included; every part is validated before anything
         changes (`ArtefactError` naming what is wrong)."""
         data = block.get("embedding")
-        engine = getattr(self._lm(), "engine", None)
-        hidden = engine.hidden_size if isinstance(engine, BatchedEngine) else None
         embedding = None if data is None else decode_embedding(data, encoder_name=self.index.encoder_name,
-                                                               hidden=hidden)
+                                                               hidden=self._hidden())
         self._serve_block(block, embedding)
 
     def _serve_block(self, block: dict[str, Any], embedding: TaskEmbedding | None) -> None:
@@ -334,9 +327,7 @@ class PersistentModule(dspy.Module):
             raise ArtefactError(f"{path}: not a loadable DETOT program ({type(exc).__name__}: {exc})") from None
         legacy = None
         if isinstance(saved, dict) and not any(_carried(v) for v in saved.values()):
-            engine = getattr(self._lm(), "engine", None)
-            hidden = engine.hidden_size if isinstance(engine, BatchedEngine) else None
-            legacy = read_side(path, encoder_name=self.index.encoder_name, hidden=hidden)  # 0.3: a side folder
+            legacy = read_side(path, encoder_name=self.index.encoder_name, hidden=self._hidden())  # 0.3: a side folder
         try:
             super().load(str(path), **kwargs)
         except ArtefactError:

@@ -25,7 +25,7 @@ from detot_agent.errors import ConfigError, InvalidRequestError
 from detot_agent.softprompt.registry import SoftPromptRegistry
 
 __all__ = ["ENGINES", "AsyncLlamaCppEngine", "LazyTrainingEngine", "build_engine", "choose_engine", "local_lm",
-           "training_engine"]
+           "serving_engine", "training_engine"]
 
 ENGINES = ("auto", "torch", "llamacpp")
 EngineKind = Literal["auto", "torch", "llamacpp"]
@@ -161,6 +161,13 @@ class LazyTrainingEngine:
                 cfg = self.serving.config
                 self._engine = LocalEngine(cfg.model, device="cpu", dtype="float32", dynamic_batching=False)
         return getattr(self._engine, name)
+
+
+def serving_engine(lm: Any) -> BatchedEngine | None:
+    """The LM's engine when it serves batched `sample(request, n, soft_prompt=...)` (torch, llama.cpp, vLLM), else
+    None (any other `dspy.LM`, or no LM)."""
+    engine = getattr(lm, "engine", None)
+    return engine if isinstance(engine, BatchedEngine) else None
 
 
 def training_engine(serving: Any) -> Any:

@@ -24,17 +24,20 @@ __all__ = ["paired_against", "paired_rows", "run_outcomes"]
 
 
 def run_outcomes(run_dir: str | Path) -> dict[str, dict[str, bool]]:
-    """method -> {problem id -> correct} for every method of a run folder (the first record of an id counts)."""
+    """method -> {problem id -> correct} for every method of a run folder, over the run's problems (the first record
+    of an id counts), as `report.build_report` counts them."""
     folder = Path(run_dir)
     if not (folder / RUN_FILE).is_file():
         raise ArtefactError(f"{folder} is not a run folder: no {RUN_FILE} (start one with `detot eval --suite ...`)")
     run = json.loads((folder / RUN_FILE).read_text())
+    ids = set(run["ids"])
     out: dict[str, dict[str, bool]] = {}
     for method in run["methods"]:
         path = folder / f"{method}.jsonl"
         seen: dict[str, bool] = {}
         for r in read_records(path) if path.is_file() else []:
-            seen.setdefault(r["id"], bool(r["correct"]))
+            if r["id"] in ids:  # the run's problems only, as the report counts them
+                seen.setdefault(r["id"], bool(r["correct"]))
         out[method] = seen
     return out
 

@@ -380,8 +380,9 @@ def test_a_label_tasks_plain_prompt_lists_its_labels_only_when_the_adapter_has_t
 
 def test_a_program_saved_by_0_3_with_its_side_folder_still_loads(tmp_path, gsm8k_index):
     """0.3 wrote a top-level `detot` block and the tensors in `p.json.tensors/`; 0.4 writes one file."""
-    from detot_agent.detot.persistence import detot_block, write_side
+    from detot_agent.detot.persistence import TENSORS_KIND, detot_block
     from detot_agent.detot.task import Policy
+    from detot_agent.io.persist import save_tensors
 
     lm, _ = scripted_lm(lambda text, n: "7")
     detot = make(gsm8k_index, lm)
@@ -397,7 +398,9 @@ def test_a_program_saved_by_0_3_with_its_side_folder_still_loads(tmp_path, gsm8k
                                  detot.monitor.stats(), detot.controller.tests_run)
     state["metadata"] = {"dependency_versions": {}}  # as DSPy writes it
     (tmp_path / "old.json").write_text(json.dumps(state))
-    write_side(tmp_path / "old.json", detot.controller.state)
+    meta, tensors = detot.controller.state.embedding.to_tensors()  # 0.3's side folder, as it wrote it
+    save_tensors(tmp_path / "old.json.tensors", kind=TENSORS_KIND, version=2,
+                 meta={"version": 4, "embedding": meta}, tensors={f"embedding.{k}": v for k, v in tensors.items()})
     fresh = make(gsm8k_index, lm).load(tmp_path / "old.json")
     loaded = fresh.controller.state
     assert (loaded.version, loaded.policy, fresh.controller.tests_run) == (4, Policy(weighting="cisc"), 2)
