@@ -90,10 +90,6 @@ def eval_run(
                                                               "strategy=mix,weighting=cisc (repeatable): each "
                                                               "re-optimization judges it on gold items (feedback, "
                                                               "canary) and adopts it only if it helps.")] = None,
-    draw: Annotated[str | None, typer.Option(help="How --limit draws: nested (a seeded permutation's first N: a "
-                                                  "smaller --limit is a prefix of a larger one) or legacy (the "
-                                                  "earlier releases' draw, on which the README's published rows "
-                                                  "were measured). Default: nested; --resume keeps the run's.")] = None,
     ablate: Annotated[str | None, typer.Option(help="Comma-separated parts of DETOT to switch off, each run as an "
                                                     "extra method `<detot method>-<part>` on the same problems: "
                                                     "retrieval, softprompt, loop (looping methods), dynamic "
@@ -168,8 +164,8 @@ def eval_run(
                         answer_field=answer_field, labels=label_list)
     out = out or Path("runs") / f"eval-{loaded.name}"
     stored = _stored_run(out)
-    if draw is None:  # a resumed run keeps the draw it started with (runs from before `draw` existed: legacy)
-        draw = stored.get("draw", "legacy") if resume and stored else "nested"
+    # runs from before `draw` existed used the legacy draw, removed in 0.4: sample_examples refuses it
+    draw = stored.get("draw", "legacy") if resume and stored else "nested"
     examples = sample_examples(loaded.examples, limit=limit, seed=seed, draw=draw, offset=offset)
     canary: list[tuple[str, str]] = []
     if canary_file is not None:

@@ -170,7 +170,7 @@ def _plain(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool)) or value is None
 
 
-DRAWS = ("nested", "legacy")
+DRAWS = ("nested",)  # 0.3's `legacy` draw (not nested) was removed in 0.4 with the runs that used it
 
 
 def sample_examples(examples: list[dspy.Example], *, limit: int | None, seed: int,
@@ -180,9 +180,8 @@ def sample_examples(examples: list[dspy.Example], *, limit: int | None, seed: in
     `nested` (the default): the first `limit` of one seeded permutation, in that order, so a smaller
     `limit` is a prefix of a larger one with the same seed. `offset` skips that many of the permutation
     first: `offset=300, limit=50` is a development split disjoint from `limit=300` (same seed), on which
-    settings can be chosen before the reported run. `legacy`: the draw of earlier releases
-    (`random.sample`, whose choice changes with the size; returned in file order): the README's
-    published rows were measured on it (no `offset`).
+    settings can be chosen before the reported run. (0.3's `legacy` draw, `random.sample` in file order,
+    was removed in 0.4.)
 
     Example:
         >>> xs = [dspy.Example(id=str(i)) for i in range(20)]
@@ -193,6 +192,9 @@ def sample_examples(examples: list[dspy.Example], *, limit: int | None, seed: in
         >>> set(x.id for x in dev) & set(x.id for x in large)
         set()
     """
+    if draw == "legacy":
+        raise DataFileError("the legacy draw was removed in 0.4 (with the runs that used it); a run folder started "
+                            "on it can still be reported (`detot eval report DIR`), not resumed: start a new run")
     if draw not in DRAWS:
         raise DataFileError(f"draw must be one of {', '.join(DRAWS)}, got {draw!r}")
     if limit is not None and limit <= 0:
@@ -200,16 +202,10 @@ def sample_examples(examples: list[dspy.Example], *, limit: int | None, seed: in
     if offset < 0:
         raise DataFileError(f"--offset must be >= 0, got {offset}")
     if offset:
-        if draw == "legacy":
-            raise DataFileError("--offset needs the nested draw (--draw nested); the legacy one has no order to skip")
         if offset >= len(examples):
             raise DataFileError(f"--offset {offset} skips all {len(examples)} problems of the suite; lower it")
     if limit is None and not offset:
         return list(examples)
-    if draw == "legacy":
-        if limit is None or limit >= len(examples):
-            return list(examples)
-        return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), limit))]
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     end = None if limit is None else offset + limit

@@ -5,14 +5,11 @@ answer the same way: the signature's answer field, else (numeric tasks) an expli
 "The answer is N" in a reply that broke the field layout. Greedy methods run at temperature 0.
 `plain_cot`, the `plain_*` baselines and the `detot_plain*` methods prompt in plain text instead, all
 in one prompt: the question, then "Let's think step by step." (`COT_CUE`, `PlainAdapter`'s cue; the
-prompt DETOT's arithmetic soft prompt was trained on). `plain_cot_legacy` keeps the longer cue the
-README's earlier `plain_cot` rows were made with, so those rows stay reproducible and the cue's
-effect is a named factor.
+prompt DETOT's arithmetic soft prompt was trained on).
 
 | name | what it is |
 |---|---|
 | `plain_cot` | question + "Let's think step by step." as one message, greedy, no DSPy adapter (reference) |
-| `plain_cot_legacy` | `plain_cot` with the earlier cue "Let's think step by step. End with: The answer is <answer>." |
 | `plain_sc` ... `plain_pot` | matched-budget baselines in DETOT's plain prompt (`evaluation/baselines.py`) |
 | `zero_shot` | `dspy.Predict("question -> answer")` |
 | `zero_shot_cot` | `dspy.ChainOfThought("question -> answer")` |
@@ -74,13 +71,6 @@ class PlainCoT(MethodRunner):
             answer = raw.strip().splitlines()[-1] if raw.strip() else None
         return self._record(answer, tokens=count_tokens(raw, self.greedy), samples=1,
                             parse_failures=int(answer is None))
-
-
-class PlainCoTLegacy(PlainCoT):
-    """`plain_cot` with the cue of the README's earlier `plain_cot` rows (kept to reproduce them)."""
-
-    name = "plain_cot_legacy"
-    cue = f"{COT_CUE} End with: The answer is <answer>."
 
 
 class ZeroShot(MethodRunner):
@@ -311,7 +301,7 @@ class DetotPlain(DetotFull):
 
 
 METHODS: dict[str, Callable[[EvalContext], MethodRunner]] = {
-    cls.name: cls for cls in (PlainCoT, PlainCoTLegacy, ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT,
+    cls.name: cls for cls in (PlainCoT, ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT,
                               SelfConsistency, DetotMethod, DetotFull, DetotPlainStatic, DetotPlain)
 }
 

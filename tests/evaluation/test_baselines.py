@@ -28,7 +28,7 @@ def test_plain_sc_draws_the_greedy_answer_and_n_samples_in_the_shared_plain_prom
     assert record["sample_keys"] == ["8", "7", "7", "8", "7", "7"] and len(record["sample_tokens"]) == 6
     row = engine.rows[0]
     assert (row.n, row.greedy) == (6, 1)  # one prefill: the greedy answer first, then five samples
-    # PlainAdapter's prompt without demos (DETOT's plain prompt), not plain_cot_legacy's longer cue
+    # PlainAdapter's prompt without demos (DETOT's plain prompt), no longer cue
     assert f"{Q}\nLet's think step by step." in engine.prompts[0] and "End with" not in engine.prompts[0]
 
 
@@ -71,7 +71,7 @@ def test_baselines_need_a_batched_engine():
 
 def test_plain_cot_the_baselines_and_plain_detot_share_one_plain_prompt(long_tiny_model_dir, encoder,
                                                                         multiarith_file):
-    """Compared methods send the same user turn: the question, then COT_CUE; only `plain_cot_legacy` differs."""
+    """Compared methods send the same user turn: the question, then COT_CUE."""
     from detot_agent.detot.adapters import COT_CUE
     from detot_agent.evaluation.methods import build_method
     from detot_agent.io.datafiles import read_exemplars
@@ -90,7 +90,6 @@ def test_plain_cot_the_baselines_and_plain_detot_share_one_plain_prompt(long_tin
 
     shared = {name: prompt(name) for name in ("plain_cot", "plain_sc", "detot_plain_static-retrieval")}
     assert len(set(shared.values())) == 1 and f"\n{Q}\n{COT_CUE}</s>" in shared["plain_cot"], shared
-    assert f"{COT_CUE} End with: The answer is <answer>." in prompt("plain_cot_legacy")  # the named difference
 
 
 class SeededEngine(ScriptedLocalEngine):

@@ -127,21 +127,20 @@ def test_an_offset_draws_a_development_split_disjoint_from_the_reported_one(shar
     assert len(dev) == 60 and not set(dev) & set(reported)
     assert dev == [x.id for x in sample_examples(suite.examples, limit=360, seed=0)][300:]
     assert len(sample_examples(suite.examples, limit=None, seed=0, offset=550)) == 50
-    with pytest.raises(DataFileError, match="--offset needs the nested draw"):
-        sample_examples(suite.examples, limit=10, seed=0, draw="legacy", offset=5)
     with pytest.raises(DataFileError, match="skips all 600 problems"):
         sample_examples(suite.examples, limit=10, seed=0, offset=600)
     with pytest.raises(DataFileError, match="--offset must be >= 0"):
         sample_examples(suite.examples, limit=10, seed=0, offset=-1)
 
 
-def test_the_legacy_draw_reproduces_the_published_problems_and_was_not_nested(shared_data):
-    suite = load_suite(str(shared_data("multiarith/MultiArith.json")))
-    legacy = [x.id for x in sample_examples(suite.examples, limit=100, seed=0, draw="legacy")]
-    published = json.loads((ROOT / "evals/results/eval_multiarith/run.json").read_text())["ids"]
-    assert legacy == published
-    fifty = {x.id for x in sample_examples(suite.examples, limit=50, seed=0, draw="legacy")}
-    assert not fifty <= set(legacy)  # why the default changed: the old --limit 50 was not part of --limit 100
+def test_the_removed_legacy_draw_is_refused_with_what_to_do():
+    import dspy
+
+    xs = [dspy.Example(id=str(i)) for i in range(20)]
+    with pytest.raises(DataFileError, match="legacy draw was removed in 0.4.*detot eval report"):
+        sample_examples(xs, limit=5, seed=0, draw="legacy")
+    with pytest.raises(DataFileError, match="draw must be one of nested"):
+        sample_examples(xs, limit=5, seed=0, draw="shuffled")
 
 
 def test_a_canary_set_is_seeded_and_never_holds_a_problem_of_the_run():
