@@ -19,6 +19,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
+from detot_agent.cli.report_cmd import eval_report
 from detot_agent.errors import ConfigError
 
 eval_app = typer.Typer(help="Evaluate methods side by side on a suite (resumable), and render reports.",
@@ -252,25 +253,7 @@ def _stored_run(out: Path) -> dict[str, Any]:
     return stored if isinstance(stored, dict) else {}
 
 
-@eval_app.command("report")
-def eval_report(
-    run_dir: Annotated[Path, typer.Argument(help="A run folder written by `detot eval`.")],
-    paired: Annotated[str | None, typer.Option(help="Also compare this method with every other method of the run, "
-                                                     "problem by problem (exact McNemar).")] = None,
-) -> None:
-    """Re-render report.md, report.json and the plots of RUN_DIR from its JSONL files."""
-    from detot_agent.evaluation import write_report
-    from detot_agent.evaluation.report import render_markdown
-
-    report = write_report(run_dir)
-    console.print(render_markdown(report))
-    if paired is not None:
-        from detot_agent.evaluation.paired import paired_against
-
-        for row in paired_against(run_dir, paired):
-            console.print(f"{paired} vs {row['other']} on {row['problems']} problems: only {paired} right "
-                          f"{row['only_method']}, only {row['other']} right {row['only_other']}, exact McNemar p = "
-                          f"{row['p_value']:.3f}", markup=False, highlight=False)
+eval_app.command("report")(eval_report)
 
 
 @eval_app.command("methods")

@@ -52,8 +52,6 @@ def retrieval_table() -> str:
     return "\n".join(out)
 
 
-
-
 def softprompt_table() -> str:
     d = json.loads((RESULTS / "softprompt_multiarith" / "summary.json").read_text())
     rep = json.loads((RESULTS / "softprompt_multiarith" / "soft_prompt" / "report.json").read_text())
@@ -70,23 +68,7 @@ def softprompt_table() -> str:
     return "\n".join(out)
 
 
-def detot_table() -> str:
-    d = json.loads((RESULTS / "detot_multiarith" / "summary.json").read_text())
-    out = ["| method | accuracy | samples / question | tokens / question | re-optimizations (accepted) |",
-           "| --- | ---: | ---: | ---: | ---: |"]
-    c = d.get("plain_cot")
-    if c:
-        out.append(f"| plain greedy zero-shot CoT | {c['accuracy']:.2f} ({round(c['accuracy'] * c['n'])}/{c['n']}) | "
-                   f"1 | {c['tokens_per_question']:.0f} | - |")
-    t = d["detot"]
-    out.append(f"| DETOT (3 GSM8K demos, Beta voting, background loop) | {t['accuracy']:.2f} "
-               f"({round(t['accuracy'] * t['n'])}/{t['n']}) | {t['samples_per_question']:.2f} | "
-               f"{t['tokens_per_question']:.0f} | {t['reoptimizations']} ({t['accepted']}) |")
-    return "\n".join(out)
-
-
-TABLES = {"engine": engine_table, "retrieval": retrieval_table, "softprompt": softprompt_table,
-          "detot": detot_table}
+TABLES = {"engine": engine_table, "retrieval": retrieval_table, "softprompt": softprompt_table}
 
 if __name__ == "__main__":
     for name in sys.argv[1:] or list(TABLES):
