@@ -142,8 +142,8 @@ def _steps(run_dir: Path, data: Path, max_tokens: int, paired: str | None) -> di
              "that are right | first sample states none | stopped early |")
         _say("|---|---:|---:|---:|---:|---:|---:|")
         for m, v in votes.items():
-            _say(f"| {m} | {v['greedy_right']} | {v['any_right']} | {v['distinct_per_q']:.2f} | {v['stated_right']:.3f} "
-                 f"| {v['first_states_none']} | {v['stopped_early']} |")
+            _say(f"| {m} | {v['greedy_right']} | {v['any_right']} | {v['distinct_per_q']:.2f} "
+                 f"| {v['stated_right']:.3f} | {v['first_states_none']} | {v['stopped_early']} |")
     per_bucket: dict[str, Any] = {}
     if paired is not None:
         ours = {r["id"]: bool(r["correct"]) for r in records.get(paired, [])}

@@ -201,9 +201,8 @@ def sample_examples(examples: list[dspy.Example], *, limit: int | None, seed: in
         raise DataFileError(f"--limit must be positive, got {limit}")
     if offset < 0:
         raise DataFileError(f"--offset must be >= 0, got {offset}")
-    if offset:
-        if offset >= len(examples):
-            raise DataFileError(f"--offset {offset} skips all {len(examples)} problems of the suite; lower it")
+    if offset and offset >= len(examples):
+        raise DataFileError(f"--offset {offset} skips all {len(examples)} problems of the suite; lower it")
     if limit is None and not offset:
         return list(examples)
     order = list(range(len(examples)))

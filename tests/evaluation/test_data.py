@@ -137,7 +137,7 @@ def test_the_removed_legacy_draw_is_refused_with_what_to_do():
     import dspy
 
     xs = [dspy.Example(id=str(i)) for i in range(20)]
-    with pytest.raises(DataFileError, match="legacy draw was removed in 0.4.*detot eval report"):
+    with pytest.raises(DataFileError, match=r"legacy draw was removed in 0\.4.*detot eval report"):
         sample_examples(xs, limit=5, seed=0, draw="legacy")
     with pytest.raises(DataFileError, match="draw must be one of nested"):
         sample_examples(xs, limit=5, seed=0, draw="shuffled")
