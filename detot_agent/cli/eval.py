@@ -1,7 +1,7 @@
 """`detot eval`: run methods side by side on a suite, and re-render reports.
 
 Example:
-    $ detot eval --suite multiarith --data-dir ../shared/data --methods zero_shot_cot,detot \
+    $ detot eval --suite multiarith --data-dir ../shared/data --methods cot,sc,detot \
         --limit 100 --seed 0 --index runs/gsm8k-train-index --out runs/eval-multiarith
     $ detot eval report runs/eval-multiarith
 """
@@ -33,7 +33,7 @@ def eval_run(
     suite: Annotated[str | None, typer.Option(help="gsm8k, multiarith, svamp, addsub, singleeq, a file PATH, "
                                                    "or hf:<dataset>[:<config>][@<split>].")] = None,
     methods: Annotated[str, typer.Option(help="Comma-separated methods (see `detot eval methods`).")] =
-        "zero_shot_cot,few_shot_cot,knn_fewshot,self_consistency,detot_static,detot",
+        "dspy_cot,dspy_fewshot_cot,dspy_knn_fewshot,dspy_sc,dspy_detot,dspy_detot_loop",
     limit: Annotated[int | None, typer.Option(help="Evaluate a seeded sample of this many problems.", min=1)] = None,
     offset: Annotated[int, typer.Option(help="Skip this many problems of the seeded draw first: --offset 300 "
                                              "--limit 50 is a development split disjoint from --limit 300 (same "
@@ -136,6 +136,7 @@ def eval_run(
     names = [m.strip() for m in methods.split(",") if m.strip()]
     if not names:
         raise ConfigError(f"--methods is empty; choose from {', '.join(METHODS)}")
+    names = _current_names(names)
     parts = [p.strip() for p in (ablate or "").split(",") if p.strip()]
     if parts:
         names = expand_ablations(names, parts)
@@ -164,6 +165,10 @@ def eval_run(
     loaded = load_suite(suite, data_dir=data_dir, fmt=data_format, question_field=question_field,
                         answer_field=answer_field, labels=label_list)
     out = out or Path("runs") / f"eval-{loaded.name}"
+    if resume:
+        from detot_agent.evaluation.rename_runs import upgrade_run
+
+        upgrade_run(out)  # a folder written under 0.3's method names gets 0.4's first
     stored = _stored_run(out)
     # runs from before `draw` existed used the legacy draw, removed in 0.4: sample_examples refuses it
     draw = stored.get("draw", "legacy") if resume and stored else "nested"
@@ -242,6 +247,19 @@ def eval_run(
     console.print(f"wrote {out / 'report.md'}, {out / 'report.json'} and plots")
 
 
+def _current_names(names: list[str]) -> list[str]:
+    """0.4's names for `--methods`, saying which 0.3 names were read as what (`evaluation/names.py`)."""
+    from detot_agent.evaluation.names import current
+
+    renamed = {m: current(m) for m in names if current(m) != m}
+    if renamed:
+        clash = (" (`detot` keeps its 0.4 meaning, DETOT in the plain prompt without the loop; 0.3's `detot` is "
+                 "`dspy_detot_loop`)" if any(m.partition("-")[0] == "detot" for m in names) else "")
+        console.print("0.3 method names read as 0.4's: " + ", ".join(f"{a} -> {b}" for a, b in renamed.items())
+                      + clash, markup=False, highlight=False)
+    return [current(m) for m in names]
+
+
 def _stored_run(out: Path) -> dict[str, Any]:
     """The settings a run folder was started with (empty when it holds no readable run)."""
     from detot_agent.evaluation.runner import RUN_FILE
@@ -263,7 +281,7 @@ def eval_methods() -> None:
 
     for mod in (methods, baselines):
         for line in (mod.__doc__ or "").splitlines():
-            if line.startswith("| `") and not line.startswith("| `plain_sc` ..."):
+            if line.startswith("| `") and not line.startswith("| `sc` ..."):
                 console.print(line, markup=False, highlight=False)
     console.print(f"ablations: <detot method>-<part>[+<part>], parts: {', '.join(methods.ABLATABLE)}",
                   markup=False, highlight=False)

@@ -108,8 +108,8 @@ def _answer_text(raw: str) -> str:
 
 
 COT_CUE = "Let's think step by step."
-"""The plain prompt's reasoning cue: `PlainAdapter`, `plain_cot`, the `plain_*` baselines and DETOT's plain methods
-all send the question followed by this line."""
+"""The plain prompt's reasoning cue: `PlainAdapter`, the `cot` eval method, the matched-budget baselines and
+DETOT's plain methods all send the question followed by this line."""
 
 
 class PlainAdapter(dspy.Adapter):

@@ -41,8 +41,8 @@ def round_seed(base: int, drawn: int, *, greedy_first: bool) -> int:
 
     An engine seeds sample j of a row with `seed + j - greedy` (the greedy answer takes no seed), so a
     one-shot `sample(6, greedy=1, seed=base)` and rounds of 2 with these seeds draw the same samples:
-    adaptive stopping (DETOT, `plain_sc_adaptive`) sees a prefix of what fixed-N self-consistency
-    (`plain_sc`) draws for the same question.
+    adaptive stopping (DETOT, the `sc_adaptive` eval method) sees a prefix of what fixed-N self-consistency
+    (`sc`) draws for the same question.
 
     Example:
         >>> [round_seed(100, drawn, greedy_first=True) for drawn in (0, 2, 4)]

@@ -4,7 +4,7 @@ May import: `detot/` and everything below it (never `cli/`). Names resolve lazil
 
 Example:
     >>> from detot_agent.evaluation import METHODS
-    >>> "self_consistency" in METHODS
+    >>> "sc" in METHODS and "dspy_sc" in METHODS
     True
 """
 

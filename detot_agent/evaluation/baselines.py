@@ -7,23 +7,23 @@ DETOT only in what DETOT adds (retrieved demos, the soft prompt, the loop), so a
 what those parts earn.
 
 The three voting baselines draw the same samples for a question (the same seeds, rounds seeded by
-`round_seed`), so in a run folder where `plain_sc` already answered a question, `plain_sc_adaptive` and
-`plain_cisc` re-vote its recorded samples (vote key, tokens, log-probability, in the order drawn) under
+`round_seed`), so in a run folder where `sc` already answered a question, `sc_adaptive` and
+`cisc` re-vote its recorded samples (vote key, tokens, log-probability, in the order drawn) under
 their own rule instead of drawing them again: the same outcome without the engine's batch-to-batch
 noise, at no generation cost (their records say `revoted_from`, and their seconds per question are
-not a timing). Elsewhere (no `plain_sc` records, a Ray executor) they draw.
+not a timing). Elsewhere (no `sc` records, a Ray executor) they draw.
 
 | name | what it is |
 |---|---|
-| `plain_sc` | self-consistency: the greedy answer, then `n` samples at `temperature`, majority vote |
-| `plain_sc_adaptive` | the same budget (`n + 1` at most) with the Beta stopping rule (Adaptive-Consistency) |
-| `plain_cisc` | `plain_sc` with confidence-weighted votes (CISC: softmax of mean token log-probs) |
-| `plain_pot` | greedy program of thought: the model writes a short Python program, `run_program` runs it |
+| `sc` | self-consistency: the greedy answer, then `n` samples at `temperature`, majority vote |
+| `sc_adaptive` | the same budget (`n + 1` at most) with the Beta stopping rule (Adaptive-Consistency) |
+| `cisc` | `sc` with confidence-weighted votes (CISC: softmax of mean token log-probs) |
+| `pot` | greedy program of thought: the model writes a short Python program, `run_program` runs it |
 
 Example:
     >>> from detot_agent.evaluation.baselines import BASELINES
-    >>> sorted(BASELINES)
-    ['plain_cisc', 'plain_pot', 'plain_sc', 'plain_sc_adaptive']
+    >>> list(BASELINES)
+    ['sc', 'sc_adaptive', 'cisc', 'pot']
 """
 
 from __future__ import annotations
@@ -53,7 +53,8 @@ __all__ = ["BASELINES", "PlainPoT", "PlainVote"]
 def _engine(ctx: EvalContext) -> BatchedEngine:
     engine = getattr(ctx.lm, "engine", None)
     if not isinstance(engine, BatchedEngine):
-        raise ConfigError("the plain_* baselines sample through a local or vLLM engine (`sample(n)`); this LM "
+        raise ConfigError("the matched-budget baselines (sc, sc_adaptive, cisc, pot) sample through a local or "
+                          "vLLM engine (`sample(n)`); this LM "
                           "has none")
     return engine
 
@@ -61,7 +62,7 @@ def _engine(ctx: EvalContext) -> BatchedEngine:
 class PlainVote(MethodRunner):
     """Greedy first, then samples, voted; `stopping` and `weighting` name the rule."""
 
-    name = "plain_sc"
+    name = "sc"
     stopping = StoppingRule.FIXED
     weighting = Weighting.UNIFORM
 
@@ -80,7 +81,7 @@ class PlainVote(MethodRunner):
         self.recorded = self._recorded_draws() if self.name != PlainVote.name else {}
 
     def _recorded_draws(self) -> dict[str, list[ParsedSample]]:
-        """`plain_sc`'s recorded samples per question id, from this run folder (empty: none usable)."""
+        """`sc`'s recorded samples per question id, from this run folder (empty: none usable)."""
         run_dir = self.ctx.events_dir
         path = None if run_dir is None else run_dir / f"{PlainVote.name}.jsonl"
         if path is None or not path.exists():
@@ -144,24 +145,24 @@ class PlainVote(MethodRunner):
 
 
 class PlainAdaptive(PlainVote):
-    name = "plain_sc_adaptive"
+    name = "sc_adaptive"
     stopping = StoppingRule.BETA
 
 
 class PlainCISC(PlainVote):
-    name = "plain_cisc"
+    name = "cisc"
     weighting = Weighting.CISC
 
 
 class PlainPoT(MethodRunner):
     """Greedy program of thought: the program is run by the safe evaluator (`detot/pot.py`)."""
 
-    name = "plain_pot"
+    name = "pot"
 
     def __init__(self, ctx: EvalContext) -> None:
         super().__init__(ctx)
         if ctx.answer_format is not AnswerFormat.NUMBER:
-            raise ConfigError("plain_pot answers numeric suites only")
+            raise ConfigError("pot answers numeric suites only")
         self.engine = _engine(ctx)
 
     def config(self) -> dict[str, Any]:

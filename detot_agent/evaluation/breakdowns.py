@@ -21,6 +21,7 @@ from typing import Any
 from detot_agent.errors import ArtefactError, ConfigError, DataFileError
 from detot_agent.evaluation.metrics import paired
 from detot_agent.evaluation.paired import run_outcomes
+from detot_agent.evaluation.rename_runs import upgrade_run
 from detot_agent.evaluation.runner import RUN_FILE, read_records
 
 __all__ = ["BUCKETS", "by_steps", "compare_runs", "gold_steps", "run_records", "stream_halves", "vote_anatomy"]
@@ -31,6 +32,7 @@ BUCKETS = ((1, 2), (3, 4), (5, 99))  # gold solution steps
 def _run(folder: Path) -> dict[str, Any]:
     if not (folder / RUN_FILE).is_file():
         raise ArtefactError(f"{folder} is not a run folder: no {RUN_FILE} (start one with `detot eval --suite ...`)")
+    upgrade_run(folder)  # a folder written under 0.3's method names is read under 0.4's
     run: dict[str, Any] = json.loads((folder / RUN_FILE).read_text())
     return run
 

@@ -25,7 +25,7 @@ Example:
     >>> from detot_agent.evaluation.distributed import RayExecutor
     >>> from detot_agent.evaluation.spec import ContextSpec
     >>> executor = RayExecutor(ContextSpec(model="model.gguf"), workers=2, threads=4)  # doctest: +SKIP
-    >>> run_eval(examples, ["zero_shot_cot"], None, "runs/x", run=run, executor=executor)  # doctest: +SKIP
+    >>> run_eval(examples, ["dspy_cot"], None, "runs/x", run=run, executor=executor)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -1,33 +1,34 @@
 """The compared methods, each a named recipe that answers one example and reports what it spent.
 
-All DSPy methods run on the same LM and the same adapter (`LenientChatAdapter`), and parse the
-answer the same way: the signature's answer field, else (numeric tasks) an explicit
-"The answer is N" in a reply that broke the field layout. Greedy methods run at temperature 0.
-`plain_cot`, the `plain_*` baselines and the `detot_plain*` methods prompt in plain text instead, all
-in one prompt: the question, then "Let's think step by step." (`COT_CUE`, `PlainAdapter`'s cue; the
-prompt DETOT's arithmetic soft prompt was trained on).
+Methods are named by what they are (0.3's names still work: `evaluation/names.py`). `cot`, the
+matched-budget baselines (`sc`, `sc_adaptive`, `cisc`, `pot`) and `detot`/`detot_loop` prompt in plain
+text, all in one prompt: the question, then "Let's think step by step." (`COT_CUE`, `PlainAdapter`'s
+cue; the prompt DETOT's arithmetic soft prompt was trained on). The `dspy_*` methods are DSPy modules:
+they run on the same LM and the same adapter (`LenientChatAdapter`, DSPy's field layout), and parse
+the answer the same way: the signature's answer field, else (numeric tasks) an explicit "The answer
+is N" in a reply that broke the field layout. Greedy methods run at temperature 0.
 
 | name | what it is |
 |---|---|
-| `plain_cot` | question + "Let's think step by step." as one message, greedy, no DSPy adapter (reference) |
-| `plain_sc` ... `plain_pot` | matched-budget baselines in DETOT's plain prompt (`evaluation/baselines.py`) |
-| `zero_shot` | `dspy.Predict("question -> answer")` |
-| `zero_shot_cot` | `dspy.ChainOfThought("question -> answer")` |
-| `few_shot_cot` | ChainOfThought with `k` demos drawn once from the exemplar pool (seeded) |
-| `knn_fewshot` | ChainOfThought with the `k` nearest pool examples by `dspy.KNN` (DSPy's kNN demos) |
-| `self_consistency` | `n` ChainOfThought samples at `temperature`, `dspy.majority` of the answers |
-| `detot_static` | DETOT: task-adapted retrieval, soft prompt, adaptive voting; no re-optimization |
-| `detot` | full DETOT: as above, with the monitor and background re-optimization |
-| `detot_plain_static` | `detot_static` prompting through `PlainAdapter` (no field layout: "... The answer is N.") |
-| `detot_plain` | `detot` prompting through `PlainAdapter` |
+| `cot` | question + "Let's think step by step." as one message, greedy, no DSPy adapter (reference) |
+| `sc` ... `pot` | matched-budget baselines in DETOT's plain prompt (`evaluation/baselines.py`) |
+| `detot` | DETOT in the plain prompt (`PlainAdapter`): task-adapted retrieval, soft prompt, adaptive voting; no loop |
+| `detot_loop` | `detot` with the monitor and background re-optimization |
+| `dspy_predict` | `dspy.Predict("question -> answer")` |
+| `dspy_cot` | `dspy.ChainOfThought("question -> answer")` |
+| `dspy_fewshot_cot` | ChainOfThought with `k` demos drawn once from the exemplar pool (seeded) |
+| `dspy_knn_fewshot` | ChainOfThought with the `k` nearest pool examples by `dspy.KNN` (DSPy's kNN demos) |
+| `dspy_sc` | `n` ChainOfThought samples at `temperature`, `dspy.majority` of the answers |
+| `dspy_detot` | `detot` in DSPy's field layout |
+| `dspy_detot_loop` | `detot_loop` in DSPy's field layout |
 
-`knn_fewshot` uses `dspy.KNN`, the retriever inside `dspy.KNNFewShot`, and attaches its
+`dspy_knn_fewshot` uses `dspy.KNN`, the retriever inside `dspy.KNNFewShot`, and attaches its
 neighbours as labelled demos: `KNNFewShot.compile` would re-run `BootstrapFewShot` (with its own
 progress bar and print) on every call to produce the same labelled demos.
 
 Example:
-    >>> [name for name in METHODS if name.startswith("detot")]
-    ['detot_static', 'detot', 'detot_plain_static', 'detot_plain']
+    >>> sorted(name for name in METHODS if "detot" in name)
+    ['detot', 'detot_loop', 'dspy_detot', 'dspy_detot_loop']
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ from detot_agent.detot.task import AnswerFormat, TaskKind, TaskProfile, analyze
 from detot_agent.errors import ConfigError
 from detot_agent.evaluation.baselines import BASELINES
 from detot_agent.evaluation.context import SIGNATURE, EvalContext, MethodRunner, count_tokens, sample_seed
+from detot_agent.evaluation.names import current
 from detot_agent.retrieval.encoder import Encoder
 
 __all__ = ["ABLATABLE", "METHODS", "EvalContext", "MethodRunner", "build_method", "check_method",
@@ -56,7 +58,7 @@ __all__ = ["ABLATABLE", "METHODS", "EvalContext", "MethodRunner", "build_method"
 class PlainCoT(MethodRunner):
     """Zero-shot CoT without DSPy's field layout, in the shared plain prompt (the greedy draw of `plain_sc`)."""
 
-    name = "plain_cot"
+    name = "cot"
     cue = COT_CUE
 
     def config(self) -> dict[str, Any]:
@@ -74,7 +76,7 @@ class PlainCoT(MethodRunner):
 
 
 class ZeroShot(MethodRunner):
-    name = "zero_shot"
+    name = "dspy_predict"
 
     def __init__(self, ctx: EvalContext) -> None:
         super().__init__(ctx)
@@ -86,7 +88,7 @@ class ZeroShot(MethodRunner):
 
 
 class ZeroShotCoT(ZeroShot):
-    name = "zero_shot_cot"
+    name = "dspy_cot"
 
     def __init__(self, ctx: EvalContext) -> None:
         super().__init__(ctx)
@@ -94,7 +96,7 @@ class ZeroShotCoT(ZeroShot):
 
 
 class FewShotCoT(MethodRunner):
-    name = "few_shot_cot"
+    name = "dspy_fewshot_cot"
     needs_index = True
 
     def __init__(self, ctx: EvalContext) -> None:
@@ -113,7 +115,7 @@ class FewShotCoT(MethodRunner):
 
 
 class KNNFewShotCoT(MethodRunner):
-    name = "knn_fewshot"
+    name = "dspy_knn_fewshot"
     needs_index = True
 
     def __init__(self, ctx: EvalContext) -> None:
@@ -136,7 +138,7 @@ class KNNFewShotCoT(MethodRunner):
 
 
 class SelfConsistency(MethodRunner):
-    name = "self_consistency"
+    name = "dspy_sc"
 
     def __init__(self, ctx: EvalContext) -> None:
         super().__init__(ctx)
@@ -173,11 +175,11 @@ ABLATABLE = ("retrieval", "softprompt", "loop", "dynamic", "strategy")
 
 
 def split_ablation(name: str) -> tuple[str, frozenset[str]]:
-    """`"detot_plain-retrieval+softprompt"` -> `("detot_plain", {"retrieval", "softprompt"})`.
+    """`"detot_loop-retrieval+softprompt"` -> `("detot_loop", {"retrieval", "softprompt"})`.
 
     Example:
-        >>> split_ablation("detot_plain_static-retrieval")
-        ('detot_plain_static', frozenset({'retrieval'}))
+        >>> split_ablation("detot-retrieval")
+        ('detot', frozenset({'retrieval'}))
     """
     base, _, rest = name.partition("-")
     return base, frozenset(p for p in rest.split("+") if p)
@@ -193,7 +195,7 @@ class DetotMethod(MethodRunner):
     - `strategy`: chain of thought instead of the run's `--strategy pot|mix`.
     """
 
-    name = "detot_static"
+    name = "dspy_detot"
     background = False
     plain = False
     needs_index = True
@@ -206,7 +208,7 @@ class DetotMethod(MethodRunner):
         if unknown:
             raise ConfigError(f"unknown ablation(s) {unknown}; choose from {', '.join(ABLATABLE)}")
         if "loop" in ablate and not self.background:
-            raise ConfigError(f"{self.name} has no loop to ablate; ablate `loop` on detot or detot_plain")
+            raise ConfigError(f"{self.name} has no loop to ablate; ablate `loop` on detot_loop or dspy_detot_loop")
         if "strategy" in ablate and ctx.strategy in (None, "cot"):
             raise ConfigError("the `strategy` ablation replaces --strategy pot or mix by cot; this run uses cot")
         self.ablate = ablate
@@ -284,34 +286,33 @@ class DetotMethod(MethodRunner):
         self.program.controller.close()
 
 
-class DetotFull(DetotMethod):
-    name = "detot"
+class DspyDetotLoop(DetotMethod):
+    name = "dspy_detot_loop"
     background = True
     stateful = True
 
 
-class DetotPlainStatic(DetotMethod):
-    name = "detot_plain_static"
+class Detot(DetotMethod):
+    name = "detot"
     plain = True
 
 
-class DetotPlain(DetotFull):
-    name = "detot_plain"
+class DetotLoop(DspyDetotLoop):
+    name = "detot_loop"
     plain = True
 
 
 METHODS: dict[str, Callable[[EvalContext], MethodRunner]] = {
-    cls.name: cls for cls in (PlainCoT, ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT,
-                              SelfConsistency, DetotMethod, DetotFull, DetotPlainStatic, DetotPlain)
+    PlainCoT.name: PlainCoT, **BASELINES,
+    **{cls.name: cls for cls in (Detot, DetotLoop, ZeroShot, ZeroShotCoT, FewShotCoT, KNNFewShotCoT, SelfConsistency,
+                                 DetotMethod, DspyDetotLoop)},
 }
 
 
-METHODS.update(BASELINES)
-
-
 def check_method(name: str) -> None:
-    """Refuse an unknown method, or an ablation of a method that is not DETOT's, naming what exists."""
-    base, parts = split_ablation(name)
+    """Refuse an unknown method, or an ablation of a method that is not DETOT's, naming what exists (a 0.3 name
+    is read as its 0.4 name, `names.current`)."""
+    base, parts = split_ablation(current(name))
     if base not in METHODS:
         raise ConfigError(f"unknown method {name!r}; choose from {', '.join(METHODS)} (DETOT methods also as "
                           f"<method>-<part>[+<part>], parts: {', '.join(ABLATABLE)})")
@@ -330,10 +331,11 @@ def expand_ablations(names: list[str], parts: list[str]) -> list[str]:
     looping methods), as `detot eval --ablate` asks.
 
     Example:
-        >>> expand_ablations(["plain_cot", "detot_static", "detot"], ["retrieval", "loop"])
-        ['plain_cot', 'detot_static', 'detot', 'detot_static-retrieval', 'detot-retrieval', 'detot-loop']
+        >>> expand_ablations(["cot", "detot", "detot_loop"], ["retrieval", "loop"])
+        ['cot', 'detot', 'detot_loop', 'detot-retrieval', 'detot_loop-retrieval', 'detot_loop-loop']
     """
     detot = {n: c for n, c in METHODS.items() if isinstance(c, type) and issubclass(c, DetotMethod)}
+    names = [current(n) for n in names]
     out = list(names)
     for part in parts:
         for name in names:
@@ -347,16 +349,16 @@ def expand_ablations(names: list[str], parts: list[str]) -> list[str]:
 
 def needs_index(name: str) -> bool:
     """Whether the method (or ablation) `name` draws demos from the exemplar pool."""
-    return bool(getattr(METHODS[split_ablation(name)[0]], "needs_index", False))
+    return bool(getattr(METHODS[split_ablation(current(name))[0]], "needs_index", False))
 
 
 def missing_requirements(names: list[str], *, index: bool) -> list[str]:
     """What the methods `names` need and were not given, one line each (checked before anything loads).
 
     Example:
-        >>> missing_requirements(["plain_cot", "few_shot_cot", "detot"], index=False)[0][:44]
-        'few_shot_cot, detot need an exemplar pool: p'
-        >>> missing_requirements(["plain_cot"], index=False)
+        >>> missing_requirements(["cot", "dspy_fewshot_cot", "detot"], index=False)[0][:48]
+        'dspy_fewshot_cot, detot need an exemplar pool: p'
+        >>> missing_requirements(["cot"], index=False)
         []
     """
     out = []
@@ -371,6 +373,7 @@ def missing_requirements(names: list[str], *, index: bool) -> list[str]:
 def build_method(name: str, ctx: EvalContext) -> MethodRunner:
     """Build the named method on `ctx` (`<detot method>-<part>+...` builds an ablation); unknown names get the
     list of known ones."""
+    name = current(name)
     check_method(name)
     base, parts = split_ablation(name)
     cls = METHODS[base]

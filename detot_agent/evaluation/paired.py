@@ -18,6 +18,7 @@ from typing import Any
 
 from detot_agent.errors import ArtefactError, ConfigError
 from detot_agent.evaluation.metrics import paired
+from detot_agent.evaluation.rename_runs import upgrade_run
 from detot_agent.evaluation.runner import RUN_FILE, read_records
 
 __all__ = ["paired_against", "paired_rows", "run_outcomes"]
@@ -29,6 +30,7 @@ def run_outcomes(run_dir: str | Path) -> dict[str, dict[str, bool]]:
     folder = Path(run_dir)
     if not (folder / RUN_FILE).is_file():
         raise ArtefactError(f"{folder} is not a run folder: no {RUN_FILE} (start one with `detot eval --suite ...`)")
+    upgrade_run(folder)  # a folder written under 0.3's method names is read under 0.4's
     run = json.loads((folder / RUN_FILE).read_text())
     ids = set(run["ids"])
     out: dict[str, dict[str, bool]] = {}

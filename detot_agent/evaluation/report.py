@@ -8,7 +8,7 @@ seconds per question, parse failures (per sample drawn), errors, re-optimization
 and McNemar's exact test of each method against the best baseline (the most accurate method that
 is not DETOT) on the items both answered.
 
-Fixed-budget self-consistency (`plain_sc`, whose records keep every sample's vote key in the order
+Fixed-budget self-consistency (`sc`, whose records keep every sample's vote key in the order
 drawn, the greedy one first) also gets its prefix curve: the accuracy and output tokens of the
 majority over its first m samples, for every m, which is what self-consistency with m samples
 would have scored on the same problems. Each DETOT method is then placed on it: the fewest samples
@@ -37,6 +37,8 @@ import numpy as np
 from detot_agent.answers import AnswerFormat
 from detot_agent.errors import ArtefactError
 from detot_agent.evaluation.metrics import accuracy, bootstrap_ci, paired
+from detot_agent.evaluation.names import is_detot
+from detot_agent.evaluation.rename_runs import upgrade_run
 from detot_agent.evaluation.runner import RUN_FILE, is_correct, read_records
 from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.io.persist import atomic_write_text
@@ -44,7 +46,7 @@ from detot_agent.io.persist import atomic_write_text
 __all__ = ["build_report", "prefix_curve", "prefix_outcomes", "render_markdown", "summarize_method",
            "write_report"]
 
-CURVE_METHOD = "plain_sc"  # the fixed-budget baseline whose sample prefixes make the self-consistency curve
+CURVE_METHOD = "sc"  # the fixed-budget baseline whose sample prefixes make the self-consistency curve
 
 
 def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -155,11 +157,12 @@ def _events(path: Path) -> list[dict[str, Any]]:
 
 
 def build_report(out: str | Path) -> dict[str, Any]:
-    """The report of a run folder as a dict (nothing written)."""
+    """The report of a run folder as a dict (no report written; a folder of 0.3 gets 0.4's method names first)."""
     out = Path(out)
     run_file = out / RUN_FILE
     if not run_file.exists():
         raise ArtefactError(f"{out} is not a run folder: no {RUN_FILE} (start one with `detot eval --suite ...`)")
+    upgrade_run(out)
     run = json.loads(run_file.read_text())
     ids = set(run["ids"])
     configs = json.loads((out / "methods.json").read_text()) if (out / "methods.json").exists() else {}
@@ -181,13 +184,13 @@ def build_report(out: str | Path) -> dict[str, Any]:
         by_method[method] = records
         if method == CURVE_METHOD:
             summary["prefix_curve"] = prefix_curve(records, fmt)
-    baselines = [m for m in methods if not m.startswith("detot") and methods[m]["n"]]
+    baselines = [m for m in methods if not is_detot(m) and methods[m]["n"]]
     best = max(baselines, key=lambda m: (methods[m]["accuracy"], -methods[m]["samples_per_question"]),
                default=None)
     sc = methods.get(CURVE_METHOD, {})
     curve = sc.get("prefix_curve") if sc.get("complete") else None
     for method, summary in methods.items():
-        if method.startswith("detot") and summary["complete"]:
+        if is_detot(method) and summary["complete"]:
             records = by_method[method]
             own = prefix_curve(records, fmt, upto=max((len(r.get("sample_keys") or []) for r in records), default=0))
             if own:

@@ -37,6 +37,8 @@ from dspy.utils.parallelizer import ParallelExecutor
 from detot_agent.answers import AnswerFormat, numbers_equal
 from detot_agent.errors import ArtefactError, ConfigError
 from detot_agent.evaluation.methods import EvalContext, MethodRunner, build_method
+from detot_agent.evaluation.names import NAMES_VERSION, current
+from detot_agent.evaluation.rename_runs import upgrade_run
 from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.io.persist import atomic_write_text
 
@@ -73,6 +75,8 @@ def check_run(out: Path, run: dict[str, Any], *, resume: bool, write: bool = Tru
     resumed run may add where the run had none (`--index` when no finished record used one).
     """
     path = out / RUN_FILE
+    if resume and write:
+        upgrade_run(out)  # a folder written under 0.3's method names gets 0.4's first
     if not path.exists():
         if write:
             atomic_write_text(path, json.dumps(run, indent=2) + "\n")
@@ -140,7 +144,9 @@ def run_eval(examples: list[dspy.Example], methods: list[str], ctx: EvalContext 
         if ctx is None:
             raise ConfigError("run_eval needs an EvalContext, or an executor that builds its own")
         executor = LocalExecutor(ctx, threads=threads)
-    run = {**run, "methods": list(methods), "ids": [ex.id for ex in examples], "executor": executor.describe()}
+    methods = [current(m) for m in methods]  # 0.3's names are read as 0.4's (evaluation/names.py)
+    run = {**run, "methods": list(methods), "ids": [ex.id for ex in examples], "executor": executor.describe(),
+           "method_names": NAMES_VERSION}
     check_run(out, run, resume=resume, addable=addable)
     for method in methods:
         path = out / f"{method}.jsonl"

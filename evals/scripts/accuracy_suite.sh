@@ -4,12 +4,12 @@
 #           program of thought, the CoT/PoT mix, chain of thought with no demos) on 40 development problems
 #           (--offset 300: none of them is in the reported 300), then evals/scripts/choose_config.py picks one
 #           (most accurate; ties: fewer tokens) into evals/results/accuracy/dev_SUITE/choice.json;
-#   main:   the reported run, 300 problems (seed 0, nested draw): plain_cot, plain_sc, plain_sc_adaptive,
-#           plain_cisc, plain_pot and detot_plain_static in the chosen configuration, with its ablations
+#   main:   the reported run, 300 problems (seed 0, nested draw): cot, sc, sc_adaptive,
+#           cisc, pot and detot in the chosen configuration, with its ablations
 #           (retrieval when it uses demos; softprompt when the soft prompt is on; strategy when it is not chain
 #           of thought).
 #   confirm: (MultiArith) the no-demo DETOT configuration, which the reported run's ablation found best after
-#           the fact, against plain_sc and plain_cisc on the 260 problems neither the reported 300 nor the
+#           the fact, against sc and cisc on the 260 problems neither the reported 300 nor the
 #           development 40 use (--offset 340), into evals/results/accuracy/confirm_SUITE: a blind check.
 # Everything on the llama.cpp engine, plain-text prompts, n = 5 (DETOT: at most 6 samples, greedy first),
 # temperature 0.5, the M = 0 task embedding ("Measurement: the dynamic soft prompt"), GSM8K-train demos.
@@ -30,7 +30,7 @@ common=(--suite "$suite" --data-dir ../shared/data --model "$(../shared/tools/be
         --engine llamacpp --device cpu --threads 4 --resume)
 dev() {  # dev NAME ARGS...: one development configuration
   local name="$1"; shift
-  .venv/bin/detot eval "${common[@]}" --offset 300 --limit 40 --methods detot_plain_static "$@" \
+  .venv/bin/detot eval "${common[@]}" --offset 300 --limit 40 --methods detot "$@" \
     --out "$root/dev_$suite/$name"
 }
 if [ "$stage" = dev ]; then
@@ -52,11 +52,11 @@ print(c['strategy'], c['weighting'], 'on' if c['soft_prompt'] else 'off', c.get(
   ablate=()
   [ ${#parts[@]} -gt 0 ] && ablate=(--ablate "$(IFS=,; echo "${parts[*]}")")
   .venv/bin/detot eval "${common[@]}" --limit 300 \
-    --methods plain_cot,plain_sc,plain_sc_adaptive,plain_cisc,plain_pot,detot_plain_static \
+    --methods cot,sc,sc_adaptive,cisc,pot,detot \
     --strategy "$strategy" --weighting "$weighting" --soft-prompt "$soft_arg" --k "$k" "${ablate[@]}" \
     --out "$root/$suite"
 elif [ "$stage" = confirm ]; then
-  .venv/bin/detot eval "${common[@]}" --offset 340 --limit 260 --methods plain_sc,plain_cisc,detot_plain_static \
+  .venv/bin/detot eval "${common[@]}" --offset 340 --limit 260 --methods sc,cisc,detot \
     --strategy cot --weighting uniform --soft-prompt "$sp" --k 0 --out "$root/confirm_$suite"
 else
   echo "stage must be dev, main or confirm, got $stage" >&2; exit 2

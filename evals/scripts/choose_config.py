@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from detot_agent.evaluation.names import is_detot
 from detot_agent.io.persist import atomic_write_text
 
 
@@ -30,7 +31,7 @@ def rows(dev: Path) -> list[dict[str, Any]]:
     for report in sorted(dev.glob("*/report.json")):
         data = json.loads(report.read_text())
         for name, m in data["methods"].items():
-            if not name.startswith("detot"):
+            if not is_detot(name):
                 continue
             adj = m["config"]["adjustments"]
             out.append({"run": report.parent.name, "method": name, "strategy": adj["strategy"],

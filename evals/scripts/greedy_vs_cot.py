@@ -1,5 +1,5 @@
-"""One figure of the accuracy write-up that no report reading gives: how often `plain_sc`'s greedy first sample
-and `plain_cot`'s greedy reply (the same prompt) disagree: no stated answer, or another value.
+"""One figure of the accuracy write-up that no report reading gives: how often `sc`'s greedy first sample
+and `cot`'s greedy reply (the same prompt) disagree: no stated answer, or another value.
 
 The paired tests are `detot eval report DIR --paired METHOD`; greedy first samples that state no answer and
 early stops are in `detot eval report DIR --steps DATA_FILE` (the votes table):
@@ -23,12 +23,12 @@ def load(folder: Path, method: str) -> dict[str, dict]:
 
 def main() -> None:
     folder = Path(sys.argv[1])
-    sc, cot = load(folder, "plain_sc"), load(folder, "plain_cot")
+    sc, cot = load(folder, "sc"), load(folder, "cot")
     if sc and cot:
         common = sc.keys() & cot.keys()
         none = sum(1 for i in common if sc[i]["sample_keys"][0] is None)
         other = sum(1 for i in common if sc[i]["sample_keys"][0] not in (None, cot[i]["answer"]))
-        print(f"plain_sc's greedy first sample vs plain_cot on {len(common)} problems: states no answer {none}, "
+        print(f"sc's greedy first sample vs cot on {len(common)} problems: states no answer {none}, "
               f"another answer {other}")
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Why does `plain_sc`'s greedy first sample differ from `plain_cot`'s greedy answer on llama.cpp?
+"""Why does `sc`'s greedy first sample differ from `cot`'s greedy answer on llama.cpp?
 
 Both send the same prompt (the question and "Let's think step by step.") to the same engine at temperature 0:
-`plain_cot` as one request (`complete`, batched with whatever else is in flight), `plain_sc` as the greedy
+`cot` as one request (`complete`, batched with whatever else is in flight), `sc` as the greedy
 row of `sample(6, greedy=1)` (decoded beside its five sampled rows). In a run folder holding both, this
 picks the problems whose two greedy replies differ in length, decodes each prompt again with nothing else
 running, (a) as one request, twice, (b) as the greedy row of a six-row `sample`, and prints whether the
@@ -34,14 +34,14 @@ from detot_agent.io.persist import atomic_write_text
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run_dir", type=Path, help="a run folder with plain_cot.jsonl and plain_sc.jsonl")
+    ap.add_argument("run_dir", type=Path, help="a run folder with cot.jsonl and sc.jsonl")
     ap.add_argument("--model", required=True)
     ap.add_argument("--problems", type=int, default=6)
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     run = json.loads((args.run_dir / "run.json").read_text())
-    cot = {r["id"]: r for r in read_records(args.run_dir / "plain_cot.jsonl")}
-    sc = {r["id"]: r for r in read_records(args.run_dir / "plain_sc.jsonl")}
+    cot = {r["id"]: r for r in read_records(args.run_dir / "cot.jsonl")}
+    sc = {r["id"]: r for r in read_records(args.run_dir / "sc.jsonl")}
     diverged = [i for i in run["ids"] if i in cot and i in sc
                 and abs(cot[i]["tokens"] - sc[i]["sample_tokens"][0]) > 1][: args.problems]
     suite = load_suite(run["suite"], data_dir=str(Path(run["source"]).parent.parent))

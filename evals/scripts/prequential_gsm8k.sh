@@ -11,7 +11,7 @@
 # DETOT with 4 in flight). "$@" comes last: a repeated option overrides these (a repeated --loop-policy adds one).
 cd "$(dirname "$0")/../.."  # the repository root
 export HF_HUB_OFFLINE=1
-.venv/bin/detot eval --suite gsm8k --data-dir ../shared/data --methods detot_plain_static,detot_plain --limit 300 --seed 0 \
+.venv/bin/detot eval --suite gsm8k --data-dir ../shared/data --methods detot,detot_loop --limit 300 --seed 0 \
   --model "$(../shared/tools/bench-model.sh)" --index runs/gsm8k-train-index \
   --soft-prompt evals/results/dynamic_prompt_m0/dynamic_task_embedding --temperature 0.5 --max-tokens 256 \
   --engine llamacpp --device cpu --threads 4 --feedback gold --reopt-seconds 3600 \

@@ -194,17 +194,17 @@ def test_bench_loop_writes_latency_of_both_phases(tiny_gguf, tmp_path):
 
 def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiarith_head):
     suite = str(multiarith_head(2))
-    cases = [(["--methods", "plain_cot", "--ablate", "retrieval"], "--ablate needs a DETOT method"),
-             (["--methods", "detot_plain", "--ablate", "bogus"], r"unknown ablation\(s\) \['bogus'\]"),
+    cases = [(["--methods", "cot", "--ablate", "retrieval"], "--ablate needs a DETOT method"),
+             (["--methods", "detot_loop", "--ablate", "bogus"], r"unknown ablation\(s\) \['bogus'\]"),
              (["--methods", "detot-retrieval,nope"], "unknown method 'nope'"),
-             (["--methods", "detot_plain", "--loop-policy", "pot"], "policy 'pot': expected strategy="),
-             (["--methods", "detot_plain", "--loop-policy", "strategy=direct"], "strategy: String should match"),
-             (["--methods", "plain_cot", "--weighting", "loudest"], "--weighting must be uniform, cisc or filter")]
+             (["--methods", "detot_loop", "--loop-policy", "pot"], "policy 'pot': expected strategy="),
+             (["--methods", "detot_loop", "--loop-policy", "strategy=direct"], "strategy: String should match"),
+             (["--methods", "cot", "--weighting", "loudest"], "--weighting must be uniform, cisc or filter")]
     for args, why in cases:
         result = runner.invoke(app, ["eval", "--suite", suite, *args, "--model", "/nonexistent/model"])
         assert isinstance(result.exception, ConfigError), result.output
         assert re.search(why, str(result.exception)), str(result.exception)
-    result = runner.invoke(app, ["eval", "--suite", suite, "--methods", "plain_cot", "--limit", "1", "--offset", "5",
+    result = runner.invoke(app, ["eval", "--suite", suite, "--methods", "cot", "--limit", "1", "--offset", "5",
                                  "--model", "/nonexistent/model"])
     assert isinstance(result.exception, DataFileError) and "--offset 5 skips all 2 problems" in str(result.exception)
 
@@ -213,7 +213,7 @@ def _bad_inputs(tmp_path, multiarith_head):
     fake = tmp_path / "fake.gguf"
     fake.write_text("not a model\n")
     suite = str(multiarith_head(2))
-    ev = ["eval", "--suite", suite, "--methods", "plain_cot", "--out", str(tmp_path / "ev")]
+    ev = ["eval", "--suite", suite, "--methods", "cot", "--out", str(tmp_path / "ev")]
     return [
         (["generate", "hi", "--model", str(fake)], "not a valid GGUF model file"),
         (["generate", "hi", "--max-tokens", "0"], "Invalid value for '--max-tokens'"),

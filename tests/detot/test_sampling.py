@@ -34,7 +34,7 @@ def cpp(tiny_gguf):
 @pytest.mark.parametrize("which", ["torch", "llamacpp"])
 def test_rounds_of_two_draw_the_same_samples_as_one_call(which, tiny_engine, cpp):
     engine = tiny_engine if which == "torch" else cpp
-    one_shot = _draw(engine, 6, 40, 1)  # the greedy answer, then five samples: plain_sc's one call
+    one_shot = _draw(engine, 6, 40, 1)  # the greedy answer, then five samples: sc's one call
     assert len(set(one_shot[1:])) > 1  # the samples differ, so a mismatch could not hide
     rounds = _rounds(engine, 40, [2, 2, 2], seeds=lambda base, drawn: round_seed(base, drawn, greedy_first=True))
     assert rounds == one_shot

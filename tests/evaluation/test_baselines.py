@@ -21,7 +21,7 @@ def _method(name, model_dir, answer, **kw):
 
 
 def test_plain_sc_draws_the_greedy_answer_and_n_samples_in_the_shared_plain_prompt(long_tiny_model_dir):
-    method, engine = _method("plain_sc", long_tiny_model_dir, lambda t, n: "7" if n % 3 else "8")
+    method, engine = _method("sc", long_tiny_model_dir, lambda t, n: "7" if n % 3 else "8")
     record = method(EXAMPLE)
     assert record["samples"] == 6 and record["pred"] == "7" and record["votes"] == {"8": 2.0, "7": 4.0}
     # every sample's vote key in the order drawn (greedy first): what the report's prefix curve is built from
@@ -33,26 +33,26 @@ def test_plain_sc_draws_the_greedy_answer_and_n_samples_in_the_shared_plain_prom
 
 
 def test_plain_sc_adaptive_stops_early_on_agreement_and_spends_the_budget_on_a_split(long_tiny_model_dir):
-    method, _ = _method("plain_sc_adaptive", long_tiny_model_dir, lambda t, n: "7")
+    method, _ = _method("sc_adaptive", long_tiny_model_dir, lambda t, n: "7")
     assert method(EXAMPLE)["samples"] == 4  # Beta rule: P(p > 0.5) = 31/32 after four agreeing samples
-    method, _ = _method("plain_sc_adaptive", long_tiny_model_dir, lambda t, n: str(n % 2))
+    method, _ = _method("sc_adaptive", long_tiny_model_dir, lambda t, n: str(n % 2))
     assert method(EXAMPLE)["samples"] == 6
 
 
 def test_plain_cisc_lets_confident_samples_outvote_a_majority(long_tiny_model_dir):
     answer = lambda t, n: "8" if n in (1, 2) else "7"  # noqa: E731
     confident = lambda t, n: -0.01 if n in (1, 2) else -1.5  # noqa: E731
-    cisc, _ = _method("plain_cisc", long_tiny_model_dir, answer, logprob=confident)
-    plain, _ = _method("plain_sc", long_tiny_model_dir, answer, logprob=confident)
+    cisc, _ = _method("cisc", long_tiny_model_dir, answer, logprob=confident)
+    plain, _ = _method("sc", long_tiny_model_dir, answer, logprob=confident)
     assert cisc(EXAMPLE)["pred"] == "8" and plain(EXAMPLE)["pred"] == "7"
 
 
 def test_plain_pot_runs_the_program_safely(long_tiny_model_dir):
     code = "Let me compute.\n```python\napples = 3\nanswer = apples + 4\n```"
-    method, engine = _method("plain_pot", long_tiny_model_dir, lambda t, n: code, raw=True)
+    method, engine = _method("pot", long_tiny_model_dir, lambda t, n: code, raw=True)
     record = method(EXAMPLE)
     assert record["pred"] == "7" and record["program_error"] is None and engine.rows[0].temperature == 0
-    method, _ = _method("plain_pot", long_tiny_model_dir, lambda t, n: "```python\nimport os\nanswer = 1\n```",
+    method, _ = _method("pot", long_tiny_model_dir, lambda t, n: "```python\nimport os\nanswer = 1\n```",
                         raw=True)
     record = method(EXAMPLE)
     assert record["pred"] is None and record["parse_failures"] == 1
@@ -66,7 +66,7 @@ def test_baselines_need_a_batched_engine():
 
     lm, _ = scripted_lm(lambda t, n: "7")
     with pytest.raises(ConfigError, match="sample through a local or vLLM engine"):
-        BASELINES["plain_sc"](EvalContext(lm=lm))
+        BASELINES["sc"](EvalContext(lm=lm))
 
 
 def test_plain_cot_the_baselines_and_plain_detot_share_one_plain_prompt(long_tiny_model_dir, encoder,
@@ -88,8 +88,8 @@ def test_plain_cot_the_baselines_and_plain_detot_share_one_plain_prompt(long_tin
         assert len(engine.prompts) == 1
         return engine.prompts[0]  # the whole templated prompt: no system message, no demos
 
-    shared = {name: prompt(name) for name in ("plain_cot", "plain_sc", "detot_plain_static-retrieval")}
-    assert len(set(shared.values())) == 1 and f"\n{Q}\n{COT_CUE}</s>" in shared["plain_cot"], shared
+    shared = {name: prompt(name) for name in ("cot", "sc", "detot-retrieval")}
+    assert len(set(shared.values())) == 1 and f"\n{Q}\n{COT_CUE}</s>" in shared["cot"], shared
 
 
 class SeededEngine(ScriptedLocalEngine):
@@ -121,7 +121,7 @@ def test_adaptive_and_cisc_re_vote_plain_sc_s_samples_and_match_drawing_them(lon
                 for i in range(8)]
     run = {"suite": "s", "source": "s", "model": "m", "seed": 0, "limit": None, "k": 3, "n": 5,
            "temperature": 0.5, "max_tokens": 32}
-    variants = ["plain_sc_adaptive", "plain_cisc"]
+    variants = ["sc_adaptive", "cisc"]
 
     def evaluate(methods, out):
         engine = SeededEngine(long_tiny_model_dir, lambda t, n: None, plain=True)
@@ -129,22 +129,22 @@ def test_adaptive_and_cisc_re_vote_plain_sc_s_samples_and_match_drawing_them(lon
         run_eval(examples, methods, ctx, out, run=run, threads=1, progress=False)
         return engine, {m: {r["id"]: r for r in read_records(out / f"{m}.jsonl")} for m in methods}
 
-    engine, revoted = evaluate(["plain_sc", *variants], tmp_path / "together")
-    assert len(engine.rows) == len(examples)  # only plain_sc drew: one row of six per question
-    _, drawn = evaluate(variants, tmp_path / "apart")  # no plain_sc records: they draw
+    engine, revoted = evaluate(["sc", *variants], tmp_path / "together")
+    assert len(engine.rows) == len(examples)  # only sc drew: one row of six per question
+    _, drawn = evaluate(variants, tmp_path / "apart")  # no sc records: they draw
     for m in variants:
         for qid, rec in revoted[m].items():
-            assert rec["revoted_from"] == "plain_sc" and "revoted_from" not in drawn[m][qid]
+            assert rec["revoted_from"] == "sc" and "revoted_from" not in drawn[m][qid]
             for field in ("pred", "samples", "sample_keys", "sample_tokens", "votes", "tokens"):
                 assert rec[field] == drawn[m][qid][field], (m, qid, field)
-    sc = revoted["plain_sc"]
-    adaptive = revoted["plain_sc_adaptive"]
+    sc = revoted["sc"]
+    adaptive = revoted["sc_adaptive"]
     assert all(r["sample_keys"] == sc[q]["sample_keys"][: r["samples"]] for q, r in adaptive.items())
-    assert any(r["samples"] < 6 for r in revoted["plain_sc_adaptive"].values())  # it did stop early somewhere
-    assert any(revoted["plain_cisc"][q]["pred"] != sc[q]["pred"] for q in sc)  # and CISC's weights did change votes
+    assert any(r["samples"] < 6 for r in revoted["sc_adaptive"].values())  # it did stop early somewhere
+    assert any(revoted["cisc"][q]["pred"] != sc[q]["pred"] for q in sc)  # and CISC's weights did change votes
     from detot_agent.evaluation import write_report
     from detot_agent.evaluation.report import render_markdown
 
     rows = {line.split(" | ")[0].strip("| "): line for line in render_markdown(
         write_report(tmp_path / "together", plots=False)).splitlines() if line.startswith("| plain")}
-    assert "re-voted" in rows["plain_cisc"] and "re-voted" not in rows["plain_sc"]  # no timing claimed for them
+    assert "re-voted" in rows["cisc"] and "re-voted" not in rows["sc"]  # no timing claimed for them

@@ -65,12 +65,12 @@ def _by_id(path: Path) -> dict[str, dict]:
 
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, suite, spec) -> Path:
-    return _run(suite, ["zero_shot_cot", "self_consistency", "detot_static"], tmp_path_factory.mktemp("local"),
+    return _run(suite, ["dspy_cot", "dspy_sc", "dspy_detot"], tmp_path_factory.mktemp("local"),
                 spec=spec)
 
 
 def test_ray_records_equal_the_local_executors(tmp_path, local_ray, suite, spec, local_run):
-    methods = ["zero_shot_cot", "self_consistency", "detot_static", "detot"]
+    methods = ["dspy_cot", "dspy_sc", "dspy_detot", "dspy_detot_loop"]
     executor = RayExecutor(spec, workers=2, threads=2)
     with executor:
         out = _run(suite, methods, tmp_path / "ray", spec=spec, executor=executor)
@@ -78,17 +78,17 @@ def test_ray_records_equal_the_local_executors(tmp_path, local_ray, suite, spec,
     for method in methods[:3]:
         local, remote = _by_id(local_run / f"{method}.jsonl"), _by_id(out / f"{method}.jsonl")
         assert set(remote) == ids and remote == local, method
-    workers = {r["worker"] for r in read_records(out / "zero_shot_cot.jsonl")}
+    workers = {r["worker"] for r in read_records(out / "dspy_cot.jsonl")}
     assert workers == {0, 1}  # both replicas answered
     # full DETOT: one loop per worker, its events streamed back through the driver
-    assert set(_by_id(out / "detot.jsonl")) == ids
-    events = [json.loads(line) for line in (out / "detot.events.jsonl").read_text().splitlines()]
+    assert set(_by_id(out / "dspy_detot_loop.jsonl")) == ids
+    events = [json.loads(line) for line in (out / "dspy_detot_loop.events.jsonl").read_text().splitlines()]
     observations = [e for e in events if e["event"] == "observation"]
     assert len(observations) == len(ids) and {e["worker"] for e in observations} == {0, 1}
-    config = json.loads((out / "methods.json").read_text())["detot"]
+    config = json.loads((out / "methods.json").read_text())["dspy_detot_loop"]
     assert config["loop"] == "per worker" and config["executor"]["workers"] == 2
     assert json.loads((out / "run.json").read_text())["executor"]["kind"] == "ray"
-    assert write_report(out, plots=False)["methods"]["self_consistency"]["n"] == len(ids)
+    assert write_report(out, plots=False)["methods"]["dspy_sc"]["n"] == len(ids)
 
 
 def _kill_slot0_once(rec: dict, executor: RayExecutor) -> None:
@@ -100,32 +100,32 @@ def _kill_slot0_once(rec: dict, executor: RayExecutor) -> None:
 def test_a_killed_actor_loses_nothing_and_counts_nothing_twice(tmp_path, local_ray, suite, spec, local_run):
     executor = RayExecutor(spec, workers=2, threads=2, on_record=_kill_slot0_once)
     with executor:
-        out = _run(suite, ["self_consistency"], tmp_path / "ray", spec=spec, executor=executor)
+        out = _run(suite, ["dspy_sc"], tmp_path / "ray", spec=spec, executor=executor)
     # the kill came after the first record, with problems still queued: the driver saw the death,
     # re-queued what the dead actor held and started a replacement
     assert executor.restarts == 1 and executor.requeued >= 1
-    assert _by_id(out / "self_consistency.jsonl") == _by_id(local_run / "self_consistency.jsonl")
+    assert _by_id(out / "dspy_sc.jsonl") == _by_id(local_run / "dspy_sc.jsonl")
 
 
 def test_when_every_worker_is_gone_the_run_stops_and_resumes(tmp_path, local_ray, suite, spec, local_run):
     out = tmp_path / "ray"
     executor = RayExecutor(spec, workers=1, threads=2, max_restarts=0, on_record=_kill_slot0_once)
     with executor, pytest.raises(WorkerLostError, match=r"every Ray worker died .* --resume"):
-        _run(suite, ["zero_shot_cot"], out, spec=spec, executor=executor)
-    partial = _by_id(out / "zero_shot_cot.jsonl")
+        _run(suite, ["dspy_cot"], out, spec=spec, executor=executor)
+    partial = _by_id(out / "dspy_cot.jsonl")
     assert 1 <= len(partial) < len(suite.examples)
     with RayExecutor(spec, workers=1, threads=2) as again:
-        _run(suite, ["zero_shot_cot"], out, spec=spec, executor=again, resume=True)
-    assert _by_id(out / "zero_shot_cot.jsonl") == _by_id(local_run / "zero_shot_cot.jsonl")
+        _run(suite, ["dspy_cot"], out, spec=spec, executor=again, resume=True)
+    assert _by_id(out / "dspy_cot.jsonl") == _by_id(local_run / "dspy_cot.jsonl")
 
 
 def test_a_hung_worker_is_replaced_after_the_task_timeout(tmp_path, local_ray, suite, spec):
     # 10 ms is far less than any answer takes: every actor is taken for hung, killed and replaced once
     executor = RayExecutor(spec, workers=1, threads=2, max_restarts=1, task_timeout_s=0.01)
     with executor, pytest.raises(WorkerLostError, match=r"2 taken for hung after 0.01 s"):
-        _run(suite, ["zero_shot_cot"], tmp_path / "ray", spec=spec, executor=executor)
+        _run(suite, ["dspy_cot"], tmp_path / "ray", spec=spec, executor=executor)
     assert executor.timeouts == 2 and executor.restarts == 1
-    assert read_records(tmp_path / "ray" / "zero_shot_cot.jsonl") == []  # nothing half-written
+    assert read_records(tmp_path / "ray" / "dspy_cot.jsonl") == []  # nothing half-written
 
 
 def test_a_worker_that_cannot_load_its_model_names_the_cause(local_ray, spec, tmp_path):
@@ -140,11 +140,11 @@ def test_cli_runs_on_ray(tmp_path, local_ray, suite, spec, long_tiny_model_dir):
     from detot_agent.cli.app import app
 
     result = CliRunner().invoke(app, [
-        "eval", "--suite", suite.source, "--methods", "zero_shot", "--model", str(long_tiny_model_dir),
+        "eval", "--suite", suite.source, "--methods", "dspy_predict", "--model", str(long_tiny_model_dir),
         "--device", "cpu", "--dtype", "float32", "--max-tokens", "6", "--executor", "ray", "--workers", "1",
         "--threads", "2", "--out", str(tmp_path / "cli")])
     assert result.exit_code == 0, result.output
-    assert len(read_records(tmp_path / "cli" / "zero_shot.jsonl")) == len(suite.examples)
+    assert len(read_records(tmp_path / "cli" / "dspy_predict.jsonl")) == len(suite.examples)
     assert json.loads((tmp_path / "cli" / "run.json").read_text())["executor"]["workers"] == 1
 
 

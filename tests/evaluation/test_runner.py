@@ -16,6 +16,7 @@ import pytest
 from detot_agent import local_lm
 from detot_agent.errors import ArtefactError, ConfigError
 from detot_agent.evaluation import METHODS, EvalContext, load_suite, run_eval, write_report
+from detot_agent.evaluation.names import is_detot
 from detot_agent.evaluation.report import render_markdown
 from detot_agent.evaluation.runner import read_records
 
@@ -65,38 +66,38 @@ def test_every_method_runs_and_reports(tmp_path, suite_file, engine, pool):
         assert all(r["error"] is None and r["gold"] for r in records), (method, [r["error"] for r in records])
     report = write_report(out)
     assert set(report["methods"]) == set(METHODS) and report["n_examples"] == 4
-    sc = report["methods"]["self_consistency"]
+    sc = report["methods"]["dspy_sc"]
     assert sc["samples_per_question"] == 3 and sc["complete"]
-    assert 1 <= report["methods"]["detot"]["samples_per_question"] <= 4
-    assert report["best_baseline"] in METHODS and not report["best_baseline"].startswith("detot")
+    assert 1 <= report["methods"]["dspy_detot_loop"]["samples_per_question"] <= 4
+    assert report["best_baseline"] in METHODS and not is_detot(report["best_baseline"])
     assert (out / "accuracy_vs_samples.png").stat().st_size > 0 and (out / "agreement.png").stat().st_size > 0
     assert (out / "accuracy_vs_tokens.png").stat().st_size > 0
     md = (out / "report.md").read_text()
     assert all(f"| {m} | 4 |" in md for m in METHODS)
-    assert json.loads((out / "methods.json").read_text())["few_shot_cot"]["k"] == 2
+    assert json.loads((out / "methods.json").read_text())["dspy_fewshot_cot"]["k"] == 2
 
 
 def test_existing_runs_are_not_overwritten_or_mixed(tmp_path, suite_file, engine, pool):
-    out = _run(tmp_path / "run", suite_file, engine, pool, ["zero_shot"])
+    out = _run(tmp_path / "run", suite_file, engine, pool, ["dspy_predict"])
     with pytest.raises(ConfigError, match=r"already holds a run .*pass --resume"):
-        _run(out, suite_file, engine, pool, ["zero_shot"])
+        _run(out, suite_file, engine, pool, ["dspy_predict"])
     run = json.loads((out / "run.json").read_text())
     run["max_tokens"] = 99
     (out / "run.json").write_text(json.dumps(run))
     with pytest.raises(ConfigError, match="started with other settings: max_tokens: 99 then, 10 now"):
-        _run(out, suite_file, engine, pool, ["zero_shot"], resume=True)
+        _run(out, suite_file, engine, pool, ["dspy_predict"], resume=True)
 
 
 def test_torn_last_line_is_repaired_and_duplicates_count_once(tmp_path, suite_file, engine, pool):
-    out = _run(tmp_path / "run", suite_file, engine, pool, ["zero_shot"])
-    path = out / "zero_shot.jsonl"
+    out = _run(tmp_path / "run", suite_file, engine, pool, ["dspy_predict"])
+    path = out / "dspy_predict.jsonl"
     lines = path.read_text().splitlines()
     # a crash mid-write: the last record is cut off; an earlier record was written twice
     path.write_text("\n".join([lines[0], lines[0], *lines[1:3]]) + "\n" + lines[3][:25])
     assert len(read_records(path)) == 4
-    _run(out, suite_file, engine, pool, ["zero_shot"], resume=True)
+    _run(out, suite_file, engine, pool, ["dspy_predict"], resume=True)
     assert len(read_records(path)) == 5  # the torn record was run again; the duplicate stays on disk
-    assert write_report(out, plots=False)["methods"]["zero_shot"]["n"] == 4
+    assert write_report(out, plots=False)["methods"]["dspy_predict"]["n"] == 4
     path.write_text("{broken\n" + path.read_text())
     with pytest.raises(ArtefactError, match="line 1: not valid JSON"):
         read_records(path, repair=True)
@@ -115,14 +116,14 @@ def test_a_run_killed_midway_resumes_to_the_same_report(tmp_path, suite_file, lo
     index_dir = pool.save(tmp_path / "index")
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "detot_agent", "eval", "--suite", str(suite_file), "--model", str(long_tiny_model_dir),
-           "--methods", "zero_shot_cot,self_consistency,detot_static", "--index", str(index_dir), "--n", "3",
+           "--methods", "dspy_cot,dspy_sc,dspy_detot", "--index", str(index_dir), "--n", "3",
            "--max-tokens", "12", "--threads", "1", "--max-batch-size", "1", "--device", "cpu", "--dtype", "float32"]
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     subprocess.run([*cmd, "--out", str(whole)], check=True, env=env, capture_output=True, timeout=600)
 
     proc = subprocess.Popen([*cmd, "--out", str(broken)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    target = broken / "self_consistency.jsonl"
+    target = broken / "dspy_sc.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if target.exists() and len(target.read_bytes().splitlines()) >= 2:
@@ -131,11 +132,11 @@ def test_a_run_killed_midway_resumes_to_the_same_report(tmp_path, suite_file, lo
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = len(read_records(target))
-    assert 2 <= killed_at < 4 and not (broken / "detot_static.jsonl").exists()
+    assert 2 <= killed_at < 4 and not (broken / "dspy_detot.jsonl").exists()
     subprocess.run([*cmd, "--out", str(broken), "--resume"], check=True, env=env, capture_output=True, timeout=600)
     a, b = json.loads((whole / "report.json").read_text()), json.loads((broken / "report.json").read_text())
     assert _stable(a) == _stable(b)
-    for method in ("zero_shot_cot", "self_consistency", "detot_static"):
+    for method in ("dspy_cot", "dspy_sc", "dspy_detot"):
         preds = [{r["id"]: r["answer"] for r in read_records(d / f"{method}.jsonl")} for d in (whole, broken)]
         assert preds[0] == preds[1], method
 
@@ -159,16 +160,16 @@ def test_prequential_gold_feedback_reaches_the_loop_and_the_report(tmp_path, mul
 
     Monitor.feedback = spy  # type: ignore[method-assign]
     try:
-        out = run_eval(suite.examples, ["detot"], ctx, tmp_path / "run", run=run, threads=1, progress=False)
+        out = run_eval(suite.examples, ["dspy_detot_loop"], ctx, tmp_path / "run", run=run, threads=1, progress=False)
     finally:
         Monitor.feedback = original  # type: ignore[method-assign]
-    records = read_records(out / "detot.jsonl")
+    records = read_records(out / "dspy_detot_loop.jsonl")
     assert len(seen) == 8 and [r["fed_back"] for r in sorted(records, key=lambda r: r["finished_at"])] == seen
     assert all(r["fed_back"] == r["correct"] for r in records)  # the loop was told what the scorer found
     report = write_report(out)
-    assert len(report["methods"]["detot"]["stream_halves"]) == 2
+    assert len(report["methods"]["dspy_detot_loop"]["stream_halves"]) == 2
     assert (out / "learning_curve.png").stat().st_size > 0
-    config = json.loads((out / "methods.json").read_text())["detot"]
+    config = json.loads((out / "methods.json").read_text())["dspy_detot_loop"]
     assert config["feedback"] == "gold" and config["canary"] == 2
 
 
@@ -176,7 +177,8 @@ def _write_run(out, records_by_method):
     ids = [r["id"] for r in next(iter(records_by_method.values()))]
     out.mkdir()
     (out / "run.json").write_text(json.dumps({"suite": "s", "model": "m", "seed": 0, "ids": ids,
-                                              "methods": list(records_by_method), "answer_format": "number"}))
+                                              "methods": list(records_by_method), "answer_format": "number",
+                                              "method_names": 2}))
     for method, records in records_by_method.items():
         (out / f"{method}.jsonl").write_text("".join(json.dumps({"method": method, **r}) + "\n" for r in records))
 
@@ -187,69 +189,71 @@ def _rec(i, gold, keys, correct):
 
 
 def test_the_report_places_detot_on_fixed_n_self_consistency_s_prefix_curve(tmp_path):
-    # plain_sc: q0 right from the first sample, q1 only once the majority turns (m = 3), q2 never
+    # sc: q0 right from the first sample, q1 only once the majority turns (m = 3), q2 never
     sc = [_rec(0, "1", ["1", "1", "1"], True), _rec(1, "2", ["5", "2", "2"], True),
           _rec(2, "3", ["9", "9", "9"], False)]
     detot = [_rec(0, "1", ["1", "1"], True), _rec(1, "2", ["2", "2"], True), _rec(2, "3", ["9", "9"], False)]
     better = [{**r, "correct": True} for r in detot]  # above anything the curve reaches
-    _write_run(tmp_path / "a", {"plain_sc": sc, "detot_plain_static": detot, "detot_plain": better})
+    _write_run(tmp_path / "a", {"sc": sc, "detot": detot, "detot_loop": better})
     report = write_report(tmp_path / "a", plots=False)
-    curve = report["methods"]["plain_sc"]["prefix_curve"]
+    curve = report["methods"]["sc"]["prefix_curve"]
     assert [round(p["accuracy"], 3) for p in curve] == [0.333, 0.333, 0.667]  # m=2: the tie goes to "5", drawn first
     assert [p["tokens_per_question"] for p in curve] == [10, 20, 30]
-    assert curve[-1]["accuracy"] == report["methods"]["plain_sc"]["accuracy"]  # the full budget is plain_sc itself
-    assert report["methods"]["detot_plain_static"]["sc_samples_to_match"] == 3
-    assert report["methods"]["detot_plain"]["sc_samples_to_match"] is None
+    assert curve[-1]["accuracy"] == report["methods"]["sc"]["accuracy"]  # the full budget is sc itself
+    assert report["methods"]["detot"]["sc_samples_to_match"] == 3
+    assert report["methods"]["detot_loop"]["sc_samples_to_match"] is None
     text = render_markdown(report)
     assert "needs 3 samples to match it (1.50x its samples)" in text and "does not reach it with 3" in text
-    # the same budget: DETOT spends 20 tokens/q, so it meets the majority over plain_sc's first 2 samples (20 tok),
+    # the same budget: DETOT spends 20 tokens/q, so it meets the majority over sc's first 2 samples (20 tok),
     # which solves only q0; q1 is the one problem only DETOT solved
-    same = report["methods"]["detot_plain_static"]["vs_sc_at_its_tokens"]
+    same = report["methods"]["detot"]["vs_sc_at_its_tokens"]
     assert (same["m"], same["tokens_per_question"], round(same["accuracy"], 3)) == (2, 20, 0.333)
     assert (same["only_this_right"], same["only_sc_right"], same["p_value"]) == (1, 0, 1.0)
-    assert report["methods"]["detot_plain"]["vs_sc_at_its_tokens"]["only_this_right"] == 2
-    assert ("first 2 samples (20 tok) gets 0.333: 1 problems only `detot_plain_static` solved, 0 only "
+    assert report["methods"]["detot_loop"]["vs_sc_at_its_tokens"]["only_this_right"] == 2
+    assert ("first 2 samples (20 tok) gets 0.333: 1 problems only `detot` solved, 0 only "
             "self-consistency solved") in text
-    # DETOT's own prefix curve: its first sample alone is right on q0 and q1, which plain_sc needs 3 samples for
-    own = report["methods"]["detot_plain_static"]
+    # DETOT's own prefix curve: its first sample alone is right on q0 and q1, which sc needs 3 samples for
+    own = report["methods"]["detot"]
     assert [round(p["accuracy"], 3) for p in own["prefix_curve"]] == [0.667, 0.667]
     assert own["samples_to_match_sc"] == 1
     assert "reaches fixed-N self-consistency's 0.667 (3 samples) with 1 (3.00x fewer samples)" in text
     # the violation: a DETOT whose own samples never reach that accuracy gets no such claim
     # (q0 stopped early, after one sample: its later prefixes keep that one vote)
     weak = [_rec(0, "1", ["1"], True), _rec(1, "2", ["7", "7"], False), _rec(2, "3", ["9", "9"], False)]
-    _write_run(tmp_path / "d", {"plain_sc": sc, "detot_plain_static": weak})
+    _write_run(tmp_path / "d", {"sc": sc, "detot": weak})
     report_d = write_report(tmp_path / "d", plots=False)
-    assert report_d["methods"]["detot_plain_static"]["samples_to_match_sc"] is None
-    assert [round(p["accuracy"], 3) for p in report_d["methods"]["detot_plain_static"]["prefix_curve"]] == [0.333] * 2
+    assert report_d["methods"]["detot"]["samples_to_match_sc"] is None
+    assert [round(p["accuracy"], 3) for p in report_d["methods"]["detot"]["prefix_curve"]] == [0.333] * 2
     assert "does not reach fixed-N self-consistency's 0.667" in render_markdown(report_d)
-    # a method spending more tokens than plain_sc's whole budget gets no same-budget claim
+    # a method spending more tokens than sc's whole budget gets no same-budget claim
     dear = [{**r, "tokens": 100} for r in detot]
-    _write_run(tmp_path / "c", {"plain_sc": sc, "detot_plain_static": dear})
-    assert "vs_sc_at_its_tokens" not in write_report(tmp_path / "c", plots=False)["methods"]["detot_plain_static"]
+    _write_run(tmp_path / "c", {"sc": sc, "detot": dear})
+    assert "vs_sc_at_its_tokens" not in write_report(tmp_path / "c", plots=False)["methods"]["detot"]
     # a run whose records predate sample_keys has no curve (and no claim)
-    _write_run(tmp_path / "b", {"plain_sc": [{k: v for k, v in r.items() if k != "sample_keys"} for r in sc],
-                                "detot_plain_static": detot})
+    _write_run(tmp_path / "b", {"sc": [{k: v for k, v in r.items() if k != "sample_keys"} for r in sc],
+                                "detot": detot})
     report = write_report(tmp_path / "b", plots=False)
-    assert report["methods"]["plain_sc"]["prefix_curve"] == []
-    assert "sc_samples_to_match" not in report["methods"]["detot_plain_static"]
+    assert report["methods"]["sc"]["prefix_curve"] == []
+    assert "sc_samples_to_match" not in report["methods"]["detot"]
 
 
 def test_ablations_run_as_their_own_methods_on_the_same_problems(tmp_path, suite_file, engine, pool):
-    names = ["detot_static", "detot_static-retrieval", "detot_static-softprompt", "detot-loop"]
+    names = ["dspy_detot", "dspy_detot-retrieval", "dspy_detot-softprompt", "dspy_detot_loop-loop"]
     out = _run(tmp_path / "run", suite_file, engine, pool, names)
     records = {m: read_records(out / f"{m}.jsonl") for m in names}
     assert all(sorted(r["id"] for r in rs) == [f"MultiArith:{i}" for i in range(4)] for rs in records.values())
-    assert all(r["demo_ids"] == [] for r in records["detot_static-retrieval"])
-    assert all(len(r["demo_ids"]) == 2 for r in records["detot_static"])
+    assert all(r["demo_ids"] == [] for r in records["dspy_detot-retrieval"])
+    assert all(len(r["demo_ids"]) == 2 for r in records["dspy_detot"])
     config = json.loads((out / "methods.json").read_text())
-    assert config["detot_static-softprompt"]["soft_prompt_off"] and not config["detot_static"]["soft_prompt_off"]
-    assert config["detot-loop"]["reoptimization"] is False and config["detot-loop"]["ablate"] == ["loop"]
-    assert write_report(out)["best_baseline"] is None or not write_report(out)["best_baseline"].startswith("detot")
+    assert config["dspy_detot-softprompt"]["soft_prompt_off"] and not config["dspy_detot"]["soft_prompt_off"]
+    loop_off = config["dspy_detot_loop-loop"]
+    assert loop_off["reoptimization"] is False and loop_off["ablate"] == ["loop"]
+    best = write_report(out)["best_baseline"]
+    assert best is None or not is_detot(best)
 
 
 @pytest.mark.parametrize(("name", "why"), [
-    ("plain_cot-retrieval", "only DETOT methods take ablations"),
+    ("cot-retrieval", "only DETOT methods take ablations"),
     ("detot-bogus", r"unknown ablation\(s\) \['bogus'\]"),
     ("detot-", "unknown ablation"),
     ("nope", "unknown method 'nope'"),
@@ -266,15 +270,15 @@ def test_soft_prompt_none_and_the_softprompt_ablation_serve_no_vectors(engine, p
 
     lm = local_lm(engine=engine, cache=False)
     base = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=4)
-    assert build_method("detot_static", base).program.controller.state.soft_prompt is not None
+    assert build_method("dspy_detot", base).program.controller.state.soft_prompt is not None
     off = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=4, no_soft_prompt=True)
-    for method in (build_method("detot_static", off), build_method("detot_static-softprompt", base)):
+    for method in (build_method("dspy_detot", off), build_method("dspy_detot-softprompt", base)):
         state = method.program.controller.state
         assert state.embedding is not None and not state.embedding.has_head and state.soft_prompt is None
     with pytest.raises(ConfigError, match="has no loop to ablate"):
-        build_method("detot_static-loop", base)
+        build_method("dspy_detot-loop", base)
     with pytest.raises(ConfigError, match="needs a task embedding whose head has components"):
-        build_method("detot_static-dynamic", base)
+        build_method("dspy_detot-dynamic", base)
 
 
 def test_a_strategy_run_and_its_ablation_on_the_tiny_model(tmp_path, suite_file, engine, pool):
@@ -283,18 +287,18 @@ def test_a_strategy_run_and_its_ablation_on_the_tiny_model(tmp_path, suite_file,
                       max_tokens=8, task_name="multiarith", strategy="mix")
     run = {"suite": suite.name, "source": suite.source, "model": "tiny", "seed": 0, "limit": None, "k": 1, "n": 2,
            "temperature": 0.7, "max_tokens": 8, "strategy": "mix"}
-    out = run_eval(suite.examples, ["detot_static", "detot_static-strategy"], ctx, tmp_path / "run", run=run,
+    out = run_eval(suite.examples, ["dspy_detot", "dspy_detot-strategy"], ctx, tmp_path / "run", run=run,
                    threads=2, progress=False)
     config = json.loads((out / "methods.json").read_text())
-    assert config["detot_static"]["adjustments"]["strategy"] == "mix"
-    assert config["detot_static-strategy"]["adjustments"]["strategy"] == "cot"
-    assert config["detot_static"]["adjustments"]["weighting"] == "uniform"  # task analysis's default
-    assert all(r["error"] is None for m in ("detot_static", "detot_static-strategy")
+    assert config["dspy_detot"]["adjustments"]["strategy"] == "mix"
+    assert config["dspy_detot-strategy"]["adjustments"]["strategy"] == "cot"
+    assert config["dspy_detot"]["adjustments"]["weighting"] == "uniform"  # task analysis's default
+    assert all(r["error"] is None for m in ("dspy_detot", "dspy_detot-strategy")
                for r in read_records(out / f"{m}.jsonl"))
     # each sample's vote key and tokens, in the order drawn
     assert all(len(r["sample_keys"]) == len(r["sample_tokens"]) == r["samples"]
                and sum(r["sample_tokens"]) == r["tokens"]
-               for m in ("detot_static", "detot_static-strategy") for r in read_records(out / f"{m}.jsonl"))
+               for m in ("dspy_detot", "dspy_detot-strategy") for r in read_records(out / f"{m}.jsonl"))
 
 
 def test_a_weighting_reaches_the_detot_methods_and_their_ablations(engine, pool):
@@ -302,10 +306,10 @@ def test_a_weighting_reaches_the_detot_methods_and_their_ablations(engine, pool)
 
     ctx = EvalContext(lm=local_lm(engine=engine, cache=False), index=pool, encoder=pool.encoder, k=1, n=2,
                       max_tokens=8, task_name="multiarith", weighting="cisc")
-    for name in ("detot_plain_static", "detot_static-retrieval"):
+    for name in ("detot", "dspy_detot-retrieval"):
         method = build_method(name, ctx)
         assert method.program.adjustments.weighting.value == "cisc" == method.config()["adjustments"]["weighting"]
-    assert build_method("detot_plain_static", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder, k=1, n=2,
+    assert build_method("detot", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder, k=1, n=2,
                                                           max_tokens=8)).adjustments.weighting.value == "uniform"
 
 
@@ -315,13 +319,13 @@ def test_ctrl_c_keeps_finished_records_exits_at_once_and_says_how_to_resume(tmp_
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "detot_agent", "eval", "--suite", str(suite), "--model", str(long_tiny_model_dir),
-           "--methods", "plain_cot", "--max-tokens", "48", "--threads", "1", "--max-batch-size", "1",
+           "--methods", "cot", "--max-tokens", "48", "--threads", "1", "--max-batch-size", "1",
            "--device", "cpu", "--dtype", "float32", "--out", str(out)]
     # a test suite started in the background (`make test &`) inherits SIGINT ignored, and Python then never raises
     # KeyboardInterrupt: the child gets the default disposition back, as an interactive Ctrl-C would find it
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    target = out / "plain_cot.jsonl"
+    target = out / "cot.jsonl"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if target.exists() and target.read_bytes().count(b"\n") >= 1:
@@ -338,9 +342,9 @@ def test_ctrl_c_keeps_finished_records_exits_at_once_and_says_how_to_resume(tmp_
 def test_a_resumed_run_may_add_the_index_only_if_no_finished_record_used_one(tmp_path):
     from detot_agent.evaluation.runner import check_run
 
-    run = {"suite": "s", "index": None, "methods": ["plain_cot"], "ids": ["a"]}
+    run = {"suite": "s", "index": None, "methods": ["cot"], "ids": ["a"]}
     check_run(tmp_path, run, resume=False)
-    later = {**run, "index": "/idx", "methods": ["plain_cot", "detot"]}
+    later = {**run, "index": "/idx", "methods": ["cot", "dspy_detot_loop"]}
     with pytest.raises(ConfigError, match="index: None then, '/idx' now"):
         check_run(tmp_path, later, resume=True)
     check_run(tmp_path, later, resume=True, addable=frozenset({"index"}))
@@ -354,10 +358,10 @@ def test_a_missing_requirement_fails_before_anything_loads_or_runs(tmp_path, mul
 
     out = tmp_path / "run"
     result = CliRunner().invoke(app, ["eval", "--suite", str(multiarith_head(2)), "--methods",
-                                      "zero_shot_cot,few_shot_cot,detot_static", "--model", "/no/such/model",
+                                      "dspy_cot,dspy_fewshot_cot,dspy_detot", "--model", "/no/such/model",
                                       "--out", str(out)])
     assert isinstance(result.exception, ConfigError)
-    assert "few_shot_cot, detot_static need an exemplar pool: pass --index DIR" in str(result.exception)
+    assert "dspy_fewshot_cot, dspy_detot need an exemplar pool: pass --index DIR" in str(result.exception)
     assert not (out / "run.json").exists()  # nothing started
 
 
@@ -366,12 +370,12 @@ def test_the_reoptimization_cooldown_reaches_the_looping_method(engine, pool):
 
     ctx = EvalContext(lm=local_lm(engine=engine, cache=False), index=pool, encoder=pool.encoder, k=1, n=1,
                       max_tokens=4, reopt_cooldown=50)
-    method = build_method("detot", ctx)
+    method = build_method("dspy_detot_loop", ctx)
     assert method.adjustments.cooldown == 50 and method.program.monitor.cooldown == 50
-    default = build_method("detot", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder))
+    default = build_method("dspy_detot_loop", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder))
     assert default.program.monitor.cooldown == 20 and default.program.controller.config.policies == []
     assert default.program.controller.config.replay_items == 16
-    smaller = build_method("detot", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder, replay_items=8,
+    smaller = build_method("dspy_detot_loop", EvalContext(lm=ctx.lm, index=pool, encoder=pool.encoder, replay_items=8,
                                                 reopt_seconds=60))
     assert (smaller.program.controller.config.replay_items, smaller.program.controller.config.max_seconds) == (8, 60)
     assert smaller.config()["replay_items"] == 8
@@ -406,10 +410,10 @@ def _looping_run(tmp_path, multiarith_head, engine, pool) -> tuple[Path, Callabl
                       questions=[ex.question for ex in suite.examples])
     run = {"suite": suite.name, "source": suite.source, "model": "tiny", "seed": 0, "limit": None, "k": 1, "n": 1,
            "temperature": 0.7, "max_tokens": 6}
-    out = run_eval(suite.examples, ["detot"], ctx, tmp_path / "run", run=run, threads=1, progress=False)
+    out = run_eval(suite.examples, ["dspy_detot_loop"], ctx, tmp_path / "run", run=run, threads=1, progress=False)
 
     def resume() -> None:
-        run_eval(suite.examples, ["detot"], ctx, out, run=run, resume=True, threads=1, progress=False)
+        run_eval(suite.examples, ["dspy_detot_loop"], ctx, out, run=run, resume=True, threads=1, progress=False)
 
     return out, resume
 
@@ -419,8 +423,8 @@ def test_a_resumed_looping_run_rebuilds_its_monitor_from_the_event_log(tmp_path,
     from detot_agent.detot.monitor import Monitor
 
     out, resume = _looping_run(tmp_path, multiarith_head, engine, pool)
-    records = (out / "detot.jsonl").read_text().splitlines()
-    (out / "detot.jsonl").write_text("\n".join(records[:4]) + "\n")  # the process stopped after 4 records
+    records = (out / "dspy_detot_loop.jsonl").read_text().splitlines()
+    (out / "dspy_detot_loop.jsonl").write_text("\n".join(records[:4]) + "\n")  # the process stopped after 4 records
     restored: list[tuple[Monitor, int]] = []
     original = Monitor.restore
 
@@ -433,7 +437,7 @@ def test_a_resumed_looping_run_rebuilds_its_monitor_from_the_event_log(tmp_path,
     (monitor, read), = restored
     assert read == 6  # every observation the first process logged (two of them lost their records)
     assert monitor.count == 8  # and the two answered again after the resume
-    assert len(read_records(out / "detot.jsonl")) == 6
+    assert len(read_records(out / "dspy_detot_loop.jsonl")) == 6
 
 
 @pytest.mark.parametrize("evidence_kept", [True, False], ids=["evidence-log", "evidence-log-lost"])
@@ -442,12 +446,12 @@ def test_a_resumed_looping_run_rebuilds_its_evidence_buffer(tmp_path, multiarith
     from detot_agent.detot.controller import Controller
 
     out, resume = _looping_run(tmp_path, multiarith_head, engine, pool)
-    logged = [json.loads(line) for line in (out / "detot.evidence.jsonl").read_text().splitlines()]
+    logged = [json.loads(line) for line in (out / "dspy_detot_loop.evidence.jsonl").read_text().splitlines()]
     assert [r["kind"] for r in logged] == ["evidence"] * 6  # every answered question (no feedback: no outcomes)
-    records = (out / "detot.jsonl").read_text().splitlines()
-    (out / "detot.jsonl").write_text("\n".join(records[:4]) + "\n")  # the process stopped after 4 records
+    records = (out / "dspy_detot_loop.jsonl").read_text().splitlines()
+    (out / "dspy_detot_loop.jsonl").write_text("\n".join(records[:4]) + "\n")  # the process stopped after 4 records
     if not evidence_kept:
-        (out / "detot.evidence.jsonl").unlink()
+        (out / "dspy_detot_loop.evidence.jsonl").unlink()
     built: list[Controller] = []
     init = Controller.__init__
     monkeypatch.setattr(Controller, "__init__", lambda self, *a, **kw: built.append(self) or init(self, *a, **kw))
@@ -461,3 +465,20 @@ def test_a_resumed_looping_run_rebuilds_its_evidence_buffer(tmp_path, multiarith
     else:  # the violation: only what was answered after the resume, and the monitor waits for fresh answers
         assert len(buffer) == 2
         assert controller.monitor._restored_at == 6
+
+
+def test_a_0_3_run_resumes_under_its_new_names(tmp_path, suite_file, engine, pool):
+    out = _run(tmp_path / "run", suite_file, engine, pool, ["plain_cot"])  # a 0.3 name, read as `cot`
+    assert read_records(out / "cot.jsonl") and json.loads((out / "run.json").read_text())["methods"] == ["cot"]
+    # make it a 0.3 folder: old file names, no `method_names`, a record missing (the run was stopped)
+    run = json.loads((out / "run.json").read_text())
+    run["methods"] = ["plain_cot"]
+    del run["method_names"]
+    (out / "run.json").write_text(json.dumps(run))
+    lines = (out / "cot.jsonl").read_text().splitlines()
+    (out / "plain_cot.jsonl").write_text("".join(line.replace('"cot"', '"plain_cot"') + "\n" for line in lines[:3]))
+    (out / "cot.jsonl").unlink()
+    _run(out, suite_file, engine, pool, ["plain_cot"], resume=True)
+    records = read_records(out / "cot.jsonl")
+    assert len(records) == 4 and {r["method"] for r in records} == {"cot"}  # three kept, the missing one run
+    assert not (out / "plain_cot.jsonl").exists() and json.loads((out / "run.json").read_text())["method_names"] == 2

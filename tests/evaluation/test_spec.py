@@ -23,7 +23,7 @@ def test_soft_prompt_option_takes_a_task_embedding_or_a_static_prompt(tmp_path, 
                        max_tokens=4, soft_prompt=str(tmp_path / "te"), task_name="multiarith")
     ctx = build_context(spec)
     assert ctx.task_embedding is not None and ctx.soft_prompt is None
-    a, b = build_method("detot_static", ctx), build_method("detot", ctx)
+    a, b = build_method("dspy_detot", ctx), build_method("dspy_detot_loop", ctx)
     ea, eb = a.program.task_embedding, b.program.task_embedding
     assert ea is not eb and ea is not ctx.task_embedding  # each method learns on its own copy
     q = encoder.encode(["Tom has 3 apples."])

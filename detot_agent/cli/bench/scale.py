@@ -54,7 +54,7 @@ def _timed_run(examples: list[dspy.Example], method: str, out: Path, *, ctx: Any
 
 
 def run_scale_bench(*, workers: list[int], problems: int = 24, threads: int = 4, max_tokens: int = 24,
-                    model: str | None = None, method: str = "zero_shot_cot", cpus: int | None = None
+                    model: str | None = None, method: str = "dspy_cot", cpus: int | None = None
                     ) -> dict[str, Any]:
     """Time the local executor and Ray with each worker count in `workers`; returns rows of figures."""
     import logging
