@@ -107,7 +107,7 @@ _DEPRECATED = {
     "Controller": "detot_agent.detot.controller",
     "default_model_path": "detot_agent.engines.models",
     "extract_number": "detot_agent.answers",
-    "Feedback": "detot_agent.embedding.update",
+    "Feedback": "detot_agent.embedding.update",  # 0.3's name of embedding.update.TrainingItem
     "Hit": "detot_agent.retrieval.index",
     "Monitor": "detot_agent.detot.monitor",
     "normalize": "detot_agent.answers",

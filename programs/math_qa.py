@@ -8,8 +8,8 @@ Prompts are plain text by default (`PlainAdapter`: demos and replies end in "The
 which small local models follow better than DSPy's field layout; `--adapter chat` uses the latter.
 
 Compiling with a DSPy optimizer (`--optimize bootstrap|mipro|gepa`): the program is scored on a seeded
-evaluation sample of a suite (by default the README's published problems: `detot eval --limit N --seed S
---draw legacy`), compiled on training
+evaluation sample of a suite (`detot eval --limit N --seed S`'s problems; `--draw legacy` the 100 MultiArith
+problems of the optimizers study, 0.3's draw), compiled on training
 problems drawn from the rest of the suite (never from the evaluation sample), and scored again; the
 report gives both accuracies, the paired counts and an exact two-sided McNemar p-value:
 
@@ -96,12 +96,17 @@ def feedback_metric(gold: dspy.Example, pred: Any, trace: Any = None, pred_name:
 
 
 def split_for_compiling(examples: list[dspy.Example], *, eval_size: int, train_size: int, seed: int,
-                        draw: str = "legacy") -> tuple[list[dspy.Example], list[dspy.Example]]:
-    """`(evalset, trainset)`: the seeded evaluation sample of `detot eval --draw DRAW` (legacy: the README's
-    published problems) and training problems drawn (seeded) from the rest, so none is evaluated on."""
+                        draw: str = "nested") -> tuple[list[dspy.Example], list[dspy.Example]]:
+    """`(evalset, trainset)`: the seeded evaluation sample (`nested`: `detot eval`'s; `legacy`: 0.3's draw, on which
+    the optimizers study in the docs ran: `random.sample` of the indices, in file order) and training problems
+    drawn (seeded) from the rest, so none is evaluated on."""
     from detot_agent.evaluation.data import sample_examples
 
-    evalset = sample_examples(examples, limit=eval_size, seed=seed, draw=draw)
+    if draw == "legacy":  # kept here (not in the library) so the committed optimizers study stays reproducible
+        picked = sorted(random.Random(seed).sample(range(len(examples)), min(eval_size, len(examples))))
+        evalset = [examples[i] for i in picked]
+    else:
+        evalset = sample_examples(examples, limit=eval_size, seed=seed, draw=draw)
     held = {ex.id for ex in evalset}
     rest = [ex for ex in examples if ex.id not in held]
     if len(rest) < train_size:
@@ -296,8 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-size", type=int, default=100, help="Seeded evaluation sample (as detot eval --limit).")
     ap.add_argument("--train-size", type=int, default=50, help="Training problems, none from the evaluation sample.")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--draw", choices=["legacy", "nested"], default="legacy",
-                    help="The evaluation sample's draw (legacy: the README's published problems).")
+    ap.add_argument("--draw", choices=["legacy", "nested"], default="nested",
+                    help="The evaluation sample's draw (nested: detot eval's; legacy: 0.3's, the optimizers study's "
+                         "problems).")
     ap.add_argument("--threads", type=int, default=2, help="Evaluation and optimizer threads.")
     ap.add_argument("--proposer-ctx", type=int, default=8192, help="Context (positions) of the engine that runs "
                     "MIPROv2's and GEPA's own prompts (llama.cpp; the program's engine keeps its default).")

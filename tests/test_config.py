@@ -104,3 +104,24 @@ def test_a_loop_config_unpickled_from_a_0_3_program_is_rebuilt_in_the_new_shape(
     assert (new.evidence_size, new.update.steps, new.replay.alpha, new.max_seconds) == (50, 9, 0.01, 30.0)
     current = ControllerConfig()
     assert upgraded(current) is current
+
+
+def test_0_3_names_of_the_training_settings_still_work_with_a_warning():
+    import detot_agent.embedding.update as update_module
+    from detot_agent.detot.controller import Controller
+    from detot_agent.embedding.update import TrainingItem, UpdateConfig
+
+    with pytest.warns(DeprecationWarning, match="couple=...\\) is deprecated; the setting is lm_moves_retrieval"):
+        cfg = UpdateConfig(couple=True, steps=3)
+    assert cfg.lm_moves_retrieval is True and cfg.steps == 3
+    assert "couple" not in UpdateConfig.model_fields  # declared once, under the new name
+    with pytest.raises(ConfigError, match="lm_moves_retriev"):
+        UpdateConfig(lm_moves_retrieval="sometimes")
+    with pytest.warns(DeprecationWarning, match="Feedback is deprecated; it is TrainingItem"):
+        assert update_module.Feedback is TrainingItem
+    with pytest.raises(AttributeError):
+        _ = update_module.Feedbacks
+    ctl = Controller.__new__(Controller)
+    ctl.judgements_spent = 4
+    with pytest.warns(DeprecationWarning, match="tests_run is deprecated; it is judgements_spent"):
+        assert ctl.tests_run == 4

@@ -257,3 +257,16 @@ def test_math_qa_runs_the_optimizer_s_own_prompts_on_the_proposer_model(long_tin
     with pytest.raises(Stop):
         math_qa.main(_optimize_args(train_file, tmp_path, long_tiny_model_dir, "mipro"))
     assert built[1][0] == str(long_tiny_model_dir)  # default: the program's own model
+
+
+def test_the_optimizers_study_draw_reproduces_its_committed_problems(shared_data):
+    """0.3's legacy draw lives on in programs/math_qa.py only, for the committed optimizers study."""
+    from detot_agent.evaluation.data import load_suite
+    from programs.math_qa import split_for_compiling
+
+    suite = load_suite(str(shared_data("multiarith/MultiArith.json")))
+    study = json.loads((ROOT / "evals/results/optimize/bootstrap.json").read_text())
+    evalset, trainset = split_for_compiling(suite.examples, eval_size=100, train_size=50, seed=0, draw="legacy")
+    assert [ex.id for ex in evalset] == study["eval_ids"] and [ex.id for ex in trainset] == study["train_ids"]
+    nested, _ = split_for_compiling(suite.examples, eval_size=100, train_size=50, seed=0)
+    assert [ex.id for ex in nested] != study["eval_ids"]  # the default draw is `detot eval`'s, another sample

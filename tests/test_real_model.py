@@ -57,7 +57,7 @@ def test_tune_cli_end_to_end_on_the_embedded_model(engine, gsm8k_train, tmp_path
 
     out = tmp_path / "te"
     result = CliRunner().invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "12",
-                                      "--steps", "3", "--k", "4", "--components", "2", "--val", "4",
+                                      "--steps", "3", "--virtual-tokens", "4", "--components", "2", "--val", "4",
                                       "--batch-size", "2", "--device", "cpu", "--dtype", "float32", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert (out / "loss.png").stat().st_size > 1000 and (out / "report.json").is_file()

@@ -109,7 +109,8 @@ def tune(
     model: ModelOpt = None,
     description: Annotated[str, typer.Option(help="Task description (with the inputs, it sets the task vector).")] =
         "Solve the problem step by step.",
-    k: Annotated[int, typer.Option("--k", help="Virtual tokens.")] = 16,
+    virtual_tokens: Annotated[int, typer.Option(help="Soft-prompt vectors (virtual tokens) per prompt.")] = 16,
+    old_k: Annotated[int | None, typer.Option("--k", hidden=True, help="0.3's --virtual-tokens.")] = None,
     components: Annotated[int, typer.Option(help="M: prompt components of the per-input head (0: one static "
                                                   "prompt P0).")] = 0,
     tau: Annotated[float, typer.Option(help="Gate softmax temperature.")] = 0.1,
@@ -146,7 +147,7 @@ def tune(
     from detot_agent.cli.plots import plot_loss
     from detot_agent.detot.served import served_examples
     from detot_agent.embedding.task_embedding import TaskEmbedding
-    from detot_agent.embedding.update import Feedback, UpdateConfig
+    from detot_agent.embedding.update import TrainingItem, UpdateConfig
     from detot_agent.engines.torch_engine import LocalEngine
     from detot_agent.io.datafiles import DataFormat, detect_format, read_exemplars
     from detot_agent.retrieval.encoder import Encoder
@@ -159,8 +160,13 @@ def tune(
         SoftPromptInit(init)
     except (ConfigError, ValueError) as exc:
         raise typer.BadParameter(str(exc)) from None
+    if old_k is not None:  # `--k` means k nearest elsewhere (demos in `eval`, results in `index search`)
+        err_console.print("detot tune --k is deprecated: it is --virtual-tokens", markup=False, highlight=False)
+        virtual_tokens = old_k
+    k = virtual_tokens
     if k < 1 or components < 0 or not tau > 0:
-        raise typer.BadParameter(f"--k must be >= 1, --components >= 0 and --tau > 0 (got {k}, {components}, {tau})")
+        raise typer.BadParameter(f"--virtual-tokens must be >= 1, --components >= 0 and --tau > 0 (got {k}, "
+                                 f"{components}, {tau})")
     form = DataFormat(fmt) if fmt else detect_format(data)
     if demos and (index is None or form is DataFormat.JSONL):
         raise typer.BadParameter("--demos needs --index (an exemplar index with rationales) and GSM8K or MultiArith "
@@ -185,7 +191,7 @@ def tune(
                    model_id=engine.source.spec, inputs=vectors[n_val:])
     if exemplars is not None and demos:
         pairs = served_examples(te, exemplars, [r.text for r in records], [p.target for p in pairs], k=demos)
-    items = [Feedback(query=v, example=p) for v, p in zip(vectors, pairs, strict=True)]
+    items = [TrainingItem(query=v, example=p) for v, p in zip(vectors, pairs, strict=True)]
     console.print(f"training the task embedding of {task!r} on {engine.name}: soft prompts of {k} x "
                   f"{engine.hidden_size}, {components} component(s), "
                   f"{f'{demos} demo(s) from {index}' if demos else 'no demos'} in each prompt; "

@@ -40,6 +40,7 @@ import copy
 import threading
 import time
 import traceback
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
@@ -107,7 +108,7 @@ class Controller:
         self.replay = replay
         self.canary = list(canary)
         self.judge = ReplayJudge(replay) if replay is not None else None
-        self.tests_run = 0  # the error budget's counter (detot/judging.py)
+        self.judgements_spent = 0  # judgements charged to the error budget: the next one's index (detot/judging.py)
         self.history: deque[ReoptimizationEvent] = deque(maxlen=100)  # every decision, embedding and policy
         self.index = index
         self.monitor = monitor
@@ -122,6 +123,12 @@ class Controller:
     def state(self) -> TaskState:
         """The current serving state (read it once per call)."""
         return self._state
+
+    @property
+    def tests_run(self) -> int:
+        """Deprecated (0.3's name): `judgements_spent`."""
+        warnings.warn("Controller.tests_run is deprecated; it is judgements_spent", DeprecationWarning, stacklevel=2)
+        return self.judgements_spent
 
     @property
     def evidence_log(self) -> Path | None:
@@ -301,12 +308,12 @@ class Controller:
     # ---- 2. train ------------------------------------------------------------------------------------
     def _train(self, old: TaskState, split: _Split) -> TaskEmbedding:
         """Train a copy of the task embedding on the judgeable sides; the serving state is never touched."""
-        from detot_agent.embedding.update import Feedback
+        from detot_agent.embedding.update import TrainingItem
 
         cfg = self.config
         assert old.embedding is not None
         candidate = copy.deepcopy(old.embedding)
-        items: list[Feedback] = []
+        items: list[TrainingItem] = []
         for ev in split.train:
             pos = neg = None
             if split.judge_retrieval and ev.good(cfg.replay.good_agreement) and ev.demo_ids:
@@ -317,7 +324,7 @@ class Controller:
                     pos, neg = self.index.vectors(ev.demo_ids), self.index.vectors(negatives)
             example = self._example(ev) if split.judge_soft else None
             if pos is not None or example is not None:
-                items.append(Feedback(query=ev.query, positives=pos, negatives=neg, example=example))
+                items.append(TrainingItem(query=ev.query, positives=pos, negatives=neg, example=example))
         if not items:
             raise ReoptimizationStopped("nothing to learn from: no good training records with usable demos or targets; "
                            "kept the old state")
@@ -377,10 +384,10 @@ class Controller:
         assert self.judge is not None
         cfg = self.config
         check = budget_check(start, cfg.max_seconds, "replay")
-        verdict = self.judge.judge(old, new_state, records, rules=cfg.replay, test_index=self.tests_run,
+        verdict = self.judge.judge(old, new_state, records, rules=cfg.replay, test_index=self.judgements_spent,
                                    max_items=cfg.replay_items, check_budget=check, canary=self.canary,
                                    gold_only=gold_only)
-        self.tests_run += 1
+        self.judgements_spent += 1
         return verdict
 
     PROBES = PROBES

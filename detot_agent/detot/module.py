@@ -33,6 +33,7 @@ import torch
 
 from detot_agent.answers import extract_number, normalize
 from detot_agent.detot import call_cache, drawers
+from detot_agent.detot.adapter_messages import shown_messages
 from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
 from detot_agent.detot.assembly import build_task_embedding, canary_items
 from detot_agent.detot.controller import Controller, ControllerConfig
@@ -44,6 +45,7 @@ from detot_agent.detot.persistence import CarryingPredict, PersistentModule
 from detot_agent.detot.records import Evidence, TaskState
 from detot_agent.detot.sampling import vote_in_rounds
 from detot_agent.detot.strategies import pot_messages
+from detot_agent.detot.streaming import stream_fields
 from detot_agent.detot.task import Adjustments, TaskProfile, analyze
 from detot_agent.detot.tracing import record_trace
 from detot_agent.embedding.task_embedding import TaskEmbedding
@@ -237,7 +239,7 @@ class DETOT(PersistentModule):
         """
         sig = self._checked(inputs)
         _, _, demos, _ = self._context(self.controller.state, self._input_text(inputs))
-        return list(self.active_adapter().format(sig, demos=demos, inputs=inputs))
+        return shown_messages(self.active_adapter(), sig, demos, inputs)
 
     def _demos(self, state: TaskState, q: np.ndarray, text: str) -> tuple[list[dspy.Example], list[str]]:
         """Demos for the task-adapted query `q` (read from `state` by the caller); never the input's own
@@ -283,8 +285,10 @@ class DETOT(PersistentModule):
             fields = {name: cached.get(name) for name in sig.output_fields}
             if cached.get("answer_key") is not None:
                 record_trace(self._inner(), {name: inputs[name] for name in sig.input_fields}, fields)
+            stream_fields(self._inner(), {name: cached.get(name) for name in sig.output_fields})
             return dspy.Prediction(**{**cached, "id": uuid.uuid4().hex[:16], "from_cache": True})
-        query, demo_ids, shown, samples, result, drawn = self._answer(state, inputs, text, lm)
+        with dspy.settings.context(send_stream=None):  # one sample's chunks are not the answer (detot/streaming.py)
+            query, demo_ids, shown, samples, result, drawn = self._answer(state, inputs, text, lm)
         tokens = sum(s.tokens for s in samples)
         winner = next((s for s in samples if s.key == result.winner and s.fields is not None), None)
         fields = winner.fields if winner is not None and winner.fields else {}
@@ -310,6 +314,7 @@ class DETOT(PersistentModule):
         if trigger is not None and self.background:
             self.controller.submit()
         call_cache.put(request, out)
+        stream_fields(self._inner(), {name: out[name] for name in sig.output_fields})
         return dspy.Prediction(**out, from_cache=False)
 
     async def aforward(self, *args: Any, **inputs: Any) -> dspy.Prediction:
@@ -341,7 +346,7 @@ class DETOT(PersistentModule):
         if engine is not None:
             draws = {}
             if strategy in ("cot", "direct", "mix"):
-                messages["cot"] = adapter.format(sig, demos=demos, inputs=inputs)
+                messages["cot"] = shown_messages(adapter, sig, demos, inputs)  # with a wrapper's hint (Refine)
                 # a ChatAdapter reply ends at its end marker: small models otherwise keep writing to max_tokens
                 stop = ("[[ ## completed ## ]]",) if isinstance(adapter, dspy.ChatAdapter) else ()
                 parse = drawers.reply_parser(adapter, sig, self._stated_answer)

@@ -9,7 +9,7 @@ Where the learned state lives (since 0.4.0): inside the inner predictor's own DS
 (`CarryingPredict`), so it travels with **every** DSPy save: `detot.save("p.json")`, and the `save`/`load` /
 `dump_state`/`load_state` of any program that holds a DETOT (DSPy saves a parent by its named parameters, and
 the inner predictor is one). The block holds the task profile, adjustments, serving version and policy, the
-index's encoder and size, the monitor's statistics, the loop's spent error budget (`tests_run`), and the
+index's encoder and size, the monitor's statistics, the loop's spent error budget (`judgements_spent`), and the
 serving task embedding as safetensors bytes in base64 with their sha256 (`embedding`). Loading validates all of
 it (checksum, shapes, finiteness, encoder, the model's width) before anything changes. Size: about 1.37x the
 raw float32 tensors (base64); a static 8 x 896 soft prompt with its anchor and the 384-wide retrieval weights
@@ -55,7 +55,7 @@ TENSORS_KIND = "detot-program-tensors"
 
 
 def detot_block(task: TaskProfile, adjustments: Adjustments, state: TaskState, index: ExemplarIndex,
-                monitor_stats: dict[str, Any], tests_run: int) -> dict[str, Any]:
+                monitor_stats: dict[str, Any], judgements_spent: int) -> dict[str, Any]:
     """The `detot` block of the JSON state (everything but the tensors)."""
     return {"task": task.model_dump(mode="json"), "adjustments": adjustments.model_dump(mode="json"),
             "version": state.version,
@@ -63,18 +63,18 @@ def detot_block(task: TaskProfile, adjustments: Adjustments, state: TaskState, i
             "index": {"encoder": index.encoder_name, "dim": index.dim, "count": len(index)},
             "monitor": monitor_stats,
             # the loop's error budget: a reloaded program must not test afresh at the first alpha
-            "tests_run": tests_run}
+            "judgements_spent": judgements_spent}
 
 
 def read_block(extra: dict[str, Any], index: ExemplarIndex) -> tuple[TaskProfile, Adjustments, Policy | None, int]:
-    """`(task, adjustments, policy, tests_run)` from a `detot` block, refused for another encoder or width."""
+    """`(task, adjustments, policy, judgements_spent)` from a `detot` block, refused for another encoder or width."""
     info = extra.get("index", {})
     if info.get("encoder") != index.encoder_name or info.get("dim") != index.dim:
         raise ArtefactError(f"saved DETOT state used encoder {info.get('encoder')!r} ({info.get('dim')} "
                             f"dims); this index uses {index.encoder_name!r} ({index.dim} dims)")
     policy = Policy(**extra["policy"]) if extra.get("policy") else None
     return (TaskProfile(**extra["task"]), Adjustments(**extra["adjustments"]), policy,
-            int(extra.get("tests_run", 0)))
+            int(extra.get("judgements_spent", extra.get("tests_run", 0))))  # 0.3: tests_run
 
 
 def json_target(path: str | Path) -> Path:
@@ -241,7 +241,7 @@ class PersistentModule(dspy.Module):
         """What the loop (or the user) changed, as JSON: the `detot` block with the serving task embedding."""
         state = self.controller.state
         block = detot_block(self.task, self.adjustments, state, self.index, self.monitor.stats(),
-                            self.controller.tests_run)
+                            self.controller.judgements_spent)
         block["embedding"] = None if state.embedding is None else encode_embedding(state.embedding)
         return block
 
@@ -260,9 +260,9 @@ class PersistentModule(dspy.Module):
 
     def _serve_block(self, block: dict[str, Any], embedding: TaskEmbedding | None) -> None:
         """Serve a `detot` block's settings with `embedding` (validated by the caller)."""
-        task, adjustments, policy, tests_run = read_block(block, self.index)
+        task, adjustments, policy, judgements_spent = read_block(block, self.index)
         self.task, self.adjustments = task, adjustments
-        self.controller.tests_run = max(self.controller.tests_run, tests_run)
+        self.controller.judgements_spent = max(self.controller.judgements_spent, judgements_spent)
         self.controller.restore(TaskState(int(block.get("version", 0)), embedding, policy))
 
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
@@ -356,7 +356,7 @@ class PersistentModule(dspy.Module):
         thread, locks and evidence); the LM's engine and the encoder pickle as their settings."""
         out = {k: v for k, v in super().__getstate__().items() if k not in ("controller", "monitor", "_rollout_lock")}
         out["_loop"] = (self.controller.state, self.monitor.config, self.monitor.log_path, self.controller.config,
-                        self.controller.tests_run)  # the loop's spent error budget travels too
+                        self.controller.judgements_spent)  # the loop's spent error budget travels too
         return out
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -365,5 +365,5 @@ class PersistentModule(dspy.Module):
         config = upgraded(config)  # 0.3 pickles: the loop's flat settings
         super().__setstate__(state)
         self._start_loop(served, monitor_config, log_path, config, training_engine(getattr(self.lm, "engine", None)))
-        self.controller.tests_run = int(budget[0]) if budget else 0
+        self.controller.judgements_spent = int(budget[0]) if budget else 0
         self._link()

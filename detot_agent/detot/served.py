@@ -3,8 +3,8 @@
 A soft prompt trained on the question alone is served behind retrieved demos; `served_examples` builds each
 training prompt with `DETOT.prompt` instead (the task embedding's query, MMR, never the question's own
 exemplar, the plain prompt), so what the soft prompt learns after is what it will see. The task embedding's
-retrieval side is not trained by the LM loss (`embedding/update.py`, `couple=False`), so the demos a question
-trains with stay the ones it is served with.
+retrieval side is not trained by the LM loss (`embedding/update.py`, `lm_moves_retrieval=False`), so the demos
+a question trains with stay the ones it is served with.
 
 Example:
     >>> pairs = served_examples(te, index, questions, targets, k=3)          # doctest: +SKIP

@@ -40,7 +40,7 @@ from detot_agent.errors import ArtefactError, DetotError, SoftPromptError
 from detot_agent.io.persist import load_tensors, read_manifest, save_tensors
 
 if TYPE_CHECKING:
-    from detot_agent.embedding.update import Feedback, UpdateConfig, UpdateReport
+    from detot_agent.embedding.update import TrainingItem, UpdateConfig, UpdateReport
 
 
 class Encoder(Protocol):
@@ -262,7 +262,7 @@ class TaskEmbedding:
         return q[0] if single else q
 
     # ---- learning ------------------------------------------------------------------------------
-    def update(self, feedback: Sequence[Feedback], *, engine: Any = None, val: Sequence[Feedback] = (),
+    def update(self, feedback: Sequence[TrainingItem], *, engine: Any = None, val: Sequence[TrainingItem] = (),
                config: UpdateConfig | None = None, progress: bool = False, **overrides: Any) -> UpdateReport:
         """Train the whole object on evidence; see `detot_agent.embedding.update.update`."""
         from detot_agent.embedding.update import update

@@ -2,7 +2,7 @@
 
 A thin wrapper over `update` (`embedding/update.py`): the soft prompt becomes the `P0` of a static
 soft-prompt head (no components, no gate; the L2 pull anchored at the soft prompt's `init_vectors`), the
-examples become `Feedback` items, `update` trains the head with its dropout, L2 pull, gradient clipping,
+examples become `TrainingItem`s, `update` trains the head with its dropout, L2 pull, gradient clipping,
 patience and keep-best, and the soft prompt takes the best vectors and a new version if they helped:
 on the validation NLL when `val_examples` are given, else on the NLL of (up to 32 of) the training pairs.
 
@@ -26,7 +26,7 @@ from pydantic import BaseModel
 
 from detot_agent.embedding.head import PromptHead
 from detot_agent.embedding.task_embedding import TaskEmbedding
-from detot_agent.embedding.update import Feedback, UpdateConfig, update
+from detot_agent.embedding.update import TrainingItem, UpdateConfig, update
 from detot_agent.errors import DetotError
 from detot_agent.softprompt.loss import TuneExample
 from detot_agent.softprompt.prompt import SoftPrompt
@@ -119,8 +119,8 @@ def tune(soft_prompt: SoftPrompt, engine: Any, examples: Sequence[TuneExample], 
     head.p0_init = soft_prompt.init_vectors.detach().float().clone()  # the L2 pull's anchor
     te.head, te.model_id = head, soft_prompt.model_id
     query = np.ones(1, dtype=np.float32)
-    report = update(te, [Feedback(query=query, example=ex) for ex in examples], engine=engine,
-                    val=[Feedback(query=query, example=ex) for ex in val_examples], config=cfg, progress=progress)
+    report = update(te, [TrainingItem(query=query, example=ex) for ex in examples], engine=engine,
+                    val=[TrainingItem(query=query, example=ex) for ex in val_examples], config=cfg, progress=progress)
     accepted = bool(report.head_accepted)
     best_step = 0
     if accepted:

@@ -11,16 +11,16 @@ Losses, summed each step (shapes as in `task_embedding.py`):
   zero), dropout on the soft vectors, and `balance * KL(mean gate weights || uniform)` over
   the training inputs, which keeps the mixture from collapsing onto one component.
 
-**What the LM loss may move** (`couple`, default False): by default the LM loss reads `q(x)`
+**What the LM loss may move** (`lm_moves_retrieval`, default False; 0.3's `couple`): by default the LM loss reads `q(x)`
 with its gradient stopped, so it moves the head only and the retrieval weights learn from
 retrieval evidence only. Why: the LM targets were produced with demos that the *old* query
 retrieved, and the discrete search passes no gradient, so an LM gradient on `w` cannot see
 what it does to retrieval; it only moves every input's neighbours to suit the gate. Measured
 (`evals/scripts/couple_ablation.py`, embedded SmolLM2-135M, 160 GSM8K train problems, 40 steps,
-M = 4, 48 held-out problems): with `couple=True` the held-out NLL reached 1.377 against 1.388 with
+M = 4, 48 held-out problems): with `lm_moves_retrieval=True` the held-out NLL reached 1.377 against 1.388 with
 the gradient stopped (from 1.497), while the LM loss alone changed the top-3 demos of 41 of the 48
 held-out problems (0 of 48 when stopped). A 0.8% better fit is not worth moving retrieval for almost
-every input without any retrieval evidence. `couple=True` is there to test it on other tasks.
+every input without any retrieval evidence. `lm_moves_retrieval=True` is there to test it on other tasks.
 
 Budget: `steps` LM steps, `retrieval_steps` in all for the cheap retrieval side, and
 `max_seconds` of wall time for the whole call (checked every step). Keep the best: with
@@ -33,7 +33,7 @@ Example:
     >>> import numpy as np
     >>> from detot_agent.embedding.task_embedding import TaskEmbedding
     >>> te = TaskEmbedding("t", np.eye(4, dtype=np.float32)[0], encoder_name="demo")
-    >>> fb = Feedback(query=np.full(4, 0.5, dtype=np.float32), positives=np.eye(4, dtype=np.float32)[2:3],
+    >>> fb = TrainingItem(query=np.full(4, 0.5, dtype=np.float32), positives=np.eye(4, dtype=np.float32)[2:3],
     ...               negatives=np.eye(4, dtype=np.float32)[3:4])       # exemplar 2 helped, 3 did not
     >>> report = te.update([fb], retrieval_steps=20)
     >>> report.accepted, report.loss_after < report.loss_before, te.version
@@ -44,19 +44,18 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
 
-from detot_agent.config import StrictModel
 from detot_agent.embedding.head import PromptHead
+from detot_agent.embedding.update_config import TrainingItem, UpdateConfig, UpdateReport
 from detot_agent.errors import ConfigError, DetotError
-from detot_agent.softprompt.loss import TuneExample, batch_loss, encode_example, mean_nll
+from detot_agent.softprompt.loss import batch_loss, encode_example, mean_nll
 
 
 class Trainable(Protocol):
@@ -74,97 +73,16 @@ class Trainable(Protocol):
 
     def _query(self, e: torch.Tensor, w: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor: ...
 
-__all__ = ["Feedback", "UpdateConfig", "UpdateReport", "update"]
-
-Part = Literal["retrieval", "p0", "components", "gate"]
+__all__ = ["TrainingItem", "UpdateConfig", "UpdateReport", "update"]  # the three settings/items: update_config.py
 
 
-@dataclass(frozen=True)
-class Feedback:
-    """One piece of evidence for `update`.
-
-    Attributes:
-        query: `(dim,)` the encoded input `e(x)` (not task-adapted).
-        positives: `(p, dim)` exemplars that helped this input (retrieval side), or None.
-        negatives: `(n, dim)` exemplars that did not, or None.
-        example: the completion to learn for this input, with the prompt it was served with
-            (soft-prompt side), or None.
-    """
-
-    query: np.ndarray
-    positives: np.ndarray | None = None
-    negatives: np.ndarray | None = None
-    example: TuneExample | None = None
-
-
-class UpdateConfig(StrictModel):
-    """Settings of `update` (validated when built).
-
-    Attributes:
-        steps: LM steps for the soft-prompt side.
-        retrieval_steps: steps for the retrieval side in all (cheap: vectors only).
-        max_seconds: wall-time budget of the whole call (None: steps only).
-        retrieval_lr / head_lr: learning rates of the two sides.
-        batch_size: LM examples per step.
-        temperature: the contrastive loss's score temperature.
-        l2_to_init: pull of every trained tensor back to its initial value.
-        dropout: dropout on the soft-prompt vectors while training.
-        balance: weight of KL(mean gate weights || uniform), against collapse onto one component.
-        couple: let the LM loss move the retrieval weights too (see the module docstring).
-        freeze: parts kept as they are: `retrieval`, `p0`, `components` (the bank), `gate`.
-        patience / eval_every: early stopping on the validation NLL.
-    """
-
-    steps: int = Field(default=50, ge=1)
-    retrieval_steps: int = Field(default=50, ge=1)
-    max_seconds: float | None = Field(default=120.0, gt=0)
-    retrieval_lr: float = Field(default=0.05, gt=0)
-    head_lr: float = Field(default=3e-3, gt=0)
-    batch_size: int = Field(default=4, ge=1)
-    temperature: float = Field(default=0.05, gt=0)
-    l2_to_init: float = Field(default=0.01, ge=0)
-    dropout: float = Field(default=0.1, ge=0, lt=1)
-    balance: float = Field(default=0.1, ge=0)
-    max_grad_norm: float = Field(default=1.0, gt=0)
-    couple: bool = False
-    freeze: list[Part] = Field(default_factory=list)
-    patience: int = Field(default=3, ge=1)
-    eval_every: int = Field(default=10, ge=1)
-    seed: int = 0
-    max_length: int = Field(default=768, ge=8)
-
-
-class UpdateReport(BaseModel):
-    """What `update` did.
-
-    Attributes:
-        accepted: whether anything was kept (and `version` bumped).
-        retrieval_accepted / head_accepted: each side's outcome (None: that side had nothing to learn).
-        loss_before / loss_after: the retrieval side's contrastive loss (plus pull) on the feedback (NaN: none).
-        lm_before / lm_after: the head's judging NLL (validation, else training items) before and after.
-        steps: steps run; seconds: wall time; budget_hit: stopped by `max_seconds`.
-        stopped_early: the head stopped on validation patience.
-        train_loss / val_loss: the LM loss curve and `(step, NLL)` validation points.
-        gate_usage: mean gate weight of each component over the training inputs (None: no components).
-        version: the task embedding's version after the call.
-    """
-
-    accepted: bool
-    retrieval_accepted: bool | None = None
-    head_accepted: bool | None = None
-    loss_before: float = float("nan")
-    loss_after: float = float("nan")
-    lm_before: float | None = None
-    lm_after: float | None = None
-    steps: int = 0
-    seconds: float = 0.0
-    budget_hit: bool = False
-    stopped_early: bool = False
-    train_loss: list[float] = Field(default_factory=list)
-    val_loss: list[tuple[int, float]] = Field(default_factory=list)
-    gate_usage: list[float] | None = None
-    version: int = 0
-
+def __getattr__(name: str) -> Any:
+    """0.3's `Feedback` is `TrainingItem` (a training item; `DETOT.feedback()` is the gold signal)."""
+    if name == "Feedback":
+        warnings.warn("detot_agent.embedding.update.Feedback is deprecated; it is TrainingItem", DeprecationWarning,
+                      stacklevel=2)
+        return TrainingItem
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 def _rows(vectors: np.ndarray | None, dim: int, what: str, i: int) -> torch.Tensor:
     t = torch.as_tensor(np.asarray(vectors if vectors is not None else np.zeros((0, dim)), dtype=np.float32))
@@ -174,7 +92,7 @@ def _rows(vectors: np.ndarray | None, dim: int, what: str, i: int) -> torch.Tens
     return t
 
 
-def update(te: Trainable, feedback: Sequence[Feedback], *, engine: Any = None, val: Sequence[Feedback] = (),
+def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = None, val: Sequence[TrainingItem] = (),
            config: UpdateConfig | None = None, progress: bool = False, **overrides: Any) -> UpdateReport:
     """Train `te` in place on `feedback` (see the module docstring for the losses and rules).
 
@@ -224,7 +142,7 @@ def update(te: Trainable, feedback: Sequence[Feedback], *, engine: Any = None, v
     start = time.perf_counter()
     snap = te.state_dict()
     w_init, a_init = snap["w_init"], snap["alpha_init"]
-    move_query = train_ret or (train_head and cfg.couple and "retrieval" not in cfg.freeze)
+    move_query = train_ret or (train_head and cfg.lm_moves_retrieval and "retrieval" not in cfg.freeze)
     w = snap["w"].clone().requires_grad_(move_query)
     alpha = snap["alpha"].clone().requires_grad_(move_query)
 
@@ -280,11 +198,11 @@ def update(te: Trainable, feedback: Sequence[Feedback], *, engine: Any = None, v
 
     def prompts(e: torch.Tensor, grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
         assert head0 is not None
-        return PromptHead.mix(query(e, grad and cfg.couple), hp["p0"], hp["bank"], hp["gate"], head0.tau)
+        return PromptHead.mix(query(e, grad and cfg.lm_moves_retrieval), hp["p0"], hp["bank"], hp["gate"], head0.tau)
 
     def gate_weights(e: torch.Tensor) -> torch.Tensor:
         assert head0 is not None
-        return PromptHead.gate_weights(query(e, cfg.couple), hp["gate"], head0.tau)  # (N, M)
+        return PromptHead.gate_weights(query(e, cfg.lm_moves_retrieval), hp["gate"], head0.tau)  # (N, M)
 
     def lm_nll(enc: list[Any], e: torch.Tensor) -> float:
         with torch.no_grad():

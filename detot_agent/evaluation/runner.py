@@ -230,7 +230,7 @@ def _checkpoint_mark(program: Any) -> tuple[int, int]:
     """What a saved program must be current with: its serving version and the judgements its loop has spent
     (a rejected candidate changes no version but spends error budget)."""
     controller = getattr(program, "controller", None)
-    return getattr(program, "version", 0), getattr(controller, "tests_run", 0)
+    return getattr(program, "version", 0), getattr(controller, "judgements_spent", 0)
 
 
 class LocalExecutor:

@@ -32,7 +32,7 @@ from dspy.dsp.utils import dotdict
 from dspy.predict.parameter import Parameter
 
 from detot_agent.embedding.task_embedding import TaskEmbedding
-from detot_agent.embedding.update import Feedback, UpdateReport
+from detot_agent.embedding.update import TrainingItem, UpdateReport
 from detot_agent.errors import ArtefactError, IndexDataError
 from detot_agent.retrieval.index import ExemplarIndex
 
@@ -136,7 +136,7 @@ class TaskRetriever(Parameter):
             negatives = [h.id for h in hits if h.id not in set(helpful_ids)]
         pos = self.index.vectors(list(helpful_ids))
         neg = self.index.vectors(negatives) if negatives else np.zeros((0, self.index.dim), dtype=np.float32)
-        return self.task_embedding.update([Feedback(query=e, positives=pos, negatives=neg)], **update_kwargs)
+        return self.task_embedding.update([TrainingItem(query=e, positives=pos, negatives=neg)], **update_kwargs)
 
     # ---- DSPy state (module.save / module.load) ----------------------------------------
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Should the LM loss move the retrieval weights? `couple=False` (default) vs `couple=True` (issue 16, item 3).
+"""Should the LM loss move the retrieval weights? `lm_moves_retrieval=False` (default) vs True (0.3: `couple`; issue 16,
+item 3; the summary keeps the keys `couple=False/True`).
 
 Trains the same task embedding (per-input head, M components) on the same GSM8K train pairs with the same
 budget twice, once with the LM gradient stopped at `q(x)` and once with it flowing into `w` and `alpha`,
@@ -86,7 +87,7 @@ def main() -> int:
     for couple in (False, True):
         te = copy.deepcopy(base)
         report = te.update(tr, val=va, engine=engine, steps=args.steps, head_lr=args.lr, eval_every=10,
-                           patience=3, couple=couple, max_seconds=None, progress=False)
+                           patience=3, lm_moves_retrieval=couple, max_seconds=None, progress=False)
         after_top = top(te)
         changed = sum(set(a) != set(b) for a, b in zip(before_top, after_top, strict=True))
         row = {"accepted": report.accepted, "val_nll": [report.lm_before, report.lm_after],

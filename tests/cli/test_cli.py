@@ -101,8 +101,9 @@ def test_tune_trains_the_whole_task_embedding_and_its_artefact_serves_everywhere
 
     out = tmp_path / "te"
     result = runner.invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "12", "--model",
-                                 str(tiny_model_dir), "--k", "3", "--components", "2", "--steps", "4", "--val", "3",
-                                 "--lr", "0.05", "--out", str(out), "--device", "cpu", "--dtype", "float32"])
+                                 str(tiny_model_dir), "--virtual-tokens", "3", "--components", "2", "--steps", "4",
+                                 "--val", "3", "--lr", "0.05", "--out", str(out), "--device", "cpu",
+                                 "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.split())  # rich wraps at the terminal width
     assert "2 component(s)" in text and "gate usage" in text
@@ -139,8 +140,9 @@ def test_tune_with_demos_trains_on_the_prompts_detot_serves(tiny_model_dir, gsm8
                         update(self, items, **kw))  # observe what it trains on, then train
     out = tmp_path / "te"
     result = runner.invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "12", "--model",
-                                 str(tiny_model_dir), "--k", "2", "--steps", "2", "--val", "3", "--index", str(idx),
-                                 "--demos", "2", "--out", str(out), "--device", "cpu", "--dtype", "float32"])
+                                 str(tiny_model_dir), "--virtual-tokens", "2", "--steps", "2", "--val", "3",
+                                 "--index", str(idx), "--demos", "2", "--out", str(out), "--device", "cpu",
+                                 "--dtype", "float32"])
     assert result.exit_code == 0, result.output
     assert "2 demo(s) from" in " ".join(result.output.split())
     items, val = seen[0]
@@ -155,9 +157,11 @@ def test_tune_with_demos_trains_on_the_prompts_detot_serves(tiny_model_dir, gsm8
     assert report["demos_in_prompt"] == 2 and report["demo_index"] == str(idx)
     # without --demos the prompt is the question alone (as before)
     seen.clear()
-    assert runner.invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "8", "--model",
-                               str(tiny_model_dir), "--k", "2", "--steps", "1", "--val", "0", "--out",
-                               str(tmp_path / "te0"), "--device", "cpu", "--dtype", "float32"]).exit_code == 0
+    old = runner.invoke(app, ["tune", "--task", "arith", "--data", str(gsm8k_train), "--limit", "8", "--model",
+                              str(tiny_model_dir), "--k", "2", "--steps", "1", "--val", "0", "--out",
+                              str(tmp_path / "te0"), "--device", "cpu", "--dtype", "float32"])  # 0.3's flag
+    assert old.exit_code == 0 and "--k is deprecated: it is --virtual-tokens" in old.output
+    assert TaskEmbedding.load(tmp_path / "te0").head.k == 2
     assert all(i.example.messages is None and i.example.prompt.endswith("step by step.") for i in seen[0][0])
     # --demos without an index is refused before a model loads
     bad = runner.invoke(app, ["tune", "--task", "a", "--data", str(gsm8k_train), "--out", str(tmp_path / "x"),

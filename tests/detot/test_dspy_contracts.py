@@ -54,6 +54,51 @@ def test_get_lm_is_detots_own_and_best_of_n_samples_it_not_the_global_lm(gsm8k_i
     assert own_engine.calls > 0 and other_engine.calls == 0  # the global LM was never called
 
 
+def test_refine_samples_detots_lm_and_its_hint_reaches_detots_prompt(gsm8k_index):
+    """dspy.Refine appends its advice as a `hint_` input inside its adapter's `__call__`; DETOT, which formats
+    instead of letting the adapter call an LM, shows it too. The advice itself is DSPy's own call, on the
+    global LM (Refine's design); every DETOT sample goes to DETOT's LM."""
+    import json
+
+    from scripted import filling_lm
+
+    hint = "Count the apples Tom buys as well."
+    own, own_engine = scripted_lm(lambda text, n: "7" if hint in text else "5")
+    detot = _detot(gsm8k_index, own)
+    names = [name for name, _ in detot.named_predictors()]
+    advisor, advisor_engine = filling_lm(lambda field: json.dumps({n: hint for n in names}) if field == "advice"
+                                         else "the answer missed the bought apples")
+    refine = dspy.Refine(module=detot, N=3, reward_fn=lambda args, pred: float(pred.answer == "7"), threshold=1.0)
+    with dspy.context(lm=advisor):
+        pred = refine(question=Q)
+    assert pred.answer == "7"
+    assert any(hint in p for p in own_engine.prompts)  # the second attempt's prompt carried the hint
+    assert not any(hint in p for p in own_engine.prompts[:2])  # the first (two samples) did not
+    assert advisor_engine.calls >= 1 and all(Q not in p or "advice" in p for p in advisor_engine.prompts)
+
+
+def test_a_stream_listener_on_answer_receives_chunks_before_the_prediction(gsm8k_index):
+    from dspy.streaming import StreamListener, StreamResponse
+
+    own, engine = scripted_lm(lambda text, n: "7")
+    detot = _detot(gsm8k_index, own)
+    fields = list(next(p for _, p in detot.named_predictors()).signature.output_fields)
+    listeners = [StreamListener(signature_field_name=name) for name in fields]
+    streamed = dspy.streamify(detot, stream_listeners=listeners, async_streaming=False)
+    out = list(streamed(question=Q))
+    chunks = [o for o in out if isinstance(o, StreamResponse)]
+    (pred,) = [o for o in out if isinstance(o, dspy.Prediction)]
+    assert out[-1] is pred and pred.answer == "7" and engine.calls >= 1  # every chunk came before the prediction
+    answer = [c for c in chunks if c.signature_field_name == "answer"]
+    assert "".join(c.chunk for c in answer) == "7" and [c.is_last_chunk for c in answer] == [True]
+    # one message per field: the samples' own LM streams were not passed on as the answer
+    assert sum(c.is_last_chunk for c in chunks) == len(fields)
+    if "reasoning" in fields:
+        assert "".join(c.chunk for c in chunks if c.signature_field_name == "reasoning") == pred.reasoning
+    plain = list(dspy.streamify(detot, async_streaming=False)(question=Q + " "))  # no listener: the prediction only
+    assert not [o for o in plain if isinstance(o, StreamResponse)]
+
+
 def test_an_lm_of_another_width_than_the_soft_prompt_gets_an_error_that_says_what_to_do(gsm8k_index,
                                                                                           tiny_model_dir):
     import torch

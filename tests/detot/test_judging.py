@@ -127,7 +127,7 @@ def test_the_controller_publishes_only_a_candidate_that_replays_better(kind, acc
         assert verdict["stats"]["canary_accuracy"] == [0.3, 1.0] and "stopped_after" not in verdict["stats"]
     else:  # the constant candidate could no longer pass part-way: the replay stopped there, rejected
         assert verdict["stats"]["stopped_after"] < 16 and "stopped after" in event.reason
-    assert (ctl.state is not old) == accepted and ctl.tests_run == 1
+    assert (ctl.state is not old) == accepted and ctl.judgements_spent == 1
 
 
 def test_evidence_from_older_versions_is_not_used(encoder, gsm8k_index, monkeypatch):
@@ -260,7 +260,7 @@ def test_a_policy_is_adopted_only_when_it_replays_better_on_gold(pot, accepted, 
     assert trial.change == "policy strategy=pot" and trial.accepted == accepted, trial.reason
     assert trial.verdicts[0]["part"] == "policy" and trial.verdicts[0]["stats"]["mode"] == "gold"
     assert trial.verdicts[0]["stats"]["held_out"] == 0  # the held-out records have no gold: canary only
-    assert ctl.tests_run == 2  # the policy trial spent the error budget too
+    assert ctl.judgements_spent == 2  # the policy trial spent the error budget too
     if accepted:
         assert ctl.state.policy == Policy(strategy="pot") and ctl.state.version == old.version + 1
         assert trial.verdicts[0]["stats"]["canary_accuracy"] == [0.3, 1.0]

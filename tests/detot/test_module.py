@@ -16,7 +16,7 @@ from detot_agent import DETOT, LocalEngine, TaskProfile, analyze, local_lm
 from detot_agent.answers import extract_number
 from detot_agent.detot.adapters import PlainAdapter
 from detot_agent.detot.controller import ControllerConfig, TaskState
-from detot_agent.embedding.update import Feedback
+from detot_agent.embedding.update import TrainingItem
 from detot_agent.errors import ArtefactError, ConfigError, DetotError
 
 ARITH = TaskProfile(name="arith", description="grade-school math word problems", kind="arithmetic",
@@ -125,13 +125,13 @@ def test_save_load_reproduces_predictions(gsm8k_index, tmp_path, encoder):
     emb = copy.deepcopy(state.embedding)
     e = encoder.encode([Q])[0]
     ranked = [h.id for h in gsm8k_index.search(emb.query(e), 20)]
-    emb.update([Feedback(query=e, positives=gsm8k_index.vectors(ranked[10:13]),
+    emb.update([TrainingItem(query=e, positives=gsm8k_index.vectors(ranked[10:13]),
                          negatives=gsm8k_index.vectors(ranked[:10]))])
     emb.version = 1
     detot.controller.publish(TaskState(1, emb))
     detot.predictor.predict.demos = [dspy.Example(question="1+1?", reasoning="1+1=2", answer="2")]
     before = detot(question=Q)
-    detot.controller.tests_run = 3  # three judgements spent the loop's error budget
+    detot.controller.judgements_spent = 3  # three judgements spent the loop's error budget
     detot.save(tmp_path / "detot.json")
     fresh = make(gsm8k_index, lm)
     assert fresh(question=Q).demo_ids != before.demo_ids
@@ -144,7 +144,7 @@ def test_save_load_reproduces_predictions(gsm8k_index, tmp_path, encoder):
     after = fresh(question=Q)
     assert (after.demo_ids, after.answer, after.embedding_version) == (before.demo_ids, before.answer, 1)
     assert fresh.predictor.predict.demos[0]["question"] == "1+1?"
-    assert fresh.controller.tests_run == 3  # a resumed loop tests on at the fourth alpha, not the first
+    assert fresh.controller.judgements_spent == 3  # a resumed loop tests on at the fourth alpha, not the first
     assert not (tmp_path / "detot.json.tensors").exists()  # one file: the learned state travels inside it
     saved = json.loads((tmp_path / "detot.json").read_text())
     carried = saved["predictor.predict"]["detot"]["embedding"]
@@ -390,12 +390,13 @@ def test_a_program_saved_by_0_3_with_its_side_folder_still_loads(tmp_path, gsm8k
     emb = copy.deepcopy(st.embedding)
     emb.w = emb.w * 1.5
     detot.controller.publish(TaskState(4, emb, Policy(weighting="cisc")))
-    detot.controller.tests_run = 2
+    detot.controller.judgements_spent = 2
     state = detot.dump_state()
     for part in state.values():
         part.pop("detot", None)  # no carried block: the 0.3 layout
     state["detot"] = detot_block(detot.task, detot.adjustments, detot.controller.state, detot.index,
-                                 detot.monitor.stats(), detot.controller.tests_run)
+                                 detot.monitor.stats(), detot.controller.judgements_spent)
+    state["detot"]["tests_run"] = state["detot"].pop("judgements_spent")  # 0.3's key for the spent budget
     state["metadata"] = {"dependency_versions": {}}  # as DSPy writes it
     (tmp_path / "old.json").write_text(json.dumps(state))
     meta, tensors = detot.controller.state.embedding.to_tensors()  # 0.3's side folder, as it wrote it
@@ -403,5 +404,5 @@ def test_a_program_saved_by_0_3_with_its_side_folder_still_loads(tmp_path, gsm8k
                  meta={"version": 4, "embedding": meta}, tensors={f"embedding.{k}": v for k, v in tensors.items()})
     fresh = make(gsm8k_index, lm).load(tmp_path / "old.json")
     loaded = fresh.controller.state
-    assert (loaded.version, loaded.policy, fresh.controller.tests_run) == (4, Policy(weighting="cisc"), 2)
+    assert (loaded.version, loaded.policy, fresh.controller.judgements_spent) == (4, Policy(weighting="cisc"), 2)
     assert torch.equal(loaded.embedding.w, emb.w)

@@ -74,7 +74,7 @@ PROGRAM = textwrap.dedent('''
             st = d.controller.state
             out[name] = {"version": st.version, "p0_sum": round(float(st.embedding.head.p0.sum()), 6),
                          "policy": None if st.policy is None else st.policy.describe(),
-                         "tests_run": d.controller.tests_run, "cooldown": d.adjustments.cooldown}
+                         "judgements_spent": d.controller.judgements_spent, "cooldown": d.adjustments.cooldown}
         out["note_demos"] = len(program.note.demos)
         return out
 ''')
@@ -121,7 +121,7 @@ def _change_what_the_loop_learns(program) -> None:
         embedding.head.set(p0=embedding.head.p0 + shift * torch.ones_like(embedding.head.p0))
         policy = Policy(weighting="cisc") if d is program.solve else None
         d.controller.publish(TaskState(st.version + 3, embedding, policy))
-        d.controller.tests_run = 2
+        d.controller.judgements_spent = 2
     program.check.adjustments = program.check.adjustments.model_copy(update={"cooldown": 7})
     program.note.demos = [dspy.Example(question="1+1?", note="two")]
 

@@ -11,7 +11,7 @@ from dspy.lm15 import Config, Message, Request
 
 from detot_agent.embedding.head import PromptHead
 from detot_agent.embedding.task_embedding import TaskEmbedding
-from detot_agent.embedding.update import Feedback
+from detot_agent.embedding.update import TrainingItem
 from detot_agent.errors import ArtefactError, DetotError
 from detot_agent.io.persist import save_tensors
 from detot_agent.softprompt.loss import TuneExample, batch_loss, encode_example
@@ -35,9 +35,9 @@ def _nonzero_bank(te: TaskEmbedding, scale: float = 0.5) -> None:
     head.set(bank=torch.randn(head.bank.shape, generator=torch.Generator().manual_seed(1)) * scale)
 
 
-def _feedback(encoder, targets: list[str]) -> list[Feedback]:
+def _feedback(encoder, targets: list[str]) -> list[TrainingItem]:
     e = encoder.encode(QUESTIONS)
-    return [Feedback(query=e[i], example=TuneExample(prompt=q, target=t))
+    return [TrainingItem(query=e[i], example=TuneExample(prompt=q, target=t))
             for i, (q, t) in enumerate(zip(QUESTIONS, targets, strict=True))]
 
 
@@ -109,7 +109,7 @@ def test_update_trains_the_head_and_leaves_retrieval_alone_unless_coupled(tiny_e
         te = _te(encoder, tiny_engine)
         w0, p00 = te.w.clone(), te.head.p0.clone()
         report = te.update(fb[:4], val=fb[4:], engine=tiny_engine, steps=15, head_lr=0.05, dropout=0.0,
-                           eval_every=5, couple=couple)
+                           eval_every=5, lm_moves_retrieval=couple)
         assert report.accepted and report.head_accepted and report.lm_after < report.lm_before
         assert te.version == 1 and not torch.equal(te.head.p0, p00)
         assert te.head.bank.abs().sum() > 0 and report.gate_usage is not None and len(report.gate_usage) == 3

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from detot_agent.embedding.task_embedding import TaskEmbedding
-from detot_agent.embedding.update import Feedback
+from detot_agent.embedding.update import TrainingItem
 from detot_agent.errors import ArtefactError, ConfigError, DetotError
 
 
 def _fb(e, pos, neg):
-    return [Feedback(query=np.asarray(q), positives=p, negatives=n) for q, p, n in zip(e, pos, neg, strict=True)]
+    return [TrainingItem(query=np.asarray(q), positives=p, negatives=n) for q, p, n in zip(e, pos, neg, strict=True)]
 
 
 def test_encoder_outputs_unit_float32_and_caches_by_text(encoder):

@@ -395,9 +395,9 @@ def test_a_looping_program_is_saved_again_when_a_rejected_judgement_spends_error
 
     from detot_agent.evaluation.runner import _checkpoint_mark
 
-    program = SimpleNamespace(version=2, controller=SimpleNamespace(tests_run=1))
+    program = SimpleNamespace(version=2, controller=SimpleNamespace(judgements_spent=1))
     before = _checkpoint_mark(program)
-    program.controller.tests_run += 1  # a candidate judged and rejected: same version
+    program.controller.judgements_spent += 1  # a candidate judged and rejected: same version
     assert _checkpoint_mark(program) != before
     assert _checkpoint_mark(SimpleNamespace()) == (0, 0)  # a method without a loop
 
