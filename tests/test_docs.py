@@ -102,6 +102,12 @@ def test_the_snippets_run_verbatim_in_order_on_the_embedded_model(tmp_path):
     assert out[0][-1] == "Paris", out[0]  # a sensible answer from the embedded model
     answer, agreement = out[1][-1].split()[:2]  # one DETOT call: answer, agreement, votes, ...
     assert answer == "positive" and 0.5 <= float(agreement) <= 1  # a task the embedded model can do
+    said = {line for lines in out.values() for line in lines}
+    version = next(line for line in said if line.startswith("restored version")).split()
+    assert version[2] == version[4], version  # a parent's save and load kept DETOT's learned version
+    assert "cached True" in said  # the README's call again, from DSPy's cache
+    streamed = next(lines for lines in out.values() if any(line.startswith("prediction ") for line in lines))
+    assert streamed[0].startswith("chunk ") and streamed[-1].startswith("prediction ")  # chunks came first
     before, _, after = out[len(SNIPPETS) - 1][-1].partition(" -> ")  # soft-prompt tuning lowered the val loss
     assert float(after) <= float(before)
     for made in ("runs/detot.json", "runs/events.jsonl", "runs/sentiment-te", "runs/gsm8k-index", "runs/arith-sp",

@@ -1,5 +1,5 @@
-"""The sample drawers of a DETOT call: functions `draw(n, drawn) -> [ParsedSample]` that `vote_in_rounds`
-(`sampling.py`) calls once per round.
+"""The sample drawers of a DETOT call: `draw(n, drawn)`, pipeline steps (`steps.py`) returning `[ParsedSample]`,
+that `vote_steps` (`sampling.py`) runs once per round.
 
 - `engine_drawer`: a batched engine (torch, llama.cpp, vLLM): one `sample(n)` per round, the greedy answer
   first, the input's soft prompt in front, recorded on the LM as one DSPy call;
@@ -10,10 +10,11 @@ Plus what the program-of-thought side needs: `program_fields` (a PoT reply's fie
 (`(question, program)` demos from retrieved exemplars).
 
 Example:
+    >>> from detot_agent.detot.steps import now, run_steps
     >>> calls = []
-    >>> side = lambda name: lambda n, drawn: calls.append((name, n, drawn)) or [name] * n
+    >>> side = lambda name: lambda n, drawn: now(calls.append((name, n, drawn)) or [name] * n)
     >>> draw = pooled(side("cot"), side("pot"))
-    >>> draw(3, 0), draw(2, 3)
+    >>> run_steps(draw(3, 0)), run_steps(draw(2, 3))
     (['cot', 'cot', 'pot'], ['cot', 'pot'])
     >>> calls
     [('cot', 2, 0), ('pot', 1, 0), ('cot', 1, 2), ('pot', 1, 1)]
@@ -30,7 +31,8 @@ import torch
 
 from detot_agent.answers import format_number
 from detot_agent.detot.records import ParsedSample
-from detot_agent.detot.sampling import round_seed, sample_engine
+from detot_agent.detot.sampling import engine_request, round_seed
+from detot_agent.detot.steps import EngineCall, Steps, now
 from detot_agent.detot.strategies import parse_program, rationale_to_program
 from detot_agent.detot.task import Adjustments
 from detot_agent.engines.base import BatchedEngine
@@ -38,8 +40,8 @@ from detot_agent.engines.generation import text_seed
 
 __all__ = ["Drawer", "engine_drawer", "pooled", "pot_demos", "program_fields", "reply_parser", "rollout_drawer"]
 
-Drawer = Callable[[int, int], list[ParsedSample]]
-"""`draw(n, drawn)`: `n` more samples, `drawn` already drawn for this input."""
+Drawer = Callable[[int, int], Steps[list[ParsedSample]]]
+"""`draw(n, drawn)`: `n` more samples, `drawn` already drawn for this input (pipeline steps)."""
 Fields = dict[str, Any] | None
 KeyOf = Callable[[Fields], str | None]
 
@@ -64,14 +66,14 @@ def engine_drawer(engine: BatchedEngine, lm: Any, parse: Callable[[str], Fields]
     them into a vote key. `soft` is the input's soft prompt `(k, hidden)` or None."""
     model = lm.model if lm is not None else engine.name
 
-    def draw(n: int, drawn: int) -> list[ParsedSample]:
+    def draw(n: int, drawn: int) -> Steps[list[ParsedSample]]:
         # same input, same samples; the i-th sampled answer has the same seed however rounds split the budget
         seed = round_seed(text_seed(text) + seed_offset, drawn, greedy_first=adj.greedy_first)
         # the greedy answer votes first (and so wins ties); it shares the round's prefill
         greedy = 1 if drawn == 0 and adj.greedy_first else 0
-        out = sample_engine(engine, model, messages, n, soft_prompt=soft, seed=seed, stop=stop,
-                            temperature=adj.temperature, max_tokens=adj.max_tokens, greedy=greedy,
-                            lm=lm if record else None)
+        request = engine_request(model, messages, seed=seed, stop=stop, temperature=adj.temperature,
+                                 max_tokens=adj.max_tokens)
+        out = yield EngineCall(lm if record else None, engine, request, n, soft, greedy)
         parsed = []
         for s in out:
             fields = parse(s.text)
@@ -92,7 +94,10 @@ def rollout_drawer(predictor: Any, lm: Any, adapter: dspy.Adapter, inputs: dict[
     samples apart); its trace entries are dropped, since the call's trace records the winner only.
     """
 
-    def draw(n: int, drawn: int) -> list[ParsedSample]:
+    def draw(n: int, drawn: int) -> Steps[list[ParsedSample]]:
+        return now(rollouts(n, drawn))  # synchronous DSPy calls: no engine round to hand out
+
+    def rollouts(n: int, drawn: int) -> list[ParsedSample]:
         out = []
         for i in range(n):
             rid = next_rollout()
@@ -119,12 +124,12 @@ def pooled(cot: Drawer, pot: Drawer) -> Drawer:
     """
     taken = {"cot": 0, "pot": 0}
 
-    def draw(n: int, drawn: int) -> list[ParsedSample]:
+    def draw(n: int, drawn: int) -> Steps[list[ParsedSample]]:
         half = (n + 1) // 2
-        out = cot(half, taken["cot"])
+        out = yield from cot(half, taken["cot"])
         taken["cot"] += half
         if n - half:
-            out += pot(n - half, taken["pot"])
+            out += yield from pot(n - half, taken["pot"])
             taken["pot"] += n - half
         return out
 

@@ -21,6 +21,8 @@ Example:
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import threading
 import time
 import uuid
@@ -43,7 +45,8 @@ from detot_agent.detot.judging import Replayed
 from detot_agent.detot.monitor import Monitor, Observation
 from detot_agent.detot.persistence import CarryingPredict, PersistentModule
 from detot_agent.detot.records import Evidence, TaskState
-from detot_agent.detot.sampling import vote_in_rounds
+from detot_agent.detot.sampling import vote_steps
+from detot_agent.detot.steps import Steps, arun_steps, run_steps
 from detot_agent.detot.strategies import pot_messages
 from detot_agent.detot.streaming import stream_fields
 from detot_agent.detot.task import Adjustments, TaskProfile, analyze
@@ -270,6 +273,16 @@ class DETOT(PersistentModule):
                 empty input; `InputTypeError` for a text field given something else.
             ConfigError: no LM given or configured.
         """
+        return run_steps(self._forward_steps(*args, **inputs))
+
+    async def aforward(self, *args: Any, **inputs: Any) -> dspy.Prediction:
+        """`forward` on the event loop (`acall`, `asyncio.gather`): engine rounds are awaited (`detot/steps.py`), no
+        thread per call; an LM without a batched engine samples through DSPy calls, on a worker thread."""
+        if serving_engine(self._lm()) is None:
+            return await asyncio.to_thread(contextvars.copy_context().run, self.forward, *args, **inputs)
+        return await arun_steps(self._forward_steps(*args, **inputs))
+
+    def _forward_steps(self, *args: Any, **inputs: Any) -> Steps[dspy.Prediction]:  # engine rounds are yielded
         start = time.perf_counter()
         sig = self._checked(inputs, args)
         text = self._input_text(inputs)
@@ -288,7 +301,7 @@ class DETOT(PersistentModule):
             stream_fields(self._inner(), {name: cached.get(name) for name in sig.output_fields})
             return dspy.Prediction(**{**cached, "id": uuid.uuid4().hex[:16], "from_cache": True})
         with dspy.settings.context(send_stream=None):  # one sample's chunks are not the answer (detot/streaming.py)
-            query, demo_ids, shown, samples, result, drawn = self._answer(state, inputs, text, lm)
+            query, demo_ids, shown, samples, result, drawn = yield from self._answer(state, inputs, text, lm)
         tokens = sum(s.tokens for s in samples)
         winner = next((s for s in samples if s.key == result.winner and s.fields is not None), None)
         fields = winner.fields if winner is not None and winner.fields else {}
@@ -317,18 +330,8 @@ class DETOT(PersistentModule):
         stream_fields(self._inner(), {name: out[name] for name in sig.output_fields})
         return dspy.Prediction(**out, from_cache=False)
 
-    async def aforward(self, *args: Any, **inputs: Any) -> dspy.Prediction:
-        """`forward` for `await detot.acall(...)`, `dspy.Parallel` and `asyncio.gather`: each call runs on a worker
-        thread (DSPy's context travels with it), and concurrent calls share the engine's batches. Not yet native
-        async: the sampling rounds are synchronous code."""
-        import asyncio
-        import contextvars
-
-        context = contextvars.copy_context()
-        return await asyncio.to_thread(context.run, self.forward, *args, **inputs)
-
     def _answer(self, state: TaskState, inputs: dict[str, Any], text: str, lm: Any,
-                record: bool = True) -> tuple[Any, ...]:
+                record: bool = True) -> Steps[tuple[Any, ...]]:
         """The pipeline under one state: `(query, demo_ids, messages, samples, vote, drawn)`; with `record`,
         the engine rounds are recorded on the LM as DSPy records its calls (history, usage, callbacks)."""
         sig = self._signature()
@@ -366,7 +369,7 @@ class DETOT(PersistentModule):
         else:
             draw = drawers.rollout_drawer(self.predictor, lm, adapter, inputs, demos, adj, self._key,
                                           self._next_rollout)
-        samples, result, drawn = vote_in_rounds(draw, adj)
+        samples, result, drawn = yield from vote_steps(draw, adj)
         return query, demo_ids, messages, samples, result, drawn
 
     def _input_text(self, inputs: dict[str, Any]) -> str:
@@ -377,7 +380,7 @@ class DETOT(PersistentModule):
         """Answer `inputs` under `state` (the same seeds as a call), for judging a candidate; records nothing."""
         text = self._input_text(inputs)
         with dspy.context(disable_history=True, trace=None):  # a replay is not a call the user made
-            _, demo_ids, _, _, result, _ = self._answer(state, inputs, text, self._lm(), record=False)
+            _, demo_ids, _, _, result, _ = run_steps(self._answer(state, inputs, text, self._lm(), record=False))
         return Replayed(result.winner, result.agreement, tuple(demo_ids))
 
     def _stated_answer(self, raw: str) -> dict[str, Any] | None:

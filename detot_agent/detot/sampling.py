@@ -23,16 +23,17 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from detot_agent.detot.records import ParsedSample
+from detot_agent.detot.steps import EngineCall, Steps, now, run_steps
 from detot_agent.detot.task import Adjustments
-from detot_agent.detot.tracing import engine_round
 from detot_agent.detot.voting import VoteResult, confidence, should_stop, vote, vote_weights
 
 if TYPE_CHECKING:
     from detot_agent.engines.base import BatchedEngine, Sample
 
-__all__ = ["round_seed", "sample_engine", "vote_in_rounds"]
+__all__ = ["engine_request", "round_seed", "sample_engine", "vote_in_rounds", "vote_steps"]
 
 Draw = Callable[[int, int], list[ParsedSample]]  # (n to draw, drawn so far) -> n parsed samples
+StepDraw = Callable[[int, int], Steps[list[ParsedSample]]]  # the same, as pipeline steps
 
 
 def round_seed(base: int, drawn: int, *, greedy_first: bool) -> int:
@@ -58,11 +59,17 @@ def vote_in_rounds(draw: Draw, adj: Adjustments) -> tuple[list[ParsedSample], Vo
 
     Returns `(samples, vote, drawn)`.
     """
+    return run_steps(vote_steps(lambda n, drawn: now(draw(n, drawn)), adj))
+
+
+def vote_steps(draw: StepDraw, adj: Adjustments) -> Steps[tuple[list[ParsedSample], VoteResult, int]]:
+    """`vote_in_rounds` as pipeline steps (`detot/steps.py`): `draw(n, drawn)` is itself a step generator that
+    yields the engine rounds it needs."""
     samples: list[ParsedSample] = []
     drawn = 0
     while True:
         n = adj.min_samples if drawn == 0 else min(adj.round_size, adj.max_samples - drawn)
-        samples += draw(n, drawn)
+        samples += yield from draw(n, drawn)
         drawn += n
         keys = [s.key for s in samples]
         counted = vote(keys)
@@ -84,11 +91,17 @@ def sample_engine(engine: BatchedEngine, model: str, messages: list[dict[str, st
                   greedy: int = 0, lm: Any = None) -> list[Sample]:
     """`n` completions of chat `messages` from one prefill, the first `greedy` of them greedy; recorded
     on `lm` (history, usage, callbacks) as one LM call when given (`detot/tracing.py`)."""
+    request = engine_request(model, messages, seed=seed, stop=stop, temperature=temperature, max_tokens=max_tokens)
+    return EngineCall(lm, engine, request, n, soft_prompt, greedy).run()
+
+
+def engine_request(model: str, messages: list[dict[str, str]], *, seed: int, stop: tuple[str, ...],
+                   temperature: float, max_tokens: int) -> Any:
+    """DSPy's canonical `Request` for chat `messages` (system turns joined into its system prompt)."""
     from dspy.lm15 import Config, Message, Request
 
     system = "\n".join(m["content"] for m in messages if m["role"] == "system")
     chat = tuple(Message.user(m["content"]) if m["role"] == "user" else Message.assistant(m["content"])
                  for m in messages if m["role"] != "system")
     config = Config(temperature=temperature, max_tokens=max_tokens, seed=seed, stop=stop)
-    request = Request(model=model, messages=chat, system=system or None, config=config)
-    return engine_round(lm, engine, request, n, soft_prompt=soft_prompt, greedy=greedy)
+    return Request(model=model, messages=chat, system=system or None, config=config)

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
 
     from detot_agent.engines.base import BatchedEngine, Sample
 
-__all__ = ["engine_round", "record_trace"]
+__all__ = ["aengine_round", "engine_round", "record_trace"]
 
 logger = logging.getLogger(__name__)
 
@@ -60,47 +60,76 @@ def engine_round(lm: Any, engine: BatchedEngine, request: Request, n: int, *, so
     """
     if lm is None:
         return engine.sample(request, n, soft_prompt=soft_prompt, greedy=greedy)
-    cfg = request.config
-    kwargs = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "seed": cfg.seed, "n": n,
-              "greedy": greedy, "soft_prompt": None if soft_prompt is None else tuple(soft_prompt.shape)}
-    messages = _history_messages(request)
-    callbacks = _callbacks(lm)
-    call_id = uuid.uuid4().hex
-    for cb in callbacks:
-        try:
-            cb.on_lm_start(call_id=call_id, instance=lm, inputs={"prompt": None, "messages": messages,
-                                                                  "kwargs": kwargs})
-        except Exception as exc:  # DSPy's rule: a failing callback is logged, never fails the call
-            logger.warning("callback %r failed on_lm_start: %s", cb, exc)
-    parent = dspy_callback.ACTIVE_CALL_ID.get()
-    dspy_callback.ACTIVE_CALL_ID.set(call_id)
+    call = _RecordedCall(lm, request, n, soft_prompt, greedy)
     samples: list[Sample] = []
-    error: BaseException | None = None
     try:
         samples = engine.sample(request, n, soft_prompt=soft_prompt, greedy=greedy)
     except BaseException as exc:
-        error = exc
+        call.end([], exc)
         raise
-    finally:
-        dspy_callback.ACTIVE_CALL_ID.set(parent)
-        outputs = [s.text for s in samples]
-        for cb in callbacks:
+    call.end(samples, None)
+    return samples
+
+
+async def aengine_round(lm: Any, engine: BatchedEngine, request: Request, n: int, *, soft_prompt: Any,
+                        greedy: int) -> list[Sample]:
+    """`engine_round` awaited on the event loop (`engine.asample`)."""
+    if lm is None:
+        return await engine.asample(request, n, soft_prompt=soft_prompt, greedy=greedy)
+    call = _RecordedCall(lm, request, n, soft_prompt, greedy)
+    samples: list[Sample] = []
+    try:
+        samples = await engine.asample(request, n, soft_prompt=soft_prompt, greedy=greedy)
+    except BaseException as exc:
+        call.end([], exc)
+        raise
+    call.end(samples, None)
+    return samples
+
+
+class _RecordedCall:
+    """One engine round as DSPy records an LM call: `on_lm_start` when built, `end` runs `on_lm_end` and writes
+    usage and history."""
+
+    def __init__(self, lm: Any, request: Request, n: int, soft_prompt: Any, greedy: int) -> None:
+        cfg = request.config
+        self.lm, self.request = lm, request
+        self.kwargs = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens, "seed": cfg.seed, "n": n,
+                       "greedy": greedy, "soft_prompt": None if soft_prompt is None else tuple(soft_prompt.shape)}
+        self.messages = _history_messages(request)
+        self.callbacks = _callbacks(lm)
+        self.call_id = uuid.uuid4().hex
+        for cb in self.callbacks:
             try:
-                cb.on_lm_end(call_id=call_id, outputs=outputs if error is None else None, exception=error)
+                cb.on_lm_start(call_id=self.call_id, instance=lm, inputs={"prompt": None, "messages": self.messages,
+                                                                           "kwargs": self.kwargs})
+            except Exception as exc:  # DSPy's rule: a failing callback is logged, never fails the call
+                logger.warning("callback %r failed on_lm_start: %s", cb, exc)
+        self.parent = dspy_callback.ACTIVE_CALL_ID.get()
+        dspy_callback.ACTIVE_CALL_ID.set(self.call_id)
+
+    def end(self, samples: list[Sample], error: BaseException | None) -> None:
+        dspy_callback.ACTIVE_CALL_ID.set(self.parent)
+        outputs = [s.text for s in samples]
+        for cb in self.callbacks:
+            try:
+                cb.on_lm_end(call_id=self.call_id, outputs=outputs if error is None else None, exception=error)
             except Exception as exc:
                 logger.warning("callback %r failed on_lm_end: %s", cb, exc)
-    prompt = samples[0].input_tokens if samples else 0
-    completion = sum(s.output_tokens for s in samples)
-    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
-    if dspy.settings.usage_tracker:
-        dspy.settings.usage_tracker.add_usage(lm.model, usage)
-    if not dspy.settings.disable_history:
-        lm.update_history({
-            "prompt": None, "messages": messages, "kwargs": kwargs, "response": None, "outputs": outputs,
-            "usage": usage, "cost": None, "timestamp": datetime.datetime.now().isoformat(),
-            "uuid": str(uuid.uuid4()), "model": lm.model, "response_model": lm.model,
-            "model_type": getattr(lm, "model_type", "chat"), "request": request})
-    return samples
+        if error is not None:
+            return
+        lm = self.lm
+        prompt = samples[0].input_tokens if samples else 0
+        completion = sum(s.output_tokens for s in samples)
+        usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        if dspy.settings.usage_tracker:
+            dspy.settings.usage_tracker.add_usage(lm.model, usage)
+        if not dspy.settings.disable_history:
+            lm.update_history({
+                "prompt": None, "messages": self.messages, "kwargs": self.kwargs, "response": None,
+                "outputs": outputs, "usage": usage, "cost": None, "timestamp": datetime.datetime.now().isoformat(),
+                "uuid": str(uuid.uuid4()), "model": lm.model, "response_model": lm.model,
+                "model_type": getattr(lm, "model_type", "chat"), "request": self.request})
 
 
 def record_trace(predictor: Any, inputs: dict[str, Any], outputs: dict[str, Any]) -> None:

@@ -233,12 +233,15 @@ class BatchedEngine(RequestBuilder):
     def _decode(self, row: GenRow) -> list[GenOutput]:
         if not self.config.dynamic_batching:
             return self._run([row])[0]
+        return self._batcher_now().submit(row).result()
+
+    def _batcher_now(self) -> DynamicBatcher:
+        """The dynamic batcher, started on first use."""
         with self._batcher_lock:
             if self._batcher is None:
                 self._batcher = DynamicBatcher(self._run, max_batch_size=self.config.max_batch_size,
                                                max_wait_ms=self.config.max_wait_ms)
-            batcher = self._batcher
-        return batcher.submit(row).result()
+            return self._batcher
 
     def sample(self, request: Request, n: int, *, soft_prompt: torch.Tensor | None = None,
                greedy: int = 0) -> list[Sample]:
@@ -252,12 +255,29 @@ class BatchedEngine(RequestBuilder):
             greedy: the first `greedy` samples are greedy whatever the temperature (the same prefill
                 serves a greedy answer and sampled ones; sampled sample j uses seed + j - greedy).
         """
+        row = self._sample_row(request, n, soft_prompt, greedy)
+        return self._samples(row, self._decode(row))
+
+    async def asample(self, request: Request, n: int, *, soft_prompt: torch.Tensor | None = None,
+                      greedy: int = 0) -> list[Sample]:
+        """`sample`, awaited on the event loop: the row joins the dynamic batcher's queue and the caller awaits
+        its future (no thread per call); without dynamic batching the batch of one runs in a worker thread."""
+        row = self._sample_row(request, n, soft_prompt, greedy)
+        if not self.config.dynamic_batching:
+            return self._samples(row, await asyncio.to_thread(lambda: self._run([row])[0]))
+        return self._samples(row, await asyncio.wrap_future(self._batcher_now().submit(row)))
+
+    def _sample_row(self, request: Request, n: int, soft_prompt: torch.Tensor | None, greedy: int) -> GenRow:
         row = self.build_row(request, n=n, soft_prompt=soft_prompt)
         if isinstance(greedy, bool) or not isinstance(greedy, int) or not 0 <= greedy <= n:
             raise InvalidRequestError(f"greedy must be an integer from 0 to n ({n}), got {greedy!r}")
         row.greedy = greedy
+        return row
+
+    @staticmethod
+    def _samples(row: GenRow, outputs: list[GenOutput]) -> list[Sample]:
         prompt = len(row.prompt_ids) + (0 if row.soft_prompt is None else int(row.soft_prompt.shape[0]))
-        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason, prompt) for o in self._decode(row)]
+        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason, prompt) for o in outputs]
 
     def complete(self, request: Request) -> Response:
         """DSPy engine entry point: one request, one response (with token usage)."""

@@ -117,26 +117,45 @@ def test_an_lm_of_another_width_than_the_soft_prompt_gets_an_error_that_says_wha
         detot(question=Q)
 
 
-def test_acall_answers_as_call_does_and_concurrent_acalls_share_the_engines_batches(gsm8k_index, long_tiny_model_dir):
+def test_acall_runs_on_the_event_loop_batches_in_the_engine_and_answers_as_call_does(gsm8k_index,
+                                                                                      long_tiny_model_dir):
     import asyncio
+    import threading
 
     from scripted import scripted_local_lm
 
-    questions = [f"Sam has {i} pens and gets 2 more. How many pens?" for i in range(8)]
-    lm, engine = scripted_local_lm(long_tiny_model_dir, lambda text, n: "7", plain=True)
+    questions = [f"Sam has {i} pens and gets 2 more. How many pens?" for i in range(16)]
+    lm, engine = scripted_local_lm(long_tiny_model_dir, lambda text, n: str(7 + len(text) % 3), plain=True)
     engine.config.dynamic_batching = True
     engine.config.max_wait_ms = 200.0
     detot = DETOT("question -> answer", task=ARITH, index=gsm8k_index, lm=lm, background=False,
                   adapter=PlainAdapter(), soft_prompt=False,
                   adjustments=analyze(ARITH, stopping="fixed", max_samples=2, k_exemplars=0))
     sync = [detot(question=q) for q in questions]
+    sync_rows = len(engine.rows)
+
+    class Where(dspy.utils.callback.BaseCallback):  # the thread each engine round starts on
+        def __init__(self):
+            self.threads = []
+
+        def on_lm_start(self, call_id, instance, inputs):
+            self.threads.append(threading.get_ident())
+
+    where = Where()
 
     async def all_at_once():
-        return await asyncio.gather(*(detot.acall(question=q) for q in questions))
+        loop_thread = threading.get_ident()
+        with dspy.context(callbacks=[where]):
+            preds = await asyncio.gather(*(detot.acall(question=q) for q in questions))
+        return preds, loop_thread
 
-    together = asyncio.run(all_at_once())
+    before = dict(engine.batch_stats)
+    together, loop_thread = asyncio.run(all_at_once())
     assert [(p.answer, p.votes) for p in together] == [(p.answer, p.votes) for p in sync]
-    assert engine.batch_stats["largest"] > 1  # concurrent calls were decoded together
+    assert len(where.threads) == len(questions) and set(where.threads) == {loop_thread}  # on the event loop
+    assert len(engine.rows) - sync_rows == len(questions)  # one round of two samples per question
+    assert engine.batch_stats["largest"] > 1 and engine.batch_stats != before  # decoded together
+    assert len(lm.history) >= len(questions)  # recorded on the LM as calls, as the sync path records them
 
 
 def test_the_same_call_under_the_same_state_is_answered_from_dspys_cache(gsm8k_index, long_tiny_model_dir):
