@@ -201,3 +201,47 @@ def bench_loop(
                   f"{len(reopts)} re-optimization(s) ran during the busy phase "
                   f"({result['busy_share']:.0%} of it), " + ", ".join(f"{r['seconds']:.0f}s" for r in reopts))
     _write(json_path, result)
+
+
+@bench_app.command("serve")
+def bench_serve(
+    model: ModelOpt = None,
+    data: Annotated[Path | None, typer.Option(help="GSM8K JSONL for questions and demos (default: GSM8K "
+                                                   "train).")] = None,
+    schedulers: Annotated[str, typer.Option(help="llama.cpp schedulers, comma-separated: static, "
+                                                 "continuous.")] = "static,continuous",
+    problems: Annotated[int, typer.Option(help="DETOT-shaped problems.", min=1)] = 8,
+    concurrency: Annotated[int, typer.Option(help="Problems in flight.", min=1)] = 4,
+    rounds: Annotated[int, typer.Option(help="Voting rounds per problem (the same prompt).", min=1)] = 3,
+    round_size: Annotated[int, typer.Option(help="Samples per round.", min=1)] = 2,
+    demos: Annotated[int, typer.Option(help="Worked answers in front of each question.", min=0)] = 3,
+    single: Annotated[int, typer.Option(help="Plain single requests, one after another.", min=1)] = 8,
+    max_tokens: Annotated[int, typer.Option(help="New tokens per sample.", min=1)] = 96,
+    prefix_cache: Annotated[int, typer.Option(help="Prompts the continuous scheduler keeps.", min=0)] = 4,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
+) -> None:
+    """llama.cpp's static and continuous schedulers under a DETOT-shaped load and a single-request load."""
+    from detot_agent.cli.bench.serve import SCHEDULERS, run_serve_bench
+
+    wanted = [s.strip() for s in schedulers.split(",") if s.strip()]
+    if not wanted or any(s not in SCHEDULERS for s in wanted):
+        raise ConfigError(f"--schedulers takes static and/or continuous, comma-separated; got {schedulers!r}")
+    result = run_serve_bench(model=model, data=data or default_gsm8k("train.jsonl"), schedulers=wanted,
+                             problems=problems, concurrency=concurrency, rounds=rounds, round_size=round_size,
+                             demos=demos, single=single, max_tokens=max_tokens, prefix_cache=prefix_cache)
+    table = Table(title=f"serving {result['model']}: {problems} problems x {rounds} rounds of {round_size}, "
+                        f"{concurrency} in flight, {demos} demos ({result['prompt_tokens']}-token prompts), "
+                        f"{result['cpus']} CPUs")
+    for col in ("scheduler", "DETOT-shaped tok/s", "round p50 s", "round p99 s", "prompt tokens prefilled",
+                "prefix hit rate", "single p50 s", "single p99 s", "peak RSS MB"):
+        table.add_column(col, justify="left" if col == "scheduler" else "right")
+    for name, row in result["schedulers"].items():
+        d, s = row["detot"], row["single"]
+        table.add_row(name, f"{d['tok_s']:.1f}", f"{d['p50_round_s']:.2f}", f"{d['p99_round_s']:.2f}",
+                      str(d["prompt_tokens_prefilled"]), f"{row['stats'].get('prefix_hit_rate', 0.0):.2f}",
+                      f"{s['p50_s']:.2f}", f"{s['p99_s']:.2f}", f"{row['peak_rss_mb']:.0f}")
+    console.print(table)
+    if "speedup_detot_tok_s" in result:
+        console.print(f"continuous / static: DETOT-shaped tok/s [bold]{result['speedup_detot_tok_s']:.2f}x[/], "
+                      f"single-request p99 [bold]{result['single_p99_ratio']:.2f}x[/]")
+    _write(json_path, result)

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from detot_agent.config import StrictModel
 
-__all__ = ["DType", "Device", "EngineConfig", "ExtraBuffers", "Overflow"]
+__all__ = ["DType", "Device", "EngineConfig", "ExtraBuffers", "Overflow", "Scheduler"]
 
 
 class Device(str, Enum):
@@ -65,6 +65,16 @@ class ExtraBuffers(str, Enum):
     OFF = "off"
 
 
+class Scheduler(str, Enum):
+    """How llama.cpp's batches are formed. `continuous` (default): rows join and leave the running batch at
+    every decode step, and prompts already computed are reused from the prefix cache
+    (`engines/llamacpp_scheduler.py`). `static`: a batch is gathered, decoded to its longest sequence, then
+    the next is formed (`engines/batching.py`; the torch engine always batches this way)."""
+
+    CONTINUOUS = "continuous"
+    STATIC = "static"
+
+
 class EngineConfig(StrictModel):
     """Settings of `LocalEngine`.
 
@@ -87,6 +97,11 @@ class EngineConfig(StrictModel):
         extra_buffers: (llama.cpp) `auto`, `on` or `off`: may the weights go into llama.cpp's extra CPU
             buffer types (repacked, AMX)? `auto` is off on CPUs where llama.cpp reports AMX (it crashes
             there) and on elsewhere; see `ExtraBuffers` and `engines/llamacpp_load.py`.
+        scheduler: (llama.cpp) `continuous` or `static` batching (see `Scheduler`); with `continuous`,
+            `max_batch_size` is the most sequences running at once and `max_wait_ms` how long an idle
+            scheduler waits for company after the first request.
+        prefix_cache: (llama.cpp, continuous) prompts whose KV is kept for reuse, least recently used evicted
+            first; each takes one more stream of `n_ctx` cells (0: no cache).
     """
 
     model: str | None = None
@@ -101,3 +116,5 @@ class EngineConfig(StrictModel):
     n_ctx: int = Field(default=2048, ge=0)
     n_threads: int | None = Field(default=None, ge=1)
     extra_buffers: ExtraBuffers = ExtraBuffers.AUTO
+    scheduler: Scheduler = Scheduler.CONTINUOUS
+    prefix_cache: int = Field(default=4, ge=0, le=64)

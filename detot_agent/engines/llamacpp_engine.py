@@ -33,7 +33,7 @@ import torch
 from dspy.lm15 import Request
 
 from detot_agent.engines.base import BatchedEngine
-from detot_agent.engines.config import EngineConfig
+from detot_agent.engines.config import EngineConfig, Scheduler
 from detot_agent.engines.generation import (
     GenOutput,
     GenRow,
@@ -45,6 +45,7 @@ from detot_agent.engines.generation import (
 )
 from detot_agent.engines.llamacpp_load import BufferChoice
 from detot_agent.engines.llamacpp_runtime import LlamaContext
+from detot_agent.engines.llamacpp_scheduler import ContinuousScheduler
 from detot_agent.engines.models import load_tokenizer
 from detot_agent.errors import ConfigError, ContextLengthError
 from detot_agent.softprompt.registry import SoftPromptRegistry
@@ -74,17 +75,38 @@ class LlamaCppEngine(BatchedEngine):
         if self.source.gguf_file is None:
             raise ConfigError(f"the llama.cpp engine serves .gguf files; {self.source.spec!r} is a "
                               f"{self.source.kind}: pass a .gguf file or engine='torch'")
+        continuous = self.config.scheduler is Scheduler.CONTINUOUS and self.config.dynamic_batching
+        cached = self.config.prefix_cache if continuous else 0  # reserved streams beside the running ones
         self._ctx = LlamaContext(f"{self.source.location}/{self.source.gguf_file}", n_ctx=self.config.n_ctx,
-                                 n_seq_max=self.config.max_batch_size, n_threads=self.config.n_threads,
+                                 n_seq_max=self.config.max_batch_size + cached, n_threads=self.config.n_threads,
                                  extra_buffers=self.config.extra_buffers)
+        self._continuous = continuous
         self._tokenizer = load_tokenizer(self.source)
         specials = set(self._tokenizer.all_special_ids)
         eos = {i for i in specials if 0 <= i < self._ctx.n_vocab and self._ctx.is_eog(i)}
         if self._tokenizer.eos_token_id is not None:
             eos.add(self._tokenizer.eos_token_id)
         self.eos_ids: set[int] = eos
-        self.prompt_tokens_decoded = 0  # prompt positions prefilled so far (soft prompt included)
+        self._static_prompt_tokens = 0  # prompt positions the static path prefilled (soft prompt included)
         self._embedding_table: Any = None
+
+    @property
+    def prompt_tokens_decoded(self) -> int:
+        """Prompt positions prefilled so far (soft prompts included), by either scheduler; prefix-cache hits
+        are not counted (they are `batch_stats["prompt_tokens_reused"]`)."""
+        stats = self.batch_stats if self._continuous else {}
+        return self._static_prompt_tokens + int(stats.get("prompt_tokens_decoded", 0))
+
+    def _batcher_now(self) -> Any:
+        """The static batcher, or (`scheduler="continuous"`) the continuous scheduler, started on first use."""
+        if not self._continuous:
+            return super()._batcher_now()
+        with self._batcher_lock:
+            if self._batcher is None:
+                self._batcher = ContinuousScheduler(  # type: ignore[assignment]
+                    self._ctx, self._tokenizer, self.eos_ids, max_running=self.config.max_batch_size,
+                    prefix_cache=self.config.prefix_cache, max_wait_ms=self.config.max_wait_ms, lock=self._gen_lock)
+            return self._batcher
 
     @property
     def tokenizer(self) -> Any:
@@ -142,7 +164,7 @@ class LlamaCppEngine(BatchedEngine):
             for group in self._groups(parts):
                 outs = generate_rows_llamacpp(self._ctx, self.tokenizer, [part for _, part in group],
                                               eos_ids=self.eos_ids)
-                self.prompt_tokens_decoded += sum(len(part.prompt_ids) + _k(part) for _, part in group)
+                self._static_prompt_tokens += sum(len(part.prompt_ids) + _k(part) for _, part in group)
                 for (owner, _), out in zip(group, outs, strict=True):
                     results[owner] += out  # a row's parts run in order, so its samples stay in order
             return results
@@ -164,7 +186,7 @@ class LlamaCppEngine(BatchedEngine):
         if prompt + row.max_new_tokens > self._ctx.n_ctx:
             raise ContextLengthError(f"prompt of {prompt} positions plus {row.max_new_tokens} new tokens does not fit "
                                      f"llama.cpp's {self._ctx.n_ctx} cells a sequence; raise n_ctx or lower max_tokens")
-        fit = self._ctx.n_seq_max
+        fit = self.config.max_batch_size  # the running streams (the prefix cache's are not used here)
         parts = []
         for start in range(0, row.n, fit):
             n = min(fit, row.n - start)
@@ -178,7 +200,7 @@ class LlamaCppEngine(BatchedEngine):
         groups: list[list[tuple[int, GenRow]]] = []
         seqs = 0
         for owner, part in parts:
-            if groups and seqs + part.n <= self._ctx.n_seq_max:
+            if groups and seqs + part.n <= self.config.max_batch_size:
                 groups[-1].append((owner, part))
                 seqs += part.n
             else:

@@ -85,6 +85,7 @@ class LlamaContext:
         self._mem = lib.llama_get_memory(ctx)
         self.n_seq_max = n_seq_max
         self.n_ctx = int(lib.llama_n_ctx(ctx)) // n_seq_max  # cells per sequence, after llama.cpp's rounding
+        self.epoch = 0
 
     def close(self) -> None:
         """Free the context and the model (idempotent)."""
@@ -105,8 +106,9 @@ class LlamaContext:
 
     # ---- the KV cache -----------------------------------------------------------------
     def clear(self) -> None:
-        """Empty every sequence."""
+        """Empty every sequence (`epoch` counts the clears, so a scheduler can tell its streams were wiped)."""
         self._lib.llama_memory_clear(self._mem, True)
+        self.epoch += 1
 
     def seq_cp(self, src: int, dst: int) -> None:
         """Give sequence `dst` a copy of everything sequence `src` holds (done before the next decode)."""
@@ -115,6 +117,10 @@ class LlamaContext:
     def seq_rm(self, seq: int) -> None:
         """Drop sequence `seq`, freeing its cells."""
         self._lib.llama_memory_seq_rm(self._mem, seq, -1, -1)
+
+    def seq_rm_from(self, seq: int, pos: int) -> None:
+        """Drop the positions `pos..` of sequence `seq` (its prefix stays)."""
+        self._lib.llama_memory_seq_rm(self._mem, seq, pos, -1)
 
     # ---- decoding --------------------------------------------------------------------
     def decode_embeddings(self, parts: list[tuple[np.ndarray, int, int]]) -> None:

@@ -91,18 +91,19 @@ def test_per_row_soft_prompts_in_one_batch_give_each_row_what_it_gives_alone(cpp
     assert [o[0].logprob for o in together] == pytest.approx([o[0].logprob for o in alone], abs=1e-3)
 
 
-def test_n_samples_share_one_prefill(cpp):
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_n_samples_share_one_prefill(tiny_gguf, scheduler):
+    engine = LlamaCppEngine(str(tiny_gguf), max_batch_size=8, scheduler=scheduler)
     req = _req("Tom has 3 apples", temperature=0.9, seed=1, max_tokens=6)
-    prompt = len(cpp.render(req)) + 4
-    before = cpp.prompt_tokens_decoded
-    samples = cpp.sample(req, 5, soft_prompt=_soft())
+    prompt = len(engine.render(req)) + 4
+    samples = engine.sample(req, 5, soft_prompt=_soft())
     assert len(samples) == 5 and len({s.text for s in samples}) > 1
-    assert cpp.prompt_tokens_decoded - before == prompt  # once, not five times
-    # the violation is visible: five separate requests prefill five times
-    before = cpp.prompt_tokens_decoded
+    assert engine.prompt_tokens_decoded == prompt  # once, not five times
+    # five separate requests: the static scheduler prefills five times, the continuous one reuses the cached prompt
     for _ in range(5):
-        cpp.sample(req, 1, soft_prompt=_soft())
-    assert cpp.prompt_tokens_decoded - before == 5 * prompt
+        engine.sample(req, 1, soft_prompt=_soft())
+    assert engine.prompt_tokens_decoded == (6 if scheduler == "static" else 1) * prompt
+    engine.close()
 
 
 def test_concurrent_requests_are_batched_and_match_one_by_one(tiny_gguf, cpp):

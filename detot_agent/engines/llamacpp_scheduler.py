@@ -1,0 +1,472 @@
+"""Continuous batching with a prefix cache for `LlamaCppEngine` (`EngineConfig.scheduler = "continuous"`).
+
+One worker thread owns the llama.cpp context. The scheduling rule, at every step:
+
+1. **admit**: waiting rows join while free sequence slots last (a row of n samples takes n slots; at most
+   `max_batch_size` sequences run). When nothing runs, the first arrival waits up to `max_wait_ms` for
+   company, so requests sent together are prefilled together. A row of more than `max_batch_size` samples
+   runs in parts, one after another (each sample keeps its seed and greedy flag).
+2. **prefill** the admitted rows: each row's input (its soft prompt's content, then its token ids) is looked
+   up in the **prefix cache**. An exact hit copies the cached KV stream into the row's first slot and reuses
+   the stored logits of its last position (nothing is decoded); a hit on a prefix copies it, drops the
+   cached positions past the prefix and decodes only the rest; a miss decodes everything. The soft prompts of
+   all misses go in one embeddings batch, every row's remaining tokens in one token batch. A freshly
+   prefilled prompt is then stored in the cache (LRU over `prefix_cache` reserved streams), and the row's
+   first slot is copied to its other samples (one prefill per row, as before).
+3. **decode** one token for every running sequence together; a sequence that finishes leaves at once and
+   frees its slot, and a row's future resolves as soon as its own samples are done.
+
+Cache keys are the exact input: a hash of the soft prompt's values (so a new soft-prompt version, whose
+values differ, never hits an old entry) and the token ids. Sampling, seeds, stop strings, log-probabilities
+and usage are the static path's (`generate_rows_llamacpp`): a row's output does not depend on when it joined
+or on its batch-mates (tested on a float32 GGUF). A cancelled future's sequences are dropped at the next
+step; an error in one row fails that row only; `close()` fails what is in flight with `EngineClosedError`.
+
+Example:
+    >>> from detot_agent import LlamaCppEngine
+    >>> engine = LlamaCppEngine("model.gguf", scheduler="continuous", prefix_cache=4)  # doctest: +SKIP
+    >>> engine.batch_stats["prefix_hits"]                                                # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import hashlib
+import queue
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from detot_agent.engines.generation import (
+    GenOutput,
+    GenRow,
+    _pick,
+    finish_text,
+    sample_ranks,
+    seeded_generators,
+    stop_in_tail,
+)
+from detot_agent.engines.llamacpp_runtime import LlamaContext
+from detot_agent.errors import EngineClosedError
+
+__all__ = ["ContinuousScheduler", "SchedulerStats"]
+
+
+class SchedulerStats:
+    """Counters of the continuous scheduler (read them for benchmarks and tests)."""
+
+    def __init__(self) -> None:
+        self.batches = 0  # decode steps
+        self.rows = 0
+        self.sequences = 0  # sequence-steps decoded
+        self.largest = 0
+        self.prefix_hits = 0
+        self.prefix_partial_hits = 0
+        self.prefix_misses = 0
+        self.prompt_tokens_reused = 0
+        self.prompt_tokens_decoded = 0
+        self.evictions = 0
+
+    def as_dict(self) -> dict[str, float]:
+        """Counts plus the mean number of sequences per decode step and the prefix hit rate."""
+        lookups = self.prefix_hits + self.prefix_partial_hits + self.prefix_misses
+        return {"batches": self.batches, "rows": self.rows, "sequences": self.sequences, "largest": self.largest,
+                "mean_sequences_per_batch": self.sequences / self.batches if self.batches else 0.0,
+                "prefix_hits": self.prefix_hits, "prefix_partial_hits": self.prefix_partial_hits,
+                "prefix_misses": self.prefix_misses,
+                "prefix_hit_rate": (self.prefix_hits + self.prefix_partial_hits) / lookups if lookups else 0.0,
+                "prompt_tokens_reused": self.prompt_tokens_reused,
+                "prompt_tokens_decoded": self.prompt_tokens_decoded, "evictions": self.evictions}
+
+
+@dataclass
+class _Entry:
+    """One cached prompt: the reserved stream holding its KV, its key, and the logits after its last token."""
+
+    seq: int
+    soft: str | None = None
+    ids: tuple[int, ...] = ()
+    k: int = 0
+    logits: np.ndarray | None = None
+
+
+class PrefixCache:
+    """Prompts whose KV is kept in `len(seqs)` reserved streams, least recently used evicted first."""
+
+    def __init__(self, seqs: list[int], min_prefix: int = 16) -> None:
+        self.free = list(seqs)
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()  # seq -> entry, oldest first
+        self.min_prefix = min_prefix
+
+    def lookup(self, soft: str | None, ids: tuple[int, ...]) -> tuple[_Entry | None, int]:
+        """The entry sharing the longest token prefix with `ids` under the same soft prompt, and that length (an
+        exact match, or a prefix of at least `min_prefix` tokens; otherwise `(None, 0)`)."""
+        best, length = None, 0
+        for entry in self.entries.values():
+            if entry.soft != soft:
+                continue
+            n = _common(entry.ids, ids)
+            if n > length and (n == len(ids) == len(entry.ids) or n >= self.min_prefix):
+                best, length = entry, n
+        if best is not None:
+            self.entries.move_to_end(best.seq)
+        return best, length
+
+    def reset(self) -> None:
+        """Forget every entry (their streams were cleared)."""
+        self.free += list(self.entries)
+        self.entries.clear()
+
+    def slot(self, protect: set[int]) -> tuple[int | None, bool]:
+        """A stream for a new entry: a free one, else the least recently used outside `protect`; `(seq, evicted)`."""
+        if self.free:
+            return self.free.pop(), False
+        for seq in self.entries:
+            if seq not in protect:
+                del self.entries[seq]
+                return seq, True
+        return None, False
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+@dataclass
+class _Job:
+    """One row (or one part of a row) in the scheduler, with its sequences' decoding state."""
+
+    row: GenRow
+    request: _Request
+    part: int
+    slots: list[int] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    logprob: list[float] = field(default_factory=list)
+    finish: list[str] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor | None] = field(default_factory=list)
+    active: list[bool] = field(default_factory=list)
+    generators: list[Any] = field(default_factory=list)
+    rank: list[int] = field(default_factory=list)
+
+
+class _Request:
+    """A submitted row: its future and the outputs of its parts as they finish."""
+
+    def __init__(self, future: Future[list[GenOutput]], parts: int) -> None:
+        self.future = future
+        self.outputs: list[list[GenOutput] | None] = [None] * parts
+        self.failed = False
+
+    def done(self, part: int, outputs: list[GenOutput]) -> None:
+        self.outputs[part] = outputs
+        if not self.failed and all(o is not None for o in self.outputs) and not self.future.done():
+            self.future.set_result([o for part_out in self.outputs for o in (part_out or [])])
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed = True
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class ContinuousScheduler:
+    """Continuous batching over one `LlamaContext` (see the module docstring for the rule).
+
+    Args:
+        ctx: the context; its first `max_running` sequence ids are the running slots, the next
+            `prefix_cache` ones hold cached prompts.
+        tokenizer / eos_ids: for stop strings and the finished text.
+        max_running: most sequences decoded together.
+        prefix_cache: prompts kept (0: no cache).
+        max_wait_ms: how long an idle scheduler waits for company after the first arrival.
+        lock: the engine's generation lock (held while the context is used).
+    """
+
+    def __init__(self, ctx: LlamaContext, tokenizer: Any, eos_ids: set[int], *, max_running: int,
+                 prefix_cache: int, max_wait_ms: float, lock: threading.Lock) -> None:
+        self.ctx, self.tokenizer, self.eos_ids = ctx, tokenizer, eos_ids
+        self.max_running = max_running
+        self.cache = PrefixCache(list(range(max_running, max_running + prefix_cache)))
+        self._wait = max_wait_ms / 1000.0
+        self._lock = lock
+        self._queue: queue.Queue[tuple[GenRow, _Request, int] | None] = queue.Queue()
+        self._waiting: list[tuple[GenRow, _Request, int]] = []
+        self._free = list(range(max_running))
+        self._running: list[_Job] = []
+        self._closed = False
+        self._submit_lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self.stats = SchedulerStats()
+        self._epoch = -1  # the context's clear count when this scheduler last owned it
+
+    # ---- the callers' side ------------------------------------------------------------------------------
+    def submit(self, row: GenRow) -> Future[list[GenOutput]]:
+        """Queue a row; the future resolves to its `n` outputs as soon as they are done."""
+        fut: Future[list[GenOutput]] = Future()
+        parts = self._parts(row)
+        request = _Request(fut, len(parts))
+        with self._submit_lock:
+            if self._closed:
+                raise EngineClosedError("the engine's scheduler is closed; build a new engine")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="detot-scheduler", daemon=True)
+                self._thread.start()
+            for i, part in enumerate(parts):
+                self._queue.put((part, request, i))
+        return fut
+
+    def close(self) -> None:
+        """Stop the worker; requests still waiting or running fail with `EngineClosedError`."""
+        with self._submit_lock:
+            if self._closed:
+                return
+            self._closed = True
+            thread = self._thread
+            self._queue.put(None)
+        if thread is not None:
+            thread.join(timeout=60)
+
+    def _parts(self, row: GenRow) -> list[GenRow]:
+        """A row as parts of at most `max_running` samples (each sample keeps its greedy flag and seed)."""
+        parts = []
+        for start in range(0, row.n, self.max_running):
+            n = min(self.max_running, row.n - start)
+            greedy = max(0, min(row.greedy - start, n))
+            seed = None if row.seed is None else row.seed + start - row.greedy + greedy
+            parts.append(replace(row, n=n, greedy=greedy, seed=seed))
+        return parts
+
+    # ---- the worker ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        held = False  # the engine's lock is held from the first admitted row until the scheduler is idle again
+        try:
+            while True:
+                if held and not self._running and not self._waiting:
+                    self._lock.release()  # idle: the engine's direct paths may use the context meanwhile
+                    held = False
+                if not self._pull():
+                    break
+                admitted = self._admit()
+                if not held:
+                    self._lock.acquire()
+                    held = True
+                    if self.ctx.epoch != self._epoch:  # first use, or a direct path cleared the context since
+                        self.cache.reset()
+                        self.ctx.clear()
+                        self._epoch = self.ctx.epoch
+                if admitted:
+                    self._prefill(admitted)
+                if self._running:
+                    self._step()
+        finally:
+            if held:
+                self._lock.release()
+            closed = EngineClosedError("the engine was closed while this request was in flight")
+            for job in self._running:
+                job.request.fail(closed)
+            for _, request, _ in self._waiting:
+                request.fail(closed)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[1].fail(closed)
+
+    def _pull(self) -> bool:
+        """Move arrivals into `_waiting`: block (then wait for company) when idle; False once closed."""
+        if not self._running and not self._waiting:
+            item = self._queue.get()
+            if item is None:
+                return False
+            self._waiting.append(item)
+            deadline = time.monotonic() + self._wait
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if item is None:
+                    return False
+                self._waiting.append(item)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            self._waiting.append(item)
+
+    def _admit(self) -> list[_Job]:
+        """Waiting rows that fit the free slots, in arrival order (a row that does not fit waits, and so do
+        the ones behind it, so a large row is not starved)."""
+        admitted = []
+        while self._waiting:
+            row, request, part = self._waiting[0]
+            if request.future.cancelled() or request.failed:
+                self._waiting.pop(0)
+                continue
+            if row.n > len(self._free):
+                break
+            self._waiting.pop(0)
+            job = _Job(row=row, request=request, part=part, slots=[self._free.pop(0) for _ in range(row.n)])
+            admitted.append(job)
+        return admitted
+
+    def _prefill(self, jobs: list[_Job]) -> None:
+        ctx, cache = self.ctx, self.cache
+        plans = []  # (job, soft key, ids, entry hit, common prefix length)
+        for job in jobs:
+            row = job.row
+            soft = None if row.soft_prompt is None else _soft_key(row.soft_prompt)
+            ids = tuple(row.prompt_ids)
+            entry, common = cache.lookup(soft, ids) if cache.entries else (None, 0)
+            plans.append((job, soft, ids, entry, common))
+        protect = {p[3].seq for p in plans if p[3] is not None}
+        embeddings, tokens, owners = [], [], []
+        for job, _, ids, entry, common in plans:
+            first, k = job.slots[0], _k(job.row)
+            if entry is not None:
+                ctx.seq_cp(entry.seq, first)
+                if common < len(ids):
+                    ctx.seq_rm_from(first, k + common)  # the cached positions past the shared prefix
+                    self.stats.prefix_partial_hits += 1
+                else:
+                    self.stats.prefix_hits += 1
+                self.stats.prompt_tokens_reused += k + common
+            else:
+                self.stats.prefix_misses += 1
+                if job.row.soft_prompt is not None:
+                    embeddings.append((job.row.soft_prompt.detach().float().cpu().numpy(), first, 0))
+            start = common if entry is not None else 0
+            if start < len(ids):
+                owners.append(job)
+                tokens += [(t, k + j, first, j == len(ids) - 1) for j, t in enumerate(ids) if j >= start]
+                self.stats.prompt_tokens_decoded += len(ids) - start + (k if entry is None else 0)
+        try:
+            ctx.decode_embeddings(embeddings)
+            last = ctx.decode_tokens(tokens) if tokens else []
+        except Exception as exc:  # a prefill that fails fails its rows, not the running ones
+            for job in jobs:
+                self._fail(job, exc)
+            return
+        logits = {id(job): ctx.logits(ix) for job, ix in zip(owners, last, strict=True)}
+        for job, soft, ids, entry, _ in plans:
+            first = job.slots[0]
+            row_logits = logits.get(id(job))
+            if row_logits is None:  # an exact hit: the stored logits of the cached prompt
+                assert entry is not None and entry.logits is not None
+                row_logits = entry.logits
+            elif self.cache.free or self.cache.entries:
+                seq, evicted = cache.slot(protect)
+                if seq is not None:
+                    ctx.seq_rm(seq)
+                    ctx.seq_cp(first, seq)  # the prompt's KV, before any generated token joins it
+                    cache.entries[seq] = _Entry(seq, soft, ids, _k(job.row), row_logits.copy())
+                    self.stats.evictions += int(evicted)
+                    protect.add(seq)
+            for s in job.slots[1:]:
+                ctx.seq_cp(first, s)  # the other samples share the row's prefill
+            self._start(job, torch.from_numpy(np.array(row_logits, copy=True)))
+        self.stats.rows += len(jobs)
+
+    def _start(self, job: _Job, logits: torch.Tensor) -> None:
+        row, n = job.row, job.row.n
+        job.tokens = [[] for _ in range(n)]
+        job.logprob = [0.0] * n
+        job.finish = ["length"] * n
+        job.pos = [_k(row) + len(row.prompt_ids)] * n
+        job.logits = [logits] * n
+        job.active = [True] * n
+        job.generators = seeded_generators([row], "cpu")
+        job.rank = sample_ranks([row])
+        self._running.append(job)
+
+    def _step(self) -> None:
+        """Pick the next token of every running sequence, then decode them together."""
+        ctx = self.ctx
+        entries: list[tuple[int, int, int, bool]] = []
+        where: list[tuple[_Job, int]] = []
+        for job in list(self._running):
+            if job.request.future.cancelled() or job.request.failed:
+                self._release(job)
+                continue
+            try:
+                for j in range(job.row.n):
+                    if not job.active[j]:
+                        continue
+                    row, lg = job.row, job.logits[j]
+                    assert lg is not None
+                    tok = _pick(lg, row, job.generators[j], greedy=row.is_greedy(job.rank[j]))
+                    job.logprob[j] += float(torch.log_softmax(lg, dim=-1)[tok])
+                    job.tokens[j].append(tok)
+                    if tok in self.eos_ids or stop_in_tail(self.tokenizer, job.tokens[j], row.stop):
+                        job.finish[j] = "stop"
+                    elif len(job.tokens[j]) < row.max_new_tokens:
+                        entries.append((tok, job.pos[j], job.slots[j], True))
+                        where.append((job, j))
+                        continue
+                    job.active[j] = False
+                    ctx.seq_rm(job.slots[j])
+            except Exception as exc:  # this row's own failure (a bad stop string, ...): the others go on
+                self._fail(job, exc)
+                continue
+            if not any(job.active):
+                self._finish(job)
+        if not entries:
+            return
+        self.stats.batches += 1
+        self.stats.sequences += len(entries)
+        self.stats.largest = max(self.stats.largest, len(entries))
+        try:
+            indices = ctx.decode_tokens(entries)
+        except Exception as exc:  # a failed decode step: every row in it fails
+            for job in {id(j): j for j, _ in where}.values():
+                self._fail(job, exc)
+            return
+        for (job, j), ix in zip(where, indices, strict=True):
+            job.logits[j] = torch.from_numpy(ctx.logits(ix))
+            job.pos[j] += 1
+
+    def _finish(self, job: _Job) -> None:
+        outputs = []
+        for j in range(job.row.n):
+            text, reason = finish_text(self.tokenizer, job.tokens[j], job.row.stop, self.eos_ids, job.finish[j])
+            outputs.append(GenOutput(text, job.tokens[j], reason, job.logprob[j]))
+        self._release(job)
+        job.request.done(job.part, outputs)
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        self._release(job)
+        job.request.fail(exc)
+
+    def _release(self, job: _Job) -> None:
+        for s in job.slots:
+            self.ctx.seq_rm(s)
+        self._free += job.slots
+        job.slots = []
+        if job in self._running:
+            self._running.remove(job)
+
+
+def _k(row: GenRow) -> int:
+    return 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])
+
+
+def _soft_key(soft: torch.Tensor) -> str:
+    """The soft prompt's identity for the cache: a hash of its shape and float32 values."""
+    values = soft.detach().float().cpu().contiguous().numpy()
+    return hashlib.blake2b(repr(values.shape).encode() + values.tobytes(), digest_size=16).hexdigest()

@@ -1,0 +1,216 @@
+"""Continuous batching and the prefix cache (`engines/llamacpp_scheduler.py`) on a tiny float32 GGUF: every row
+gives what it gives alone, token for token, however it was scheduled and whatever it reused."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+import torch
+from dspy.lm15 import Config, Message, Request
+
+from detot_agent import LlamaCppEngine
+from detot_agent.errors import EngineClosedError
+
+SYSTEM = ("You are a careful assistant. Read the worked examples, then solve the new problem step by step, "
+          "and end with the answer. Example: Tom has 3 apples and buys 4 more, so he has 7 apples. ")
+
+
+def _req(text: str, system: str | None = None, **cfg) -> Request:
+    cfg.setdefault("max_tokens", 12)
+    return Request(model="m", messages=(Message.user(text),), system=system, config=Config(**cfg))
+
+
+def _soft(k: int = 4, seed: int = 0) -> torch.Tensor:
+    return torch.randn(k, 64, generator=torch.Generator().manual_seed(seed)) * 0.05
+
+
+@pytest.fixture(scope="module")
+def static(tiny_gguf):
+    engine = LlamaCppEngine(str(tiny_gguf), max_batch_size=8, max_wait_ms=20, scheduler="static")
+    yield engine
+    engine.close()
+
+
+def _continuous(tiny_gguf, **kw) -> LlamaCppEngine:
+    kw.setdefault("max_batch_size", 8)
+    kw.setdefault("max_wait_ms", 20)
+    return LlamaCppEngine(str(tiny_gguf), **kw)
+
+
+def _texts(samples) -> list[str]:
+    return [s.text for s in samples]
+
+
+CASES = [("alpha beta", None, None, 1, {}),
+         ("Tom has 3 apples", None, _soft(), 3, {"temperature": 0.9, "seed": 2}),
+         ("what is two plus three", SYSTEM, None, 4, {"temperature": 0.7, "seed": 5}),
+         ("answer: five", SYSTEM, _soft(6, 1), 2, {"temperature": 0.8, "seed": 9})]
+
+
+def test_every_row_gives_what_it_gives_alone_with_hits_and_mixed_soft_prompts(static, tiny_gguf):
+    alone = [static.sample(_req(t, s, **kw), n, soft_prompt=sp, greedy=1) for t, s, sp, n, kw in CASES]
+    engine = _continuous(tiny_gguf)
+    try:
+        for _ in range(2):  # the second pass hits the prefix cache for every row
+            got = [engine.sample(_req(t, s, **kw), n, soft_prompt=sp, greedy=1) for t, s, sp, n, kw in CASES]
+            assert [_texts(g) for g in got] == [_texts(a) for a in alone]
+            assert [g[0].logprob for g in got] == pytest.approx([a[0].logprob for a in alone], abs=1e-4)
+            assert [g[0].input_tokens for g in got] == [a[0].input_tokens for a in alone]  # usage unchanged
+        stats = engine.batch_stats
+        assert stats["prefix_misses"] == len(CASES) and stats["prefix_hits"] == len(CASES)
+        # rows with and without soft prompts, sent together, joining one running batch
+        results: dict[int, list[str]] = {}
+
+        def worker(i: int) -> None:
+            t, s, sp, n, kw = CASES[i]
+            results[i] = _texts(engine.sample(_req(t, s, **kw), n, soft_prompt=sp, greedy=1))
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(CASES))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert [results[i] for i in range(len(CASES))] == [_texts(a) for a in alone]
+        assert engine.batch_stats["largest"] >= 2
+    finally:
+        engine.close()
+
+
+def test_a_row_joining_mid_decode_gives_what_it_gives_alone(static, tiny_gguf):
+    long_req, short_req = _req("alpha beta", max_tokens=64), _req("Tom has apples", SYSTEM, max_tokens=10)
+    expected_long, expected_short = static.complete(long_req).text, static.complete(short_req).text
+    engine = _continuous(tiny_gguf, max_wait_ms=0)
+    try:
+        out: dict[str, str] = {}
+        first = threading.Thread(target=lambda: out.setdefault("long", engine.complete(long_req).text))
+        first.start()
+        while engine.batch_stats.get("batches", 0) < 3:  # the long row is decoding
+            time.sleep(0.001)
+        out["short"] = engine.complete(short_req).text  # joins the running batch, finishes before the long one
+        running = engine.batch_stats["batches"]
+        first.join()
+        assert (out["long"], out["short"]) == (expected_long, expected_short)
+        assert engine.batch_stats["batches"] > running  # the long row was still running when the short one ended
+        assert engine.batch_stats["rows"] == 2 and engine.batch_stats["largest"] == 2
+    finally:
+        engine.close()
+
+
+def test_a_shared_prefix_is_reused_and_only_the_rest_is_prefilled(static, tiny_gguf):
+    a, b = _req("what is two plus three", SYSTEM), _req("Tom has 3 apples and buys 4", SYSTEM)
+    engine = _continuous(tiny_gguf)
+    try:
+        engine.complete(a)
+        before = engine.prompt_tokens_decoded
+        assert engine.complete(b).text == static.complete(b).text
+        stats = engine.batch_stats
+        assert stats["prefix_partial_hits"] == 1 and stats["prompt_tokens_reused"] >= 16
+        assert engine.prompt_tokens_decoded - before == len(engine.render(b)) - stats["prompt_tokens_reused"]
+    finally:
+        engine.close()
+
+
+def test_a_new_soft_prompt_misses_and_eviction_keeps_the_cache_in_its_budget(static, tiny_gguf):
+    engine = _continuous(tiny_gguf, prefix_cache=2)
+    try:
+        req = _req("Tom has 3 apples", temperature=0.8, seed=1)
+        engine.sample(req, 2, soft_prompt=_soft(4, 0))
+        new = engine.sample(req, 2, soft_prompt=_soft(4, 0) + 0.01)  # the next version of the same prompt
+        assert engine.batch_stats["prefix_hits"] == 0 and engine.batch_stats["prefix_misses"] == 2
+        assert _texts(new) == _texts(static.sample(req, 2, soft_prompt=_soft(4, 0) + 0.01))
+        for i in range(4):
+            engine.complete(_req(f"question number {i}"))
+        stats = engine.batch_stats
+        assert stats["evictions"] == 4 and len(engine._batcher.cache.entries) == 2
+        engine.complete(_req("question number 3"))  # the most recent ones stay
+        assert engine.batch_stats["prefix_hits"] == 1
+    finally:
+        engine.close()
+
+
+def test_no_cache_means_no_reuse(tiny_gguf):
+    engine = _continuous(tiny_gguf, prefix_cache=0)
+    try:
+        req = _req("Tom has 3 apples")
+        prompt = len(engine.render(req))
+        engine.complete(req)
+        engine.complete(req)
+        assert engine.prompt_tokens_decoded == 2 * prompt and engine.batch_stats["prefix_hits"] == 0
+    finally:
+        engine.close()
+
+
+def test_a_cancelled_request_leaves_the_others_alone(static, tiny_gguf):
+    engine = _continuous(tiny_gguf, max_wait_ms=50)
+    keep = _req("what is two plus three", max_tokens=40)
+    expected = static.complete(keep).text
+
+    async def both() -> str:
+        doomed = asyncio.ensure_future(engine.asample(_req("alpha beta", max_tokens=200), 4))
+        kept = asyncio.ensure_future(engine.asample(keep, 1))
+        await asyncio.sleep(0.05)
+        doomed.cancel()
+        return (await kept)[0].text
+
+    try:
+        assert asyncio.run(both()) == expected
+        assert engine.complete(keep).text == expected  # and the freed slots serve the next request
+    finally:
+        engine.close()
+
+
+def test_a_failing_row_fails_alone(static, tiny_gguf, monkeypatch):
+    from detot_agent.engines import llamacpp_scheduler
+
+    real = llamacpp_scheduler.stop_in_tail
+
+    def picky(tokenizer, tokens, stop):
+        if "boom" in stop:
+            raise RuntimeError("a stop string this tokenizer cannot check")
+        return real(tokenizer, tokens, stop)
+
+    monkeypatch.setattr(llamacpp_scheduler, "stop_in_tail", picky)
+    engine = _continuous(tiny_gguf, max_wait_ms=50)
+    good = _req("what is two plus three", max_tokens=20)
+    out: dict[str, object] = {}
+
+    def run(name: str, req: Request) -> None:
+        try:
+            out[name] = engine.complete(req).text
+        except Exception as exc:
+            out[name] = exc
+
+    try:
+        threads = [threading.Thread(target=run, args=("bad", _req("alpha beta", stop=["boom"]))),
+                   threading.Thread(target=run, args=("good", good))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        assert isinstance(out["bad"], RuntimeError) and out["good"] == static.complete(good).text
+    finally:
+        engine.close()
+
+
+def test_closing_with_requests_in_flight_fails_them_with_engine_closed(tiny_gguf):
+    engine = _continuous(tiny_gguf, max_batch_size=1)
+    out: list[object] = []
+
+    def run() -> None:
+        try:
+            out.append(engine.complete(_req("alpha beta", max_tokens=400)).text)
+        except Exception as exc:
+            out.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(3)]  # one runs, two wait
+    for th in threads:
+        th.start()
+    while engine.batch_stats.get("batches", 0) < 2:
+        time.sleep(0.001)
+    engine.close()
+    for th in threads:
+        th.join()
+    assert len(out) == 3 and all(isinstance(o, EngineClosedError) for o in out), out
