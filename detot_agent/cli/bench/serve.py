@@ -122,8 +122,9 @@ def run_serve_bench(*, model: str | None, data: Path, schedulers: tuple[str, ...
                                                               temperature=0.0, seed=None)))
             engine.sample(_request("What is 2 + 3?", [], max_tokens=4, temperature=0.0, seed=None), 1)  # warm-up
             before = engine.prompt_tokens_decoded
-            row = {"detot": _detot_load(engine, detot_questions, worked, concurrency=concurrency, rounds=rounds,
-                                        round_size=round_size, max_tokens=max_tokens, temperature=temperature)}
+            row: dict[str, Any] = {"detot": _detot_load(
+                engine, detot_questions, worked, concurrency=concurrency, rounds=rounds, round_size=round_size,
+                max_tokens=max_tokens, temperature=temperature)}
             row["detot"]["prompt_tokens_prefilled"] = engine.prompt_tokens_decoded - before
             row["single"] = _single_load(engine, single_questions, max_tokens=max_tokens)
             row["stats"] = engine.batch_stats
