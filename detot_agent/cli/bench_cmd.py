@@ -217,7 +217,7 @@ def bench_serve(
     demos: Annotated[int, typer.Option(help="Worked answers in front of each question.", min=0)] = 3,
     single: Annotated[int, typer.Option(help="Plain single requests, one after another.", min=1)] = 8,
     max_tokens: Annotated[int, typer.Option(help="New tokens per sample.", min=1)] = 96,
-    prefix_cache: Annotated[int, typer.Option(help="Prompts the continuous scheduler keeps.", min=0)] = 4,
+    prefix_cache: Annotated[int, typer.Option(help="Prompts the continuous scheduler keeps.", min=0)] = 8,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
 ) -> None:
     """llama.cpp's static and continuous schedulers under a DETOT-shaped load and a single-request load."""

@@ -98,7 +98,10 @@ def eval_run(
                                                     )] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
-    max_batch_size: Annotated[int, typer.Option(help="Rows per generate batch.", min=1)] = 16,
+    max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.", min=1)] = 16,
+    scheduler: Annotated[str, typer.Option(help="llama.cpp's batching: continuous (rows join between decode "
+                                                "steps; prompts reused from the prefix cache) or static.")] =
+        "continuous",
     engine: Annotated[str, typer.Option(help="auto (llama.cpp for a .gguf file on the CPU when installed, else "
                                              "torch), torch (transformers; `local` is the old name), llamacpp, or "
                                              "vllm (CUDA GPUs, the `vllm` extra).")] = "auto",
@@ -193,7 +196,7 @@ def eval_run(
 
         engine = choose_engine(engine, build(EngineConfig, {"model": local_model, "device": device, "dtype": dtype}))
     spec = ContextSpec(model=local_model, engine=engine, device=device, dtype=dtype,  # type: ignore[arg-type]
-                       max_batch_size=max_batch_size,
+                       max_batch_size=max_batch_size, scheduler=scheduler,  # type: ignore[arg-type]
                        index=None if index is None else str(index.resolve()),
                        soft_prompt=None if soft_prompt is None else "none" if no_soft else str(soft_prompt.resolve()),
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
@@ -208,7 +211,8 @@ def eval_run(
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
-           "engine": engine, "feedback": feedback, "reopt_seconds": reopt_seconds, "strategy": strategy,
+           "engine": engine, "scheduler": scheduler, "feedback": feedback, "reopt_seconds": reopt_seconds,
+           "strategy": strategy,
            **({"weighting": weighting} if weighting else {}),
            "reopt_cooldown": reopt_cooldown, "loop_policies": [p.describe() for p in policies],
            "replay_items": replay_items,

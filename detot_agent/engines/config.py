@@ -117,4 +117,4 @@ class EngineConfig(StrictModel):
     n_threads: int | None = Field(default=None, ge=1)
     extra_buffers: ExtraBuffers = ExtraBuffers.AUTO
     scheduler: Scheduler = Scheduler.CONTINUOUS
-    prefix_cache: int = Field(default=4, ge=0, le=64)
+    prefix_cache: int = Field(default=8, ge=0, le=64)

@@ -103,7 +103,7 @@ def _single_load(engine: Any, questions: list[str], *, max_tokens: int) -> dict[
 def run_serve_bench(*, model: str | None, data: Path, schedulers: tuple[str, ...] | list[str] = SCHEDULERS,
                     problems: int = 8, concurrency: int = 4, rounds: int = 3, round_size: int = 2, demos: int = 3,
                     single: int = 8, max_tokens: int = 96, temperature: float = 0.5, max_batch_size: int = 16,
-                    prefix_cache: int = 4) -> dict[str, Any]:
+                    prefix_cache: int = 8) -> dict[str, Any]:
     """Both loads through each scheduler; returns the figures (see the module docstring)."""
     from detot_agent.engines.llamacpp_engine import LlamaCppEngine
     from detot_agent.engines.models import resolve_model_source
