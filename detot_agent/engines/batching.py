@@ -22,11 +22,12 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from detot_agent.engines.generation import GenOutput, GenRow
 from detot_agent.errors import EngineClosedError
 
-__all__ = ["BatchStats", "DynamicBatcher"]
+__all__ = ["BatchStats", "DynamicBatcher", "QueueWorker"]
 
 Runner = Callable[[list[GenRow]], list[list[GenOutput]]]
 
@@ -47,37 +48,28 @@ class BatchStats:
                 "largest": self.largest, "mean_sequences_per_batch": mean}
 
 
-class DynamicBatcher:
-    """Gathers rows submitted from any thread into batches run by `runner` on one worker thread.
+class QueueWorker:
+    """One daemon thread fed by a queue: `_enqueue` starts it on first use; `close` stops it after what is queued
+    (a `None` on the queue tells `_loop` to stop). Subclasses implement `_loop`."""
 
-    Args:
-        runner: decodes a list of rows (for the engine: `generate_rows` under its lock).
-        max_batch_size: most sequences per batch; a single row asking for more still runs alone.
-        max_wait_ms: how long to wait for company after the first row arrives.
-    """
+    thread_name = "detot-worker"
 
-    def __init__(self, runner: Runner, *, max_batch_size: int, max_wait_ms: float) -> None:
-        self._runner = runner
-        self._max = max_batch_size
-        self._wait = max_wait_ms / 1000.0
-        self._queue: queue.Queue[tuple[GenRow, Future[list[GenOutput]]] | None] = queue.Queue()
-        self._held: tuple[GenRow, Future[list[GenOutput]]] | None = None
+    def __init__(self) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue()
         self._closed = False
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
-        self.stats = BatchStats()
 
-    def submit(self, row: GenRow) -> Future[list[GenOutput]]:
-        """Queue a row; the future resolves to its `n` outputs (or the error that decoding raised)."""
-        fut: Future[list[GenOutput]] = Future()
+    def _enqueue(self, items: list[Any]) -> None:
         with self._lock:
             if self._closed:
-                raise EngineClosedError("the engine's batcher is closed; build a new engine")
+                raise EngineClosedError(f"the engine's {self.thread_name.removeprefix('detot-')} is closed; build a "
+                                        "new engine")
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="detot-batcher", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name=self.thread_name, daemon=True)
                 self._thread.start()
-            self._queue.put((row, fut))
-        return fut
+            for item in items:
+                self._queue.put(item)
 
     def close(self) -> None:
         """Finish queued work and stop the worker thread."""
@@ -89,6 +81,35 @@ class DynamicBatcher:
             self._queue.put(None)
         if thread is not None:
             thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+
+class DynamicBatcher(QueueWorker):
+    """Gathers rows submitted from any thread into batches run by `runner` on one worker thread.
+
+    Args:
+        runner: decodes a list of rows (for the engine: `generate_rows` under its lock).
+        max_batch_size: most sequences per batch; a single row asking for more still runs alone.
+        max_wait_ms: how long to wait for company after the first row arrives.
+    """
+
+    thread_name = "detot-batcher"
+
+    def __init__(self, runner: Runner, *, max_batch_size: int, max_wait_ms: float) -> None:
+        super().__init__()
+        self._runner = runner
+        self._max = max_batch_size
+        self._wait = max_wait_ms / 1000.0
+        self._held: tuple[GenRow, Future[list[GenOutput]]] | None = None
+        self.stats = BatchStats()
+
+    def submit(self, row: GenRow) -> Future[list[GenOutput]]:
+        """Queue a row; the future resolves to its `n` outputs (or the error that decoding raised)."""
+        fut: Future[list[GenOutput]] = Future()
+        self._enqueue([(row, fut)])
+        return fut
 
     def _collect(self) -> list[tuple[GenRow, Future[list[GenOutput]]]] | None:
         first = self._held if self._held is not None else self._queue.get()

@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
 
 __all__ = ["GenOutput", "GenRow", "cache_argument", "embed_row", "finish_text", "generate_rows", "sample_ranks",
-           "seeded_generators", "stop_in_tail", "text_seed"]
+           "seeded_generators", "split_row", "stop_in_tail", "text_seed"]
 
 
 @dataclass
@@ -154,6 +154,22 @@ def finish_text(tokenizer: Any, tokens: list[int], stops: tuple[str, ...], eos_i
     text = tokenizer.decode([t for t in tokens if t not in eos_ids], skip_special_tokens=True)
     cut = _find_stop(text, stops)
     return (text[:cut], "stop") if cut >= 0 else (text, finish)
+
+
+def split_row(row: GenRow, fit: int) -> list[GenRow]:
+    """`row` as parts of at most `fit` samples, in order; each sample keeps its greedy flag and its seed.
+
+    Example:
+        >>> [(p.n, p.greedy, p.seed) for p in split_row(GenRow([1], n=5, greedy=1, seed=10), 2)]
+        [(2, 1, 10), (2, 0, 11), (1, 0, 13)]
+    """
+    parts = []
+    for start in range(0, row.n, fit):
+        n = min(fit, row.n - start)
+        greedy = max(0, min(row.greedy - start, n))
+        seed = None if row.seed is None else row.seed + start - row.greedy + greedy
+        parts.append(replace(row, n=n, greedy=greedy, seed=seed))
+    return parts
 
 
 def seeded_generators(rows: list[GenRow], device: torch.device | str) -> list[torch.Generator | None]:

@@ -26,7 +26,6 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import replace
 from typing import Any
 
 import torch
@@ -41,6 +40,7 @@ from detot_agent.engines.generation import (
     finish_text,
     sample_ranks,
     seeded_generators,
+    split_row,
     stop_in_tail,
 )
 from detot_agent.engines.llamacpp_load import BufferChoice
@@ -186,14 +186,7 @@ class LlamaCppEngine(BatchedEngine):
         if prompt + row.max_new_tokens > self._ctx.n_ctx:
             raise ContextLengthError(f"prompt of {prompt} positions plus {row.max_new_tokens} new tokens does not fit "
                                      f"llama.cpp's {self._ctx.n_ctx} cells a sequence; raise n_ctx or lower max_tokens")
-        fit = self.config.max_batch_size  # the running streams (the prefix cache's are not used here)
-        parts = []
-        for start in range(0, row.n, fit):
-            n = min(fit, row.n - start)
-            greedy = max(0, min(row.greedy - start, n))
-            seed = None if row.seed is None else row.seed + start - row.greedy + greedy
-            parts.append(replace(row, n=n, greedy=greedy, seed=seed))
-        return parts
+        return split_row(row, self.config.max_batch_size)  # the running streams (not the prefix cache's)
 
     def _groups(self, parts: list[tuple[int, GenRow]]) -> list[list[tuple[int, GenRow]]]:
         """Consecutive `(row index, part)` pairs packed into groups of at most `n_seq_max` sequences."""

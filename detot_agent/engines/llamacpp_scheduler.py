@@ -37,12 +37,13 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from detot_agent.engines.batching import QueueWorker
 from detot_agent.engines.generation import (
     GenOutput,
     GenRow,
@@ -50,6 +51,7 @@ from detot_agent.engines.generation import (
     finish_text,
     sample_ranks,
     seeded_generators,
+    split_row,
     stop_in_tail,
 )
 from detot_agent.engines.llamacpp_runtime import LlamaContext
@@ -180,7 +182,7 @@ class _Request:
             self.future.set_exception(exc)
 
 
-class ContinuousScheduler:
+class ContinuousScheduler(QueueWorker):
     """Continuous batching over one `LlamaContext` (see the module docstring for the rule).
 
     Args:
@@ -193,20 +195,19 @@ class ContinuousScheduler:
         lock: the engine's generation lock (held while the context is used).
     """
 
+    thread_name = "detot-scheduler"
+
     def __init__(self, ctx: LlamaContext, tokenizer: Any, eos_ids: set[int], *, max_running: int,
                  prefix_cache: int, max_wait_ms: float, lock: threading.Lock) -> None:
+        super().__init__()
         self.ctx, self.tokenizer, self.eos_ids = ctx, tokenizer, eos_ids
         self.max_running = max_running
         self.cache = PrefixCache(list(range(max_running, max_running + prefix_cache)))
         self._wait = max_wait_ms / 1000.0
-        self._lock = lock
-        self._queue: queue.Queue[tuple[GenRow, _Request, int] | None] = queue.Queue()
+        self._gen_lock = lock
         self._waiting: list[tuple[GenRow, _Request, int]] = []
         self._free = list(range(max_running))
         self._running: list[_Job] = []
-        self._closed = False
-        self._submit_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self.stats = SchedulerStats()
         self._epoch = -1  # the context's clear count when this scheduler last owned it
 
@@ -214,38 +215,10 @@ class ContinuousScheduler:
     def submit(self, row: GenRow) -> Future[list[GenOutput]]:
         """Queue a row; the future resolves to its `n` outputs as soon as they are done."""
         fut: Future[list[GenOutput]] = Future()
-        parts = self._parts(row)
+        parts = split_row(row, self.max_running)
         request = _Request(fut, len(parts))
-        with self._submit_lock:
-            if self._closed:
-                raise EngineClosedError("the engine's scheduler is closed; build a new engine")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="detot-scheduler", daemon=True)
-                self._thread.start()
-            for i, part in enumerate(parts):
-                self._queue.put((part, request, i))
+        self._enqueue([(part, request, i) for i, part in enumerate(parts)])  # `close()` (QueueWorker) stops it
         return fut
-
-    def close(self) -> None:
-        """Stop the worker; requests still waiting or running fail with `EngineClosedError`."""
-        with self._submit_lock:
-            if self._closed:
-                return
-            self._closed = True
-            thread = self._thread
-            self._queue.put(None)
-        if thread is not None:
-            thread.join(timeout=60)
-
-    def _parts(self, row: GenRow) -> list[GenRow]:
-        """A row as parts of at most `max_running` samples (each sample keeps its greedy flag and seed)."""
-        parts = []
-        for start in range(0, row.n, self.max_running):
-            n = min(self.max_running, row.n - start)
-            greedy = max(0, min(row.greedy - start, n))
-            seed = None if row.seed is None else row.seed + start - row.greedy + greedy
-            parts.append(replace(row, n=n, greedy=greedy, seed=seed))
-        return parts
 
     # ---- the worker ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -253,13 +226,13 @@ class ContinuousScheduler:
         try:
             while True:
                 if held and not self._running and not self._waiting:
-                    self._lock.release()  # idle: the engine's direct paths may use the context meanwhile
+                    self._gen_lock.release()  # idle: the engine's direct paths may use the context meanwhile
                     held = False
                 if not self._pull():
                     break
                 admitted = self._admit()
                 if not held:
-                    self._lock.acquire()
+                    self._gen_lock.acquire()
                     held = True
                     if self.ctx.epoch != self._epoch:  # first use, or a direct path cleared the context since
                         self.cache.reset()
@@ -271,7 +244,7 @@ class ContinuousScheduler:
                     self._step()
         finally:
             if held:
-                self._lock.release()
+                self._gen_lock.release()
             closed = EngineClosedError("the engine was closed while this request was in flight")
             for job in self._running:
                 job.request.fail(closed)
