@@ -1,0 +1,116 @@
+"""The prefix cache of llama.cpp's continuous scheduler, and the scheduler's counters.
+
+A cached prompt is a reserved llama.cpp sequence stream holding the KV of its input (soft prompt, then tokens)
+and the logits after its last position; `PrefixCache` finds the entry sharing the longest token prefix with a
+new input under the same soft prompt, and hands out streams least recently used first.
+
+Example:
+    >>> cache = PrefixCache([8, 9])
+    >>> seq, evicted = cache.slot(set())
+    >>> cache.entries[seq] = _Entry(seq, None, tuple(range(20)))
+    >>> entry, common = cache.lookup(None, tuple(range(18)) + (99,))
+    >>> entry.seq == seq, common
+    (True, 18)
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+__all__ = ["PrefixCache", "SchedulerStats", "soft_key"]
+
+
+class SchedulerStats:
+    """Counters of the continuous scheduler (read them for benchmarks and tests)."""
+
+    def __init__(self) -> None:
+        self.batches = 0  # decode steps
+        self.rows = 0
+        self.sequences = 0  # sequence-steps decoded
+        self.largest = 0
+        self.prefix_hits = 0
+        self.prefix_partial_hits = 0
+        self.prefix_misses = 0
+        self.prompt_tokens_reused = 0
+        self.prompt_tokens_decoded = 0
+        self.evictions = 0
+
+    def as_dict(self) -> dict[str, float]:
+        """Counts plus the mean number of sequences per decode step and the prefix hit rate."""
+        lookups = self.prefix_hits + self.prefix_partial_hits + self.prefix_misses
+        return {"batches": self.batches, "rows": self.rows, "sequences": self.sequences, "largest": self.largest,
+                "mean_sequences_per_batch": self.sequences / self.batches if self.batches else 0.0,
+                "prefix_hits": self.prefix_hits, "prefix_partial_hits": self.prefix_partial_hits,
+                "prefix_misses": self.prefix_misses,
+                "prefix_hit_rate": (self.prefix_hits + self.prefix_partial_hits) / lookups if lookups else 0.0,
+                "prompt_tokens_reused": self.prompt_tokens_reused,
+                "prompt_tokens_decoded": self.prompt_tokens_decoded, "evictions": self.evictions}
+
+
+@dataclass
+class _Entry:
+    """One cached prompt: the reserved stream holding its KV, its key, and the logits after its last token."""
+
+    seq: int
+    soft: str | None = None
+    ids: tuple[int, ...] = ()
+    k: int = 0
+    logits: np.ndarray | None = None
+
+
+class PrefixCache:
+    """Prompts whose KV is kept in `len(seqs)` reserved streams, least recently used evicted first."""
+
+    def __init__(self, seqs: list[int], min_prefix: int = 16) -> None:
+        self.free = list(seqs)
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()  # seq -> entry, oldest first
+        self.min_prefix = min_prefix
+
+    def lookup(self, soft: str | None, ids: tuple[int, ...]) -> tuple[_Entry | None, int]:
+        """The entry sharing the longest token prefix with `ids` under the same soft prompt, and that length (an
+        exact match, or a prefix of at least `min_prefix` tokens; otherwise `(None, 0)`)."""
+        best, length = None, 0
+        for entry in self.entries.values():
+            if entry.soft != soft:
+                continue
+            n = _common(entry.ids, ids)
+            if n > length and (n == len(ids) == len(entry.ids) or n >= self.min_prefix):
+                best, length = entry, n
+        if best is not None:
+            self.entries.move_to_end(best.seq)
+        return best, length
+
+    def reset(self) -> None:
+        """Forget every entry (their streams were cleared)."""
+        self.free += list(self.entries)
+        self.entries.clear()
+
+    def slot(self, protect: set[int]) -> tuple[int | None, bool]:
+        """A stream for a new entry: a free one, else the least recently used outside `protect`; `(seq, evicted)`."""
+        if self.free:
+            return self.free.pop(), False
+        for seq in self.entries:
+            if seq not in protect:
+                del self.entries[seq]
+                return seq, True
+        return None, False
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def soft_key(soft: torch.Tensor) -> str:
+    """The soft prompt's identity for the cache: a hash of its shape and float32 values."""
+    values = soft.detach().float().cpu().contiguous().numpy()
+    return hashlib.blake2b(repr(values.shape).encode() + values.tobytes(), digest_size=16).hexdigest()
