@@ -33,7 +33,7 @@ import torch
 from transformers import DynamicCache
 
 __all__ = ["GenOutput", "GenRow", "cache_argument", "embed_row", "finish_text", "generate_rows", "sample_ranks",
-           "seeded_generators", "split_row", "stop_in_tail", "text_seed"]
+           "seeded_generators", "split_at", "split_row", "stop_in_tail", "text_seed"]
 
 
 @dataclass
@@ -154,6 +154,19 @@ def finish_text(tokenizer: Any, tokens: list[int], stops: tuple[str, ...], eos_i
     text = tokenizer.decode([t for t in tokens if t not in eos_ids], skip_special_tokens=True)
     cut = _find_stop(text, stops)
     return (text[:cut], "stop") if cut >= 0 else (text, finish)
+
+
+def split_at(row: GenRow, k: int) -> tuple[GenRow, GenRow]:
+    """`row`'s first `k` samples and the rest (0 < k < n), each sample keeping its greedy flag and seed.
+
+    Example:
+        >>> [(p.n, p.greedy, p.seed) for p in split_at(GenRow([1], n=5, greedy=1, seed=10), 2)]
+        [(2, 1, 10), (3, 0, 11)]
+    """
+    first, *_ = split_row(row, k)
+    greedy = max(0, min(row.greedy - k, row.n - k))
+    seed = None if row.seed is None else row.seed + k - row.greedy + greedy
+    return first, replace(row, n=row.n - k, greedy=greedy, seed=seed)
 
 
 def split_row(row: GenRow, fit: int) -> list[GenRow]:

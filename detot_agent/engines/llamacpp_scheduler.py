@@ -4,8 +4,9 @@ One worker thread owns the llama.cpp context. The scheduling rule, at every step
 
 1. **admit**: waiting rows join while free sequence slots last (a row of n samples takes n slots; at most
    `max_batch_size` sequences run). When nothing runs, the first arrival waits up to `max_wait_ms` for
-   company, so requests sent together are prefilled together. A row of more than `max_batch_size` samples
-   runs in parts, one after another (each sample keeps its seed and greedy flag).
+   company, so requests sent together are prefilled together. A row with more samples than free slots
+   starts the ones that fit and the rest wait at the head of the queue (each sample keeps its seed and greedy
+   flag, so its output does not change).
 2. **prefill** the admitted rows: each row's input (its soft prompt's content, then its token ids) is looked
    up in the **prefix cache**. An exact hit copies the cached KV stream into the row's first slot and reuses
    the stored logits of its last position (nothing is decoded); a hit on a prefix copies it, drops the
@@ -49,7 +50,7 @@ from detot_agent.engines.generation import (
     finish_text,
     sample_ranks,
     seeded_generators,
-    split_row,
+    split_at,
     stop_in_tail,
 )
 from detot_agent.engines.llamacpp_runtime import LlamaContext
@@ -78,17 +79,18 @@ class _Job:
 
 
 class _Request:
-    """A submitted row: its future and the outputs of its parts as they finish."""
+    """A submitted row: its future and its samples' outputs, filled in by its parts as they finish (a part is
+    the samples from `offset` on)."""
 
-    def __init__(self, future: Future[list[GenOutput]], parts: int) -> None:
+    def __init__(self, future: Future[list[GenOutput]], n: int) -> None:
         self.future = future
-        self.outputs: list[list[GenOutput] | None] = [None] * parts
+        self.outputs: list[GenOutput | None] = [None] * n
         self.failed = False
 
-    def done(self, part: int, outputs: list[GenOutput]) -> None:
-        self.outputs[part] = outputs
+    def done(self, offset: int, outputs: list[GenOutput]) -> None:
+        self.outputs[offset:offset + len(outputs)] = outputs
         if not self.failed and all(o is not None for o in self.outputs) and not self.future.done():
-            self.future.set_result([o for part_out in self.outputs for o in (part_out or [])])
+            self.future.set_result([o for o in self.outputs if o is not None])
 
     def fail(self, exc: BaseException) -> None:
         self.failed = True
@@ -129,9 +131,9 @@ class ContinuousScheduler(QueueWorker):
     def submit(self, row: GenRow) -> Future[list[GenOutput]]:
         """Queue a row; the future resolves to its `n` outputs as soon as they are done."""
         fut: Future[list[GenOutput]] = Future()
-        parts = split_row(row, self.max_running)
-        request = _Request(fut, len(parts))
-        self._enqueue([(part, request, i) for i, part in enumerate(parts)])  # `close()` (QueueWorker) stops it
+        request = _Request(fut, row.n)
+        self._enqueue([(row, request, 0)])  # `close()` (QueueWorker) stops the worker
+
         return fut
 
     # ---- the worker ---------------------------------------------------------------------------------------
@@ -198,18 +200,18 @@ class ContinuousScheduler(QueueWorker):
             self._waiting.append(item)
 
     def _admit(self) -> list[_Job]:
-        """Waiting rows that fit the free slots, in arrival order (a row that does not fit waits, and so do
-        the ones behind it, so a large row is not starved)."""
+        """Waiting rows on the free slots, in arrival order; a row with more samples than free slots starts the
+        ones that fit and leaves the rest at the head of the queue (`split_row`: each sample keeps its seed and
+        greedy flag, so its output does not change)."""
         admitted = []
-        while self._waiting:
-            row, request, part = self._waiting[0]
+        while self._waiting and self._free:
+            row, request, offset = self._waiting.pop(0)
             if request.future.cancelled() or request.failed:
-                self._waiting.pop(0)
                 continue
             if row.n > len(self._free):
-                break
-            self._waiting.pop(0)
-            job = _Job(row=row, request=request, part=part, slots=[self._free.pop(0) for _ in range(row.n)])
+                row, rest = split_at(row, len(self._free))
+                self._waiting.insert(0, (rest, request, offset + row.n))
+            job = _Job(row=row, request=request, part=offset, slots=[self._free.pop(0) for _ in range(row.n)])
             admitted.append(job)
         return admitted
 

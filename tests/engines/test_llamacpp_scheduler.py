@@ -99,6 +99,25 @@ def test_a_row_joining_mid_decode_gives_what_it_gives_alone(static, tiny_gguf):
         engine.close()
 
 
+def test_a_row_larger_than_the_free_slots_starts_what_fits_and_its_samples_do_not_change(static, tiny_gguf):
+    busy, wide = _req("alpha beta", max_tokens=48), _req("Tom has 3 apples", temperature=0.9, seed=4, max_tokens=10)
+    expected_busy = static.complete(busy).text
+    expected_wide = _texts(static.sample(wide, 7, greedy=1))
+    engine = _continuous(tiny_gguf, max_batch_size=4, max_wait_ms=0)
+    try:
+        out: dict[str, object] = {}
+        first = threading.Thread(target=lambda: out.setdefault("busy", engine.complete(busy).text))
+        first.start()
+        while engine.batch_stats.get("batches", 0) < 2:  # one slot taken, three free
+            time.sleep(0.001)
+        out["wide"] = _texts(engine.sample(wide, 7, greedy=1))  # 3 start now, 4 when slots free up
+        first.join()
+        assert out == {"busy": expected_busy, "wide": expected_wide}
+        assert engine.batch_stats["rows"] >= 3  # the wide row ran in more than one part
+    finally:
+        engine.close()
+
+
 def test_a_shared_prefix_is_reused_and_only_the_rest_is_prefilled(static, tiny_gguf):
     a, b = _req("what is two plus three", SYSTEM), _req("Tom has 3 apples and buys 4", SYSTEM)
     engine = _continuous(tiny_gguf)
