@@ -49,8 +49,9 @@ class BatchStats:
 
 
 class QueueWorker:
-    """One daemon thread fed by a queue: `_enqueue` starts it on first use; `close` stops it after what is queued
-    (a `None` on the queue tells `_loop` to stop). Subclasses implement `_loop`."""
+    """One daemon thread fed by a queue: `_enqueue` starts it on first use; `close` queues a `None`, which tells
+    `_loop` to stop, and waits for the thread. What happens to work queued before it is the subclass's rule (the
+    static batcher finishes it; the continuous scheduler fails it with `EngineClosedError`)."""
 
     thread_name = "detot-worker"
 
@@ -72,7 +73,7 @@ class QueueWorker:
                 self._queue.put(item)
 
     def close(self) -> None:
-        """Finish queued work and stop the worker thread."""
+        """Stop the worker thread (see the class docstring for the work still queued)."""
         with self._lock:
             if self._closed:
                 return

@@ -133,7 +133,6 @@ class ContinuousScheduler(QueueWorker):
         fut: Future[list[GenOutput]] = Future()
         request = _Request(fut, row.n)
         self._enqueue([(row, request, 0)])  # `close()` (QueueWorker) stops the worker
-
         return fut
 
     # ---- the worker ---------------------------------------------------------------------------------------
