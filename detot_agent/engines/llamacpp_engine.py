@@ -47,7 +47,7 @@ from detot_agent.engines.llamacpp_load import BufferChoice
 from detot_agent.engines.llamacpp_runtime import LlamaContext
 from detot_agent.engines.llamacpp_scheduler import ContinuousScheduler
 from detot_agent.engines.models import load_tokenizer
-from detot_agent.errors import ConfigError, ContextLengthError
+from detot_agent.errors import ConfigError
 from detot_agent.softprompt.registry import SoftPromptRegistry
 
 __all__ = ["LlamaCppEngine", "generate_rows_llamacpp"]
@@ -181,15 +181,12 @@ class LlamaCppEngine(BatchedEngine):
             return torch.from_numpy(self._ctx.logits(last[0]))
 
     def _split(self, row: GenRow) -> list[GenRow]:
-        """A row as parts of at most `n_seq_max` samples (each sample keeps its greedy flag and seed)."""
-        prompt = len(row.prompt_ids) + _k(row)
-        if prompt + row.max_new_tokens > self._ctx.n_ctx:
-            raise ContextLengthError(f"prompt of {prompt} positions plus {row.max_new_tokens} new tokens does not fit "
-                                     f"llama.cpp's {self._ctx.n_ctx} cells a sequence; raise n_ctx or lower max_tokens")
+        """A row as parts of at most `max_batch_size` samples (each sample keeps its greedy flag and seed)."""
+        self._ctx.check_room(len(row.prompt_ids) + _k(row), row.max_new_tokens)
         return split_row(row, self.config.max_batch_size)  # the running streams (not the prefix cache's)
 
     def _groups(self, parts: list[tuple[int, GenRow]]) -> list[list[tuple[int, GenRow]]]:
-        """Consecutive `(row index, part)` pairs packed into groups of at most `n_seq_max` sequences."""
+        """Consecutive `(row index, part)` pairs packed into groups of at most `max_batch_size` sequences."""
         groups: list[list[tuple[int, GenRow]]] = []
         seqs = 0
         for owner, part in parts:

@@ -31,7 +31,7 @@ import numpy as np
 
 from detot_agent.engines.config import ExtraBuffers
 from detot_agent.engines.llamacpp_load import llama_cpp_available, load_library, load_model
-from detot_agent.errors import ConfigError, InvalidRequestError
+from detot_agent.errors import ConfigError, ContextLengthError, InvalidRequestError
 
 __all__ = ["LlamaContext", "llama_cpp_available"]
 
@@ -103,6 +103,13 @@ class LlamaContext:
     def is_eog(self, token: int) -> bool:
         """Whether `token` ends generation for this model (EOS, EOT, ...)."""
         return bool(self._lib.llama_vocab_is_eog(self._vocab, token))
+
+    def check_room(self, positions: int, new_tokens: int) -> None:
+        """Refuse a request whose prompt `positions` (soft prompt included) plus `new_tokens` do not fit one
+        sequence's cells (`ContextLengthError`), before it is decoded beside others."""
+        if positions + new_tokens > self.n_ctx:
+            raise ContextLengthError(f"prompt of {positions} positions plus {new_tokens} new tokens does not fit "
+                                     f"llama.cpp's {self.n_ctx} cells a sequence; raise n_ctx or lower max_tokens")
 
     # ---- the KV cache -----------------------------------------------------------------
     def clear(self) -> None:

@@ -129,7 +129,9 @@ class ContinuousScheduler(QueueWorker):
 
     # ---- the callers' side ------------------------------------------------------------------------------
     def submit(self, row: GenRow) -> Future[list[GenOutput]]:
-        """Queue a row; the future resolves to its `n` outputs as soon as they are done."""
+        """Queue a row; the future resolves to its `n` outputs as soon as they are done. A row too long for a
+        sequence's cells is refused here (`ContextLengthError`), before it could fail a decode step it shares."""
+        self.ctx.check_room(len(row.prompt_ids) + _k(row), row.max_new_tokens)
         fut: Future[list[GenOutput]] = Future()
         request = _Request(fut, row.n)
         self._enqueue([(row, request, 0)])  # `close()` (QueueWorker) stops the worker

@@ -233,3 +233,24 @@ def test_closing_with_requests_in_flight_fails_them_with_engine_closed(tiny_gguf
     for th in threads:
         th.join()
     assert len(out) == 3 and all(isinstance(o, EngineClosedError) for o in out), out
+
+
+@pytest.mark.parametrize("scheduler", ["static", "continuous"])
+def test_a_row_too_long_for_a_sequence_is_refused_before_it_joins_a_batch(tiny_gguf, scheduler):
+    """`build_row` already caps new tokens at the context; a row built past it (as a direct caller may) is
+    refused by either scheduler before it is decoded beside others."""
+    from detot_agent.engines.generation import GenRow
+    from detot_agent.errors import ContextLengthError
+
+    engine = _continuous(tiny_gguf, scheduler=scheduler)
+    try:
+        cells = engine._ctx.n_ctx
+        row = GenRow(prompt_ids=engine.render(_req("alpha beta")), max_new_tokens=cells)
+        with pytest.raises(ContextLengthError, match=f"does not fit llama.cpp's {cells} cells a sequence"):
+            if scheduler == "static":
+                engine.generate_batch([row])
+            else:
+                engine._batcher_now().submit(row)
+        assert engine.complete(_req("alpha beta", max_tokens=4)).text  # the engine goes on serving
+    finally:
+        engine.close()
