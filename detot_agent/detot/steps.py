@@ -67,10 +67,9 @@ def run_steps(steps: Steps[T], execute: Callable[[Any], Any] = lambda call: call
     value: Any = None
     error: BaseException | None = None
     while True:
-        try:
-            call = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration as stop:
-            return stop.value
+        finished, call = _advance(steps, value, error)
+        if finished:
+            return call
         error = None
         try:
             value = execute(call)
@@ -83,12 +82,20 @@ async def arun_steps(steps: Steps[T], execute: Callable[[Any], Awaitable[Any]] =
     value: Any = None
     error: BaseException | None = None
     while True:
-        try:
-            call = steps.throw(error) if error is not None else steps.send(value)
-        except StopIteration as stop:
-            return stop.value
+        finished, call = _advance(steps, value, error)
+        if finished:
+            return call
         error = None
         try:
             value = await execute(call)
         except BaseException as exc:
             error = exc
+
+
+def _advance(steps: Steps[Any], value: Any, error: BaseException | None) -> tuple[bool, Any]:
+    """Resume `steps` with the last call's value (or throw its error in): `(False, next call)`, or `(True, the
+    pipeline's result)` once it returns."""
+    try:
+        return False, (steps.throw(error) if error is not None else steps.send(value))
+    except StopIteration as stop:
+        return True, stop.value
