@@ -39,7 +39,6 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from detot_agent.engines.batching import QueueWorker
@@ -265,12 +264,12 @@ class ContinuousScheduler(QueueWorker):
                 if seq is not None:
                     ctx.seq_rm(seq)
                     ctx.seq_cp(first, seq)  # the prompt's KV, before any generated token joins it
-                    cache.entries[seq] = _Entry(seq, soft, ids, _k(job.row), row_logits.copy())
+                    cache.entries[seq] = _Entry(seq, soft, ids, row_logits)  # logits are read, never written
                     self.stats.evictions += int(evicted)
                     protect.add(seq)
             for s in job.slots[1:]:
                 ctx.seq_cp(first, s)  # the other samples share the row's prefill
-            self._start(job, torch.from_numpy(np.array(row_logits, copy=True)))
+            self._start(job, torch.from_numpy(row_logits))
         self.stats.rows += len(jobs)
 
     def _start(self, job: _Job, logits: torch.Tensor) -> None:

@@ -59,7 +59,6 @@ class _Entry:
     seq: int
     soft: str | None = None
     ids: tuple[int, ...] = ()
-    k: int = 0
     logits: np.ndarray | None = None
 
 
