@@ -18,45 +18,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from detot_agent.errors import ArtefactError, ConfigError, DataFileError
+from detot_agent.errors import ConfigError, DataFileError
 from detot_agent.evaluation.metrics import paired
-from detot_agent.evaluation.paired import run_outcomes
-from detot_agent.evaluation.rename_runs import upgrade_run
-from detot_agent.evaluation.runner import RUN_FILE, read_records
+from detot_agent.evaluation.paired import need_methods, run_outcomes, run_records
+from detot_agent.evaluation.runner import read_run
 
 __all__ = ["BUCKETS", "by_steps", "compare_runs", "gold_steps", "run_records", "stream_halves", "vote_anatomy"]
 
 BUCKETS = ((1, 2), (3, 4), (5, 99))  # gold solution steps
-
-
-def _run(folder: Path) -> dict[str, Any]:
-    if not (folder / RUN_FILE).is_file():
-        raise ArtefactError(f"{folder} is not a run folder: no {RUN_FILE} (start one with `detot eval --suite ...`)")
-    upgrade_run(folder)  # a folder written under 0.3's method names is read under 0.4's
-    run: dict[str, Any] = json.loads((folder / RUN_FILE).read_text())
-    return run
-
-
-def run_records(run_dir: str | Path) -> dict[str, list[dict[str, Any]]]:
-    """method -> its records over the run's problems (the first record of an id), in run order."""
-    folder = Path(run_dir)
-    run = _run(folder)
-    ids = set(run["ids"])
-    out: dict[str, list[dict[str, Any]]] = {}
-    for method in run["methods"]:
-        path = folder / f"{method}.jsonl"
-        seen: dict[str, dict[str, Any]] = {}
-        for r in read_records(path) if path.is_file() else []:
-            if r["id"] in ids:
-                seen.setdefault(r["id"], r)
-        out[method] = list(seen.values())
-    return out
-
-
-def _need(methods: dict[str, Any], *names: str) -> None:
-    missing = [n for n in names if n not in methods]
-    if missing:
-        raise ConfigError(f"no method {', '.join(map(repr, missing))} in this run; it has {', '.join(methods)}")
 
 
 def stream_halves(run_dir: str | Path, a: str, b: str) -> dict[str, Any]:
@@ -67,9 +36,9 @@ def stream_halves(run_dir: str | Path, a: str, b: str) -> dict[str, Any]:
         ConfigError: `a` or `b` is not a method of the run.
     """
     folder = Path(run_dir)
-    ids = _run(folder)["ids"]
+    ids = read_run(folder)["ids"]
     outcomes = run_outcomes(folder)
-    _need(outcomes, a, b)
+    need_methods(outcomes, a, b)
     half = len(ids) // 2
     rows: dict[str, Any] = {}
     for name, part in (("first half", ids[:half]), ("second half", ids[half:]), ("whole stream", ids)):
@@ -95,8 +64,8 @@ def compare_runs(run_dir: str | Path, other_dir: str | Path, methods: list[str] 
     names = methods or [m for m in mine if m in theirs]
     if not names:
         raise ConfigError(f"{run_dir} and {other_dir} share no method ({', '.join(mine)} vs {', '.join(theirs)})")
-    _need(mine, *names)
-    _need(theirs, *names)
+    need_methods(mine, *names)
+    need_methods(theirs, *names)
     rows = []
     for method in names:
         a = {r["id"]: r for r in mine[method]}

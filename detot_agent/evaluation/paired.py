@@ -12,36 +12,43 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
-from detot_agent.errors import ArtefactError, ConfigError
+from detot_agent.errors import ConfigError
 from detot_agent.evaluation.metrics import paired
-from detot_agent.evaluation.rename_runs import upgrade_run
-from detot_agent.evaluation.runner import RUN_FILE, read_records
+from detot_agent.evaluation.runner import read_records, read_run
 
-__all__ = ["paired_against", "paired_rows", "run_outcomes"]
+__all__ = ["need_methods", "paired_against", "paired_rows", "run_outcomes", "run_records"]
+
+
+def run_records(run_dir: str | Path, run: dict[str, Any] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """method -> its records over the run's problems, in the run's problem order (`run.json`'s `ids`); the first
+    record of an id counts (a duplicate is never counted twice). `run`: the folder's `read_run`, if read."""
+    folder = Path(run_dir)
+    run = read_run(folder) if run is None else run
+    ids = set(run["ids"])
+    out: dict[str, list[dict[str, Any]]] = {}
+    for method in run["methods"]:
+        path = folder / f"{method}.jsonl"
+        seen: dict[str, dict[str, Any]] = {}
+        for r in read_records(path) if path.is_file() else []:
+            if r["id"] in ids:
+                seen.setdefault(r["id"], r)
+        out[method] = [seen[i] for i in run["ids"] if i in seen]
+    return out
 
 
 def run_outcomes(run_dir: str | Path) -> dict[str, dict[str, bool]]:
-    """method -> {problem id -> correct} for every method of a run folder, over the run's problems (the first record
-    of an id counts), as `report.build_report` counts them."""
-    folder = Path(run_dir)
-    if not (folder / RUN_FILE).is_file():
-        raise ArtefactError(f"{folder} is not a run folder: no {RUN_FILE} (start one with `detot eval --suite ...`)")
-    upgrade_run(folder)  # a folder written under 0.3's method names is read under 0.4's
-    run = json.loads((folder / RUN_FILE).read_text())
-    ids = set(run["ids"])
-    out: dict[str, dict[str, bool]] = {}
-    for method in run["methods"]:
-        path = folder / f"{method}.jsonl"
-        seen: dict[str, bool] = {}
-        for r in read_records(path) if path.is_file() else []:
-            if r["id"] in ids:  # the run's problems only, as the report counts them
-                seen.setdefault(r["id"], bool(r["correct"]))
-        out[method] = seen
-    return out
+    """method -> {problem id -> correct} for every method of a run folder (`run_records`)."""
+    return {m: {r["id"]: bool(r["correct"]) for r in recs} for m, recs in run_records(run_dir).items()}
+
+
+def need_methods(methods: dict[str, Any], *names: str) -> None:
+    """Refuse names that are not methods of the run, listing the ones that are (`ConfigError`)."""
+    missing = [n for n in names if n not in methods]
+    if missing:
+        raise ConfigError(f"no method {', '.join(map(repr, missing))} in this run; it has {', '.join(methods)}")
 
 
 def paired_rows(outcomes: dict[str, dict[str, bool]], method: str) -> list[dict[str, Any]]:
@@ -50,8 +57,7 @@ def paired_rows(outcomes: dict[str, dict[str, bool]], method: str) -> list[dict[
     Raises:
         ConfigError: `method` is not in the run (the message lists the ones that are).
     """
-    if method not in outcomes:
-        raise ConfigError(f"no method {method!r} in this run; it has {', '.join(outcomes)}")
+    need_methods(outcomes, method)
     ours = outcomes[method]
     rows = []
     for other, theirs in outcomes.items():

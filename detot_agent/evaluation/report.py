@@ -35,11 +35,10 @@ from typing import Any
 import numpy as np
 
 from detot_agent.answers import AnswerFormat
-from detot_agent.errors import ArtefactError
 from detot_agent.evaluation.metrics import accuracy, bootstrap_ci, paired
 from detot_agent.evaluation.names import is_detot
-from detot_agent.evaluation.rename_runs import upgrade_run
-from detot_agent.evaluation.runner import RUN_FILE, is_correct, read_records
+from detot_agent.evaluation.paired import run_records
+from detot_agent.evaluation.runner import is_correct, read_records, read_run
 from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.io.persist import atomic_write_text
 
@@ -159,23 +158,14 @@ def _events(path: Path) -> list[dict[str, Any]]:
 def build_report(out: str | Path) -> dict[str, Any]:
     """The report of a run folder as a dict (no report written; a folder of 0.3 gets 0.4's method names first)."""
     out = Path(out)
-    run_file = out / RUN_FILE
-    if not run_file.exists():
-        raise ArtefactError(f"{out} is not a run folder: no {RUN_FILE} (start one with `detot eval --suite ...`)")
-    upgrade_run(out)
-    run = json.loads(run_file.read_text())
+    run = read_run(out)
     ids = set(run["ids"])
     configs = json.loads((out / "methods.json").read_text()) if (out / "methods.json").exists() else {}
     methods: dict[str, Any] = {}
     outcomes: dict[str, dict[str, bool]] = {}
     by_method: dict[str, list[dict[str, Any]]] = {}
     fmt = AnswerFormat(run.get("answer_format", AnswerFormat.NUMBER.value))
-    for method in run["methods"]:
-        seen: dict[str, dict[str, Any]] = {}
-        for r in read_records(out / f"{method}.jsonl"):
-            if r["id"] in ids:
-                seen.setdefault(r["id"], r)  # first record of an id counts (a duplicate is never counted twice)
-        records = [seen[i] for i in run["ids"] if i in seen]
+    for method, records in run_records(out, run).items():
         summary = summarize_method(records, _events(out / f"{method}.events.jsonl"))
         summary["complete"] = len(records) == len(ids)
         summary["config"] = configs.get(method, {})

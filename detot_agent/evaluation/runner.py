@@ -43,7 +43,7 @@ from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.io.persist import atomic_write_text
 
 __all__ = ["RUN_FILE", "Executor", "LocalExecutor", "RecordSink", "answer_example", "check_run", "read_records",
-           "run_eval"]
+           "read_run", "run_eval"]
 
 RUN_FILE = "run.json"
 # settings that must match for --resume to continue a run rather than mix two
@@ -65,6 +65,20 @@ def record_log(path: Path) -> JsonlLog:
 def read_records(path: Path, *, repair: bool = False) -> list[dict[str, Any]]:
     """Records of one method's JSONL; a torn last line (a crash mid-write) is dropped (and cut off if `repair`)."""
     return record_log(path).read(repair=repair)
+
+
+def read_run(out: str | Path) -> dict[str, Any]:
+    """A run folder's `run.json`, for reading the run (a folder of 0.3 gets 0.4's method names first).
+
+    Raises:
+        ArtefactError: `out` holds no `run.json`.
+    """
+    folder = Path(out)
+    if not (folder / RUN_FILE).is_file():
+        raise ArtefactError(f"{folder} is not a run folder: no {RUN_FILE} (start one with `detot eval --suite ...`)")
+    upgrade_run(folder)
+    run: dict[str, Any] = json.loads((folder / RUN_FILE).read_text())
+    return run
 
 
 def check_run(out: Path, run: dict[str, Any], *, resume: bool, write: bool = True,
