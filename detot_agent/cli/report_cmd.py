@@ -9,7 +9,6 @@ Example:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -60,7 +59,9 @@ def eval_report(
     if against is not None:
         out["against"] = _against(run_dir, against, methods)
     if steps is not None:
-        run = json.loads((run_dir / "run.json").read_text())  # write_report read it already
+        from detot_agent.evaluation.runner import read_run
+
+        run = read_run(run_dir)
         out["steps"] = _steps(run_dir, steps, max_tokens or int(run.get("max_tokens") or 256), paired)
     if json_out is not None:
         write_json_atomic(json_out, out)
