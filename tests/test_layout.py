@@ -26,6 +26,7 @@ ALLOWED = {
     "retrieval": {"retrieval", "embedding", "softprompt", "io", "config", "errors"},
     "engines": {"engines", "softprompt", "io", "config", "errors"},
     "detot": {"detot", "engines", "retrieval", "embedding", "softprompt", "io", "answers", "config", "errors"},
+    "fit": {"fit", "detot", "engines", "retrieval", "embedding", "softprompt", "io", "answers", "config", "errors"},
     "evaluation": {"evaluation", "detot", "engines", "retrieval", "embedding", "softprompt", "io", "answers", "config",
                    "errors"},
 }

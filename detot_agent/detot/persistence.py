@@ -320,7 +320,9 @@ class PersistentModule(dspy.Module):
     def load(self, path: str | Path, **kwargs: Any) -> PersistentModule:
         """Load what `save` wrote (this release's one file, or an earlier release's file and side folder);
         validates the learned state (checksum, shapes, finiteness, encoder, the model's width) before changing
-        anything."""
+        anything. A fit folder (`detot fit`, `DETOTFit`) loads the program it shipped."""
+        if Path(path).is_dir() and (Path(path) / "fit.json").is_file():
+            path = Path(path) / "program.json"
         try:
             saved = json.loads(Path(path).read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError, OSError) as exc:  # JSONDecodeError is a ValueError
