@@ -28,6 +28,7 @@ from detot_agent.cli.common import (
     write_json_atomic,
 )
 from detot_agent.cli.eval import eval_app
+from detot_agent.cli.fit_cmd import fit
 from detot_agent.cli.index_cmd import index_app
 from detot_agent.errors import ConfigError, DetotError
 
@@ -36,6 +37,7 @@ app = typer.Typer(help="DETOT: task-adapted prompting for DSPy on local models."
 app.add_typer(bench_app, name="bench")
 app.add_typer(index_app, name="index")
 app.add_typer(eval_app, name="eval")
+app.command("fit")(fit)
 
 
 @app.callback()

@@ -96,6 +96,10 @@ def eval_run(
                                                     "retrieval, softprompt, loop (looping methods), dynamic "
                                                     "(task embeddings with M > 0), strategy (--strategy pot|mix)."
                                                     )] = None,
+    fit: Annotated[Path | None, typer.Option(help="A fit folder (`detot fit`): the DETOT methods serve its shipped "
+                                                  "configuration and task embedding (its k, budget, temperature, "
+                                                  "weighting and soft prompt; --k, --n, --temperature, --weighting and "
+                                                  "--soft-prompt then apply to the other methods).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.", min=1)] = 16,
@@ -148,7 +152,7 @@ def eval_run(
     from detot_agent.detot.task import Policy
 
     policies = [Policy.parse(text) for text in loop_policy or []]
-    problems = missing_requirements(names, index=index is not None)
+    problems = missing_requirements(names, index=index is not None, k=k, fit=fit is not None)
     if problems:  # every requirement of every method, before anything loads
         raise ConfigError("; ".join(problems))
     if executor not in ("local", "ray"):
@@ -183,6 +187,10 @@ def eval_run(
         source = load_suite(str(canary_file), data_dir=data_dir, question_field=question_field,
                             answer_field=answer_field, labels=label_list)
         canary = draw_canary(source.examples, examples, size=canary_size, seed=seed, draw=draw)
+    if fit is not None:
+        from detot_agent.fit.report import read_fit
+
+        read_fit(fit)  # a finished fit folder, or one line saying what is wrong
     no_soft = soft_prompt is not None and str(soft_prompt) == "none"
     for what, path in (("--index", index), ("--soft-prompt", None if no_soft else soft_prompt)):
         if path is not None and not path.exists():
@@ -204,7 +212,7 @@ def eval_run(
                        reopt_seconds=reopt_seconds, canary=canary, strategy=strategy,  # type: ignore[arg-type]
                        weighting=weighting,  # type: ignore[arg-type]
                        reopt_cooldown=reopt_cooldown, loop_policies=[p.changes() for p in policies],
-                       replay_items=replay_items,
+                       replay_items=replay_items, fit=None if fit is None else str(fit.resolve()),
                        questions=[ex.question for ex in examples[:5]])
     run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "draw": draw,
            **({"offset": offset} if offset else {}), "k": k, "n": n,
@@ -215,7 +223,7 @@ def eval_run(
            "strategy": strategy,
            **({"weighting": weighting} if weighting else {}),
            "reopt_cooldown": reopt_cooldown, "loop_policies": [p.describe() for p in policies],
-           "replay_items": replay_items,
+           "replay_items": replay_items, **({"fit": str(fit)} if fit is not None else {}),
            "canary": None if canary_file is None else {"file": str(canary_file), "size": len(canary)},
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "model": resolve_model_source(None).name if model is None else model}

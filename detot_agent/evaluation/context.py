@@ -57,6 +57,7 @@ class EvalContext:
     weighting: str | None = None  # the DETOT methods' vote weighting (None: task analysis decides)
     questions: list[str] = field(default_factory=list)
     events_dir: Path | None = None
+    fit: str | None = None  # a fit folder (`detot fit`): the DETOT methods serve its choice and task embedding
 
     def key(self, answer: Any) -> str | None:
         """The normalised vote key of a raw answer."""

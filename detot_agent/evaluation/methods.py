@@ -226,9 +226,7 @@ class DetotMethod(MethodRunner):
                                   "this one serves a static prompt")
             embedding.attach_head(head.p0, components=0, model_id=embedding.model_id or "unknown")
 
-        if ctx.index is None:
-            ctx.pool()  # raises the "needs an exemplar pool" error
-        assert ctx.index is not None
+        index = ctx.index if ctx.index is not None else _empty_index(ctx)  # k = 0 or a fit: no demos to read
         number = ctx.answer_format is AnswerFormat.NUMBER
         kind = TaskKind.ARITHMETIC if number else (
             TaskKind.CLASSIFICATION if ctx.answer_format is AnswerFormat.LABEL else TaskKind.OPEN_QA)
@@ -237,7 +235,8 @@ class DetotMethod(MethodRunner):
         self.task = TaskProfile(name=ctx.task_name, description=desc, kind=kind,
                                 answer_format=ctx.answer_format, labels=ctx.labels or None)
         self.adjustments = analyze(self.task, ctx.questions[:5], max_samples=ctx.n + 1, max_tokens=ctx.max_tokens,
-                                   k_exemplars=0 if "retrieval" in ablate else ctx.k, temperature=ctx.temperature,
+                                   k_exemplars=0 if "retrieval" in ablate or ctx.index is None else ctx.k,
+                                   temperature=ctx.temperature,
                                    **({"strategy": "cot" if "strategy" in ablate else ctx.strategy}
                                       if ctx.strategy else {}),
                                    **({"weighting": ctx.weighting} if ctx.weighting else {}),
@@ -250,16 +249,22 @@ class DetotMethod(MethodRunner):
             loop["max_seconds"] = ctx.reopt_seconds
         if ctx.replay_items is not None:
             loop["replay_items"] = ctx.replay_items
-        self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, lm=ctx.lm, adjustments=self.adjustments,
+        self.program = DETOT(SIGNATURE, task=self.task, index=index, lm=ctx.lm, adjustments=self.adjustments,
                              soft_prompt=False if no_soft else ctx.soft_prompt, background=self.background,
                              event_log=log, evidence_log=evidence, task_embedding=embedding,
                              controller_config=ControllerConfig(**loop),
                              adapter=PlainAdapter() if self.plain else None,
                              canary=[dspy.Example(question=q, answer=a).with_inputs("question")
                                      for q, a in ctx.canary] or None)
+        if ctx.fit is not None:  # the fit's shipped configuration and task embedding (validated by `load`)
+            self.program.load(ctx.fit)
+            if self.program.adjustments.k_exemplars > 0 and ctx.index is None:
+                raise ConfigError(f"the fit {ctx.fit} serves {self.program.adjustments.k_exemplars} demos: pass the "
+                                  "--index it was fitted with")
+            self.adjustments = self.program.adjustments
 
     def config(self) -> dict[str, Any]:
-        return {"adjustments": self.adjustments.model_dump(mode="json", exclude={"applied"}),
+        return {"adjustments": self.adjustments.model_dump(mode="json", exclude={"applied"}), "fit": self.ctx.fit,
                 "trained_soft_prompt": self.ctx.soft_prompt is not None or self.ctx.task_embedding is not None,
                 "task_embedding": None if self.ctx.task_embedding is None else repr(self.ctx.task_embedding),
                 "reoptimization": self.background, "feedback": self.ctx.feedback,
@@ -284,6 +289,17 @@ class DetotMethod(MethodRunner):
         """Wait for a running re-optimization and stop the background worker."""
         self.program.controller.wait()
         self.program.controller.close()
+
+
+def _empty_index(ctx: EvalContext) -> Any:
+    """An exemplar index with no records, for DETOT methods that retrieve nothing (`--k 0`, or a fit with k = 0)."""
+    from detot_agent.retrieval.index import ExemplarIndex
+
+    if ctx.k > 0 and ctx.fit is None:
+        ctx.pool()  # raises the "needs an exemplar pool" error
+    if ctx.encoder is None:
+        ctx.encoder = Encoder()
+    return ExemplarIndex(ctx.encoder)
 
 
 class DspyDetotLoop(DetotMethod):
@@ -347,12 +363,17 @@ def expand_ablations(names: list[str], parts: list[str]) -> list[str]:
     return out
 
 
+def _is_detot(name: str) -> bool:
+    cls = METHODS[split_ablation(current(name))[0]]
+    return isinstance(cls, type) and issubclass(cls, DetotMethod)
+
+
 def needs_index(name: str) -> bool:
     """Whether the method (or ablation) `name` draws demos from the exemplar pool."""
     return bool(getattr(METHODS[split_ablation(current(name))[0]], "needs_index", False))
 
 
-def missing_requirements(names: list[str], *, index: bool) -> list[str]:
+def missing_requirements(names: list[str], *, index: bool, k: int = 3, fit: bool = False) -> list[str]:
     """What the methods `names` need and were not given, one line each (checked before anything loads).
 
     Example:
@@ -362,7 +383,8 @@ def missing_requirements(names: list[str], *, index: bool) -> list[str]:
         []
     """
     out = []
-    pooled = [n for n in names if needs_index(n)]
+    retrieve = k > 0 and not fit  # the DETOT methods read demos only then (a fit says its k itself)
+    pooled = [n for n in names if needs_index(n) and (retrieve or not _is_detot(n))]
     if pooled and not index:
         verb = "needs" if len(pooled) == 1 else "need"
         out.append(f"{', '.join(pooled)} {verb} an exemplar pool: pass --index DIR (build one with "

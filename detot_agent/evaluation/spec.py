@@ -52,6 +52,7 @@ class ContextSpec(StrictModel):
             they help (`ControllerConfig.policies`).
         replay_items: held-out records a looping DETOT replays per judgement (None: `ControllerConfig`'s 16).
         questions: a few of the suite's questions (DETOT's task analysis reads them).
+        fit: a fit folder (`detot fit`) whose shipped configuration and task embedding the DETOT methods serve.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -82,6 +83,7 @@ class ContextSpec(StrictModel):
     loop_policies: list[dict[str, str]] = Field(default_factory=list)
     replay_items: int | None = Field(default=None, ge=1)
     questions: list[str] = Field(default_factory=list)
+    fit: str | None = None
 
 
 def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
@@ -137,4 +139,4 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        reopt_cooldown=spec.reopt_cooldown,
                        loop_policies=[Policy(**p) for p in spec.loop_policies],  # type: ignore[arg-type]
                        replay_items=spec.replay_items,
-                       questions=list(spec.questions))
+                       questions=list(spec.questions), fit=spec.fit)

@@ -119,9 +119,9 @@ def standings(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 def guard(result: dict[str, Any], alpha: float) -> dict[str, Any]:
     """Choose DETOT's best surviving configuration on the items every survivor answered, then guard it against plain.
 
-    The best (most correct, then fewest tokens) ships unless the race dropped every DETOT configuration or plain beats it on those items: more correct, the
-    same number at fewer tokens, or a one-sided paired sign test says it is worse at `alpha`; then plain ships
-    (`guard_fired`).
+    The best (most correct, then fewest tokens) ships unless the race dropped every DETOT configuration or plain
+    matches or beats it on those items (more correct, the same number at no more tokens, or a one-sided paired sign test says it
+    is worse at `alpha`); then plain ships (`guard_fired`).
     """
     n, rows, alive = result["items"], result["rows"], result["alive"]
     correct = {c: [bool(rows[c][i]["correct"]) for i in range(n)] for c in alive}
@@ -135,7 +135,7 @@ def guard(result: dict[str, Any], alpha: float) -> dict[str, Any]:
     plain_wins = sum(p and not b for p, b in zip(correct[PLAIN], correct[best], strict=True))
     best_wins = sum(b and not p for p, b in zip(correct[PLAIN], correct[best], strict=True))
     p_worse = sign_test_p(plain_wins, best_wins)
-    behind = (sum(correct[best]), -sum(tokens[best])) < (sum(correct[PLAIN]), -sum(tokens[PLAIN]))
+    behind = (sum(correct[best]), -sum(tokens[best])) <= (sum(correct[PLAIN]), -sum(tokens[PLAIN]))  # ties: plain
     fired = behind or p_worse < alpha
     return {"best": best, "shipped": PLAIN if fired else best, "guard_fired": fired, "items": n,
             "wins_over_plain": best_wins, "losses_to_plain": plain_wins, "p_worse_than_plain": p_worse,

@@ -174,13 +174,15 @@ def _result(plain, detot, tokens=(10, 10)):
     return {"items": len(plain), "rows": rows, "alive": ["plain", "a"]}
 
 
-def test_the_guard_fires_on_a_worse_or_equally_accurate_costlier_choice_and_not_on_a_better_one():
+def test_the_guard_fires_on_a_worse_or_tied_choice_and_not_on_a_better_or_as_right_cheaper_one():
     worse = _result([True] * 10, [False] * 8 + [True] * 2)
     assert guard(worse, 0.05)["shipped"] == "plain" and guard(worse, 0.05)["p_worse_than_plain"] < 0.05
     one_behind = _result([True] * 10, [True] * 9 + [False])  # not significant, still behind: plain ships
     assert guard(one_behind, 0.05)["guard_fired"]
     costlier = _result([True] * 10, [True] * 10, tokens=(10, 30))
     assert guard(costlier, 0.05)["shipped"] == "plain"
+    assert guard(_result([True] * 10, [True] * 10), 0.05)["shipped"] == "plain"  # a tie: the simpler one ships
+    assert guard(_result([True] * 10, [True] * 10, tokens=(30, 10)), 0.05)["shipped"] == "a"  # as right, cheaper
     better = _result([False] * 5 + [True] * 5, [True] * 10)
     decision = guard(better, 0.05)
     assert decision["shipped"] == "a" and not decision["guard_fired"] and decision["p_better_than_plain"] < 0.05
