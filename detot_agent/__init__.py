@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         EmptyIndexError,
         EmptyPromptError,
         EngineClosedError,
+        FitError,
         IndexDataError,
         InputTypeError,
         InvalidRequestError,
@@ -46,6 +47,8 @@ if TYPE_CHECKING:
         ProgramError,
         SoftPromptError,
     )
+    from detot_agent.fit.config import Choice, FitConfig
+    from detot_agent.fit.optimizer import DETOTFit
     from detot_agent.io.datafiles import read_exemplars
     from detot_agent.io.records import Exemplar
     from detot_agent.retrieval.encoder import Encoder
@@ -66,13 +69,17 @@ _WHERE = {
     "ContextLengthError": "detot_agent.errors",
     "ControllerConfig": "detot_agent.detot.controller_config",
     "DataFileError": "detot_agent.errors",
+    "Choice": "detot_agent.fit.config",
     "DETOT": "detot_agent.detot.module",
+    "DETOTFit": "detot_agent.fit.optimizer",
     "DetotError": "detot_agent.errors",
     "EmptyIndexError": "detot_agent.errors",
     "EmptyPromptError": "detot_agent.errors",
     "Encoder": "detot_agent.retrieval.encoder",
     "EngineClosedError": "detot_agent.errors",
     "EngineConfig": "detot_agent.engines.config",
+    "FitConfig": "detot_agent.fit.config",
+    "FitError": "detot_agent.errors",
     "Exemplar": "detot_agent.io.records",
     "ExemplarIndex": "detot_agent.retrieval.index",
     "IndexDataError": "detot_agent.errors",
@@ -129,9 +136,11 @@ __all__ = [
     "DETOT",
     "Adjustments",
     "ArtefactError",
+    "Choice",
     "ConfigError",
     "ContextLengthError",
     "ControllerConfig",
+    "DETOTFit",
     "DataFileError",
     "DetotError",
     "EmptyIndexError",
@@ -141,6 +150,8 @@ __all__ = [
     "EngineConfig",
     "Exemplar",
     "ExemplarIndex",
+    "FitConfig",
+    "FitError",
     "IndexDataError",
     "InputTypeError",
     "InvalidRequestError",

@@ -19,6 +19,7 @@ can catch the whole family in one place::
     ├── ArtefactError        a saved artefact is missing, corrupted, swapped, of another kind,
     │                        built with another encoder/model, or from a newer format
     ├── ProgramError         a program of thought was refused (unsafe construct, a limit) or failed
+    ├── FitError             a fit cannot go on (a metric that raised, a fit folder of other settings, no time left)
     └── WorkerLostError      (detot_agent.evaluation.distributed) every Ray worker of an eval is gone
 
 Messages name the offending value and the limit it broke, and say what to do.
@@ -40,6 +41,7 @@ __all__ = [
     "EmptyIndexError",
     "EmptyPromptError",
     "EngineClosedError",
+    "FitError",
     "IndexDataError",
     "InputTypeError",
     "InvalidRequestError",
@@ -103,3 +105,8 @@ class ArtefactError(DetotError, ValueError):
 
 class ProgramError(DetotError, ValueError):
     """A program of thought was refused (a construct outside the safe subset, a limit) or failed to run."""
+
+
+class FitError(DetotError, RuntimeError):
+    """A fit (`DETOTFit`, `detot fit`) cannot go on: a metric that raised mid-fit, a fit folder holding another fit,
+    or a time budget spent before the race answered anything."""

@@ -52,7 +52,9 @@ def fit(
     data_dir: Annotated[Path | None, typer.Option(help="Folder holding the named suites.")] = None,
     index: Annotated[Path | None, typer.Option(help="Exemplar index, needed only when --ks races k > 0.")] = None,
     soft_prompt: Annotated[Path | None, typer.Option(help="A task embedding to start from (`detot tune`), raced as "
-                                                          "`current`.")] = None,
+                                                          "`current`; `none`: race no untrained prompt (distillation "
+                                                          "starts from the text-initialised one). Default: the "
+                                                          "text-initialised prompt, raced as `current`.")] = None,
     max_minutes: Annotated[float, typer.Option(help="Wall-time budget of the fit.")] = 60.0,
     samples_per_problem: Annotated[int, typer.Option(help="Chains drawn per training problem.", min=1)] = 4,
     chains_per_problem: Annotated[int, typer.Option(help="Most distinct accepted chains kept per problem.",
@@ -101,7 +103,8 @@ def fit(
     cfg = FitConfig(**settings)  # every setting checked before a model loads
     if any(k > 0 for k in cfg.ks) and index is None:
         raise ConfigError("--ks races k > 0 demos: pass --index (an exemplar index, `detot index build`)")
-    for what, path in (("--index", index), ("--soft-prompt", soft_prompt)):
+    no_soft = soft_prompt is not None and str(soft_prompt) == "none"
+    for what, path in (("--index", index), ("--soft-prompt", None if no_soft else soft_prompt)):
         if path is not None and not path.exists():
             raise ConfigError(f"{what} {path} does not exist")
     train_suite = load_suite(train, data_dir=data_dir)
@@ -111,7 +114,7 @@ def fit(
     spec = ContextSpec(model=model if model is None or not Path(model).exists() else str(Path(model).resolve()),
                        engine=engine, device=device, dtype=dtype,  # type: ignore[arg-type]
                        index=None if index is None else str(index.resolve()),
-                       soft_prompt=None if soft_prompt is None else str(soft_prompt.resolve()),
+                       soft_prompt=None if soft_prompt is None else "none" if no_soft else str(soft_prompt.resolve()),
                        answer_format=dev_suite.answer_format, labels=dev_suite.labels, k=0, n=n,
                        temperature=temperature, max_tokens=max_tokens, seed=seed, task_name=train_suite.name,
                        questions=[ex.question for ex in trainset[:5]])
@@ -124,8 +127,11 @@ def fit(
     console.print(f"fit: {len(trainset)} training problems from {train_suite.source}, {len(valset)} dev problems "
                   f"from {dev_suite.source} (offset {dev_offset}); folder {out}", markup=False, highlight=False)
     command = "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    fitter = DETOTFit(metric=metric, config=cfg, out=out,
-                      progress=lambda line: console.print(line, markup=False, highlight=False))
+    def progress(line: str) -> None:
+        console.print(line, markup=False, highlight=False)
+        sys.stdout.flush()  # a log file (nohup) shows each step as it happens
+
+    fitter = DETOTFit(metric=metric, config=cfg, out=out, progress=progress)
     try:
         fitter.compile(program, trainset=trainset, valset=valset)
     except KeyboardInterrupt:

@@ -24,18 +24,14 @@ from detot_agent.detot.module import DETOT
 from detot_agent.detot.steps import run_steps
 from detot_agent.detot.task import StoppingRule
 from detot_agent.embedding.update_config import TrainingItem
-from detot_agent.errors import ConfigError, DetotError
+from detot_agent.errors import ConfigError, FitError
 from detot_agent.fit.config import FitConfig
 from detot_agent.softprompt.loss import TuneExample
 
-__all__ = ["FitError", "accepted", "chain_items", "draw_chains", "gold_items", "gold_target", "inputs_of",
+__all__ = ["accepted", "chain_items", "draw_chains", "gold_items", "gold_target", "inputs_of",
            "sampler"]
 
 Metric = Callable[..., Any]
-
-
-class FitError(DetotError):
-    """A fit that cannot go on (a metric that raised mid-fit, a fit folder of other settings, ...)."""
 
 
 def inputs_of(program: DETOT, example: dspy.Example) -> dict[str, Any]:

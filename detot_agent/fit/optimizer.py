@@ -32,6 +32,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,7 @@ from dspy.teleprompt import Teleprompter
 
 from detot_agent.detot.module import DETOT
 from detot_agent.embedding.task_embedding import TaskEmbedding
-from detot_agent.errors import ConfigError
+from detot_agent.errors import ConfigError, FitError
 from detot_agent.fit import distill, report
 from detot_agent.fit.config import FitConfig
 from detot_agent.fit.configure import configured, without_head
@@ -118,7 +119,7 @@ class DETOTFit(Teleprompter):
             gold = {field: ex.get(field), "reasoning": ex.get("rationale") or ""}
             try:
                 ok = distill.accepted(self.metric, ex, gold, cfg.metric_threshold)
-            except distill.FitError as exc:
+            except FitError as exc:
                 raise ConfigError(f"the metric raised on valset[0] with its own label as the prediction "
                                   f"({exc.__cause__!r}); fix the metric before fitting") from None
             if not ok:
@@ -158,7 +159,7 @@ class DETOTFit(Teleprompter):
         if settings.exists():
             known = json.loads(settings.read_text()).get("fingerprint")
             if known != fingerprint:
-                raise distill.FitError(f"{folder} holds a fit of other settings or data; fit into a new folder or "
+                raise FitError(f"{folder} holds a fit of other settings or data; fit into a new folder or "
                                        "delete it")
             say(f"resuming the fit in {folder}")
         else:
@@ -221,21 +222,28 @@ class DETOTFit(Teleprompter):
         return {"program": shipped, "report": out}
 
     def _chains(self, drawer: DETOT, train: list[Any], path: Path, stop_at: float, r: int) -> list[dict[str, Any]]:
-        """Chains for every training problem (resumed from `path`; stops drawing at `stop_at`)."""
+        """Chains for every training problem, `threads` problems at once (resumed from `path`; no new problem is
+        started after `stop_at`)."""
         chains = JsonlLog(path)
         done = {int(x["i"]): x for x in chains.read(repair=True)}
-        for i, ex in enumerate(train):
-            if i in done:
-                continue
+        todo = [i for i in range(len(train)) if i not in done]
+
+        def one(i: int) -> dict[str, Any] | None:
             if time.monotonic() > stop_at:
-                self.progress(f"distil round {r}: time share spent after {len(done)} problems")
-                break
-            record = {"i": i, **distill.draw_chains(drawer, ex, self.metric, self.config)}
-            chains.append(record)
-            done[i] = record
-            if (len(done)) % 8 == 0 or len(done) == len(train):
-                kept = sum(len(x["kept"]) for x in done.values())
-                self.progress(f"distil round {r}: {len(done)}/{len(train)} problems, {kept} chains kept")
+                return None
+            return {"i": i, **distill.draw_chains(drawer, train[i], self.metric, self.config)}
+
+        with ThreadPoolExecutor(max_workers=self.config.threads) as pool:
+            for record in pool.map(one, todo):
+                if record is None:
+                    continue
+                chains.append(record)
+                done[record["i"]] = record
+                if len(done) % 8 == 0 or len(done) == len(train):
+                    kept = sum(len(x["kept"]) for x in done.values())
+                    self.progress(f"distil round {r}: {len(done)}/{len(train)} problems, {kept} chains kept")
+        if len(done) < len(train):
+            self.progress(f"distil round {r}: time share spent after {len(done)} of {len(train)} problems")
         return [done[i] for i in sorted(done)]
 
     def _train(self, program: DETOT, start: TaskEmbedding, items: list[Any], path: Path,

@@ -23,8 +23,9 @@ import dspy
 
 from detot_agent.detot.judging import sign_test_p
 from detot_agent.detot.module import DETOT
+from detot_agent.errors import FitError
 from detot_agent.fit.config import PLAIN, FitConfig
-from detot_agent.fit.distill import FitError, accepted, inputs_of
+from detot_agent.fit.distill import accepted, inputs_of
 from detot_agent.io.jsonlog import JsonlLog
 
 __all__ = ["answer_item", "guard", "leader", "race", "standings"]
@@ -120,8 +121,8 @@ def guard(result: dict[str, Any], alpha: float) -> dict[str, Any]:
     """Choose DETOT's best surviving configuration on the items every survivor answered, then guard it against plain.
 
     The best (most correct, then fewest tokens) ships unless the race dropped every DETOT configuration or plain
-    matches or beats it on those items (more correct, the same number at no more tokens, or a one-sided paired sign test says it
-    is worse at `alpha`); then plain ships (`guard_fired`).
+    matches or beats it on those items (more correct, as many at no more tokens, or a one-sided paired sign test
+    says it is worse at `alpha`); then plain ships (`guard_fired`).
     """
     n, rows, alive = result["items"], result["rows"], result["alive"]
     correct = {c: [bool(rows[c][i]["correct"]) for i in range(n)] for c in alive}
