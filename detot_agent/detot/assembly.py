@@ -24,7 +24,23 @@ from detot_agent.errors import ConfigError
 from detot_agent.retrieval.encoder import Encoder
 from detot_agent.retrieval.index import ExemplarIndex
 
-__all__ = ["build_task_embedding", "canary_items"]
+__all__ = ["build_task_embedding", "canary_items", "resolve_index"]
+
+
+def resolve_index(index: ExemplarIndex | None, encoder: Encoder | None, k: int) -> tuple[ExemplarIndex, Encoder]:
+    """`(index, encoder)` a DETOT serves with: without an index (a task served without demos) an empty one of the
+    encoder's, so nothing else needs to know; the encoder defaults to the index's.
+
+    Raises:
+        ConfigError: no encoder anywhere, or demos (`k > 0`) asked of no index.
+    """
+    if index is None and k > 0:
+        raise ConfigError(f"k_exemplars = {k} retrieves demos: pass index= (an ExemplarIndex), or serve without demos "
+                          "(analyze(task, k_exemplars=0))")
+    found = encoder or (index.encoder if index is not None else None)
+    if found is None:
+        raise ConfigError("DETOT needs an encoder: pass encoder= or an index built with one")
+    return (index if index is not None else ExemplarIndex(found)), found
 
 
 def build_task_embedding(given: TaskEmbedding | None, soft_prompt: torch.Tensor | bool | None, components: int,

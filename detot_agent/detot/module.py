@@ -37,7 +37,7 @@ from detot_agent.answers import extract_number, normalize
 from detot_agent.detot import call_cache, drawers
 from detot_agent.detot.adapter_messages import shown_messages
 from detot_agent.detot.adapters import LenientChatAdapter, PlainAdapter
-from detot_agent.detot.assembly import build_task_embedding, canary_items
+from detot_agent.detot.assembly import build_task_embedding, canary_items, resolve_index
 from detot_agent.detot.controller import Controller, ControllerConfig
 from detot_agent.detot.demos import check_demo_fields, prompt_demos, retrieve_demos
 from detot_agent.detot.inputs import check_inputs
@@ -71,7 +71,8 @@ class DETOT(PersistentModule):
     Args:
         signature: a DSPy signature (string or class); its last output field is the voted answer.
         task: the `TaskProfile`.
-        index: exemplars to retrieve demos from (fields `question`, `rationale`, `answer` by default).
+        index: exemplars to retrieve demos from (fields `question`, `rationale`, `answer` by default); None
+            serves without demos (`k_exemplars` must be 0; `encoder` is then required).
         lm: the LM to use (default: `dspy.settings.lm` at call time). A `local_lm` gets batched
             sampling and the task's soft prompt; any other `dspy.LM` is sampled by rollouts. Behind
             llama.cpp, soft prompts are trained by a torch engine on the same file, loaded the first
@@ -111,7 +112,7 @@ class DETOT(PersistentModule):
         signature: str | type[dspy.Signature],
         *,
         task: TaskProfile,
-        index: ExemplarIndex,
+        index: ExemplarIndex | None = None,
         lm: Any = None,
         encoder: Encoder | None = None,
         adjustments: Adjustments | None = None,
@@ -142,13 +143,9 @@ class DETOT(PersistentModule):
         self.answer_field = list(sig.output_fields)[-1]
         inputs = list(sig.input_fields)
         self.demo_fields = demo_fields or {inputs[0]: "question", "reasoning": "rationale", self.answer_field: "answer"}
+        self.index, self.encoder = resolve_index(index, encoder, adj.k_exemplars)
         if adj.k_exemplars > 0:
-            check_demo_fields(index, self.demo_fields, self.answer_field)
-        self.index = index
-        found = encoder or index.encoder
-        if found is None:
-            raise ConfigError("DETOT needs an encoder: pass encoder= or an index built with one")
-        self.encoder: Encoder = found
+            check_demo_fields(self.index, self.demo_fields, self.answer_field)
         self.lm = lm
         self.background = background
         if isinstance(adapter, PlainAdapter):
@@ -157,13 +154,13 @@ class DETOT(PersistentModule):
         self._default_adapter = LenientChatAdapter()
         engine = _trainer(lm)
         embedding = build_task_embedding(task_embedding, soft_prompt, components, samples or [], task=task,
-                                         adjustments=adj, encoder=self.encoder, index=index,
+                                         adjustments=adj, encoder=self.encoder, index=self.index,
                                          serving=serving_engine(lm), trainer=engine)
         self.monitor = Monitor(adj.monitor_config(), log_path=event_log)
         if controller_config is not None and not isinstance(controller_config, ControllerConfig):
             raise ConfigError(f"controller_config must be a ControllerConfig, got {type(controller_config).__name__}")
         self.canary = canary_items(canary or [], sig, self.answer_field, task, adj)
-        self.controller = Controller(TaskState(embedding.version, embedding), index=index, monitor=self.monitor,
+        self.controller = Controller(TaskState(embedding.version, embedding), index=self.index, monitor=self.monitor,
                                      engine=engine, config=controller_config, k=adj.k_exemplars,
                                      replay=self._replay, canary=self.canary, evidence_log=evidence_log)
         self._rollout = 0

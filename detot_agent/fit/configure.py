@@ -68,4 +68,5 @@ def configured(program: DETOT, choice: Choice, *, embedding: TaskEmbedding | Non
     state = program.controller.state
     clone.controller.restore(TaskState(state.version + 1, embedding, None))
     clone.controller.k = choice.k
+    clone.background = False  # a candidate answers the race; it does not re-optimize
     return clone

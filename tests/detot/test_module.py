@@ -364,6 +364,23 @@ def test_an_index_whose_exemplars_lack_the_answer_field_is_refused_when_built(en
           adjustments=analyze(task, k_exemplars=0))
 
 
+def test_a_detot_without_demos_needs_no_index_and_one_with_demos_is_refused_without(encoder, tmp_path):
+    lm, engine = scripted_lm(lambda text, n: "positive")
+    task = TaskProfile(name="s", description="sentiment", kind="classification", answer_format="label",
+                       labels=["positive", "negative"])
+    bare = DETOT("question -> answer", task=task, encoder=encoder, lm=lm, background=False,
+                 adjustments=analyze(task, k_exemplars=0))
+    pred = bare(question="Lovely staff.")
+    assert pred.answer == "positive" and pred.demo_ids == []
+    bare.save(tmp_path / "bare.json")  # and its state loads into another index-free DETOT
+    DETOT("question -> answer", task=task, encoder=encoder, lm=lm, background=False,
+          adjustments=analyze(task, k_exemplars=0)).load(tmp_path / "bare.json")
+    with pytest.raises(ConfigError, match="k_exemplars = 2 retrieves demos: pass index="):
+        DETOT("question -> answer", task=task, encoder=encoder, lm=lm, adjustments=analyze(task, k_exemplars=2))
+    with pytest.raises(ConfigError, match="DETOT needs an encoder"):
+        DETOT("question -> answer", task=task, lm=lm, adjustments=analyze(task, k_exemplars=0))
+
+
 def test_a_label_tasks_plain_prompt_lists_its_labels_only_when_the_adapter_has_them(gsm8k_index):
     sentiment = TaskProfile(name="sentiment", description="Is the review positive or negative?", kind="classification",
                             answer_format="label", labels=["positive", "negative"], complexity=0.1)
