@@ -69,6 +69,8 @@ def fit(
     weightings: Annotated[str, typer.Option(help="Vote weightings raced: uniform, cisc, filter.")] = "cisc",
     strategies: Annotated[str, typer.Option(help="Reasoning strategies raced: cot, pot, mix (`default`: cot).")] =
         "default",
+    stoppings: Annotated[str, typer.Option(help="Stopping rules raced: beta, confidence, majority, entropy, fixed "
+                                                "(`default`: the task's, beta).")] = "default",
     steps: Annotated[int, typer.Option(help="Training steps per prompt.", min=1)] = 100,
     lr: Annotated[float, typer.Option(help="Learning rate of the soft prompt.")] = 3e-3,
     n: Annotated[int, typer.Option(help="Samples per problem after the greedy one (the budget is n + 1, as in "
@@ -99,6 +101,7 @@ def fit(
         ks=[int(x) for x in _floats(ks, "--ks")], temperatures=_floats(temperatures, "--temperatures"),
         weightings=[w.strip() for w in weightings.split(",") if w.strip()],
         strategies=[None if s.strip() == "default" else s.strip() for s in strategies.split(",") if s.strip()],
+        stoppings=[None if s.strip() == "default" else s.strip() for s in stoppings.split(",") if s.strip()],
         race_every=race_every, threads=threads, seed=seed)
     cfg = FitConfig(**settings)  # every setting checked before a model loads
     if any(k > 0 for k in cfg.ks) and index is None:

@@ -67,8 +67,8 @@ class FitConfig(StrictModel):
         metric_threshold: a float metric accepts at or above it (a bool metric: True).
         train: the one training loop's settings (`UpdateConfig`: steps, learning rate, ...), for every prompt.
         prompts: which trained prompts to build (`gold` needs rationales in the trainset).
-        ks / temperatures / strategies / weightings: the configuration space raced on the valset (crossed with
-            the prompts; `none` and `current` prompts too).
+        ks / temperatures / strategies / weightings / stoppings: the configuration space raced on the valset
+            (crossed with the prompts; `none` and `current` prompts too; None: the program's own setting).
         budget: DETOT's and the baseline's sample budget per problem (None: the program's `max_samples`).
         race_every: valset items between two looks of the racing rule.
         race_alpha: a candidate is dropped once a one-sided paired sign test puts it behind the leader at this level.
@@ -91,6 +91,7 @@ class FitConfig(StrictModel):
     temperatures: list[float | None] = Field(default=[None], min_length=1)
     strategies: list[str | None] = Field(default=[None], min_length=1)
     weightings: list[Weighting | None] = Field(default=[Weighting.CISC], min_length=1)
+    stoppings: list[StoppingRule | None] = Field(default=[None], min_length=1)
     budget: int | None = Field(default=None, ge=1, le=64)
     race_every: int = Field(default=10, ge=1)
     race_alpha: float = Field(default=0.05, gt=0, lt=0.5)
@@ -117,7 +118,8 @@ class FitConfig(StrictModel):
         return max(self.race_every, math.ceil(math.log2(1 / alpha)))
 
     def candidates(self, *, has_current: bool = False) -> list[Choice]:
-        """The raced configurations: `plain` first, then every prompt x k x temperature x strategy x weighting."""
+        """The raced configurations: `plain` first, then every prompt x k x temperature x strategy x weighting x
+        stopping rule."""
         prompts: list[Prompt] = ["none", *(["current"] if has_current else ()), *self.prompts]
         out = [Choice(name=PLAIN, prompt="none", k=0, weighting=Weighting.CISC, stopping=StoppingRule.FIXED)]
         for prompt in prompts:
@@ -125,11 +127,13 @@ class FitConfig(StrictModel):
                 for temp in self.temperatures:
                     for strategy in self.strategies:
                         for weighting in self.weightings:
-                            parts = [prompt, f"k{k}", *([f"t{temp:g}"] if temp is not None else []),
-                                     *([strategy] if strategy else []),
-                                     *([weighting.value] if weighting and len(self.weightings) > 1 else [])]
-                            out.append(Choice(name="-".join(parts), prompt=prompt, k=k, temperature=temp,
-                                              strategy=strategy, weighting=weighting))
+                            for stopping in self.stoppings:
+                                parts = [prompt, f"k{k}", *([f"t{temp:g}"] if temp is not None else []),
+                                         *([strategy] if strategy else []),
+                                         *([weighting.value] if weighting and len(self.weightings) > 1 else []),
+                                         *([f"stop_{stopping.value}"] if stopping and len(self.stoppings) > 1 else [])]
+                                out.append(Choice(name="-".join(parts), prompt=prompt, k=k, temperature=temp,
+                                                  strategy=strategy, weighting=weighting, stopping=stopping))
         names = [c.name for c in out]
         if len(set(names)) != len(names):
             raise ConfigError(f"the configuration space names a candidate twice: {names}")

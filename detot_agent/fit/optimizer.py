@@ -128,7 +128,9 @@ class DETOTFit(Teleprompter):
         return detots
 
     def _fingerprint(self, program: DETOT, trainset: Sequence[Any], valset: Sequence[Any]) -> str:
-        data = {"config": self.config.model_dump(mode="json"), "task": program.task.model_dump(mode="json"),
+        # settings left at their defaults are not hashed: a release that adds a setting still resumes a fit
+        data = {"config": self.config.model_dump(mode="json", exclude_defaults=True),
+                "task": program.task.model_dump(mode="json"),
                 "signature": str(program._signature()), "version": program.version,
                 "train": [dict(e) for e in trainset], "val": [dict(e) for e in valset]}
         return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()

@@ -35,8 +35,11 @@ def answer_item(program: DETOT, example: dspy.Example, metric: Callable[..., Any
     """One valset item under one candidate: correctness by the metric, tokens and samples spent."""
     pred = program(**inputs_of(program, example))
     fields = {name: pred.get(name) for name in program._signature().output_fields}
+    keys = [k for k in (pred.get("sample_keys") or []) if k is not None]
     return {"correct": accepted(metric, example, fields, threshold), "tokens": int(pred.get("tokens") or 0),
-            "samples": int(pred.get("samples_used") or 0), "answer": pred.get("answer_key")}
+            "samples": int(pred.get("samples_used") or 0), "answer": pred.get("answer_key"),
+            "agreement": pred.get("agreement"), "distinct": len(set(keys)), "unparsed": int(pred.get("parse_failures")
+                                                                                            or 0)}
 
 
 def leader(correct: dict[str, list[bool]], tokens: dict[str, list[int]], upto: int) -> str:
@@ -105,7 +108,8 @@ def race(candidates: dict[str, DETOT], valset: Sequence[dspy.Example], metric: C
 
 
 def standings(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Per candidate: items answered, accuracy, tokens and samples per item, and where it was dropped."""
+    """Per candidate: items answered, accuracy, tokens, samples and distinct answers per item, and where it was
+    dropped."""
     out = {}
     for c, rows in result["rows"].items():
         n = len(rows)
@@ -113,6 +117,7 @@ def standings(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
                   "accuracy": sum(bool(r["correct"]) for r in rows.values()) / n if n else None,
                   "tokens": sum(int(r["tokens"]) for r in rows.values()) / n if n else None,
                   "samples": sum(int(r["samples"]) for r in rows.values()) / n if n else None,
+                  "distinct_answers": sum(int(r.get("distinct", 0)) for r in rows.values()) / n if n else None,
                   "dropped_after": result["dropped"].get(c)}
     return out
 

@@ -77,14 +77,17 @@ def markdown(fit: dict[str, Any]) -> str:
                      f"{g['losses_to_plain']} losses (one-sided p better = {g['p_better_than_plain']:.3f}).")
     if fit["stopped_by_time"]:
         lines.append("The race stopped at the time budget; the decision used the items every survivor answered.")
-    lines += ["", "| candidate | items | accuracy | tokens/item | samples/item | dropped after |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| candidate | items | accuracy | tokens/item | samples/item | distinct answers/item | dropped "
+                  "after |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for name, row in fit["candidates"].items():
         mark = " (shipped)" if name == fit["shipped"] else ""
         acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.3f}"
         tok = "-" if row["tokens"] is None else f"{row['tokens']:.0f}"
         smp = "-" if row["samples"] is None else f"{row['samples']:.2f}"
-        lines.append(f"| `{name}`{mark} | {row['items']} | {acc} | {tok} | {smp} | {row['dropped_after'] or ''} |")
+        dis = "-" if row.get("distinct_answers") is None else f"{row['distinct_answers']:.2f}"
+        drop = row["dropped_after"] or ""
+        lines.append(f"| `{name}`{mark} | {row['items']} | {acc} | {tok} | {smp} | {dis} | {drop} |")
     if fit["distill"]:
         lines += ["", "Self-distillation: " + json.dumps(fit["distill"])]
     lines += ["", "Seconds per stage: " + ", ".join(f"{k} {v:.0f}" for k, v in fit["seconds"].items()), ""]
