@@ -99,7 +99,8 @@ def eval_run(
     fit: Annotated[Path | None, typer.Option(help="A fit folder (`detot fit`): the DETOT methods serve its shipped "
                                                   "configuration and task embedding (its k, budget, temperature, "
                                                   "weighting and soft prompt; --k, --n, --temperature, --weighting and "
-                                                  "--soft-prompt then apply to the other methods).")] = None,
+                                                  "--soft-prompt then apply to the other methods; --max-tokens, the "
+                                                  "run's budget, to all).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.", min=1)] = 16,

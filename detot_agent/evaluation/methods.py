@@ -261,6 +261,8 @@ class DetotMethod(MethodRunner):
             if self.program.adjustments.k_exemplars > 0 and ctx.index is None:
                 raise ConfigError(f"the fit {ctx.fit} serves {self.program.adjustments.k_exemplars} demos: pass the "
                                   "--index it was fitted with")
+            # the token cap is the run's budget (the baselines' too), not a fitted choice
+            self.program.adjustments = self.program.adjustments.model_copy(update={"max_tokens": ctx.max_tokens})
             self.adjustments = self.program.adjustments
 
     def config(self) -> dict[str, Any]:
