@@ -13,7 +13,8 @@ output written as it is made, so a killed fit resumes where it stopped):
 4. **race** (`fit/race.py`): every configuration of the space and `plain` (confidence-weighted voting at the same
    sample budget, no soft prompt, no demos) answer the valset, the losers dropped by a paired sign test;
 5. **guard**: DETOT's best survivor ships only if plain does not beat it on the dev items; else plain ships;
-6. **write** (`fit/report.py`): the fitted program state, `fit.json`, `report.md` and the candidates plot.
+6. **write** (`fit/report.py`): the fitted program state, `fit.json`, `report.md` and the candidates plot; for a
+   parent program, its whole fitted state as `student.json` too (`program.load("DIR/student.json")`).
 
 Example:
     >>> fit = DETOTFit(metric=lambda ex, pred, trace=None: ex.answer == pred.answer,
@@ -151,6 +152,8 @@ class DETOTFit(Teleprompter):
             target.adjustments = result["program"].adjustments
             target.controller.restore(result["program"].controller.state)
             self.reports.append(result["report"])
+        if not isinstance(fitted, DETOT):  # a parent program: its whole state, every fitted DETOT inside
+            fitted.save(str(root / "student.json"))
         return fitted
 
     def _fit_one(self, program: DETOT, trainset: list[Any], valset: list[Any], folder: Path) -> dict[str, Any]:

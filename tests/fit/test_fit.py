@@ -148,6 +148,28 @@ def test_a_fit_killed_between_stages_resumes_to_the_same_result(index, long_tiny
             _program(index, engine), trainset=TRAIN, valset=VAL)
 
 
+class Solver(dspy.Module):
+    """A user's program with a DETOT inside."""
+
+    def __init__(self, index, engine):
+        super().__init__()
+        self.solve = _program(index, engine)
+
+    def forward(self, question):
+        return self.solve(question=question)
+
+
+def test_a_parent_program_is_fitted_and_its_save_carries_the_fit(index, long_tiny_model_dir, tmp_path):
+    engine = RowEngine(long_tiny_model_dir, soft_prompt_helps)
+    fit = DETOTFit(metric=metric, config=_cfg(), out=tmp_path / "fit")
+    fitted = fit.compile(Solver(index, engine), trainset=TRAIN, valset=VAL)
+    assert isinstance(fitted, Solver) and fitted.solve.adjustments.weighting.value == "cisc"
+    fresh = Solver(index, engine)
+    fresh.load(str(tmp_path / "fit" / "student.json"))
+    assert fresh.solve.adjustments == fitted.solve.adjustments and fresh.solve.version == fitted.solve.version
+    assert fresh(question="What is 4 plus 4?").answer == fitted(question="What is 4 plus 4?").answer
+
+
 # ---- the guard ----------------------------------------------------------------------------------------------
 def full_budget_only(total, row, i):
     """Right only without a soft prompt and when the whole budget is drawn at once: plain voting, by construction."""
