@@ -199,7 +199,7 @@ class DETOTFit(Teleprompter):
                 items = distill.chain_items(program, records)
                 prompt = self._train(program, prompt, items, folder / "prompts" / f"distilled-{r}", deadline)
                 prompts["distilled"] = prompt
-            timings["distil"] = time.monotonic() - t0
+            timings["distil"] = _spent(folder, "distil", time.monotonic() - t0)
         if "gold" in cfg.prompts:
             t0 = time.monotonic()
             gold_program = configured(program, _serving(program), embedding=base,
@@ -207,7 +207,7 @@ class DETOTFit(Teleprompter):
             items = distill.gold_items(gold_program, train)
             stats["gold"] = {"items": len(items)}
             prompts["gold"] = self._train(program, base, items, folder / "prompts" / "gold", deadline)
-            timings["gold"] = time.monotonic() - t0
+            timings["gold"] = _spent(folder, "gold", time.monotonic() - t0)
         t0 = time.monotonic()
         budget = cfg.budget or program.adjustments.max_samples
         space = [c for c in cfg.candidates(has_current="current" in prompts) if c.prompt in prompts]
@@ -216,7 +216,7 @@ class DETOTFit(Teleprompter):
         assert self.metric is not None
         result = race(candidates, valset, self.metric, cfg, JsonlLog(folder / "race.jsonl"), deadline=deadline,
                       progress=say)
-        timings["race"] = time.monotonic() - t0
+        timings["race"] = _spent(folder, "race", time.monotonic() - t0)
         decision = guard(result, cfg.guard_alpha)
         shipped = candidates[decision["shipped"]]
         say(f"fit: ships {decision['shipped']}" + (f" (the guard fired: {decision['best']} lost to plain voting on "
@@ -270,6 +270,18 @@ class DETOTFit(Teleprompter):
         trained.save(path)
         atomic_write_bytes(path.with_suffix(".report.json"), result.model_dump_json(indent=2).encode())
         return trained
+
+
+def _spent(folder: Path, stage: str, seconds: float) -> float:
+    """A stage's seconds over every run of this fit (a resumed fit adds to what the killed one spent)."""
+    path = folder / "seconds.json"
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):
+        known = {}
+    known[stage] = float(known.get(stage, 0.0)) + seconds
+    atomic_write_bytes(path, json.dumps(known, indent=2).encode())
+    return float(known[stage])
 
 
 def _serving(program: DETOT) -> Any:
