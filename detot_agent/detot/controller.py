@@ -61,6 +61,7 @@ from detot_agent.detot.judging import (
     separation,
 )
 from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
+from detot_agent.detot.policy_trials import try_policies
 from detot_agent.detot.records import Evidence, Replayed, TaskState, Verdict
 from detot_agent.detot.runner import BackgroundRunner
 from detot_agent.embedding.task_embedding import TaskEmbedding
@@ -234,37 +235,9 @@ class Controller:
         return event
 
     def _try_policies(self) -> Iterator[ReoptimizationEvent]:
-        """Judge each configured policy against the serving state on gold items; yield one event per trial."""
-        for policy in self.config.policies:
-            old = self._state
-            new_policy = policy.merged(old.policy)
-            if new_policy == old.policy:
-                continue  # already serving
-            start = time.perf_counter()
-            change = f"policy {policy.describe()}"
-            try:
-                held = [e for e in self._usable() if e.inputs is not None]
-                verdict = self._judge_replay(old, TaskState(old.version + 1, old.embedding, new_policy), held, start,
-                                             gold_only=True)
-                if verdict.accepted:  # the same embedding under the new version (a copy: the old state is not touched)
-                    embedding = copy.deepcopy(old.embedding)
-                    if embedding is not None:
-                        embedding.version = old.version + 1
-                    self.publish(TaskState(old.version + 1, embedding, new_policy))
-                event = ReoptimizationEvent(
-                    accepted=verdict.accepted, change=change,
-                    reason=("accepted: " if verdict.accepted else "rolled back: ") + verdict.describe(),
-                    version_before=old.version, version_after=self._state.version, old_score=verdict.before,
-                    new_score=verdict.after, verdicts=[verdict.log("policy")])
-            except ReoptimizationStopped as out:
-                event = ReoptimizationEvent(accepted=False, change=change, reason=out.reason,
-                                            version_before=old.version, version_after=old.version)
-            except Exception as exc:  # the old state keeps serving
-                event = ReoptimizationEvent(accepted=False, change=change, reason="policy trial raised; kept the "
-                                            "old state", version_before=old.version, version_after=old.version,
-                                            error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
-            event.seconds = time.perf_counter() - start
-            yield event
+        """Judge each configured policy against the serving state on gold items (`detot/policy_trials.py`)."""
+        return try_policies(self.config.policies, serving=lambda: self._state, held=self._usable,
+                            judge=self._judge_replay, publish=self.publish)
 
     # ---- 1. gather -----------------------------------------------------------------------------------
     def _usable(self) -> list[Evidence]:

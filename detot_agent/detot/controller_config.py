@@ -10,12 +10,13 @@ Example:
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
 from detot_agent.config import StrictModel
 from detot_agent.detot.judging import ReplayRules
+from detot_agent.detot.shadow import ShadowConfig
 from detot_agent.detot.task import Policy
 from detot_agent.embedding.update import UpdateConfig
 from detot_agent.errors import ConfigError
@@ -63,6 +64,11 @@ class ControllerConfig(StrictModel):
             `max_seconds`; the first that passes is published (one change per re-optimization). Empty (the
             default): the loop never changes how the task reasons or votes. Needs a replaying controller
             (inside `DETOT`); `pot` and `mix` need a batched engine.
+        judging: how a trained candidate is judged: `replay` (paired replay of held-out and canary items, at
+            the halving error budget of `replay.alpha`) or `shadow` (a share of live requests is also answered by
+            the candidate in the background; each gold answer that arrives is one paired outcome of an
+            always-valid sequential test with one error budget for the service's life: `detot/shadow.py`).
+        shadow: shadow judging's settings (`ShadowConfig`: share, the test's rules, the collapse veto).
 
     The flat names of earlier releases (`soft_prompt_steps`, `alpha`, ...) are still accepted when building,
     with a `DeprecationWarning` naming where each lives now.
@@ -84,6 +90,8 @@ class ControllerConfig(StrictModel):
     negatives_per_query: int = Field(default=6, ge=1)
     replay_items: int = Field(default=16, ge=1)
     policies: list[Policy] = Field(default_factory=list)
+    judging: Literal["replay", "shadow"] = "replay"
+    shadow: ShadowConfig = Field(default_factory=ShadowConfig)
 
     @model_validator(mode="before")
     @classmethod

@@ -1,0 +1,56 @@
+"""The loop's policy trials: each `Policy` listed in `ControllerConfig.policies` (a reasoning strategy or vote
+weighting) judged against the serving state by paired replay on gold items (`Controller._try_policies`).
+
+Example:
+    >>> events = list(try_policies(cfg.policies, serving=lambda: controller.state, held=controller._usable,
+    ...                            judge=controller._judge_replay, publish=controller.publish))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+
+from detot_agent.detot.judging import ReoptimizationStopped
+from detot_agent.detot.monitor import ReoptimizationEvent
+from detot_agent.detot.records import Evidence, TaskState, Verdict
+from detot_agent.detot.task import Policy
+
+__all__ = ["try_policies"]
+
+
+def try_policies(policies: Sequence[Policy], *, serving: Callable[[], TaskState], held: Callable[[], list[Evidence]],
+                 judge: Callable[..., Verdict], publish: Callable[[TaskState], None]) -> Iterator[ReoptimizationEvent]:
+    """Judge each policy against the serving state (`serving()`) on gold items of `held()` (paired replay by `judge`,
+    each spending the error budget); yield one event per trial; the first that passes is `publish`ed."""
+    for policy in policies:
+        old = serving()
+        new_policy = policy.merged(old.policy)
+        if new_policy == old.policy:
+            continue  # already serving
+        start = time.perf_counter()
+        change = f"policy {policy.describe()}"
+        try:
+            items = [e for e in held() if e.inputs is not None]
+            verdict = judge(old, TaskState(old.version + 1, old.embedding, new_policy), items, start, gold_only=True)
+            if verdict.accepted:  # the same embedding under the new version (a copy: the old state is not touched)
+                embedding = copy.deepcopy(old.embedding)
+                if embedding is not None:
+                    embedding.version = old.version + 1
+                publish(TaskState(old.version + 1, embedding, new_policy))
+            event = ReoptimizationEvent(
+                accepted=verdict.accepted, change=change,
+                reason=("accepted: " if verdict.accepted else "rolled back: ") + verdict.describe(),
+                version_before=old.version, version_after=serving().version, old_score=verdict.before,
+                new_score=verdict.after, verdicts=[verdict.log("policy")])
+        except ReoptimizationStopped as out:
+            event = ReoptimizationEvent(accepted=False, change=change, reason=out.reason,
+                                        version_before=old.version, version_after=old.version)
+        except Exception as exc:  # the old state keeps serving
+            event = ReoptimizationEvent(accepted=False, change=change, reason="policy trial raised; kept the "
+                                        "old state", version_before=old.version, version_after=old.version,
+                                        error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
+        event.seconds = time.perf_counter() - start
+        yield event

@@ -1,0 +1,166 @@
+"""Shadow judging: a candidate answers a share of live requests in the background, never served, and each
+request whose gold answer arrives gives one paired outcome to the always-valid test (`detot/sequential.py`).
+
+`ShadowJudge.propose(state, key)` starts a trial of a candidate `TaskState`; `shadow(...)` is told of every
+served request (a deterministic `share` of them, by request id, is also answered by the candidate on one
+low-priority worker thread); `outcome(...)` is told of every gold answer and returns the trial's decision once
+it is reached: `accept` (the test's wealth reached `1 / level` and no veto holds), `reject` (futility, the cap,
+or a veto), or None (keep collecting). The veto: a candidate whose shadow answers collapse (one answer for
+everything, or fewer than `min_diversity` of the serving state's distinct answers on the same requests) is
+rejected whatever the test says. A candidate proposed again (the same key) continues its own evidence at its
+own level (`ErrorBudget`).
+
+Example:
+    >>> judge = ShadowJudge(lambda state, inputs: Replayed("7", 1.0), ShadowConfig(share=1.0))
+    >>> judge.propose(TaskState(1, None), "cand-1")
+    >>> judge.shadow("q1", {"question": "3 + 4?"}, Replayed("8", 1.0)).result()
+    Replayed(key='7', agreement=1.0, demo_ids=())
+    >>> judge.outcome("q1", "7") is None, judge.trial.test.wins   # one win is not yet decisive
+    (True, 1)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import Field
+
+from detot_agent.config import StrictModel
+from detot_agent.detot.records import Replayed, TaskState
+from detot_agent.detot.sequential import ErrorBudget, PairedBettingTest, SequentialRules
+from detot_agent.errors import ArtefactError
+
+__all__ = ["ShadowConfig", "ShadowJudge", "Trial", "selected"]
+
+
+class ShadowConfig(StrictModel):
+    """Settings of shadow judging (`ControllerConfig.shadow`).
+
+    Attributes:
+        share: the share of served requests the candidate also answers (chosen by request id).
+        rules: the sequential test's settings (alpha: the service's error budget, min_effect, futility, cap).
+        min_diversity: veto when the candidate's distinct shadow answers fall below this share of the serving
+            state's on the same requests.
+        veto_after: shadow answers needed before the veto is checked.
+    """
+
+    share: float = Field(default=0.25, gt=0, le=1)
+    rules: SequentialRules = Field(default_factory=SequentialRules)
+    min_diversity: float = Field(default=0.5, ge=0, le=1)
+    veto_after: int = Field(default=10, ge=2)
+
+
+def selected(request_id: str, share: float) -> bool:
+    """Whether request `request_id` is shadowed: a fixed hash of its id below `share` (no random state)."""
+    h = int(hashlib.sha256(request_id.encode()).hexdigest()[:8], 16)
+    return h / 0x100000000 < share
+
+
+@dataclass
+class Trial:
+    """One candidate under shadow judging."""
+
+    key: str
+    state: TaskState
+    test: PairedBettingTest
+    pairs: dict[str, tuple[Replayed, Future[Replayed]]] = field(default_factory=dict)  # request id -> (served, shadow)
+
+
+class ShadowJudge:
+    """Runs one trial at a time (module docstring).
+
+    Args:
+        replay: answers inputs under a given state through the whole pipeline, recording nothing (DETOT's `_replay`).
+        config: `ShadowConfig`.
+    """
+
+    def __init__(self, replay: Callable[[TaskState, dict[str, Any]], Replayed],
+                 config: ShadowConfig | None = None) -> None:
+        self.replay = replay
+        self.config = config or ShadowConfig()
+        self.budget = ErrorBudget(self.config.rules.alpha)
+        self.tests: dict[str, PairedBettingTest] = {}  # every candidate's evidence, by key
+        self.trial: Trial | None = None
+        self._lock = threading.Lock()
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detot-shadow")  # low priority: one
+
+    def propose(self, state: TaskState, key: str) -> None:
+        """Start the trial of candidate `state` named `key` (a key seen before continues its evidence)."""
+        with self._lock:
+            test = self.tests.setdefault(key, PairedBettingTest(self.config.rules))
+            self.budget.level(key)  # fixed at its first trial
+            self.trial = Trial(key, state, test)
+
+    def shadow(self, request_id: str, inputs: dict[str, Any] | None,
+               served: Replayed | None) -> Future[Replayed] | None:
+        """Also answer a served request with the candidate when it is selected; returns the background answer."""
+        trial = self.trial
+        if trial is None or inputs is None or served is None or not selected(request_id, self.config.share):
+            return None
+        future = self._worker.submit(self.replay, trial.state, inputs)
+        with self._lock:
+            if self.trial is trial:
+                trial.pairs[request_id] = (served, future)
+        return future
+
+    def outcome(self, request_id: str, gold_key: str | None) -> tuple[str, dict[str, Any]] | None:
+        """A gold answer arrived: feed its paired outcome; returns `(decision, stats)` once the trial is decided
+        (the trial then ends), else None."""
+        with self._lock:
+            trial = self.trial
+            pair = None if trial is None else trial.pairs.get(request_id)
+        if trial is None or pair is None or gold_key is None:
+            return None
+        served, future = pair
+        candidate = future.result()  # the worker answers in order; a late gold answer waits for its shadow
+        x = int(candidate.key == gold_key) - int(served.key == gold_key)
+        with self._lock:
+            if self.trial is not trial:
+                return None
+            trial.test.observe(x)
+            level = self.budget.level(trial.key)
+            stats = {"candidate": trial.key, "level": level, **trial.test.stats()}
+            veto = self._veto(trial)
+            decision = "reject" if veto else trial.test.decision(level=level)
+            if veto:
+                stats["veto"] = veto
+            if decision == "continue":
+                return None
+            if decision == "accept":
+                self.budget.record_accept(trial.key)
+            self.trial = None
+            return decision, stats
+
+    def _veto(self, trial: Trial) -> str | None:
+        done = [(s, f.result()) for s, f in trial.pairs.values() if f.done() and f.exception() is None]
+        if len(done) < self.config.veto_after:
+            return None
+        ours = {c.key for _, c in done if c.key is not None}
+        theirs = {s.key for s, _ in done if s.key is not None}
+        if len(ours) <= 1 < len(theirs) or len(ours) < self.config.min_diversity * len(theirs):
+            return (f"answers collapsed: {len(ours)} distinct shadow answers against the serving state's "
+                    f"{len(theirs)} on the same {len(done)} requests")
+        return None
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
+
+    # ---- state across a restart ----------------------------------------------------------------------
+    def to_json(self) -> dict[str, Any]:
+        """The budget and every candidate's evidence (the running trial's candidate restarts when re-proposed)."""
+        with self._lock:
+            return {"budget": self.budget.to_json(), "tests": {k: t.to_json() for k, t in self.tests.items()}}
+
+    def restore(self, data: dict[str, Any]) -> None:
+        """Read `to_json`'s output back (validated first; `ArtefactError` naming what is wrong)."""
+        if not isinstance(data, dict) or not isinstance(data.get("tests"), dict):
+            raise ArtefactError("not a saved shadow judge: no 'tests' mapping")
+        budget = ErrorBudget.from_json(data.get("budget", {}))
+        tests = {str(k): PairedBettingTest.from_json(v, self.config.rules) for k, v in data["tests"].items()}
+        with self._lock:
+            self.budget, self.tests, self.trial = budget, tests, None
