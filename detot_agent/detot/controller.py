@@ -64,7 +64,9 @@ from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
 from detot_agent.detot.policy_trials import try_policies
 from detot_agent.detot.records import Evidence, Replayed, TaskState, Verdict
 from detot_agent.detot.runner import BackgroundRunner
+from detot_agent.detot.shadow import ShadowJudge, shadow_decision, start_trial
 from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.errors import ConfigError
 from detot_agent.retrieval.index import ExemplarIndex
 
 __all__ = ["Controller", "ControllerConfig", "Evidence", "TaskState"]
@@ -117,6 +119,10 @@ class Controller:
         self.config = config or ControllerConfig()
         self.k = k
         self.buffer = EvidenceBuffer(self.config.evidence_size, log=evidence_log)
+        if self.config.judging == "shadow" and replay is None:
+            raise ConfigError("judging='shadow' answers live requests with the candidate: it needs a replaying "
+                              "controller (the one inside a DETOT)")
+        self.shadow = ShadowJudge(replay, self.config.shadow) if self.config.judging == "shadow" and replay else None
         self._reopt_lock = threading.Lock()  # one re-optimization at a time
         self._runner: BackgroundRunner[ReoptimizationEvent] = BackgroundRunner()
 
@@ -147,16 +153,25 @@ class Controller:
         self.buffer.clear()
         if self.judge is not None:
             self.judge.forget()
+        if self.shadow is not None:
+            self.shadow.trial = None  # a trial against what served before is over
         self._state = state
 
     # ---- evidence (detot/evidence.py) ------------------------------------------------------------
     def add_evidence(self, ev: Evidence) -> None:
-        """Append an answered question to the buffer (oldest dropped beyond `evidence_size`)."""
+        """Append an answered question to the buffer (oldest dropped beyond `evidence_size`); under shadow judging
+        a selected request is also answered by the candidate, in the background."""
         self.buffer.add(ev)
+        if self.shadow is not None:
+            self.shadow.shadow(ev.id, ev.inputs, ev.served)
 
     def record_outcome(self, pred_id: str, *, correct: bool, gold_key: str | None = None) -> None:
-        """Attach correctness (and a gold-matching sample, if any) to a buffered record."""
+        """Attach correctness (and a gold-matching sample, if any) to a buffered record; under shadow judging, feed
+        the paired outcome to the running trial and publish the candidate when the test accepts it."""
         self.buffer.record_outcome(pred_id, correct=correct, gold_key=gold_key)
+        decided = None if self.shadow is None else self.shadow.outcome(pred_id, gold_key)
+        if decided is not None:
+            self._record(shadow_decision(decided, self._state, self.publish))
 
     def restore_evidence(self, path: str | Path | None = None) -> int:
         """Rebuild the evidence buffer from an evidence log (this controller's own by default): its last
@@ -190,8 +205,10 @@ class Controller:
         return self._runner.wait(timeout)
 
     def close(self) -> None:
-        """Finish background work and stop the worker thread."""
+        """Finish background work and stop the worker threads."""
         self._runner.close()
+        if self.shadow is not None:
+            self.shadow.close()
 
     def reoptimize(self) -> ReoptimizationEvent:
         """Run one re-optimization synchronously: gather, train, judge, publish (or roll back); then try the
@@ -219,10 +236,16 @@ class Controller:
         try:
             split = self._gather()
             evidence = split.evidence
+            if self.shadow is not None and self.shadow.trial is not None:
+                raise ReoptimizationStopped(f"a shadow trial of candidate {self.shadow.trial.key[:12]} is running; "
+                                            "kept it")
             candidate = self._train(old, split)
             budget_check(start, self.config.max_seconds, "training")()
-            verdicts = self._judge(old, candidate, split, start)
-            event = self._publish(old, candidate, verdicts)
+            if self.shadow is not None:
+                event = start_trial(self.shadow, old, candidate)
+            else:
+                verdicts = self._judge(old, candidate, split, start)
+                event = self._publish(old, candidate, verdicts)
         except ReoptimizationStopped as out:
             event = ReoptimizationEvent(accepted=False, reason=out.reason, version_before=old.version,
                                         version_after=old.version)

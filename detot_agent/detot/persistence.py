@@ -243,6 +243,8 @@ class PersistentModule(dspy.Module):
         block = detot_block(self.task, self.adjustments, state, self.index, self.monitor.stats(),
                             self.controller.judgements_spent)
         block["embedding"] = None if state.embedding is None else encode_embedding(state.embedding)
+        if self.controller.shadow is not None:  # shadow judging's evidence and error budget travel too
+            block["shadow"] = self.controller.shadow.to_json()
         return block
 
     def _hidden(self) -> int | None:
@@ -261,6 +263,8 @@ class PersistentModule(dspy.Module):
     def _serve_block(self, block: dict[str, Any], embedding: TaskEmbedding | None) -> None:
         """Serve a `detot` block's settings with `embedding` (validated by the caller)."""
         task, adjustments, policy, judgements_spent = read_block(block, self.index)
+        if block.get("shadow") is not None and self.controller.shadow is not None:  # validated before any change
+            self.controller.shadow.restore(block["shadow"])
         self.task, self.adjustments = task, adjustments
         self.controller.judgements_spent = max(self.controller.judgements_spent, judgements_spent)
         self.controller.restore(TaskState(int(block.get("version", 0)), embedding, policy))

@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import json
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,11 +32,13 @@ from typing import Any
 from pydantic import Field
 
 from detot_agent.config import StrictModel
+from detot_agent.detot.monitor import ReoptimizationEvent
 from detot_agent.detot.records import Replayed, TaskState
 from detot_agent.detot.sequential import ErrorBudget, PairedBettingTest, SequentialRules
+from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.errors import ArtefactError
 
-__all__ = ["ShadowConfig", "ShadowJudge", "Trial", "selected"]
+__all__ = ["ShadowConfig", "ShadowJudge", "Trial", "embedding_key", "selected", "shadow_decision", "start_trial"]
 
 
 class ShadowConfig(StrictModel):
@@ -108,9 +111,9 @@ class ShadowJudge:
                 trial.pairs[request_id] = (served, future)
         return future
 
-    def outcome(self, request_id: str, gold_key: str | None) -> tuple[str, dict[str, Any]] | None:
-        """A gold answer arrived: feed its paired outcome; returns `(decision, stats)` once the trial is decided
-        (the trial then ends), else None."""
+    def outcome(self, request_id: str, gold_key: str | None) -> tuple[str, dict[str, Any], TaskState] | None:
+        """A gold answer arrived: feed its paired outcome; returns `(decision, stats, candidate state)` once the
+        trial is decided (the trial then ends), else None."""
         with self._lock:
             trial = self.trial
             pair = None if trial is None else trial.pairs.get(request_id)
@@ -134,7 +137,7 @@ class ShadowJudge:
             if decision == "accept":
                 self.budget.record_accept(trial.key)
             self.trial = None
-            return decision, stats
+            return decision, stats, trial.state
 
     def _veto(self, trial: Trial) -> str | None:
         done = [(s, f.result()) for s, f in trial.pairs.values() if f.done() and f.exception() is None]
@@ -164,3 +167,49 @@ class ShadowJudge:
         tests = {str(k): PairedBettingTest.from_json(v, self.config.rules) for k, v in data["tests"].items()}
         with self._lock:
             self.budget, self.tests, self.trial = budget, tests, None
+
+
+def embedding_key(embedding: TaskEmbedding) -> str:
+    """A candidate's name: sha256 of its tensors (the same training result is the same candidate)."""
+    meta, tensors = embedding.to_tensors()
+    h = hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "version"}, sort_keys=True,
+                                  default=str).encode())
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def start_trial(judge: ShadowJudge, old: TaskState, candidate: TaskEmbedding) -> ReoptimizationEvent:
+    """Propose a trained candidate for shadow judging; the event says that a trial started (nothing is published)."""
+    key = embedding_key(candidate)
+    known = key in judge.tests
+    judge.propose(TaskState(old.version + 1, candidate, old.policy), key)
+    test = judge.tests[key]
+    return ReoptimizationEvent(
+        accepted=False, change="embedding (shadow trial)", version_before=old.version, version_after=old.version,
+        reason=(f"shadow trial started: candidate {key[:12]} answers {judge.config.share:.0%} of live requests in "
+                f"the background; decided by the sequential test at level {judge.budget.level(key):.4g}"
+                + (f", continuing its {test.outcomes} earlier paired outcomes" if known else "")),
+        verdicts=[{"part": "shadow", "candidate": key, **test.stats()}])
+
+
+def shadow_decision(decided: tuple[str, dict[str, Any], TaskState], serving: TaskState,
+                    publish: Callable[[TaskState], None]) -> ReoptimizationEvent:
+    """The event of a decided trial, publishing the candidate when it was accepted and still succeeds what serves
+    (a state published in between, by a policy trial or a load, makes it stale: then it is not published)."""
+    decision, stats, state = decided
+    accepted = decision == "accept" and state.version == serving.version + 1
+    if accepted:
+        if state.embedding is not None:
+            state.embedding.version = state.version
+        publish(state)
+    why = (f"accepted by the sequential test: e-value {stats['accept_wealth']:.3g} >= 1/{stats['level']:.4g} after "
+           f"{stats['outcomes']} paired outcomes ({stats['wins']} wins, {stats['losses']} losses)" if accepted else
+           f"vetoed: {stats['veto']}" if "veto" in stats else
+           "stale: another state was published during the trial" if decision == "accept" else
+           f"rejected for futility or at the cap after {stats['outcomes']} paired outcomes ({stats['wins']} wins, "
+           f"{stats['losses']} losses; futility e-value {stats['futility_wealth']:.3g})")
+    return ReoptimizationEvent(accepted=accepted, change="embedding (shadow trial)", reason=why,
+                               version_before=serving.version, version_after=state.version if accepted else
+                               serving.version, verdicts=[{"part": "shadow", **stats}])

@@ -365,7 +365,7 @@ def test_an_index_whose_exemplars_lack_the_answer_field_is_refused_when_built(en
 
 
 def test_a_detot_without_demos_needs_no_index_and_one_with_demos_is_refused_without(encoder, tmp_path):
-    lm, engine = scripted_lm(lambda text, n: "positive")
+    lm, _engine = scripted_lm(lambda text, n: "positive")
     task = TaskProfile(name="s", description="sentiment", kind="classification", answer_format="label",
                        labels=["positive", "negative"])
     bare = DETOT("question -> answer", task=task, encoder=encoder, lm=lm, background=False,

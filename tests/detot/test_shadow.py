@@ -1,0 +1,148 @@
+"""Shadow judging inside a DETOT (`ControllerConfig(judging="shadow")`): a trained candidate answers live requests
+in the background; gold feedback decides it with the always-valid test. The engine is scripted and told whether a
+row carries the serving soft prompt or the candidate's, so how much better the candidate is is known by
+construction."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+import torch
+from scripted import ScriptedLocalEngine
+
+from detot_agent import DETOT, TaskProfile, analyze, local_lm
+from detot_agent.detot.adapters import PlainAdapter
+from detot_agent.detot.controller import ControllerConfig
+from detot_agent.errors import ConfigError
+from detot_agent.retrieval.index import ExemplarIndex
+
+ARITH = TaskProfile(name="arith", description="adding two numbers", kind="arithmetic", answer_format="number")
+_ASKED = re.compile(r"What is (\d+) plus (\d+)\?")
+
+
+class StateEngine(ScriptedLocalEngine):
+    """`rule(a, b, candidate)`: the answer to "What is a plus b?" under the serving prompt or another one."""
+
+    def __init__(self, model_dir, rule):
+        super().__init__(model_dir, lambda text, n: None, plain=True)
+        self.rule = rule
+        self.serving: torch.Tensor | None = None
+        self.lock = threading.Lock()
+
+    def _run(self, rows):
+        out = []
+        for row in rows:
+            candidate = self.serving is not None and not torch.equal(row.soft_prompt, self.serving)
+            with self.lock:
+                self.answer = lambda text, n, c=candidate: self.rule(*map(int, _ASKED.findall(text)[-1]), c)
+                out += super()._run([row])
+        return out
+
+
+def _detot(index, engine, **shadow):
+    cfg = ControllerConfig(judging="shadow", min_evidence=6, update={"steps": 3, "retrieval_steps": 2},
+                           max_seconds=None, shadow={"share": 1.0, **shadow})
+    program = DETOT("question -> answer", task=ARITH, index=index, lm=local_lm(engine=engine, cache=False),
+                    background=False, adapter=PlainAdapter(), controller_config=cfg,
+                    adjustments=analyze(ARITH, k_exemplars=0, soft_prompt_k=2, min_samples=1, max_samples=1,
+                                        round_size=1, stopping="fixed", greedy_first=True))
+    engine.serving = program.task_embedding.head.p0.detach().clone()
+    return program
+
+
+@pytest.fixture(scope="module")
+def index(encoder):
+    return ExemplarIndex(encoder)
+
+
+def _serve(program, a, b):
+    pred = program(question=f"What is {a} plus {b}?")
+    program.feedback(pred, gold=str(a + b))
+    return pred
+
+
+def _start(program, n=12):
+    for a in range(n):
+        _serve(program, a, 3)
+    event = program.reoptimize()
+    assert "shadow trial started" in event.reason and not event.accepted, event.reason
+    return event
+
+
+def serving_half(a, b, candidate):
+    return str(a + b) if a % 2 == 0 else str(a + b + 1)
+
+
+def better_by_20(a, b, candidate):
+    right = a % 2 == 0 or (candidate and a % 10 in (1, 3))
+    return str(a + b) if right else str(a + b + 1)
+
+
+def test_a_better_candidate_is_accepted_within_a_bounded_number_of_outcomes(index, long_tiny_model_dir):
+    engine = StateEngine(long_tiny_model_dir, better_by_20)
+    program = _detot(index, engine)
+    _start(program)
+    version = program.version
+    for i in range(300):
+        _serve(program, 100 + i, 5)
+        if program.version != version:
+            break
+    event = program.controller.history[-1]
+    assert event.accepted and program.version == version + 1, event.reason
+    assert "accepted by the sequential test" in event.reason and event.verdicts[0]["losses"] == 0
+    assert event.verdicts[0]["outcomes"] <= 150  # about 20 wins at +20 points
+    program.controller.close()
+
+
+def test_an_equal_candidate_is_never_accepted_and_is_rejected_for_futility(index, long_tiny_model_dir):
+    engine = StateEngine(long_tiny_model_dir, serving_half)
+    program = _detot(index, engine, rules={"min_effect": 0.05})
+    _start(program)
+    version = program.version
+    for i in range(200):
+        _serve(program, 100 + i, 5)
+    decided = [e for e in program.controller.history if e.change == "embedding (shadow trial)" and e.verdicts
+               and "outcomes" in e.verdicts[0] and "started" not in e.reason]
+    assert program.version == version and decided and not decided[-1].accepted
+    assert "futility" in decided[-1].reason and decided[-1].verdicts[0]["wins"] == 0
+    program.controller.close()
+
+
+def test_a_collapsed_candidate_is_vetoed_whatever_the_test_says(index, long_tiny_model_dir):
+    def constant(a, b, candidate):
+        return "7" if candidate else serving_half(a, b, candidate)
+
+    program = _detot(index, StateEngine(long_tiny_model_dir, constant), veto_after=10)
+    _start(program)
+    for i in range(12):
+        _serve(program, 100 + i, 5)
+    event = program.controller.history[-1]
+    assert not event.accepted and "vetoed: answers collapsed" in event.reason
+    program.controller.close()
+
+
+def test_the_trial_evidence_and_budget_survive_a_save_and_load(index, long_tiny_model_dir, tmp_path):
+    engine = StateEngine(long_tiny_model_dir, better_by_20)
+    program = _detot(index, engine)
+    _start(program)
+    for i in range(5):
+        _serve(program, 100 + i, 5)
+    saved = program.controller.shadow.to_json()
+    assert sum(t["wins"] + t["losses"] + t["ties"] for t in saved["tests"].values()) == 5
+    program.save(tmp_path / "p.json")
+    again = _detot(index, engine)
+    again.load(tmp_path / "p.json")
+    assert again.controller.shadow.to_json() == saved
+    program.controller.close()
+    again.controller.close()
+
+
+def test_shadow_judging_needs_a_replaying_controller():
+    from detot_agent.detot.controller import Controller
+    from detot_agent.detot.monitor import Monitor
+    from detot_agent.detot.records import TaskState
+
+    with pytest.raises(ConfigError, match="needs a replaying controller"):
+        Controller(TaskState(0, None), index=None, monitor=Monitor(), config=ControllerConfig(judging="shadow"))
