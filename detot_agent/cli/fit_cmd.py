@@ -56,11 +56,13 @@ def fit(
                                                           "starts from the text-initialised one). Default: the "
                                                           "text-initialised prompt, raced as `current`.")] = None,
     max_minutes: Annotated[float, typer.Option(help="Wall-time budget of the fit.")] = 60.0,
-    samples_per_problem: Annotated[int, typer.Option(help="Chains drawn per training problem.", min=1)] = 4,
-    chains_per_problem: Annotated[int, typer.Option(help="Most distinct accepted chains kept per problem.",
-                                                    min=1)] = 2,
+    samples_per_problem: Annotated[int, typer.Option("--samples", help="Chains drawn per training problem.",
+                                                     min=1)] = 4,
+    chains_per_problem: Annotated[int, typer.Option("--keep", help="Most distinct accepted chains kept per "
+                                                                   "problem.", min=1)] = 2,
     rounds: Annotated[int, typer.Option(help="Self-distillation rounds.", min=1)] = 1,
-    label_free: Annotated[bool, typer.Option(help="Keep chains by agreement with the vote, not the labels.")] = False,
+    label_free: Annotated[bool, typer.Option("--label-free", help="Keep chains by agreement with the vote, not the "
+                                                                  "labels.")] = False,
     prompts: Annotated[str, typer.Option(help="Trained prompts to race: distilled, gold or both (comma-separated).")] =
         "distilled",
     ks: Annotated[str, typer.Option(help="Demo counts raced (comma-separated; k > 0 needs --index).")] = "0",

@@ -17,7 +17,7 @@ def test_fit_writes_a_folder_that_eval_serves_without_an_index(tiny_model_dir, m
     out = tmp_path / "fit"
     result = runner.invoke(app, ["fit", "--train", str(data), "--train-limit", "3", "--dev", str(data),
                                  "--dev-offset", "3", "--dev-limit", "10", "--out", str(out), "--model",
-                                 str(tiny_model_dir), "--samples-per-problem", "2", "--steps", "1", "--n", "1",
+                                 str(tiny_model_dir), "--samples", "2", "--steps", "1", "--n", "1",
                                  "--max-tokens", "4", "--race-every", "5", "--device", "cpu", "--label-free"])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "fit.json").read_text())
