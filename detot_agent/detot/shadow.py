@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
 import threading
@@ -105,7 +106,8 @@ class ShadowJudge:
         trial = self.trial
         if trial is None or inputs is None or served is None or not selected(request_id, self.config.share):
             return None
-        future = self._worker.submit(self.replay, trial.state, inputs)
+        context = contextvars.copy_context()  # the caller's `dspy.context` (its LM, its settings) holds there too
+        future = self._worker.submit(context.run, self.replay, trial.state, inputs)
         with self._lock:
             if self.trial is trial:
                 trial.pairs[request_id] = (served, future)
@@ -120,7 +122,12 @@ class ShadowJudge:
         if trial is None or pair is None or gold_key is None:
             return None
         served, future = pair
-        candidate = future.result()  # the worker answers in order; a late gold answer waits for its shadow
+        try:
+            candidate = future.result()  # the worker answers in order; a late gold answer waits for its shadow
+        except Exception:  # a failed shadow answer is no outcome (it never reaches the caller's feedback)
+            with self._lock:
+                trial.pairs.pop(request_id, None)
+            return None
         x = int(candidate.key == gold_key) - int(served.key == gold_key)
         with self._lock:
             if self.trial is not trial:

@@ -146,3 +146,17 @@ def test_shadow_judging_needs_a_replaying_controller():
 
     with pytest.raises(ConfigError, match="needs a replaying controller"):
         Controller(TaskState(0, None), index=None, monitor=Monitor(), config=ControllerConfig(judging="shadow"))
+
+
+def test_a_failed_shadow_answer_is_no_outcome_and_never_reaches_feedback():
+    from detot_agent.detot.records import Replayed, TaskState
+    from detot_agent.detot.shadow import ShadowConfig, ShadowJudge
+
+    def broken(state, inputs):
+        raise RuntimeError("engine gone")
+
+    judge = ShadowJudge(broken, ShadowConfig(share=1.0))
+    judge.propose(TaskState(1, None), "c")
+    judge.shadow("q1", {"question": "1 + 1?"}, Replayed("2", 1.0))
+    assert judge.outcome("q1", "2") is None and judge.trial is not None and judge.trial.test.outcomes == 0
+    judge.close()
