@@ -66,6 +66,7 @@ from detot_agent.detot.records import Evidence, Replayed, TaskState, Verdict
 from detot_agent.detot.runner import BackgroundRunner
 from detot_agent.detot.shadow import ShadowJudge, shadow_decision, start_trial
 from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.engines.generation import background_work
 from detot_agent.errors import ConfigError
 from detot_agent.retrieval.index import ExemplarIndex
 
@@ -214,7 +215,7 @@ class Controller:
         """Run one re-optimization synchronously: gather, train, judge, publish (or roll back); then try the
         configured policies (`ControllerConfig.policies`). Returns the embedding step's event; every event,
         policy trials included, goes to the monitor's log and `history`."""
-        with self._reopt_lock:
+        with self._reopt_lock, background_work():  # its replays let live requests go first (`GenRow.background`)
             event = self._reoptimize_embedding()
             self._record(event)
             if self.config.policies and self.replay is not None:

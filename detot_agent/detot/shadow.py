@@ -37,6 +37,7 @@ from detot_agent.detot.monitor import ReoptimizationEvent
 from detot_agent.detot.records import Replayed, TaskState
 from detot_agent.detot.sequential import ErrorBudget, PairedBettingTest, SequentialRules
 from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.engines.generation import background_work
 from detot_agent.errors import ArtefactError
 
 __all__ = ["ShadowConfig", "ShadowJudge", "Trial", "embedding_key", "selected", "shadow_decision", "start_trial"]
@@ -107,11 +108,15 @@ class ShadowJudge:
         if trial is None or inputs is None or served is None or not selected(request_id, self.config.share):
             return None
         context = contextvars.copy_context()  # the caller's `dspy.context` (its LM, its settings) holds there too
-        future = self._worker.submit(context.run, self.replay, trial.state, inputs)
+        future = self._worker.submit(context.run, self._answer, trial.state, inputs)
         with self._lock:
             if self.trial is trial:
                 trial.pairs[request_id] = (served, future)
         return future
+
+    def _answer(self, state: TaskState, inputs: dict[str, Any]) -> Replayed:
+        with background_work():  # the engine serves live requests first (`GenRow.background`)
+            return self.replay(state, inputs)
 
     def outcome(self, request_id: str, gold_key: str | None) -> tuple[str, dict[str, Any], TaskState] | None:
         """A gold answer arrived: feed its paired outcome; returns `(decision, stats, candidate state)` once the

@@ -28,7 +28,7 @@ from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_e
 from detot_agent.config import build
 from detot_agent.engines.batching import DynamicBatcher
 from detot_agent.engines.config import EngineConfig, Overflow
-from detot_agent.engines.generation import GenOutput, GenRow
+from detot_agent.engines.generation import BACKGROUND, GenOutput, GenRow
 from detot_agent.engines.models import ModelSource, resolve_model_source
 from detot_agent.errors import ConfigError, ContextLengthError, EmptyPromptError, InvalidRequestError
 from detot_agent.softprompt.registry import METADATA_TASK, METADATA_VERSION, SoftPromptRegistry, check_soft_prompt
@@ -155,6 +155,7 @@ class RequestBuilder:
             max_new_tokens=max_new,
             stop=tuple(cfg.stop or ()),
             seed=cfg.seed,
+            background=BACKGROUND.get(),  # built inside `background_work()`: serving goes first
         )
 
 

@@ -24,16 +24,38 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import hashlib
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
 import torch
 from transformers import DynamicCache
 
-__all__ = ["GenOutput", "GenRow", "cache_argument", "embed_row", "finish_text", "generate_rows", "sample_ranks",
-           "seeded_generators", "split_at", "split_row", "stop_in_tail", "text_seed"]
+__all__ = ["BACKGROUND", "GenOutput", "GenRow", "background_work", "cache_argument", "embed_row", "finish_text",
+           "generate_rows", "sample_ranks", "seeded_generators", "split_at", "split_row", "stop_in_tail", "text_seed"]
+
+
+BACKGROUND: contextvars.ContextVar[bool] = contextvars.ContextVar("detot_background", default=False)
+
+
+@contextlib.contextmanager
+def background_work() -> Iterator[None]:
+    """Rows built inside are background work (`GenRow.background`): serving goes first.
+
+    Example:
+        >>> with background_work():
+        ...     BACKGROUND.get()
+        True
+    """
+    token = BACKGROUND.set(True)
+    try:
+        yield
+    finally:
+        BACKGROUND.reset(token)
 
 
 @dataclass
@@ -52,6 +74,8 @@ class GenRow:
         seed: makes the samples reproducible; sampled sample i uses seed + i - greedy.
         greedy: how many of the `n` samples (the first ones) are greedy whatever the temperature: a
             greedy answer and sampled ones from one prefill.
+        background: background work (a shadow answer, a replay for judging): llama.cpp's continuous scheduler
+            admits it only when no request waits, on at most a quarter of the slots (`background_work`).
     """
 
     prompt_ids: list[int]
@@ -64,6 +88,7 @@ class GenRow:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     greedy: int = 0
+    background: bool = False
 
     def is_greedy(self, j: int) -> bool:
         """Whether sample `j` of this row is greedy."""

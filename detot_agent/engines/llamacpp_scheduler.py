@@ -200,17 +200,25 @@ class ContinuousScheduler(QueueWorker):
             self._waiting.append(item)
 
     def _admit(self) -> list[_Job]:
-        """Waiting rows on the free slots, in arrival order; a row with more samples than free slots starts the
-        ones that fit and leaves the rest at the head of the queue (`split_row`: each sample keeps its seed and
-        greedy flag, so its output does not change)."""
-        admitted = []
-        while self._waiting and self._free:
-            row, request, offset = self._waiting.pop(0)
-            if request.future.cancelled() or request.failed:
-                continue
-            if row.n > len(self._free):
-                row, rest = split_at(row, len(self._free))
-                self._waiting.insert(0, (rest, request, offset + row.n))
+        """Waiting rows on the free slots, serving first: rows in arrival order, background rows
+        (`GenRow.background`) only when no other row waits and on at most a quarter of the slots. A row with more
+        samples than it may take starts the ones that fit and leaves the rest at the head of its lane
+        (`split_row`: each sample keeps its seed and greedy flag, so its output does not change)."""
+        admitted: list[_Job] = []
+        self._waiting = [w for w in self._waiting if not (w[1].future.cancelled() or w[1].failed)]
+        while self._free:
+            lane = next((i for i, w in enumerate(self._waiting) if not w[0].background), None)
+            room = len(self._free)
+            if lane is None:  # only background work waits: within its share of the slots
+                busy = sum(len(job.slots) for job in [*self._running, *admitted] if job.row.background)
+                room = min(room, max(1, self.max_running // 4) - busy)
+                lane = 0 if self._waiting and room > 0 else None
+            if lane is None:
+                break
+            row, request, offset = self._waiting.pop(lane)
+            if row.n > room:
+                row, rest = split_at(row, room)
+                self._waiting.insert(lane, (rest, request, offset + row.n))
             job = _Job(row=row, request=request, part=offset, slots=[self._free.pop(0) for _ in range(row.n)])
             admitted.append(job)
         return admitted

@@ -254,3 +254,84 @@ def test_a_row_too_long_for_a_sequence_is_refused_before_it_joins_a_batch(tiny_g
         assert engine.complete(_req("alpha beta", max_tokens=4)).text  # the engine goes on serving
     finally:
         engine.close()
+
+
+# ---- serving first: background rows (`background_work`) --------------------------------------------------------
+def _admitting(max_running: int, waiting: list[tuple[str, int, bool]], running_background: int = 0):
+    """The admission rule alone: a scheduler's `_admit` over rows named, sized and flagged as given."""
+    from concurrent.futures import Future
+
+    from detot_agent.engines.generation import GenRow
+    from detot_agent.engines.llamacpp_scheduler import ContinuousScheduler, _Job, _Request
+
+    s = ContinuousScheduler.__new__(ContinuousScheduler)
+    s.max_running = max_running
+    names = {}
+    s._waiting = []
+    for name, n, background in waiting:
+        row = GenRow([1], n=n, background=background)
+        names[id(row)] = name
+        s._waiting.append((row, _Request(Future(), n), 0))
+    busy = [_Job(GenRow([1], n=running_background, background=True), _Request(Future(), 1), 0,
+                 slots=list(range(running_background)))] if running_background else []
+    s._running = busy
+    s._free = list(range(running_background, max_running))
+    admitted = s._admit()
+    return [(names.get(id(j.row), "part"), j.row.n) for j in admitted], [(r.n, r.background) for r, _, _ in s._waiting]
+
+
+def test_serving_rows_go_first_and_background_work_gets_at_most_a_quarter_of_the_slots():
+    # a background row that arrived first waits while a serving row takes the slots
+    admitted, left = _admitting(8, [("shadow", 2, True), ("serve", 3, False), ("serve2", 2, False)])
+    assert admitted[:2] == [("serve", 3), ("serve2", 2)] and admitted[2][1] == 2  # then 2 of 3 free, the quarter
+    assert left == []
+    admitted, left = _admitting(8, [("shadow", 4, True)])  # alone: still only a quarter (2 of 8)
+    assert [n for _, n in admitted] == [2] and left == [(2, True)]
+    admitted, left = _admitting(8, [("shadow", 2, True)], running_background=2)  # its quarter already busy
+    assert admitted == [] and left == [(2, True)]
+    admitted, _ = _admitting(2, [("shadow", 1, True)])  # a small engine still lets one background sequence run
+    assert admitted == [("shadow", 1)]
+
+
+def test_the_rule_check_catches_a_scheduler_that_admits_by_arrival_only():
+    from detot_agent.engines.llamacpp_scheduler import ContinuousScheduler
+
+    rule = ContinuousScheduler._admit
+    try:
+        def by_arrival(self):  # the violation: the first waiting row first, whatever it is
+            jobs = []
+            while self._waiting and self._free:
+                from detot_agent.engines.llamacpp_scheduler import _Job
+
+                row, request, offset = self._waiting.pop(0)
+                jobs.append(_Job(row=row, request=request, part=offset,
+                                 slots=[self._free.pop(0) for _ in range(min(row.n, len(self._free)))]))
+            return jobs
+
+        ContinuousScheduler._admit = by_arrival
+        admitted, _ = _admitting(8, [("shadow", 4, True), ("serve", 3, False)])
+        assert admitted[0] == ("shadow", 4)  # what the test above would catch
+    finally:
+        ContinuousScheduler._admit = rule
+
+
+def test_background_work_gives_what_it_gives_alone(static, tiny_gguf):
+    from detot_agent.engines.generation import background_work
+
+    fg, bg = _req("alpha beta", max_tokens=20), _req("Tom has 3 apples", temperature=0.9, seed=3, max_tokens=10)
+    expected = (static.complete(fg).text, _texts(static.sample(bg, 4)))
+    engine = _continuous(tiny_gguf, max_batch_size=4, max_wait_ms=20)
+    try:
+        out: dict[str, object] = {}
+
+        def background() -> None:
+            with background_work():
+                out["bg"] = _texts(engine.sample(bg, 4))
+
+        worker = threading.Thread(target=background)
+        worker.start()
+        out["fg"] = engine.complete(fg).text
+        worker.join()
+        assert (out["fg"], out["bg"]) == expected
+    finally:
+        engine.close()
