@@ -129,8 +129,10 @@ class DETOTFit(Teleprompter):
         return detots
 
     def _fingerprint(self, program: DETOT, trainset: Sequence[Any], valset: Sequence[Any]) -> str:
-        # settings left at their defaults are not hashed: a release that adds a setting still resumes a fit
-        data = {"config": self.config.model_dump(mode="json", exclude_defaults=True),
+        # settings left at their defaults are not hashed (a release that adds a setting still resumes a fit), nor
+        # the time budget and the threads: a fit stopped by its budget resumes with a larger one
+        data = {"config": self.config.model_dump(mode="json", exclude_defaults=True,
+                                                 exclude={"max_minutes", "threads"}),
                 "task": program.task.model_dump(mode="json"),
                 "signature": str(program._signature()), "version": program.version,
                 "train": [dict(e) for e in trainset], "val": [dict(e) for e in valset]}

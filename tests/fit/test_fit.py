@@ -142,7 +142,9 @@ def test_a_fit_killed_between_stages_resumes_to_the_same_result(index, long_tiny
     assert engine.calls > drawn  # the race ran
     a, b = (json.loads((tmp_path / d / "fit.json").read_text()) for d in ("whole", "again"))
     assert a["shipped"] == b["shipped"] and a["candidates"] == b["candidates"] and a["distill"] == b["distill"]
-    # a folder of other settings is refused, not mixed in
+    # a larger time budget (or other threads) resumes the same fit; a folder of other settings is refused
+    DETOTFit(metric=metric, config=_cfg(max_minutes=20, threads=1), out=tmp_path / "again").compile(
+        _program(index, engine), trainset=TRAIN, valset=VAL)
     with pytest.raises(Exception, match="other settings or data"):
         DETOTFit(metric=metric, config=_cfg(samples_per_problem=2), out=tmp_path / "again").compile(
             _program(index, engine), trainset=TRAIN, valset=VAL)
