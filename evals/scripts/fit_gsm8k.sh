@@ -9,4 +9,4 @@ out=${1:-evals/results/fit/gsm8k}
   --dev ../shared/data/gsm8k/test.jsonl --dev-offset 300 --dev-limit 40 --seed 0 \
   --model "$model" --engine llamacpp --device cpu --temperature 0.5 --max-tokens 320 --n 5 \
   --prompts distilled,gold --soft-prompt none --samples 4 --keep 2 \
-  --steps 40 --max-minutes 80 --race-every 10 --threads 4 --out "$out"
+  --steps 40 --max-minutes 150 --race-every 10 --threads 4 --out "$out"
