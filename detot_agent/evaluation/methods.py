@@ -226,7 +226,10 @@ class DetotMethod(MethodRunner):
                                   "this one serves a static prompt")
             embedding.attach_head(head.p0, components=0, model_id=embedding.model_id or "unknown")
 
-        index = ctx.index if ctx.index is not None else _empty_index(ctx)  # k = 0 or a fit: no demos to read
+        if ctx.index is None and ctx.k > 0 and ctx.fit is None:
+            ctx.pool()  # raises the "needs an exemplar pool" error
+        if ctx.index is None and ctx.encoder is None:  # k = 0 or a fit: DETOT serves without an index
+            ctx.encoder = Encoder()  # one encoder for every method of the run
         number = ctx.answer_format is AnswerFormat.NUMBER
         kind = TaskKind.ARITHMETIC if number else (
             TaskKind.CLASSIFICATION if ctx.answer_format is AnswerFormat.LABEL else TaskKind.OPEN_QA)
@@ -249,7 +252,8 @@ class DetotMethod(MethodRunner):
             loop["max_seconds"] = ctx.reopt_seconds
         if ctx.replay_items is not None:
             loop["replay_items"] = ctx.replay_items
-        self.program = DETOT(SIGNATURE, task=self.task, index=index, lm=ctx.lm, adjustments=self.adjustments,
+        self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, encoder=ctx.encoder, lm=ctx.lm,
+                             adjustments=self.adjustments,
                              soft_prompt=False if no_soft else ctx.soft_prompt, background=self.background,
                              event_log=log, evidence_log=evidence, task_embedding=embedding,
                              controller_config=ControllerConfig(**loop),
@@ -291,17 +295,6 @@ class DetotMethod(MethodRunner):
         """Wait for a running re-optimization and stop the background worker."""
         self.program.controller.wait()
         self.program.controller.close()
-
-
-def _empty_index(ctx: EvalContext) -> Any:
-    """An exemplar index with no records, for DETOT methods that retrieve nothing (`--k 0`, or a fit with k = 0)."""
-    from detot_agent.retrieval.index import ExemplarIndex
-
-    if ctx.k > 0 and ctx.fit is None:
-        ctx.pool()  # raises the "needs an exemplar pool" error
-    if ctx.encoder is None:
-        ctx.encoder = Encoder()
-    return ExemplarIndex(ctx.encoder)
 
 
 class DspyDetotLoop(DetotMethod):

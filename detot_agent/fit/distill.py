@@ -14,7 +14,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -53,13 +52,13 @@ def accepted(metric: Metric, example: dspy.Example, fields: dict[str, Any], thre
     return bool(score) if isinstance(score, bool) else float(score) >= threshold
 
 
-def sampler(program: DETOT, cfg: FitConfig) -> DETOT:
-    """A copy of `program` that draws `cfg.samples_per_problem` tempered samples per problem in one round."""
+def sampler(copied: DETOT, cfg: FitConfig) -> DETOT:
+    """`copied` (a copy the caller made, e.g. by `configure.configured`) set to draw `cfg.samples_per_problem`
+    tempered samples per problem in one round; returned for chaining."""
     n = cfg.samples_per_problem
-    clone = copy.deepcopy(program)
-    clone.adjustments = program.adjustments.model_copy(update={
+    copied.adjustments = copied.adjustments.model_copy(update={
         "min_samples": n, "max_samples": n, "round_size": n, "stopping": StoppingRule.FIXED, "greedy_first": False})
-    return clone
+    return copied
 
 
 def draw_chains(drawer: DETOT, example: dspy.Example, metric: Metric | None, cfg: FitConfig) -> dict[str, Any]:

@@ -47,18 +47,24 @@ def leader(correct: dict[str, list[bool]], tokens: dict[str, list[int]], upto: i
     return max(correct, key=lambda c: (sum(correct[c][:upto]), -sum(tokens[c][:upto]), c == PLAIN))
 
 
+def _table(rows: dict[str, dict[int, dict[str, Any]]], names: Sequence[str], upto: int
+           ) -> tuple[dict[str, list[bool]], dict[str, list[int]]]:
+    """`(correct, tokens)` per candidate of `names` over the first `upto` items."""
+    return ({c: [bool(rows[c][i]["correct"]) for i in range(upto)] for c in names},
+            {c: [int(rows[c][i]["tokens"]) for i in range(upto)] for c in names})
+
+
+def _wins(a: list[bool], b: list[bool]) -> int:
+    """Items `a` got right and `b` did not (one side of a paired sign test)."""
+    return sum(x and not y for x, y in zip(a, b, strict=True))
+
+
 def _dropped(correct: dict[str, list[bool]], tokens: dict[str, list[int]], upto: int, alpha: float) -> list[str]:
     """The candidates a look after `upto` items drops: behind the leader by the one-sided sign test at `alpha`."""
     best = leader(correct, tokens, upto)
-    out = []
-    for c in correct:
-        if c in (best, PLAIN):
-            continue
-        ahead = sum(a and not b for a, b in zip(correct[best][:upto], correct[c][:upto], strict=True))
-        behind = sum(b and not a for a, b in zip(correct[best][:upto], correct[c][:upto], strict=True))
-        if sign_test_p(ahead, behind) < alpha:
-            out.append(c)
-    return out
+    return [c for c in correct if c not in (best, PLAIN)
+            and sign_test_p(_wins(correct[best][:upto], correct[c][:upto]),
+                            _wins(correct[c][:upto], correct[best][:upto])) < alpha]
 
 
 def race(candidates: dict[str, DETOT], valset: Sequence[dspy.Example], metric: Callable[..., Any], cfg: FitConfig,
@@ -93,18 +99,23 @@ def race(candidates: dict[str, DETOT], valset: Sequence[dspy.Example], metric: C
         if stopped:
             break
         upto = block.stop
-        correct = {c: [bool(rows[c][i]["correct"]) for i in range(upto)] for c in alive}
-        tokens = {c: [int(rows[c][i]["tokens"]) for i in range(upto)] for c in alive}
-        for c in _dropped(correct, tokens, upto, cfg.race_alpha):
+        for c in _dropped(*_table(rows, alive, upto), upto, cfg.race_alpha):
             dropped[c] = upto
             alive.remove(c)
             progress(f"race: {c} dropped after {upto} items (behind the leader, sign test p < {cfg.race_alpha})")
-    items = min((len([i for i in range(len(valset)) if i in rows[c]]) for c in alive), default=0)
-    items = next((n for n in range(items, -1, -1) if all(all(i in rows[c] for i in range(n)) for c in alive)), 0)
+    items = min((_answered(rows[c]) for c in alive), default=0)
     if items == 0:
         raise FitError("the race answered no valset item with every candidate before the time budget ran out; "
                        "raise max_minutes or race fewer candidates")
     return {"rows": rows, "dropped": dropped, "items": items, "stopped_by_time": stopped, "alive": alive}
+
+
+def _answered(rows: dict[int, dict[str, Any]]) -> int:
+    """How many items from the first on a candidate answered without a gap."""
+    n = 0
+    while n in rows:
+        n += 1
+    return n
 
 
 def standings(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -129,17 +140,15 @@ def guard(result: dict[str, Any], alpha: float) -> dict[str, Any]:
     matches or beats it on those items (more correct, as many at no more tokens, or a one-sided paired sign test
     says it is worse at `alpha`); then plain ships (`guard_fired`).
     """
-    n, rows, alive = result["items"], result["rows"], result["alive"]
-    correct = {c: [bool(rows[c][i]["correct"]) for i in range(n)] for c in alive}
-    tokens = {c: [int(rows[c][i]["tokens"]) for i in range(n)] for c in alive}
+    n = result["items"]
+    correct, tokens = _table(result["rows"], result["alive"], n)
     detot = {c: v for c, v in correct.items() if c != PLAIN}
     if not detot:  # the race dropped every DETOT configuration: each was significantly behind
         return {"best": None, "shipped": PLAIN, "guard_fired": True, "items": n, "wins_over_plain": 0,
                 "losses_to_plain": 0, "p_worse_than_plain": None, "p_better_than_plain": None,
                 "accuracy": {PLAIN: sum(correct[PLAIN]) / n}, "tokens": {PLAIN: sum(tokens[PLAIN]) / n}}
     best = leader(detot, tokens, n)
-    plain_wins = sum(p and not b for p, b in zip(correct[PLAIN], correct[best], strict=True))
-    best_wins = sum(b and not p for p, b in zip(correct[PLAIN], correct[best], strict=True))
+    plain_wins, best_wins = _wins(correct[PLAIN], correct[best]), _wins(correct[best], correct[PLAIN])
     p_worse = sign_test_p(plain_wins, best_wins)
     behind = (sum(correct[best]), -sum(tokens[best])) <= (sum(correct[PLAIN]), -sum(tokens[PLAIN]))  # ties: plain
     fired = behind or p_worse < alpha

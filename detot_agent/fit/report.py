@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -100,8 +101,6 @@ def _plot(path: Path, table: dict[str, dict[str, Any]], decision: dict[str, Any]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from detot_agent.io.persist import atomic_write_bytes as write_bytes
-
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, row in table.items():
         if row["accuracy"] is None:
@@ -113,9 +112,7 @@ def _plot(path: Path, table: dict[str, dict[str, Any]], decision: dict[str, Any]
     ax.set_ylabel("dev accuracy (items answered)")
     ax.set_title(f"DETOT fit: ships {decision['shipped']}")
     fig.tight_layout()
-    import io
-
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
     plt.close(fig)
-    write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
