@@ -73,6 +73,11 @@ def fit(
         "default",
     stoppings: Annotated[str, typer.Option(help="Stopping rules raced: beta, confidence, majority, entropy, fixed "
                                                 "(`default`: the task's, beta).")] = "default",
+    stop_rules: Annotated[str, typer.Option(help="Stopping rules the shipped configuration may take, replayed on "
+                                                 "its race answers (no model calls); `none`: keep the raced rule.")]
+        = "beta,confidence,majority",
+    stop_thresholds: Annotated[str, typer.Option(help="Thresholds replayed for each stopping rule.")] =
+        "0.6,0.7,0.8,0.9,0.95",
     steps: Annotated[int, typer.Option(help="Training steps per prompt.", min=1)] = 100,
     lr: Annotated[float, typer.Option(help="Learning rate of the soft prompt.")] = 3e-3,
     n: Annotated[int, typer.Option(help="Samples per problem after the greedy one (the budget is n + 1, as in "
@@ -104,6 +109,8 @@ def fit(
         weightings=[w.strip() for w in weightings.split(",") if w.strip()],
         strategies=[None if s.strip() == "default" else s.strip() for s in strategies.split(",") if s.strip()],
         stoppings=[None if s.strip() == "default" else s.strip() for s in stoppings.split(",") if s.strip()],
+        stop_rules=[r.strip() for r in stop_rules.split(",") if r.strip() and r.strip() != "none"],
+        stop_thresholds=_floats(stop_thresholds, "--stop-thresholds"),
         race_every=race_every, threads=threads, seed=seed)
     cfg = FitConfig(**settings)  # every setting checked before a model loads
     if any(k > 0 for k in cfg.ks) and index is None:

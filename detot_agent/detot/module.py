@@ -262,8 +262,9 @@ class DETOT(PersistentModule):
 
     def forward(self, *args: Any, **inputs: Any) -> dspy.Prediction:
         """Answer one input; returns the answer field(s), reasoning, agreement, votes, samples_used,
-        parse_failures, demo_ids, embedding_version, `sample_keys` / `sample_tokens` (each sample's vote key
-        and output tokens, in the order drawn) and an `id` for `feedback`.
+        parse_failures, demo_ids, embedding_version, `sample_keys` / `sample_tokens` / `sample_logprobs` /
+        `sample_fields` (each sample's vote key, output tokens, summed log-probability and parsed fields, in the
+        order drawn: enough to replay a stopping rule, `fit/stopping.py`) and an `id` for `feedback`.
 
         Raises:
             InvalidRequestError: a missing or None input field, positional arguments; `EmptyPromptError` for an
@@ -311,6 +312,7 @@ class DETOT(PersistentModule):
         out.update(answer_key=result.winner, agreement=result.agreement, votes=dict(result.counts),
                    samples_used=drawn, parse_failures=result.unparsed, demo_ids=demo_ids,
                    sample_keys=[sm.key for sm in samples], sample_tokens=[sm.tokens for sm in samples],
+                   sample_logprobs=[sm.logprob for sm in samples], sample_fields=[sm.fields for sm in samples],
                    embedding_version=state.version, id=pred_id, tokens=tokens, latency_s=latency,
                    reason=None if result.winner is not None else f"none of {drawn} samples gave a parseable answer")
         self.controller.add_evidence(Evidence(

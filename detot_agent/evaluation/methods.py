@@ -289,7 +289,8 @@ class DetotMethod(MethodRunner):
         return self._record(pred.answer, tokens=pred.tokens, samples=pred.samples_used,
                             parse_failures=pred.parse_failures, agreement=pred.agreement, votes=pred.votes,
                             demo_ids=pred.demo_ids, embedding_version=pred.embedding_version,
-                            sample_keys=pred.sample_keys, sample_tokens=pred.sample_tokens, **extra)
+                            sample_keys=pred.sample_keys, sample_tokens=pred.sample_tokens,
+                            sample_logprobs=pred.sample_logprobs, **extra)
 
     def close(self) -> None:
         """Wait for a running re-optimization and stop the background worker."""

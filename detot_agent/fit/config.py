@@ -69,6 +69,9 @@ class FitConfig(StrictModel):
         prompts: which trained prompts to build (`gold` needs rationales in the trainset).
         ks / temperatures / strategies / weightings / stoppings: the configuration space raced on the valset
             (crossed with the prompts; `none` and `current` prompts too; None: the program's own setting).
+        stop_rules / stop_thresholds: the stopping rules the shipped configuration may take, replayed on its
+            race answers without model calls (`fit/stopping.py`): the cheapest that keeps its dev correct count
+            ships; an empty `stop_rules` keeps the raced rule.
         budget: DETOT's and the baseline's sample budget per problem (None: the program's `max_samples`).
         race_every: valset items between two looks of the racing rule.
         race_alpha: a candidate is dropped once a one-sided paired sign test puts it behind the leader at this level.
@@ -92,6 +95,9 @@ class FitConfig(StrictModel):
     strategies: list[str | None] = Field(default=[None], min_length=1)
     weightings: list[Weighting | None] = Field(default=[Weighting.CISC], min_length=1)
     stoppings: list[StoppingRule | None] = Field(default=[None], min_length=1)
+    stop_rules: list[StoppingRule] = Field(default=[StoppingRule.BETA, StoppingRule.CONFIDENCE,
+                                                     StoppingRule.MAJORITY])
+    stop_thresholds: list[float] = Field(default=[0.6, 0.7, 0.8, 0.9, 0.95], min_length=1)
     budget: int | None = Field(default=None, ge=1, le=64)
     race_every: int = Field(default=10, ge=1)
     race_alpha: float = Field(default=0.05, gt=0, lt=0.5)
@@ -106,6 +112,8 @@ class FitConfig(StrictModel):
         for s in self.strategies:
             if s is not None and s not in ("cot", "direct", "pot", "mix"):
                 raise ConfigError(f"strategies must be cot, direct, pot or mix (or None: the program's), got {s!r}")
+        if any(not 0 < t <= 1 for t in self.stop_thresholds):
+            raise ConfigError(f"stop_thresholds must be in (0, 1], got {self.stop_thresholds}")
         if any(t is not None and not 0 <= t <= 2 for t in self.temperatures):
             raise ConfigError(f"temperatures must be between 0 and 2, got {self.temperatures}")
         return self

@@ -13,6 +13,8 @@ output written as it is made, so a killed fit resumes where it stopped):
 4. **race** (`fit/race.py`): every configuration of the space and `plain` (confidence-weighted voting at the same
    sample budget, no soft prompt, no demos) answer the valset, the losers dropped by a paired sign test;
 5. **guard**: DETOT's best survivor ships only if plain does not beat it on the dev items; else plain ships;
+   then the shipped configuration's stopping rule is chosen by replaying its race answers (`fit/stopping.py`:
+   the cheapest rule and threshold that get as many dev items right; no model calls);
 6. **write** (`fit/report.py`): the fitted program state, `fit.json`, `report.md` and the candidates plot; for a
    parent program, its whole fitted state as `student.json` too (`program.load("DIR/student.json")`).
 
@@ -41,12 +43,14 @@ import dspy
 from dspy.teleprompt import Teleprompter
 
 from detot_agent.detot.module import DETOT
+from detot_agent.detot.task import Adjustments
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.errors import ConfigError, FitError
 from detot_agent.fit import distill, report
 from detot_agent.fit.config import FitConfig
 from detot_agent.fit.configure import configured, without_head
 from detot_agent.fit.race import guard, race, standings
+from detot_agent.fit.stopping import choose_stopping
 from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.io.persist import atomic_write_bytes
 
@@ -221,11 +225,16 @@ class DETOTFit(Teleprompter):
         timings["race"] = _spent(folder, "race", time.monotonic() - t0)
         decision = guard(result, cfg.guard_alpha)
         shipped = candidates[decision["shipped"]]
+        stopping = _stop_sooner(program, shipped, result, decision["shipped"], cfg)
+        if stopping["chosen"] is not None:
+            c, r = stopping["chosen"], stopping["raced"]
+            say(f"fit: stopping {c['rule']} at {c['threshold']} (replayed on the race's answers): {c['samples']} "
+                f"samples in all instead of {r['samples']}, {c['correct']} right as raced {r['correct']}")
         say(f"fit: ships {decision['shipped']}" + (f" (the guard fired: {decision['best']} lost to plain voting on "
                                                    "the dev split)" if decision["guard_fired"] else ""))
         out = report.write(folder, program=shipped, decision=decision, table=standings(result),
                            choices={c.name: c.model_dump(mode="json") for c in space}, distill=stats,
-                           timings=timings, config=cfg, stopped_by_time=result["stopped_by_time"])
+                           timings=timings, config=cfg, stopped_by_time=result["stopped_by_time"], stopping=stopping)
         return {"program": shipped, "report": out}
 
     def _chains(self, drawer: DETOT, train: list[Any], path: Path, stop_at: float, r: int) -> list[dict[str, Any]]:
@@ -272,6 +281,24 @@ class DETOTFit(Teleprompter):
         trained.save(path)
         atomic_write_bytes(path.with_suffix(".report.json"), result.model_dump_json(indent=2).encode())
         return trained
+
+
+def _stop_sooner(program: DETOT, shipped: DETOT, result: dict[str, Any], name: str, cfg: FitConfig
+                 ) -> dict[str, Any]:
+    """Give `shipped` the cheapest stopping rule that keeps its dev correct count, replayed on its race answers in
+    the program's rounds (`fit/stopping.py`); returns the replay's table and choice."""
+    rows = [result["rows"][name][i] for i in range(result["items"])]
+    out = choose_stopping(rows, shipped.adjustments, schedule=program.adjustments, rules=cfg.stop_rules,
+                          thresholds=cfg.stop_thresholds)
+    chosen = out["chosen"]
+    if chosen is not None:
+        adj = shipped.adjustments
+        shipped.adjustments = Adjustments.model_validate({**adj.model_dump(), "stopping": chosen["rule"],
+                                                          "stop_threshold": chosen["threshold"],
+                                                          "min_samples": min(program.adjustments.min_samples,
+                                                                             adj.max_samples),
+                                                          "round_size": program.adjustments.round_size})
+    return out
 
 
 def _spent(folder: Path, stage: str, seconds: float) -> float:

@@ -32,14 +32,22 @@ __all__ = ["answer_item", "guard", "leader", "race", "standings"]
 
 
 def answer_item(program: DETOT, example: dspy.Example, metric: Callable[..., Any], threshold: float) -> dict[str, Any]:
-    """One valset item under one candidate: correctness by the metric, tokens and samples spent."""
+    """One valset item under one candidate: correctness by the metric, tokens and samples spent, and each sample's
+    key, tokens and log-probability with the keys the metric accepts (what `fit/stopping.py` replays)."""
     pred = program(**inputs_of(program, example))
     fields = {name: pred.get(name) for name in program._signature().output_fields}
-    keys = [k for k in (pred.get("sample_keys") or []) if k is not None]
+    drawn = list(pred.get("sample_keys") or [])
+    keys = [k for k in drawn if k is not None]
+    key_correct: dict[str, bool] = {}
+    for key, sample in zip(drawn, pred.get("sample_fields") or [None] * len(drawn), strict=False):
+        if key is not None and key not in key_correct:
+            key_correct[key] = bool(sample) and accepted(metric, example, dict(sample), threshold)
     return {"correct": accepted(metric, example, fields, threshold), "tokens": int(pred.get("tokens") or 0),
             "samples": int(pred.get("samples_used") or 0), "answer": pred.get("answer_key"),
-            "agreement": pred.get("agreement"), "distinct": len(set(keys)), "unparsed": int(pred.get("parse_failures")
-                                                                                            or 0)}
+            "agreement": pred.get("agreement"), "distinct": len(set(keys)),
+            "unparsed": int(pred.get("parse_failures") or 0), "sample_keys": drawn,
+            "sample_tokens": list(pred.get("sample_tokens") or []),
+            "sample_logprobs": list(pred.get("sample_logprobs") or []), "key_correct": key_correct}
 
 
 def leader(correct: dict[str, list[bool]], tokens: dict[str, list[int]], upto: int) -> str:

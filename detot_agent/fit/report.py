@@ -34,13 +34,13 @@ FORMAT = "detot-fit"
 
 def write(folder: Path, *, program: DETOT, decision: dict[str, Any], table: dict[str, dict[str, Any]],
           choices: dict[str, Any], distill: dict[str, Any], timings: dict[str, float], config: FitConfig,
-          stopped_by_time: bool) -> dict[str, Any]:
+          stopped_by_time: bool, stopping: dict[str, Any] | None = None) -> dict[str, Any]:
     """Write the artefact (program first, `fit.json` last: a folder with `fit.json` is complete)."""
     program.save(folder / PROGRAM_FILE)
     out = {"format": FORMAT, "version": 1, "shipped": decision["shipped"], "best_detot": decision["best"],
            "guard": decision, "candidates": table, "choices": choices, "distill": distill,
            "seconds": timings, "stopped_by_time": stopped_by_time, "config": config.model_dump(mode="json"),
-           "adjustments": program.adjustments.model_dump(mode="json")}
+           "adjustments": program.adjustments.model_dump(mode="json"), "stopping": stopping}
     atomic_write_bytes(folder / "report.md", markdown(out).encode())
     _plot(folder / "candidates.png", table, decision)
     atomic_write_bytes(folder / FIT_FILE, json.dumps(out, indent=2, default=str).encode())
@@ -76,6 +76,16 @@ def markdown(fit: dict[str, Any]) -> str:
     else:
         lines.append(f"`{g['best']}` against plain voting on {g['items']} dev items: {g['wins_over_plain']} wins, "
                      f"{g['losses_to_plain']} losses (one-sided p better = {g['p_better_than_plain']:.3f}).")
+    stop = fit.get("stopping") or {}
+    if stop.get("chosen"):
+        c, r = stop["chosen"], stop["raced"]
+        lines.append(f"Stopping rule, replayed on the shipped configuration's race answers: `{c['rule']}` at "
+                     f"{c['threshold']}: {c['samples'] / r['items']:.2f} samples per item instead of "
+                     f"{r['samples'] / r['items']:.2f}, {c['correct']} items right (raced: {r['correct']}; counted "
+                     "on the items it was chosen on).")
+    elif stop:
+        lines.append("Stopping rule: no replayed rule drew fewer samples at the raced correct count; the raced one "
+                     "stays.")
     if fit["stopped_by_time"]:
         lines.append("The race stopped at the time budget; the decision used the items every survivor answered.")
     lines += ["", "| candidate | items | accuracy | tokens/item | samples/item | distinct answers/item | dropped "

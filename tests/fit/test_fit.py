@@ -116,6 +116,16 @@ def test_compile_runs_every_stage_writes_the_fit_folder_and_ships_the_distilled_
     fresh.load(tmp_path / "fit")
     assert fresh.adjustments == fitted.adjustments and fresh.version == fitted.version
     assert fresh(question="What is 2 plus 5?").answer == "7"
+    # the stopping rule was replayed on the shipped candidate's race answers (right from the first samples with a
+    # soft prompt): it ships a rule that stops after the first round, and serving it does
+    stop = report["stopping"]
+    assert stop["chosen"] is not None and stop["chosen"]["correct"] == stop["raced"]["correct"]
+    assert stop["chosen"]["samples"] < stop["raced"]["samples"]
+    assert fitted.adjustments.stopping.value == stop["chosen"]["rule"]
+    assert fitted.adjustments.stop_threshold == stop["chosen"]["threshold"]
+    pred = fitted(question="What is 20 plus 40?")
+    assert pred.answer == "60" and pred.samples_used == fitted.adjustments.min_samples < 4
+    assert "Stopping rule, replayed" in (tmp_path / "fit" / "report.md").read_text()
 
 
 def test_a_fit_killed_between_stages_resumes_to_the_same_result(index, long_tiny_model_dir, tmp_path, monkeypatch):
@@ -181,7 +191,9 @@ def full_budget_only(total, row, i):
 def test_where_plain_voting_is_better_by_construction_the_fit_ships_plain(index, long_tiny_model_dir, tmp_path):
     lines = []
     program = _program(index, RowEngine(long_tiny_model_dir, full_budget_only))
-    fit = DETOTFit(metric=metric, config=_cfg(), out=tmp_path / "fit", progress=lines.append)
+    # this world breaks the stopping replay's premise (a sample's answer depends on how many the row draws, not
+    # only on its seed), so the replay is off: plain is the whole budget
+    fit = DETOTFit(metric=metric, config=_cfg(stop_rules=[]), out=tmp_path / "fit", progress=lines.append)
     fitted = fit.compile(program, trainset=TRAIN, valset=VAL)
     report = fit.reports[0]
     assert report["shipped"] == "plain" and report["guard"]["guard_fired"]
