@@ -34,8 +34,8 @@ _MOVED = {"retrieval_steps": ("update", "retrieval_steps"), "retrieval_lr": ("up
 
 def _loop_update() -> UpdateConfig:
     """The training settings the loop starts from: `UpdateConfig`'s, with fewer steps (a re-optimization runs
-    beside serving)."""
-    return UpdateConfig(steps=20, retrieval_steps=40)
+    beside serving), and serving first: each step waits up to 10 s for no request to be in flight."""
+    return UpdateConfig(steps=20, retrieval_steps=40, yield_to_serving=10.0)
 
 
 class ControllerConfig(StrictModel):

@@ -228,10 +228,16 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
+    serving = getattr(engine, "serving_load", None) if cfg.yield_to_serving > 0 else None
     bar = tqdm(total=total_steps, desc=f"updating {te.task}", disable=not progress, unit="step")
     step = 0
     try:
         for step in range(1, total_steps + 1):
+            if serving is not None:  # serving first: start the step in a lull (engines/serving.py)
+                waited = serving.wait_idle(cfg.yield_to_serving)
+                if waited > 0:
+                    report.yielded_s += waited
+                    report.yields += 1
             if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
                 report.budget_hit, step = True, step - 1
                 break

@@ -58,6 +58,10 @@ class UpdateConfig(StrictModel):
             `couple`, still accepted with a `DeprecationWarning`).
         freeze: parts kept as they are: `retrieval`, `p0`, `components` (the bank), `gate`.
         patience / eval_every: early stopping on the validation NLL.
+        yield_to_serving: serving first: before each step, wait while a serving request is in flight in any of
+            this process's engines (the training engine's `serving_load`, `engines/serving.py`), at most this many
+            seconds (0: never wait). The loop's re-optimization sets it; the time waited is in
+            `UpdateReport.yielded_s` and counts in `max_seconds`.
     """
 
     steps: int = Field(default=50, ge=1)
@@ -77,6 +81,7 @@ class UpdateConfig(StrictModel):
     eval_every: int = Field(default=10, ge=1)
     seed: int = 0
     max_length: int = Field(default=768, ge=8)
+    yield_to_serving: float = Field(default=0.0, ge=0, le=60)
 
     @model_validator(mode="before")
     @classmethod
@@ -100,6 +105,7 @@ class UpdateReport(BaseModel):
         loss_before / loss_after: the retrieval side's contrastive loss (plus pull) on the feedback (NaN: none).
         lm_before / lm_after: the head's judging NLL (validation, else training items) before and after.
         steps: steps run; seconds: wall time; budget_hit: stopped by `max_seconds`.
+        yielded_s / yields: seconds spent waiting for serving to go quiet, and the steps that waited.
         stopped_early: the head stopped on validation patience.
         train_loss / val_loss: the LM loss curve and `(step, NLL)` validation points.
         gate_usage: mean gate weight of each component over the training inputs (None: no components).
@@ -116,6 +122,8 @@ class UpdateReport(BaseModel):
     steps: int = 0
     seconds: float = 0.0
     budget_hit: bool = False
+    yielded_s: float = 0.0
+    yields: int = 0
     stopped_early: bool = False
     train_loss: list[float] = Field(default_factory=list)
     val_loss: list[tuple[int, float]] = Field(default_factory=list)

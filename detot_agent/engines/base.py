@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import uuid
 import warnings
@@ -30,6 +31,7 @@ from detot_agent.engines.batching import DynamicBatcher
 from detot_agent.engines.config import EngineConfig, Overflow
 from detot_agent.engines.generation import BACKGROUND, GenOutput, GenRow
 from detot_agent.engines.models import ModelSource, resolve_model_source
+from detot_agent.engines.serving import SERVING, ServingLoad
 from detot_agent.errors import ConfigError, ContextLengthError, EmptyPromptError, InvalidRequestError
 from detot_agent.softprompt.registry import METADATA_TASK, METADATA_VERSION, SoftPromptRegistry, check_soft_prompt
 
@@ -220,6 +222,11 @@ class BatchedEngine(RequestBuilder):
         return self.source.name
 
     @property
+    def serving_load(self) -> ServingLoad:
+        """Serving rows in flight in every engine of this process (`engines/serving.py`): training waits on it."""
+        return SERVING
+
+    @property
     def batch_stats(self) -> dict[str, float]:
         """What the dynamic batcher has done so far (empty before the first batched call)."""
         return self._batcher.stats.as_dict() if self._batcher is not None else {}
@@ -232,9 +239,10 @@ class BatchedEngine(RequestBuilder):
         return self._run(rows)
 
     def _decode(self, row: GenRow) -> list[GenOutput]:
-        if not self.config.dynamic_batching:
-            return self._run([row])[0]
-        return self._batcher_now().submit(row).result()
+        with contextlib.nullcontext() if row.background else SERVING.serving():  # engines/serving.py
+            if not self.config.dynamic_batching:
+                return self._run([row])[0]
+            return self._batcher_now().submit(row).result()
 
     def _batcher_now(self) -> DynamicBatcher:
         """The dynamic batcher, started on first use."""
@@ -264,9 +272,10 @@ class BatchedEngine(RequestBuilder):
         """`sample`, awaited on the event loop: the row joins the dynamic batcher's queue and the caller awaits
         its future (no thread per call); without dynamic batching the batch of one runs in a worker thread."""
         row = self._sample_row(request, n, soft_prompt, greedy)
-        if not self.config.dynamic_batching:
-            return self._samples(row, await asyncio.to_thread(lambda: self._run([row])[0]))
-        return self._samples(row, await asyncio.wrap_future(self._batcher_now().submit(row)))
+        with contextlib.nullcontext() if row.background else SERVING.serving():
+            if not self.config.dynamic_batching:
+                return self._samples(row, await asyncio.to_thread(lambda: self._run([row])[0]))
+            return self._samples(row, await asyncio.wrap_future(self._batcher_now().submit(row)))
 
     def _sample_row(self, request: Request, n: int, soft_prompt: torch.Tensor | None, greedy: int) -> GenRow:
         row = self.build_row(request, n=n, soft_prompt=soft_prompt)

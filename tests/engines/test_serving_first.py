@@ -1,0 +1,95 @@
+"""Serving first (issue 40, item 4): serving rows are counted while in flight in any engine, background rows are
+not, and the trainer waits for a lull before each step when told to (and does not when not: the rule's violation
+is visible)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from dspy.lm15 import Config, Message, Request
+
+from detot_agent.embedding.task_embedding import TaskEmbedding
+from detot_agent.embedding.update import TrainingItem
+from detot_agent.engines.generation import background_work
+from detot_agent.engines.serving import SERVING, ServingLoad
+from detot_agent.engines.torch_engine import LocalEngine
+from detot_agent.softprompt.loss import TuneExample
+from detot_agent.softprompt.prompt import SoftPrompt
+
+
+class Watched(LocalEngine):
+    """The tiny model's engine, noting how many serving rows were in flight while each batch ran."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen: list[int] = []
+
+    def _run(self, rows):
+        self.seen.append(SERVING.in_flight)
+        return super()._run(rows)
+
+
+def _request(text="Hello"):
+    return Request(model="tiny", messages=[Message.user(text)], config=Config(max_tokens=3, temperature=0.0))
+
+
+def test_a_serving_row_is_counted_while_it_decodes_and_a_background_row_is_not(tiny_model_dir):
+    engine = Watched(str(tiny_model_dir), device="cpu", dtype="float32", dynamic_batching=False)
+    assert SERVING.in_flight == 0
+    engine.sample(_request(), 2)
+    with background_work():
+        engine.sample(_request(), 2)
+    assert engine.seen == [1, 0] and SERVING.in_flight == 0
+    assert engine.serving_load is SERVING
+
+
+def test_the_count_is_released_when_a_serving_row_fails(tiny_model_dir):
+    class Failing(LocalEngine):
+        def _run(self, rows):
+            raise RuntimeError("decode failed")
+
+    engine = Failing(str(tiny_model_dir), device="cpu", dtype="float32", dynamic_batching=False)
+    with pytest.raises(RuntimeError, match="decode failed"):
+        engine.sample(_request(), 1)
+    assert SERVING.in_flight == 0
+
+
+def test_wait_idle_returns_when_serving_ends():
+    load = ServingLoad()
+    load.enter()
+    timer = threading.Timer(0.2, load.leave)
+    timer.start()
+    waited = load.wait_idle(5.0)
+    assert 0.15 < waited < 2.0 and load.in_flight == 0
+
+
+def _head(encoder, engine):
+    te = TaskEmbedding.from_description("arith", "math word problems", encoder=encoder)
+    te.attach_head(SoftPrompt.initialize(engine, "arith", k=2, init="vocab").vectors, model_id=engine.source.spec)
+    e = encoder.encode(["What is 2 plus 3?", "What is 4 plus 4?"])
+    items = [TrainingItem(query=e[0], example=TuneExample(prompt="What is 2 plus 3?", target="5")),
+             TrainingItem(query=e[1], example=TuneExample(prompt="What is 4 plus 4?", target="8"))]
+    return te, items
+
+
+@pytest.mark.parametrize("yield_to_serving", [0.3, 0.0])
+def test_training_waits_for_a_lull_in_serving_only_when_told_to(encoder, tiny_engine, yield_to_serving):
+    te, items = _head(encoder, tiny_engine)
+    SERVING.enter()  # a request is being served for the whole training
+    try:
+        report = te.update(items, engine=tiny_engine, steps=3, max_seconds=None,
+                           yield_to_serving=yield_to_serving)
+    finally:
+        SERVING.leave()
+    assert report.steps == 3  # serving first never starves training: each step waits at most the bound
+    if yield_to_serving:
+        assert report.yields == 3 and report.yielded_s >= 3 * 0.3 * 0.9
+    else:  # the violation: without the rule, training ran its steps beside serving without waiting
+        assert report.yields == 0 and report.yielded_s == 0.0
+
+
+def test_training_does_not_wait_when_nothing_is_served(encoder, tiny_engine):
+    te, items = _head(encoder, tiny_engine)
+    report = te.update(items, engine=tiny_engine, steps=2, max_seconds=None, yield_to_serving=5.0)
+    assert report.yields == 0 and report.steps == 2
