@@ -165,6 +165,9 @@ class Controller:
         self.buffer.add(ev)
         if self.shadow is not None:
             self.shadow.shadow(ev.id, ev.inputs, ev.served)
+            decided = self.shadow.settle()  # label-free outcomes (ShadowConfig.outcomes="agreement")
+            if decided is not None:
+                self._record(shadow_decision(decided, self._state, self.publish))
 
     def record_outcome(self, pred_id: str, *, correct: bool, gold_key: str | None = None) -> None:
         """Attach correctness (and a gold-matching sample, if any) to a buffered record; under shadow judging, feed

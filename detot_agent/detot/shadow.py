@@ -28,7 +28,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field
 
@@ -40,7 +40,8 @@ from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.generation import background_work
 from detot_agent.errors import ArtefactError
 
-__all__ = ["ShadowConfig", "ShadowJudge", "Trial", "embedding_key", "selected", "shadow_decision", "start_trial"]
+__all__ = ["ShadowConfig", "ShadowJudge", "Trial", "agreement_outcome", "embedding_key", "selected", "shadow_decision",
+           "start_trial"]
 
 
 class ShadowConfig(StrictModel):
@@ -48,6 +49,11 @@ class ShadowConfig(StrictModel):
 
     Attributes:
         share: the share of served requests the candidate also answers (chosen by request id).
+        outcomes: what a paired outcome is: `gold` (the gold answer arrives by feedback; `outcome`) or
+            `agreement` (label-free, `settle`: where the two answers differ, the one whose vote agreed more by at
+            least `margin` wins; the same answer, or agreements within the margin, is a tie; an unparsed answer
+            loses). Agreement is a proxy: a candidate that makes the samples agree on wrong answers wins it, so the
+            collapse veto matters more here.
         rules: the sequential test's settings (alpha: the service's error budget, min_effect, futility, cap).
         min_diversity: veto when the candidate's distinct shadow answers fall below this share of the serving
             state's on the same requests.
@@ -55,6 +61,8 @@ class ShadowConfig(StrictModel):
     """
 
     share: float = Field(default=0.25, gt=0, le=1)
+    outcomes: Literal["gold", "agreement"] = "gold"
+    margin: float = Field(default=0.1, ge=0, lt=1)
     rules: SequentialRules = Field(default_factory=SequentialRules)
     min_diversity: float = Field(default=0.5, ge=0, le=1)
     veto_after: int = Field(default=10, ge=2)
@@ -74,6 +82,7 @@ class Trial:
     state: TaskState
     test: PairedBettingTest
     pairs: dict[str, tuple[Replayed, Future[Replayed]]] = field(default_factory=dict)  # request id -> (served, shadow)
+    counted: set[str] = field(default_factory=set)  # request ids whose label-free outcome was observed
 
 
 class ShadowJudge:
@@ -124,7 +133,7 @@ class ShadowJudge:
         with self._lock:
             trial = self.trial
             pair = None if trial is None else trial.pairs.get(request_id)
-        if trial is None or pair is None or gold_key is None:
+        if trial is None or pair is None or gold_key is None or self.config.outcomes != "gold":
             return None
         served, future = pair
         try:
@@ -138,18 +147,39 @@ class ShadowJudge:
             if self.trial is not trial:
                 return None
             trial.test.observe(x)
-            level = self.budget.level(trial.key)
-            stats = {"candidate": trial.key, "level": level, **trial.test.stats()}
-            veto = self._veto(trial)
-            decision = "reject" if veto else trial.test.decision(level=level)
-            if veto:
-                stats["veto"] = veto
-            if decision == "continue":
+            return self._decide(trial)
+
+    def settle(self) -> tuple[str, dict[str, Any], TaskState] | None:
+        """Label-free outcomes (`outcomes="agreement"`): count every finished shadow answer not yet counted;
+        returns `(decision, stats, candidate state)` once the trial is decided, else None."""
+        if self.config.outcomes != "agreement":
+            return None
+        with self._lock:
+            trial = self.trial
+            if trial is None:
                 return None
-            if decision == "accept":
-                self.budget.record_accept(trial.key)
-            self.trial = None
-            return decision, stats, trial.state
+            ready = [(rid, served, f) for rid, (served, f) in trial.pairs.items()
+                     if rid not in trial.counted and f.done()]
+            for rid, served, future in ready:
+                trial.counted.add(rid)
+                if future.exception() is None:
+                    trial.test.observe(agreement_outcome(future.result(), served, self.config.margin))
+            return self._decide(trial) if ready else None
+
+    def _decide(self, trial: Trial) -> tuple[str, dict[str, Any], TaskState] | None:
+        """The trial's decision after its latest outcome (called under the lock); ends the trial when reached."""
+        level = self.budget.level(trial.key)
+        stats = {"candidate": trial.key, "level": level, "outcomes_from": self.config.outcomes, **trial.test.stats()}
+        veto = self._veto(trial)
+        decision = "reject" if veto else trial.test.decision(level=level)
+        if veto:
+            stats["veto"] = veto
+        if decision == "continue":
+            return None
+        if decision == "accept":
+            self.budget.record_accept(trial.key)
+        self.trial = None
+        return decision, stats, trial.state
 
     def _veto(self, trial: Trial) -> str | None:
         done = [(s, f.result()) for s, f in trial.pairs.values() if f.done() and f.exception() is None]
@@ -179,6 +209,23 @@ class ShadowJudge:
         tests = {str(k): PairedBettingTest.from_json(v, self.config.rules) for k, v in data["tests"].items()}
         with self._lock:
             self.budget, self.tests, self.trial = budget, tests, None
+
+
+def agreement_outcome(candidate: Replayed, served: Replayed, margin: float) -> int:
+    """A label-free paired outcome: +1 the candidate's answer is the better-agreed one, -1 the serving state's, 0 a
+    tie (the same answer, or agreements within `margin`); an unparsed answer (key None) loses to a parsed one.
+
+    Example:
+        >>> agreement_outcome(Replayed("7", 0.9), Replayed("8", 0.5), 0.1), agreement_outcome(Replayed("7", 0.9),
+        ...     Replayed("7", 0.5), 0.1), agreement_outcome(Replayed(None, 0.0), Replayed("8", 0.4), 0.1)
+        (1, 0, -1)
+    """
+    if candidate.key == served.key:
+        return 0
+    if candidate.key is None or served.key is None:
+        return 1 if served.key is None else -1
+    gap = candidate.agreement - served.agreement
+    return 0 if abs(gap) < margin else 1 if gap > 0 else -1
 
 
 def embedding_key(embedding: TaskEmbedding) -> str:
