@@ -179,6 +179,12 @@ def bench_loop(
     train: Annotated[Path | None, typer.Option(help="GSM8K train JSONL for the exemplar index (default: "
                                                     "synthetic exemplars).")] = None,
     max_seconds: Annotated[float, typer.Option(help="Budget of one re-optimization.")] = 120.0,
+    yield_to_serving: Annotated[float, typer.Option(help="Seconds the trainer waits for a lull before each step "
+                                                         "(0: never).", min=0.0, max=60.0)] = 10.0,
+    judging: Annotated[str, typer.Option(help="replay, or shadow (the candidate answers every request in the "
+                                              "background until the sequential test decides).")] = "replay",
+    think: Annotated[float, typer.Option(help="Seconds between an answer and the next request (both phases).",
+                                         min=0.0)] = 0.0,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
 ) -> None:
     """Request latency (p50/p99) while a re-optimization runs, against none running."""
@@ -187,8 +193,10 @@ def bench_loop(
     if requests < 2 or max_tokens < 1 or not max_seconds > 0:
         raise ConfigError(f"--requests must be >= 2, --max-tokens >= 1, --max-seconds > 0 "
                           f"(got {requests}, {max_tokens}, {max_seconds})")
+    if judging not in ("replay", "shadow"):
+        raise ConfigError(f"--judging must be replay or shadow, got {judging!r}")
     result = run_loop_bench(model=model, engine=engine, requests=requests, max_tokens=max_tokens, train=train,
-                            max_seconds=max_seconds)
+                            max_seconds=max_seconds, yield_to_serving=yield_to_serving, judging=judging, think=think)
     table = Table(title=f"loop: {requests} requests per phase, model {result['model']} ({result['engine']}), "
                         f"{os.cpu_count()} CPUs")
     for col in ("phase", "requests", "p50 s", "p99 s", "mean s"):

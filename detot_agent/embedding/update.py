@@ -92,6 +92,9 @@ def _rows(vectors: np.ndarray | None, dim: int, what: str, i: int) -> torch.Tens
     return t
 
 
+QUIET_S = 0.5  # serving first: a lull is this long without a serving request in flight (engines/serving.py)
+
+
 def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = None, val: Sequence[TrainingItem] = (),
            config: UpdateConfig | None = None, progress: bool = False, **overrides: Any) -> UpdateReport:
     """Train `te` in place on `feedback` (see the module docstring for the losses and rules).
@@ -234,7 +237,7 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
     try:
         for step in range(1, total_steps + 1):
             if serving is not None:  # serving first: start the step in a lull (engines/serving.py)
-                waited = serving.wait_idle(cfg.yield_to_serving)
+                waited = serving.wait_idle(cfg.yield_to_serving, quiet=QUIET_S)
                 if waited > 0:
                     report.yielded_s += waited
                     report.yields += 1

@@ -2,19 +2,22 @@
 
 Every engine call that serves a request (`BatchedEngine.sample`, `asample`, `complete`: a row not built inside
 `generation.background_work()`) is counted from submission to its last token. Training that must not slow serving
-(the loop's re-optimization, `UpdateConfig.yield_to_serving`) calls `SERVING.wait_idle(timeout)` between two
-steps: it waits while any serving row is in flight, at most `timeout` seconds, so a training step starts in a lull
-and a busy service still sees training progress (one step per `timeout` at worst). The llama.cpp scheduler's own
-rule (background rows only on free slots) covers shadow answers and replays; this covers the trainer, which runs
-on another engine and competes for the same cores.
+(the loop's re-optimization, `UpdateConfig.yield_to_serving`) calls `SERVING.wait_idle(timeout, quiet=...)`
+between two steps: it waits until no serving row has been in flight for `quiet` seconds, at most `timeout`
+seconds, so a training step starts in a lull (not in the gap between two back-to-back requests) and a busy service
+still sees training progress (one step per `timeout` at worst). A step that has started runs to its end. The
+llama.cpp scheduler's own rule (background rows only on free slots) covers shadow answers and replays; this covers
+the trainer, which runs on another engine and competes for the same cores.
 
 Example:
     >>> load = ServingLoad()
     >>> with load.serving():
     ...     load.in_flight, round(load.wait_idle(0.01), 2) >= 0.01
     (1, True)
-    >>> load.in_flight, load.wait_idle(1.0)
-    (0, 0.0)
+    >>> load.in_flight, load.wait_idle(1.0) < 0.01          # no serving row: no wait
+    (0, True)
+    >>> 0 < load.wait_idle(1.0, quiet=0.5) <= 0.5             # but a lull is 0.5 s since the last one ended
+    True
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ class ServingLoad:
 
     def __init__(self) -> None:
         self._n = 0
+        self._idle_since = time.monotonic()
         self._cond = threading.Condition()
 
     @property
@@ -50,6 +54,7 @@ class ServingLoad:
         with self._cond:
             self._n = max(0, self._n - 1)
             if self._n == 0:
+                self._idle_since = time.monotonic()
                 self._cond.notify_all()
 
     @contextlib.contextmanager
@@ -61,14 +66,20 @@ class ServingLoad:
         finally:
             self.leave()
 
-    def wait_idle(self, timeout: float) -> float:
-        """Wait until no serving row is in flight, at most `timeout` seconds; returns the seconds waited."""
-        start = time.perf_counter()
+    def wait_idle(self, timeout: float, *, quiet: float = 0.0) -> float:
+        """Wait until no serving row has been in flight for `quiet` seconds (a lull, not the gap between two
+        back-to-back requests), at most `timeout` seconds; returns the seconds waited."""
+        start = time.monotonic()
+        deadline = start + timeout
         with self._cond:
-            if self._n == 0:
-                return 0.0
-            self._cond.wait_for(lambda: self._n == 0, timeout=timeout)
-        return time.perf_counter() - start
+            while True:
+                now = time.monotonic()
+                if self._n == 0 and now - self._idle_since >= quiet:
+                    return now - start
+                if now >= deadline:
+                    return now - start
+                wake = deadline if self._n else min(deadline, self._idle_since + quiet)
+                self._cond.wait(timeout=max(0.0, wake - now))
 
 
 SERVING = ServingLoad()  # one per process: every engine's serving rows

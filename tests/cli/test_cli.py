@@ -194,6 +194,19 @@ def test_bench_loop_writes_latency_of_both_phases(tiny_gguf, tmp_path):
     assert data["p99_ratio"] > 0 and len(data["reoptimizations"]) >= 1
     assert all(r["error"] is None for r in data["reoptimizations"])
     assert "p99 busy/quiet" in " ".join(result.output.split())
+    assert data["yield_to_serving"] == 10.0 and data["judging"] == "replay"  # serving first by default
+
+
+def test_bench_loop_with_shadow_judging_and_a_thinking_client(tiny_gguf, tmp_path):
+    path = tmp_path / "loop.json"
+    result = runner.invoke(app, ["bench", "loop", "--model", str(tiny_gguf), "--requests", "8", "--max-tokens", "4",
+                                 "--judging", "shadow", "--think", "0.05", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    assert data["judging"] == "shadow" and data["think_s"] == 0.05
+    assert all(r["error"] is None for r in data["reoptimizations"])
+    bad = runner.invoke(app, ["bench", "loop", "--model", str(tiny_gguf), "--judging", "vibes"])
+    assert bad.exit_code != 0 and "replay or shadow" in str(bad.exception)
 
 
 def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiarith_head):

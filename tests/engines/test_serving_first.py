@@ -5,12 +5,13 @@ is visible)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from dspy.lm15 import Config, Message, Request
 
 from detot_agent.embedding.task_embedding import TaskEmbedding
-from detot_agent.embedding.update import TrainingItem
+from detot_agent.embedding.update import QUIET_S, TrainingItem
 from detot_agent.engines.generation import background_work
 from detot_agent.engines.serving import SERVING, ServingLoad
 from detot_agent.engines.torch_engine import LocalEngine
@@ -92,4 +93,27 @@ def test_training_waits_for_a_lull_in_serving_only_when_told_to(encoder, tiny_en
 def test_training_does_not_wait_when_nothing_is_served(encoder, tiny_engine):
     te, items = _head(encoder, tiny_engine)
     report = te.update(items, engine=tiny_engine, steps=2, max_seconds=None, yield_to_serving=5.0)
-    assert report.yields == 0 and report.steps == 2
+    assert report.steps == 2 and report.yielded_s <= QUIET_S + 0.2  # at most the rest of a lull, once
+
+
+def _back_to_back(load, requests=20, seconds=0.05):
+    """A client that sends its next request as soon as the last one is answered (gaps of a millisecond)."""
+    for _ in range(requests):
+        with load.serving():
+            time.sleep(seconds)
+        time.sleep(0.001)
+
+
+@pytest.mark.parametrize("quiet", [0.2, 0.0])
+def test_a_step_waits_for_a_lull_not_for_the_gap_between_back_to_back_requests(quiet):
+    load = ServingLoad()
+    client = threading.Thread(target=_back_to_back, args=(load,))
+    load.enter()  # the first request is in flight when training asks
+    client.start()
+    load.leave()
+    waited = load.wait_idle(5.0, quiet=quiet)
+    client.join()
+    if quiet:
+        assert waited >= 20 * 0.05 * 0.9  # the whole burst, then the lull
+    else:  # the violation a lull rule prevents: a step would start in the first millisecond gap
+        assert waited < 0.2

@@ -5,9 +5,10 @@ synthetic arithmetic questions one after another, as a single user would send th
 no re-optimization. Phase 2 (busy): a re-optimization is started in the background (training the
 task embedding on the evidence phase 1 left, then judging it by replay) and restarted whenever one
 finishes, so every request of phase 2 is served while one runs. Reported: p50 and p99 latency of each
-phase, their ratio, and the re-optimizations' own times. The re-optimization thread runs at a lower
-OS priority (nice +10) than serving, but torch's intra-op threads are shared by the process, so on a
-2-core machine the two still compete for the cores.
+phase, their ratio, and the re-optimizations' own times. Serving first: the trainer starts each step only in a
+lull (no serving request for `QUIET_S`, at most `yield_to_serving` seconds of waiting), and the replays and shadow
+answers are background rows the llama.cpp scheduler admits only when no serving row waits; a training step that
+has started still shares the cores with the requests that arrive during it.
 
 Example:
     >>> from detot_agent.cli.bench.loop import run_loop_bench
@@ -34,8 +35,13 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 
 def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: int = 24, max_tokens: int = 48,
-                   train: Path | None = None, index_size: int = 300, max_seconds: float = 120.0) -> dict[str, Any]:
-    """Serve `requests` questions quiet, then `requests` while re-optimizations run; returns the figures."""
+                   train: Path | None = None, index_size: int = 300, max_seconds: float = 120.0,
+                   yield_to_serving: float = 10.0, judging: str = "replay", think: float = 0.0) -> dict[str, Any]:
+    """Serve `requests` questions quiet, then `requests` while re-optimizations run; returns the figures.
+
+    `yield_to_serving`: the trainer's wait for a lull before each step (`UpdateConfig`; 0: none). `judging`:
+    `replay` or `shadow` (the candidate also answers every request in the background until the sequential test
+    decides). `think`: seconds between an answer and the next request, in both phases (0: back to back)."""
     import dspy
 
     from detot_agent.answers import AnswerFormat
@@ -61,8 +67,9 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
     task = TaskProfile(name="arith", description="Solve arithmetic word problems step by step.",
                        kind=TaskKind.ARITHMETIC, answer_format=AnswerFormat.NUMBER)
     adj = analyze(task, max_samples=3, min_samples=2, max_tokens=max_tokens, k_exemplars=2, cooldown=10_000)
-    config = ControllerConfig(min_evidence=6, max_seconds=max_seconds, replay_items=6,
-                              update=UpdateConfig(steps=10, retrieval_steps=40))
+    config = ControllerConfig.model_validate({
+        "min_evidence": 6, "max_seconds": max_seconds, "replay_items": 6, "judging": judging, "shadow": {"share": 1.0},
+        "update": UpdateConfig(steps=10, retrieval_steps=40, yield_to_serving=yield_to_serving)})
     program = DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adj, background=False,
                     controller_config=config, adapter=PlainAdapter())
     questions = synthetic_problems(2 * requests + 1, seed=1)
@@ -77,6 +84,7 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
             pred = program(question=ex.question)
             program.feedback(pred, gold=ex.answer)
             out.append(time.perf_counter() - start)
+            time.sleep(think)
         return out
 
     quiet = serve(questions[:requests], busy=False)
@@ -94,5 +102,7 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
         "reoptimizations": [{"seconds": e.get("seconds"), "accepted": e.get("accepted"), "reason": e.get("reason"),
                              "error": e.get("error")} for e in events],
         "busy_share": min(1.0, sum(float(e.get("seconds") or 0) for e in events) / busy_wall) if busy_wall else 0.0,
-        "max_seconds": max_seconds,
+        "max_seconds": max_seconds, "yield_to_serving": yield_to_serving, "judging": judging, "think_s": think,
+        "decisions": [{"change": e.get("change"), "accepted": e.get("accepted"), "reason": e.get("reason")}
+                      for e in events if "shadow" in str(e.get("change"))],
     }
