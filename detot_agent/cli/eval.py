@@ -86,9 +86,10 @@ def eval_run(
                                                        "confident samples vote); default: task analysis "
                                                        "(uniform).")] = None,
     loop_policy: Annotated[list[str] | None, typer.Option(metavar="POLICY",
-                                                          help="A reasoning strategy or vote weighting the looping "
-                                                              "DETOT methods may switch to, e.g. strategy=pot or "
-                                                              "strategy=mix,weighting=cisc (repeatable): each "
+                                                          help="A configuration the looping DETOT methods may switch "
+                                                              "to (strategy, weighting, temperature, k_exemplars), "
+                                                              "e.g. strategy=pot or temperature=0.3,k_exemplars=0 "
+                                                              "(repeatable): each "
                                                               "re-optimization judges it on gold items (feedback, "
                                                               "canary) and adopts it only if it helps.")] = None,
     ablate: Annotated[str | None, typer.Option(help="Comma-separated parts of DETOT to switch off, each run as an "

@@ -244,7 +244,8 @@ class DETOT(PersistentModule):
     def _demos(self, state: TaskState, q: np.ndarray, text: str) -> tuple[list[dspy.Example], list[str]]:
         """Demos for the task-adapted query `q` (read from `state` by the caller); never the input's own
         exemplar (`demos.retrieve_demos`)."""
-        return retrieve_demos(self.index, q, text, k=self.adjustments.k_exemplars, mmr=self.adjustments.mmr_lambda,
+        adj = state.adjust(self.adjustments)  # a policy may change how many demos
+        return retrieve_demos(self.index, q, text, k=adj.k_exemplars, mmr=adj.mmr_lambda,
                               demo_fields=self.demo_fields, fields=self._signature().fields)
 
     def _prompt_demos(self, retrieved: list[dspy.Example]) -> list[dspy.Example]:

@@ -154,25 +154,36 @@ class Policy(StrictModel):
         strategy: `cot`, `pot` or `mix` (None: keep the task's; `direct` is the predictor's shape, chosen when
             the module is built).
         weighting: `uniform`, `cisc` or `filter` (None: keep the task's).
+        temperature: the sampling temperature (None: keep the task's).
+        k_exemplars: demos retrieved per call (None: keep the task's; more than 0 needs exemplars in the index).
+
+    The fields are the configuration space `detot fit` races (`FitConfig`), so the loop can propose what a fit
+    would choose.
 
     Example:
         >>> pot = Policy(strategy="pot")
         >>> pot.apply(Adjustments()).strategy, pot.describe()
         ('pot', 'strategy=pot')
+        >>> Policy.parse("temperature=0.3, k_exemplars=0").describe()
+        'temperature=0.3, k_exemplars=0'
     """
 
     strategy: str | None = Field(default=None, pattern="^(cot|pot|mix)$")
     weighting: Weighting | None = None
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    k_exemplars: int | None = Field(default=None, ge=0, le=32)
 
     @model_validator(mode="after")
     def _changes_something(self) -> Policy:
-        if self.strategy is None and self.weighting is None:
-            raise ConfigError("a policy sets strategy or weighting (or both)")
+        if not self.changes():
+            raise ConfigError("a policy sets strategy, weighting, temperature or k_exemplars (at least one)")
         return self
 
     def changes(self) -> dict[str, Any]:
         """The fields it sets."""
-        return {k: v for k, v in (("strategy", self.strategy), ("weighting", self.weighting)) if v is not None}
+        return {k: v for k, v in (("strategy", self.strategy), ("weighting", self.weighting),
+                                  ("temperature", self.temperature), ("k_exemplars", self.k_exemplars))
+                if v is not None}
 
     @classmethod
     def parse(cls, text: str) -> Policy:
@@ -188,8 +199,8 @@ class Policy(StrictModel):
         for part in (p.strip() for p in text.split(",")):
             name, eq, value = part.partition("=")
             if not eq or name.strip() not in cls.model_fields:
-                raise ConfigError(f"policy {text!r}: expected strategy=cot|pot|mix and/or "
-                                  f"weighting=uniform|cisc|filter, comma-separated; got {part!r}")
+                raise ConfigError(f"policy {text!r}: expected strategy=cot|pot|mix, weighting=uniform|cisc|filter, "
+                                  f"temperature=T and/or k_exemplars=K, comma-separated; got {part!r}")
             fields[name.strip()] = value.strip()
         return cls(**fields)  # type: ignore[arg-type]
 

@@ -80,7 +80,7 @@ class ContextSpec(StrictModel):
     strategy: Literal["cot", "pot", "mix"] | None = None
     weighting: Literal["uniform", "cisc", "filter"] | None = None
     reopt_cooldown: int | None = Field(default=None, ge=0)
-    loop_policies: list[dict[str, str]] = Field(default_factory=list)
+    loop_policies: list[dict[str, Any]] = Field(default_factory=list)
     replay_items: int | None = Field(default=None, ge=1)
     questions: list[str] = Field(default_factory=list)
     fit: str | None = None
@@ -137,6 +137,6 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        feedback=spec.feedback, reopt_seconds=spec.reopt_seconds, canary=list(spec.canary),
                        no_soft_prompt=spec.soft_prompt == "none", strategy=spec.strategy, weighting=spec.weighting,
                        reopt_cooldown=spec.reopt_cooldown,
-                       loop_policies=[Policy(**p) for p in spec.loop_policies],  # type: ignore[arg-type]
+                       loop_policies=[Policy(**p) for p in spec.loop_policies],
                        replay_items=spec.replay_items,
                        questions=list(spec.questions), fit=spec.fit)

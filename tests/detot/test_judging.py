@@ -293,7 +293,7 @@ def test_a_policy_is_not_judged_without_gold_and_the_serving_policy_is_not_retri
 def test_bad_policies_are_refused_when_built():
     from detot_agent.detot.task import Policy
 
-    with pytest.raises(ConfigError, match="sets strategy or weighting"):
+    with pytest.raises(ConfigError, match="a policy sets strategy, weighting"):
         Policy()
     with pytest.raises(ConfigError, match="strategy"):
         Policy(strategy="direct")  # the predictor's shape, not a policy

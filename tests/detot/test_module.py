@@ -423,3 +423,28 @@ def test_a_program_saved_by_0_3_with_its_side_folder_still_loads(tmp_path, gsm8k
     loaded = fresh.controller.state
     assert (loaded.version, loaded.policy, fresh.controller.judgements_spent) == (4, Policy(weighting="cisc"), 2)
     assert torch.equal(loaded.embedding.w, emb.w)
+
+
+def test_a_policy_from_the_fit_space_changes_demos_and_temperature_of_the_calls(gsm8k_index):
+    """`Policy(k_exemplars=..., temperature=...)` (the loop's candidates from `detot fit`'s space) is what a call
+    under that state retrieves and samples with; the task's own adjustments are untouched."""
+    from detot_agent.detot.task import Policy
+
+    temps: list[float | None] = []
+    lm, engine = scripted_lm(lambda text, n: "7")
+    complete = engine.complete
+
+    def recording(request):
+        temps.append(request.config.temperature)
+        return complete(request)
+
+    engine.complete = recording
+    detot = make(gsm8k_index, lm, k_exemplars=2, temperature=0.7, max_samples=2, stopping="fixed")
+    before = detot(question=Q)
+    assert len(before.demo_ids) == 2 and 0.7 in temps
+    st = detot.controller.state
+    detot.controller.publish(TaskState(st.version + 1, st.embedding, Policy(k_exemplars=0, temperature=0.2)))
+    temps.clear()
+    after = detot(question=Q)
+    assert after.demo_ids == [] and 0.2 in temps and 0.7 not in temps
+    assert detot.adjustments.k_exemplars == 2 and detot.adjustments.temperature == 0.7
