@@ -23,6 +23,7 @@ def test_fit_writes_a_folder_that_eval_serves_without_an_index(tiny_model_dir, m
     report = json.loads((out / "fit.json").read_text())
     assert report["candidates"]["plain"]["items"] == 10 and report["shipped"] in report["candidates"]
     assert report["distill"]["round_1"]["filter"] == "agreement"
+    assert {e["rule"] for e in report["stopping"]["table"]} == {"beta", "confidence", "majority"}  # the defaults
     assert "# DETOT fit: ships" in result.output and "detot eval --fit" in result.output
     run = tmp_path / "run"
     result = runner.invoke(app, ["eval", "--suite", str(data), "--limit", "2", "--methods", "detot", "--fit", str(out),
@@ -41,6 +42,10 @@ def test_fit_and_eval_refuse_bad_settings_before_loading_a_model(multiarith_head
     assert isinstance(result.exception, ConfigError) and "--ks races k > 0 demos: pass --index" in str(result.exception)
     result = runner.invoke(app, ["fit", *common, "--max-minutes", "0"])
     assert isinstance(result.exception, ConfigError) and "max_minutes" in str(result.exception)
+    result = runner.invoke(app, ["fit", *common, "--stop-thresholds", "0.8,0"])
+    assert isinstance(result.exception, ConfigError) and "stop_thresholds" in str(result.exception)
+    result = runner.invoke(app, ["fit", *common, "--stop-rules", "beta,sometimes"])
+    assert isinstance(result.exception, ConfigError) and "stop_rules" in str(result.exception)
     result = runner.invoke(app, ["eval", "--suite", data, "--methods", "detot", "--fit", str(tmp_path)])
     assert isinstance(result.exception, ArtefactError) and "not a finished fit folder" in str(result.exception)
     result = runner.invoke(app, ["eval", "--suite", data, "--methods", "detot", "--k", "2"])
