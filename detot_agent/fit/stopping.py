@@ -21,38 +21,44 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from detot_agent.detot.task import Adjustments, StoppingRule
-from detot_agent.detot.voting import confidence, should_stop, vote, vote_weights
+from detot_agent.detot.records import ParsedSample
+from detot_agent.detot.sampling import vote_in_rounds
+from detot_agent.detot.task import Adjustments, StoppingRule, Weighting
+from detot_agent.errors import DetotError
 
 __all__ = ["choose_stopping", "replay"]
+
+
+class _NotDrawn(DetotError):
+    """The rule replayed wants a sample the race did not draw."""
 
 
 def replay(row: dict[str, Any], *, rule: StoppingRule | str, threshold: float, min_samples: int, round_size: int,
            max_samples: int, weighting: str = "cisc", cisc_temperature: float = 0.1,
            keep_fraction: float = 0.9) -> tuple[bool, int, int] | None:
-    """`(correct, samples, tokens)` of one recorded answer under a stopping rule; None when the rule wants a
-    sample the row did not draw (or the row records no samples)."""
+    """`(correct, samples, tokens)` of one recorded answer under a stopping rule, through DETOT's own sampling loop
+    (`sampling.vote_in_rounds`) drawing the recorded samples; None when the rule wants a sample the row did not draw
+    (or the row records no samples)."""
     keys = row.get("sample_keys")
     tokens, logprobs, right = row.get("sample_tokens"), row.get("sample_logprobs"), row.get("key_correct")
     if not keys or tokens is None or logprobs is None or right is None:
         return None
-    drawn = min(min_samples, max_samples)
-    while True:
-        if drawn > len(keys):
-            return None
-        ks = keys[:drawn]
-        conf = [confidence(lp, t) for k, lp, t in zip(ks, logprobs, tokens, strict=False) if k is not None]
-        weights = vote_weights(conf, weighting=weighting, temperature=cisc_temperature, keep_fraction=keep_fraction)
-        if weights is None:
-            weighted = vote(ks)
-        else:
-            it = iter(weights)
-            weighted = vote(ks, [next(it) if k is not None else 0.0 for k in ks])
-        if should_stop(vote(ks), drawn, rule=rule, threshold=threshold, min_samples=min_samples,
-                       max_samples=max_samples, weighted=weighted):
-            winner = weighted.winner
-            return bool(winner is not None and right.get(winner)), drawn, int(sum(tokens[:drawn]))
-        drawn = min(drawn + round_size, max_samples)
+    recorded = [ParsedSample("", key=k, tokens=int(t), logprob=lp) for k, t, lp in zip(keys, tokens, logprobs,
+                                                                                         strict=False)]
+    adj = Adjustments(stopping=StoppingRule(rule), stop_threshold=threshold, min_samples=min(min_samples, max_samples),
+                      round_size=round_size, max_samples=max_samples, weighting=Weighting(weighting),
+                      cisc_temperature=cisc_temperature, keep_fraction=keep_fraction)
+
+    def draw(n: int, drawn: int) -> list[ParsedSample]:
+        if drawn + n > len(recorded):
+            raise _NotDrawn(f"sample {drawn + n} was not drawn")
+        return recorded[drawn:drawn + n]
+
+    try:
+        _, result, drawn = vote_in_rounds(draw, adj)
+    except _NotDrawn:
+        return None
+    return bool(result.winner is not None and right.get(result.winner)), drawn, int(sum(tokens[:drawn]))
 
 
 def choose_stopping(rows: Sequence[dict[str, Any]], adj: Adjustments, *, schedule: Adjustments,

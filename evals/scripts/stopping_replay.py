@@ -2,17 +2,18 @@
 
     python evals/scripts/stopping_replay.py [--out evals/results/stopping]
 
-A stopping rule only decides how many of a problem's samples are drawn; the samples themselves do not depend on
-it (each is seeded by its position). So a rule can be measured exactly, without the model, on runs that drew the
-whole budget and recorded every sample's answer key, output tokens and log-probability in drawing order: the
-committed `sc` rows (greedy first, then 5 at temperature 0.5). Each rule walks a problem's samples in DETOT's
-schedule (2 first, then rounds of 2, at most 6; `voting.should_stop` between rounds) and the vote at the stop is
-the confidence-weighted one (`cisc`, temperature 0.1): at 6 samples it is the committed `cisc` row exactly
-(checked below). The threshold of each rule is chosen on a development split (the 184 MultiArith problems of the
-blind confirmation's `sc` row, offset 340: none of them among the reported 300): the rule and threshold with the
-fewest samples that answer at least as many dev problems right as the whole budget. The choice is then reported on
-the reported 300 GSM8K and 300 MultiArith problems it never saw, paired against the whole budget (exact McNemar).
-Writes `replay.json` (every rule on every split) and `samples_vs_accuracy.png`.
+A stopping rule only decides how many of a problem's samples are drawn; the samples themselves do not depend on it
+(each is seeded by its position). So a rule can be measured exactly, without the model, on runs that drew the whole
+budget and recorded every sample's answer key, output tokens and log-probability in drawing order: the committed
+`sc` rows (greedy first, then 5 at temperature 0.5). Each rule walks a problem's samples in DETOT's schedule (2
+first, then rounds of 2, at most 6) through the fit's replay (`fit/stopping.replay`: DETOT's own sampling loop
+drawing the recorded samples), and the vote at the stop is the confidence-weighted one (`cisc`, temperature 0.1): at
+6 samples it is the committed `cisc` row exactly (checked below). The threshold of each rule is chosen on a
+development split (the 184 MultiArith problems of the blind confirmation's `sc` row, offset 340: none of them among
+the reported 300): the rule and threshold with the fewest samples that answer at least as many dev problems right as
+the whole budget. The choice is then reported on the reported 300 GSM8K and 300 MultiArith problems it never saw,
+paired against the whole budget (exact McNemar). Writes `replay.json` (every rule on every split) and
+`samples_vs_accuracy.png`.
 """
 
 from __future__ import annotations
@@ -23,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from detot_agent.answers import numbers_equal
-from detot_agent.detot.voting import confidence, should_stop, vote, vote_weights
 from detot_agent.evaluation.metrics import mcnemar_exact
+from detot_agent.fit import stopping
 
 SPLITS = {  # name -> (records, role)
     "multiarith-dev-184": ("evals/results/accuracy/confirm_multiarith/sc.jsonl", "choice"),
@@ -52,17 +53,14 @@ def load(path: str) -> list[dict[str, Any]]:
 
 
 def replay(rec: dict[str, Any], rule: str, threshold: float) -> tuple[bool, int, int]:
-    """(correct, samples drawn, output tokens) of one problem under one rule."""
-    keys, toks, lps = rec["sample_keys"], rec["sample_tokens"], rec["sample_logprobs"]
-    drawn = MIN_SAMPLES
-    while True:
-        conf = [confidence(lp, t) for lp, t in zip(lps[:drawn], toks[:drawn], strict=True)]
-        weighted = vote(keys[:drawn], vote_weights(conf, weighting="cisc", temperature=CISC_T))
-        if should_stop(vote(keys[:drawn]), drawn, rule=rule, threshold=threshold, min_samples=MIN_SAMPLES,
-                       max_samples=MAX_SAMPLES, weighted=weighted):
-            break
-        drawn = min(drawn + ROUND, MAX_SAMPLES)
-    return numbers_equal(weighted.winner, rec["gold"]), drawn, sum(toks[:drawn])
+    """(correct, samples drawn, output tokens) of one problem under one rule: the fit's replay
+    (`fit/stopping.replay`, DETOT's own sampling loop over the recorded samples), a key right when it equals gold."""
+    keys = rec["sample_keys"]
+    right = {k: numbers_equal(k, rec["gold"]) for k in keys if k is not None}
+    out = stopping.replay({**rec, "key_correct": right}, rule=rule, threshold=threshold, min_samples=MIN_SAMPLES,
+                          round_size=ROUND, max_samples=MAX_SAMPLES, weighting="cisc", cisc_temperature=CISC_T)
+    assert out is not None  # every record drew the whole budget (`load`)
+    return out
 
 
 def measure(records: list[dict[str, Any]], rule: str, threshold: float) -> dict[str, Any]:
