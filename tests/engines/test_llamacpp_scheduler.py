@@ -182,16 +182,16 @@ def test_a_cancelled_request_leaves_the_others_alone(static, tiny_gguf):
 
 
 def test_a_failing_row_fails_alone(static, tiny_gguf, monkeypatch):
-    from detot_agent.engines import llamacpp_scheduler
+    from detot_agent.engines import continuous
 
-    real = llamacpp_scheduler.stop_in_tail
+    real = continuous.stop_in_tail
 
     def picky(tokenizer, tokens, stop):
         if "boom" in stop:
             raise RuntimeError("a stop string this tokenizer cannot check")
         return real(tokenizer, tokens, stop)
 
-    monkeypatch.setattr(llamacpp_scheduler, "stop_in_tail", picky)
+    monkeypatch.setattr(continuous, "stop_in_tail", picky)
     engine = _continuous(tiny_gguf, max_wait_ms=50)
     good = _req("what is two plus three", max_tokens=20)
     out: dict[str, object] = {}
@@ -262,9 +262,9 @@ def _admitting(max_running: int, waiting: list[tuple[str, int, bool]], running_b
     from concurrent.futures import Future
 
     from detot_agent.engines.generation import GenRow
-    from detot_agent.engines.llamacpp_scheduler import ContinuousScheduler, _Job, _Request
+    from detot_agent.engines.continuous import ContinuousCore, _Job, _Request
 
-    s = ContinuousScheduler.__new__(ContinuousScheduler)
+    s = ContinuousCore.__new__(ContinuousCore)
     s.max_running = max_running
     names = {}
     s._waiting = []
@@ -294,25 +294,25 @@ def test_serving_rows_go_first_and_background_work_gets_at_most_a_quarter_of_the
 
 
 def test_the_rule_check_catches_a_scheduler_that_admits_by_arrival_only():
-    from detot_agent.engines.llamacpp_scheduler import ContinuousScheduler
+    from detot_agent.engines.continuous import ContinuousCore
 
-    rule = ContinuousScheduler._admit
+    rule = ContinuousCore._admit
     try:
         def by_arrival(self):  # the violation: the first waiting row first, whatever it is
             jobs = []
             while self._waiting and self._free:
-                from detot_agent.engines.llamacpp_scheduler import _Job
+                from detot_agent.engines.continuous import _Job
 
                 row, request, offset = self._waiting.pop(0)
                 jobs.append(_Job(row=row, request=request, part=offset,
                                  slots=[self._free.pop(0) for _ in range(min(row.n, len(self._free)))]))
             return jobs
 
-        ContinuousScheduler._admit = by_arrival
+        ContinuousCore._admit = by_arrival
         admitted, _ = _admitting(8, [("shadow", 4, True), ("serve", 3, False)])
         assert admitted[0] == ("shadow", 4)  # what the test above would catch
     finally:
-        ContinuousScheduler._admit = rule
+        ContinuousCore._admit = rule
 
 
 def test_background_work_gives_what_it_gives_alone(static, tiny_gguf):

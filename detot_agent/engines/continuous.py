@@ -1,0 +1,316 @@
+"""Continuous batching, the part every backend shares (`EngineConfig.scheduler = "continuous"`).
+
+One worker thread owns the model. The scheduling rule, at every step:
+
+1. **admit**: waiting rows join while free sequence slots last (a row of n samples takes n slots; at most
+   `max_running` sequences run). When nothing runs, the first arrival waits up to `max_wait_ms` for company, so
+   requests sent together are prefilled together. Serving rows go first, in arrival order; background rows
+   (`GenRow.background`) only when no other row waits and on at most a quarter of the slots. A row with more
+   samples than free slots starts the ones that fit and the rest wait at the head of the queue (each sample keeps
+   its seed and greedy flag, so its output does not change).
+2. **prefill** the admitted rows (the backend's `_prefill`: each looks its input up in the backend's prefix cache,
+   computes what it must, and calls `_start` with the logits after the prompt; one prefill per row, shared by its
+   samples).
+3. **decode** one token for every running sequence together (the backend's `_decode`); a sequence that finishes
+   leaves at once (`_drop` frees its slot's KV), and a row's future resolves as soon as its own samples are done.
+
+Sampling, seeds, stop strings, log-probabilities and usage are those of the static path (`generation.py`): a row's
+output does not depend on when it joined or on its batch-mates. A cancelled future's sequences are dropped at the
+next step; an error in one row fails that row only; `close()` fails what is in flight with `EngineClosedError`.
+The backends: llama.cpp (`llamacpp_scheduler.py`, KV in llama.cpp sequence streams) and torch
+(`torch_scheduler.py`, KV in one left-padded transformers cache).
+
+Example:
+    >>> from detot_agent import LocalEngine
+    >>> engine = LocalEngine("tiny-model", scheduler="continuous", prefix_cache=4)  # doctest: +SKIP
+    >>> engine.batch_stats["prefix_hits"]                                            # doctest: +SKIP
+    0
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from detot_agent.engines.batching import QueueWorker
+from detot_agent.engines.generation import (
+    GenOutput,
+    GenRow,
+    _pick,
+    finish_text,
+    sample_ranks,
+    seeded_generators,
+    split_at,
+    stop_in_tail,
+)
+from detot_agent.engines.prefix_cache import SchedulerStats
+from detot_agent.errors import EngineClosedError
+
+__all__ = ["ContinuousCore"]
+
+
+@dataclass
+class _Job:
+    """One row (or one part of a row) in the scheduler, with its sequences' decoding state."""
+
+    row: GenRow
+    request: _Request
+    part: int
+    slots: list[int] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    logprob: list[float] = field(default_factory=list)
+    finish: list[str] = field(default_factory=list)
+    pos: list[int] = field(default_factory=list)
+    logits: list[torch.Tensor | None] = field(default_factory=list)
+    active: list[bool] = field(default_factory=list)
+    generators: list[Any] = field(default_factory=list)
+    rank: list[int] = field(default_factory=list)
+
+
+class _Request:
+    """A submitted row: its future and its samples' outputs, filled in by its parts as they finish (a part is
+    the samples from `offset` on)."""
+
+    def __init__(self, future: Future[list[GenOutput]], n: int) -> None:
+        self.future = future
+        self.outputs: list[GenOutput | None] = [None] * n
+        self.failed = False
+
+    def done(self, offset: int, outputs: list[GenOutput]) -> None:
+        self.outputs[offset:offset + len(outputs)] = outputs
+        if not self.failed and all(o is not None for o in self.outputs) and not self.future.done():
+            self.future.set_result([o for o in self.outputs if o is not None])
+
+    def fail(self, exc: BaseException) -> None:
+        self.failed = True
+        if not self.future.done():
+            self.future.set_exception(exc)
+
+
+class ContinuousCore(QueueWorker):
+    """Continuous batching over `max_running` sequence slots (see the module docstring for the rule).
+
+    A backend implements `_prefill(jobs)` (ending in `_start(job, logits)` per job), `_decode(entries)` (one
+    token for each `(token, position, slot)`, returning the logits after it, `(vocab,)` each), `_drop(slot)`
+    (a sequence left) and may override `_check(row)` (refuse a row at submission) and `_acquired()` (the engine's
+    lock was just taken after an idle spell).
+
+    Args:
+        tokenizer / eos_ids: for stop strings and the finished text.
+        max_running: most sequences decoded together.
+        max_wait_ms: how long an idle scheduler waits for company after the first arrival.
+        lock: the engine's generation lock (held while the model is used).
+    """
+
+    thread_name = "detot-scheduler"
+
+    def __init__(self, tokenizer: Any, eos_ids: set[int], *, max_running: int, max_wait_ms: float,
+                 lock: threading.Lock) -> None:
+        super().__init__()
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.max_running = max_running
+        self._wait = max_wait_ms / 1000.0
+        self._gen_lock = lock
+        self._waiting: list[tuple[GenRow, _Request, int]] = []
+        self._free = list(range(max_running))
+        self._running: list[_Job] = []
+        self.stats = SchedulerStats()
+
+    # ---- what a backend provides ----------------------------------------------------------------------
+    def _prefill(self, jobs: list[_Job]) -> None:
+        raise NotImplementedError
+
+    def _decode(self, entries: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def _drop(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def _check(self, row: GenRow) -> None:
+        """Refuse a row at submission (before it could fail a step it shares); nothing by default."""
+
+    def _acquired(self) -> None:
+        """Called when the scheduler takes the engine's lock after an idle spell; nothing by default."""
+
+    # ---- the callers' side ------------------------------------------------------------------------------
+    def submit(self, row: GenRow) -> Future[list[GenOutput]]:
+        """Queue a row; the future resolves to its `n` outputs as soon as they are done."""
+        self._check(row)
+        fut: Future[list[GenOutput]] = Future()
+        request = _Request(fut, row.n)
+        self._enqueue([(row, request, 0)])  # `close()` (QueueWorker) stops the worker
+        return fut
+
+    # ---- the worker ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        held = False  # the engine's lock is held from the first admitted row until the scheduler is idle again
+        try:
+            while True:
+                if held and not self._running and not self._waiting:
+                    self._gen_lock.release()  # idle: the engine's direct paths may use the model meanwhile
+                    held = False
+                if not self._pull():
+                    break
+                admitted = self._admit()
+                if not held:
+                    self._gen_lock.acquire()
+                    held = True
+                    self._acquired()
+                if admitted:
+                    self._prefill(admitted)
+                if self._running:
+                    self._step()
+        finally:
+            if held:
+                self._gen_lock.release()
+            closed = EngineClosedError("the engine was closed while this request was in flight")
+            for job in self._running:
+                job.request.fail(closed)
+            for _, request, _ in self._waiting:
+                request.fail(closed)
+            while True:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    item[1].fail(closed)
+
+    def _pull(self) -> bool:
+        """Move arrivals into `_waiting`: block (then wait for company) when idle; False once closed."""
+        if not self._running and not self._waiting:
+            item = self._queue.get()
+            if item is None:
+                return False
+            self._waiting.append(item)
+            deadline = time.monotonic() + self._wait
+            while (remaining := deadline - time.monotonic()) > 0:
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if item is None:
+                    return False
+                self._waiting.append(item)
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            self._waiting.append(item)
+
+    def _admit(self) -> list[_Job]:
+        """Waiting rows on the free slots, serving first: rows in arrival order, background rows
+        (`GenRow.background`) only when no other row waits and on at most a quarter of the slots. A row with more
+        samples than it may take starts the ones that fit and leaves the rest at the head of its lane
+        (`split_row`: each sample keeps its seed and greedy flag, so its output does not change)."""
+        admitted: list[_Job] = []
+        self._waiting = [w for w in self._waiting if not (w[1].future.cancelled() or w[1].failed)]
+        while self._free:
+            lane = next((i for i, w in enumerate(self._waiting) if not w[0].background), None)
+            room = len(self._free)
+            if lane is None:  # only background work waits: within its share of the slots
+                busy = sum(len(job.slots) for job in [*self._running, *admitted] if job.row.background)
+                room = min(room, max(1, self.max_running // 4) - busy)
+                lane = 0 if self._waiting and room > 0 else None
+            if lane is None:
+                break
+            row, request, offset = self._waiting.pop(lane)
+            if row.n > room:
+                row, rest = split_at(row, room)
+                self._waiting.insert(lane, (rest, request, offset + row.n))
+            job = _Job(row=row, request=request, part=offset, slots=[self._free.pop(0) for _ in range(row.n)])
+            admitted.append(job)
+        return admitted
+
+    def _start(self, job: _Job, logits: torch.Tensor) -> None:
+        """The job's prompt is in its first slot's KV (and copied to its other slots); `logits` `(vocab,)` follow
+        its last position. Its sequences decode from the next step on."""
+        row, n = job.row, job.row.n
+        job.tokens = [[] for _ in range(n)]
+        job.logprob = [0.0] * n
+        job.finish = ["length"] * n
+        job.pos = [_k(row) + len(row.prompt_ids)] * n
+        job.logits = [logits] * n
+        job.active = [True] * n
+        job.generators = seeded_generators([row], "cpu")
+        job.rank = sample_ranks([row])
+        self._running.append(job)
+
+    def _step(self) -> None:
+        """Pick the next token of every running sequence, then decode them together."""
+        entries: list[tuple[int, int, int]] = []
+        where: list[tuple[_Job, int]] = []
+        for job in list(self._running):
+            if job.request.future.cancelled() or job.request.failed:
+                self._release(job)
+                continue
+            try:
+                for j in range(job.row.n):
+                    if not job.active[j]:
+                        continue
+                    row, lg = job.row, job.logits[j]
+                    assert lg is not None
+                    tok = _pick(lg, row, job.generators[j], greedy=row.is_greedy(job.rank[j]))
+                    job.logprob[j] += float(torch.log_softmax(lg, dim=-1)[tok])
+                    job.tokens[j].append(tok)
+                    if tok in self.eos_ids or stop_in_tail(self.tokenizer, job.tokens[j], row.stop):
+                        job.finish[j] = "stop"
+                    elif len(job.tokens[j]) < row.max_new_tokens:
+                        entries.append((tok, job.pos[j], job.slots[j]))
+                        where.append((job, j))
+                        continue
+                    job.active[j] = False
+                    self._drop(job.slots[j])
+            except Exception as exc:  # this row's own failure (a bad stop string, ...): the others go on
+                self._fail(job, exc)
+                continue
+            if not any(job.active):
+                self._finish(job)
+        if not entries:
+            return
+        self.stats.batches += 1
+        self.stats.sequences += len(entries)
+        self.stats.largest = max(self.stats.largest, len(entries))
+        try:
+            logits = self._decode(entries)
+        except Exception as exc:  # a failed decode step: every row in it fails
+            for job in {id(j): j for j, _ in where}.values():
+                self._fail(job, exc)
+            return
+        for (job, j), lg in zip(where, logits, strict=True):
+            job.logits[j] = lg
+            job.pos[j] += 1
+
+    def _finish(self, job: _Job) -> None:
+        outputs = []
+        for j in range(job.row.n):
+            text, reason = finish_text(self.tokenizer, job.tokens[j], job.row.stop, self.eos_ids, job.finish[j])
+            outputs.append(GenOutput(text, job.tokens[j], reason, job.logprob[j]))
+        self._release(job)
+        job.request.done(job.part, outputs)
+
+    def _fail(self, job: _Job, exc: BaseException) -> None:
+        self._release(job)
+        job.request.fail(exc)
+
+    def _release(self, job: _Job) -> None:
+        for s in job.slots:
+            self._drop(s)
+        self._free += job.slots
+        job.slots = []
+        if job in self._running:
+            self._running.remove(job)
+
+
+def _k(row: GenRow) -> int:
+    """Positions the row's soft prompt takes (0 without one)."""
+    return 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])
