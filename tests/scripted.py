@@ -83,12 +83,13 @@ def scripted_lm(answer: Callable[[str, int], str | None], *, plain: bool = False
 class ScriptedLocalEngine(LocalEngine):
     """A real batched engine whose decoding is scripted: the tiny model's tokenizer and chat template,
     `build_row`, `sample(n)` (one row, n samples), `complete`, soft prompts and budgets all run as in
-    `LocalEngine`; only `_run` is replaced, by `answer(prompt_text, call_no)` (None: an unparseable reply).
+    `LocalEngine`; only `_run` is replaced, by `answer(prompt_text, call_no)` (None: an unparseable reply), so
+    batches go through the static scheduler (the one that calls `_run`).
     Replies are ChatAdapter fields, or with `plain=True` "... The answer is X." for PlainAdapter."""
 
     def __init__(self, model_dir: Any, answer: Callable[[str, int], str | None], *, plain: bool = False,
                  raw: bool = False, logprob: Callable[[str, int], float] | None = None) -> None:
-        super().__init__(str(model_dir), device="cpu", dtype="float32", dynamic_batching=False)
+        super().__init__(str(model_dir), device="cpu", dtype="float32", dynamic_batching=False, scheduler="static")
         self.answer = answer
         self.plain = plain
         self.raw = raw  # the answer function's text is the whole reply

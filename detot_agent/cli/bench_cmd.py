@@ -216,8 +216,10 @@ def bench_serve(
     model: ModelOpt = None,
     data: Annotated[Path | None, typer.Option(help="GSM8K JSONL for questions and demos (default: GSM8K "
                                                    "train).")] = None,
-    schedulers: Annotated[str, typer.Option(help="llama.cpp schedulers, comma-separated: static, "
+    schedulers: Annotated[str, typer.Option(help="Schedulers, comma-separated: static, "
                                                  "continuous.")] = "static,continuous",
+    engine: Annotated[str, typer.Option(help="llamacpp or torch.")] = "llamacpp",
+    device: DeviceOpt = "auto",
     problems: Annotated[int, typer.Option(help="DETOT-shaped problems.", min=1)] = 8,
     concurrency: Annotated[int, typer.Option(help="Problems in flight.", min=1)] = 4,
     rounds: Annotated[int, typer.Option(help="Voting rounds per problem (the same prompt).", min=1)] = 3,
@@ -228,16 +230,20 @@ def bench_serve(
     prefix_cache: Annotated[int, typer.Option(help="Prompts the continuous scheduler keeps.", min=0)] = 8,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
 ) -> None:
-    """llama.cpp's static and continuous schedulers under a DETOT-shaped load and a single-request load."""
+    """A local engine's static and continuous schedulers under a DETOT-shaped load and a single-request load."""
     from detot_agent.cli.bench.serve import SCHEDULERS, run_serve_bench
 
     wanted = [s.strip() for s in schedulers.split(",") if s.strip()]
     if not wanted or any(s not in SCHEDULERS for s in wanted):
         raise ConfigError(f"--schedulers takes static and/or continuous, comma-separated; got {schedulers!r}")
+    if engine not in ("llamacpp", "torch"):
+        raise ConfigError(f"--engine takes llamacpp or torch; got {engine!r}")
     result = run_serve_bench(model=model, data=data or default_gsm8k("train.jsonl"), schedulers=wanted,
                              problems=problems, concurrency=concurrency, rounds=rounds, round_size=round_size,
-                             demos=demos, single=single, max_tokens=max_tokens, prefix_cache=prefix_cache)
-    table = Table(title=f"serving {result['model']}: {problems} problems x {rounds} rounds of {round_size}, "
+                             demos=demos, single=single, max_tokens=max_tokens, prefix_cache=prefix_cache,
+                             engine_kind=engine, device=device)
+    table = Table(title=f"serving {result['model']} on {result['device']}: {problems} problems x {rounds} rounds "
+                        f"of {round_size}, "
                         f"{concurrency} in flight, {demos} demos ({result['prompt_tokens']}-token prompts), "
                         f"{result['cpus']} CPUs")
     for col in ("scheduler", "DETOT-shaped tok/s", "round p50 s", "round p99 s", "prompt tokens prefilled",

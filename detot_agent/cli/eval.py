@@ -105,7 +105,7 @@ def eval_run(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")] = "auto",
     max_batch_size: Annotated[int, typer.Option(help="Most sequences decoded together.", min=1)] = 16,
-    scheduler: Annotated[str, typer.Option(help="llama.cpp's batching: continuous (rows join between decode "
+    scheduler: Annotated[str, typer.Option(help="The local engine's batching: continuous (rows join between decode "
                                                 "steps; prompts reused from the prefix cache) or static.")] =
         "continuous",
     engine: Annotated[str, typer.Option(help="auto (llama.cpp for a .gguf file on the CPU when installed, else "

@@ -28,7 +28,8 @@ from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_e
 
 from detot_agent.config import build
 from detot_agent.engines.batching import DynamicBatcher
-from detot_agent.engines.config import EngineConfig, Overflow
+from detot_agent.engines.config import EngineConfig, Overflow, Scheduler
+from detot_agent.engines.continuous import ContinuousCore
 from detot_agent.engines.generation import BACKGROUND, GenOutput, GenRow
 from detot_agent.engines.models import ModelSource, resolve_model_source
 from detot_agent.engines.serving import SERVING, ServingLoad
@@ -191,7 +192,7 @@ class BatchedEngine(RequestBuilder):
     supported_params = frozenset({"temperature", "top_p", "max_tokens", "stop", "seed"})
     id_prefix = "engine"
     source: ModelSource
-    _batcher: DynamicBatcher | None
+    _batcher: DynamicBatcher | ContinuousCore | None
     _batcher_lock: threading.Lock
     _gen_lock: threading.Lock
 
@@ -207,6 +208,7 @@ class BatchedEngine(RequestBuilder):
         self._gen_lock = threading.Lock()
         self._batcher = None
         self._batcher_lock = threading.Lock()
+        self._static_prompt_tokens = 0  # prompt positions the static path prefilled (soft prompts included)
 
     def __deepcopy__(self, memo: dict[int, Any]) -> BatchedEngine:
         return self  # engines (and their weights) are shared by reference, never copied
@@ -231,6 +233,12 @@ class BatchedEngine(RequestBuilder):
         """What the dynamic batcher has done so far (empty before the first batched call)."""
         return self._batcher.stats.as_dict() if self._batcher is not None else {}
 
+    @property
+    def prompt_tokens_decoded(self) -> int:
+        """Prompt positions prefilled so far (soft prompts included), by either scheduler; prefix-cache hits
+        are not counted (they are `batch_stats["prompt_tokens_reused"]`)."""
+        return self._static_prompt_tokens + int(self.batch_stats.get("prompt_tokens_decoded", 0))
+
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         raise NotImplementedError
 
@@ -244,13 +252,20 @@ class BatchedEngine(RequestBuilder):
                 return self._run([row])[0]
             return self._batcher_now().submit(row).result()
 
-    def _batcher_now(self) -> DynamicBatcher:
-        """The dynamic batcher, started on first use."""
+    def _batcher_now(self) -> DynamicBatcher | ContinuousCore:
+        """The batcher, started on first use: the engine's continuous scheduler (`_continuous_scheduler`, with
+        `scheduler="continuous"`), else the static dynamic batcher."""
         with self._batcher_lock:
             if self._batcher is None:
-                self._batcher = DynamicBatcher(self._run, max_batch_size=self.config.max_batch_size,
-                                               max_wait_ms=self.config.max_wait_ms)
+                continuous = self.config.scheduler is Scheduler.CONTINUOUS and self.config.dynamic_batching
+                scheduler = self._continuous_scheduler() if continuous else None
+                self._batcher = scheduler or DynamicBatcher(self._run, max_batch_size=self.config.max_batch_size,
+                                                            max_wait_ms=self.config.max_wait_ms)
             return self._batcher
+
+    def _continuous_scheduler(self) -> ContinuousCore | None:
+        """This engine's continuous scheduler (`engines/continuous.py`); None: it batches statically."""
+        return None
 
     def sample(self, request: Request, n: int, *, soft_prompt: torch.Tensor | None = None,
                greedy: int = 0) -> list[Sample]:

@@ -66,10 +66,10 @@ class ExtraBuffers(str, Enum):
 
 
 class Scheduler(str, Enum):
-    """How llama.cpp's batches are formed. `continuous` (default): rows join and leave the running batch at
-    every decode step, and prompts already computed are reused from the prefix cache
-    (`engines/llamacpp_scheduler.py`). `static`: a batch is gathered, decoded to its longest sequence, then
-    the next is formed (`engines/batching.py`; the torch engine always batches this way)."""
+    """How the local engines' batches are formed. `continuous` (default): rows join and leave the running batch
+    at every decode step, and prompts already computed are reused from the prefix cache (`engines/continuous.py`;
+    backends `llamacpp_scheduler.py` and `torch_scheduler.py`). `static`: a batch is gathered, decoded to its
+    longest sequence, then the next is formed (`engines/batching.py`). vLLM schedules its own batches."""
 
     CONTINUOUS = "continuous"
     STATIC = "static"
@@ -97,11 +97,12 @@ class EngineConfig(StrictModel):
         extra_buffers: (llama.cpp) `auto`, `on` or `off`: may the weights go into llama.cpp's extra CPU
             buffer types (repacked, AMX)? `auto` is off on CPUs where llama.cpp reports AMX (it crashes
             there) and on elsewhere; see `ExtraBuffers` and `engines/llamacpp_load.py`.
-        scheduler: (llama.cpp) `continuous` or `static` batching (see `Scheduler`); with `continuous`,
+        scheduler: (llama.cpp, torch) `continuous` or `static` batching (see `Scheduler`); with `continuous`,
             `max_batch_size` is the most sequences running at once and `max_wait_ms` how long an idle
             scheduler waits for company after the first request.
-        prefix_cache: (llama.cpp, continuous) prompts whose KV is kept for reuse, least recently used evicted
-            first; each takes one more stream of `n_ctx` cells (0: no cache).
+        prefix_cache: (continuous) prompts whose KV is kept for reuse, least recently used evicted first
+            (0: no cache); on llama.cpp each takes one more stream of `n_ctx` cells, on torch the prompt's own
+            key/values (`batch_stats["prefix_bytes"]`).
     """
 
     model: str | None = None

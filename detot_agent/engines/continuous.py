@@ -121,6 +121,7 @@ class ContinuousCore(QueueWorker):
         self._free = list(range(max_running))
         self._running: list[_Job] = []
         self.stats = SchedulerStats()
+        self.device: Any = "cpu"  # where logits live and seeded samples draw (the model's device)
 
     # ---- what a backend provides ----------------------------------------------------------------------
     def _prefill(self, jobs: list[_Job]) -> None:
@@ -241,7 +242,7 @@ class ContinuousCore(QueueWorker):
         job.pos = [_k(row) + len(row.prompt_ids)] * n
         job.logits = [logits] * n
         job.active = [True] * n
-        job.generators = seeded_generators([row], "cpu")
+        job.generators = seeded_generators([row], self.device)
         job.rank = sample_ranks([row])
         self._running.append(job)
 

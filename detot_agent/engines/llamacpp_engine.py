@@ -80,33 +80,19 @@ class LlamaCppEngine(BatchedEngine):
         self._ctx = LlamaContext(f"{self.source.location}/{self.source.gguf_file}", n_ctx=self.config.n_ctx,
                                  n_seq_max=self.config.max_batch_size + cached, n_threads=self.config.n_threads,
                                  extra_buffers=self.config.extra_buffers)
-        self._continuous = continuous
         self._tokenizer = load_tokenizer(self.source)
         specials = set(self._tokenizer.all_special_ids)
         eos = {i for i in specials if 0 <= i < self._ctx.n_vocab and self._ctx.is_eog(i)}
         if self._tokenizer.eos_token_id is not None:
             eos.add(self._tokenizer.eos_token_id)
         self.eos_ids: set[int] = eos
-        self._static_prompt_tokens = 0  # prompt positions the static path prefilled (soft prompt included)
         self._embedding_table: Any = None
 
-    @property
-    def prompt_tokens_decoded(self) -> int:
-        """Prompt positions prefilled so far (soft prompts included), by either scheduler; prefix-cache hits
-        are not counted (they are `batch_stats["prompt_tokens_reused"]`)."""
-        stats = self.batch_stats if self._continuous else {}
-        return self._static_prompt_tokens + int(stats.get("prompt_tokens_decoded", 0))
-
-    def _batcher_now(self) -> Any:
-        """The static batcher, or (`scheduler="continuous"`) the continuous scheduler, started on first use."""
-        if not self._continuous:
-            return super()._batcher_now()
-        with self._batcher_lock:
-            if self._batcher is None:
-                self._batcher = ContinuousScheduler(  # type: ignore[assignment]
-                    self._ctx, self._tokenizer, self.eos_ids, max_running=self.config.max_batch_size,
-                    prefix_cache=self.config.prefix_cache, max_wait_ms=self.config.max_wait_ms, lock=self._gen_lock)
-            return self._batcher
+    def _continuous_scheduler(self) -> ContinuousScheduler:
+        """llama.cpp's continuous scheduler (`engines/llamacpp_scheduler.py`) over this engine's context."""
+        return ContinuousScheduler(self._ctx, self._tokenizer, self.eos_ids, max_running=self.config.max_batch_size,
+                                   prefix_cache=self.config.prefix_cache, max_wait_ms=self.config.max_wait_ms,
+                                   lock=self._gen_lock)
 
     @property
     def tokenizer(self) -> Any:

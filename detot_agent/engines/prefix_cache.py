@@ -1,8 +1,9 @@
-"""The prefix cache of llama.cpp's continuous scheduler, and the scheduler's counters.
+"""The prefix cache of the continuous schedulers, and the schedulers' counters.
 
-A cached prompt is a reserved llama.cpp sequence stream holding the KV of its input (soft prompt, then tokens)
-and the logits after its last position; `PrefixCache` finds the entry sharing the longest token prefix with a
-new input under the same soft prompt, and hands out streams least recently used first.
+A cached prompt holds the KV of its input (soft prompt, then tokens) and the logits after its last position:
+in a reserved llama.cpp sequence stream (`seq`), or as torch tensors (`kv`). `PrefixCache` finds the entry
+sharing the longest token prefix with a new input under the same soft prompt, and hands out places least
+recently used first.
 
 Example:
     >>> cache = PrefixCache([8, 9])
@@ -18,8 +19,8 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import Any
 
-import numpy as np
 import torch
 
 __all__ = ["PrefixCache", "SchedulerStats", "soft_key"]
@@ -39,6 +40,7 @@ class SchedulerStats:
         self.prompt_tokens_reused = 0
         self.prompt_tokens_decoded = 0
         self.evictions = 0
+        self.prefix_bytes = 0  # torch: bytes of key/values the prefix cache holds (llama.cpp: its streams are fixed)
 
     def as_dict(self) -> dict[str, float]:
         """Counts plus the mean number of sequences per decode step and the prefix hit rate."""
@@ -49,17 +51,24 @@ class SchedulerStats:
                 "prefix_misses": self.prefix_misses,
                 "prefix_hit_rate": (self.prefix_hits + self.prefix_partial_hits) / lookups if lookups else 0.0,
                 "prompt_tokens_reused": self.prompt_tokens_reused,
-                "prompt_tokens_decoded": self.prompt_tokens_decoded, "evictions": self.evictions}
+                "prompt_tokens_decoded": self.prompt_tokens_decoded, "evictions": self.evictions,
+                "prefix_bytes": self.prefix_bytes}
 
 
 @dataclass
 class _Entry:
-    """One cached prompt: the reserved stream holding its KV, its key, and the logits after its last token."""
+    """One cached prompt: its place (llama.cpp: the reserved stream holding its KV), its key, the logits after
+    its last token, and (torch) its key/values per layer, each `(1, heads, k + T, head_dim)`."""
 
     seq: int
     soft: str | None = None
     ids: tuple[int, ...] = ()
-    logits: np.ndarray | None = None
+    logits: Any = None
+    kv: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def nbytes(self) -> int:
+        """Bytes of its torch key/values (0 where the KV lives in a llama.cpp stream)."""
+        return sum(t.numel() * t.element_size() for pair in self.kv or [] for t in pair)
 
 
 class PrefixCache:
@@ -72,12 +81,16 @@ class PrefixCache:
 
     def lookup(self, soft: str | None, ids: tuple[int, ...]) -> tuple[_Entry | None, int]:
         """The entry sharing the longest token prefix with `ids` under the same soft prompt, and that length (an
-        exact match, or a prefix of at least `min_prefix` tokens; otherwise `(None, 0)`)."""
+        exact match, or a prefix of at least `min_prefix` tokens; otherwise `(None, 0)`). Where `ids` is a
+        strict prefix of a cached input, its last token is left out of the shared length: the logits after it
+        were never stored, so it must be computed."""
         best, length = None, 0
         for entry in self.entries.values():
             if entry.soft != soft:
                 continue
             n = _common(entry.ids, ids)
+            if n == len(ids) < len(entry.ids):
+                n -= 1
             if n > length and (n == len(ids) == len(entry.ids) or n >= self.min_prefix):
                 best, length = entry, n
         if best is not None:

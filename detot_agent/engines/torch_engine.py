@@ -26,6 +26,7 @@ from detot_agent.engines.base import AsyncEngine, BatchedEngine
 from detot_agent.engines.config import EngineConfig
 from detot_agent.engines.generation import GenOutput, GenRow, embed_row, generate_rows
 from detot_agent.engines.models import LoadedModel, load_model, pick_device, pick_dtype
+from detot_agent.engines.torch_scheduler import TorchScheduler
 from detot_agent.softprompt.registry import SoftPromptRegistry
 
 __all__ = ["AsyncLocalEngine", "LocalEngine"]
@@ -111,9 +112,18 @@ class LocalEngine(BatchedEngine):
         return int(limit)
 
     # ---- decoding ----------------------------------------------------------------
+    def _continuous_scheduler(self) -> TorchScheduler:
+        """The torch backend of continuous batching with a prefix cache (`engines/torch_scheduler.py`)."""
+        return TorchScheduler(self.model, self.tokenizer, self.eos_ids, max_running=self.config.max_batch_size,
+                              prefix_cache=self.config.prefix_cache, max_wait_ms=self.config.max_wait_ms,
+                              lock=self._gen_lock)
+
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         with self._gen_lock:
-            return generate_rows(self.model, self.tokenizer, rows, eos_ids=self.eos_ids)
+            outputs = generate_rows(self.model, self.tokenizer, rows, eos_ids=self.eos_ids)
+            self._static_prompt_tokens += sum(len(r.prompt_ids) + (0 if r.soft_prompt is None else
+                                                                   int(r.soft_prompt.shape[0])) for r in rows)
+            return outputs
 
     def next_token_logits(self, request: Request, *, soft_prompt: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the first new token for `request` (its soft prompt included), `(vocab,)` float32 on the CPU."""

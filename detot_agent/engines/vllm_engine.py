@@ -161,6 +161,7 @@ class VLLMEngine(BatchedEngine):
         self._llm_lock = threading.Lock()
         self._batcher: DynamicBatcher | None = None
         self._batcher_lock = threading.Lock()
+        self._static_prompt_tokens = 0  # `prompt_tokens_decoded`: vLLM's own prefill is not counted
 
     @property
     def tokenizer(self) -> Any:

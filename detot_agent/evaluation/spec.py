@@ -36,8 +36,8 @@ class ContextSpec(StrictModel):
         engine: `torch` (transformers, CPU or GPU), `llamacpp` (GGUF on the CPU, `LlamaCppEngine`),
             `auto` (see `engines.lm.choose_engine`) or `vllm` (`VLLMEngine`, CUDA GPUs; soft prompts sent as
             `prompt_embeds`).
-        device, dtype, max_batch_size, max_wait_ms: engine settings; scheduler: llama.cpp's (`continuous` or
-            `static`, `EngineConfig.scheduler`).
+        device, dtype, max_batch_size, max_wait_ms: engine settings; scheduler: the local engines' (`continuous`
+            or `static`, `EngineConfig.scheduler`).
         index: exemplar index folder (demo pool), or None.
         soft_prompt: trained soft prompt folder for the DETOT methods, None (a text-initialised prompt), or
             `"none"` (no soft-prompt vectors).

@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -53,6 +54,27 @@ def test_bench_engine_refuses_an_unknown_engine(tiny_model_dir):
     result = runner.invoke(app, ["bench", "engine", "--model", str(tiny_model_dir), "--engine", "torch,llama"])
     assert isinstance(result.exception, ConfigError)  # main() turns it into one line and exit code 2
     assert "--engine takes torch and/or llamacpp" in str(result.exception)
+
+
+@pytest.mark.parametrize("engine", ["llamacpp", "torch"])
+def test_bench_serve_runs_both_schedulers_and_the_cache_saves_prefill(tiny_gguf, gsm8k_train, tmp_path, engine):
+    path = tmp_path / "serve.json"
+    result = runner.invoke(app, ["bench", "serve", "--model", str(tiny_gguf), "--engine", engine, "--data",
+                                 str(gsm8k_train), "--problems", "2", "--concurrency", "2", "--rounds", "2",
+                                 "--demos", "1", "--single", "2", "--max-tokens", "4", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(path.read_text())
+    static, continuous = data["schedulers"]["static"], data["schedulers"]["continuous"]
+    assert data["engine"] == engine and data["speedup_detot_tok_s"] > 0 and data["single_p99_ratio"] > 0
+    assert static["detot"]["rounds"] == continuous["detot"]["rounds"] == 4
+    # every round of a problem after its first reuses the prompt: half of the prefill or less
+    assert continuous["detot"]["prompt_tokens_prefilled"] <= static["detot"]["prompt_tokens_prefilled"] / 2
+    assert continuous["stats"]["prefix_hits"] >= 2
+
+
+def test_bench_serve_refuses_an_unknown_engine(tiny_gguf):
+    result = runner.invoke(app, ["bench", "serve", "--model", str(tiny_gguf), "--engine", "vllm"])
+    assert isinstance(result.exception, ConfigError) and "--engine takes llamacpp or torch" in str(result.exception)
 
 
 def test_bad_model_gives_one_line_error_not_a_traceback(tmp_path):

@@ -1,7 +1,7 @@
-"""`detot bench serve`: llama.cpp's static and continuous schedulers under an eval-shaped load, side by side.
+"""`detot bench serve`: a local engine's static and continuous schedulers under an eval-shaped load, side by side.
 
-Two loads, each run through every scheduler asked for (one engine per scheduler, the same model file, one
-after the other in this process):
+Two loads, each run through every scheduler asked for (one engine per scheduler, llama.cpp or torch
+(`engine`), the same model file, one after the other in this process):
 
 - `detot`: DETOT-shaped. `problems` GSM8K questions, each with `demos` worked GSM8K answers in front (the
   plain prompt DETOT serves with demos), answered `concurrency` at a time; each problem draws its samples in
@@ -103,10 +103,11 @@ def _single_load(engine: Any, questions: list[str], *, max_tokens: int) -> dict[
 def run_serve_bench(*, model: str | None, data: Path, schedulers: tuple[str, ...] | list[str] = SCHEDULERS,
                     problems: int = 8, concurrency: int = 4, rounds: int = 3, round_size: int = 2, demos: int = 3,
                     single: int = 8, max_tokens: int = 96, temperature: float = 0.5, max_batch_size: int = 16,
-                    prefix_cache: int = 8) -> dict[str, Any]:
+                    prefix_cache: int = 8, engine_kind: str = "llamacpp", device: str = "auto") -> dict[str, Any]:
     """Both loads through each scheduler; returns the figures (see the module docstring)."""
     from detot_agent.engines.llamacpp_engine import LlamaCppEngine
     from detot_agent.engines.models import resolve_model_source
+    from detot_agent.engines.torch_engine import LocalEngine
 
     worked, questions = _problems(data, problems + single, demos)
     detot_questions, single_questions = questions[:problems], questions[problems:]
@@ -114,9 +115,13 @@ def run_serve_bench(*, model: str | None, data: Path, schedulers: tuple[str, ...
                            "problems": problems, "concurrency": concurrency, "rounds": rounds,
                            "round_size": round_size, "demos": demos, "max_tokens": max_tokens,
                            "temperature": temperature, "max_batch_size": max_batch_size,
-                           "prefix_cache": prefix_cache, "schedulers": {}}
+                           "prefix_cache": prefix_cache, "engine": engine_kind, "schedulers": {}}
     for name in schedulers:
-        engine = LlamaCppEngine(model, scheduler=name, max_batch_size=max_batch_size, prefix_cache=prefix_cache)
+        engine = (LlamaCppEngine(model, scheduler=name, max_batch_size=max_batch_size, prefix_cache=prefix_cache)
+                  if engine_kind == "llamacpp" else
+                  LocalEngine(model, scheduler=name, max_batch_size=max_batch_size, prefix_cache=prefix_cache,
+                              device=device))
+        out["device"] = engine.device
         try:
             out["prompt_tokens"] = len(engine.render(_request(detot_questions[0], worked, max_tokens=1,
                                                               temperature=0.0, seed=None)))

@@ -1,5 +1,6 @@
-"""Continuous batching and the prefix cache (`engines/llamacpp_scheduler.py`) on a tiny float32 GGUF: every row
-gives what it gives alone, token for token, however it was scheduled and whatever it reused."""
+"""Continuous batching and the prefix cache (`engines/continuous.py` with its llama.cpp and torch backends) on a
+tiny float32 GGUF that both engines load: every row gives what the static scheduler gives it, token for token,
+however it was scheduled and whatever it reused."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from dspy.lm15 import Config, Message, Request
 
-from detot_agent import LlamaCppEngine
+from detot_agent import LlamaCppEngine, LocalEngine
 from detot_agent.errors import EngineClosedError
 
 SYSTEM = ("You are a careful assistant. Read the worked examples, then solve the new problem step by step, "
@@ -27,17 +28,28 @@ def _soft(k: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.randn(k, 64, generator=torch.Generator().manual_seed(seed)) * 0.05
 
 
+@pytest.fixture(scope="module", params=["llamacpp", "torch"])
+def backend(request) -> str:
+    return request.param
+
+
+def _engine(backend: str, tiny_gguf, **kw):
+    if backend == "llamacpp":
+        return LlamaCppEngine(str(tiny_gguf), **kw)
+    return LocalEngine(str(tiny_gguf), device="cpu", dtype="float32", **kw)
+
+
 @pytest.fixture(scope="module")
-def static(tiny_gguf):
-    engine = LlamaCppEngine(str(tiny_gguf), max_batch_size=8, max_wait_ms=20, scheduler="static")
+def static(backend, tiny_gguf):
+    engine = _engine(backend, tiny_gguf, max_batch_size=8, max_wait_ms=20, scheduler="static")
     yield engine
     engine.close()
 
 
-def _continuous(tiny_gguf, **kw) -> LlamaCppEngine:
+def _continuous(backend, tiny_gguf, **kw):
     kw.setdefault("max_batch_size", 8)
     kw.setdefault("max_wait_ms", 20)
-    return LlamaCppEngine(str(tiny_gguf), **kw)
+    return _engine(backend, tiny_gguf, **kw)
 
 
 def _texts(samples) -> list[str]:
@@ -50,9 +62,9 @@ CASES = [("alpha beta", None, None, 1, {}),
          ("answer: five", SYSTEM, _soft(6, 1), 2, {"temperature": 0.8, "seed": 9})]
 
 
-def test_every_row_gives_what_it_gives_alone_with_hits_and_mixed_soft_prompts(static, tiny_gguf):
+def test_every_row_gives_what_it_gives_alone_with_hits_and_mixed_soft_prompts(backend, static, tiny_gguf):
     alone = [static.sample(_req(t, s, **kw), n, soft_prompt=sp, greedy=1) for t, s, sp, n, kw in CASES]
-    engine = _continuous(tiny_gguf)
+    engine = _continuous(backend, tiny_gguf)
     try:
         for _ in range(2):  # the second pass hits the prefix cache for every row
             got = [engine.sample(_req(t, s, **kw), n, soft_prompt=sp, greedy=1) for t, s, sp, n, kw in CASES]
@@ -79,10 +91,10 @@ def test_every_row_gives_what_it_gives_alone_with_hits_and_mixed_soft_prompts(st
         engine.close()
 
 
-def test_a_row_joining_mid_decode_gives_what_it_gives_alone(static, tiny_gguf):
+def test_a_row_joining_mid_decode_gives_what_it_gives_alone(backend, static, tiny_gguf):
     long_req, short_req = _req("alpha beta", max_tokens=64), _req("Tom has apples", SYSTEM, max_tokens=10)
     expected_long, expected_short = static.complete(long_req).text, static.complete(short_req).text
-    engine = _continuous(tiny_gguf, max_wait_ms=0)
+    engine = _continuous(backend, tiny_gguf, max_wait_ms=0)
     try:
         out: dict[str, str] = {}
         first = threading.Thread(target=lambda: out.setdefault("long", engine.complete(long_req).text))
@@ -99,11 +111,11 @@ def test_a_row_joining_mid_decode_gives_what_it_gives_alone(static, tiny_gguf):
         engine.close()
 
 
-def test_a_row_larger_than_the_free_slots_starts_what_fits_and_its_samples_do_not_change(static, tiny_gguf):
+def test_a_row_larger_than_the_free_slots_starts_what_fits_and_its_samples_do_not_change(backend, static, tiny_gguf):
     busy, wide = _req("alpha beta", max_tokens=48), _req("Tom has 3 apples", temperature=0.9, seed=4, max_tokens=10)
     expected_busy = static.complete(busy).text
     expected_wide = _texts(static.sample(wide, 7, greedy=1))
-    engine = _continuous(tiny_gguf, max_batch_size=4, max_wait_ms=0)
+    engine = _continuous(backend, tiny_gguf, max_batch_size=4, max_wait_ms=0)
     try:
         out: dict[str, object] = {}
         first = threading.Thread(target=lambda: out.setdefault("busy", engine.complete(busy).text))
@@ -118,22 +130,40 @@ def test_a_row_larger_than_the_free_slots_starts_what_fits_and_its_samples_do_no
         engine.close()
 
 
-def test_a_shared_prefix_is_reused_and_only_the_rest_is_prefilled(static, tiny_gguf):
+def test_a_shared_prefix_is_reused_and_only_the_rest_is_prefilled(backend, static, tiny_gguf):
     a, b = _req("what is two plus three", SYSTEM), _req("Tom has 3 apples and buys 4", SYSTEM)
-    engine = _continuous(tiny_gguf)
+    engine = _continuous(backend, tiny_gguf)
     try:
         engine.complete(a)
-        before = engine.prompt_tokens_decoded
+        before = engine.batch_stats["prompt_tokens_decoded"]
         assert engine.complete(b).text == static.complete(b).text
         stats = engine.batch_stats
         assert stats["prefix_partial_hits"] == 1 and stats["prompt_tokens_reused"] >= 16
-        assert engine.prompt_tokens_decoded - before == len(engine.render(b)) - stats["prompt_tokens_reused"]
+        assert stats["prompt_tokens_decoded"] - before == len(engine.render(b)) - stats["prompt_tokens_reused"]
     finally:
         engine.close()
 
 
-def test_a_new_soft_prompt_misses_and_eviction_keeps_the_cache_in_its_budget(static, tiny_gguf):
-    engine = _continuous(tiny_gguf, prefix_cache=2)
+def test_a_prompt_that_is_a_strict_prefix_of_a_cached_one_gives_what_it_gives_alone(backend, static, tiny_gguf):
+    """The cache holds no logits after a cached prompt's inner positions: the shorter prompt's last token is
+    computed again (reusing it all would hand it the longer prompt's next-token logits)."""
+    from detot_agent.engines.generation import GenRow
+
+    ids = static.render(_req("Tom has 3 apples and buys 4 more apples at the shop", SYSTEM))
+    short = GenRow(prompt_ids=ids[:-3], max_new_tokens=10)
+    engine = _continuous(backend, tiny_gguf)
+    try:
+        engine._batcher_now().submit(GenRow(prompt_ids=ids, max_new_tokens=10)).result()
+        got = engine._batcher_now().submit(short).result()
+        assert [o.token_ids for o in got] == [o.token_ids for o in static.generate_batch([short])[0]]
+        stats = engine.batch_stats
+        assert stats["prefix_partial_hits"] == 1 and stats["prompt_tokens_reused"] == len(ids) - 4
+    finally:
+        engine.close()
+
+
+def test_a_new_soft_prompt_misses_and_eviction_keeps_the_cache_in_its_budget(backend, static, tiny_gguf):
+    engine = _continuous(backend, tiny_gguf, prefix_cache=2)
     try:
         req = _req("Tom has 3 apples", temperature=0.8, seed=1)
         engine.sample(req, 2, soft_prompt=_soft(4, 0))
@@ -143,27 +173,31 @@ def test_a_new_soft_prompt_misses_and_eviction_keeps_the_cache_in_its_budget(sta
         for i in range(4):
             engine.complete(_req(f"question number {i}"))
         stats = engine.batch_stats
-        assert stats["evictions"] == 4 and len(engine._batcher.cache.entries) == 2
+        entries = engine._batcher.cache.entries
+        assert stats["evictions"] == 4 and len(entries) == 2
+        if backend == "torch":  # the key/values it holds are those of its two entries, nothing more
+            assert 0 < stats["prefix_bytes"] == sum(e.nbytes() for e in entries.values())
         engine.complete(_req("question number 3"))  # the most recent ones stay
         assert engine.batch_stats["prefix_hits"] == 1
     finally:
         engine.close()
 
 
-def test_no_cache_means_no_reuse(tiny_gguf):
-    engine = _continuous(tiny_gguf, prefix_cache=0)
+def test_no_cache_means_no_reuse(backend, tiny_gguf):
+    engine = _continuous(backend, tiny_gguf, prefix_cache=0)
     try:
         req = _req("Tom has 3 apples")
         prompt = len(engine.render(req))
         engine.complete(req)
         engine.complete(req)
-        assert engine.prompt_tokens_decoded == 2 * prompt and engine.batch_stats["prefix_hits"] == 0
+        stats = engine.batch_stats
+        assert stats["prompt_tokens_decoded"] == 2 * prompt and stats["prefix_hits"] == 0
     finally:
         engine.close()
 
 
-def test_a_cancelled_request_leaves_the_others_alone(static, tiny_gguf):
-    engine = _continuous(tiny_gguf, max_wait_ms=50)
+def test_a_cancelled_request_leaves_the_others_alone(backend, static, tiny_gguf):
+    engine = _continuous(backend, tiny_gguf, max_wait_ms=50)
     keep = _req("what is two plus three", max_tokens=40)
     expected = static.complete(keep).text
 
@@ -181,7 +215,7 @@ def test_a_cancelled_request_leaves_the_others_alone(static, tiny_gguf):
         engine.close()
 
 
-def test_a_failing_row_fails_alone(static, tiny_gguf, monkeypatch):
+def test_a_failing_row_fails_alone(backend, static, tiny_gguf, monkeypatch):
     from detot_agent.engines import continuous
 
     real = continuous.stop_in_tail
@@ -192,7 +226,7 @@ def test_a_failing_row_fails_alone(static, tiny_gguf, monkeypatch):
         return real(tokenizer, tokens, stop)
 
     monkeypatch.setattr(continuous, "stop_in_tail", picky)
-    engine = _continuous(tiny_gguf, max_wait_ms=50)
+    engine = _continuous(backend, tiny_gguf, max_wait_ms=50)
     good = _req("what is two plus three", max_tokens=20)
     out: dict[str, object] = {}
 
@@ -214,8 +248,8 @@ def test_a_failing_row_fails_alone(static, tiny_gguf, monkeypatch):
         engine.close()
 
 
-def test_closing_with_requests_in_flight_fails_them_with_engine_closed(tiny_gguf):
-    engine = _continuous(tiny_gguf, max_batch_size=1)
+def test_closing_with_requests_in_flight_fails_them_with_engine_closed(backend, tiny_gguf):
+    engine = _continuous(backend, tiny_gguf, max_batch_size=1)
     out: list[object] = []
 
     def run() -> None:
@@ -242,7 +276,7 @@ def test_a_row_too_long_for_a_sequence_is_refused_before_it_joins_a_batch(tiny_g
     from detot_agent.engines.generation import GenRow
     from detot_agent.errors import ContextLengthError
 
-    engine = _continuous(tiny_gguf, scheduler=scheduler)
+    engine = _engine("llamacpp", tiny_gguf, max_batch_size=8, max_wait_ms=20, scheduler=scheduler)
     try:
         cells = engine._ctx.n_ctx
         row = GenRow(prompt_ids=engine.render(_req("alpha beta")), max_new_tokens=cells)
@@ -261,8 +295,8 @@ def _admitting(max_running: int, waiting: list[tuple[str, int, bool]], running_b
     """The admission rule alone: a scheduler's `_admit` over rows named, sized and flagged as given."""
     from concurrent.futures import Future
 
-    from detot_agent.engines.generation import GenRow
     from detot_agent.engines.continuous import ContinuousCore, _Job, _Request
+    from detot_agent.engines.generation import GenRow
 
     s = ContinuousCore.__new__(ContinuousCore)
     s.max_running = max_running
@@ -315,12 +349,12 @@ def test_the_rule_check_catches_a_scheduler_that_admits_by_arrival_only():
         ContinuousCore._admit = rule
 
 
-def test_background_work_gives_what_it_gives_alone(static, tiny_gguf):
+def test_background_work_gives_what_it_gives_alone(backend, static, tiny_gguf):
     from detot_agent.engines.generation import background_work
 
     fg, bg = _req("alpha beta", max_tokens=20), _req("Tom has 3 apples", temperature=0.9, seed=3, max_tokens=10)
     expected = (static.complete(fg).text, _texts(static.sample(bg, 4)))
-    engine = _continuous(tiny_gguf, max_batch_size=4, max_wait_ms=20)
+    engine = _continuous(backend, tiny_gguf, max_batch_size=4, max_wait_ms=20)
     try:
         out: dict[str, object] = {}
 
@@ -335,3 +369,46 @@ def test_background_work_gives_what_it_gives_alone(static, tiny_gguf):
         assert (out["fg"], out["bg"]) == expected
     finally:
         engine.close()
+
+
+def test_torch_drops_the_pad_columns_no_running_row_uses(tiny_gguf, monkeypatch):
+    """After a long prompt's row leaves, the running cache shrinks to the longest row still decoding: every decode
+    step's width is exactly the longest live row (the check fails on a scheduler that keeps the columns)."""
+    from detot_agent.engines import torch_scheduler
+
+    real_decode, real_compact = torch_scheduler.TorchScheduler._decode, torch_scheduler.TorchScheduler._compact
+
+    def widths(trim: bool) -> list[tuple[int, int]]:
+        seen: list[tuple[int, int]] = []
+
+        def decode(self, entries):
+            out = real_decode(self, entries)
+            seen.append((int(self._mask.shape[1]), max(pos for _, pos, _ in entries) + 1))
+            return out
+
+        def compact(self):
+            if trim:
+                return real_compact(self)
+            keep = [i for i, s in enumerate(self._slots) if s is not None]
+            if len(keep) != len(self._slots):  # rows dropped, columns kept
+                for layer in self._running_cache.layers:
+                    layer.keys, layer.values = layer.keys[keep], layer.values[keep]
+                self._mask, self._slots = self._mask[keep], [self._slots[i] for i in keep]
+
+        monkeypatch.setattr(torch_scheduler.TorchScheduler, "_decode", decode)
+        monkeypatch.setattr(torch_scheduler.TorchScheduler, "_compact", compact)
+        engine = _engine("torch", tiny_gguf, max_batch_size=4, max_wait_ms=50)
+        try:
+            out: dict[str, str] = {}
+            long_prompt = threading.Thread(target=lambda: out.setdefault(
+                "a", engine.complete(_req("Tom has 3 apples and buys 4 more", SYSTEM, max_tokens=3)).text))
+            long_prompt.start()
+            out["b"] = engine.complete(_req("alpha", max_tokens=30)).text
+            long_prompt.join()
+        finally:
+            engine.close()
+        return seen
+
+    kept = widths(trim=False)
+    assert any(width > longest for width, longest in kept)  # the violation shows
+    assert all(width == longest for width, longest in widths(trim=True))
