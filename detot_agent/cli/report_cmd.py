@@ -113,13 +113,15 @@ def _against(run_dir: Path, other: Path, methods: str | None) -> list[dict[str, 
 
     names = [m.strip() for m in methods.split(",") if m.strip()] if methods else None
     rows = compare_runs(run_dir, other, names)
-    _say("\n| method | run | accuracy | p (run vs other) | same answer | tokens/q | s/q | minutes |")
-    _say("|---|---|---:|---:|---:|---:|---:|---:|")
+    _say("\n| method | run | accuracy | p (run vs other) | same answer | identical records | tokens/q | s/q | "
+         "minutes |")
+    _say("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         for label, folder in (("run", run_dir), ("other", other)):
             r = row[label]
             _say(f"| {row['method']} | {folder.name} | {r['accuracy']:.3f} | {row['p_value']:.2f} ({row['only_run']} "
-                 f"vs {row['only_other']}) | {row['same_answer']}/{row['problems']} | {r['tokens_per_q']:.0f} | "
+                 f"vs {row['only_other']}) | {row['same_answer']}/{row['problems']} | {row['identical']} | "
+                 f"{r['tokens_per_q']:.0f} | "
                  f"{r['seconds_per_q']:.1f} | {r['minutes']:.1f} |")
     return rows
 

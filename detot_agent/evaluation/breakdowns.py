@@ -23,9 +23,13 @@ from detot_agent.evaluation.metrics import paired
 from detot_agent.evaluation.paired import need_methods, run_outcomes, run_records
 from detot_agent.evaluation.runner import read_run
 
-__all__ = ["BUCKETS", "by_steps", "compare_runs", "gold_steps", "run_records", "stream_halves", "vote_anatomy"]
+__all__ = ["BUCKETS", "TRACE_FIELDS", "by_steps", "compare_records", "compare_runs", "gold_steps", "run_records",
+           "stream_halves", "vote_anatomy"]
 
 BUCKETS = ((1, 2), (3, 4), (5, 99))  # gold solution steps
+# what a record keeps of an answer's path: two records equal on all of them are the same decode (records hold no
+# text, and equal answers with equal token counts are the trace a different greedy path would change)
+TRACE_FIELDS = ("answer", "pred", "tokens", "samples", "parse_failures", "correct")
 
 
 def stream_halves(run_dir: str | Path, a: str, b: str) -> dict[str, Any]:
@@ -68,23 +72,49 @@ def compare_runs(run_dir: str | Path, other_dir: str | Path, methods: list[str] 
     need_methods(theirs, *names)
     rows = []
     for method in names:
-        a = {r["id"]: r for r in mine[method]}
-        b = {r["id"]: r for r in theirs[method]}
-        common = [i for i in a if i in b]
-        if not common:
-            raise ConfigError(f"{method!r} answered no problem in both runs")
-        t = paired({i: bool(a[i]["correct"]) for i in common}, {i: bool(b[i]["correct"]) for i in common})
-        row: dict[str, Any] = {"method": method, "problems": len(common), "only_run": t.b, "only_other": t.c,
-                               "p_value": t.p_value, "same_answer": sum(a[i]["pred"] == b[i]["pred"] for i in common)}
-        for label, recs in (("run", a), ("other", b)):
-            part = [recs[i] for i in common]
-            ends = sorted(float(r.get("finished_at") or 0.0) for r in part)
-            row[label] = {"accuracy": sum(bool(r["correct"]) for r in part) / len(part),
-                          "tokens_per_q": sum(r.get("tokens") or 0 for r in part) / len(part),
-                          "seconds_per_q": sum(r.get("latency_s") or 0.0 for r in part) / len(part),
-                          "minutes": (ends[-1] - ends[0]) / 60 if len(ends) > 1 else 0.0}
-        rows.append(row)
+        try:
+            rows.append({"method": method, **compare_records(mine[method], theirs[method])})
+        except ConfigError:
+            raise ConfigError(f"{method!r} answered no problem in both runs") from None
     return rows
+
+
+def compare_records(run: list[dict[str, Any]], other: list[dict[str, Any]]) -> dict[str, Any]:
+    """Two sets of records of one method (the first record of an id counts) on the problems both answered, in
+    `run`'s order: McNemar between them, answers that agree, records identical on every `TRACE_FIELDS` field (the
+    ids that differ listed), and each side's accuracy, tokens and seconds per question and wall-clock minutes.
+
+    Example:
+        >>> a = [{"id": "q1", "pred": "3", "correct": True}, {"id": "q2", "pred": "4", "correct": False}]
+        >>> b = [{"id": "q1", "pred": "3", "correct": True}, {"id": "q2", "pred": "5", "correct": True}]
+        >>> row = compare_records(a, b)
+        >>> row["problems"], row["identical"], row["differing_ids"], row["other"]["accuracy"]
+        (2, 1, ['q2'], 1.0)
+
+    Raises:
+        ConfigError: no problem is in both.
+    """
+    a: dict[str, dict[str, Any]] = {}
+    b: dict[str, dict[str, Any]] = {}
+    for recs, into in ((run, a), (other, b)):
+        for r in recs:
+            into.setdefault(r["id"], r)
+    common = [i for i in a if i in b]
+    if not common:
+        raise ConfigError("the two sets of records share no problem")
+    t = paired({i: bool(a[i]["correct"]) for i in common}, {i: bool(b[i]["correct"]) for i in common})
+    same = {i for i in common if all(a[i].get(f) == b[i].get(f) for f in TRACE_FIELDS)}
+    row: dict[str, Any] = {"problems": len(common), "only_run": t.b, "only_other": t.c, "p_value": t.p_value,
+                           "same_answer": sum(a[i].get("pred") == b[i].get("pred") for i in common),
+                           "identical": len(same), "differing_ids": [i for i in common if i not in same]}
+    for label, by_id in (("run", a), ("other", b)):
+        part = [by_id[i] for i in common]
+        ends = sorted(float(r.get("finished_at") or 0.0) for r in part)
+        row[label] = {"accuracy": sum(bool(r["correct"]) for r in part) / len(part),
+                      "tokens_per_q": sum(r.get("tokens") or 0 for r in part) / len(part),
+                      "seconds_per_q": sum(r.get("latency_s") or 0.0 for r in part) / len(part),
+                      "minutes": (ends[-1] - ends[0]) / 60 if len(ends) > 1 else 0.0}
+    return row
 
 
 def gold_steps(data_file: str | Path) -> dict[str, int]:

@@ -56,6 +56,7 @@ def test_compare_runs_pairs_each_method_across_two_folders(tmp_path):
     (row,) = compare_runs(a, b)  # the shared method only, on the problems both answered (q1, q2)
     assert (row["method"], row["problems"], row["only_run"], row["only_other"]) == ("cot", 2, 1, 0)
     assert row["same_answer"] == 1 and row["run"]["accuracy"] == 1.0 and row["other"]["accuracy"] == 0.5
+    assert row["identical"] == 1 and row["differing_ids"] == ["q2"]  # q1 the same decode, q2 not
     assert row["other"]["tokens_per_q"] == 25 and row["run"]["minutes"] == 0.5
     with pytest.raises(ConfigError, match="no method 'only_here'"):
         compare_runs(a, b, ["only_here"])
