@@ -108,6 +108,9 @@ def eval_run(
     scheduler: Annotated[str, typer.Option(help="The local engine's batching: continuous (rows join between decode "
                                                 "steps; prompts reused from the prefix cache) or static.")] =
         "continuous",
+    prefix_match: Annotated[str, typer.Option(help="prefix (reuse the longest cached prefix) or exact (only an "
+                                                   "identical prompt: greedy replies stay the static scheduler's "
+                                                   "on quantized llama.cpp models).")] = "prefix",
     engine: Annotated[str, typer.Option(help="auto (llama.cpp for a .gguf file on the CPU when installed, else "
                                              "torch), torch (transformers; `local` is the old name), llamacpp, or "
                                              "vllm (CUDA GPUs, the `vllm` extra).")] = "auto",
@@ -207,6 +210,7 @@ def eval_run(
         engine = choose_engine(engine, build(EngineConfig, {"model": local_model, "device": device, "dtype": dtype}))
     spec = ContextSpec(model=local_model, engine=engine, device=device, dtype=dtype,  # type: ignore[arg-type]
                        max_batch_size=max_batch_size, scheduler=scheduler,  # type: ignore[arg-type]
+                       prefix_match=prefix_match,  # type: ignore[arg-type]
                        index=None if index is None else str(index.resolve()),
                        soft_prompt=None if soft_prompt is None else "none" if no_soft else str(soft_prompt.resolve()),
                        answer_format=loaded.answer_format, labels=loaded.labels, k=k, n=n, temperature=temperature,
@@ -221,7 +225,9 @@ def eval_run(
            "temperature": temperature, "max_tokens": max_tokens,
            "soft_prompt": None if soft_prompt is None else str(soft_prompt),
            "index": None if index is None else str(index), "answer_format": loaded.answer_format.value,
-           "engine": engine, "scheduler": scheduler, "feedback": feedback, "reopt_seconds": reopt_seconds,
+           "engine": engine, "scheduler": scheduler,
+           **({"prefix_match": prefix_match} if prefix_match != "prefix" else {}), "feedback": feedback,
+           "reopt_seconds": reopt_seconds,
            "strategy": strategy,
            **({"weighting": weighting} if weighting else {}),
            "reopt_cooldown": reopt_cooldown, "loop_policies": [p.describe() for p in policies],

@@ -18,7 +18,7 @@ from pydantic import Field
 
 from detot_agent.config import StrictModel
 
-__all__ = ["DType", "Device", "EngineConfig", "ExtraBuffers", "Overflow", "Scheduler"]
+__all__ = ["DType", "Device", "EngineConfig", "ExtraBuffers", "Overflow", "PrefixMatch", "Scheduler"]
 
 
 class Device(str, Enum):
@@ -75,6 +75,17 @@ class Scheduler(str, Enum):
     STATIC = "static"
 
 
+class PrefixMatch(str, Enum):
+    """Which cached prompts a new one may reuse. `prefix` (default): the cached prompt sharing the longest prefix
+    of at least 16 tokens (only the rest is computed). `exact`: only an identical input (soft prompt and tokens),
+    so a prompt is always computed in one piece: on quantized llama.cpp models, where prefilling a prompt in two
+    pieces moves the logits (`evals/scripts/prefill_chunks.py`), this keeps greedy replies those of the static
+    scheduler, at the cost of recomputing shared prefixes (DETOT's later rounds still hit)."""
+
+    PREFIX = "prefix"
+    EXACT = "exact"
+
+
 class EngineConfig(StrictModel):
     """Settings of `LocalEngine`.
 
@@ -103,6 +114,7 @@ class EngineConfig(StrictModel):
         prefix_cache: (continuous) prompts whose KV is kept for reuse, least recently used evicted first
             (0: no cache); on llama.cpp each takes one more stream of `n_ctx` cells, on torch the prompt's own
             key/values (`batch_stats["prefix_bytes"]`).
+        prefix_match: (continuous) `prefix` or `exact`: which cached prompts a new one may reuse (`PrefixMatch`).
     """
 
     model: str | None = None
@@ -119,3 +131,4 @@ class EngineConfig(StrictModel):
     extra_buffers: ExtraBuffers = ExtraBuffers.AUTO
     scheduler: Scheduler = Scheduler.CONTINUOUS
     prefix_cache: int = Field(default=8, ge=0, le=64)
+    prefix_match: PrefixMatch = PrefixMatch.PREFIX

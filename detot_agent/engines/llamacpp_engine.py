@@ -32,7 +32,7 @@ import torch
 from dspy.lm15 import Request
 
 from detot_agent.engines.base import BatchedEngine
-from detot_agent.engines.config import EngineConfig, Scheduler
+from detot_agent.engines.config import EngineConfig, PrefixMatch, Scheduler
 from detot_agent.engines.generation import (
     GenOutput,
     GenRow,
@@ -92,7 +92,7 @@ class LlamaCppEngine(BatchedEngine):
         """llama.cpp's continuous scheduler (`engines/llamacpp_scheduler.py`) over this engine's context."""
         return ContinuousScheduler(self._ctx, self._tokenizer, self.eos_ids, max_running=self.config.max_batch_size,
                                    prefix_cache=self.config.prefix_cache, max_wait_ms=self.config.max_wait_ms,
-                                   lock=self._gen_lock)
+                                   lock=self._gen_lock, exact=self.config.prefix_match is PrefixMatch.EXACT)
 
     @property
     def tokenizer(self) -> Any:

@@ -45,15 +45,16 @@ class ContinuousScheduler(ContinuousCore):
         tokenizer / eos_ids: for stop strings and the finished text.
         max_running: most sequences decoded together.
         prefix_cache: prompts kept (0: no cache).
+        exact: only identical inputs hit the cache (`EngineConfig.prefix_match = "exact"`).
         max_wait_ms: how long an idle scheduler waits for company after the first arrival.
         lock: the engine's generation lock (held while the context is used).
     """
 
     def __init__(self, ctx: LlamaContext, tokenizer: Any, eos_ids: set[int], *, max_running: int,
-                 prefix_cache: int, max_wait_ms: float, lock: threading.Lock) -> None:
+                 prefix_cache: int, max_wait_ms: float, lock: threading.Lock, exact: bool = False) -> None:
         super().__init__(tokenizer, eos_ids, max_running=max_running, max_wait_ms=max_wait_ms, lock=lock)
         self.ctx = ctx
-        self.cache = PrefixCache(list(range(max_running, max_running + prefix_cache)))
+        self.cache = PrefixCache(list(range(max_running, max_running + prefix_cache)), exact=exact)
         self._epoch = -1  # the context's clear count when this scheduler last owned it
 
     def _check(self, row: GenRow) -> None:

@@ -74,16 +74,17 @@ class _Entry:
 class PrefixCache:
     """Prompts whose KV is kept in `len(seqs)` reserved streams, least recently used evicted first."""
 
-    def __init__(self, seqs: list[int], min_prefix: int = 16) -> None:
+    def __init__(self, seqs: list[int], min_prefix: int = 16, *, exact: bool = False) -> None:
         self.free = list(seqs)
         self.entries: OrderedDict[int, _Entry] = OrderedDict()  # seq -> entry, oldest first
         self.min_prefix = min_prefix
+        self.exact = exact  # only identical inputs hit (`EngineConfig.prefix_match = "exact"`)
 
     def lookup(self, soft: str | None, ids: tuple[int, ...]) -> tuple[_Entry | None, int]:
         """The entry sharing the longest token prefix with `ids` under the same soft prompt, and that length (an
-        exact match, or a prefix of at least `min_prefix` tokens; otherwise `(None, 0)`). Where `ids` is a
-        strict prefix of a cached input, its last token is left out of the shared length: the logits after it
-        were never stored, so it must be computed."""
+        exact match, or (unless `exact`) a prefix of at least `min_prefix` tokens; otherwise `(None, 0)`). Where
+        `ids` is a strict prefix of a cached input, its last token is left out of the shared length: the logits
+        after it were never stored, so it must be computed."""
         best, length = None, 0
         for entry in self.entries.values():
             if entry.soft != soft:
@@ -91,7 +92,7 @@ class PrefixCache:
             n = _common(entry.ids, ids)
             if n == len(ids) < len(entry.ids):
                 n -= 1
-            if n > length and (n == len(ids) == len(entry.ids) or n >= self.min_prefix):
+            if n > length and (n == len(ids) == len(entry.ids) or (n >= self.min_prefix and not self.exact)):
                 best, length = entry, n
         if best is not None:
             self.entries.move_to_end(best.seq)

@@ -23,7 +23,7 @@ import torch
 from dspy.lm15 import Request
 
 from detot_agent.engines.base import AsyncEngine, BatchedEngine
-from detot_agent.engines.config import EngineConfig
+from detot_agent.engines.config import EngineConfig, PrefixMatch
 from detot_agent.engines.generation import GenOutput, GenRow, embed_row, generate_rows
 from detot_agent.engines.models import LoadedModel, load_model, pick_device, pick_dtype
 from detot_agent.engines.torch_scheduler import TorchScheduler
@@ -116,7 +116,7 @@ class LocalEngine(BatchedEngine):
         """The torch backend of continuous batching with a prefix cache (`engines/torch_scheduler.py`)."""
         return TorchScheduler(self.model, self.tokenizer, self.eos_ids, max_running=self.config.max_batch_size,
                               prefix_cache=self.config.prefix_cache, max_wait_ms=self.config.max_wait_ms,
-                              lock=self._gen_lock)
+                              lock=self._gen_lock, exact=self.config.prefix_match is PrefixMatch.EXACT)
 
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         with self._gen_lock:

@@ -50,17 +50,18 @@ class TorchScheduler(ContinuousCore):
         tokenizer / eos_ids: for stop strings and the finished text.
         max_running: most sequences decoded together.
         prefix_cache: prompts kept (0: no cache).
+        exact: only identical inputs hit the cache (`EngineConfig.prefix_match = "exact"`).
         max_wait_ms: how long an idle scheduler waits for company after the first arrival.
         lock: the engine's generation lock (held while the model is used).
     """
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: set[int], *, max_running: int, prefix_cache: int,
-                 max_wait_ms: float, lock: threading.Lock) -> None:
+                 max_wait_ms: float, lock: threading.Lock, exact: bool = False) -> None:
         super().__init__(tokenizer, eos_ids, max_running=max_running, max_wait_ms=max_wait_ms, lock=lock)
         self.model = model
         self.device = model.device
         self._cache_kw = cache_argument(model)
-        self.cache = PrefixCache(list(range(prefix_cache)))
+        self.cache = PrefixCache(list(range(prefix_cache)), exact=exact)
         self._slots: list[int | None] = []  # cache row -> slot (None: left, dropped at the next forward)
         self._running_cache: Any = None  # the running rows' DynamicCache (kept across steps: no copy per step)
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, L): 1 on real positions

@@ -37,7 +37,8 @@ class ContextSpec(StrictModel):
             `auto` (see `engines.lm.choose_engine`) or `vllm` (`VLLMEngine`, CUDA GPUs; soft prompts sent as
             `prompt_embeds`).
         device, dtype, max_batch_size, max_wait_ms: engine settings; scheduler: the local engines' (`continuous`
-            or `static`, `EngineConfig.scheduler`).
+            or `static`, `EngineConfig.scheduler`); prefix_match: which cached prompts the continuous scheduler
+            reuses (`EngineConfig.prefix_match`).
         index: exemplar index folder (demo pool), or None.
         soft_prompt: trained soft prompt folder for the DETOT methods, None (a text-initialised prompt), or
             `"none"` (no soft-prompt vectors).
@@ -64,6 +65,7 @@ class ContextSpec(StrictModel):
     max_batch_size: int = Field(default=16, ge=1)
     max_wait_ms: float = Field(default=50.0, ge=0)
     scheduler: Literal["continuous", "static"] = "continuous"
+    prefix_match: Literal["prefix", "exact"] = "prefix"
     index: str | None = None
     soft_prompt: str | None = None
     answer_format: AnswerFormat = AnswerFormat.NUMBER
@@ -111,7 +113,7 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
     else:
         lm = local_lm(spec.model, engine=spec.engine, device=spec.device, dtype=spec.dtype, cache=False,
                       max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms, scheduler=spec.scheduler,
-                      **lm_kwargs)
+                      prefix_match=spec.prefix_match, **lm_kwargs)
     vectors = task_embedding = None
     if spec.soft_prompt is not None and spec.soft_prompt != "none":
         from detot_agent.embedding.task_embedding import TaskEmbedding

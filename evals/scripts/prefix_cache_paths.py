@@ -1,6 +1,7 @@
 """Does llama.cpp's prefix cache change greedy replies? One request at a time (no batch-mates), the same 8 MultiArith
-questions decoded greedily by the static scheduler, the continuous one without the prefix cache and with it, with
-llama.cpp's extra buffer types (weight repacking) on and off.
+questions decoded greedily by the static scheduler, the continuous one without the prefix cache, with it, and with it
+matching exact prompts only (`prefix_match="exact"`), with llama.cpp's extra buffer types (weight repacking) on and
+off. Why partial hits change replies: `evals/scripts/prefill_chunks.py`.
 
     python evals/scripts/prefix_cache_paths.py --model "$(../shared/tools/bench-model.sh)" [--buffers auto,off]
 
@@ -43,13 +44,17 @@ def main() -> None:
         static = replies(args.model, questions, scheduler="static", extra_buffers=buffers)
         plain = replies(args.model, questions, scheduler="continuous", prefix_cache=0, extra_buffers=buffers)
         cached = replies(args.model, questions, scheduler="continuous", prefix_cache=8, extra_buffers=buffers)
+        exact = replies(args.model, questions, scheduler="continuous", prefix_cache=8, prefix_match="exact",
+                        extra_buffers=buffers)
         same = {"static_vs_continuous_without_prefix_cache": sum(a == b for a, b in zip(static, plain, strict=True)),
                 "static_vs_continuous_with_prefix_cache": sum(a == b for a, b in zip(static, cached, strict=True)),
+                "static_vs_continuous_with_exact_prefix_cache": sum(a == b for a, b in zip(static, exact, strict=True)),
                 "questions": len(questions)}
         result[f"extra_buffers={buffers}"] = same
         print(f"extra buffers {buffers}: the same reply as the static scheduler's on "
               f"{same['static_vs_continuous_without_prefix_cache']}/{len(questions)} without the prefix cache, "
-              f"{same['static_vs_continuous_with_prefix_cache']}/{len(questions)} with it")
+              f"{same['static_vs_continuous_with_prefix_cache']}/{len(questions)} with it, "
+              f"{same['static_vs_continuous_with_exact_prefix_cache']}/{len(questions)} with it matching exact prompts")
     args.out.write_text(json.dumps(result, indent=1) + "\n")
 
 

@@ -144,6 +144,22 @@ def test_a_shared_prefix_is_reused_and_only_the_rest_is_prefilled(backend, stati
         engine.close()
 
 
+def test_exact_matching_reuses_only_an_identical_prompt(backend, static, tiny_gguf):
+    """`prefix_match="exact"`: a prompt sharing a long prefix is computed whole (no partial hit), an identical one
+    still hits; the default reuses the prefix (the test above), so the two settings differ where they should."""
+    a, b = _req("what is two plus three", SYSTEM), _req("Tom has 3 apples and buys 4", SYSTEM)
+    engine = _continuous(backend, tiny_gguf, prefix_match="exact")
+    try:
+        engine.complete(a)
+        assert engine.complete(b).text == static.complete(b).text
+        assert engine.complete(b).text == static.complete(b).text
+        stats = engine.batch_stats
+        assert (stats["prefix_partial_hits"], stats["prefix_misses"], stats["prefix_hits"]) == (0, 2, 1)
+        assert stats["prompt_tokens_decoded"] == len(engine.render(a)) + len(engine.render(b))
+    finally:
+        engine.close()
+
+
 def test_a_prompt_that_is_a_strict_prefix_of_a_cached_one_gives_what_it_gives_alone(backend, static, tiny_gguf):
     """The cache holds no logits after a cached prompt's inner positions: the shorter prompt's last token is
     computed again (reusing it all would hand it the longer prompt's next-token logits)."""
