@@ -170,6 +170,10 @@ def eval_run(
         raise ConfigError(f"--weighting must be uniform, cisc or filter, got {weighting!r}")
     if feedback not in ("none", "gold"):
         raise ConfigError(f"--feedback must be none or gold, got {feedback!r}")
+    if scheduler not in ("continuous", "static"):
+        raise ConfigError(f"--scheduler must be continuous or static, got {scheduler!r}")
+    if prefix_match not in ("prefix", "exact"):
+        raise ConfigError(f"--prefix-match must be prefix or exact, got {prefix_match!r}")
     engine = "torch" if engine == "local" else engine
     if engine not in ("auto", "torch", "llamacpp", "vllm"):
         raise ConfigError(f"--engine must be auto, torch, llamacpp or vllm, got {engine!r}")

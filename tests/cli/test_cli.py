@@ -238,7 +238,9 @@ def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiari
              (["--methods", "detot-retrieval,nope"], "unknown method 'nope'"),
              (["--methods", "detot_loop", "--loop-policy", "pot"], "policy 'pot': expected strategy="),
              (["--methods", "detot_loop", "--loop-policy", "strategy=direct"], "strategy: String should match"),
-             (["--methods", "cot", "--weighting", "loudest"], "--weighting must be uniform, cisc or filter")]
+             (["--methods", "cot", "--weighting", "loudest"], "--weighting must be uniform, cisc or filter"),
+             (["--methods", "cot", "--scheduler", "eager"], "--scheduler must be continuous or static"),
+             (["--methods", "cot", "--prefix-match", "fuzzy"], "--prefix-match must be prefix or exact")]
     for args, why in cases:
         result = runner.invoke(app, ["eval", "--suite", suite, *args, "--model", "/nonexistent/model"])
         assert isinstance(result.exception, ConfigError), result.output
