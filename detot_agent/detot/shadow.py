@@ -82,7 +82,12 @@ class Trial:
     state: TaskState
     test: PairedBettingTest
     pairs: dict[str, tuple[Replayed, Future[Replayed]]] = field(default_factory=dict)  # request id -> (served, shadow)
-    counted: set[str] = field(default_factory=set)  # request ids whose label-free outcome was observed
+    # tallied as each shadow answer finishes (so a decision's checks cost the same at the 10th pair and the 10,000th):
+    finished: list[tuple[Replayed, Replayed | None]] = field(default_factory=list)  # (served, shadow; None: failed)
+    settled: int = 0  # `finished` entries whose label-free outcome was observed
+    answered: int = 0  # shadow answers that did not fail
+    ours: set[str] = field(default_factory=set)  # their distinct answers
+    theirs: set[str] = field(default_factory=set)  # the served answers' distinct answers on the same requests
 
 
 class ShadowJudge:
@@ -117,15 +122,28 @@ class ShadowJudge:
         if trial is None or inputs is None or served is None or not selected(request_id, self.config.share):
             return None
         context = contextvars.copy_context()  # the caller's `dspy.context` (its LM, its settings) holds there too
-        future = self._worker.submit(context.run, self._answer, trial.state, inputs)
+        future = self._worker.submit(context.run, self._answer, trial, served, inputs)
         with self._lock:
             if self.trial is trial:
                 trial.pairs[request_id] = (served, future)
         return future
 
-    def _answer(self, state: TaskState, inputs: dict[str, Any]) -> Replayed:
-        with background_work():  # the engine serves live requests first (`GenRow.background`)
-            return self.replay(state, inputs)
+    def _answer(self, trial: Trial, served: Replayed, inputs: dict[str, Any]) -> Replayed:
+        try:
+            with background_work():  # the engine serves live requests first (`GenRow.background`)
+                answer = self.replay(trial.state, inputs)
+        except Exception:
+            with self._lock:
+                trial.finished.append((served, None))
+            raise
+        with self._lock:
+            trial.finished.append((served, answer))
+            trial.answered += 1
+            if answer.key is not None:
+                trial.ours.add(answer.key)
+            if served.key is not None:
+                trial.theirs.add(served.key)
+        return answer
 
     def outcome(self, request_id: str, gold_key: str | None) -> tuple[str, dict[str, Any], TaskState] | None:
         """A gold answer arrived: feed its paired outcome; returns `(decision, stats, candidate state)` once the
@@ -158,12 +176,11 @@ class ShadowJudge:
             trial = self.trial
             if trial is None:
                 return None
-            ready = [(rid, served, f) for rid, (served, f) in trial.pairs.items()
-                     if rid not in trial.counted and f.done()]
-            for rid, served, future in ready:
-                trial.counted.add(rid)
-                if future.exception() is None:
-                    trial.test.observe(agreement_outcome(future.result(), served, self.config.margin))
+            ready = trial.finished[trial.settled:]
+            trial.settled = len(trial.finished)
+            for served, answer in ready:
+                if answer is not None:
+                    trial.test.observe(agreement_outcome(answer, served, self.config.margin))
             return self._decide(trial) if ready else None
 
     def _decide(self, trial: Trial) -> tuple[str, dict[str, Any], TaskState] | None:
@@ -182,14 +199,12 @@ class ShadowJudge:
         return decision, stats, trial.state
 
     def _veto(self, trial: Trial) -> str | None:
-        done = [(s, f.result()) for s, f in trial.pairs.values() if f.done() and f.exception() is None]
-        if len(done) < self.config.veto_after:
+        ours, theirs = len(trial.ours), len(trial.theirs)  # tallied as the answers finished (`_answer`)
+        if trial.answered < self.config.veto_after:
             return None
-        ours = {c.key for _, c in done if c.key is not None}
-        theirs = {s.key for s, _ in done if s.key is not None}
-        if len(ours) <= 1 < len(theirs) or len(ours) < self.config.min_diversity * len(theirs):
-            return (f"answers collapsed: {len(ours)} distinct shadow answers against the serving state's "
-                    f"{len(theirs)} on the same {len(done)} requests")
+        if ours <= 1 < theirs or ours < self.config.min_diversity * theirs:
+            return (f"answers collapsed: {ours} distinct shadow answers against the serving state's "
+                    f"{theirs} on the same {trial.answered} requests")
         return None
 
     def close(self) -> None:
