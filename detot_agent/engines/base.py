@@ -301,20 +301,18 @@ class BatchedEngine(RequestBuilder):
 
     @staticmethod
     def _samples(row: GenRow, outputs: list[GenOutput]) -> list[Sample]:
-        prompt = len(row.prompt_ids) + (0 if row.soft_prompt is None else int(row.soft_prompt.shape[0]))
-        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason, prompt) for o in outputs]
+        return [Sample(o.text, len(o.token_ids), o.logprob, o.finish_reason, row.positions) for o in outputs]
 
     def complete(self, request: Request) -> Response:
         """DSPy engine entry point: one request, one response (with token usage)."""
         row = self.build_row(request)
         out = self._decode(row)[0]
-        k = 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])
         return Response(
             id=f"{self.id_prefix}-{uuid.uuid4().hex[:12]}",
             model=request.model,
             message=Message.assistant([TextPart(out.text)]),
             finish_reason="stop" if out.finish_reason == "stop" else "length",
-            usage=Usage(input_tokens=len(row.prompt_ids) + k, output_tokens=len(out.token_ids)),
+            usage=Usage(input_tokens=row.positions, output_tokens=len(out.token_ids)),
         )
 
     def stream(self, request: Request) -> Iterator[Any]:

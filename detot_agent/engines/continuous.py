@@ -239,7 +239,7 @@ class ContinuousCore(QueueWorker):
         job.tokens = [[] for _ in range(n)]
         job.logprob = [0.0] * n
         job.finish = ["length"] * n
-        job.pos = [_k(row) + len(row.prompt_ids)] * n
+        job.pos = [row.positions] * n
         job.logits = [logits] * n
         job.active = [True] * n
         job.generators = seeded_generators([row], self.device)
@@ -311,7 +311,3 @@ class ContinuousCore(QueueWorker):
         if job in self._running:
             self._running.remove(job)
 
-
-def _k(row: GenRow) -> int:
-    """Positions the row's soft prompt takes (0 without one)."""
-    return 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])

@@ -90,6 +90,16 @@ class GenRow:
     greedy: int = 0
     background: bool = False
 
+    @property
+    def soft_positions(self) -> int:
+        """Positions the soft prompt takes before the row's tokens (0 without one)."""
+        return 0 if self.soft_prompt is None else int(self.soft_prompt.shape[0])
+
+    @property
+    def positions(self) -> int:
+        """Input positions of the row: its soft prompt's, then its tokens'."""
+        return self.soft_positions + len(self.prompt_ids)
+
     def is_greedy(self, j: int) -> bool:
         """Whether sample `j` of this row is greedy."""
         return self.temperature <= 0 or j < self.greedy

@@ -150,7 +150,7 @@ class LlamaCppEngine(BatchedEngine):
             for group in self._groups(parts):
                 outs = generate_rows_llamacpp(self._ctx, self.tokenizer, [part for _, part in group],
                                               eos_ids=self.eos_ids)
-                self._static_prompt_tokens += sum(len(part.prompt_ids) + _k(part) for _, part in group)
+                self._static_prompt_tokens += sum(part.positions for _, part in group)
                 for (owner, _), out in zip(group, outs, strict=True):
                     results[owner] += out  # a row's parts run in order, so its samples stay in order
             return results
@@ -162,13 +162,13 @@ class LlamaCppEngine(BatchedEngine):
             self._ctx.clear()
             if row.soft_prompt is not None:
                 self._ctx.decode_embeddings([(row.soft_prompt.detach().float().cpu().numpy(), 0, 0)])
-            k, ids = _k(row), row.prompt_ids
+            k, ids = row.soft_positions, row.prompt_ids
             last = self._ctx.decode_tokens([(t, k + j, 0, j == len(ids) - 1) for j, t in enumerate(ids)])
             return torch.from_numpy(self._ctx.logits(last[0]))
 
     def _split(self, row: GenRow) -> list[GenRow]:
         """A row as parts of at most `max_batch_size` samples (each sample keeps its greedy flag and seed)."""
-        self._ctx.check_room(len(row.prompt_ids) + _k(row), row.max_new_tokens)
+        self._ctx.check_room(row.positions, row.max_new_tokens)
         return split_row(row, self.config.max_batch_size)  # the running streams (not the prefix cache's)
 
     def _groups(self, parts: list[tuple[int, GenRow]]) -> list[list[tuple[int, GenRow]]]:
@@ -190,9 +190,6 @@ class LlamaCppEngine(BatchedEngine):
         return cls(config=EngineConfig(**state))
 
 
-def _k(row: GenRow) -> int:
-    return 0 if row.soft_prompt is None else int(row.soft_prompt.shape[0])
-
 
 def generate_rows_llamacpp(ctx: LlamaContext, tokenizer: Any, rows: list[GenRow], *,
                            eos_ids: set[int]) -> list[list[GenOutput]]:
@@ -205,7 +202,7 @@ def generate_rows_llamacpp(ctx: LlamaContext, tokenizer: Any, rows: list[GenRow]
     # ---- prefill: soft prompts (one embeddings batch), then every row's tokens (one token batch)
     ctx.decode_embeddings([(row.soft_prompt.detach().float().cpu().numpy(), first[i], 0)
                            for i, row in enumerate(rows) if row.soft_prompt is not None])
-    entries = [(tok, _k(row) + j, first[i], j == len(row.prompt_ids) - 1)
+    entries = [(tok, row.soft_positions + j, first[i], j == len(row.prompt_ids) - 1)
                for i, row in enumerate(rows) for j, tok in enumerate(row.prompt_ids)]
     last = ctx.decode_tokens(entries)  # batch index of each row's last prompt token
     row_logits = [torch.from_numpy(ctx.logits(ix)) for ix in last]  # (V,) per row
@@ -214,7 +211,7 @@ def generate_rows_llamacpp(ctx: LlamaContext, tokenizer: Any, rows: list[GenRow]
         if s != first[i]:
             ctx.seq_cp(first[i], s)
     logits = {s: row_logits[i] for s, i in enumerate(owner)}
-    pos = {s: _k(rows[i]) + len(rows[i].prompt_ids) for s, i in enumerate(owner)}
+    pos = {s: rows[i].positions for s, i in enumerate(owner)}
     generators = seeded_generators(rows, "cpu")
     rank = sample_ranks(rows)
     tokens: list[list[int]] = [[] for _ in owner]

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from detot_agent.engines.continuous import ContinuousCore, _Job, _k
+from detot_agent.engines.continuous import ContinuousCore, _Job
 from detot_agent.engines.generation import GenRow
 from detot_agent.engines.llamacpp_runtime import LlamaContext
 from detot_agent.engines.prefix_cache import PrefixCache, _Entry, soft_key
@@ -60,7 +60,7 @@ class ContinuousScheduler(ContinuousCore):
     def _check(self, row: GenRow) -> None:
         """A row too long for a sequence's cells is refused at submission (`ContextLengthError`), before it could
         fail a decode step it shares."""
-        self.ctx.check_room(len(row.prompt_ids) + _k(row), row.max_new_tokens)
+        self.ctx.check_room(row.positions, row.max_new_tokens)
 
     def _acquired(self) -> None:
         if self.ctx.epoch != self._epoch:  # first use, or a direct path cleared the context since
@@ -80,7 +80,7 @@ class ContinuousScheduler(ContinuousCore):
         protect = {p[3].seq for p in plans if p[3] is not None}
         embeddings, tokens, owners = [], [], []
         for job, _, ids, entry, common in plans:
-            first, k = job.slots[0], _k(job.row)
+            first, k = job.slots[0], job.row.soft_positions
             if entry is not None:
                 ctx.seq_cp(entry.seq, first)
                 if common < len(ids):

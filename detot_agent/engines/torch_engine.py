@@ -121,8 +121,7 @@ class LocalEngine(BatchedEngine):
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         with self._gen_lock:
             outputs = generate_rows(self.model, self.tokenizer, rows, eos_ids=self.eos_ids)
-            self._static_prompt_tokens += sum(len(r.prompt_ids) + (0 if r.soft_prompt is None else
-                                                                   int(r.soft_prompt.shape[0])) for r in rows)
+            self._static_prompt_tokens += sum(r.positions for r in rows)
             return outputs
 
     def next_token_logits(self, request: Request, *, soft_prompt: torch.Tensor | None = None) -> torch.Tensor:

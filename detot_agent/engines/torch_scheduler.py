@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from detot_agent.engines.continuous import ContinuousCore, _Job, _k
+from detot_agent.engines.continuous import ContinuousCore, _Job
 from detot_agent.engines.generation import cache_argument, embed_row
 from detot_agent.engines.prefix_cache import PrefixCache, _Entry, soft_key
 
@@ -98,7 +98,7 @@ class TorchScheduler(ContinuousCore):
                 continue
             protect.add(entry.seq)
             assert entry.kv is not None  # this cache's entries always hold their key/values
-            k = _k(row)
+            k = row.soft_positions
             self.stats.prompt_tokens_reused += k + common
             if common == len(ids):  # exact: the cached prompt itself
                 self.stats.prefix_hits += 1
@@ -112,7 +112,7 @@ class TorchScheduler(ContinuousCore):
             self._store(soft, ids, kv, logits, protect)
         if misses:
             for (job, soft), (kv, logits) in zip(misses, self._prefill_misses([j for j, _ in misses]), strict=True):
-                self.stats.prompt_tokens_decoded += _k(job.row) + len(job.row.prompt_ids)
+                self.stats.prompt_tokens_decoded += job.row.positions
                 out[id(job)] = (job, kv, logits)
                 self._store(soft, tuple(job.row.prompt_ids), kv, logits, protect)
         return [out[id(job)] for job in jobs]
