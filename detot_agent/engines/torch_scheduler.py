@@ -139,7 +139,7 @@ class TorchScheduler(ContinuousCore):
 
     def _extend(self, prefix: KV, ids: list[int], start: int) -> tuple[KV, torch.Tensor]:
         """The prompt's KV and last logits: `ids` computed at positions `start...` on top of a cached `prefix`."""
-        cache = DynamicCache(ddp_cache_data=prefix)  # a copy: the cached entry is never written
+        cache = _as_cache(prefix)  # the forward concatenates onto new tensors: the cached entry is never written
         tokens = torch.tensor([ids], dtype=torch.long, device=self.device)  # (1, T)
         mask = torch.ones(1, start + len(ids), dtype=torch.long, device=self.device)  # (1, start + T)
         positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)  # (1, T)
@@ -187,7 +187,7 @@ class TorchScheduler(ContinuousCore):
             mask[row:row + job.row.n, length - n:] = 1
             row += job.row.n
             self._slots += job.slots
-        self._running_cache, self._mask = DynamicCache(ddp_cache_data=layers), mask
+        self._running_cache, self._mask = _as_cache(layers), mask
 
     @torch.inference_mode()
     def _decode(self, entries: list[tuple[int, int, int]]) -> list[torch.Tensor]:
@@ -224,6 +224,15 @@ class TorchScheduler(ContinuousCore):
             for layer in self._running_cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
             self._mask = self._mask[:, first:]
+
+
+def _as_cache(layers: KV) -> Any:
+    """A transformers cache holding these tensors themselves (built empty, then given them: building it from the
+    data would copy every layer once more)."""
+    cache: Any = DynamicCache(ddp_cache_data=[(kk[:, :, :0], vv[:, :, :0]) for kk, vv in layers])
+    for layer, (kk, vv) in zip(cache.layers, layers, strict=True):
+        layer.keys, layer.values = kk, vv
+    return cache
 
 
 def _layers(cache: Any) -> KV:
