@@ -28,7 +28,7 @@ from dspy.lm15 import Message, Request, Response, TextPart, Usage, response_to_e
 
 from detot_agent.config import build
 from detot_agent.engines.batching import DynamicBatcher
-from detot_agent.engines.config import EngineConfig, Overflow, Scheduler
+from detot_agent.engines.config import EngineConfig, Overflow
 from detot_agent.engines.continuous import ContinuousCore
 from detot_agent.engines.generation import BACKGROUND, GenOutput, GenRow
 from detot_agent.engines.models import ModelSource, resolve_model_source
@@ -257,8 +257,7 @@ class BatchedEngine(RequestBuilder):
         `scheduler="continuous"`), else the static dynamic batcher."""
         with self._batcher_lock:
             if self._batcher is None:
-                continuous = self.config.scheduler is Scheduler.CONTINUOUS and self.config.dynamic_batching
-                scheduler = self._continuous_scheduler() if continuous else None
+                scheduler = self._continuous_scheduler() if self.config.continuous else None
                 self._batcher = scheduler or DynamicBatcher(self._run, max_batch_size=self.config.max_batch_size,
                                                             max_wait_ms=self.config.max_wait_ms)
             return self._batcher

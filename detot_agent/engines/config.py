@@ -132,3 +132,8 @@ class EngineConfig(StrictModel):
     scheduler: Scheduler = Scheduler.CONTINUOUS
     prefix_cache: int = Field(default=8, ge=0, le=64)
     prefix_match: PrefixMatch = PrefixMatch.PREFIX
+
+    @property
+    def continuous(self) -> bool:
+        """Whether rows are scheduled continuously: `scheduler="continuous"` with dynamic batching on."""
+        return self.scheduler is Scheduler.CONTINUOUS and self.dynamic_batching

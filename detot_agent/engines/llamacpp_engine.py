@@ -32,7 +32,7 @@ import torch
 from dspy.lm15 import Request
 
 from detot_agent.engines.base import BatchedEngine
-from detot_agent.engines.config import EngineConfig, PrefixMatch, Scheduler
+from detot_agent.engines.config import EngineConfig, PrefixMatch
 from detot_agent.engines.generation import (
     GenOutput,
     GenRow,
@@ -75,8 +75,7 @@ class LlamaCppEngine(BatchedEngine):
         if self.source.gguf_file is None:
             raise ConfigError(f"the llama.cpp engine serves .gguf files; {self.source.spec!r} is a "
                               f"{self.source.kind}: pass a .gguf file or engine='torch'")
-        continuous = self.config.scheduler is Scheduler.CONTINUOUS and self.config.dynamic_batching
-        cached = self.config.prefix_cache if continuous else 0  # reserved streams beside the running ones
+        cached = self.config.prefix_cache if self.config.continuous else 0  # reserved streams beside the running ones
         self._ctx = LlamaContext(f"{self.source.location}/{self.source.gguf_file}", n_ctx=self.config.n_ctx,
                                  n_seq_max=self.config.max_batch_size + cached, n_threads=self.config.n_threads,
                                  extra_buffers=self.config.extra_buffers)
