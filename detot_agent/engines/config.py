@@ -114,6 +114,10 @@ class EngineConfig(StrictModel):
         prefix_cache: (continuous) prompts whose KV is kept for reuse, least recently used evicted first
             (0: no cache); on llama.cpp each takes one more stream of `n_ctx` cells, on torch the prompt's own
             key/values (`batch_stats["prefix_bytes"]`).
+        prefix_cache_mb: (torch, continuous) the most megabytes (10**6 bytes) of key/values the prefix cache
+            holds, least recently used evicted first; None: bounded by `prefix_cache` prompts only. llama.cpp's
+            cached prompts live in `prefix_cache` reserved streams of `n_ctx` cells, sized when its context is
+            made: the llama.cpp engine refuses this setting.
         prefix_match: (continuous) `prefix` or `exact`: which cached prompts a new one may reuse (`PrefixMatch`).
     """
 
@@ -131,6 +135,7 @@ class EngineConfig(StrictModel):
     extra_buffers: ExtraBuffers = ExtraBuffers.AUTO
     scheduler: Scheduler = Scheduler.CONTINUOUS
     prefix_cache: int = Field(default=8, ge=0, le=64)
+    prefix_cache_mb: float | None = Field(default=None, gt=0)
     prefix_match: PrefixMatch = PrefixMatch.PREFIX
 
     @property

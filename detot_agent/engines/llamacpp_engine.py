@@ -75,6 +75,10 @@ class LlamaCppEngine(BatchedEngine):
         if self.source.gguf_file is None:
             raise ConfigError(f"the llama.cpp engine serves .gguf files; {self.source.spec!r} is a "
                               f"{self.source.kind}: pass a .gguf file or engine='torch'")
+        if self.config.prefix_cache_mb is not None:
+            raise ConfigError("prefix_cache_mb bounds the torch engine's cached key/values; llama.cpp keeps cached "
+                              "prompts in prefix_cache reserved streams of n_ctx cells, sized when its context is "
+                              "made: set prefix_cache (and n_ctx) instead")
         cached = self.config.prefix_cache if self.config.continuous else 0  # reserved streams beside the running ones
         self._ctx = LlamaContext(f"{self.source.location}/{self.source.gguf_file}", n_ctx=self.config.n_ctx,
                                  n_seq_max=self.config.max_batch_size + cached, n_threads=self.config.n_threads,

@@ -114,11 +114,11 @@ class ContinuousScheduler(ContinuousCore):
                 row_logits = entry.logits
             elif self.cache.free or self.cache.entries:
                 seq, evicted = cache.slot(protect)
+                self.stats.evictions += evicted
                 if seq is not None:
                     ctx.seq_rm(seq)
                     ctx.seq_cp(first, seq)  # the prompt's KV, before any generated token joins it
                     cache.entries[seq] = _Entry(seq, soft, ids, row_logits)  # logits are read, never written
-                    self.stats.evictions += int(evicted)
                     protect.add(seq)
             for s in job.slots[1:]:
                 ctx.seq_cp(first, s)  # the other samples share the row's prefill

@@ -3,7 +3,8 @@
 A cached prompt holds the KV of its input (soft prompt, then tokens) and the logits after its last position:
 in a reserved llama.cpp sequence stream (`seq`), or as torch tensors (`kv`). `PrefixCache` finds the entry
 sharing the longest token prefix with a new input under the same soft prompt, and hands out places least
-recently used first.
+recently used first: within `len(seqs)` places and, where `max_bytes` is set (torch), within that many bytes of
+key/values (an input larger than the whole budget is not kept).
 
 Example:
     >>> cache = PrefixCache([8, 9])
@@ -72,13 +73,16 @@ class _Entry:
 
 
 class PrefixCache:
-    """Prompts whose KV is kept in `len(seqs)` reserved streams, least recently used evicted first."""
+    """Prompts whose KV is kept in `len(seqs)` reserved places (and at most `max_bytes` bytes of torch key/values),
+    least recently used evicted first."""
 
-    def __init__(self, seqs: list[int], min_prefix: int = 16, *, exact: bool = False) -> None:
+    def __init__(self, seqs: list[int], min_prefix: int = 16, *, exact: bool = False,
+                 max_bytes: int | None = None) -> None:
         self.free = list(seqs)
         self.entries: OrderedDict[int, _Entry] = OrderedDict()  # seq -> entry, oldest first
         self.min_prefix = min_prefix
         self.exact = exact  # only identical inputs hit (`EngineConfig.prefix_match = "exact"`)
+        self.max_bytes = max_bytes  # None: bounded by the number of places only
 
     def lookup(self, soft: str | None, ids: tuple[int, ...]) -> tuple[_Entry | None, int]:
         """The entry sharing the longest token prefix with `ids` under the same soft prompt, and that length (an
@@ -103,15 +107,26 @@ class PrefixCache:
         self.free += list(self.entries)
         self.entries.clear()
 
-    def slot(self, protect: set[int]) -> tuple[int | None, bool]:
-        """A stream for a new entry: a free one, else the least recently used outside `protect`; `(seq, evicted)`."""
-        if self.free:
-            return self.free.pop(), False
-        for seq in self.entries:
-            if seq not in protect:
-                del self.entries[seq]
-                return seq, True
-        return None, False
+    def nbytes(self) -> int:
+        """Bytes of torch key/values the entries hold."""
+        return sum(e.nbytes() for e in self.entries.values())
+
+    def slot(self, protect: set[int], nbytes: int = 0) -> tuple[int | None, int]:
+        """A place for a new entry of `nbytes` bytes: a free one, after evicting the least recently used entries
+        outside `protect` until the place and the bytes fit; `(seq, evicted)`, seq None where nothing fits (an
+        entry larger than `max_bytes`, or every entry protected)."""
+        if self.max_bytes is not None and nbytes > self.max_bytes:
+            return None, 0
+        evicted = 0
+        held = self.nbytes()
+        while not self.free or (self.max_bytes is not None and held + nbytes > self.max_bytes):
+            seq = next((s for s in self.entries if s not in protect), None)
+            if seq is None:
+                return None, evicted
+            held -= self.entries.pop(seq).nbytes()
+            self.free.append(seq)
+            evicted += 1
+        return self.free.pop(), evicted
 
 
 def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:

@@ -116,7 +116,9 @@ class LocalEngine(BatchedEngine):
         """The torch backend of continuous batching with a prefix cache (`engines/torch_scheduler.py`)."""
         return TorchScheduler(self.model, self.tokenizer, self.eos_ids, max_running=self.config.max_batch_size,
                               prefix_cache=self.config.prefix_cache, max_wait_ms=self.config.max_wait_ms,
-                              lock=self._gen_lock, exact=self.config.prefix_match is PrefixMatch.EXACT)
+                              lock=self._gen_lock, exact=self.config.prefix_match is PrefixMatch.EXACT,
+                              prefix_bytes=None if self.config.prefix_cache_mb is None
+                              else int(self.config.prefix_cache_mb * 1e6))
 
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         with self._gen_lock:

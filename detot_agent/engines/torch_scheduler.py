@@ -14,8 +14,10 @@ so a row decodes as it would alone (tested on the tiny float32 model).
 
 **Prefix cache**: the key/values of a computed prompt (its soft prompt's values, then its token ids: a new
 soft-prompt version never hits) are kept, unpadded, with the logits after its last position; LRU over
-`prefix_cache` prompts. An exact hit starts the row from them (nothing computed); a hit on a prefix of at least
-16 tokens computes only the rest on top of the cached prefix; misses are prefilled together, left padded.
+`prefix_cache` prompts and, with `prefix_cache_mb` set, within that many megabytes (a prompt larger than the
+whole budget is computed but not kept). An exact hit starts the row from them (nothing computed); a hit on a
+prefix of at least 16 tokens computes only the rest on top of the cached prefix; misses are prefilled together,
+left padded.
 `batch_stats["prefix_bytes"]` is the memory the cache holds.
 
 Example:
@@ -50,18 +52,20 @@ class TorchScheduler(ContinuousCore):
         tokenizer / eos_ids: for stop strings and the finished text.
         max_running: most sequences decoded together.
         prefix_cache: prompts kept (0: no cache).
+        prefix_bytes: the most bytes of key/values the cache holds (None: bounded by `prefix_cache` only).
         exact: only identical inputs hit the cache (`EngineConfig.prefix_match = "exact"`).
         max_wait_ms: how long an idle scheduler waits for company after the first arrival.
         lock: the engine's generation lock (held while the model is used).
     """
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: set[int], *, max_running: int, prefix_cache: int,
-                 max_wait_ms: float, lock: threading.Lock, exact: bool = False) -> None:
+                 max_wait_ms: float, lock: threading.Lock, exact: bool = False, prefix_bytes: int | None = None
+                 ) -> None:
         super().__init__(tokenizer, eos_ids, max_running=max_running, max_wait_ms=max_wait_ms, lock=lock)
         self.model = model
         self.device = model.device
         self._cache_kw = cache_argument(model)
-        self.cache = PrefixCache(list(range(prefix_cache)), exact=exact)
+        self.cache = PrefixCache(list(range(prefix_cache)), exact=exact, max_bytes=prefix_bytes)
         self._slots: list[int | None] = []  # cache row -> slot (None: left, dropped at the next forward)
         self._running_cache: Any = None  # the running rows' DynamicCache (kept across steps: no copy per step)
         self._mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, L): 1 on real positions
@@ -149,13 +153,14 @@ class TorchScheduler(ContinuousCore):
 
     def _store(self, soft: str | None, ids: tuple[int, ...], kv: KV, logits: torch.Tensor, protect: set[int]
                ) -> None:
-        seq, evicted = self.cache.slot(protect)
-        if seq is None:
-            return
-        self.cache.entries[seq] = _Entry(seq, soft, ids, logits, kv=kv)
-        self.stats.evictions += int(evicted)
-        protect.add(seq)
-        self.stats.prefix_bytes = sum(e.nbytes() for e in self.cache.entries.values())
+        entry = _Entry(-1, soft, ids, logits, kv=kv)
+        seq, evicted = self.cache.slot(protect, entry.nbytes())
+        self.stats.evictions += evicted
+        if seq is not None:
+            entry.seq = seq
+            self.cache.entries[seq] = entry
+            protect.add(seq)
+        self.stats.prefix_bytes = self.cache.nbytes()
 
     def _join(self, started: list[tuple[_Job, KV]]) -> None:
         """Stack the new rows (each job's prompt, once per sample) under the running ones, left padded."""
