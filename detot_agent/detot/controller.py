@@ -125,6 +125,7 @@ class Controller:
                               "controller (the one inside a DETOT)")
         self.shadow = ShadowJudge(replay, self.config.shadow) if self.config.judging == "shadow" and replay else None
         self._reopt_lock = threading.Lock()  # one re-optimization at a time
+        self._trained: dict[str, Any] = {}  # the running re-optimization's update report (its event's `training`)
         self._runner: BackgroundRunner[ReoptimizationEvent] = BackgroundRunner()
 
     @property
@@ -237,6 +238,7 @@ class Controller:
         start = time.perf_counter()
         old = self._state
         evidence: list[Evidence] = []
+        self._trained = {}
         try:
             split = self._gather()
             evidence = split.evidence
@@ -259,6 +261,7 @@ class Controller:
                                         error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}")
         event.evidence = len(evidence) if evidence else len(self._usable())
         event.seconds = time.perf_counter() - start
+        event.training = self._trained
         return event
 
     def _try_policies(self) -> Iterator[ReoptimizationEvent]:
@@ -332,6 +335,8 @@ class Controller:
             items, engine=self.engine if split.judge_soft else None, config=cfg.update,
             # training gets its share of the budget; the rest is left for judging
             max_seconds=None if cfg.max_seconds is None else cfg.max_seconds * cfg.train_share)
+        self._trained = report.model_dump(include={"steps", "seconds", "budget_hit", "yielded_s", "yields",
+                                                   "paused_s", "pauses"})
         if not report.accepted:
             raise ReoptimizationStopped(f"the update learnt nothing on its training records (retrieval loss "
                                         f"{report.loss_before:.3f} -> {report.loss_after:.3f}, LM "

@@ -86,6 +86,7 @@ class ReoptimizationEvent(BaseModel):
     verdicts: list[dict[str, Any]] = Field(default_factory=list)  # one per judged part, never added up
     evidence: int = 0
     seconds: float = 0.0
+    training: dict[str, Any] = Field(default_factory=dict)  # the update's steps, seconds and waits for serving
     error: str | None = None
     observations: int = 0
     time: float = Field(default_factory=time.time)

@@ -42,10 +42,12 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 import warnings
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import numpy as np
@@ -218,8 +220,23 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
             reg = reg + hp["bank"].pow(2).sum(-1).mean() + (hp["gate"] - h["gate_init"]).pow(2).sum(-1).mean()
         return reg
 
+    serving = getattr(engine, "serving_load", None) if cfg.yield_to_serving > 0 else None
+
+    def preempting() -> contextlib.AbstractContextManager[Any]:
+        """Serving first inside a step too: the model's passes pause at each layer while serving is in flight
+        (`engines/serving.py`, `ServingLoad.preempting`); yields what was waited (`count`, `seconds`)."""
+        if serving is None or model is None:
+            return contextlib.nullcontext(SimpleNamespace(count=0, seconds=0.0))
+        return serving.preempting(model, cfg.yield_to_serving)
+
+    def paused(pauses: Any) -> None:
+        report.paused_s += pauses.seconds
+        report.pauses += pauses.count
+
     if train_head:
-        report.lm_before = lm_nll(judge_enc, judge_e)
+        with preempting() as pauses:
+            report.lm_before = lm_nll(judge_enc, judge_e)
+        paused(pauses)
     best_lm, best_head = report.lm_before, {n: v.detach().clone() for n, v in hp.items()}
     best_wa = (w.detach().clone(), alpha.detach().clone())
     opt = torch.optim.Adam(params)
@@ -231,9 +248,10 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
     was_training = model.training if model is not None else False
     if model is not None:
         model.eval()
-    serving = getattr(engine, "serving_load", None) if cfg.yield_to_serving > 0 else None
     bar = tqdm(total=total_steps, desc=f"updating {te.task}", disable=not progress, unit="step")
     step = 0
+    in_steps = contextlib.ExitStack()
+    step_pauses = in_steps.enter_context(preempting())
     try:
         for step in range(1, total_steps + 1):
             if serving is not None:  # serving first: start the step in a lull (engines/serving.py)
@@ -285,6 +303,8 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
                         if bad >= cfg.patience:
                             report.stopped_early, lm_active = True, False
     finally:
+        in_steps.close()
+        paused(step_pauses)
         bar.close()
         if model is not None:
             model.train(was_training)
@@ -306,7 +326,9 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
         if move_query and not train_ret:  # coupled: the best head goes with the query it was read from
             w.data.copy_(best_wa[0])
             alpha.data.copy_(best_wa[1])
-        report.lm_after = lm_nll(judge_enc, judge_e)
+        with preempting() as pauses:
+            report.lm_after = lm_nll(judge_enc, judge_e)
+        paused(pauses)
         assert report.lm_before is not None
         report.head_accepted = report.lm_after < report.lm_before and all(
             bool(torch.isfinite(t).all()) for t in best_head.values())

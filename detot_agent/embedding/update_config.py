@@ -60,8 +60,10 @@ class UpdateConfig(StrictModel):
         patience / eval_every: early stopping on the validation NLL.
         yield_to_serving: serving first: before each step, wait while a serving request is in flight in any of
             this process's engines (the training engine's `serving_load`, `engines/serving.py`), at most this many
-            seconds (0: never wait). The loop's re-optimization sets it; the time waited is in
-            `UpdateReport.yielded_s` and counts in `max_seconds`.
+            seconds (0: never wait); and inside a step, pause at each layer boundary of the model's forward and
+            backward passes while one is in flight, at most this many seconds a pause. The loop's
+            re-optimization sets it; the time waited is in `UpdateReport.yielded_s` and `paused_s` and counts
+            in `max_seconds`.
     """
 
     steps: int = Field(default=50, ge=1)
@@ -105,7 +107,9 @@ class UpdateReport(BaseModel):
         loss_before / loss_after: the retrieval side's contrastive loss (plus pull) on the feedback (NaN: none).
         lm_before / lm_after: the head's judging NLL (validation, else training items) before and after.
         steps: steps run; seconds: wall time; budget_hit: stopped by `max_seconds`.
-        yielded_s / yields: seconds spent waiting for serving to go quiet, and the steps that waited.
+        yielded_s / yields: seconds spent waiting for serving to go quiet before a step, and the steps that waited.
+        paused_s / pauses: seconds the model's passes paused at a layer boundary while serving was in flight
+            (`ServingLoad.preempting`), and how many pauses; counted in `max_seconds` like `yielded_s`.
         stopped_early: the head stopped on validation patience.
         train_loss / val_loss: the LM loss curve and `(step, NLL)` validation points.
         gate_usage: mean gate weight of each component over the training inputs (None: no components).
@@ -124,6 +128,8 @@ class UpdateReport(BaseModel):
     budget_hit: bool = False
     yielded_s: float = 0.0
     yields: int = 0
+    paused_s: float = 0.0
+    pauses: int = 0
     stopped_early: bool = False
     train_loss: list[float] = Field(default_factory=list)
     val_loss: list[tuple[int, float]] = Field(default_factory=list)

@@ -4,10 +4,12 @@ Every engine call that serves a request (`BatchedEngine.sample`, `asample`, `com
 `generation.background_work()`) is counted from submission to its last token. Training that must not slow serving
 (the loop's re-optimization, `UpdateConfig.yield_to_serving`) calls `SERVING.wait_idle(timeout, quiet=...)`
 between two steps: it waits until no serving row has been in flight for `quiet` seconds, at most `timeout`
-seconds, so a training step starts in a lull (not in the gap between two back-to-back requests) and a busy service
-still sees training progress (one step per `timeout` at worst). A step that has started runs to its end. The
-llama.cpp scheduler's own rule (background rows only on free slots) covers shadow answers and replays; this covers
-the trainer, which runs on another engine and competes for the same cores.
+seconds, so a training step starts in a lull (not in the gap between two back-to-back requests). Inside
+`preempting(model, max_wait)` a step that has started also pauses: at every block boundary of the model's forward
+and backward passes (the children of each `ModuleList`: a transformer's layers), it waits while a serving row is
+in flight, at most `max_wait` seconds a pause, so a request that arrives mid-step shares the cores for one layer's
+work at most. The llama.cpp scheduler's own rule (background rows only on free slots) covers shadow answers and
+replays; this covers the trainer, which runs on another engine and competes for the same cores.
 
 Example:
     >>> load = ServingLoad()
@@ -26,8 +28,18 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["SERVING", "ServingLoad"]
+__all__ = ["SERVING", "Pauses", "ServingLoad"]
+
+
+@dataclass
+class Pauses:
+    """What a preempted trainer waited: `count` pauses that found a serving row in flight, `seconds` in all."""
+
+    count: int = 0
+    seconds: float = 0.0
 
 
 class ServingLoad:
@@ -80,6 +92,52 @@ class ServingLoad:
                     return now - start
                 wake = deadline if self._n else min(deadline, self._idle_since + quiet)
                 self._cond.wait(timeout=max(0.0, wake - now))
+
+    def pause(self, max_wait: float, pauses: Pauses) -> None:
+        """Wait while a serving row is in flight, at most `max_wait` seconds; counted in `pauses`."""
+        if self.in_flight:
+            pauses.count += 1
+            pauses.seconds += self.wait_idle(max_wait)
+
+    @contextlib.contextmanager
+    def preempting(self, model: Any, max_wait: float) -> Iterator[Pauses]:
+        """Inside, `model`'s forward passes run from this thread, and the backward passes of what they computed,
+        pause before each block (each child of a `ModuleList`, else the whole model) while a serving row is in
+        flight, at most `max_wait` seconds a pause. Forward passes from other threads (an engine serving the same
+        model) never pause.
+
+        Example:
+            >>> import torch
+            >>> layer, load = torch.nn.Linear(2, 2), ServingLoad()
+            >>> with load.preempting(layer, max_wait=0.01) as pauses, load.serving():
+            ...     layer(torch.ones(1, 2, requires_grad=True)).sum().backward()
+            >>> pauses.count                                   # once before the forward, once in the backward
+            2
+        """
+        import torch
+
+        owner = threading.get_ident()
+        pauses = Pauses()
+
+        def after_grad(grad: torch.Tensor) -> None:  # backward: this block's input gradient is being computed
+            self.pause(max_wait, pauses)
+
+        def before(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if threading.get_ident() != owner:
+                return
+            self.pause(max_wait, pauses)
+            hidden = args[0] if args and isinstance(args[0], torch.Tensor) else kwargs.get("hidden_states")
+            if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+                hidden.register_hook(after_grad)
+
+        lists = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+        blocks = [b for lst in lists for b in lst] or [model]
+        handles = [b.register_forward_pre_hook(before, with_kwargs=True) for b in blocks]
+        try:
+            yield pauses
+        finally:
+            for h in handles:
+                h.remove()
 
 
 SERVING = ServingLoad()  # one per process: every engine's serving rows

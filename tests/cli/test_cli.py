@@ -215,6 +215,7 @@ def test_bench_loop_writes_latency_of_both_phases(tiny_gguf, tmp_path):
         assert ph["n"] == 8 and 0 < ph["p50_s"] <= ph["p99_s"]
     assert data["p99_ratio"] > 0 and len(data["reoptimizations"]) >= 1
     assert all(r["error"] is None for r in data["reoptimizations"])
+    assert all("training" in r for r in data["reoptimizations"])  # the update's steps and waits (if it trained)
     assert "p99 busy/quiet" in " ".join(result.output.split())
     assert data["yield_to_serving"] == 10.0 and data["judging"] == "replay"  # serving first by default
 

@@ -63,6 +63,8 @@ def test_consistent_evidence_is_accepted(engine, gsm8k_index):
     assert ctl.state.version == 1 and not torch.equal(ctl.state.soft_prompt, old.soft_prompt)
     assert "soft prompt accepted (held-out NLL" in event.reason and event.new_score > event.old_score
     assert mon.events[-1]["event"] == "reoptimization" and mon.events[-1]["accepted"]
+    trained = mon.events[-1]["training"]  # the update's own report travels with the event
+    assert trained["steps"] >= 1 and trained["seconds"] > 0 and trained["pauses"] == 0  # nothing was served
     assert old.embedding.version == 0 and ctl.state.embedding is not old.embedding  # the old object is untouched
 
 

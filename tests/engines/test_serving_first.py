@@ -8,6 +8,7 @@ import threading
 import time
 
 import pytest
+import torch
 from dspy.lm15 import Config, Message, Request
 
 from detot_agent.embedding.task_embedding import TaskEmbedding
@@ -86,8 +87,11 @@ def test_training_waits_for_a_lull_in_serving_only_when_told_to(encoder, tiny_en
     assert report.steps == 3  # serving first never starves training: each step waits at most the bound
     if yield_to_serving:
         assert report.yields == 3 and report.yielded_s >= 3 * 0.3 * 0.9
+        # inside each step too: every layer of the forward and the backward paused (the NLLs' forwards as well)
+        layers = len(tiny_engine.model.model.layers)
+        assert report.pauses >= 3 * 2 * layers and report.paused_s >= report.pauses * 0.3 * 0.9
     else:  # the violation: without the rule, training ran its steps beside serving without waiting
-        assert report.yields == 0 and report.yielded_s == 0.0
+        assert report.yields == 0 and report.yielded_s == 0.0 and report.pauses == 0
 
 
 def test_training_does_not_wait_when_nothing_is_served(encoder, tiny_engine):
@@ -117,3 +121,45 @@ def test_a_step_waits_for_a_lull_not_for_the_gap_between_back_to_back_requests(q
         assert waited >= 20 * 0.05 * 0.9  # the whole burst, then the lull
     else:  # the violation a lull rule prevents: a step would start in the first millisecond gap
         assert waited < 0.2
+
+
+def _train_pass(model, *, grad: bool = True) -> None:
+    """One forward (and backward) of the tiny model on an input that requires grad, as a soft-prompt step."""
+    embeds = model.get_input_embeddings()(torch.tensor([[1, 2, 3, 4]])).detach().requires_grad_(grad)
+    out = model(inputs_embeds=embeds).logits.float().pow(2).mean()
+    if grad:
+        out.backward()
+
+
+def test_a_step_pauses_at_every_layer_while_serving_and_not_otherwise(tiny_engine):
+    model, load = tiny_engine.model, ServingLoad()
+    layers = len(model.model.layers)
+    with load.preempting(model, max_wait=0.05) as pauses:
+        _train_pass(model)
+        assert pauses.count == 0  # nothing served: no pause
+        with load.serving():
+            _train_pass(model)
+        assert pauses.count == 2 * layers  # before each layer's forward and during each layer's backward
+        assert pauses.seconds >= 2 * layers * 0.05 * 0.9
+        with load.serving():  # the serving engine's own forward on the same model, from its thread: no pause
+            server = threading.Thread(target=_train_pass, args=(model,), kwargs={"grad": False})
+            server.start()
+            server.join()
+        assert pauses.count == 2 * layers
+    # once out of it, the hooks are gone: the same pass beside serving runs on (the violation it prevents)
+    assert all(not layer._forward_pre_hooks for layer in model.model.layers)
+    seen = pauses.count
+    with load.serving():
+        _train_pass(model)
+    assert pauses.count == seen
+
+
+def test_a_paused_step_resumes_as_soon_as_serving_ends(tiny_engine):
+    model, load = tiny_engine.model, ServingLoad()
+    load.enter()
+    threading.Timer(0.3, load.leave).start()
+    before = time.perf_counter()
+    with load.preempting(model, max_wait=10.0) as pauses:
+        _train_pass(model)
+    assert 0.25 < time.perf_counter() - before < 6.0  # waited for the request, not the 10 s bound
+    assert pauses.count == 1 and 0.25 < pauses.seconds < 6.0

@@ -5,10 +5,11 @@ synthetic arithmetic questions one after another, as a single user would send th
 no re-optimization. Phase 2 (busy): a re-optimization is started in the background (training the
 task embedding on the evidence phase 1 left, then judging it by replay) and restarted whenever one
 finishes, so every request of phase 2 is served while one runs. Reported: p50 and p99 latency of each
-phase, their ratio, and the re-optimizations' own times. Serving first: the trainer starts each step only in a
-lull (no serving request for `QUIET_S`, at most `yield_to_serving` seconds of waiting), and the replays and shadow
-answers are background rows the llama.cpp scheduler admits only when no serving row waits; a training step that
-has started still shares the cores with the requests that arrive during it.
+phase, their ratio, and the re-optimizations' own times and waits. Serving first: the trainer starts each step
+only in a lull (no serving request for `QUIET_S`, at most `yield_to_serving` seconds of waiting), a step that has
+started pauses at each layer boundary while a request is in flight (at most `yield_to_serving` seconds a pause;
+`ServingLoad.preempting`), and the replays and shadow answers are background rows the llama.cpp scheduler admits
+only when no serving row waits.
 
 Example:
     >>> from detot_agent.cli.bench.loop import run_loop_bench
@@ -100,7 +101,7 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
         "phases": phases, "p99_ratio": phases["busy"]["p99_s"] / phases["quiet"]["p99_s"],
         "p50_ratio": phases["busy"]["p50_s"] / phases["quiet"]["p50_s"],
         "reoptimizations": [{"seconds": e.get("seconds"), "accepted": e.get("accepted"), "reason": e.get("reason"),
-                             "error": e.get("error")} for e in events],
+                             "training": e.get("training"), "error": e.get("error")} for e in events],
         "busy_share": min(1.0, sum(float(e.get("seconds") or 0) for e in events) / busy_wall) if busy_wall else 0.0,
         "max_seconds": max_seconds, "yield_to_serving": yield_to_serving, "judging": judging, "think_s": think,
         "decisions": [{"change": e.get("change"), "accepted": e.get("accepted"), "reason": e.get("reason")}
