@@ -98,7 +98,8 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
     phases = {"quiet": _percentiles(quiet), "busy": _percentiles(busy)}
     return {
         "model": lm.engine.name, "engine": type(lm.engine).__name__, "requests": requests, "max_tokens": max_tokens,
-        "phases": phases, "p99_ratio": phases["busy"]["p99_s"] / phases["quiet"]["p99_s"],
+        "phases": phases, "latencies_s": {"quiet": [round(x, 3) for x in quiet], "busy": [round(x, 3) for x in busy]},
+        "p99_ratio": phases["busy"]["p99_s"] / phases["quiet"]["p99_s"],
         "p50_ratio": phases["busy"]["p50_s"] / phases["quiet"]["p50_s"],
         "reoptimizations": [{"seconds": e.get("seconds"), "accepted": e.get("accepted"), "reason": e.get("reason"),
                              "training": e.get("training"), "error": e.get("error")} for e in events],
