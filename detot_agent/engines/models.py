@@ -309,8 +309,18 @@ def load_model(
         if attn_implementation:
             model_kwargs["attn_implementation"] = attn_implementation
         with _loading(source, "model"), _gguf_bar_follows_hf_switch():
-            model = AutoModelForCausalLM.from_pretrained(source.location, **model_kwargs)
-        model = model.to(device)  # type: ignore[arg-type]
+            if source.gguf_file is not None:  # de-quantizing a GGUF is slow: the result is kept on disk once done
+                from detot_agent.engines.model_cache import cached_model
+
+                extra = {k: v for k, v in model_kwargs.items() if k == "attn_implementation"}
+                model, _ = cached_model(
+                    Path(source.location) / source.gguf_file, dtype,
+                    lambda: AutoModelForCausalLM.from_pretrained(source.location, **model_kwargs),
+                    lambda folder: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
+                                                                        **extra))
+            else:
+                model = AutoModelForCausalLM.from_pretrained(source.location, **model_kwargs)
+        model = model.to(device)
         model.eval()
         model.requires_grad_(False)
         loaded = LoadedModel(model, tokenizer, source, device, dtype)
