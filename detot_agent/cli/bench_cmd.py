@@ -208,6 +208,9 @@ def bench_loop(
     console.print(f"p99 busy/quiet {result['p99_ratio']:.2f}x (goal <= 1.20x), p50 {result['p50_ratio']:.2f}x; "
                   f"{len(reopts)} re-optimization(s) ran during the busy phase "
                   f"({result['busy_share']:.0%} of it), " + ", ".join(f"{r['seconds']:.0f}s" for r in reopts))
+    if result["shadow_p99_ratio"] is not None:
+        console.print(f"p99 shadow/quiet {result['shadow_p99_ratio']:.2f}x (goal <= 1.20x): "
+                      f"{result['shadowed_requests']} of {requests} requests also answered by the candidate")
     _write(json_path, result)
 
 

@@ -228,6 +228,8 @@ def test_bench_loop_with_shadow_judging_and_a_thinking_client(tiny_gguf, tmp_pat
     data = json.loads(path.read_text())
     assert data["judging"] == "shadow" and data["think_s"] == 0.05
     assert all(r["error"] is None for r in data["reoptimizations"])
+    started = any("shadow trial started" in r["reason"] for r in data["reoptimizations"])
+    assert ("shadow" in data["phases"]) == started == (data["shadow_p99_ratio"] is not None)  # phase 3 iff a trial
     bad = runner.invoke(app, ["bench", "loop", "--model", str(tiny_gguf), "--judging", "vibes"])
     assert bad.exit_code != 0 and "replay or shadow" in str(bad.exception)
 

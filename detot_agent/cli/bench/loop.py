@@ -4,7 +4,10 @@ One DETOT program (plain prompts, a GSM8K-train exemplar index, the loop's defau
 synthetic arithmetic questions one after another, as a single user would send them. Phase 1 (quiet):
 no re-optimization. Phase 2 (busy): a re-optimization is started in the background (training the
 task embedding on the evidence phase 1 left, then judging it by replay) and restarted whenever one
-finishes, so every request of phase 2 is served while one runs. Reported: p50 and p99 latency of each
+finishes, so every request of phase 2 is served while one runs. Phase 3 (shadow, with `judging="shadow"`): once
+the re-optimization has ended and its candidate's shadow trial runs, as many requests again, each also answered
+by the candidate in the background until the sequential test decides (`shadowed_requests` counts those served
+while the trial still ran). Reported: p50 and p99 latency of each
 phase, their ratio, and the re-optimizations' own times and waits. Serving first: the trainer starts each step
 only in a lull (no serving request for `QUIET_S`, at most `yield_to_serving` seconds of waiting), a step that has
 started pauses at each layer boundary while a request is in flight (at most `yield_to_serving` seconds a pause;
@@ -73,7 +76,7 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
         "update": UpdateConfig(steps=10, retrieval_steps=40, yield_to_serving=yield_to_serving)})
     program = DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adj, background=False,
                     controller_config=config, adapter=PlainAdapter())
-    questions = synthetic_problems(2 * requests + 1, seed=1)
+    questions = synthetic_problems(3 * requests + 1, seed=1)
     program(question=questions[-1].question)  # warm-up (first prefill, caches)
 
     def serve(batch: list[dspy.Example], busy: bool) -> list[float]:
@@ -93,12 +96,24 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
     busy = serve(questions[requests:2 * requests], busy=True)
     busy_wall = time.perf_counter() - t0
     program.controller.wait()
+    judge = program.controller.shadow
+    shadow: list[float] = []
+    shadowed = 0
+    if judge is not None and judge.trial is not None:  # phase 3: served while the candidate answers in shadow
+        for ex in questions[2 * requests:3 * requests]:
+            shadowed += judge.trial is not None
+            shadow += serve([ex], busy=False)
     program.controller.close()
     events = [e for e in program.monitor.events if e.get("event") == "reoptimization"]
     phases = {"quiet": _percentiles(quiet), "busy": _percentiles(busy)}
+    if shadow:
+        phases["shadow"] = _percentiles(shadow)
     return {
         "model": lm.engine.name, "engine": type(lm.engine).__name__, "requests": requests, "max_tokens": max_tokens,
-        "phases": phases, "latencies_s": {"quiet": [round(x, 3) for x in quiet], "busy": [round(x, 3) for x in busy]},
+        "phases": phases, "latencies_s": {name: [round(x, 3) for x in xs] for name, xs in
+                                          (("quiet", quiet), ("busy", busy), ("shadow", shadow)) if xs},
+        "shadow_p99_ratio": phases["shadow"]["p99_s"] / phases["quiet"]["p99_s"] if shadow else None,
+        "shadowed_requests": shadowed,
         "p99_ratio": phases["busy"]["p99_s"] / phases["quiet"]["p99_s"],
         "p50_ratio": phases["busy"]["p50_s"] / phases["quiet"]["p50_s"],
         "reoptimizations": [{"seconds": e.get("seconds"), "accepted": e.get("accepted"), "reason": e.get("reason"),
