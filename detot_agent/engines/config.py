@@ -119,6 +119,12 @@ class EngineConfig(StrictModel):
             cached prompts live in `prefix_cache` reserved streams of `n_ctx` cells, sized when its context is
             made: the llama.cpp engine refuses this setting.
         prefix_match: (continuous) `prefix` or `exact`: which cached prompts a new one may reuse (`PrefixMatch`).
+        background_patience: (continuous) serving first: background rows (shadow answers, replays:
+            `generation.background_work`) start only when no serving row is waiting or running, and on llama.cpp
+            a running one holds (decodes nothing, keeps its KV) while serving rows decode; once a background row
+            has waited this many seconds since it was submitted it runs beside them (on at most a quarter of the
+            slots), so a saturated service still gets its background work done. None: never beside serving rows;
+            0: always (the rule of 0.4.0.dev0 before this change).
     """
 
     model: str | None = None
@@ -137,6 +143,7 @@ class EngineConfig(StrictModel):
     prefix_cache: int = Field(default=8, ge=0, le=64)
     prefix_cache_mb: float | None = Field(default=None, gt=0)
     prefix_match: PrefixMatch = PrefixMatch.PREFIX
+    background_patience: float | None = Field(default=30.0, ge=0)
 
     @property
     def continuous(self) -> bool:

@@ -5,7 +5,9 @@ One worker thread owns the model. The scheduling rule, at every step:
 1. **admit**: waiting rows join while free sequence slots last (a row of n samples takes n slots; at most
    `max_running` sequences run). When nothing runs, the first arrival waits up to `max_wait_ms` for company, so
    requests sent together are prefilled together. Serving rows go first, in arrival order; background rows
-   (`GenRow.background`) only when no other row waits and on at most a quarter of the slots. A row with more
+   (`GenRow.background`) only when no serving row is waiting or running (or, once one has waited
+   `background_patience` seconds since it was submitted, beside serving rows), on at most a quarter of the slots.
+   A row with more
    samples than free slots starts the ones that fit and the rest wait at the head of the queue (each sample keeps
    its seed and greedy flag, so its output does not change).
 2. **prefill** the admitted rows (the backend's `_prefill`: each looks its input up in the backend's prefix cache,
@@ -13,6 +15,8 @@ One worker thread owns the model. The scheduling rule, at every step:
    samples).
 3. **decode** one token for every running sequence together (the backend's `_decode`); a sequence that finishes
    leaves at once (`_drop` frees its slot's KV), and a row's future resolves as soon as its own samples are done.
+   Where the backend decodes any subset of its sequences (llama.cpp: `partial_steps`), a background row holds
+   (keeps its KV, decodes nothing) while a serving row runs, until its patience is spent.
 
 Sampling, seeds, stop strings, log-probabilities and usage are those of the static path (`generation.py`): a row's
 output does not depend on when it joined or on its batch-mates. A cancelled future's sequences are dropped at the
@@ -79,6 +83,7 @@ class _Request:
 
     def __init__(self, future: Future[list[GenOutput]], n: int) -> None:
         self.future = future
+        self.since = time.monotonic()  # submitted
         self.outputs: list[GenOutput | None] = [None] * n
         self.failed = False
 
@@ -106,17 +111,21 @@ class ContinuousCore(QueueWorker):
         max_running: most sequences decoded together.
         max_wait_ms: how long an idle scheduler waits for company after the first arrival.
         lock: the engine's generation lock (held while the model is used).
+        background_patience: seconds a background row waits for serving rows to be gone before it runs beside them
+            (None: it never does; `EngineConfig.background_patience`).
     """
 
     thread_name = "detot-scheduler"
+    partial_steps = False  # whether `_decode` takes any subset of the running sequences (then background rows hold)
 
     def __init__(self, tokenizer: Any, eos_ids: set[int], *, max_running: int, max_wait_ms: float,
-                 lock: threading.Lock) -> None:
+                 lock: threading.Lock, background_patience: float | None = 30.0) -> None:
         super().__init__()
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.max_running = max_running
         self._wait = max_wait_ms / 1000.0
         self._gen_lock = lock
+        self._patience = background_patience
         self._waiting: list[tuple[GenRow, _Request, int]] = []
         self._free = list(range(max_running))
         self._running: list[_Job] = []
@@ -208,9 +217,14 @@ class ContinuousCore(QueueWorker):
                 return False
             self._waiting.append(item)
 
+    def _due(self, request: _Request) -> bool:
+        """Whether a background request has waited out its patience (it may now run beside serving rows)."""
+        return self._patience is not None and time.monotonic() - request.since >= self._patience
+
     def _admit(self) -> list[_Job]:
         """Waiting rows on the free slots, serving first: rows in arrival order, background rows
-        (`GenRow.background`) only when no other row waits and on at most a quarter of the slots. A row with more
+        (`GenRow.background`) only when no serving row waits or runs (unless the first one waiting is `_due`), and
+        on at most a quarter of the slots. A row with more
         samples than it may take starts the ones that fit and leaves the rest at the head of its lane
         (`split_row`: each sample keeps its seed and greedy flag, so its output does not change)."""
         admitted: list[_Job] = []
@@ -221,7 +235,8 @@ class ContinuousCore(QueueWorker):
             if lane is None:  # only background work waits: within its share of the slots
                 busy = sum(len(job.slots) for job in [*self._running, *admitted] if job.row.background)
                 room = min(room, max(1, self.max_running // 4) - busy)
-                lane = 0 if self._waiting and room > 0 else None
+                serving = any(not job.row.background for job in [*self._running, *admitted])
+                lane = 0 if self._waiting and room > 0 and (not serving or self._due(self._waiting[0][1])) else None
             if lane is None:
                 break
             row, request, offset = self._waiting.pop(lane)
@@ -250,9 +265,13 @@ class ContinuousCore(QueueWorker):
         """Pick the next token of every running sequence, then decode them together."""
         entries: list[tuple[int, int, int]] = []
         where: list[tuple[_Job, int]] = []
+        hold = self.partial_steps and any(not job.row.background for job in self._running)
         for job in list(self._running):
             if job.request.future.cancelled() or job.request.failed:
                 self._release(job)
+                continue
+            if hold and job.row.background and not self._due(job.request):
+                self.stats.held += 1  # serving first: this row's sequences wait, their KV kept
                 continue
             try:
                 for j in range(job.row.n):

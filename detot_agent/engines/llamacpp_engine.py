@@ -95,7 +95,8 @@ class LlamaCppEngine(BatchedEngine):
         """llama.cpp's continuous scheduler (`engines/llamacpp_scheduler.py`) over this engine's context."""
         return ContinuousScheduler(self._ctx, self._tokenizer, self.eos_ids, max_running=self.config.max_batch_size,
                                    prefix_cache=self.config.prefix_cache, max_wait_ms=self.config.max_wait_ms,
-                                   lock=self._gen_lock, exact=self.config.prefix_match is PrefixMatch.EXACT)
+                                   lock=self._gen_lock, exact=self.config.prefix_match is PrefixMatch.EXACT,
+                                   background_patience=self.config.background_patience)
 
     @property
     def tokenizer(self) -> Any:

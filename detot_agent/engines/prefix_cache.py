@@ -42,6 +42,7 @@ class SchedulerStats:
         self.prompt_tokens_decoded = 0
         self.evictions = 0
         self.prefix_bytes = 0  # torch: bytes of key/values the prefix cache holds (llama.cpp: its streams are fixed)
+        self.held = 0  # row-steps a background row held while serving rows decoded (serving first)
 
     def as_dict(self) -> dict[str, float]:
         """Counts plus the mean number of sequences per decode step and the prefix hit rate."""
@@ -53,7 +54,7 @@ class SchedulerStats:
                 "prefix_hit_rate": (self.prefix_hits + self.prefix_partial_hits) / lookups if lookups else 0.0,
                 "prompt_tokens_reused": self.prompt_tokens_reused,
                 "prompt_tokens_decoded": self.prompt_tokens_decoded, "evictions": self.evictions,
-                "prefix_bytes": self.prefix_bytes}
+                "prefix_bytes": self.prefix_bytes, "held": self.held}
 
 
 @dataclass

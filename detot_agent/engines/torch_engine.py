@@ -118,7 +118,8 @@ class LocalEngine(BatchedEngine):
                               prefix_cache=self.config.prefix_cache, max_wait_ms=self.config.max_wait_ms,
                               lock=self._gen_lock, exact=self.config.prefix_match is PrefixMatch.EXACT,
                               prefix_bytes=None if self.config.prefix_cache_mb is None
-                              else int(self.config.prefix_cache_mb * 1e6))
+                              else int(self.config.prefix_cache_mb * 1e6),
+                              background_patience=self.config.background_patience)
 
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         with self._gen_lock:

@@ -307,7 +307,8 @@ def test_a_row_too_long_for_a_sequence_is_refused_before_it_joins_a_batch(tiny_g
 
 
 # ---- serving first: background rows (`background_work`) --------------------------------------------------------
-def _admitting(max_running: int, waiting: list[tuple[str, int, bool]], running_background: int = 0):
+def _admitting(max_running: int, waiting: list[tuple[str, int, bool]], running_background: int = 0,
+               patience: float | None = 30.0):
     """The admission rule alone: a scheduler's `_admit` over rows named, sized and flagged as given."""
     from concurrent.futures import Future
 
@@ -316,6 +317,7 @@ def _admitting(max_running: int, waiting: list[tuple[str, int, bool]], running_b
 
     s = ContinuousCore.__new__(ContinuousCore)
     s.max_running = max_running
+    s._patience = patience
     names = {}
     s._waiting = []
     for name, n, background in waiting:
@@ -331,8 +333,11 @@ def _admitting(max_running: int, waiting: list[tuple[str, int, bool]], running_b
 
 
 def test_serving_rows_go_first_and_background_work_gets_at_most_a_quarter_of_the_slots():
-    # a background row that arrived first waits while a serving row takes the slots
+    # a background row that arrived first waits while serving rows take the slots, and while they run
     admitted, left = _admitting(8, [("shadow", 2, True), ("serve", 3, False), ("serve2", 2, False)])
+    assert admitted == [("serve", 3), ("serve2", 2)] and left == [(2, True)]
+    # once its patience is spent (0: at once, the rule before) it runs beside them, within its quarter
+    admitted, left = _admitting(8, [("shadow", 2, True), ("serve", 3, False), ("serve2", 2, False)], patience=0)
     assert admitted[:2] == [("serve", 3), ("serve2", 2)] and admitted[2][1] == 2  # then 2 of 3 free, the quarter
     assert left == []
     admitted, left = _admitting(8, [("shadow", 4, True)])  # alone: still only a quarter (2 of 8)

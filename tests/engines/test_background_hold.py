@@ -1,0 +1,51 @@
+"""Serving first on the llama.cpp scheduler: a background row that is decoding holds (keeps its KV, decodes
+nothing) while a serving row runs, and gives the same output as alone; with no patience (the rule before) it
+decodes beside the serving row."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+from dspy.lm15 import Config, Message, Request
+
+from detot_agent import LlamaCppEngine
+from detot_agent.engines.generation import background_work
+
+
+def _req(text: str, **cfg) -> Request:
+    return Request(model="m", messages=(Message.user(text),), config=Config(**cfg))
+
+
+@pytest.mark.parametrize("patience", [30.0, 0.0])
+def test_a_running_background_row_holds_while_a_serving_row_decodes(tiny_gguf, patience):
+    bg = _req("Tom has 3 apples", temperature=0.9, seed=3, max_tokens=600)
+    fg = _req("alpha beta", max_tokens=40)
+    static = LlamaCppEngine(str(tiny_gguf), scheduler="static")
+    engine = LlamaCppEngine(str(tiny_gguf), max_batch_size=8, max_wait_ms=5, background_patience=patience)
+    try:
+        expected = ([s.text for s in static.sample(bg, 2)], static.complete(fg).text)
+        out: dict[str, list[str]] = {}
+
+        def background() -> None:
+            with background_work():
+                out["bg"] = [s.text for s in engine.sample(bg, 2)]
+
+        worker = threading.Thread(target=background)
+        worker.start()
+        deadline = time.monotonic() + 10
+        while engine.batch_stats.get("batches", 0) < 3 and time.monotonic() < deadline:  # the background row is decoding
+            time.sleep(0.001)
+        assert "bg" not in out  # still running when the serving row arrives
+        served = engine.complete(fg).text
+        worker.join()
+        assert (out["bg"], served) == expected  # holding changes nothing in either output
+        held = engine.batch_stats["held"]
+        if patience:
+            assert held > 0  # it held for the serving row's steps
+        else:  # the violation the rule prevents: background decoding beside serving
+            assert held == 0
+    finally:
+        static.close()
+        engine.close()
