@@ -120,7 +120,8 @@ class EngineConfig(StrictModel):
             made: the llama.cpp engine refuses this setting.
         prefix_match: (continuous) `prefix` or `exact`: which cached prompts a new one may reuse (`PrefixMatch`).
         background_patience: (continuous) serving first: background rows (shadow answers, replays:
-            `generation.background_work`) start only when no serving row is waiting or running, and on llama.cpp
+            `generation.background_work`) start only in a lull (no serving row waiting or running for
+            `continuous.LULL_S`, 0.5 s), and on llama.cpp
             a running one holds (decodes nothing, keeps its KV) while serving rows decode; once a background row
             has waited this many seconds since it was submitted it runs beside them (on at most a quarter of the
             slots), so a saturated service still gets its background work done. None: never beside serving rows;

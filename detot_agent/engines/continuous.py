@@ -5,8 +5,9 @@ One worker thread owns the model. The scheduling rule, at every step:
 1. **admit**: waiting rows join while free sequence slots last (a row of n samples takes n slots; at most
    `max_running` sequences run). When nothing runs, the first arrival waits up to `max_wait_ms` for company, so
    requests sent together are prefilled together. Serving rows go first, in arrival order; background rows
-   (`GenRow.background`) only when no serving row is waiting or running (or, once one has waited
-   `background_patience` seconds since it was submitted, beside serving rows), on at most a quarter of the slots.
+   (`GenRow.background`) only in a lull, when no serving row has been waiting or running for `LULL_S` (not in the
+   gap between two rounds or two back-to-back requests), or, once one has waited `background_patience` seconds
+   since it was submitted, beside serving rows; on at most a quarter of the slots.
    A row with more
    samples than free slots starts the ones that fit and the rest wait at the head of the queue (each sample keeps
    its seed and greedy flag, so its output does not change).
@@ -56,7 +57,9 @@ from detot_agent.engines.generation import (
 from detot_agent.engines.prefix_cache import SchedulerStats
 from detot_agent.errors import EngineClosedError
 
-__all__ = ["ContinuousCore"]
+__all__ = ["LULL_S", "ContinuousCore"]
+
+LULL_S = 0.5  # serving first: a background row starts after this long without a serving row in the scheduler
 
 
 @dataclass
@@ -126,6 +129,7 @@ class ContinuousCore(QueueWorker):
         self._wait = max_wait_ms / 1000.0
         self._gen_lock = lock
         self._patience = background_patience
+        self._serving_left = time.monotonic() - LULL_S  # when the last serving row left (a lull has begun)
         self._waiting: list[tuple[GenRow, _Request, int]] = []
         self._free = list(range(max_running))
         self._running: list[_Job] = []
@@ -194,6 +198,17 @@ class ContinuousCore(QueueWorker):
 
     def _pull(self) -> bool:
         """Move arrivals into `_waiting`: block (then wait for company) when idle; False once closed."""
+        if not self._running and self._waiting and all(w[0].background for w in self._waiting):
+            wait = self._lull_left()  # only background rows wait, for a lull: sleep on the queue until it comes
+            if wait > 0:
+                try:
+                    item = self._queue.get(timeout=wait)
+                except queue.Empty:
+                    item = ()
+                if item is None:
+                    return False
+                if item:
+                    self._waiting.append(item)
         if not self._running and not self._waiting:
             item = self._queue.get()
             if item is None:
@@ -217,6 +232,10 @@ class ContinuousCore(QueueWorker):
                 return False
             self._waiting.append(item)
 
+    def _lull_left(self) -> float:
+        """Seconds until the current spell without serving rows is a lull (0: it is one)."""
+        return max(0.0, self._serving_left + LULL_S - time.monotonic())
+
     def _due(self, request: _Request) -> bool:
         """Whether a background request has waited out its patience (it may now run beside serving rows)."""
         return self._patience is not None and time.monotonic() - request.since >= self._patience
@@ -236,7 +255,8 @@ class ContinuousCore(QueueWorker):
                 busy = sum(len(job.slots) for job in [*self._running, *admitted] if job.row.background)
                 room = min(room, max(1, self.max_running // 4) - busy)
                 serving = any(not job.row.background for job in [*self._running, *admitted])
-                lane = 0 if self._waiting and room > 0 and (not serving or self._due(self._waiting[0][1])) else None
+                lull = not serving and self._lull_left() == 0
+                lane = 0 if self._waiting and room > 0 and (lull or self._due(self._waiting[0][1])) else None
             if lane is None:
                 break
             row, request, offset = self._waiting.pop(lane)
@@ -329,4 +349,6 @@ class ContinuousCore(QueueWorker):
         job.slots = []
         if job in self._running:
             self._running.remove(job)
+        if not job.row.background and all(j.row.background for j in self._running):
+            self._serving_left = time.monotonic()  # the last serving row left: a lull may begin
 

@@ -49,3 +49,21 @@ def test_a_running_background_row_holds_while_a_serving_row_decodes(tiny_gguf, p
     finally:
         static.close()
         engine.close()
+
+
+def test_background_work_sent_right_after_a_serving_row_waits_for_the_lull(tiny_gguf):
+    from detot_agent.engines.continuous import LULL_S
+
+    engine = LlamaCppEngine(str(tiny_gguf), max_batch_size=8, max_wait_ms=1)
+    try:
+        engine.complete(_req("alpha beta", max_tokens=4))
+        served = time.monotonic()
+        with background_work():
+            engine.sample(_req("Tom has 3 apples", max_tokens=2), 1)
+        assert time.monotonic() - served >= LULL_S * 0.9  # it started only once no serving row was near
+        before = time.monotonic()
+        with background_work():  # well inside a lull: no wait
+            engine.sample(_req("Tom has 3 apples", max_tokens=2), 1)
+        assert time.monotonic() - before < LULL_S
+    finally:
+        engine.close()

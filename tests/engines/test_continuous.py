@@ -308,7 +308,7 @@ def test_a_row_too_long_for_a_sequence_is_refused_before_it_joins_a_batch(tiny_g
 
 # ---- serving first: background rows (`background_work`) --------------------------------------------------------
 def _admitting(max_running: int, waiting: list[tuple[str, int, bool]], running_background: int = 0,
-               patience: float | None = 30.0):
+               patience: float | None = 30.0, since_serving: float = 10.0):
     """The admission rule alone: a scheduler's `_admit` over rows named, sized and flagged as given."""
     from concurrent.futures import Future
 
@@ -318,6 +318,7 @@ def _admitting(max_running: int, waiting: list[tuple[str, int, bool]], running_b
     s = ContinuousCore.__new__(ContinuousCore)
     s.max_running = max_running
     s._patience = patience
+    s._serving_left = time.monotonic() - since_serving  # when the last serving row left
     names = {}
     s._waiting = []
     for name, n, background in waiting:
@@ -346,6 +347,17 @@ def test_serving_rows_go_first_and_background_work_gets_at_most_a_quarter_of_the
     assert admitted == [] and left == [(2, True)]
     admitted, _ = _admitting(2, [("shadow", 1, True)])  # a small engine still lets one background sequence run
     assert admitted == [("shadow", 1)]
+
+
+def test_background_work_starts_in_a_lull_not_in_the_gap_between_two_serving_rows():
+    from detot_agent.engines.continuous import LULL_S
+
+    admitted, left = _admitting(8, [("shadow", 2, True)], since_serving=0.0)  # a serving row just left
+    assert admitted == [] and left == [(2, True)]
+    admitted, _ = _admitting(8, [("shadow", 2, True)], since_serving=LULL_S + 0.05)  # the lull has come
+    assert admitted == [("shadow", 2)]
+    admitted, _ = _admitting(8, [("shadow", 2, True)], since_serving=0.0, patience=0)  # patience spent: at once
+    assert admitted == [("shadow", 2)]
 
 
 def test_the_rule_check_catches_a_scheduler_that_admits_by_arrival_only():

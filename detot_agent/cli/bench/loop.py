@@ -1,7 +1,9 @@
 """`detot bench loop`: request latency while a re-optimization runs, against none running.
 
 One DETOT program (plain prompts, a GSM8K-train exemplar index, the loop's default budget) answers
-synthetic arithmetic questions one after another, as a single user would send them. Phase 1 (quiet):
+synthetic arithmetic questions one after another, as a single user would send them; every phase asks the same
+`requests` questions in the same order (their answer lengths differ, so phases of different questions would not
+compare). Phase 1 (quiet):
 no re-optimization. Phase 2 (busy): a re-optimization is started in the background (training the
 task embedding on the evidence phase 1 left, then judging it by replay) and restarted whenever one
 finishes, so every request of phase 2 is served while one runs. Phase 3 (shadow, with `judging="shadow"`): once
@@ -76,7 +78,7 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
         "update": UpdateConfig(steps=10, retrieval_steps=40, yield_to_serving=yield_to_serving)})
     program = DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adj, background=False,
                     controller_config=config, adapter=PlainAdapter())
-    questions = synthetic_problems(3 * requests + 1, seed=1)
+    questions = synthetic_problems(requests + 1, seed=1)  # the same questions in every phase: paired latencies
     program(question=questions[-1].question)  # warm-up (first prefill, caches)
 
     def serve(batch: list[dspy.Example], busy: bool) -> list[float]:
@@ -93,14 +95,14 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
 
     quiet = serve(questions[:requests], busy=False)
     t0 = time.perf_counter()
-    busy = serve(questions[requests:2 * requests], busy=True)
+    busy = serve(questions[:requests], busy=True)
     busy_wall = time.perf_counter() - t0
     program.controller.wait()
     judge = program.controller.shadow
     shadow: list[float] = []
     shadowed = 0
     if judge is not None and judge.trial is not None:  # phase 3: served while the candidate answers in shadow
-        for ex in questions[2 * requests:3 * requests]:
+        for ex in questions[:requests]:
             shadowed += judge.trial is not None
             shadow += serve([ex], busy=False)
     program.controller.close()
