@@ -1,32 +1,28 @@
 """The continuous optimization loop (DETOT section 3.2): re-optimize, validate, accept or roll back.
 
-The controller owns the task's serving state, a `TaskState`: the task's one `TaskEmbedding`
-(query side for retrieval and soft-prompt head) under a version. A `TaskState` is never
-changed once published: re-optimization trains a copy and, if it passes, publishes a new
-`TaskState` with one reference assignment. A reader takes `controller.state` once per call
-and reads `q(x)` and `P(x)` from it in one snapshot (`TaskEmbedding.serve`).
+The controller owns the task's serving state, a `TaskState`: the task's one `TaskEmbedding` (query side for retrieval
+and soft-prompt head) under a version. A `TaskState` is never changed once published: re-optimization trains a copy
+and, if it passes, publishes a new `TaskState` with one reference assignment. A reader takes `controller.state` once
+per call and reads `q(x)` and `P(x)` from it in one snapshot (`TaskEmbedding.serve`).
 
 On a trigger, `reoptimize()` splits the evidence buffer (recent answered questions) into
 training and held-out parts (every `holdout_every`-th record is held out), then:
 
-1. train: one `TaskEmbedding.update` on the training records: for each good record (correct,
-   or agreement >= `good_agreement` when correctness is unknown) the demos it used are
-   positives and the next-ranked exemplars it did not use are negatives (retrieval side), and
-   its learnable target (a sample that matched the gold answer, else the winning sample of a
-   high-agreement vote) is an LM example with the prompt it was served (soft-prompt side).
-   Only the sides the held-out records can judge are trained; a step and wall-time budget
-   (`max_seconds`) bounds the update;
-2. judge the candidate on the held-out part: the soft-prompt side by the mean NLL of the
-   held-out targets, each under its own `P(x)` (must fall by at least `min_gain`); the retrieval
-   side by the *separation* (mean reciprocal rank of demos behind good answers minus that of
-   demos behind poor ones; may not fall by more than `margin`). Plain MRR of good demos would
-   favour the old state, whose own top results those demos are;
+1. train: one `TaskEmbedding.update` on the training records: for each good record (correct, or agreement >=
+   `good_agreement` when correctness is unknown) the demos it used are positives and the next-ranked exemplars it did
+   not use are negatives (retrieval side), and its learnable target (a sample that matched the gold answer, else the
+   winning sample of a high-agreement vote) is an LM example with the prompt it was served (soft-prompt side). Only
+   the sides the held-out records can judge are trained; a step and wall-time budget (`max_seconds`) bounds the
+   update;
+2. judge the candidate on the held-out part: the soft-prompt side by the mean NLL of the held-out targets, each under
+   its own `P(x)` (must fall by at least `min_gain`); the retrieval side by the *separation* (mean reciprocal rank of
+   demos behind good answers minus that of demos behind poor ones; may not fall by more than `margin`). Plain MRR of
+   good demos would favour the old state, whose own top results those demos are;
 3. publish the candidate as one object only if every judged side passes; otherwise roll back.
 
-The code reads in the order it runs: `_gather`, `_train`, `_judge` (one `Verdict` per side),
-`_publish`. Errors inside re-optimization are logged and leave the old state serving. Beside it: the
-evidence buffer (`evidence.py`), the background runner (`runner.py`) and every judging rule, replay and
-proxies alike (`judging.py`).
+The code reads in the order it runs: `_gather`, `_train`, `_judge` (one `Verdict` per side), `_publish`. Errors inside
+re-optimization are logged and leave the old state serving. Beside it: the evidence buffer (`evidence.py`), the
+background runner (`runner.py`) and every judging rule, replay and proxies alike (`judging.py`).
 
 Example:
     >>> from detot_agent.detot.records import TaskState
@@ -166,15 +162,19 @@ class Controller:
         self.buffer.add(ev)
         if self.shadow is not None:
             self.shadow.shadow(ev.id, ev.inputs, ev.served)
-            decided = self.shadow.settle()  # label-free outcomes (ShadowConfig.outcomes="agreement")
-            if decided is not None:
-                self._record(shadow_decision(decided, self._state, self.publish))
+            self._shadow_decided(self.shadow.settle())  # label-free outcomes (ShadowConfig.outcomes="agreement")
 
     def record_outcome(self, pred_id: str, *, correct: bool, gold_key: str | None = None) -> None:
         """Attach correctness (and a gold-matching sample, if any) to a buffered record; under shadow judging, feed
         the paired outcome to the running trial and publish the candidate when the test accepts it."""
         self.buffer.record_outcome(pred_id, correct=correct, gold_key=gold_key)
-        decided = None if self.shadow is None else self.shadow.outcome(pred_id, gold_key)
+        self._shadow_decided(None if self.shadow is None else self.shadow.outcome(pred_id, gold_key))  # never waits
+
+    def settle_shadow(self) -> None:
+        """Wait for the shadow answers that gold outcomes wait on, feed them, and publish a decision reached."""
+        self._shadow_decided(None if self.shadow is None else self.shadow.drain())
+
+    def _shadow_decided(self, decided: Any) -> None:
         if decided is not None:
             self._record(shadow_decision(decided, self._state, self.publish))
 

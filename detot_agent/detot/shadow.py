@@ -3,12 +3,13 @@ request whose gold answer arrives gives one paired outcome to the always-valid t
 
 `ShadowJudge.propose(state, key)` starts a trial of a candidate `TaskState`; `shadow(...)` is told of every
 served request (a deterministic `share` of them, by request id, is also answered by the candidate on one
-low-priority worker thread); `outcome(...)` is told of every gold answer and returns the trial's decision once
-it is reached: `accept` (the test's wealth reached `1 / level` and no veto holds), `reject` (futility, the cap,
-or a veto), or None (keep collecting). The veto: a candidate whose shadow answers collapse (one answer for
-everything, or fewer than `min_diversity` of the serving state's distinct answers on the same requests) is
-rejected whatever the test says. A candidate proposed again (the same key) continues its own evidence at its
-own level (`ErrorBudget`).
+low-priority worker thread); `outcome(...)` is told of every gold answer (it never waits for the shadow answer:
+an outcome whose shadow answer is still running is fed at a later call, or by `drain()`) and returns the trial's
+decision once it is reached: `accept` (the test's wealth reached `1 / level` and no veto holds), `reject`
+(futility, the cap, or a veto), or None (keep collecting). The veto: a candidate whose shadow answers collapse
+(one answer for everything, or fewer than `min_diversity` of the serving state's distinct answers on the same
+requests) is rejected whatever the test says. A candidate proposed again (the same key) continues its own
+evidence at its own level (`ErrorBudget`).
 
 Example:
     >>> judge = ShadowJudge(lambda state, inputs: Replayed("7", 1.0), ShadowConfig(share=1.0))
@@ -82,6 +83,7 @@ class Trial:
     state: TaskState
     test: PairedBettingTest
     pairs: dict[str, tuple[Replayed, Future[Replayed]]] = field(default_factory=dict)  # request id -> (served, shadow)
+    gold: dict[str, str] = field(default_factory=dict)  # request id -> gold answer whose shadow answer is pending
     # tallied as each shadow answer finishes (so a decision's checks cost the same at the 10th pair and the 10,000th):
     finished: list[tuple[Replayed, Replayed | None]] = field(default_factory=list)  # (served, shadow; None: failed)
     settled: int = 0  # `finished` entries whose label-free outcome was observed
@@ -146,26 +148,48 @@ class ShadowJudge:
         return answer
 
     def outcome(self, request_id: str, gold_key: str | None) -> tuple[str, dict[str, Any], TaskState] | None:
-        """A gold answer arrived: feed its paired outcome; returns `(decision, stats, candidate state)` once the
-        trial is decided (the trial then ends), else None."""
+        """A gold answer arrived: its paired outcome is fed to the test once the request's shadow answer is done.
+        Never waits for it (the caller is the serving path): outcomes whose shadow answers are done are fed now,
+        the others at a later call or `drain()`. Returns `(decision, stats, candidate state)` once the trial is
+        decided (the trial then ends), else None."""
         with self._lock:
             trial = self.trial
-            pair = None if trial is None else trial.pairs.get(request_id)
-        if trial is None or pair is None or gold_key is None or self.config.outcomes != "gold":
-            return None
-        served, future = pair
-        try:
-            candidate = future.result()  # the worker answers in order; a late gold answer waits for its shadow
-        except Exception:  # a failed shadow answer is no outcome (it never reaches the caller's feedback)
-            with self._lock:
-                trial.pairs.pop(request_id, None)
-            return None
-        x = int(candidate.key == gold_key) - int(served.key == gold_key)
-        with self._lock:
-            if self.trial is not trial:
+            if trial is None or self.config.outcomes != "gold":
                 return None
-            trial.test.observe(x)
-            return self._decide(trial)
+            if gold_key is not None and request_id in trial.pairs:
+                trial.gold[request_id] = gold_key
+        return self._observe(trial, wait=False)
+
+    def drain(self) -> tuple[str, dict[str, Any], TaskState] | None:
+        """Wait for the shadow answers that gold answers wait on and feed their outcomes (as `outcome` does)."""
+        trial = self.trial
+        return None if trial is None else self._observe(trial, wait=True)
+
+    def _observe(self, trial: Trial, *, wait: bool) -> tuple[str, dict[str, Any], TaskState] | None:
+        """Feed the pending gold outcomes whose shadow answers are done (all of them, waiting, with `wait`)."""
+        while True:
+            with self._lock:
+                if self.trial is not trial:
+                    return None
+                ready = next((rid for rid in trial.gold if wait or trial.pairs[rid][1].done()), None)
+                if ready is None:
+                    return None
+                gold_key = trial.gold.pop(ready)
+                served, future = trial.pairs[ready]
+            try:
+                candidate = future.result()
+            except Exception:  # a failed shadow answer is no outcome (it never reaches the caller's feedback)
+                with self._lock:
+                    trial.pairs.pop(ready, None)
+                continue
+            x = int(candidate.key == gold_key) - int(served.key == gold_key)
+            with self._lock:
+                if self.trial is not trial:
+                    return None
+                trial.test.observe(x)
+                decided = self._decide(trial)
+            if decided is not None:
+                return decided
 
     def settle(self) -> tuple[str, dict[str, Any], TaskState] | None:
         """Label-free outcomes (`outcomes="agreement"`): count every finished shadow answer not yet counted;

@@ -118,6 +118,7 @@ def test_a_collapsed_candidate_is_vetoed_whatever_the_test_says(index, long_tiny
     _start(program)
     for i in range(12):
         _serve(program, 100 + i, 5)
+    program.controller.settle_shadow()  # outcomes whose shadow answers were still running
     event = program.controller.history[-1]
     assert not event.accepted and "vetoed: answers collapsed" in event.reason
     program.controller.close()
@@ -129,6 +130,7 @@ def test_the_trial_evidence_and_budget_survive_a_save_and_load(index, long_tiny_
     _start(program)
     for i in range(5):
         _serve(program, 100 + i, 5)
+    program.controller.settle_shadow()
     saved = program.controller.shadow.to_json()
     assert sum(t["wins"] + t["losses"] + t["ties"] for t in saved["tests"].values()) == 5
     program.save(tmp_path / "p.json")
@@ -158,5 +160,37 @@ def test_a_failed_shadow_answer_is_no_outcome_and_never_reaches_feedback():
     judge = ShadowJudge(broken, ShadowConfig(share=1.0))
     judge.propose(TaskState(1, None), "c")
     judge.shadow("q1", {"question": "1 + 1?"}, Replayed("2", 1.0))
-    assert judge.outcome("q1", "2") is None and judge.trial is not None and judge.trial.test.outcomes == 0
+    judge.outcome("q1", "2")
+    assert judge.drain() is None and judge.trial is not None and judge.trial.test.outcomes == 0
+    assert "q1" not in judge.trial.pairs and not judge.trial.gold
+    judge.close()
+
+
+def test_a_gold_answer_never_waits_for_its_shadow_answer():
+    """The serving path's feedback returns at once; the outcome is fed once the shadow answer is done (the next
+    feedback, or `drain`). The violation: waiting for the shadow answer, which `drain` does on purpose."""
+    import time
+
+    from detot_agent.detot.records import Replayed, TaskState
+    from detot_agent.detot.shadow import ShadowConfig, ShadowJudge
+
+    release = threading.Event()
+
+    def slow(state, inputs):
+        release.wait(10)
+        return Replayed("2", 1.0)
+
+    judge = ShadowJudge(slow, ShadowConfig(share=1.0))
+    judge.propose(TaskState(1, None), "c")
+    judge.shadow("q1", {"question": "1 + 1?"}, Replayed("3", 1.0))
+    before = time.monotonic()
+    assert judge.outcome("q1", "2") is None
+    assert time.monotonic() - before < 1.0 and judge.trial.test.outcomes == 0 and judge.trial.gold == {"q1": "2"}
+    threading.Timer(0.3, release.set).start()
+    before = time.monotonic()
+    judge.drain()  # waits for it, then feeds it: the candidate was right, the served answer wrong
+    assert time.monotonic() - before >= 0.2 and judge.trial.test.outcomes == 1 and judge.trial.test.wins == 1
+    judge.shadow("q2", {"question": "1 + 1?"}, Replayed("3", 1.0)).result()
+    judge.outcome("q2", "2")  # done already: fed at once
+    assert judge.trial.test.outcomes == 2
     judge.close()
