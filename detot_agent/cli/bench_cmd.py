@@ -210,7 +210,8 @@ def bench_loop(
                   f"({result['busy_share']:.0%} of it), " + ", ".join(f"{r['seconds']:.0f}s" for r in reopts))
     if result["shadow_p99_ratio"] is not None:
         console.print(f"p99 shadow/quiet {result['shadow_p99_ratio']:.2f}x (goal <= 1.20x): "
-                      f"{result['shadowed_requests']} of {requests} requests also answered by the candidate")
+                      f"{result['shadowed_requests']} of {requests} requests shadowed, "
+                      f"{result['shadow_answered_in_phase']} shadow answers finished during the phase")
     _write(json_path, result)
 
 

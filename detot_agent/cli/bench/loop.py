@@ -100,11 +100,14 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
     program.controller.wait()
     judge = program.controller.shadow
     shadow: list[float] = []
-    shadowed = 0
+    shadowed = shadow_answered = 0
     if judge is not None and judge.trial is not None:  # phase 3: served while the candidate answers in shadow
+        trial = judge.trial
+        answered = trial.answered
         for ex in questions[:requests]:
             shadowed += judge.trial is not None
             shadow += serve([ex], busy=False)
+        shadow_answered = trial.answered - answered  # shadow answers finished while the phase was served
     program.controller.close()
     events = [e for e in program.monitor.events if e.get("event") == "reoptimization"]
     phases = {"quiet": _percentiles(quiet), "busy": _percentiles(busy)}
@@ -115,7 +118,9 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
         "phases": phases, "latencies_s": {name: [round(x, 3) for x in xs] for name, xs in
                                           (("quiet", quiet), ("busy", busy), ("shadow", shadow)) if xs},
         "shadow_p99_ratio": phases["shadow"]["p99_s"] / phases["quiet"]["p99_s"] if shadow else None,
-        "shadowed_requests": shadowed,
+        "shadowed_requests": shadowed, "shadow_answered_in_phase": shadow_answered,
+        "engine_stats": {k: v for k, v in getattr(lm.engine, "batch_stats", {}).items()
+                         if k in ("held", "batches", "prefix_hits", "prefix_misses")},
         "p99_ratio": phases["busy"]["p99_s"] / phases["quiet"]["p99_s"],
         "p50_ratio": phases["busy"]["p50_s"] / phases["quiet"]["p50_s"],
         "reoptimizations": [{"seconds": e.get("seconds"), "accepted": e.get("accepted"), "reason": e.get("reason"),
