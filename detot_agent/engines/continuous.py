@@ -7,10 +7,9 @@ One worker thread owns the model. The scheduling rule, at every step:
    requests sent together are prefilled together. Serving rows go first, in arrival order; background rows
    (`GenRow.background`) only in a lull, when no serving row has been waiting or running for `LULL_S` (not in the
    gap between two rounds or two back-to-back requests), or, once one has waited `background_patience` seconds
-   since it was submitted, beside serving rows; on at most a quarter of the slots.
-   A row with more
-   samples than free slots starts the ones that fit and the rest wait at the head of the queue (each sample keeps
-   its seed and greedy flag, so its output does not change).
+   since it was submitted, beside serving rows; on at most a quarter of the slots. A row with more samples than
+   free slots starts the ones that fit and the rest wait at the head of the queue (each sample keeps its seed and
+   greedy flag, so its output does not change).
 2. **prefill** the admitted rows (the backend's `_prefill`: each looks its input up in the backend's prefix cache,
    computes what it must, and calls `_start` with the logits after the prompt; one prefill per row, shared by its
    samples).
@@ -242,10 +241,10 @@ class ContinuousCore(QueueWorker):
 
     def _admit(self) -> list[_Job]:
         """Waiting rows on the free slots, serving first: rows in arrival order, background rows
-        (`GenRow.background`) only when no serving row waits or runs (unless the first one waiting is `_due`), and
-        on at most a quarter of the slots. A row with more
-        samples than it may take starts the ones that fit and leaves the rest at the head of its lane
-        (`split_row`: each sample keeps its seed and greedy flag, so its output does not change)."""
+        (`GenRow.background`) only in a lull (no serving row waiting or running for `LULL_S`) unless the first one
+        waiting is `_due`, and on at most a quarter of the slots. A row with more samples than it may take starts
+        the ones that fit and leaves the rest at the head of its lane (`split_row`: each sample keeps its seed and
+        greedy flag, so its output does not change)."""
         admitted: list[_Job] = []
         self._waiting = [w for w in self._waiting if not (w[1].future.cancelled() or w[1].failed)]
         while self._free:
