@@ -293,8 +293,9 @@ class DetotMethod(MethodRunner):
                             sample_logprobs=pred.sample_logprobs, **extra)
 
     def close(self) -> None:
-        """Wait for a running re-optimization and stop the background worker."""
+        """Wait for a running re-optimization, feed the shadow outcomes still pending, stop the background work."""
         self.program.controller.wait()
+        self.program.controller.settle_shadow()
         self.program.controller.close()
 
 
