@@ -35,7 +35,7 @@ def test_a_running_background_row_holds_while_a_serving_row_decodes(tiny_gguf, p
         worker = threading.Thread(target=background)
         worker.start()
         deadline = time.monotonic() + 10
-        while engine.batch_stats.get("batches", 0) < 3 and time.monotonic() < deadline:  # the background row is decoding
+        while engine.batch_stats.get("batches", 0) < 3 and time.monotonic() < deadline:  # the background row runs
             time.sleep(0.001)
         assert "bg" not in out  # still running when the serving row arrives
         served = engine.complete(fg).text
