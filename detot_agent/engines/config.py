@@ -121,11 +121,11 @@ class EngineConfig(StrictModel):
         prefix_match: (continuous) `prefix` or `exact`: which cached prompts a new one may reuse (`PrefixMatch`).
         background_patience: (continuous) serving first: background rows (shadow answers, replays:
             `generation.background_work`) start only in a lull (no serving row waiting or running for
-            `continuous.LULL_S`, 0.5 s), and on llama.cpp
-            a running one holds (decodes nothing, keeps its KV) while serving rows decode; once a background row
-            has waited this many seconds since it was submitted it runs beside them (on at most a quarter of the
-            slots), so a saturated service still gets its background work done. None: never beside serving rows;
-            0: always (the rule of 0.4.0.dev0 before this change).
+            `continuous.LULL_S`, 0.5 s), and on llama.cpp a running one holds (decodes nothing, keeps its KV)
+            while serving rows decode; once a background row has waited this many seconds since it was submitted
+            it runs beside them (on at most a quarter of the slots), so a saturated service still gets its
+            background work done. None: never beside serving rows; 0: always (the rule of 0.4.0.dev0 before
+            this change).
     """
 
     model: str | None = None

@@ -194,7 +194,6 @@ class LlamaCppEngine(BatchedEngine):
         return cls(config=EngineConfig(**state))
 
 
-
 def generate_rows_llamacpp(ctx: LlamaContext, tokenizer: Any, rows: list[GenRow], *,
                            eos_ids: set[int]) -> list[list[GenOutput]]:
     """Decode rows that fit one context together; returns, per row, its `n` samples in order."""

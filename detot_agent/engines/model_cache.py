@@ -21,16 +21,13 @@ Example:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from detot_agent.engines.tokenizer_cache import cache_root, gguf_key
-from detot_agent.errors import ArtefactError
-from detot_agent.io.persist import MANIFEST, atomic_dir, read_manifest
+from detot_agent.engines.tokenizer_cache import cache_root, converted_once, gguf_key
 
 __all__ = ["KIND", "cached_model", "caching_models", "model_folder", "save_converted"]
 
@@ -52,19 +49,8 @@ def cached_model(path: Path, dtype: Any, convert: Callable[[], Any], load: Calla
     `convert()` (then saved by `save_converted`, unless caching is off or the folder cannot be written)."""
     if not caching_models():
         return convert(), False
-    folder = model_folder(path, dtype)
-    if (folder / MANIFEST).is_file():
-        try:
-            read_manifest(folder, kind=KIND, max_version=1)  # checksums: a damaged entry is rebuilt
-            return load(str(folder)), True
-        except (ArtefactError, OSError, ValueError):
-            pass
-    model = convert()
-    # a cache folder that cannot be written (or a full disk): serve without caching
-    with contextlib.suppress(OSError), atomic_dir(folder, kind=KIND, version=1,
-                                                  meta={"gguf": path.name, "dtype": str(dtype)}) as tmp:
-        save_converted(model, tmp)
-    return model, False
+    return converted_once(model_folder(path, dtype), kind=KIND, meta={"gguf": path.name, "dtype": str(dtype)},
+                          convert=convert, load=lambda folder: load(str(folder)), save=save_converted)
 
 
 def save_converted(model: Any, folder: Path) -> None:

@@ -305,19 +305,17 @@ def load_model(
             return hit
         from transformers import AutoModelForCausalLM
 
-        model_kwargs = dict(_load_kwargs(source), dtype=dtype)
-        if attn_implementation:
-            model_kwargs["attn_implementation"] = attn_implementation
+        attn = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        model_kwargs = dict(_load_kwargs(source), dtype=dtype, **attn)
         with _loading(source, "model"), _gguf_bar_follows_hf_switch():
             if source.gguf_file is not None:  # de-quantizing a GGUF is slow: the result is kept on disk once done
                 from detot_agent.engines.model_cache import cached_model
 
-                extra = {k: v for k, v in model_kwargs.items() if k == "attn_implementation"}
                 model, _ = cached_model(
                     Path(source.location) / source.gguf_file, dtype,
                     lambda: AutoModelForCausalLM.from_pretrained(source.location, **model_kwargs),
                     lambda folder: AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, local_files_only=True,
-                                                                        **extra))
+                                                                        **attn))
             else:
                 model = AutoModelForCausalLM.from_pretrained(source.location, **model_kwargs)
         model = model.to(device)

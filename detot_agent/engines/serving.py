@@ -8,8 +8,9 @@ seconds, so a training step starts in a lull (not in the gap between two back-to
 `preempting(model, max_wait)` a step that has started also pauses: at every block boundary of the model's forward
 and backward passes (the children of each `ModuleList`: a transformer's layers), it waits while a serving row is
 in flight, at most `max_wait` seconds a pause, so a request that arrives mid-step shares the cores for one layer's
-work at most. The llama.cpp scheduler's own rule (background rows only on free slots) covers shadow answers and
-replays; this covers the trainer, which runs on another engine and competes for the same cores.
+work at most. The continuous scheduler's own rule (background rows start only in a lull and, on llama.cpp, hold
+while serving rows decode: `continuous.py`) covers shadow answers and replays; this covers the trainer, which runs
+on another engine and competes for the same cores.
 
 Example:
     >>> load = ServingLoad()

@@ -28,7 +28,7 @@ from typing import Any
 from detot_agent.errors import ArtefactError
 from detot_agent.io.persist import MANIFEST, atomic_dir, read_manifest
 
-__all__ = ["KIND", "cache_root", "cached_tokenizer", "gguf_key"]
+__all__ = ["KIND", "cache_root", "cached_tokenizer", "converted_once", "gguf_key"]
 
 KIND = "detot-tokenizer-cache"
 _MIB = 1 << 20
@@ -57,15 +57,24 @@ def cached_tokenizer(path: Path, convert: Callable[[], Any]) -> tuple[Any, bool]
     """`(tokenizer, from_cache)`: the cached conversion of the GGUF at `path`, else `convert()` (then cached)."""
     from transformers import AutoTokenizer
 
-    folder = cache_root() / gguf_key(path)
+    return converted_once(cache_root() / gguf_key(path), kind=KIND, meta={"gguf": path.name}, convert=convert,
+                          load=lambda folder: AutoTokenizer.from_pretrained(str(folder), local_files_only=True),
+                          save=lambda tokenizer, folder: tokenizer.save_pretrained(str(folder)))
+
+
+def converted_once(folder: Path, *, kind: str, meta: dict[str, Any], convert: Callable[[], Any],
+                   load: Callable[[Path], Any], save: Callable[[Any, Path], None]) -> tuple[Any, bool]:
+    """`(value, from_cache)`: `load(folder)` where a whole entry is there (its checksums hold; a damaged one is
+    rebuilt), else `convert()`, then `save(value, tmp)` into the entry, written atomically; a cache folder that
+    cannot be written (or a full disk) is skipped, and the value served anyway. The tokenizer and model caches'
+    one rule."""
     if (folder / MANIFEST).is_file():
         try:
-            read_manifest(folder, kind=KIND, max_version=1)  # checksums: a damaged entry is rebuilt
-            return AutoTokenizer.from_pretrained(str(folder), local_files_only=True), True
+            read_manifest(folder, kind=kind, max_version=1)
+            return load(folder), True
         except (ArtefactError, OSError, ValueError):
             pass
-    tokenizer = convert()
-    # a cache folder that cannot be written: serve without caching
-    with contextlib.suppress(OSError), atomic_dir(folder, kind=KIND, version=1, meta={"gguf": path.name}) as tmp:
-        tokenizer.save_pretrained(str(tmp))
-    return tokenizer, False
+    value = convert()
+    with contextlib.suppress(OSError), atomic_dir(folder, kind=kind, version=1, meta=meta) as tmp:
+        save(value, tmp)
+    return value, False
