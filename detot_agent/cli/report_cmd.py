@@ -104,7 +104,8 @@ def _halves(run_dir: Path, pair: tuple[str, str], report: dict[str, Any]) -> dic
         _say(f"\n{len(decisions)} re-optimization decisions of {b}, {sum(d['accepted'] for d in decisions)} accepted")
         for d in decisions:
             _say(f"- {d['change']} {'accepted' if d['accepted'] else 'rejected'} after {d['after_observations']} "
-                 f"answers ({d['seconds'] or 0:.1f} s), canary {d['canary_accuracy']}: {d['reason'][:160]}")
+                 f"answers ({d['seconds'] or 0:.1f} s), canary {d['canary_accuracy']}: {d['reason'][:160]}"
+                 + (f" [{d['test']}]" if d.get("test") else ""))
     return result
 
 

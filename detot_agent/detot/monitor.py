@@ -73,7 +73,8 @@ class Trigger(BaseModel):
 
 
 class ReoptimizationEvent(BaseModel):
-    """What a re-optimization did: accepted (new version) or rolled back, and why."""
+    """What a re-optimization did: accepted (new version) or rolled back, and why; or (`decided=False`) that a
+    candidate went to shadow judging, whose decision is a later event of the same kind."""
 
     event: Literal["reoptimization"] = "reoptimization"
     change: str = "embedding"  # what was tried: a new task embedding, or "policy strategy=pot" (a `Policy`)
@@ -89,6 +90,7 @@ class ReoptimizationEvent(BaseModel):
     training: dict[str, Any] = Field(default_factory=dict)  # the update's steps, seconds and waits for serving
     error: str | None = None
     observations: int = 0
+    decided: bool = True  # False: a shadow trial started (nothing accepted or rejected yet)
     time: float = Field(default_factory=time.time)
 
 

@@ -210,7 +210,8 @@ class ShadowJudge:
     def _decide(self, trial: Trial) -> tuple[str, dict[str, Any], TaskState] | None:
         """The trial's decision after its latest outcome (called under the lock); ends the trial when reached."""
         level = self.budget.level(trial.key)
-        stats = {"candidate": trial.key, "level": level, "outcomes_from": self.config.outcomes, **trial.test.stats()}
+        stats = {"candidate": trial.key, "level": level, "futility_level": self.config.rules.futility,
+                 "outcomes_from": self.config.outcomes, **trial.test.stats()}
         veto = self._veto(trial)
         decision = "reject" if veto else trial.test.decision(level=level)
         if veto:
@@ -285,7 +286,8 @@ def start_trial(judge: ShadowJudge, old: TaskState, candidate: TaskEmbedding) ->
     judge.propose(TaskState(old.version + 1, candidate, old.policy), key)
     test = judge.tests[key]
     return ReoptimizationEvent(
-        accepted=False, change="embedding (shadow trial)", version_before=old.version, version_after=old.version,
+        accepted=False, decided=False, change="embedding (shadow trial)", version_before=old.version,
+        version_after=old.version,
         reason=(f"shadow trial started: candidate {key[:12]} answers {judge.config.share:.0%} of live requests in "
                 f"the background; decided by the sequential test at level {judge.budget.level(key):.4g}"
                 + (f", continuing its {test.outcomes} earlier paired outcomes" if known else "")),

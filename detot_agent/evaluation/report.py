@@ -54,7 +54,8 @@ def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]]
     outcomes = [bool(r["correct"]) for r in records]
     lo, hi = bootstrap_ci(outcomes, seed=0)
     drawn = sum(int(r.get("samples") or 0) for r in records)
-    reopts = [e for e in events or [] if e.get("event") == "reoptimization"]
+    logged = [e for e in events or [] if e.get("event") == "reoptimization"]
+    reopts = [e for e in logged if e.get("decided", True)]  # a started shadow trial decides nothing yet
     return {
         "n": n,
         "correct": sum(outcomes),
@@ -69,6 +70,7 @@ def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]]
         "errors": sum(1 for r in records if r.get("error")),
         "reoptimizations": len(reopts),
         "reoptimizations_accepted": sum(1 for e in reopts if e.get("accepted")),
+        "shadow_trials_started": len(logged) - len(reopts),
         "stream_halves": _halves(records),
         "decisions": [_decision(e) for e in reopts],
     }
@@ -139,16 +141,33 @@ def _halves(records: list[dict[str, Any]]) -> list[float] | None:
 
 
 def _decision(event: dict[str, Any]) -> dict[str, Any]:
-    """One re-optimization as the report shows it: outcome, why, and the replay's statistics."""
-    stats = next((v.get("stats") or {} for v in event.get("verdicts") or [] if v.get("part") in ("replay", "policy")),
-                 {})
+    """One re-optimization as the report shows it: outcome, why, and its evidence (a replay's sign test or a
+    shadow trial's sequential test)."""
+    parts = {v.get("part"): v.get("stats") or v for v in event.get("verdicts") or []}
+    stats: dict[str, Any] = next((parts[p] for p in ("replay", "policy", "shadow") if p in parts), {})
     return {"change": event.get("change", "embedding"), "accepted": bool(event.get("accepted")),
             "version": [event.get("version_before"), event.get("version_after")],
             "after_observations": event.get("observations"), "seconds": event.get("seconds"),
-            "evidence": event.get("evidence"), "mode": stats.get("mode"), "p_value": stats.get("p_value"),
-            "alpha": stats.get("alpha"), "items": stats.get("items"), "canary_accuracy": stats.get("canary_accuracy"),
-            "reason": event.get("reason"),
-            "error": event.get("error")}
+            "evidence": event.get("evidence"), "mode": "sequential" if "shadow" in parts else stats.get("mode"),
+            "p_value": stats.get("p_value"), "alpha": stats.get("alpha"), "items": stats.get("items"),
+            "canary_accuracy": stats.get("canary_accuracy"), "test": _test_summary(stats),
+            "reason": event.get("reason"), "error": event.get("error")}
+
+
+def _test_summary(stats: dict[str, Any]) -> str:
+    """The paired counts, the statistic and its threshold of one decision, in words ('' when none was run)."""
+    if "accept_wealth" in stats:  # a shadow trial's always-valid test (detot/sequential.py)
+        text = (f"{stats['wins']} wins / {stats['losses']} losses / {stats.get('ties', 0)} ties in "
+                f"{stats['outcomes']} paired outcomes; e-value {stats['accept_wealth']:.3g} (accept at "
+                f"{1 / stats['level']:.3g}), futility e-value {stats['futility_wealth']:.3g}")
+        return text + (f" (reject at {1 / stats['futility_level']:.3g})" if stats.get("futility_level") else "")
+    if "only_candidate_right" in stats:  # a replay's exact sign test on gold items
+        p = "" if stats.get("p_value") is None else f"; sign test p {stats['p_value']:.3g} (alpha {stats['alpha']:.3g})"
+        return (f"{stats['only_candidate_right']} only candidate / {stats['only_serving_right']} only serving right "
+                f"of {stats.get('gold_items', stats.get('items'))} gold items{p}")
+    if stats.get("p_value") is not None:
+        return f"p {stats['p_value']:.3g} (alpha {stats['alpha']:.3g}) on {stats.get('items')} items"
+    return ""
 
 
 def _events(path: Path) -> list[dict[str, Any]]:
@@ -261,16 +280,18 @@ def render_markdown(report: dict[str, Any]) -> str:
     for name, m in report["methods"].items():
         if m.get("decisions"):
             lines += ["", f"Re-optimizations of `{name}`:", "",
-                      "| # | change | outcome | after q | mode | p (alpha) | canary acc. old -> new | reason |",
+                      "| # | change | outcome | after q | mode | evidence | canary acc. old -> new | reason |",
                       "|---|---|---|---|---|---|---|---|"]
             for i, d in enumerate(m["decisions"], 1):
-                p = "" if d["p_value"] is None else f"{d['p_value']:.3g} ({d['alpha']:.3g})"
                 outcome = "accepted" if d["accepted"] else ("error" if d["error"] else "rejected")
                 reason = str(d["reason"]).replace("|", "/")
                 canary = d.get("canary_accuracy")
                 can = "-" if not canary else f"{canary[0]:.2f} -> {canary[1]:.2f}"
                 lines.append(f"| {i} | {d.get('change', 'embedding')} | {outcome} | {d['after_observations']} | "
-                             f"{d['mode'] or '-'} | {p} | {can} | {reason} |")
+                             f"{d['mode'] or '-'} | {d.get('test') or '-'} | {can} | {reason} |")
+            if m.get("shadow_trials_started"):
+                lines += ["", f"Shadow trials started: {m['shadow_trials_started']} (each decided by a row above "
+                          "once its sequential test was decisive; one still running at the end has no row)."]
     return "\n".join(lines) + "\n"
 
 
@@ -286,12 +307,13 @@ def _plot(out: Path, report: dict[str, Any]) -> list[Path]:
     written += _plot_over_stream(
         out, report, plt, lambda r: r.get("agreement"), path=out / "agreement.png", window=lambda n: 10,
         ylabel="agreement (rolling mean of {w})",
-        title="agreement over time; re-optimizations (method's colour): solid accepted, dashed rolled back")
+        title="agreement over time; re-optimizations (method's colour): solid accepted, dashed rolled back, "
+              "dotted shadow trial started")
     # is the loop learning? (with --feedback gold, a prequential learning curve)
     written += _plot_over_stream(
         out, report, plt, lambda r: float(bool(r["correct"])), path=out / "learning_curve.png",
         window=lambda n: max(5, min(25, n // 4)), ylabel="accuracy (rolling mean of {w})",
-        title="learning curve; re-optimizations: solid accepted, dashed rejected")
+        title="learning curve; re-optimizations: solid accepted, dashed rejected, dotted shadow trial started")
     return written
 
 
@@ -348,9 +370,10 @@ def _plot_over_stream(out: Path, report: dict[str, Any], plt: Any, value: Any, *
         drew = True
         times = [r.get("finished_at", 0) for r in records]
         for e in _events(out / f"{name}.events.jsonl"):
-            if e.get("event") == "reoptimization":
+            if e.get("event") == "reoptimization":  # dotted: a shadow trial started (decided later)
                 x = int(np.searchsorted(times, e.get("time", 0)))
-                ax.axvline(x, color=line.get_color(), ls="-" if e.get("accepted") else "--", lw=1.5, alpha=0.8)
+                style = ":" if not e.get("decided", True) else "-" if e.get("accepted") else "--"
+                ax.axvline(x, color=line.get_color(), ls=style, lw=1.5, alpha=0.8)
     written = []
     if drew:
         ax.set_xlabel("questions answered (stream order)")

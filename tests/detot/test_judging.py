@@ -54,6 +54,14 @@ def test_a_candidate_that_fixes_a_systematic_error_on_gold_is_accepted():
     # the same evidence, late in the program's error budget, is no longer enough
     late = decide(OLD, fixed, GOLD, rules=RULES, test_index=6)
     assert not late[0] and "needs <=" in late[1]
+    # the run report's decisions table shows the paired counts, the statistic and its level
+    from detot_agent.evaluation.report import summarize_method
+
+    event = {"event": "reoptimization", "accepted": True, "reason": why, "verdicts": [{"part": "replay",
+                                                                                      "stats": stats}]}
+    (row,) = summarize_method([], [event])["decisions"]
+    assert row["test"] == f"8 only candidate / 0 only serving right of 12 gold items; sign test p {0.5 ** 8:.3g} " \
+                          f"(alpha {stats['alpha']:.3g})"
 
 
 def test_label_free_rule_accepts_a_consistent_rise_without_flips_and_refuses_flips():

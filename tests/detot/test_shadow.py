@@ -93,6 +93,15 @@ def test_a_better_candidate_is_accepted_within_a_bounded_number_of_outcomes(inde
     assert event.accepted and program.version == version + 1, event.reason
     assert "accepted by the sequential test" in event.reason and event.verdicts[0]["losses"] == 0
     assert event.verdicts[0]["outcomes"] <= 150  # about 20 wins at +20 points
+    # the run report: the trial's start is no decision (it would read as a rejection), its end is, with evidence
+    from detot_agent.evaluation.report import summarize_method
+
+    summary = summarize_method([], [e.model_dump() for e in program.controller.history])
+    assert summary["shadow_trials_started"] == 1, program.controller.history
+    assert summary["reoptimizations"] == summary["reoptimizations_accepted"] == 1
+    (row,) = summary["decisions"]
+    assert row["mode"] == "sequential" and row["test"].startswith(f"{event.verdicts[0]['wins']} wins / 0 losses")
+    assert f"(accept at {1 / event.verdicts[0]['level']:.3g})" in row["test"] and "(reject at 10)" in row["test"]
     program.controller.close()
 
 
