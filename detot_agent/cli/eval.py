@@ -78,6 +78,13 @@ def eval_run(
     replay_items: Annotated[int | None, typer.Option(help="Held-out records each re-optimization of the looping "
                                                           "DETOT methods replays under both states (default 16; "
                                                           "the canary set comes on top).", min=1)] = None,
+    judging: Annotated[str, typer.Option(help="How the looping DETOT methods judge a trained candidate: replay "
+                                              "(held-out and canary items, at once) or shadow (a share of later "
+                                              "problems is also answered by the candidate, never scored; an "
+                                              "always-valid sequential test on the paired outcomes, from gold with "
+                                              "--feedback gold, else from agreement).")] = "replay",
+    shadow_share: Annotated[float | None, typer.Option(help="With --judging shadow: the share of problems the "
+                                                            "candidate also answers (default 0.25).")] = None,
     strategy: Annotated[str | None, typer.Option(help="The DETOT methods' reasoning: cot, pot (a program, run "
                                                       "safely) or mix (half each, votes pooled); default: task "
                                                       "analysis (cot).")] = None,
@@ -157,6 +164,11 @@ def eval_run(
     from detot_agent.detot.task import Policy
 
     policies = [Policy.parse(text) for text in loop_policy or []]
+    if judging not in ("replay", "shadow"):
+        raise ConfigError(f"--judging must be replay or shadow, got {judging!r}")
+    if shadow_share is not None and (judging != "shadow" or not 0 < shadow_share <= 1):
+        raise ConfigError(f"--shadow-share takes a share in (0, 1] and needs --judging shadow, got {shadow_share} "
+                          f"with --judging {judging}")
     problems = missing_requirements(names, index=index is not None, k=k, fit=fit is not None)
     if problems:  # every requirement of every method, before anything loads
         raise ConfigError("; ".join(problems))
@@ -222,7 +234,8 @@ def eval_run(
                        reopt_seconds=reopt_seconds, canary=canary, strategy=strategy,  # type: ignore[arg-type]
                        weighting=weighting,  # type: ignore[arg-type]
                        reopt_cooldown=reopt_cooldown, loop_policies=[p.changes() for p in policies],
-                       replay_items=replay_items, fit=None if fit is None else str(fit.resolve()),
+                       replay_items=replay_items, judging=judging, shadow_share=shadow_share,  # type: ignore[arg-type]
+                       fit=None if fit is None else str(fit.resolve()),
                        questions=[ex.question for ex in examples[:5]])
     run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "draw": draw,
            **({"offset": offset} if offset else {}), "k": k, "n": n,
@@ -236,6 +249,7 @@ def eval_run(
            **({"weighting": weighting} if weighting else {}),
            "reopt_cooldown": reopt_cooldown, "loop_policies": [p.describe() for p in policies],
            "replay_items": replay_items, **({"fit": str(fit)} if fit is not None else {}),
+           **({"judging": judging, "shadow_share": shadow_share} if judging != "replay" else {}),
            "canary": None if canary_file is None else {"file": str(canary_file), "size": len(canary)},
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "model": resolve_model_source(None).name if model is None else model}

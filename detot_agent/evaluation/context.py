@@ -52,6 +52,8 @@ class EvalContext:
     reopt_cooldown: int | None = None  # answers between two re-optimizations of a looping method (None: default)
     loop_policies: list[Policy] = field(default_factory=list)  # what the loop may switch to (ControllerConfig)
     replay_items: int | None = None  # held-out records replayed per judgement (None: ControllerConfig's)
+    judging: str = "replay"  # or "shadow": a looping method's candidates answer a share of live requests too
+    shadow_share: float | None = None  # that share (None: ShadowConfig's)
     no_soft_prompt: bool = False  # `--soft-prompt none`: the DETOT methods run without soft-prompt vectors
     strategy: str | None = None  # the DETOT methods' reasoning strategy (None: task analysis decides)
     weighting: str | None = None  # the DETOT methods' vote weighting (None: task analysis decides)

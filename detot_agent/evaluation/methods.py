@@ -252,6 +252,9 @@ class DetotMethod(MethodRunner):
             loop["max_seconds"] = ctx.reopt_seconds
         if ctx.replay_items is not None:
             loop["replay_items"] = ctx.replay_items
+        if ctx.judging == "shadow":  # paired outcomes from gold feedback, or label-free from agreement
+            loop.update(judging="shadow", shadow={"outcomes": "gold" if ctx.feedback == "gold" else "agreement",
+                                                  **({"share": ctx.shadow_share} if ctx.shadow_share else {})})
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, encoder=ctx.encoder, lm=ctx.lm,
                              adjustments=self.adjustments,
                              soft_prompt=False if no_soft else ctx.soft_prompt, background=self.background,
@@ -276,6 +279,7 @@ class DetotMethod(MethodRunner):
                 "reoptimization": self.background, "feedback": self.ctx.feedback,
                 "reopt_seconds": self.ctx.reopt_seconds, "canary": len(self.ctx.canary),
                 "replay_items": self.program.controller.config.replay_items,
+                "judging": self.program.controller.config.judging,
                 "loop_policies": [p.describe() for p in self.ctx.loop_policies] if self.background else [],
                 "ablate": sorted(self.ablate),
                 "soft_prompt_off": self.ctx.no_soft_prompt or "softprompt" in self.ablate,

@@ -52,6 +52,9 @@ class ContextSpec(StrictModel):
         loop_policies: `Policy` fields (`{"strategy": "pot"}`) a looping DETOT may switch to when gold shows
             they help (`ControllerConfig.policies`).
         replay_items: held-out records a looping DETOT replays per judgement (None: `ControllerConfig`'s 16).
+        judging: how a looping DETOT judges its candidates: `replay`, or `shadow` (a share of live requests is also
+            answered by the candidate; paired outcomes from gold feedback, or from agreement without feedback).
+        shadow_share: the share of requests shadowed (None: `ShadowConfig`'s).
         questions: a few of the suite's questions (DETOT's task analysis reads them).
         fit: a fit folder (`detot fit`) whose shipped configuration and task embedding the DETOT methods serve.
     """
@@ -84,6 +87,8 @@ class ContextSpec(StrictModel):
     reopt_cooldown: int | None = Field(default=None, ge=0)
     loop_policies: list[dict[str, Any]] = Field(default_factory=list)
     replay_items: int | None = Field(default=None, ge=1)
+    judging: Literal["replay", "shadow"] = "replay"
+    shadow_share: float | None = Field(default=None, gt=0, le=1)
     questions: list[str] = Field(default_factory=list)
     fit: str | None = None
 
@@ -140,5 +145,5 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        no_soft_prompt=spec.soft_prompt == "none", strategy=spec.strategy, weighting=spec.weighting,
                        reopt_cooldown=spec.reopt_cooldown,
                        loop_policies=[Policy(**p) for p in spec.loop_policies],
-                       replay_items=spec.replay_items,
+                       replay_items=spec.replay_items, judging=spec.judging, shadow_share=spec.shadow_share,
                        questions=list(spec.questions), fit=spec.fit)

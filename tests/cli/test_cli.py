@@ -243,7 +243,11 @@ def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiari
              (["--methods", "detot_loop", "--loop-policy", "strategy=direct"], "strategy: String should match"),
              (["--methods", "cot", "--weighting", "loudest"], "--weighting must be uniform, cisc or filter"),
              (["--methods", "cot", "--scheduler", "eager"], "--scheduler must be continuous or static"),
-             (["--methods", "cot", "--prefix-match", "fuzzy"], "--prefix-match must be prefix or exact")]
+             (["--methods", "cot", "--prefix-match", "fuzzy"], "--prefix-match must be prefix or exact"),
+             (["--methods", "detot_loop", "--judging", "vote"], "--judging must be replay or shadow"),
+             (["--methods", "detot_loop", "--shadow-share", "0.5"], "needs --judging shadow, got 0.5 with "
+                                                                   "--judging replay"),
+             (["--methods", "detot_loop", "--judging", "shadow", "--shadow-share", "1.5"], "a share in \\(0, 1\\]")]
     for args, why in cases:
         result = runner.invoke(app, ["eval", "--suite", suite, *args, "--model", "/nonexistent/model"])
         assert isinstance(result.exception, ConfigError), result.output

@@ -281,6 +281,26 @@ def test_soft_prompt_none_and_the_softprompt_ablation_serve_no_vectors(engine, p
         build_method("dspy_detot-dynamic", base)
 
 
+def test_shadow_judging_reaches_the_looping_method_with_outcomes_from_gold_or_agreement(engine, pool):
+    from detot_agent.evaluation.methods import build_method
+
+    lm = local_lm(engine=engine, cache=False)
+
+    def config(**kw):
+        ctx = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=4, **kw)
+        method = build_method("dspy_detot_loop", ctx)
+        method.close()
+        return method.program.controller.config, method.config()
+
+    gold, gold_row = config(judging="shadow", feedback="gold", shadow_share=0.5)
+    assert (gold.judging, gold.shadow.outcomes, gold.shadow.share) == ("shadow", "gold", 0.5)
+    assert gold_row["judging"] == "shadow"  # methods.json says how the run judged
+    label_free, _ = config(judging="shadow")
+    assert (label_free.shadow.outcomes, label_free.shadow.share) == ("agreement", 0.25)
+    replay, replay_row = config()  # the default stays the replay
+    assert replay.judging == "replay" and replay_row["judging"] == "replay"
+
+
 def test_a_strategy_run_and_its_ablation_on_the_tiny_model(tmp_path, suite_file, engine, pool):
     suite = load_suite(str(suite_file))
     ctx = EvalContext(lm=local_lm(engine=engine, cache=False), index=pool, encoder=pool.encoder, k=1, n=2,

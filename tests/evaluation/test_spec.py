@@ -36,3 +36,22 @@ def test_soft_prompt_option_takes_a_task_embedding_or_a_static_prompt(tmp_path, 
     TaskEmbedding.from_description("m", "math", encoder=encoder).save(tmp_path / "bare")
     with pytest.raises(ConfigError, match="without a soft-prompt head"):
         build_context(spec.model_copy(update={"soft_prompt": str(tmp_path / "bare")}))
+
+
+def test_every_spec_setting_reaches_the_context(long_tiny_model_dir):
+    """A Ray actor builds its context from the spec alone: a setting the spec holds but `build_context` drops would
+    silently run with the default there (the violation this catches: a field left out of the mapping)."""
+    from dataclasses import fields
+
+    from detot_agent.evaluation.context import EvalContext
+
+    spec = ContextSpec(model=str(long_tiny_model_dir), device="cpu", dtype="float32", k=1, n=2, max_tokens=4,
+                       temperature=0.3, seed=7, task_name="t", feedback="gold", reopt_seconds=9.0, reopt_cooldown=3,
+                       replay_items=5, judging="shadow", shadow_share=0.5, strategy="pot", weighting="cisc",
+                       canary=[("1 + 1?", "2")], questions=["q"], loop_policies=[{"strategy": "pot"}])
+    ctx = build_context(spec)
+    shared = {f.name for f in fields(EvalContext)} & set(ContextSpec.model_fields)
+    for name in shared - {"labels", "answer_format", "canary", "loop_policies", "soft_prompt"}:
+        assert getattr(ctx, name) == getattr(spec, name), name
+    assert ctx.canary == [("1 + 1?", "2")] and [p.strategy for p in ctx.loop_policies] == ["pot"]
+    ctx.lm.engine.close()
