@@ -289,9 +289,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 can = "-" if not canary else f"{canary[0]:.2f} -> {canary[1]:.2f}"
                 lines.append(f"| {i} | {d.get('change', 'embedding')} | {outcome} | {d['after_observations']} | "
                              f"{d['mode'] or '-'} | {d.get('test') or '-'} | {can} | {reason} |")
-            if m.get("shadow_trials_started"):
-                lines += ["", f"Shadow trials started: {m['shadow_trials_started']} (each decided by a row above "
-                          "once its sequential test was decisive; one still running at the end has no row)."]
+        if m.get("shadow_trials_started"):
+            lines += ["", f"Shadow trials of `{name}` started: {m['shadow_trials_started']} (a decided one has its row "
+                      "in the re-optimizations table; one still collecting evidence at the end has none)."]
     return "\n".join(lines) + "\n"
 
 
