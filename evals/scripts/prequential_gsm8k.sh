@@ -9,6 +9,9 @@
 # Needs runs/gsm8k-train-index (detot index build --data ../shared/data/gsm8k/train.jsonl --out runs/gsm8k-train-index).
 # Resumable: pass --resume. About 2-3 hours a method on the 2-core CPU alone (about 20 s a question for static
 # DETOT with 4 in flight). "$@" comes last: a repeated option overrides these (a repeated --loop-policy adds one).
+# Issue 40's re-run with the new loop (shadow judging, the always-valid test): pass
+#   --judging shadow --shadow-share 1 --out evals/results/prequential_gsm8k_v3
+# (every later problem is also answered by the candidate in the background: about twice the loop's cost).
 cd "$(dirname "$0")/../.."  # the repository root
 export HF_HUB_OFFLINE=1
 .venv/bin/detot eval --suite gsm8k --data-dir ../shared/data --methods detot,detot_loop --limit 300 --seed 0 \
