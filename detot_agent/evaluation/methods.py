@@ -252,7 +252,7 @@ class DetotMethod(MethodRunner):
             loop["max_seconds"] = ctx.reopt_seconds
         if ctx.replay_items is not None:
             loop["replay_items"] = ctx.replay_items
-        if ctx.judging == "shadow":  # paired outcomes from gold feedback, or label-free from agreement
+        if ctx.judging == "shadow" and self.background:  # gold outcomes from feedback, else from agreement
             loop.update(judging="shadow", shadow={"outcomes": "gold" if ctx.feedback == "gold" else "agreement",
                                                   **({"share": ctx.shadow_share} if ctx.shadow_share else {})})
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, encoder=ctx.encoder, lm=ctx.lm,

@@ -286,9 +286,9 @@ def test_shadow_judging_reaches_the_looping_method_with_outcomes_from_gold_or_ag
 
     lm = local_lm(engine=engine, cache=False)
 
-    def config(**kw):
+    def config(name="dspy_detot_loop", **kw):
         ctx = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=4, **kw)
-        method = build_method("dspy_detot_loop", ctx)
+        method = build_method(name, ctx)
         method.close()
         return method.program.controller.config, method.config()
 
@@ -299,6 +299,8 @@ def test_shadow_judging_reaches_the_looping_method_with_outcomes_from_gold_or_ag
     assert (label_free.shadow.outcomes, label_free.shadow.share) == ("agreement", 0.25)
     replay, replay_row = config()  # the default stays the replay
     assert replay.judging == "replay" and replay_row["judging"] == "replay"
+    static, _ = config("dspy_detot", judging="shadow")  # a method without the loop judges nothing
+    assert static.judging == "replay"
 
 
 def test_a_strategy_run_and_its_ablation_on_the_tiny_model(tmp_path, suite_file, engine, pool):
