@@ -1,10 +1,12 @@
-"""Problems per minute and aggregate output tok/s per method of two run folders (static vs continuous llama.cpp
-scheduling), from the records' finish times, with the paired accuracy comparison of the two runs:
+"""Problems per minute and aggregate output tok/s per method of run folders (llama.cpp's static and continuous
+schedulers, other settings), from the records' finish times, with paired accuracy comparisons:
 
     python evals/scripts/serve_throughput.py evals/results/serve_multiarith/static \\
         evals/results/serve_multiarith/continuous --json evals/results/serve_multiarith/throughput.json
 
-A method's wall time is from its first record's start (finish time minus latency) to its last finish.
+Each RUN is a folder, labelled by its name, or `LABEL=FOLDER`. Every run after the first is compared with the
+first (exact McNemar on the problems both answered); `--reference FOLDER` (the committed rows) is compared with
+every run. A method's wall time is from its first record's start (finish time minus latency) to its last finish.
 """
 
 from __future__ import annotations
@@ -25,30 +27,46 @@ def throughput(records: list[dict]) -> dict:
             "accuracy": sum(bool(r["correct"]) for r in records) / len(records)}
 
 
+def pairs(run: Path, other: Path) -> dict:
+    """method -> McNemar of `run` against `other` on the problems both answered (methods in both runs)."""
+    shared = [m for m in run_records(run) if m in run_records(other)]
+    return {row["method"]: {k: row[k] for k in ("problems", "only_run", "only_other", "p_value", "same_answer")}
+            for row in (compare_runs(run, other, shared) if shared else [])}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("static", type=Path)
-    ap.add_argument("continuous", type=Path)
+    ap.add_argument("runs", nargs="+", help="run folders, FOLDER or LABEL=FOLDER; the first is the baseline")
+    ap.add_argument("--reference", type=Path, help="committed rows to compare every run's accuracy with")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
-    out: dict = {}
-    for label, folder in (("static", args.static), ("continuous", args.continuous)):
-        out[label] = {m: throughput(recs) for m, recs in run_records(folder).items() if recs}
-    out["paired"] = {row["method"]: {k: row[k] for k in ("problems", "only_run", "only_other", "p_value",
-                                                         "same_answer")}
-                     for row in compare_runs(args.static, args.continuous)}
-    print("| method | scheduler | problems/min | output tok/s | tokens/q | accuracy |")
+    runs = {}
+    for spec in args.runs:
+        label, _, folder = spec.rpartition("=")
+        runs[label or Path(folder).name] = Path(folder)
+    out: dict = {label: {m: throughput(recs) for m, recs in run_records(folder).items() if recs}
+                 for label, folder in runs.items()}
+    first, *rest = runs
+    out["paired"] = {label: pairs(runs[first], runs[label]) for label in rest}
+    if args.reference:
+        out["reference"] = {"folder": str(args.reference),
+                            **{label: pairs(folder, args.reference) for label, folder in runs.items()}}
+    print("| method | run | problems/min | output tok/s | tokens/q | accuracy |")
     print("|---|---|---:|---:|---:|---:|")
-    for method in out["static"]:
-        for label in ("static", "continuous"):
+    for method in sorted({m for label in runs for m in out[label]}):
+        for label in runs:
             r = out[label].get(method)
             if r:
                 print(f"| {method} | {label} | {r['problems_per_min']:.2f} | {r['output_tok_s']:.1f} | "
                       f"{r['tokens_per_q']:.0f} | {r['accuracy']:.2f} |")
-    for method, p in out["paired"].items():
-        print(f"{method}: static vs continuous on {p['problems']} problems: only static right {p['only_run']}, "
-              f"only continuous right {p['only_other']}, McNemar p = {p['p_value']:.2f}, same answer "
-              f"{p['same_answer']}/{p['problems']}")
+    comparisons = [(first, label, out["paired"][label]) for label in rest]
+    if args.reference:
+        comparisons += [(label, "reference", out["reference"][label]) for label in runs]
+    for mine, theirs, by_method in comparisons:
+        for method, p in by_method.items():
+            print(f"{method}: {mine} vs {theirs} on {p['problems']} problems: only {mine} right {p['only_run']}, "
+                  f"only {theirs} right {p['only_other']}, McNemar p = {p['p_value']:.2f}, same answer "
+                  f"{p['same_answer']}/{p['problems']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(out, indent=2) + "\n")
