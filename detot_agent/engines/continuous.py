@@ -14,7 +14,10 @@ One worker thread owns the model. The scheduling rule, at every step:
    computes what it must, and calls `_start` with the logits after the prompt; one prefill per row, shared by its
    samples).
 3. **decode** one token for every running sequence together (the backend's `_decode`); a sequence that finishes
-   leaves at once (`_drop` frees its slot's KV), and a row's future resolves as soon as its own samples are done.
+   leaves at once (`_drop` frees its slot's KV and the slot is free for the next admission), and a row's future
+   resolves as soon as its own samples are done. Slots are taken lowest first; where the backend can move a
+   sequence (llama.cpp: `compacts`, one KV stream per slot), the running sequences are kept on the lowest slots
+   before each step, since llama.cpp decodes each run of consecutive slots as a separate pass over the weights.
    Where the backend decodes any subset of its sequences (llama.cpp: `partial_steps`), a background row holds
    (keeps its KV, decodes nothing) while a serving row runs, until its patience is spent.
 
@@ -119,6 +122,7 @@ class ContinuousCore(QueueWorker):
 
     thread_name = "detot-scheduler"
     partial_steps = False  # whether `_decode` takes any subset of the running sequences (then background rows hold)
+    compacts = False  # whether `_move(src, dst)` moves a running sequence to a free slot (then they are kept low)
 
     def __init__(self, tokenizer: Any, eos_ids: set[int], *, max_running: int, max_wait_ms: float,
                  lock: threading.Lock, background_patience: float | None = 30.0) -> None:
@@ -130,7 +134,7 @@ class ContinuousCore(QueueWorker):
         self._patience = background_patience
         self._serving_left = time.monotonic() - LULL_S  # when the last serving row left (a lull has begun)
         self._waiting: list[tuple[GenRow, _Request, int]] = []
-        self._free = list(range(max_running))
+        self._free = list(range(max_running))  # sorted: slots are taken lowest first
         self._running: list[_Job] = []
         self.stats = SchedulerStats()
         self.device: Any = "cpu"  # where logits live and seeded samples draw (the model's device)
@@ -143,6 +147,10 @@ class ContinuousCore(QueueWorker):
         raise NotImplementedError
 
     def _drop(self, slot: int) -> None:
+        raise NotImplementedError
+
+    def _move(self, src: int, dst: int) -> None:
+        """Move the running sequence in slot `src` (its KV) to the free slot `dst` (backends that `compacts`)."""
         raise NotImplementedError
 
     def _check(self, row: GenRow) -> None:
@@ -251,7 +259,7 @@ class ContinuousCore(QueueWorker):
             lane = next((i for i, w in enumerate(self._waiting) if not w[0].background), None)
             room = len(self._free)
             if lane is None:  # only background work waits: within its share of the slots
-                busy = sum(len(job.slots) for job in [*self._running, *admitted] if job.row.background)
+                busy = sum(sum(s >= 0 for s in job.slots) for job in [*self._running, *admitted] if job.row.background)
                 room = min(room, max(1, self.max_running // 4) - busy)
                 serving = any(not job.row.background for job in [*self._running, *admitted])
                 lull = not serving and self._lull_left() == 0
@@ -308,7 +316,7 @@ class ContinuousCore(QueueWorker):
                         where.append((job, j))
                         continue
                     job.active[j] = False
-                    self._drop(job.slots[j])
+                    self._free_slot(job, j)
             except Exception as exc:  # this row's own failure (a bad stop string, ...): the others go on
                 self._fail(job, exc)
                 continue
@@ -316,6 +324,8 @@ class ContinuousCore(QueueWorker):
                 self._finish(job)
         if not entries:
             return
+        if self.compacts:
+            entries = self._compact(entries, where)
         self.stats.batches += 1
         self.stats.sequences += len(entries)
         self.stats.largest = max(self.stats.largest, len(entries))
@@ -341,10 +351,39 @@ class ContinuousCore(QueueWorker):
         self._release(job)
         job.request.fail(exc)
 
+    def _free_slot(self, job: _Job, j: int) -> None:
+        """Sample `j` of `job` left: its KV is dropped and its slot is free at once (-1 marks it gone)."""
+        slot = job.slots[j]
+        if slot >= 0:
+            self._drop(slot)
+            self._free.append(slot)
+            self._free.sort()  # lowest first: the running sequences stay on few runs of consecutive slots
+            job.slots[j] = -1
+
+    def _compact(self, entries: list[tuple[int, int, int]], where: list[tuple[_Job, int]],
+                 ) -> list[tuple[int, int, int]]:
+        """Move the sequences on the highest slots to the lowest free ones until no free slot lies below a running
+        one (each move: the backend's `_move`); returns `entries` with the moved slots."""
+        entries = list(entries)
+        by_slot = {slot: k for k, (_, _, slot) in enumerate(entries)}  # held rows' slots stay where they are
+        while self._free and by_slot and self._free[0] < max(by_slot):
+            src = max(by_slot)
+            dst = self._free.pop(0)
+            self._move(src, dst)
+            k = by_slot.pop(src)
+            job, j = where[k]
+            job.slots[j] = dst
+            tok, pos, _ = entries[k]
+            entries[k] = (tok, pos, dst)
+            by_slot[dst] = k
+            self._free.append(src)
+            self._free.sort()
+            self.stats.moves += 1
+        return entries
+
     def _release(self, job: _Job) -> None:
-        for s in job.slots:
-            self._drop(s)
-        self._free += job.slots
+        for j in range(len(job.slots)):
+            self._free_slot(job, j)
         job.slots = []
         if job in self._running:
             self._running.remove(job)

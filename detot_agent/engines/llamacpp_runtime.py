@@ -154,24 +154,32 @@ class LlamaContext:
             lib.llama_batch_free(batch)
 
     def decode_tokens(self, entries: list[tuple[int, int, int, bool]]) -> list[int]:
-        """Decode tokens `(token, position, seq, wants logits)`; returns each logits-bearing entry's batch index."""
+        """Decode tokens `(token, position, seq, wants logits)`; returns each logits-bearing entry's batch index
+        (in `entries`' order).
+
+        The batch holds the tokens sorted by sequence id, then position: with a KV stream per sequence, llama.cpp
+        splits a batch into micro-batches of *consecutive* sequence ids in batch order (`split_equal`, sequential),
+        each a full pass over the weights, so sequences 2, 3, 0, 1 in that order cost two passes where 0, 1, 2, 3
+        cost one. (Holes between the ids, 0, 1, 3, still cost a pass per run: the scheduler keeps its running
+        sequences on the lowest ids.)"""
         lib = self._lib
+        order = sorted(range(len(entries)), key=lambda i: (entries[i][2], entries[i][1]))
+        at = [0] * len(entries)  # entry index -> batch index
         batch = lib.llama_batch_init(len(entries), 0, 1)
-        out = []
         try:
-            for i, (token, pos, seq, logits) in enumerate(entries):
-                batch.token[i] = token
-                batch.pos[i] = pos
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = 1 if logits else 0
-                if logits:
-                    out.append(i)
+            for b, i in enumerate(order):
+                token, pos, seq, logits = entries[i]
+                batch.token[b] = token
+                batch.pos[b] = pos
+                batch.n_seq_id[b] = 1
+                batch.seq_id[b][0] = seq
+                batch.logits[b] = 1 if logits else 0
+                at[i] = b
             batch.n_tokens = len(entries)
             self._decode(batch)
         finally:
             lib.llama_batch_free(batch)
-        return out
+        return [at[i] for i, e in enumerate(entries) if e[3]]
 
     def logits(self, index: int) -> np.ndarray:
         """A copy of the logits the last decode produced at batch index `index`, `(n_vocab,)` float32."""

@@ -51,6 +51,7 @@ class ContinuousScheduler(ContinuousCore):
     """
 
     partial_steps = True  # a decode call takes any subset of the sequences: background rows can hold
+    compacts = True  # a KV stream per slot: each run of consecutive slots decodes as its own pass (`_move`)
 
     def __init__(self, ctx: LlamaContext, tokenizer: Any, eos_ids: set[int], *, max_running: int,
                  prefix_cache: int, max_wait_ms: float, lock: threading.Lock, exact: bool = False,
@@ -135,3 +136,7 @@ class ContinuousScheduler(ContinuousCore):
 
     def _drop(self, slot: int) -> None:
         self.ctx.seq_rm(slot)
+
+    def _move(self, src: int, dst: int) -> None:
+        self.ctx.seq_cp(src, dst)  # a copy of the stream's buffer at the next decode, no recompute
+        self.ctx.seq_rm(src)
