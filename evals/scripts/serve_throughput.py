@@ -29,7 +29,8 @@ def throughput(records: list[dict]) -> dict:
 
 def pairs(run: Path, other: Path) -> dict:
     """method -> McNemar of `run` against `other` on the problems both answered (methods in both runs)."""
-    shared = [m for m in run_records(run) if m in run_records(other)]
+    mine, theirs = run_records(run), run_records(other)
+    shared = [m for m, recs in mine.items() if recs and theirs.get(m)]  # methods with records in both
     return {row["method"]: {k: row[k] for k in ("problems", "only_run", "only_other", "p_value", "same_answer")}
             for row in (compare_runs(run, other, shared) if shared else [])}
 
