@@ -325,7 +325,7 @@ class ContinuousCore(QueueWorker):
         if not entries:
             return
         if self.compacts:
-            entries = self._compact(entries, where)
+            entries = self._lower_slots(entries, where)
         self.stats.batches += 1
         self.stats.sequences += len(entries)
         self.stats.largest = max(self.stats.largest, len(entries))
@@ -360,7 +360,7 @@ class ContinuousCore(QueueWorker):
             self._free.sort()  # lowest first: the running sequences stay on few runs of consecutive slots
             job.slots[j] = -1
 
-    def _compact(self, entries: list[tuple[int, int, int]], where: list[tuple[_Job, int]],
+    def _lower_slots(self, entries: list[tuple[int, int, int]], where: list[tuple[_Job, int]],
                  ) -> list[tuple[int, int, int]]:
         """Move the sequences on the highest slots to the lowest free ones until no free slot lies below a running
         one (each move: the backend's `_move`); returns `entries` with the moved slots."""

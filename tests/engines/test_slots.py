@@ -132,7 +132,7 @@ def test_compaction_moves_the_highest_running_sequences_into_the_lowest_holes():
     core = _bare_core([0, 2], [[1, 3], [5]])
     a, b = core._running
     where = [(a, 0), (a, 1), (b, 0)]
-    entries = core._compact([(7, 10, 1), (8, 10, 3), (9, 4, 5)], where)
+    entries = core._lower_slots([(7, 10, 1), (8, 10, 3), (9, 4, 5)], where)
     assert core.moved == [(5, 0), (3, 2)]
     assert entries == [(7, 10, 1), (8, 10, 2), (9, 4, 0)]  # tokens and positions kept, slots lowered
     assert a.slots == [1, 2] and b.slots == [0] and core._free == [3, 5]
