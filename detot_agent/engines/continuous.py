@@ -36,6 +36,7 @@ Example:
 
 from __future__ import annotations
 
+import bisect
 import queue
 import threading
 import time
@@ -356,12 +357,11 @@ class ContinuousCore(QueueWorker):
         slot = job.slots[j]
         if slot >= 0:
             self._drop(slot)
-            self._free.append(slot)
-            self._free.sort()  # lowest first: the running sequences stay on few runs of consecutive slots
+            bisect.insort(self._free, slot)  # lowest first: the running sequences stay on few runs of consecutive slots
             job.slots[j] = -1
 
     def _lower_slots(self, entries: list[tuple[int, int, int]], where: list[tuple[_Job, int]],
-                 ) -> list[tuple[int, int, int]]:
+                     ) -> list[tuple[int, int, int]]:
         """Move the sequences on the highest slots to the lowest free ones until no free slot lies below a running
         one (each move: the backend's `_move`); returns `entries` with the moved slots."""
         entries = list(entries)
@@ -376,8 +376,7 @@ class ContinuousCore(QueueWorker):
             tok, pos, _ = entries[k]
             entries[k] = (tok, pos, dst)
             by_slot[dst] = k
-            self._free.append(src)
-            self._free.sort()
+            bisect.insort(self._free, src)
             self.stats.moves += 1
         return entries
 

@@ -20,6 +20,10 @@ def _req(text: str, **cfg) -> Request:
     return Request(model="m", messages=(Message.user(text),), config=Config(**cfg))
 
 
+SHORT = _req("alpha beta", max_tokens=6)
+WIDE = _req("Tom has 3 apples", temperature=0.9, seed=4, max_tokens=24)  # drawn 3 times, the first greedy
+
+
 def low_and_consecutive(steps: list[list[int]]) -> bool:
     """Whether every decode step's sequences sit on slots 0..n-1."""
     return all(sorted(slots) == list(range(len(slots))) for slots in steps)
@@ -63,15 +67,14 @@ def _run_short_then_long(tiny_gguf, monkeypatch) -> tuple[list[list[int]], dict[
         return decode(self, entries)
 
     monkeypatch.setattr(ContinuousScheduler, "_decode", recording)
-    short, wide = _req("alpha beta", max_tokens=6), _req("Tom has 3 apples", temperature=0.9, seed=4, max_tokens=24)
     engine = LlamaCppEngine(str(tiny_gguf), max_batch_size=4, max_wait_ms=0)
     try:
         out: dict[str, object] = {}
-        first = threading.Thread(target=lambda: out.setdefault("short", engine.complete(short).text))
+        first = threading.Thread(target=lambda: out.setdefault("short", engine.complete(SHORT).text))
         first.start()
         while engine.batch_stats.get("batches", 0) < 1:  # the short row runs on slot 0
             time.sleep(0.001)
-        out["wide"] = [s.text for s in engine.sample(wide, 3, greedy=1)]  # slots 1-3, then lower
+        out["wide"] = [s.text for s in engine.sample(WIDE, 3, greedy=1)]  # slots 1-3, then lower
         first.join()
         return steps, out, engine.batch_stats
     finally:
@@ -81,9 +84,7 @@ def _run_short_then_long(tiny_gguf, monkeypatch) -> tuple[list[list[int]], dict[
 def test_running_sequences_move_to_the_lowest_slots_and_their_outputs_do_not_change(tiny_gguf, monkeypatch):
     static = LlamaCppEngine(str(tiny_gguf), max_batch_size=4, scheduler="static")
     try:
-        expected = {"short": static.complete(_req("alpha beta", max_tokens=6)).text,
-                    "wide": [s.text for s in static.sample(_req("Tom has 3 apples", temperature=0.9, seed=4,
-                                                                max_tokens=24), 3, greedy=1)]}
+        expected = {"short": static.complete(SHORT).text, "wide": [s.text for s in static.sample(WIDE, 3, greedy=1)]}
     finally:
         static.close()
     steps, out, stats = _run_short_then_long(tiny_gguf, monkeypatch)
