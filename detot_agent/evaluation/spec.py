@@ -38,7 +38,7 @@ class ContextSpec(StrictModel):
             `prompt_embeds`).
         device, dtype, max_batch_size, max_wait_ms: engine settings; scheduler: the local engines' (`continuous`
             or `static`, `EngineConfig.scheduler`); prefix_match: which cached prompts the continuous scheduler
-            reuses (`EngineConfig.prefix_match`).
+            reuses (`EngineConfig.prefix_match`); prefix_cache: how many prompts it keeps (`EngineConfig.prefix_cache`).
         index: exemplar index folder (demo pool), or None.
         soft_prompt: trained soft prompt folder for the DETOT methods, None (a text-initialised prompt), or
             `"none"` (no soft-prompt vectors).
@@ -69,6 +69,7 @@ class ContextSpec(StrictModel):
     max_wait_ms: float = Field(default=50.0, ge=0)
     scheduler: Literal["continuous", "static"] = "continuous"
     prefix_match: Literal["prefix", "exact"] = "prefix"
+    prefix_cache: int = Field(default=8, ge=0, le=64)
     index: str | None = None
     soft_prompt: str | None = None
     answer_format: AnswerFormat = AnswerFormat.NUMBER
@@ -118,7 +119,7 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
     else:
         lm = local_lm(spec.model, engine=spec.engine, device=spec.device, dtype=spec.dtype, cache=False,
                       max_batch_size=spec.max_batch_size, max_wait_ms=spec.max_wait_ms, scheduler=spec.scheduler,
-                      prefix_match=spec.prefix_match, **lm_kwargs)
+                      prefix_match=spec.prefix_match, prefix_cache=spec.prefix_cache, **lm_kwargs)
     vectors = task_embedding = None
     if spec.soft_prompt is not None and spec.soft_prompt != "none":
         from detot_agent.embedding.task_embedding import TaskEmbedding

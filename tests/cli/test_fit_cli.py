@@ -28,9 +28,10 @@ def test_fit_writes_a_folder_that_eval_serves_without_an_index(tiny_model_dir, m
     run = tmp_path / "run"
     result = runner.invoke(app, ["eval", "--suite", str(data), "--limit", "2", "--methods", "detot", "--fit", str(out),
                                  "--model", str(tiny_model_dir), "--max-tokens", "4", "--out", str(run),
-                                 "--device", "cpu", "--prefix-match", "exact"])
+                                 "--device", "cpu", "--prefix-match", "exact", "--threads", "6"])
     assert result.exit_code == 0, result.output
-    assert json.loads((run / "run.json").read_text())["prefix_match"] == "exact"
+    stored = json.loads((run / "run.json").read_text())
+    assert (stored["prefix_match"], stored["prefix_cache"]) == ("exact", 12)  # twice the problems in flight
     config = json.loads((run / "report.json").read_text())["methods"]["detot"]["config"]
     assert config["fit"] == str(out.resolve())
     assert config["adjustments"] == {k: v for k, v in report["adjustments"].items() if k != "applied"}
