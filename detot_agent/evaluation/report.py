@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from detot_agent.answers import AnswerFormat
+from detot_agent.evaluation.engine_use import engine_log, render_use, summarize_use
 from detot_agent.evaluation.metrics import accuracy, bootstrap_ci, paired
 from detot_agent.evaluation.names import is_detot
 from detot_agent.evaluation.paired import run_records
@@ -188,6 +189,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
         summary = summarize_method(records, _events(out / f"{method}.events.jsonl"))
         summary["complete"] = len(records) == len(ids)
         summary["config"] = configs.get(method, {})
+        summary["engine"] = summarize_use(engine_log(out, method).read())
         methods[method] = summary
         outcomes[method] = {r["id"]: bool(r["correct"]) for r in records}
         by_method[method] = records
@@ -292,6 +294,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         if m.get("shadow_trials_started"):
             lines += ["", f"Shadow trials of `{name}` started: {m['shadow_trials_started']} (a decided one has its row "
                       "in the re-optimizations table; one still collecting evidence at the end has none)."]
+    lines += render_use(report["methods"])
     return "\n".join(lines) + "\n"
 
 

@@ -36,6 +36,7 @@ from dspy.utils.parallelizer import ParallelExecutor
 
 from detot_agent.answers import AnswerFormat, numbers_equal
 from detot_agent.errors import ArtefactError, ConfigError
+from detot_agent.evaluation.engine_use import difference, engine_log
 from detot_agent.evaluation.methods import EvalContext, MethodRunner, build_method
 from detot_agent.evaluation.names import NAMES_VERSION, current
 from detot_agent.evaluation.rename_runs import upgrade_run
@@ -286,10 +287,19 @@ class LocalExecutor:
             # the window, count and cooldown go on from the log; without the evidence, wait for fresh answers
             monitor.restore(wait_for_fresh=not restored)
         saved = [_checkpoint_mark(program)]
+        engine = getattr(self.ctx.lm, "engine", None)
+        tracked = hasattr(engine, "batch_stats")  # local engines (the counters are empty before their first batch)
+
+        def counters() -> dict[str, float]:
+            return dict(getattr(engine, "batch_stats", {}))
+
+        before, written = counters(), [0]
 
         def one(ex: dspy.Example) -> dict[str, Any]:
             rec = answer_example(runner, ex, self.ctx.answer_format)
             sink.record(rec)
+            with sink.lock:
+                written[0] += 1
             if stateful and program is not None:
                 with sink.lock:
                     mark = _checkpoint_mark(program)
@@ -313,3 +323,7 @@ class LocalExecutor:
             if stateful and program is not None:
                 with sink.lock:
                     program.save(sink.program_path)
+            if tracked:  # what the engine did over this stretch of the method (`evaluation/engine_use.py`)
+                scheduler = getattr(getattr(engine, "config", None), "scheduler", None)
+                engine_log(sink.out, method).append(difference(before, counters(), records=written[0],
+                                                               scheduler=scheduler))
