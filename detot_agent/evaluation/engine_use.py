@@ -10,12 +10,14 @@ report` sums a method's lines into the report's engine table, the figures to rea
 that needs them. Ray actors keep their own engines: a run on the Ray executor writes no such file.
 
 Example:
-    >>> stretch = difference({"batches": 3, "prefix_hits": 1}, {"batches": 10, "prefix_hits": 4}, records=2)
-    >>> stretch["batches"], stretch["prefix_hits"], stretch["records"]
-    (7, 3, 2)
+    >>> before = {"batches": 3, "sequences": 6, "prefix_hits": 1, "prefix_misses": 1}
+    >>> stretch = difference(before, {"batches": 10, "sequences": 34, "prefix_hits": 4, "prefix_misses": 2},
+    ...                      records=2)
+    >>> stretch["batches"], stretch["sequences"], stretch["prefix_hits"], stretch["records"]
+    (7, 28, 3, 2)
     >>> total = summarize_use([stretch, stretch])
-    >>> total["prefix_hits"], total["records"], round(total["sequences_per_step"], 2)
-    (6, 4, 0.0)
+    >>> total["records"], total["sequences_per_step"], total["prefix_hit_rate"]
+    (4, 4.0, 0.75)
 """
 
 from __future__ import annotations

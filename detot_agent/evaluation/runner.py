@@ -325,5 +325,6 @@ class LocalExecutor:
                     program.save(sink.program_path)
             if tracked:  # what the engine did over this stretch of the method (`evaluation/engine_use.py`)
                 scheduler = getattr(getattr(engine, "config", None), "scheduler", None)
-                engine_log(sink.out, method).append(difference(before, counters(), records=written[0],
-                                                               scheduler=scheduler))
+                log = engine_log(sink.out, method)
+                log.read(repair=True)  # a line torn by a kill is cut off before this one follows it
+                log.append(difference(before, counters(), records=written[0], scheduler=scheduler))

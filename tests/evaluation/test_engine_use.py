@@ -37,9 +37,16 @@ def test_each_stretch_records_its_own_engine_counters_and_the_report_sums_them(t
         for key in ("batches", "sequences", "prompt_tokens_decoded", "prefix_misses"):
             assert sum(s[key] for s in cot + sc) == total[key], key
         assert set(cot[0]) == {*COUNTERS, "records", "scheduler"}
+        # a line torn by a kill is cut off when the next stretch appends, so the log stays readable
+        with (out / "sc.engine.jsonl").open("a") as f:
+            f.write('{"batches": 1')
+        (out / "sc.jsonl").write_text("\n".join((out / "sc.jsonl").read_text().splitlines()[:3]) + "\n")
+        run_eval(suite.examples, ["sc"], ctx, out, run=run, resume=True, threads=2, progress=False)
+        assert [s["records"] for s in _lines(out / "sc.engine.jsonl")] == [4, 1]
     finally:
         engine.close()
     report = write_report(out)
+    assert report["methods"]["sc"]["engine"]["records"] == 5
     use = report["methods"]["cot"]["engine"]
     assert use["records"] == 6 and use["batches"] == sum(s["batches"] for s in cot)
     assert use["sequences_per_step"] == use["sequences"] / use["batches"]
