@@ -62,8 +62,9 @@ def summarize_use(stretches: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def render_use(methods: dict[str, dict[str, Any]]) -> list[str]:
-    """Markdown lines of the engine table (methods with an `engine` summary; none: no lines)."""
-    rows = [(name, m["engine"]) for name, m in methods.items() if m.get("engine")]
+    """Markdown lines of the engine table: methods whose stretches decoded something (a method that re-voted
+    another's samples did not); none: no lines. Method names are in backticks, unlike the accuracy table's rows."""
+    rows = [(name, m["engine"]) for name, m in methods.items() if m.get("engine") and m["engine"]["batches"]]
     if not rows:
         return []
     lines = ["", "Engine use while each method ran (`<method>.engine.jsonl`; steps are batches under the static "
@@ -73,7 +74,7 @@ def render_use(methods: dict[str, dict[str, Any]]) -> list[str]:
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, e in rows:
         rate = "-" if e["prefix_hit_rate"] is None else f"{e['prefix_hit_rate']:.2f}"
-        lines.append(f"| {name} | {e['records']} | {e['batches']} | {e['sequences_per_step']:.1f} | "
+        lines.append(f"| `{name}` | {e['records']} | {e['batches']} | {e['sequences_per_step']:.1f} | "
                      f"{e['prefix_hits']} + {e['prefix_partial_hits']} / {e['prefix_misses']} | {rate} | "
                      f"{e['prompt_tokens_decoded']} | {e['prompt_tokens_reused']} | {e['evictions']} |")
     return lines

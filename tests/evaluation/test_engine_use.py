@@ -51,4 +51,4 @@ def test_each_stretch_records_its_own_engine_counters_and_the_report_sums_them(t
     assert use["records"] == 6 and use["batches"] == sum(s["batches"] for s in cot)
     assert use["sequences_per_step"] == use["sequences"] / use["batches"]
     md = (out / "report.md").read_text()
-    assert "Engine use while each method ran" in md and "| cot | 6 |" in md and "| sc | 4 |" in md
+    assert "Engine use while each method ran" in md and "| `cot` | 6 |" in md and "| `sc` | 5 |" in md
