@@ -192,13 +192,16 @@ class RecordSink:
         self.path = out / f"{method}.jsonl"
         self.events_path = out / f"{method}.events.jsonl"
         self.program_path = out / f"{method}.program.json"
-        self.lock = threading.Lock()  # program saves and methods.json
+        self.lock = threading.Lock()  # program saves, methods.json and the count below
+        self.written = 0  # records appended by this sink (one stretch of the method)
         self._records = record_log(self.path)
         self._events = JsonlLog(self.events_path, fsync=True)
 
     def record(self, rec: dict[str, Any]) -> None:
         """Append (and fsync) one finished example's record."""
         self._records.append(rec)
+        with self.lock:
+            self.written += 1
 
     def events(self, events: list[dict[str, Any]]) -> None:
         """Append (and fsync) monitor events that reached the driver from elsewhere."""
@@ -293,13 +296,11 @@ class LocalExecutor:
         def counters() -> dict[str, float]:
             return dict(getattr(engine, "batch_stats", {}))
 
-        before, written = counters(), [0]
+        before = counters()
 
         def one(ex: dspy.Example) -> dict[str, Any]:
             rec = answer_example(runner, ex, self.ctx.answer_format)
             sink.record(rec)
-            with sink.lock:
-                written[0] += 1
             if stateful and program is not None:
                 with sink.lock:
                     mark = _checkpoint_mark(program)
@@ -327,4 +328,4 @@ class LocalExecutor:
                 scheduler = getattr(getattr(engine, "config", None), "scheduler", None)
                 log = engine_log(sink.out, method)
                 log.read(repair=True)  # a line torn by a kill is cut off before this one follows it
-                log.append(difference(before, counters(), records=written[0], scheduler=scheduler))
+                log.append(difference(before, counters(), records=sink.written, scheduler=scheduler))
