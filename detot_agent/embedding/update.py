@@ -224,10 +224,11 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
 
     def preempting() -> contextlib.AbstractContextManager[Any]:
         """Serving first inside a step too: the model's passes pause at each layer while serving is in flight
-        (`engines/serving.py`, `ServingLoad.preempting`); yields what was waited (`count`, `seconds`)."""
+        (`engines/serving.py`, `ServingLoad.preempting`), `yield_to_serving` seconds in all for a pass (the
+        steps reset it: see below); yields what was waited (`count`, `seconds`, `budget`)."""
         if serving is None or model is None:
-            return contextlib.nullcontext(SimpleNamespace(count=0, seconds=0.0))
-        return serving.preempting(model, cfg.yield_to_serving)
+            return contextlib.nullcontext(SimpleNamespace(count=0, seconds=0.0, budget=None))
+        return serving.preempting(model, cfg.yield_to_serving, budget=cfg.yield_to_serving)
 
     def paused(pauses: Any) -> None:
         report.paused_s += pauses.seconds
@@ -259,6 +260,9 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
                 if waited > 0:
                     report.yielded_s += waited
                     report.yields += 1
+                # the step's pauses get what is left of the bound: a step waits `yield_to_serving` in all, so a
+                # trainer beside serving that never lulls still advances (one pause a layer would never end)
+                step_pauses.budget = max(0.0, cfg.yield_to_serving - waited)
             if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
                 report.budget_hit, step = True, step - 1
                 break

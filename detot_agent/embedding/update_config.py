@@ -61,7 +61,10 @@ class UpdateConfig(StrictModel):
         yield_to_serving: serving first: before each step, wait while a serving request is in flight in any of
             this process's engines (the training engine's `serving_load`, `engines/serving.py`), at most this many
             seconds (0: never wait); and inside a step, pause at each layer boundary of the model's forward and
-            backward passes while one is in flight, at most this many seconds a pause. The loop's
+            backward passes while one is in flight. A step waits at most this many seconds in all (its wait
+            for a lull, then its pauses, a validation pass's included, share the rest), and so does each judging
+            pass before and after the steps: under serving that never lulls, training still advances, a step
+            per its compute time plus this bound. The loop's
             re-optimization sets it; the time waited is in `UpdateReport.yielded_s` and `paused_s` and counts
             in `max_seconds`.
     """
