@@ -179,8 +179,8 @@ def bench_loop(
     train: Annotated[Path | None, typer.Option(help="GSM8K train JSONL for the exemplar index (default: "
                                                     "synthetic exemplars).")] = None,
     max_seconds: Annotated[float, typer.Option(help="Budget of one re-optimization.")] = 120.0,
-    yield_to_serving: Annotated[float, typer.Option(help="Seconds the trainer waits for a lull before each step "
-                                                         "(0: never).", min=0.0, max=60.0)] = 10.0,
+    yield_to_serving: Annotated[float, typer.Option(help="Seconds each training step waits for serving in "
+                                                         "all (0: never).", min=0.0, max=60.0)] = 30.0,
     judging: Annotated[str, typer.Option(help="replay, or shadow (the candidate answers every request in the "
                                               "background until the sequential test decides).")] = "replay",
     think: Annotated[float, typer.Option(help="Seconds between an answer and the next request (both phases).",

@@ -34,8 +34,9 @@ _MOVED = {"retrieval_steps": ("update", "retrieval_steps"), "retrieval_lr": ("up
 
 def _loop_update() -> UpdateConfig:
     """The training settings the loop starts from: `UpdateConfig`'s, with fewer steps (a re-optimization runs
-    beside serving), and serving first: each step waits up to 10 s for no request to be in flight."""
-    return UpdateConfig(steps=20, retrieval_steps=40, yield_to_serving=10.0)
+    beside serving), and serving first: each step of the model waits up to 30 s in all for serving (a lull before
+    it, pauses inside it), then runs."""
+    return UpdateConfig(steps=20, retrieval_steps=40, yield_to_serving=30.0)
 
 
 class ControllerConfig(StrictModel):

@@ -255,7 +255,8 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
     step_pauses = in_steps.enter_context(preempting())
     try:
         for step in range(1, total_steps + 1):
-            if serving is not None:  # serving first: start the step in a lull (engines/serving.py)
+            uses_model = lm_active and step <= cfg.steps  # a retrieval-only step is cheap: it does not wait
+            if serving is not None and uses_model:  # serving first: start the step in a lull (engines/serving.py)
                 waited = serving.wait_idle(cfg.yield_to_serving, quiet=QUIET_S)
                 if waited > 0:
                     report.yielded_s += waited

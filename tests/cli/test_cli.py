@@ -217,7 +217,7 @@ def test_bench_loop_writes_latency_of_both_phases(tiny_gguf, tmp_path):
     assert all(r["error"] is None for r in data["reoptimizations"])
     assert all("training" in r for r in data["reoptimizations"])  # the update's steps and waits (if it trained)
     assert "p99 busy/quiet" in " ".join(result.output.split())
-    assert data["yield_to_serving"] == 10.0 and data["judging"] == "replay"  # serving first by default
+    assert data["yield_to_serving"] == 30.0 and data["judging"] == "replay"  # serving first by default
 
 
 def test_bench_loop_with_shadow_judging_and_a_thinking_client(tiny_gguf, tmp_path):

@@ -11,10 +11,10 @@ the re-optimization has ended and its candidate's shadow trial runs, as many req
 by the candidate in the background until the sequential test decides (`shadowed_requests` counts those served
 while the trial still ran). Reported: p50 and p99 latency of each
 phase, their ratio, and the re-optimizations' own times and waits. Serving first: the trainer starts each step
-only in a lull (no serving request for `QUIET_S`, at most `yield_to_serving` seconds of waiting), a step that has
-started pauses at each layer boundary while a request is in flight (at most `yield_to_serving` seconds a pause;
-`ServingLoad.preempting`), and the replays and shadow answers are background rows the llama.cpp scheduler admits
-only when no serving row waits.
+only in a lull (no serving request for `QUIET_S`), a step that has started pauses at each layer boundary while a
+request is in flight, and a step waits `yield_to_serving` seconds in all, so a trainer beside a client that never
+pauses still advances (`ServingLoad.preempting`); the replays and shadow answers are background rows the
+llama.cpp scheduler admits only when no serving row waits.
 
 Example:
     >>> from detot_agent.cli.bench.loop import run_loop_bench
@@ -42,10 +42,10 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: int = 24, max_tokens: int = 48,
                    train: Path | None = None, index_size: int = 300, max_seconds: float = 120.0,
-                   yield_to_serving: float = 10.0, judging: str = "replay", think: float = 0.0) -> dict[str, Any]:
+                   yield_to_serving: float = 30.0, judging: str = "replay", think: float = 0.0) -> dict[str, Any]:
     """Serve `requests` questions quiet, then `requests` while re-optimizations run; returns the figures.
 
-    `yield_to_serving`: the trainer's wait for a lull before each step (`UpdateConfig`; 0: none). `judging`:
+    `yield_to_serving`: what each training step waits for serving in all (`UpdateConfig`; 0: none). `judging`:
     `replay` or `shadow` (the candidate also answers every request in the background until the sequential test
     decides). `think`: seconds between an answer and the next request, in both phases (0: back to back)."""
     import dspy
