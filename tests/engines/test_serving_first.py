@@ -96,6 +96,22 @@ def test_training_waits_for_a_lull_in_serving_only_when_told_to(encoder, tiny_en
         assert report.yields == 0 and report.yielded_s == 0.0 and report.pauses == 0
 
 
+def test_steps_that_train_only_the_retrieval_side_do_not_wait(encoder, tiny_engine):
+    te, items = _head(encoder, tiny_engine)
+    bank = encoder.encode(["What is 1 plus 1?", "Name a colour."])
+    items = [TrainingItem(query=it.query, example=it.example, positives=bank[:1], negatives=bank[1:])
+             for it in items]
+    SERVING.enter()
+    try:
+        report = te.update(items, engine=tiny_engine, steps=2, retrieval_steps=5, max_seconds=None,
+                           yield_to_serving=0.2)
+    finally:
+        SERVING.leave()
+    assert report.steps == 5
+    # the two steps of the model waited; the three contrastive-only ones (no model pass) did not
+    assert report.yields == 2 and report.yielded_s < 3 * 0.2
+
+
 def test_training_does_not_wait_when_nothing_is_served(encoder, tiny_engine):
     te, items = _head(encoder, tiny_engine)
     report = te.update(items, engine=tiny_engine, steps=2, max_seconds=None, yield_to_serving=5.0)
