@@ -262,7 +262,7 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
                     report.yielded_s += waited
                     report.yields += 1
                 # the step's pauses get what is left of the bound: a step waits `yield_to_serving` in all, so a
-                # trainer beside serving that never lulls still advances (one pause a layer would never end)
+                # trainer beside serving that never lulls still advances (a bound a pause let 48 waits stack up)
                 step_pauses.budget = max(0.0, cfg.yield_to_serving - waited)
             if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
                 report.budget_hit, step = True, step - 1
