@@ -85,6 +85,10 @@ def eval_run(
                                               "--feedback gold, else from agreement).")] = "replay",
     shadow_share: Annotated[float | None, typer.Option(help="With --judging shadow: the share of problems the "
                                                             "candidate also answers (default 0.25).")] = None,
+    shadow: Annotated[list[str] | None, typer.Option(
+        "--shadow", metavar="SETTING=VALUE", help="With --judging shadow: another ShadowConfig setting (repeatable), "
+        "e.g. workers=4, background=false (shadow answers compete with live problems as equals: evidence at the "
+        "pace of the stream, at the cost of latency), max_pending=8.")] = None,
     strategy: Annotated[str | None, typer.Option(help="The DETOT methods' reasoning: cot, pot (a program, run "
                                                       "safely) or mix (half each, votes pooled); default: task "
                                                       "analysis (cot).")] = None,
@@ -173,6 +177,7 @@ def eval_run(
     if shadow_share is not None and (judging != "shadow" or not 0 < shadow_share <= 1):
         raise ConfigError(f"--shadow-share takes a share in (0, 1] and needs --judging shadow, got {shadow_share} "
                           f"with --judging {judging}")
+    shadow_settings = _shadow_settings(shadow or [], judging)
     problems = missing_requirements(names, index=index is not None, k=k, fit=fit is not None)
     if problems:  # every requirement of every method, before anything loads
         raise ConfigError("; ".join(problems))
@@ -241,6 +246,7 @@ def eval_run(
                        weighting=weighting,  # type: ignore[arg-type]
                        reopt_cooldown=reopt_cooldown, loop_policies=[p.changes() for p in policies],
                        replay_items=replay_items, judging=judging, shadow_share=shadow_share,  # type: ignore[arg-type]
+                       shadow_settings=shadow_settings,
                        fit=None if fit is None else str(fit.resolve()),
                        questions=[ex.question for ex in examples[:5]])
     run = {"suite": loaded.name, "source": loaded.source, "seed": seed, "limit": limit, "draw": draw,
@@ -257,6 +263,7 @@ def eval_run(
            "reopt_cooldown": reopt_cooldown, "loop_policies": [p.describe() for p in policies],
            "replay_items": replay_items, **({"fit": str(fit)} if fit is not None else {}),
            **({"judging": judging, "shadow_share": shadow_share} if judging != "replay" else {}),
+           **({"shadow": shadow_settings} if shadow_settings else {}),
            "canary": None if canary_file is None else {"file": str(canary_file), "size": len(canary)},
            "command": "detot " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
            "model": resolve_model_source(None).name if model is None else model}
@@ -330,3 +337,20 @@ def eval_methods() -> None:
                 console.print(line, markup=False, highlight=False)
     console.print(f"ablations: <detot method>-<part>[+<part>], parts: {', '.join(methods.ABLATABLE)}",
                   markup=False, highlight=False)
+
+
+def _shadow_settings(texts: list[str], judging: str) -> dict[str, Any]:
+    """`["workers=4", "background=false"]` -> ShadowConfig fields, validated now (`ConfigError` naming the bad one)."""
+    from detot_agent.detot.shadow import ShadowConfig
+
+    if texts and judging != "shadow":
+        raise ConfigError(f"--shadow {texts[0]} needs --judging shadow, got --judging {judging}")
+    settings: dict[str, Any] = {}
+    for text in texts:
+        name, eq, value = (part.strip() for part in text.partition("="))
+        if not eq or name in ("share", "outcomes"):
+            raise ConfigError(f"--shadow takes SETTING=VALUE (a ShadowConfig field other than share and outcomes, "
+                              f"which --shadow-share and --feedback set), got {text!r}")
+        settings[name] = value
+    checked = ShadowConfig(**settings)  # unknown names and bad values are refused here, before anything loads
+    return {name: getattr(checked, name) for name in settings}

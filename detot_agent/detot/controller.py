@@ -22,7 +22,8 @@ training and held-out parts (every `holdout_every`-th record is held out), then:
 
 The code reads in the order it runs: `_gather`, `_train`, `_judge` (one `Verdict` per side), `_publish`. Errors inside
 re-optimization are logged and leave the old state serving. Beside it: the evidence buffer (`evidence.py`), the
-background runner (`runner.py`) and every judging rule, replay and proxies alike (`judging.py`).
+background runner (`runner.py`), the judging rules (`judging.py`), shadow trials (`shadow.py`) and policies
+(`policy_trials.py`).
 
 Example:
     >>> from detot_agent.detot.records import TaskState
@@ -40,12 +41,11 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from detot_agent.detot.controller_config import ControllerConfig
-from detot_agent.detot.evidence import EvidenceBuffer
+from detot_agent.detot.evidence import EvidenceBuffer, Split
 from detot_agent.detot.judging import (
     PROBES,
     ReoptimizationStopped,
@@ -57,7 +57,7 @@ from detot_agent.detot.judging import (
     separation,
 )
 from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
-from detot_agent.detot.policy_trials import try_policies
+from detot_agent.detot.policy_trials import propose_policy, try_policies
 from detot_agent.detot.records import Evidence, Replayed, TaskState, Verdict
 from detot_agent.detot.runner import BackgroundRunner
 from detot_agent.detot.shadow import ShadowJudge, shadow_decision, start_trial
@@ -67,17 +67,6 @@ from detot_agent.errors import ConfigError
 from detot_agent.retrieval.index import ExemplarIndex
 
 __all__ = ["Controller", "ControllerConfig", "Evidence", "TaskState"]
-
-
-@dataclass(frozen=True)
-class _Split:
-    """Evidence for one re-optimization: what trains, what judges, and which parts can be judged."""
-
-    evidence: list[Evidence]
-    train: list[Evidence]
-    held: list[Evidence]
-    judge_soft: bool
-    judge_retrieval: bool
 
 
 class Controller:
@@ -152,7 +141,7 @@ class Controller:
         if self.judge is not None:
             self.judge.forget()
         if self.shadow is not None:
-            self.shadow.trial = None  # a trial against what served before is over
+            self.shadow.stop()  # a trial against what served before is over
         self._state = state
 
     # ---- evidence (detot/evidence.py) ------------------------------------------------------------
@@ -217,12 +206,17 @@ class Controller:
 
     def reoptimize(self) -> ReoptimizationEvent:
         """Run one re-optimization synchronously: gather, train, judge, publish (or roll back); then try the
-        configured policies (`ControllerConfig.policies`). Returns the embedding step's event; every event,
-        policy trials included, goes to the monitor's log and `history`."""
+        configured policies (`ControllerConfig.policies`; under shadow judging an undecided policy's trial starts
+        instead, before any training). Returns the first event; every event goes to the monitor and `history`."""
         with self._reopt_lock, background_work():  # its replays let live requests go first (`GenRow.background`)
+            started = None if self.shadow is None or self.shadow.trial is not None else \
+                propose_policy(self.shadow, self.config.policies, self._state)
+            if started is not None:
+                self._record(started)
+                return started
             event = self._reoptimize_embedding()
             self._record(event)
-            if self.config.policies and self.replay is not None:
+            if self.config.policies and self.replay is not None and self.shadow is None:
                 for trial in self._try_policies():
                     self._record(trial)
                     if trial.accepted:
@@ -275,7 +269,7 @@ class Controller:
         version = self._state.version
         return [e for e in self.evidence() if e.version == version and all(d in self.index for d in e.demo_ids)]
 
-    def _gather(self) -> _Split:
+    def _gather(self) -> Split:
         """Split the buffer into training and held-out records; decide which parts the held-out can judge."""
         cfg = self.config
         evidence = self._usable()
@@ -306,10 +300,10 @@ class Controller:
         judge_retrieval = any(e.good(cfg.replay.good_agreement) and e.demo_ids for e in basis)
         if not judge_soft and not judge_retrieval:
             raise ReoptimizationStopped(f"{nothing}; kept the old state without training")
-        return _Split(evidence, train, held, judge_soft, judge_retrieval)
+        return Split(evidence, train, held, judge_soft, judge_retrieval)
 
     # ---- 2. train ------------------------------------------------------------------------------------
-    def _train(self, old: TaskState, split: _Split) -> TaskEmbedding:
+    def _train(self, old: TaskState, split: Split) -> TaskEmbedding:
         """Train a copy of the task embedding on the judgeable sides; the serving state is never touched."""
         from detot_agent.embedding.update import TrainingItem
 
@@ -353,7 +347,7 @@ class Controller:
         return [ex for ex in map(self._example, records) if ex is not None]
 
     # ---- 3. judge ------------------------------------------------------------------------------------
-    def _judge(self, old: TaskState, candidate: TaskEmbedding, split: _Split, start: float) -> list[Verdict]:
+    def _judge(self, old: TaskState, candidate: TaskEmbedding, split: Split, start: float) -> list[Verdict]:
         """By paired replay when the controller can replay (one verdict for the whole candidate), else one
         proxy verdict per judged side, each on its own held-out measure (higher is better)."""
         if self.replay is not None:

@@ -62,9 +62,12 @@ class ControllerConfig(StrictModel):
             embedding step of each re-optimization, every listed policy other than the serving one is judged
             against the serving state by paired replay on **gold items only** (held-out records given
             feedback, and the canary set), each test spending the error budget, each with its own
-            `max_seconds`; the first that passes is published (one change per re-optimization). Empty (the
-            default): the loop never changes how the task reasons or votes. Needs a replaying controller
-            (inside `DETOT`); `pot` and `mix` need a batched engine.
+            `max_seconds`; the first that passes is published (one change per re-optimization). Under
+            `judging="shadow"` each listed policy is instead shadow-judged, first (it needs no training): a
+            trigger with no trial running proposes the first policy whose evidence does not decide yet, and
+            trains the embedding only once every policy is decided. Empty (the default): the loop never changes
+            how the task reasons or votes. Needs a replaying controller (inside `DETOT`); `pot` and `mix` need a
+            batched engine.
         judging: how a trained candidate is judged: `replay` (paired replay of held-out and canary items, at
             the halving error budget of `replay.alpha`) or `shadow` (a share of live requests is also answered by
             the candidate in the background; each gold answer that arrives is one paired outcome of an

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import threading
 from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 
 from detot_agent.detot.records import Evidence
 from detot_agent.errors import ArtefactError, ConfigError
 from detot_agent.io.jsonlog import JsonlLog
 
-__all__ = ["EvidenceBuffer"]
+__all__ = ["EvidenceBuffer", "Split"]
 
 
 class EvidenceBuffer:
@@ -108,3 +109,15 @@ def _outcome(ev: Evidence, correct: bool, gold_key: str | None) -> None:
     ev.gold_key = gold_key
     if gold_key is not None:
         ev.gold_target = next((s.text for s in ev.samples if s.key == gold_key), None)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Evidence for one re-optimization (`Controller._gather`): what trains, what judges, and which parts can be
+    judged."""
+
+    evidence: list[Evidence]
+    train: list[Evidence]
+    held: list[Evidence]
+    judge_soft: bool
+    judge_retrieval: bool

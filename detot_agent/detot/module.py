@@ -221,6 +221,7 @@ class DETOT(PersistentModule):
         `q(x)` and `P(x)` come from one snapshot."""
         query = self.encoder.encode([text])[0]  # (dim,)
         q, soft, _ = state.embedding.serve(query) if state.embedding is not None else (query, None, 0)
+        soft = soft if state.serves_soft_prompt else None  # a policy may serve without the vectors
         retrieved, demo_ids = self._demos(state, q, text)
         return query, soft, self._prompt_demos(retrieved), demo_ids
 

@@ -1,9 +1,12 @@
-"""The loop's policy trials: each `Policy` listed in `ControllerConfig.policies` (a reasoning strategy or vote
-weighting) judged against the serving state by paired replay on gold items (`Controller._try_policies`).
+"""The loop's policy trials: each `Policy` listed in `ControllerConfig.policies` (a reasoning strategy, vote
+weighting, demo count, temperature or the soft prompt's switch) judged against the serving state: by paired replay
+on gold items (`try_policies`, `judging="replay"`), or as a shadow trial on live requests (`propose_policy`,
+`judging="shadow"`: a policy needs no training, so its trial can start at the loop's first trigger).
 
 Example:
     >>> events = list(try_policies(cfg.policies, serving=lambda: controller.state, held=controller._usable,
     ...                            judge=controller._judge_replay, publish=controller.publish))  # doctest: +SKIP
+    >>> event = propose_policy(controller.shadow, cfg.policies, controller.state)  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -16,9 +19,32 @@ from collections.abc import Callable, Iterator, Sequence
 from detot_agent.detot.judging import ReoptimizationStopped
 from detot_agent.detot.monitor import ReoptimizationEvent
 from detot_agent.detot.records import Evidence, TaskState, Verdict
+from detot_agent.detot.shadow import ShadowJudge, propose_state
 from detot_agent.detot.task import Policy
 
-__all__ = ["try_policies"]
+__all__ = ["policy_key", "propose_policy", "try_policies"]
+
+
+def policy_key(policy: Policy, serving: TaskState) -> str:
+    """A policy candidate's name in the shadow judge: the policy served, over the serving version it is compared
+    with (a policy rejected against one state may be tried again against a later one)."""
+    return f"policy {policy.describe()} over version {serving.version}"
+
+
+def propose_policy(judge: ShadowJudge, policies: Sequence[Policy], old: TaskState) -> ReoptimizationEvent | None:
+    """Start the shadow trial of the first listed policy that changes what `old` serves and whose evidence does not
+    decide yet; returns its event, or None when no policy is left to try (then the loop trains an embedding)."""
+    for policy in policies:
+        new_policy = policy.merged(old.policy)
+        if new_policy == old.policy:
+            continue  # already serving
+        key = policy_key(new_policy, old)
+        if judge.decided(key):
+            continue  # accepted or rejected before: its evidence is kept, not re-spent
+        embedding = copy.deepcopy(old.embedding)  # a copy: publishing sets its version, the old state is not touched
+        return propose_state(judge, old, TaskState(old.version + 1, embedding, new_policy), key,
+                             f"policy {policy.describe()}")
+    return None
 
 
 def try_policies(policies: Sequence[Policy], *, serving: Callable[[], TaskState], held: Callable[[], list[Evidence]],

@@ -88,6 +88,11 @@ class TaskState:
         return adjustments if self.policy is None else self.policy.apply(adjustments)
 
     @property
+    def serves_soft_prompt(self) -> bool:
+        """Whether calls under this state get the soft-prompt vectors (a policy may switch them off)."""
+        return self.policy is None or self.policy.soft_prompt is not False
+
+    @property
     def soft_prompt(self) -> torch.Tensor | None:
         """`P0`, the input-independent part of the soft prompt (None without a head)."""
         head = None if self.embedding is None else self.embedding.head

@@ -22,6 +22,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import hashlib
 import json
@@ -41,8 +42,8 @@ from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.generation import background_work
 from detot_agent.errors import ArtefactError
 
-__all__ = ["ShadowConfig", "ShadowJudge", "Trial", "agreement_outcome", "embedding_key", "selected", "shadow_decision",
-           "start_trial"]
+__all__ = ["ShadowConfig", "ShadowJudge", "Trial", "agreement_outcome", "embedding_key", "propose_state", "selected",
+           "shadow_decision", "start_trial"]
 
 
 class ShadowConfig(StrictModel):
@@ -59,6 +60,17 @@ class ShadowConfig(StrictModel):
         min_diversity: veto when the candidate's distinct shadow answers fall below this share of the serving
             state's on the same requests.
         veto_after: shadow answers needed before the veto is checked.
+        max_pending: the most shadow answers queued or running at once; a selected request that finds the backlog
+            full is not shadowed (counted in the trial's `skipped`). Under a client that never lets the engine
+            rest, background answers run slower than requests arrive: without a bound the backlog grows with the
+            stream, and its answers arrive too late to decide anything.
+        workers: shadow answers run at once (threads); the candidate answers at most this many requests at a time.
+        background: True (the default): shadow answers are background work (`background_work()`: live requests go
+            first; under a client that never pauses they wait their patience and run on a quarter of the slots, so
+            they cover a small share of the stream: 15 of 170 problems on the prequential GSM8K run). False: they
+            compete with live requests as equals, so evidence comes at the pace of traffic (with `workers` about
+            the number of requests in flight), at the cost of serving latency: a choice for a stream whose
+            latency matters less than a decision (an offline or batch service, a prequential eval).
     """
 
     share: float = Field(default=0.25, gt=0, le=1)
@@ -67,6 +79,9 @@ class ShadowConfig(StrictModel):
     rules: SequentialRules = Field(default_factory=SequentialRules)
     min_diversity: float = Field(default=0.5, ge=0, le=1)
     veto_after: int = Field(default=10, ge=2)
+    max_pending: int = Field(default=8, ge=1)
+    workers: int = Field(default=1, ge=1, le=64)
+    background: bool = True
 
 
 def selected(request_id: str, share: float) -> bool:
@@ -82,6 +97,7 @@ class Trial:
     key: str
     state: TaskState
     test: PairedBettingTest
+    change: str = "embedding"  # what the candidate changes, as the event log names it
     pairs: dict[str, tuple[Replayed, Future[Replayed]]] = field(default_factory=dict)  # request id -> (served, shadow)
     gold: dict[str, str] = field(default_factory=dict)  # request id -> gold answer whose shadow answer is pending
     # tallied as each shadow answer finishes (so a decision's checks cost the same at the 10th pair and the 10,000th):
@@ -90,6 +106,8 @@ class Trial:
     answered: int = 0  # shadow answers that did not fail
     ours: set[str] = field(default_factory=set)  # their distinct answers
     theirs: set[str] = field(default_factory=set)  # the served answers' distinct answers on the same requests
+    pending: int = 0  # shadow answers queued or running (bounded by `ShadowConfig.max_pending`)
+    skipped: int = 0  # selected requests not shadowed because the backlog was full
 
 
 class ShadowJudge:
@@ -107,15 +125,35 @@ class ShadowJudge:
         self.budget = ErrorBudget(self.config.rules.alpha)
         self.tests: dict[str, PairedBettingTest] = {}  # every candidate's evidence, by key
         self.trial: Trial | None = None
-        self._lock = threading.Lock()
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="detot-shadow")  # low priority: one
+        self._lock = threading.RLock()  # re-entered: cancelling a queued answer (under it) runs its callback
+        self._worker = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="detot-shadow")
 
-    def propose(self, state: TaskState, key: str) -> None:
-        """Start the trial of candidate `state` named `key` (a key seen before continues its evidence)."""
+    def propose(self, state: TaskState, key: str, change: str = "embedding") -> None:
+        """Start the trial of candidate `state` named `key` (a key seen before continues its evidence); `change`
+        names what it changes in the event log. A running trial ends (its queued shadow answers are cancelled)."""
         with self._lock:
             test = self.tests.setdefault(key, PairedBettingTest(self.config.rules))
             self.budget.level(key)  # fixed at its first trial
-            self.trial = Trial(key, state, test)
+            self._end()
+            self.trial = Trial(key, state, test, change)
+
+    def decided(self, key: str) -> bool:
+        """Whether candidate `key` was tested and its evidence already decides (accept or reject)."""
+        with self._lock:
+            test = self.tests.get(key)
+            return test is not None and test.decision(level=self.budget.level(key)) != "continue"
+
+    def stop(self) -> None:
+        """End the running trial without a decision (its evidence is kept; queued shadow answers are cancelled)."""
+        with self._lock:
+            self._end()
+
+    def _end(self) -> None:
+        """End the running trial (under the lock): queued shadow answers that have not started are cancelled."""
+        trial, self.trial = self.trial, None
+        if trial is not None:
+            for _, future in trial.pairs.values():
+                future.cancel()
 
     def shadow(self, request_id: str, inputs: dict[str, Any] | None,
                served: Replayed | None) -> Future[Replayed] | None:
@@ -123,16 +161,27 @@ class ShadowJudge:
         trial = self.trial
         if trial is None or inputs is None or served is None or not selected(request_id, self.config.share):
             return None
+        with self._lock:
+            if trial.pending >= self.config.max_pending:
+                trial.skipped += 1
+                return None
+            trial.pending += 1
         context = contextvars.copy_context()  # the caller's `dspy.context` (its LM, its settings) holds there too
         future = self._worker.submit(context.run, self._answer, trial, served, inputs)
+        future.add_done_callback(lambda _: self._settled(trial))  # also when cancelled
         with self._lock:
             if self.trial is trial:
                 trial.pairs[request_id] = (served, future)
         return future
 
+    def _settled(self, trial: Trial) -> None:
+        with self._lock:
+            trial.pending -= 1
+
     def _answer(self, trial: Trial, served: Replayed, inputs: dict[str, Any]) -> Replayed:
         try:
-            with background_work():  # the engine serves live requests first (`GenRow.background`)
+            # the engine serves live requests first (`GenRow.background`), unless configured as their equal
+            with background_work() if self.config.background else contextlib.nullcontext():
                 answer = self.replay(trial.state, inputs)
         except Exception:
             with self._lock:
@@ -210,8 +259,9 @@ class ShadowJudge:
     def _decide(self, trial: Trial) -> tuple[str, dict[str, Any], TaskState] | None:
         """The trial's decision after its latest outcome (called under the lock); ends the trial when reached."""
         level = self.budget.level(trial.key)
-        stats = {"candidate": trial.key, "level": level, "futility_level": self.config.rules.futility,
-                 "outcomes_from": self.config.outcomes, **trial.test.stats()}
+        stats = {"candidate": trial.key, "change": trial.change, "level": level,
+                 "futility_level": self.config.rules.futility, "outcomes_from": self.config.outcomes,
+                 "shadowed": len(trial.pairs), "skipped_backlog_full": trial.skipped, **trial.test.stats()}
         veto = self._veto(trial)
         decision = "reject" if veto else trial.test.decision(level=level)
         if veto:
@@ -220,7 +270,7 @@ class ShadowJudge:
             return None
         if decision == "accept":
             self.budget.record_accept(trial.key)
-        self.trial = None
+        self._end()
         return decision, stats, trial.state
 
     def _veto(self, trial: Trial) -> str | None:
@@ -248,7 +298,8 @@ class ShadowJudge:
         budget = ErrorBudget.from_json(data.get("budget", {}))
         tests = {str(k): PairedBettingTest.from_json(v, self.config.rules) for k, v in data["tests"].items()}
         with self._lock:
-            self.budget, self.tests, self.trial = budget, tests, None
+            self._end()
+            self.budget, self.tests = budget, tests
 
 
 def agreement_outcome(candidate: Replayed, served: Replayed, margin: float) -> int:
@@ -281,17 +332,25 @@ def embedding_key(embedding: TaskEmbedding) -> str:
 
 def start_trial(judge: ShadowJudge, old: TaskState, candidate: TaskEmbedding) -> ReoptimizationEvent:
     """Propose a trained candidate for shadow judging; the event says that a trial started (nothing is published)."""
-    key = embedding_key(candidate)
+    return propose_state(judge, old, TaskState(old.version + 1, candidate, old.policy), embedding_key(candidate),
+                         "embedding")
+
+
+def propose_state(judge: ShadowJudge, old: TaskState, state: TaskState, key: str, change: str) -> ReoptimizationEvent:
+    """Start the shadow trial of candidate `state` (named `key`, changing `change`) against `old`; the event says
+    that a trial started (nothing is published)."""
     known = key in judge.tests
-    judge.propose(TaskState(old.version + 1, candidate, old.policy), key)
+    judge.propose(state, key, change)
     test = judge.tests[key]
+    name = f"candidate {key[:12]}" if change == "embedding" else change
     return ReoptimizationEvent(
-        accepted=False, decided=False, change="embedding (shadow trial)", version_before=old.version,
+        accepted=False, decided=False, change=f"{change} (shadow trial)", version_before=old.version,
         version_after=old.version,
-        reason=(f"shadow trial started: candidate {key[:12]} answers {judge.config.share:.0%} of live requests in "
-                f"the background; decided by the sequential test at level {judge.budget.level(key):.4g}"
+        reason=(f"shadow trial started: {name} answers {judge.config.share:.0%} of live requests in the background "
+                f"(at most {judge.config.max_pending} pending); decided by the sequential test at level "
+                f"{judge.budget.level(key):.4g}"
                 + (f", continuing its {test.outcomes} earlier paired outcomes" if known else "")),
-        verdicts=[{"part": "shadow", "candidate": key, **test.stats()}])
+        verdicts=[{"part": "shadow", "candidate": key, "change": change, **test.stats()}])
 
 
 def shadow_decision(decided: tuple[str, dict[str, Any], TaskState], serving: TaskState,
@@ -310,6 +369,7 @@ def shadow_decision(decided: tuple[str, dict[str, Any], TaskState], serving: Tas
            "stale: another state was published during the trial" if decision == "accept" else
            f"rejected for futility or at the cap after {stats['outcomes']} paired outcomes ({stats['wins']} wins, "
            f"{stats['losses']} losses; futility e-value {stats['futility_wealth']:.3g})")
-    return ReoptimizationEvent(accepted=accepted, change="embedding (shadow trial)", reason=why,
-                               version_before=serving.version, version_after=state.version if accepted else
-                               serving.version, verdicts=[{"part": "shadow", **stats}])
+    return ReoptimizationEvent(accepted=accepted, change=f"{stats.get('change', 'embedding')} (shadow trial)",
+                               reason=why, version_before=serving.version,
+                               version_after=state.version if accepted else serving.version,
+                               verdicts=[{"part": "shadow", **stats}])

@@ -156,6 +156,8 @@ class Policy(StrictModel):
         weighting: `uniform`, `cisc` or `filter` (None: keep the task's).
         temperature: the sampling temperature (None: keep the task's).
         k_exemplars: demos retrieved per call (None: keep the task's; more than 0 needs exemplars in the index).
+        soft_prompt: False serves without the task embedding's soft-prompt vectors (retrieval still uses it),
+            True with them again (None: keep the state's). `detot fit` ships no prompt when none earns its place.
 
     The fields are the configuration space `detot fit` races (`FitConfig`), so the loop can propose what a fit
     would choose.
@@ -166,24 +168,28 @@ class Policy(StrictModel):
         ('pot', 'strategy=pot')
         >>> Policy.parse("temperature=0.3, k_exemplars=0").describe()
         'temperature=0.3, k_exemplars=0'
+        >>> Policy.parse("soft_prompt=off").describe()
+        'soft_prompt=off'
     """
 
     strategy: str | None = Field(default=None, pattern="^(cot|pot|mix)$")
     weighting: Weighting | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     k_exemplars: int | None = Field(default=None, ge=0, le=32)
+    soft_prompt: bool | None = None
 
     @model_validator(mode="after")
     def _changes_something(self) -> Policy:
         if not self.changes():
-            raise ConfigError("a policy sets strategy, weighting, temperature or k_exemplars (at least one)")
+            raise ConfigError("a policy sets strategy, weighting, temperature, k_exemplars or soft_prompt (at least "
+                              "one)")
         return self
 
     def changes(self) -> dict[str, Any]:
         """The fields it sets."""
         return {k: v for k, v in (("strategy", self.strategy), ("weighting", self.weighting),
-                                  ("temperature", self.temperature), ("k_exemplars", self.k_exemplars))
-                if v is not None}
+                                  ("temperature", self.temperature), ("k_exemplars", self.k_exemplars),
+                                  ("soft_prompt", self.soft_prompt)) if v is not None}
 
     @classmethod
     def parse(cls, text: str) -> Policy:
@@ -200,7 +206,8 @@ class Policy(StrictModel):
             name, eq, value = part.partition("=")
             if not eq or name.strip() not in cls.model_fields:
                 raise ConfigError(f"policy {text!r}: expected strategy=cot|pot|mix, weighting=uniform|cisc|filter, "
-                                  f"temperature=T and/or k_exemplars=K, comma-separated; got {part!r}")
+                                  f"temperature=T, k_exemplars=K and/or soft_prompt=on|off, comma-separated; got "
+                                  f"{part!r}")
             fields[name.strip()] = value.strip()
         return cls(**fields)  # type: ignore[arg-type]
 
@@ -209,12 +216,14 @@ class Policy(StrictModel):
         return self if base is None else Policy(**{**base.changes(), **self.changes()})
 
     def apply(self, adjustments: Adjustments) -> Adjustments:
-        """`adjustments` with this policy's fields in place of the task's."""
-        return adjustments.model_copy(update=self.changes())
+        """`adjustments` with this policy's fields in place of the task's (the soft prompt is the state's: it is
+        not an adjustment; `TaskState.serves_soft_prompt`)."""
+        return adjustments.model_copy(update={k: v for k, v in self.changes().items() if k != "soft_prompt"})
 
     def describe(self) -> str:
         """`strategy=pot, weighting=cisc`."""
-        return ", ".join(f"{k}={getattr(v, 'value', v)}" for k, v in self.changes().items())
+        return ", ".join(f"{k}={('on' if v else 'off') if isinstance(v, bool) else getattr(v, 'value', v)}"
+                         for k, v in self.changes().items())
 
 
 _QUANTITY = re.compile(r"\d+(?:[.,]\d+)?")

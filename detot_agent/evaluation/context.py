@@ -54,6 +54,7 @@ class EvalContext:
     replay_items: int | None = None  # held-out records replayed per judgement (None: ControllerConfig's)
     judging: str = "replay"  # or "shadow": a looping method's candidates answer a share of live requests too
     shadow_share: float | None = None  # that share (None: ShadowConfig's)
+    shadow_settings: dict[str, Any] = field(default_factory=dict)  # other ShadowConfig fields (`--shadow K=V`)
     no_soft_prompt: bool = False  # `--soft-prompt none`: the DETOT methods run without soft-prompt vectors
     strategy: str | None = None  # the DETOT methods' reasoning strategy (None: task analysis decides)
     weighting: str | None = None  # the DETOT methods' vote weighting (None: task analysis decides)

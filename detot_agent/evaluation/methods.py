@@ -254,6 +254,7 @@ class DetotMethod(MethodRunner):
             loop["replay_items"] = ctx.replay_items
         if ctx.judging == "shadow" and self.background:  # gold outcomes from feedback, else from agreement
             loop.update(judging="shadow", shadow={"outcomes": "gold" if ctx.feedback == "gold" else "agreement",
+                                                  **ctx.shadow_settings,
                                                   **({"share": ctx.shadow_share} if ctx.shadow_share else {})})
         self.program = DETOT(SIGNATURE, task=self.task, index=ctx.index, encoder=ctx.encoder, lm=ctx.lm,
                              adjustments=self.adjustments,

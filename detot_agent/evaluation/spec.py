@@ -55,6 +55,7 @@ class ContextSpec(StrictModel):
         judging: how a looping DETOT judges its candidates: `replay`, or `shadow` (a share of live requests is also
             answered by the candidate; paired outcomes from gold feedback, or from agreement without feedback).
         shadow_share: the share of requests shadowed (None: `ShadowConfig`'s).
+        shadow_settings: other `ShadowConfig` fields for a looping DETOT (`{"workers": 4, "background": False}`).
         questions: a few of the suite's questions (DETOT's task analysis reads them).
         fit: a fit folder (`detot fit`) whose shipped configuration and task embedding the DETOT methods serve.
     """
@@ -90,6 +91,7 @@ class ContextSpec(StrictModel):
     replay_items: int | None = Field(default=None, ge=1)
     judging: Literal["replay", "shadow"] = "replay"
     shadow_share: float | None = Field(default=None, gt=0, le=1)
+    shadow_settings: dict[str, Any] = Field(default_factory=dict)
     questions: list[str] = Field(default_factory=list)
     fit: str | None = None
 
@@ -147,4 +149,5 @@ def build_context(spec: ContextSpec, **lm_kwargs: Any) -> EvalContext:
                        reopt_cooldown=spec.reopt_cooldown,
                        loop_policies=[Policy(**p) for p in spec.loop_policies],
                        replay_items=spec.replay_items, judging=spec.judging, shadow_share=spec.shadow_share,
+                       shadow_settings=dict(spec.shadow_settings),
                        questions=list(spec.questions), fit=spec.fit)

@@ -247,7 +247,11 @@ def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiari
              (["--methods", "detot_loop", "--judging", "vote"], "--judging must be replay or shadow"),
              (["--methods", "detot_loop", "--shadow-share", "0.5"], "needs --judging shadow, got 0.5 with "
                                                                    "--judging replay"),
-             (["--methods", "detot_loop", "--judging", "shadow", "--shadow-share", "1.5"], "a share in \\(0, 1\\]")]
+             (["--methods", "detot_loop", "--judging", "shadow", "--shadow-share", "1.5"], "a share in \\(0, 1\\]"),
+             (["--methods", "detot_loop", "--shadow", "workers=2"], "needs --judging shadow"),
+             (["--methods", "detot_loop", "--judging", "shadow", "--shadow", "worker=2"], "worker: unknown setting"),
+             (["--methods", "detot_loop", "--judging", "shadow", "--shadow", "workers=0"], "workers"),
+             (["--methods", "detot_loop", "--judging", "shadow", "--shadow", "share=1"], "SETTING=VALUE")]
     for args, why in cases:
         result = runner.invoke(app, ["eval", "--suite", suite, *args, "--model", "/nonexistent/model"])
         assert isinstance(result.exception, ConfigError), result.output

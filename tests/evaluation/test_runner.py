@@ -296,8 +296,10 @@ def test_shadow_judging_reaches_the_looping_method_with_outcomes_from_gold_or_ag
         method.close()
         return method.program.controller.config, method.config()
 
-    gold, gold_row = config(judging="shadow", feedback="gold", shadow_share=0.5)
+    gold, gold_row = config(judging="shadow", feedback="gold", shadow_share=0.5,
+                            shadow_settings={"workers": 4, "background": False})
     assert (gold.judging, gold.shadow.outcomes, gold.shadow.share) == ("shadow", "gold", 0.5)
+    assert (gold.shadow.workers, gold.shadow.background) == (4, False)  # `detot eval --shadow K=V`
     assert gold_row["judging"] == "shadow"  # methods.json says how the run judged
     label_free, _ = config(judging="shadow")
     assert (label_free.shadow.outcomes, label_free.shadow.share) == ("agreement", 0.25)

@@ -47,7 +47,8 @@ def test_every_spec_setting_reaches_the_context(long_tiny_model_dir):
 
     spec = ContextSpec(model=str(long_tiny_model_dir), device="cpu", dtype="float32", k=1, n=2, max_tokens=4,
                        temperature=0.3, seed=7, task_name="t", feedback="gold", reopt_seconds=9.0, reopt_cooldown=3,
-                       replay_items=5, judging="shadow", shadow_share=0.5, strategy="pot", weighting="cisc",
+                       replay_items=5, judging="shadow", shadow_share=0.5, shadow_settings={"workers": 2},
+                       strategy="pot", weighting="cisc",
                        canary=[("1 + 1?", "2")], questions=["q"], loop_policies=[{"strategy": "pot"}],
                        max_batch_size=3, prefix_match="exact", prefix_cache=5)
     ctx = build_context(spec)

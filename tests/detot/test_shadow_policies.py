@@ -1,0 +1,201 @@
+"""Shadow judging of policies and the shadow backlog's bound. A policy candidate needs no training, so under
+`judging="shadow"` the loop's first trigger starts its trial at once; the scripted engine answers better when a
+row carries no soft prompt, so `Policy(soft_prompt=False)` is truly better by construction. The backlog: at most
+`ShadowConfig.max_pending` shadow answers queued or running, and a trial's end cancels the queued ones."""
+
+from __future__ import annotations
+
+import re
+import threading
+
+import pytest
+from scripted import ScriptedLocalEngine
+
+from detot_agent import DETOT, TaskProfile, analyze, local_lm
+from detot_agent.detot.adapters import PlainAdapter
+from detot_agent.detot.controller import ControllerConfig
+from detot_agent.detot.records import Replayed, TaskState
+from detot_agent.detot.shadow import ShadowConfig, ShadowJudge
+from detot_agent.detot.task import Policy
+from detot_agent.retrieval.index import ExemplarIndex
+
+ARITH = TaskProfile(name="arith", description="adding two numbers", kind="arithmetic", answer_format="number")
+_ASKED = re.compile(r"What is (\d+) plus (\d+)\?")
+
+
+class PromptEngine(ScriptedLocalEngine):
+    """`rule(a, b, with_soft_prompt)`: the answer to "What is a plus b?" with the soft prompt in front or not."""
+
+    def __init__(self, model_dir, rule):
+        super().__init__(model_dir, lambda text, n: None, plain=True)
+        self.rule = rule
+        self.lock = threading.Lock()
+        self.rows_without_prompt = 0
+
+    def _run(self, rows):
+        out = []
+        for row in rows:
+            soft = row.soft_prompt is not None
+            with self.lock:
+                self.rows_without_prompt += not soft
+                self.answer = lambda text, n, s=soft: self.rule(*map(int, _ASKED.findall(text)[-1]), s)
+                out += super()._run([row])
+        return out
+
+
+def better_without_prompt(a, b, soft):
+    right = a % 2 == 0 or (not soft and a % 10 in (1, 3))  # +20 points without the prompt
+    return str(a + b) if right else str(a + b + 1)
+
+
+def the_same(a, b, soft):
+    return str(a + b) if a % 2 == 0 else str(a + b + 1)
+
+
+@pytest.fixture(scope="module")
+def index(encoder):
+    return ExemplarIndex(encoder)
+
+
+def _detot(index, engine, policies, **shadow):
+    cfg = ControllerConfig(judging="shadow", min_evidence=6, update={"steps": 2, "retrieval_steps": 1},
+                           max_seconds=None, policies=policies, shadow={"share": 1.0, **shadow})
+    return DETOT("question -> answer", task=ARITH, index=index, lm=local_lm(engine=engine, cache=False),
+                 background=False, adapter=PlainAdapter(), controller_config=cfg,
+                 adjustments=analyze(ARITH, k_exemplars=0, soft_prompt_k=2, min_samples=1, max_samples=1,
+                                     round_size=1, stopping="fixed", greedy_first=True))
+
+
+def _serve(program, a, b=5):
+    pred = program(question=f"What is {a} plus {b}?")
+    program.feedback(pred, gold=str(a + b))
+    return pred
+
+
+def test_a_better_policy_starts_its_trial_without_training_and_is_accepted(index, long_tiny_model_dir):
+    engine = PromptEngine(long_tiny_model_dir, better_without_prompt)
+    program = _detot(index, engine, [Policy(soft_prompt=False)])
+    for a in range(8):
+        _serve(program, a)
+    assert engine.rows_without_prompt == 0  # serving uses the soft prompt
+    started = program.reoptimize()
+    assert started.change == "policy soft_prompt=off (shadow trial)" and not started.decided, started
+    assert "shadow trial started" in started.reason and started.training == {}  # nothing was trained
+    version = program.version
+    for i in range(300):
+        _serve(program, 100 + i)
+        if program.version != version:
+            break
+    program.controller.settle_shadow()
+    event = program.controller.history[-1]
+    assert event.accepted and program.version == version + 1, event.reason
+    assert event.change == "policy soft_prompt=off (shadow trial)" and event.verdicts[0]["losses"] == 0
+    assert event.verdicts[0]["outcomes"] <= 150
+    assert program.controller.state.policy == Policy(soft_prompt=False)
+    before = engine.rows_without_prompt
+    _serve(program, 1000)
+    assert engine.rows_without_prompt == before + 1  # the accepted policy serves without the vectors
+    program.controller.close()
+
+
+def test_an_equal_policy_is_rejected_then_the_loop_trains_the_embedding(index, long_tiny_model_dir):
+    """The next trigger after a decided policy goes on to the embedding (a decided policy is not re-proposed:
+    re-proposing it would be the violation)."""
+    engine = PromptEngine(long_tiny_model_dir, the_same)
+    program = _detot(index, engine, [Policy(soft_prompt=False)], rules={"min_effect": 0.05})
+    for a in range(8):
+        _serve(program, a)
+    program.reoptimize()
+    for i in range(200):
+        _serve(program, 100 + i)
+    program.controller.settle_shadow()
+    decided = [e for e in program.controller.history if e.decided and e.change.startswith("policy")]
+    assert decided and not decided[-1].accepted and "futility" in decided[-1].reason
+    assert program.controller.state.policy is None
+    key = decided[-1].verdicts[0]["candidate"]
+    assert program.controller.shadow.decided(key)
+    event = program.reoptimize()
+    assert event.change != "policy soft_prompt=off (shadow trial)", event
+    assert "shadow trial started" in event.reason and event.change == "embedding (shadow trial)", event.reason
+    program.controller.close()
+
+
+def _blocking_judge(max_pending):
+    release, calls = threading.Event(), []
+
+    def slow(state, inputs):
+        calls.append(inputs["question"])
+        release.wait(10)
+        return Replayed("2", 1.0)
+
+    judge = ShadowJudge(slow, ShadowConfig(share=1.0, max_pending=max_pending))
+    judge.propose(TaskState(1, None), "c")
+    return judge, release, calls
+
+
+def test_the_backlog_is_bounded_and_frees_as_answers_finish():
+    judge, release, _ = _blocking_judge(max_pending=2)
+    futures = [judge.shadow(f"q{i}", {"question": f"{i}?"}, Replayed("3", 1.0)) for i in range(5)]
+    assert sum(f is not None for f in futures) == 2 and judge.trial.skipped == 3
+    release.set()
+    for f in futures[:2]:
+        f.result()
+    assert judge.trial.pending == 0
+    assert judge.shadow("q9", {"question": "9?"}, Replayed("3", 1.0)) is not None  # room again
+    judge.close()
+
+
+def test_without_the_bound_every_selected_request_queues():
+    """The violation the bound prevents: a backlog as long as the stream."""
+    judge, release, _ = _blocking_judge(max_pending=100)
+    futures = [judge.shadow(f"q{i}", {"question": f"{i}?"}, Replayed("3", 1.0)) for i in range(5)]
+    assert all(f is not None for f in futures) and judge.trial.skipped == 0
+    release.set()
+    judge.close()
+
+
+def test_ending_a_trial_cancels_its_queued_shadow_answers():
+    judge, release, calls = _blocking_judge(max_pending=4)
+    futures = [judge.shadow(f"q{i}", {"question": f"{i}?"}, Replayed("3", 1.0)) for i in range(3)]
+    while not calls:  # the first has started; the other two are queued
+        threading.Event().wait(0.01)
+    judge.stop()
+    release.set()
+    futures[0].result()
+    assert futures[1].cancelled() and futures[2].cancelled() and calls == ["0?"]
+    judge.close()
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_shadow_answers_are_background_work_unless_configured_as_equals(background):
+    from detot_agent.engines.generation import BACKGROUND
+
+    seen = []
+
+    def replay(state, inputs):
+        seen.append(BACKGROUND.get())
+        return Replayed("2", 1.0)
+
+    judge = ShadowJudge(replay, ShadowConfig(share=1.0, background=background))
+    judge.propose(TaskState(1, None), "c")
+    judge.shadow("q1", {"question": "1?"}, Replayed("3", 1.0)).result()
+    assert seen == [background]
+    judge.close()
+
+
+def test_shadow_workers_answer_that_many_requests_at_once():
+    started, release = threading.Semaphore(0), threading.Event()
+
+    def replay(state, inputs):
+        started.release()
+        release.wait(10)
+        return Replayed("2", 1.0)
+
+    judge = ShadowJudge(replay, ShadowConfig(share=1.0, workers=3))
+    judge.propose(TaskState(1, None), "c")
+    futures = [judge.shadow(f"q{i}", {"question": f"{i}?"}, Replayed("3", 1.0)) for i in range(4)]
+    assert all(started.acquire(timeout=5) for _ in range(3))  # three run together
+    assert not started.acquire(timeout=0.3)  # the fourth waits for a worker
+    release.set()
+    assert [f.result().key for f in futures] == ["2"] * 4
+    judge.close()
