@@ -244,11 +244,14 @@ class Executor(Protocol):
         ...
 
 
-def _checkpoint_mark(program: Any) -> tuple[int, int]:
-    """What a saved program must be current with: its serving version and the judgements its loop has spent
-    (a rejected candidate changes no version but spends error budget)."""
+def _checkpoint_mark(program: Any) -> tuple[int, int, int]:
+    """What a saved program must be current with: its serving version, the judgements its loop has spent
+    (a rejected candidate changes no version but spends error budget), and the paired outcomes its shadow trials
+    have collected (the evidence a resumed run continues)."""
     controller = getattr(program, "controller", None)
-    return getattr(program, "version", 0), getattr(controller, "judgements_spent", 0)
+    shadow = getattr(controller, "shadow", None)
+    outcomes = sum(t.outcomes for t in list(shadow.tests.values())) if shadow is not None else 0
+    return getattr(program, "version", 0), getattr(controller, "judgements_spent", 0), outcomes
 
 
 class LocalExecutor:

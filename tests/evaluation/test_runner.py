@@ -427,7 +427,26 @@ def test_a_looping_program_is_saved_again_when_a_rejected_judgement_spends_error
     before = _checkpoint_mark(program)
     program.controller.judgements_spent += 1  # a candidate judged and rejected: same version
     assert _checkpoint_mark(program) != before
-    assert _checkpoint_mark(SimpleNamespace()) == (0, 0)  # a method without a loop
+    assert _checkpoint_mark(SimpleNamespace()) == (0, 0, 0)  # a method without a loop
+
+
+def test_a_looping_program_is_saved_again_when_its_shadow_trial_gains_an_outcome():
+    """A kill mid-trial must not lose the paired outcomes collected since the last decision (the resumed run
+    continues the candidate's evidence from the saved program)."""
+    from types import SimpleNamespace
+
+    from detot_agent.detot.records import Replayed, TaskState
+    from detot_agent.detot.shadow import ShadowConfig, ShadowJudge
+    from detot_agent.evaluation.runner import _checkpoint_mark
+
+    judge = ShadowJudge(lambda state, inputs: Replayed("2", 1.0), ShadowConfig(share=1.0))
+    program = SimpleNamespace(version=1, controller=SimpleNamespace(judgements_spent=0, shadow=judge))
+    judge.propose(TaskState(2, None), "candidate")
+    before = _checkpoint_mark(program)
+    judge.shadow("q1", {"question": "1 + 1?"}, Replayed("3", 1.0)).result()
+    judge.outcome("q1", "2")  # one paired outcome: same version, no judgement spent
+    assert judge.tests["candidate"].outcomes == 1 and _checkpoint_mark(program) != before
+    judge.close()
 
 
 def _looping_run(tmp_path, multiarith_head, engine, pool) -> tuple[Path, Callable[[], None]]:
