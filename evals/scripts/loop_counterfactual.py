@@ -112,8 +112,8 @@ def main() -> None:
             entry["shares"][str(share)] = summary  # type: ignore[index]
             rows.append((label, share, wins, losses, summary))
         out["candidates"][label] = entry  # type: ignore[index]
-    print(f"| candidate (recorded wins / losses of 300) | shadow share | recorded order: accepted at | "
-          f"P(accept) | P(accept by answer 150) | P(second half >= +3) | mean second-half gain |")
+    print("| candidate (recorded wins / losses of 300) | shadow share | recorded order: accepted at | "
+          "P(accept) | P(accept by answer 150) | P(second half >= +3) | mean second-half gain |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for label, share, wins, losses, s in rows:
         rec = s["recorded_order"]

@@ -12,6 +12,12 @@
 # Issue 40's re-run with the new loop (shadow judging, the always-valid test): pass
 #   --judging shadow --shadow-share 1 --out evals/results/prequential_gsm8k_v3
 # (every later problem is also answered by the candidate in the background: about twice the loop's cost).
+# The v4 re-run (2026-12-07): the fit's choice as the loop's one policy, shadow-judged from the first trigger, its
+# shadow answers as equals of the live ones (four at a time), static DETOT's records taken from v3:
+#   LOOP_POLICY="k_exemplars=0,soft_prompt=off,weighting=cisc" bash evals/scripts/prequential_gsm8k.sh \
+#     --methods detot_loop --judging shadow --shadow-share 1 --shadow workers=4 --shadow background=false \
+#     --out evals/results/prequential_gsm8k_v4
+# LOOP_POLICY (default strategy=pot) is the policy the loop may switch to.
 cd "$(dirname "$0")/../.."  # the repository root
 export HF_HUB_OFFLINE=1
 .venv/bin/detot eval --suite gsm8k --data-dir ../shared/data --methods detot,detot_loop --limit 300 --seed 0 \
@@ -19,4 +25,4 @@ export HF_HUB_OFFLINE=1
   --soft-prompt evals/results/dynamic_prompt_m0/dynamic_task_embedding --temperature 0.5 --max-tokens 256 \
   --engine llamacpp --device cpu --threads 4 --feedback gold --reopt-seconds 3600 \
   --canary-file ../shared/data/gsm8k/train.jsonl --canary-size 8 --replay-items 8 --reopt-cooldown 50 \
-  --loop-policy strategy=pot --out evals/results/prequential_gsm8k_v2 "$@"
+  --loop-policy "${LOOP_POLICY:-strategy=pot}" --out evals/results/prequential_gsm8k_v2 "$@"
