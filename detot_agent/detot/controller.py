@@ -236,9 +236,9 @@ class Controller:
         try:
             split = self._gather()
             evidence = split.evidence
-            if self.shadow is not None and self.shadow.trial is not None:
-                raise ReoptimizationStopped(f"a shadow trial of candidate {self.shadow.trial.key[:12]} is running; "
-                                            "kept it")
+            if self.shadow is not None and (trial := self.shadow.trial) is not None:  # no decision: it goes on
+                name = f"candidate {trial.key[:12]}" if trial.change == "embedding" else trial.change
+                raise ReoptimizationStopped(f"the shadow trial of {name} is running; kept it", decided=False)
             candidate = self._train(old, split)
             budget_check(start, self.config.max_seconds, "training")()
             if self.shadow is not None:
@@ -248,7 +248,7 @@ class Controller:
                 event = self._publish(old, candidate, verdicts)
         except ReoptimizationStopped as out:
             event = ReoptimizationEvent(accepted=False, reason=out.reason, version_before=old.version,
-                                        version_after=old.version)
+                                        version_after=old.version, decided=out.decided)
         except Exception as exc:  # the old state keeps serving; the error is reported, not raised
             event = ReoptimizationEvent(accepted=False, reason="re-optimization raised; kept the old state",
                                         version_before=old.version, version_after=old.version,

@@ -74,11 +74,13 @@ PROBES = 64  # probe queries for the retrieval-collapse check
 
 
 class ReoptimizationStopped(DetotError):
-    """A re-optimization that ends before publishing: the old state keeps serving, for `reason`."""
+    """A re-optimization that ends before publishing: the old state keeps serving, for `reason`; `decided=False`
+    when nothing was judged (a shadow trial is still collecting), so reports do not count it as a rejection."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, decided: bool = True) -> None:
         super().__init__(reason)
         self.reason = reason
+        self.decided = decided
 
 
 class ReplayRules(StrictModel):

@@ -346,8 +346,9 @@ def propose_state(judge: ShadowJudge, old: TaskState, state: TaskState, key: str
     return ReoptimizationEvent(
         accepted=False, decided=False, change=f"{change} (shadow trial)", version_before=old.version,
         version_after=old.version,
-        reason=(f"shadow trial started: {name} answers {judge.config.share:.0%} of live requests in the background "
-                f"(at most {judge.config.max_pending} pending); decided by the sequential test at level "
+        reason=(f"shadow trial started: {name} answers {judge.config.share:.0%} of live requests "
+                f"{'in the background' if judge.config.background else 'beside them, as their equal'} (at most "
+                f"{judge.config.max_pending} pending); decided by the sequential test at level "
                 f"{judge.budget.level(key):.4g}"
                 + (f", continuing its {test.outcomes} earlier paired outcomes" if known else "")),
         verdicts=[{"part": "shadow", "candidate": key, "change": change, **test.stats()}])

@@ -56,7 +56,7 @@ def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]]
     lo, hi = bootstrap_ci(outcomes, seed=0)
     drawn = sum(int(r.get("samples") or 0) for r in records)
     logged = [e for e in events or [] if e.get("event") == "reoptimization"]
-    reopts = [e for e in logged if e.get("decided", True)]  # a started shadow trial decides nothing yet
+    reopts = [e for e in logged if _decides(e)]  # a started shadow trial decides nothing yet
     return {
         "n": n,
         "correct": sum(outcomes),
@@ -71,7 +71,7 @@ def summarize_method(records: list[dict[str, Any]], events: list[dict[str, Any]]
         "errors": sum(1 for r in records if r.get("error")),
         "reoptimizations": len(reopts),
         "reoptimizations_accepted": sum(1 for e in reopts if e.get("accepted")),
-        "shadow_trials_started": len(logged) - len(reopts),
+        "shadow_trials_started": sum(1 for e in logged if _trial_start(e)),
         "stream_halves": _halves(records),
         "decisions": [_decision(e) for e in reopts],
     }
@@ -130,6 +130,17 @@ def _token_matched(curve: list[dict[str, Any]], tokens: float) -> dict[str, Any]
 def _samples_to_match(curve: list[dict[str, Any]], target: float) -> int | None:
     """The fewest samples on the curve whose accuracy reaches `target` (None: none does)."""
     return next((p["m"] for p in curve if p["accuracy"] >= target - 1e-12), None)
+
+
+def _trial_start(event: dict[str, Any]) -> bool:
+    """A shadow trial's start (its decision comes later, in another event)."""
+    return not event.get("decided", True) and str(event.get("change", "")).endswith("(shadow trial)")
+
+
+def _decides(event: dict[str, Any]) -> bool:
+    """Whether a re-optimization event is a decision: not a trial's start, nor a trigger that found a shadow trial
+    running (logs before 2026-12-07 marked those decided)."""
+    return event.get("decided", True) and not str(event.get("reason", "")).endswith("is running; kept it")
 
 
 def _halves(records: list[dict[str, Any]]) -> list[float] | None:
@@ -373,7 +384,7 @@ def _plot_over_stream(out: Path, report: dict[str, Any], plt: Any, value: Any, *
         drew = True
         times = [r.get("finished_at", 0) for r in records]
         for e in _events(out / f"{name}.events.jsonl"):
-            if e.get("event") == "reoptimization":  # dotted: a shadow trial started (decided later)
+            if e.get("event") == "reoptimization" and (_decides(e) or _trial_start(e)):  # dotted: a trial started
                 x = int(np.searchsorted(times, e.get("time", 0)))
                 style = ":" if not e.get("decided", True) else "-" if e.get("accepted") else "--"
                 ax.axvline(x, color=line.get_color(), ls=style, lw=1.5, alpha=0.8)

@@ -81,6 +81,8 @@ def test_a_better_policy_starts_its_trial_without_training_and_is_accepted(index
     started = program.reoptimize()
     assert started.change == "policy soft_prompt=off (shadow trial)" and not started.decided, started
     assert "shadow trial started" in started.reason and started.training == {}  # nothing was trained
+    again = program.reoptimize()  # a trigger during the trial: no decision, no training, the trial named
+    assert not again.decided and again.reason == "the shadow trial of policy soft_prompt=off is running; kept it"
     version = program.version
     for i in range(300):
         _serve(program, 100 + i)
@@ -199,3 +201,21 @@ def test_shadow_workers_answer_that_many_requests_at_once():
     release.set()
     assert [f.result().key for f in futures] == ["2"] * 4
     judge.close()
+
+
+def test_a_trigger_during_a_trial_is_neither_a_decision_nor_a_trial_start_in_the_report():
+    """Logs before 2026-12-07 marked such triggers decided: read as rejections, they made the decisions table lie
+    (the violation: counting every logged re-optimization, as the report did)."""
+    from detot_agent.evaluation.report import summarize_method
+
+    start = {"event": "reoptimization", "change": "policy soft_prompt=off (shadow trial)", "decided": False,
+             "accepted": False, "reason": "shadow trial started: ..."}
+    old_kept = {"event": "reoptimization", "change": "embedding", "decided": True, "accepted": False,
+                "reason": "a shadow trial of candidate policy soft is running; kept it"}
+    new_kept = {**old_kept, "decided": False,
+                "reason": "the shadow trial of policy soft_prompt=off is running; kept it"}
+    decision = {"event": "reoptimization", "change": "policy soft_prompt=off (shadow trial)", "decided": True,
+                "accepted": True, "reason": "accepted by the sequential test: ...", "verdicts": []}
+    summary = summarize_method([], [start, old_kept, new_kept, decision])
+    counts = summary["shadow_trials_started"], summary["reoptimizations"], summary["reoptimizations_accepted"]
+    assert counts == (1, 1, 1)
