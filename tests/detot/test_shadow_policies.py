@@ -94,6 +94,7 @@ def test_a_better_policy_starts_its_trial_without_training_and_is_accepted(index
     assert event.change == "policy soft_prompt=off (shadow trial)" and event.verdicts[0]["losses"] == 0
     assert event.verdicts[0]["outcomes"] <= 150
     assert program.controller.state.policy == Policy(soft_prompt=False)
+    program.controller.shadow.close()  # a shadow answer still running when the trial ended finishes first
     before = engine.rows_without_prompt
     _serve(program, 1000)
     assert engine.rows_without_prompt == before + 1  # the accepted policy serves without the vectors
