@@ -128,6 +128,31 @@ class ScriptedLocalEngine(LocalEngine):
         return out
 
 
+_ASKED = re.compile(r"What is (\d+) plus (\d+)\?")
+
+
+class AdditionEngine(ScriptedLocalEngine):
+    """Answers "What is a plus b?" (plain replies) by `rule(a, b, kind)`, where `kind = self.kind(row)` tells the
+    rows apart (the serving soft prompt or a candidate's, a prompt or none: subclasses say how)."""
+
+    def __init__(self, model_dir: Any, rule: Callable[[int, int, Any], str]) -> None:
+        super().__init__(model_dir, lambda text, n: None, plain=True)
+        self.rule = rule
+        self.lock = threading.Lock()
+
+    def kind(self, row: GenRow) -> Any:
+        raise NotImplementedError
+
+    def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
+        out = []
+        for row in rows:
+            with self.lock:
+                kind = self.kind(row)
+                self.answer = lambda text, n, k=kind: self.rule(*map(int, _ASKED.findall(text)[-1]), k)
+                out += super()._run([row])
+        return out
+
+
 def _rebuild_scripted(model: str, answer: Any, plain: bool) -> ScriptedLocalEngine:
     return ScriptedLocalEngine(model, answer, plain=plain)
 

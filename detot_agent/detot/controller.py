@@ -60,7 +60,7 @@ from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
 from detot_agent.detot.policy_trials import propose_policy, try_policies
 from detot_agent.detot.records import Evidence, Replayed, TaskState, Verdict
 from detot_agent.detot.runner import BackgroundRunner
-from detot_agent.detot.shadow import ShadowJudge, shadow_decision, start_trial
+from detot_agent.detot.shadow import ShadowJudge, shadow_decision, start_trial, trial_name
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.generation import background_work
 from detot_agent.errors import ConfigError
@@ -237,8 +237,8 @@ class Controller:
             split = self._gather()
             evidence = split.evidence
             if self.shadow is not None and (trial := self.shadow.trial) is not None:  # no decision: it goes on
-                name = f"candidate {trial.key[:12]}" if trial.change == "embedding" else trial.change
-                raise ReoptimizationStopped(f"the shadow trial of {name} is running; kept it", decided=False)
+                raise ReoptimizationStopped(f"the shadow trial of {trial_name(trial.key, trial.change)} is running; "
+                                            "kept it", decided=False)
             candidate = self._train(old, split)
             budget_check(start, self.config.max_seconds, "training")()
             if self.shadow is not None:

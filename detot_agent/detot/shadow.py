@@ -43,7 +43,7 @@ from detot_agent.engines.generation import background_work
 from detot_agent.errors import ArtefactError
 
 __all__ = ["ShadowConfig", "ShadowJudge", "Trial", "agreement_outcome", "embedding_key", "propose_state", "selected",
-           "shadow_decision", "start_trial"]
+           "shadow_decision", "start_trial", "trial_name"]
 
 
 class ShadowConfig(StrictModel):
@@ -330,6 +330,11 @@ def embedding_key(embedding: TaskEmbedding) -> str:
     return h.hexdigest()
 
 
+def trial_name(key: str, change: str) -> str:
+    """How events name a trial's candidate: an embedding by its hash's start, a policy by what it changes."""
+    return f"candidate {key[:12]}" if change == "embedding" else change
+
+
 def start_trial(judge: ShadowJudge, old: TaskState, candidate: TaskEmbedding) -> ReoptimizationEvent:
     """Propose a trained candidate for shadow judging; the event says that a trial started (nothing is published)."""
     return propose_state(judge, old, TaskState(old.version + 1, candidate, old.policy), embedding_key(candidate),
@@ -342,7 +347,7 @@ def propose_state(judge: ShadowJudge, old: TaskState, state: TaskState, key: str
     known = key in judge.tests
     judge.propose(state, key, change)
     test = judge.tests[key]
-    name = f"candidate {key[:12]}" if change == "embedding" else change
+    name = trial_name(key, change)
     return ReoptimizationEvent(
         accepted=False, decided=False, change=f"{change} (shadow trial)", version_before=old.version,
         version_after=old.version,

@@ -5,12 +5,11 @@ construction."""
 
 from __future__ import annotations
 
-import re
 import threading
 
 import pytest
 import torch
-from scripted import ScriptedLocalEngine
+from scripted import AdditionEngine
 
 from detot_agent import DETOT, TaskProfile, analyze, local_lm
 from detot_agent.detot.adapters import PlainAdapter
@@ -19,26 +18,17 @@ from detot_agent.errors import ConfigError
 from detot_agent.retrieval.index import ExemplarIndex
 
 ARITH = TaskProfile(name="arith", description="adding two numbers", kind="arithmetic", answer_format="number")
-_ASKED = re.compile(r"What is (\d+) plus (\d+)\?")
 
 
-class StateEngine(ScriptedLocalEngine):
+class StateEngine(AdditionEngine):
     """`rule(a, b, candidate)`: the answer to "What is a plus b?" under the serving prompt or another one."""
 
     def __init__(self, model_dir, rule):
-        super().__init__(model_dir, lambda text, n: None, plain=True)
-        self.rule = rule
+        super().__init__(model_dir, rule)
         self.serving: torch.Tensor | None = None
-        self.lock = threading.Lock()
 
-    def _run(self, rows):
-        out = []
-        for row in rows:
-            candidate = self.serving is not None and not torch.equal(row.soft_prompt, self.serving)
-            with self.lock:
-                self.answer = lambda text, n, c=candidate: self.rule(*map(int, _ASKED.findall(text)[-1]), c)
-                out += super()._run([row])
-        return out
+    def kind(self, row):
+        return self.serving is not None and not torch.equal(row.soft_prompt, self.serving)
 
 
 def _detot(index, engine, **shadow):

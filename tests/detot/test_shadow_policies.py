@@ -5,11 +5,10 @@ row carries no soft prompt, so `Policy(soft_prompt=False)` is truly better by co
 
 from __future__ import annotations
 
-import re
 import threading
 
 import pytest
-from scripted import ScriptedLocalEngine
+from scripted import AdditionEngine
 
 from detot_agent import DETOT, TaskProfile, analyze, local_lm
 from detot_agent.detot.adapters import PlainAdapter
@@ -20,27 +19,19 @@ from detot_agent.detot.task import Policy
 from detot_agent.retrieval.index import ExemplarIndex
 
 ARITH = TaskProfile(name="arith", description="adding two numbers", kind="arithmetic", answer_format="number")
-_ASKED = re.compile(r"What is (\d+) plus (\d+)\?")
 
 
-class PromptEngine(ScriptedLocalEngine):
+class PromptEngine(AdditionEngine):
     """`rule(a, b, with_soft_prompt)`: the answer to "What is a plus b?" with the soft prompt in front or not."""
 
     def __init__(self, model_dir, rule):
-        super().__init__(model_dir, lambda text, n: None, plain=True)
-        self.rule = rule
-        self.lock = threading.Lock()
+        super().__init__(model_dir, rule)
         self.rows_without_prompt = 0
 
-    def _run(self, rows):
-        out = []
-        for row in rows:
-            soft = row.soft_prompt is not None
-            with self.lock:
-                self.rows_without_prompt += not soft
-                self.answer = lambda text, n, s=soft: self.rule(*map(int, _ASKED.findall(text)[-1]), s)
-                out += super()._run([row])
-        return out
+    def kind(self, row):  # called under the engine's lock
+        soft = row.soft_prompt is not None
+        self.rows_without_prompt += not soft
+        return soft
 
 
 def better_without_prompt(a, b, soft):
