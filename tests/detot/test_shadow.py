@@ -113,7 +113,8 @@ def test_a_collapsed_candidate_is_vetoed_whatever_the_test_says(index, long_tiny
     def constant(a, b, candidate):
         return "7" if candidate else serving_half(a, b, candidate)
 
-    program = _detot(index, StateEngine(long_tiny_model_dir, constant), veto_after=10)
+    # every one of the 12 requests shadowed (the backlog bound would skip some when shadow answers lag)
+    program = _detot(index, StateEngine(long_tiny_model_dir, constant), veto_after=10, max_pending=100)
     _start(program)
     for i in range(12):
         _serve(program, 100 + i, 5)
