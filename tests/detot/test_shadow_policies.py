@@ -13,6 +13,7 @@ from scripted import AdditionEngine
 from detot_agent import DETOT, TaskProfile, analyze, local_lm
 from detot_agent.detot.adapters import PlainAdapter
 from detot_agent.detot.controller import ControllerConfig
+from detot_agent.detot.policy_trials import policy_key
 from detot_agent.detot.records import Replayed, TaskState
 from detot_agent.detot.shadow import ShadowConfig, ShadowJudge
 from detot_agent.detot.task import Policy
@@ -89,6 +90,52 @@ def test_a_better_policy_starts_its_trial_without_training_and_is_accepted(index
     before = engine.rows_without_prompt
     _serve(program, 1000)
     assert engine.rows_without_prompt == before + 1  # the accepted policy serves without the vectors
+    program.controller.close()
+
+
+class BudgetEngine(AdditionEngine):
+    """`rule(a, b, max_new_tokens)`: the row's token budget decides (chains cut off below 320 tokens)."""
+
+    def __init__(self, model_dir, rule):
+        super().__init__(model_dir, rule)
+        self.budgets: list[int] = []
+
+    def kind(self, row):  # called under the engine's lock
+        self.budgets.append(row.max_new_tokens)
+        return row.max_new_tokens
+
+
+def right_with_320_tokens(a, b, budget):
+    right = a % 2 == 0 or (budget >= 320 and a % 10 in (1, 3))  # +20 points with the longer budget
+    return str(a + b) if right else str(a + b + 1)
+
+
+@pytest.mark.parametrize("rule, accepted", [(right_with_320_tokens, True), (the_same, False)])
+def test_a_policy_can_give_chains_more_tokens_and_is_judged_like_any_other(index, long_tiny_model_dir, rule,
+                                                                          accepted):
+    """`Policy(max_tokens=320)`: the candidate's rows ask for 320 new tokens, the serving state's for the task's
+    256; accepted only where the budget truly helps (where it does not, the budget must not change)."""
+    engine = BudgetEngine(long_tiny_model_dir, rule)
+    program = _detot(index, engine, [Policy(max_tokens=320)], rules={"min_effect": 0.05})
+    program.adjustments = program.adjustments.model_copy(update={"max_tokens": 256})
+    for a in range(8):
+        _serve(program, a)
+    assert set(engine.budgets) == {256}
+    key = policy_key(Policy(max_tokens=320), program.controller.state)
+    started = program.reoptimize()
+    assert started.change == "policy max_tokens=320 (shadow trial)", started
+    for i in range(300):
+        _serve(program, 100 + i)
+        if program.controller.shadow.decided(key):
+            break
+    program.controller.settle_shadow()
+    assert 320 in engine.budgets  # the candidate's shadow answers asked for more
+    decided = [e for e in program.controller.history if e.decided]
+    assert decided and decided[-1].accepted is accepted, decided[-1].reason
+    program.controller.shadow.close()
+    n = len(engine.budgets)
+    _serve(program, 1000)
+    assert engine.budgets[n:] == [320 if accepted else 256]
     program.controller.close()
 
 
