@@ -27,9 +27,11 @@ import contextvars
 import hashlib
 import json
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -41,6 +43,7 @@ from detot_agent.detot.sequential import ErrorBudget, PairedBettingTest, Sequent
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.generation import background_work
 from detot_agent.errors import ArtefactError
+from detot_agent.io.jsonlog import JsonlLog
 
 __all__ = ["ShadowConfig", "ShadowJudge", "Trial", "agreement_outcome", "embedding_key", "propose_state", "selected",
            "shadow_decision", "start_trial", "trial_name"]
@@ -127,6 +130,32 @@ class ShadowJudge:
         self.trial: Trial | None = None
         self._lock = threading.RLock()  # re-entered: cancelling a queued answer (under it) runs its callback
         self._worker = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="detot-shadow")
+        self.log: JsonlLog | None = None  # `record_to`
+
+    def record_to(self, path: str | Path) -> None:
+        """Append every paired outcome fed to the test to JSONL file `path`: the request, the candidate, both
+        answers, the gold answer (None for label-free outcomes), the outcome (+1 / 0 / -1) and both agreements,
+        so a trial's candidate can be scored on the stream afterwards (`detot eval` writes `<method>.shadow.jsonl`).
+
+        Example:
+            >>> import pathlib, tempfile
+            >>> judge = ShadowJudge(lambda state, inputs: Replayed("7", 1.0), ShadowConfig(share=1.0))
+            >>> judge.record_to(pathlib.Path(tempfile.mkdtemp()) / "shadow.jsonl")
+            >>> judge.propose(TaskState(1, None), "cand-1")
+            >>> _ = judge.shadow("q1", {"question": "3 + 4?"}, Replayed("8", 1.0)).result()
+            >>> _ = judge.outcome("q1", "7")
+            >>> [(r["request"], r["served"], r["shadow"], r["outcome"]) for r in judge.log.read()]
+            [('q1', '8', '7', 1)]
+        """
+        self.log = JsonlLog(path, fsync=False)
+
+    def _record(self, trial: Trial, request_id: str | None, served: Replayed, shadow: Replayed, gold: str | None,
+                outcome: int) -> None:
+        if self.log is not None:
+            self.log.append({"request": request_id, "candidate": trial.key, "change": trial.change,
+                             "served": served.key, "shadow": shadow.key, "gold": gold, "outcome": outcome,
+                             "served_agreement": served.agreement, "shadow_agreement": shadow.agreement,
+                             "time": time.time()})
 
     def propose(self, state: TaskState, key: str, change: str = "embedding") -> None:
         """Start the trial of candidate `state` named `key` (a key seen before continues its evidence); `change`
@@ -235,6 +264,7 @@ class ShadowJudge:
             with self._lock:
                 if self.trial is not trial:
                     return None
+                self._record(trial, ready, served, candidate, gold_key, x)
                 trial.test.observe(x)
                 decided = self._decide(trial)
             if decided is not None:
@@ -253,7 +283,9 @@ class ShadowJudge:
             trial.settled = len(trial.finished)
             for served, answer in ready:
                 if answer is not None:
-                    trial.test.observe(agreement_outcome(answer, served, self.config.margin))
+                    x = agreement_outcome(answer, served, self.config.margin)
+                    self._record(trial, None, served, answer, None, x)
+                    trial.test.observe(x)
             return self._decide(trial) if ready else None
 
     def _decide(self, trial: Trial) -> tuple[str, dict[str, Any], TaskState] | None:

@@ -264,6 +264,8 @@ class DetotMethod(MethodRunner):
                              adapter=PlainAdapter() if self.plain else None,
                              canary=[dspy.Example(question=q, answer=a).with_inputs("question")
                                      for q, a in ctx.canary] or None)
+        if self.program.controller.shadow is not None and ctx.events_dir is not None:  # each shadow pair's answers
+            self.program.controller.shadow.record_to(ctx.events_dir / f"{self.name}.shadow.jsonl")
         if ctx.fit is not None:  # the fit's shipped configuration and task embedding (validated by `load`)
             self.program.load(ctx.fit)
             if self.program.adjustments.k_exemplars > 0 and ctx.index is None:

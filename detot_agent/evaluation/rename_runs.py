@@ -35,7 +35,8 @@ __all__ = ["PER_METHOD", "upgrade_run"]
 
 logger = logging.getLogger(__name__)
 
-PER_METHOD = (".jsonl", ".events.jsonl", ".evidence.jsonl", ".program.json", ".program.json.tensors")
+PER_METHOD = (".jsonl", ".events.jsonl", ".evidence.jsonl", ".shadow.jsonl", ".program.json",
+              ".program.json.tensors")
 PLAN = ".renaming.json"
 STAGING = ".renaming"
 DERIVED = ("report.md", "report.json")  # rewritten by the next report under the new names

@@ -40,6 +40,7 @@ from detot_agent.evaluation.metrics import accuracy, bootstrap_ci, paired
 from detot_agent.evaluation.names import is_detot
 from detot_agent.evaluation.paired import run_records
 from detot_agent.evaluation.runner import is_correct, read_records, read_run
+from detot_agent.evaluation.shadow_log import render_shadow, shadow_log, summarize_shadow
 from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.io.persist import atomic_write_text
 
@@ -201,6 +202,7 @@ def build_report(out: str | Path) -> dict[str, Any]:
         summary["complete"] = len(records) == len(ids)
         summary["config"] = configs.get(method, {})
         summary["engine"] = summarize_use(engine_log(out, method).read())
+        summary["shadow"] = summarize_shadow(shadow_log(out, method).read())
         methods[method] = summary
         outcomes[method] = {r["id"]: bool(r["correct"]) for r in records}
         by_method[method] = records
@@ -305,6 +307,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         if m.get("shadow_trials_started"):
             lines += ["", f"Shadow trials of `{name}` started: {m['shadow_trials_started']} (a decided one has its row "
                       "in the re-optimizations table; one still collecting evidence at the end has none)."]
+    shadow = render_shadow(report["methods"])
+    lines += ["", "Shadow candidates' answers on the requests they shadowed (`<method>.shadow.jsonl`):", "",
+              *shadow] if shadow else []
     lines += render_use(report["methods"])
     return "\n".join(lines) + "\n"
 

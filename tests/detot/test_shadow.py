@@ -166,6 +166,45 @@ def test_a_failed_shadow_answer_is_no_outcome_and_never_reaches_feedback():
     judge.close()
 
 
+def test_the_shadow_log_holds_each_fed_outcome_once_and_no_failed_answer(tmp_path):
+    """`record_to`: one line per outcome the test observed (gold or label-free), none for a failed shadow answer
+    nor for a gold answer whose shadow answer is still pending; the lines' outcomes sum to the test's."""
+    from detot_agent.detot.records import Replayed, TaskState
+    from detot_agent.detot.shadow import ShadowConfig, ShadowJudge
+
+    def answer(state, inputs):
+        if inputs["question"] == "broken":
+            raise RuntimeError("engine gone")
+        return Replayed(inputs["question"], 0.9)
+
+    judge = ShadowJudge(answer, ShadowConfig(share=1.0))
+    judge.record_to(tmp_path / "shadow.jsonl")
+    judge.propose(TaskState(1, None), "c", "policy k_exemplars=0")
+    for rid, q, served in [("a", "4", "4"), ("b", "5", "6"), ("c", "7", "8"), ("d", "broken", "1")]:
+        future = judge.shadow(rid, {"question": q}, Replayed(served, 0.5))
+        if rid != "d":
+            future.result()
+    for rid, gold in [("a", "4"), ("b", "5"), ("c", "8"), ("d", "1")]:
+        judge.outcome(rid, gold)
+    judge.drain()
+    rows = judge.log.read()
+    assert [(r["request"], r["served"], r["shadow"], r["gold"], r["outcome"]) for r in rows] == [
+        ("a", "4", "4", "4", 0), ("b", "6", "5", "5", 1), ("c", "8", "7", "8", -1)]
+    assert rows[0]["change"] == "policy k_exemplars=0" and rows[0]["shadow_agreement"] == 0.9
+    test = judge.trial.test
+    assert sum(r["outcome"] for r in rows) == test.wins - test.losses and len(rows) == test.outcomes
+    judge.close()
+
+    label_free = ShadowJudge(answer, ShadowConfig(share=1.0, outcomes="agreement"))
+    label_free.record_to(tmp_path / "free.jsonl")
+    label_free.propose(TaskState(1, None), "c")
+    label_free.shadow("a", {"question": "4"}, Replayed("5", 0.5)).result()
+    label_free.settle()
+    label_free.settle()  # nothing new: nothing written twice
+    assert [(r["request"], r["gold"], r["outcome"]) for r in label_free.log.read()] == [(None, None, 1)]
+    label_free.close()
+
+
 def test_a_gold_answer_never_waits_for_its_shadow_answer():
     """The serving path's feedback returns at once; the outcome is fed once the shadow answer is done (the next
     feedback, or `drain`). The violation: waiting for the shadow answer, which `drain` does on purpose."""

@@ -285,24 +285,29 @@ def test_soft_prompt_none_and_the_softprompt_ablation_serve_no_vectors(engine, p
         build_method("dspy_detot-dynamic", base)
 
 
-def test_shadow_judging_reaches_the_looping_method_with_outcomes_from_gold_or_agreement(engine, pool):
+def test_shadow_judging_reaches_the_looping_method_with_outcomes_from_gold_or_agreement(engine, pool, tmp_path):
     from detot_agent.evaluation.methods import build_method
 
     lm = local_lm(engine=engine, cache=False)
+    logs = []
 
     def config(name="dspy_detot_loop", **kw):
         ctx = EvalContext(lm=lm, index=pool, encoder=pool.encoder, k=1, n=1, max_tokens=4, **kw)
         method = build_method(name, ctx)
         method.close()
+        shadow = method.program.controller.shadow
+        logs.append(None if shadow is None or shadow.log is None else shadow.log.path)
         return method.program.controller.config, method.config()
 
-    gold, gold_row = config(judging="shadow", feedback="gold", shadow_share=0.5,
+    gold, gold_row = config(judging="shadow", feedback="gold", shadow_share=0.5, events_dir=tmp_path,
                             shadow_settings={"workers": 4, "background": False})
+    assert logs[-1] == tmp_path / "dspy_detot_loop.shadow.jsonl"  # each paired outcome's answers, in the run
     assert (gold.judging, gold.shadow.outcomes, gold.shadow.share) == ("shadow", "gold", 0.5)
     assert (gold.shadow.workers, gold.shadow.background) == (4, False)  # `detot eval --shadow K=V`
     assert gold_row["judging"] == "shadow"  # methods.json says how the run judged
     label_free, _ = config(judging="shadow")
     assert (label_free.shadow.outcomes, label_free.shadow.share) == ("agreement", 0.25)
+    assert logs[-1] is None  # no run folder, no log
     replay, replay_row = config()  # the default stays the replay
     assert replay.judging == "replay" and replay_row["judging"] == "replay"
     static, _ = config("dspy_detot", judging="shadow")  # a method without the loop judges nothing
