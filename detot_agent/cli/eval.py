@@ -88,7 +88,8 @@ def eval_run(
     shadow: Annotated[list[str] | None, typer.Option(
         "--shadow", metavar="SETTING=VALUE", help="With --judging shadow: another ShadowConfig setting (repeatable), "
         "e.g. workers=4, background=false (shadow answers compete with live problems as equals: evidence at the "
-        "pace of the stream, at the cost of latency), max_pending=8.")] = None,
+        "pace of the stream, at the cost of latency), max_pending=8, when_full=wait (a problem that finds the "
+        "backlog full waits for room instead of going unshadowed).")] = None,
     strategy: Annotated[str | None, typer.Option(help="The DETOT methods' reasoning: cot, pot (a program, run "
                                                       "safely) or mix (half each, votes pooled); default: task "
                                                       "analysis (cot).")] = None,

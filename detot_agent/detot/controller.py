@@ -57,10 +57,11 @@ from detot_agent.detot.judging import (
     separation,
 )
 from detot_agent.detot.monitor import Monitor, ReoptimizationEvent
-from detot_agent.detot.policy_trials import propose_policy, try_policies
+from detot_agent.detot.policy_trials import propose_policy, resume_trial, try_policies
 from detot_agent.detot.records import Evidence, Replayed, TaskState, Verdict
 from detot_agent.detot.runner import BackgroundRunner
-from detot_agent.detot.shadow import ShadowJudge, shadow_decision, start_trial, trial_name
+from detot_agent.detot.shadow import ShadowJudge
+from detot_agent.detot.shadow_events import shadow_decision, start_trial, trial_name
 from detot_agent.embedding.task_embedding import TaskEmbedding
 from detot_agent.engines.generation import background_work
 from detot_agent.errors import ConfigError
@@ -162,6 +163,11 @@ class Controller:
     def settle_shadow(self) -> None:
         """Wait for the shadow answers that gold outcomes wait on, feed them, and publish a decision reached."""
         self._shadow_decided(None if self.shadow is None else self.shadow.drain())
+
+    def resume_shadow_trial(self) -> None:
+        """Restart the policy trial a restart interrupted, its evidence going on (`policy_trials.resume_trial`)."""
+        if self.shadow is not None and (event := resume_trial(self.shadow, self.config.policies, self._state)):
+            self._record(event)
 
     def _shadow_decided(self, decided: Any) -> None:
         if decided is not None:

@@ -268,6 +268,7 @@ class PersistentModule(dspy.Module):
         self.task, self.adjustments = task, adjustments
         self.controller.judgements_spent = max(self.controller.judgements_spent, judgements_spent)
         self.controller.restore(TaskState(int(block.get("version", 0)), embedding, policy))
+        self.controller.resume_shadow_trial()  # a policy trial a restart interrupted goes on
 
     def dump_state(self, json_mode: bool = True) -> dict[str, Any]:
         """DSPy state: the inner predictor's (demos, instructions, and the learned state under `detot`).

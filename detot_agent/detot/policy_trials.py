@@ -19,10 +19,11 @@ from collections.abc import Callable, Iterator, Sequence
 from detot_agent.detot.judging import ReoptimizationStopped
 from detot_agent.detot.monitor import ReoptimizationEvent
 from detot_agent.detot.records import Evidence, TaskState, Verdict
-from detot_agent.detot.shadow import ShadowJudge, propose_state
+from detot_agent.detot.shadow import ShadowJudge
+from detot_agent.detot.shadow_events import propose_state
 from detot_agent.detot.task import Policy
 
-__all__ = ["policy_key", "propose_policy", "try_policies"]
+__all__ = ["policy_key", "propose_policy", "resume_trial", "try_policies"]
 
 
 def policy_key(policy: Policy, serving: TaskState) -> str:
@@ -31,20 +32,32 @@ def policy_key(policy: Policy, serving: TaskState) -> str:
     return f"policy {policy.describe()} over version {serving.version}"
 
 
-def propose_policy(judge: ShadowJudge, policies: Sequence[Policy], old: TaskState) -> ReoptimizationEvent | None:
+def propose_policy(judge: ShadowJudge, policies: Sequence[Policy], old: TaskState,
+                   only: str | None = None) -> ReoptimizationEvent | None:
     """Start the shadow trial of the first listed policy that changes what `old` serves and whose evidence does not
-    decide yet; returns its event, or None when no policy is left to try (then the loop trains an embedding)."""
+    decide yet (with `only`, of the one named so: a trial that a restart interrupted); returns its event, or None
+    when no policy is left to try (then the loop trains an embedding)."""
     for policy in policies:
         new_policy = policy.merged(old.policy)
         if new_policy == old.policy:
             continue  # already serving
         key = policy_key(new_policy, old)
-        if judge.decided(key):
+        if judge.decided(key) or only not in (None, key):
             continue  # accepted or rejected before: its evidence is kept, not re-spent
         embedding = copy.deepcopy(old.embedding)  # a copy: publishing sets its version, the old state is not touched
         return propose_state(judge, old, TaskState(old.version + 1, embedding, new_policy), key,
                              f"policy {policy.describe()}")
     return None
+
+
+def resume_trial(judge: ShadowJudge, policies: Sequence[Policy], serving: TaskState) -> ReoptimizationEvent | None:
+    """Restart the policy trial that ran when the judge's restored state was saved (`ShadowJudge.interrupted`); its
+    evidence goes on. An embedding's candidate is not saved (its key names no policy): it is trained again at the
+    next trigger. Returns the start event, or None."""
+    was, judge.interrupted = judge.interrupted, None
+    if was is None or judge.trial is not None:
+        return None
+    return propose_policy(judge, policies, serving, only=was["key"])
 
 
 def try_policies(policies: Sequence[Policy], *, serving: Callable[[], TaskState], held: Callable[[], list[Evidence]],

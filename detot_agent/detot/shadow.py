@@ -37,7 +37,6 @@ from typing import Any, Literal
 from pydantic import Field
 
 from detot_agent.config import StrictModel
-from detot_agent.detot.monitor import ReoptimizationEvent
 from detot_agent.detot.records import Replayed, TaskState
 from detot_agent.detot.sequential import ErrorBudget, PairedBettingTest, SequentialRules
 from detot_agent.embedding.task_embedding import TaskEmbedding
@@ -45,8 +44,7 @@ from detot_agent.engines.generation import background_work
 from detot_agent.errors import ArtefactError
 from detot_agent.io.jsonlog import JsonlLog
 
-__all__ = ["ShadowConfig", "ShadowJudge", "Trial", "agreement_outcome", "embedding_key", "propose_state", "selected",
-           "shadow_decision", "start_trial", "trial_name"]
+__all__ = ["ShadowConfig", "ShadowJudge", "Trial", "agreement_outcome", "embedding_key", "selected"]
 
 
 class ShadowConfig(StrictModel):
@@ -67,6 +65,10 @@ class ShadowConfig(StrictModel):
             full is not shadowed (counted in the trial's `skipped`). Under a client that never lets the engine
             rest, background answers run slower than requests arrive: without a bound the backlog grows with the
             stream, and its answers arrive too late to decide anything.
+        when_full: `skip` (the default): a selected request that finds the backlog full is not shadowed. `wait`:
+            its serving thread waits until the backlog has room, so every selected request is shadowed and the
+            stream slows to the candidate's pace (serving waits for judging: an offline or batch stream, or a
+            prequential eval whose question is what the loop can learn, never a latency-bound service).
         workers: shadow answers run at once (threads); the candidate answers at most this many requests at a time.
         background: True (the default): shadow answers are background work (`background_work()`: live requests go
             first; under a client that never pauses they wait their patience and run on a quarter of the slots, so
@@ -83,6 +85,7 @@ class ShadowConfig(StrictModel):
     min_diversity: float = Field(default=0.5, ge=0, le=1)
     veto_after: int = Field(default=10, ge=2)
     max_pending: int = Field(default=8, ge=1)
+    when_full: Literal["skip", "wait"] = "skip"
     workers: int = Field(default=1, ge=1, le=64)
     background: bool = True
 
@@ -129,8 +132,10 @@ class ShadowJudge:
         self.tests: dict[str, PairedBettingTest] = {}  # every candidate's evidence, by key
         self.trial: Trial | None = None
         self._lock = threading.RLock()  # re-entered: cancelling a queued answer (under it) runs its callback
+        self._room = threading.Condition(self._lock)  # notified when a shadow answer settles or a trial ends
         self._worker = ThreadPoolExecutor(max_workers=self.config.workers, thread_name_prefix="detot-shadow")
         self.log: JsonlLog | None = None  # `record_to`
+        self.interrupted: dict[str, str] | None = None  # the trial running when the restored state was saved
 
     def record_to(self, path: str | Path) -> None:
         """Append every paired outcome fed to the test to JSONL file `path`: the request, the candidate, both
@@ -183,6 +188,7 @@ class ShadowJudge:
         if trial is not None:
             for _, future in trial.pairs.values():
                 future.cancel()
+            self._room.notify_all()  # requests waiting for room (`when_full="wait"`) go on unshadowed
 
     def shadow(self, request_id: str, inputs: dict[str, Any] | None,
                served: Replayed | None) -> Future[Replayed] | None:
@@ -191,6 +197,11 @@ class ShadowJudge:
         if trial is None or inputs is None or served is None or not selected(request_id, self.config.share):
             return None
         with self._lock:
+            while self.config.when_full == "wait" and trial.pending >= self.config.max_pending \
+                    and self.trial is trial:
+                self._room.wait()
+            if self.trial is not trial:
+                return None  # the trial ended while this request waited
             if trial.pending >= self.config.max_pending:
                 trial.skipped += 1
                 return None
@@ -206,6 +217,7 @@ class ShadowJudge:
     def _settled(self, trial: Trial) -> None:
         with self._lock:
             trial.pending -= 1
+            self._room.notify_all()
 
     def _answer(self, trial: Trial, served: Replayed, inputs: dict[str, Any]) -> Replayed:
         try:
@@ -321,7 +333,9 @@ class ShadowJudge:
     def to_json(self) -> dict[str, Any]:
         """The budget and every candidate's evidence (the running trial's candidate restarts when re-proposed)."""
         with self._lock:
-            return {"budget": self.budget.to_json(), "tests": {k: t.to_json() for k, t in self.tests.items()}}
+            running = None if self.trial is None else {"key": self.trial.key, "change": self.trial.change}
+            return {"budget": self.budget.to_json(), "tests": {k: t.to_json() for k, t in self.tests.items()},
+                    "running": running}
 
     def restore(self, data: dict[str, Any]) -> None:
         """Read `to_json`'s output back (validated first; `ArtefactError` naming what is wrong)."""
@@ -329,9 +343,13 @@ class ShadowJudge:
             raise ArtefactError("not a saved shadow judge: no 'tests' mapping")
         budget = ErrorBudget.from_json(data.get("budget", {}))
         tests = {str(k): PairedBettingTest.from_json(v, self.config.rules) for k, v in data["tests"].items()}
+        running = data.get("running")
+        if running is not None and not (isinstance(running, dict) and isinstance(running.get("key"), str)
+                                        and isinstance(running.get("change"), str)):
+            raise ArtefactError(f"saved shadow judge: 'running' must be null or {{key, change}}, got {running!r}")
         with self._lock:
             self._end()
-            self.budget, self.tests = budget, tests
+            self.budget, self.tests, self.interrupted = budget, tests, running
 
 
 def agreement_outcome(candidate: Replayed, served: Replayed, margin: float) -> int:
@@ -360,54 +378,3 @@ def embedding_key(embedding: TaskEmbedding) -> str:
         h.update(name.encode())
         h.update(tensors[name].detach().contiguous().float().numpy().tobytes())
     return h.hexdigest()
-
-
-def trial_name(key: str, change: str) -> str:
-    """How events name a trial's candidate: an embedding by its hash's start, a policy by what it changes."""
-    return f"candidate {key[:12]}" if change == "embedding" else change
-
-
-def start_trial(judge: ShadowJudge, old: TaskState, candidate: TaskEmbedding) -> ReoptimizationEvent:
-    """Propose a trained candidate for shadow judging; the event says that a trial started (nothing is published)."""
-    return propose_state(judge, old, TaskState(old.version + 1, candidate, old.policy), embedding_key(candidate),
-                         "embedding")
-
-
-def propose_state(judge: ShadowJudge, old: TaskState, state: TaskState, key: str, change: str) -> ReoptimizationEvent:
-    """Start the shadow trial of candidate `state` (named `key`, changing `change`) against `old`; the event says
-    that a trial started (nothing is published)."""
-    known = key in judge.tests
-    judge.propose(state, key, change)
-    test = judge.tests[key]
-    name = trial_name(key, change)
-    return ReoptimizationEvent(
-        accepted=False, decided=False, change=f"{change} (shadow trial)", version_before=old.version,
-        version_after=old.version,
-        reason=(f"shadow trial started: {name} answers {judge.config.share:.0%} of live requests "
-                f"{'in the background' if judge.config.background else 'beside them, as their equal'} (at most "
-                f"{judge.config.max_pending} pending); decided by the sequential test at level "
-                f"{judge.budget.level(key):.4g}"
-                + (f", continuing its {test.outcomes} earlier paired outcomes" if known else "")),
-        verdicts=[{"part": "shadow", "candidate": key, "change": change, **test.stats()}])
-
-
-def shadow_decision(decided: tuple[str, dict[str, Any], TaskState], serving: TaskState,
-                    publish: Callable[[TaskState], None]) -> ReoptimizationEvent:
-    """The event of a decided trial, publishing the candidate when it was accepted and still succeeds what serves
-    (a state published in between, by a policy trial or a load, makes it stale: then it is not published)."""
-    decision, stats, state = decided
-    accepted = decision == "accept" and state.version == serving.version + 1
-    if accepted:
-        if state.embedding is not None:
-            state.embedding.version = state.version
-        publish(state)
-    why = (f"accepted by the sequential test: e-value {stats['accept_wealth']:.3g} >= 1/{stats['level']:.4g} after "
-           f"{stats['outcomes']} paired outcomes ({stats['wins']} wins, {stats['losses']} losses)" if accepted else
-           f"vetoed: {stats['veto']}" if "veto" in stats else
-           "stale: another state was published during the trial" if decision == "accept" else
-           f"rejected for futility or at the cap after {stats['outcomes']} paired outcomes ({stats['wins']} wins, "
-           f"{stats['losses']} losses; futility e-value {stats['futility_wealth']:.3g})")
-    return ReoptimizationEvent(accepted=accepted, change=f"{stats.get('change', 'embedding')} (shadow trial)",
-                               reason=why, version_before=serving.version,
-                               version_after=state.version if accepted else serving.version,
-                               verdicts=[{"part": "shadow", **stats}])

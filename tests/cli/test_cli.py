@@ -251,7 +251,9 @@ def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiari
              (["--methods", "detot_loop", "--shadow", "workers=2"], "needs --judging shadow"),
              (["--methods", "detot_loop", "--judging", "shadow", "--shadow", "worker=2"], "worker: unknown setting"),
              (["--methods", "detot_loop", "--judging", "shadow", "--shadow", "workers=0"], "workers"),
-             (["--methods", "detot_loop", "--judging", "shadow", "--shadow", "share=1"], "SETTING=VALUE")]
+             (["--methods", "detot_loop", "--judging", "shadow", "--shadow", "share=1"], "SETTING=VALUE"),
+             (["--methods", "detot_loop", "--judging", "shadow", "--shadow", "when_full=block"], "when_full"),
+             (["--methods", "detot_loop", "--loop-policy", "max_tokens=0"], "max_tokens")]
     for args, why in cases:
         result = runner.invoke(app, ["eval", "--suite", suite, *args, "--model", "/nonexistent/model"])
         assert isinstance(result.exception, ConfigError), result.output

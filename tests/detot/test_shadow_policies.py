@@ -17,6 +17,7 @@ from detot_agent.detot.policy_trials import policy_key
 from detot_agent.detot.records import Replayed, TaskState
 from detot_agent.detot.shadow import ShadowConfig, ShadowJudge
 from detot_agent.detot.task import Policy
+from detot_agent.errors import ArtefactError
 from detot_agent.retrieval.index import ExemplarIndex
 
 ARITH = TaskProfile(name="arith", description="adding two numbers", kind="arithmetic", answer_format="number")
@@ -139,6 +140,45 @@ def test_a_policy_can_give_chains_more_tokens_and_is_judged_like_any_other(index
     program.controller.close()
 
 
+def test_a_policy_trial_interrupted_by_a_restart_goes_on_with_its_evidence(index, long_tiny_model_dir, tmp_path):
+    """The saved state names the running trial; a program loading it restarts that policy's trial at once, its
+    paired outcomes kept. The violation: a program whose policies do not include it starts nothing."""
+    engine = PromptEngine(long_tiny_model_dir, the_same)
+    program = _detot(index, engine, [Policy(soft_prompt=False)])
+    for a in range(8):
+        _serve(program, a)
+    key = policy_key(Policy(soft_prompt=False), program.controller.state)
+    program.reoptimize()
+    for i in range(6):
+        _serve(program, 100 + i)
+    program.controller.settle_shadow()
+    outcomes = program.controller.shadow.trial.test.outcomes
+    assert outcomes > 0
+    program.save(tmp_path / "p.json")
+    program.controller.close()
+    again = _detot(index, engine, [Policy(soft_prompt=False)])
+    again.load(tmp_path / "p.json")
+    trial = again.controller.shadow.trial
+    assert trial is not None and trial.key == key and trial.test.outcomes == outcomes
+    assert "continuing its" in again.controller.history[-1].reason
+    _serve(again, 200)
+    again.controller.settle_shadow()
+    assert again.controller.shadow.trial.test.outcomes == outcomes + 1
+    again.controller.close()
+    other = _detot(index, engine, [Policy(weighting="cisc")])
+    other.load(tmp_path / "p.json")
+    assert other.controller.shadow.trial is None and other.controller.shadow.tests[key].outcomes == outcomes
+    other.controller.close()
+
+
+def test_a_saved_running_trial_that_is_not_a_key_and_change_is_refused():
+    judge = ShadowJudge(lambda state, inputs: Replayed("2", 1.0), ShadowConfig())
+    saved = judge.to_json()
+    with pytest.raises(ArtefactError, match="'running' must be null"):
+        judge.restore({**saved, "running": "policy x"})
+    judge.close()
+
+
 def test_an_equal_policy_is_rejected_then_the_loop_trains_the_embedding(index, long_tiny_model_dir):
     """The next trigger after a decided policy goes on to the embedding (a decided policy is not re-proposed:
     re-proposing it would be the violation)."""
@@ -161,7 +201,7 @@ def test_an_equal_policy_is_rejected_then_the_loop_trains_the_embedding(index, l
     program.controller.close()
 
 
-def _blocking_judge(max_pending):
+def _blocking_judge(max_pending, when_full="skip"):
     release, calls = threading.Event(), []
 
     def slow(state, inputs):
@@ -169,7 +209,7 @@ def _blocking_judge(max_pending):
         release.wait(10)
         return Replayed("2", 1.0)
 
-    judge = ShadowJudge(slow, ShadowConfig(share=1.0, max_pending=max_pending))
+    judge = ShadowJudge(slow, ShadowConfig(share=1.0, max_pending=max_pending, when_full=when_full))
     judge.propose(TaskState(1, None), "c")
     return judge, release, calls
 
@@ -191,6 +231,47 @@ def test_without_the_bound_every_selected_request_queues():
     judge, release, _ = _blocking_judge(max_pending=100)
     futures = [judge.shadow(f"q{i}", {"question": f"{i}?"}, Replayed("3", 1.0)) for i in range(5)]
     assert all(f is not None for f in futures) and judge.trial.skipped == 0
+    release.set()
+    judge.close()
+
+
+def _shadow_in_threads(judge, n):
+    results, threads = {}, []
+    for i in range(n):
+        def serve(i=i):
+            results[i] = judge.shadow(f"q{i}", {"question": f"{i}?"}, Replayed("3", 1.0))
+        threads.append(threading.Thread(target=serve))
+        threads[-1].start()
+    return results, threads
+
+
+def test_waiting_for_room_shadows_every_selected_request():
+    """`when_full="wait"`: the serving thread waits for room instead of skipping (with `skip` the same three
+    requests leave two unshadowed: the bounded-backlog test above)."""
+    judge, release, calls = _blocking_judge(max_pending=1, when_full="wait")
+    results, threads = _shadow_in_threads(judge, 3)
+    threads[0].join(0.5)
+    threading.Event().wait(0.3)
+    assert len(results) == 1 and judge.trial.pending == 1  # one shadowed, two serving threads waiting
+    release.set()
+    for t in threads:
+        t.join(10)
+    assert len(results) == 3 and all(f is not None for f in results.values()) and judge.trial.skipped == 0
+    for f in results.values():
+        f.result()
+    assert sorted(calls) == ["0?", "1?", "2?"]
+    judge.close()
+
+
+def test_a_trial_ending_releases_the_requests_waiting_for_room():
+    judge, release, _ = _blocking_judge(max_pending=1, when_full="wait")
+    results, threads = _shadow_in_threads(judge, 2)
+    threading.Event().wait(0.3)
+    assert len(results) == 1
+    judge.stop()  # a decision or a new proposal ends the trial: the waiting request goes on, unshadowed
+    threads[0].join(5)
+    threads[1].join(5)
+    assert len(results) == 2 and sum(f is None for f in results.values()) == 1
     release.set()
     judge.close()
 
