@@ -17,6 +17,12 @@
 #   LOOP_POLICY="k_exemplars=0,soft_prompt=off,weighting=cisc" bash evals/scripts/prequential_gsm8k.sh \
 #     --methods detot_loop --judging shadow --shadow-share 1 --shadow workers=4 --shadow background=false \
 #     --out evals/results/prequential_gsm8k_v4
+# The v5 re-run (2026-12-07): the same policy at the fit's token budget (320; the stream's is 256, which cut most
+# of the candidate's gain), every later problem shadowed (a problem that finds 8 shadow answers pending waits):
+#   LOOP_POLICY="k_exemplars=0,soft_prompt=off,weighting=cisc,max_tokens=320" bash evals/scripts/prequential_gsm8k.sh \
+#     --methods detot_loop --judging shadow --shadow-share 1 --shadow workers=4 --shadow background=false \
+#     --shadow when_full=wait --out evals/results/prequential_gsm8k_v5
+# (about 4 hours on the 2-core CPU: the candidate's answers cost about 3 times a served one; pass --resume after a stop)
 # LOOP_POLICY (default strategy=pot) is the policy the loop may switch to.
 cd "$(dirname "$0")/../.."  # the repository root
 export HF_HUB_OFFLINE=1
