@@ -68,7 +68,8 @@ class ShadowConfig(StrictModel):
         when_full: `skip` (the default): a selected request that finds the backlog full is not shadowed. `wait`:
             its serving thread waits until the backlog has room, so every selected request is shadowed and the
             stream slows to the candidate's pace (serving waits for judging: an offline or batch stream, or a
-            prequential eval whose question is what the loop can learn, never a latency-bound service).
+            prequential eval whose question is what the loop can learn, never a latency-bound service). The wait
+            is in the serving call: under `acall` it holds the event loop, so use threads (`forward`) with it.
         workers: shadow answers run at once (threads); the candidate answers at most this many requests at a time.
         background: True (the default): shadow answers are background work (`background_work()`: live requests go
             first; under a client that never pauses they wait their patience and run on a quarter of the slots, so
