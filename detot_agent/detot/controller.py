@@ -165,9 +165,9 @@ class Controller:
         self._shadow_decided(None if self.shadow is None else self.shadow.drain())
 
     def resume_shadow_trial(self) -> None:
-        """Restart the policy trial a restart interrupted, its evidence going on (`policy_trials.resume_trial`)."""
+        """Restart the policy trial a restart interrupted, with its evidence (the same trial: not logged as a start)."""
         if self.shadow is not None and (event := resume_trial(self.shadow, self.config.policies, self._state)):
-            self._record(event)
+            self.history.append(event)
 
     def _shadow_decided(self, decided: Any) -> None:
         if decided is not None:

@@ -161,6 +161,7 @@ def test_a_policy_trial_interrupted_by_a_restart_goes_on_with_its_evidence(index
     trial = again.controller.shadow.trial
     assert trial is not None and trial.key == key and trial.test.outcomes == outcomes
     assert "continuing its" in again.controller.history[-1].reason
+    assert not any("shadow trial started" in str(e.get("reason")) for e in again.monitor.events)  # not a new start
     _serve(again, 200)
     again.controller.settle_shadow()
     assert again.controller.shadow.trial.test.outcomes == outcomes + 1
