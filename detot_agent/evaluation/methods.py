@@ -297,7 +297,7 @@ class DetotMethod(MethodRunner):
                             parse_failures=pred.parse_failures, agreement=pred.agreement, votes=pred.votes,
                             demo_ids=pred.demo_ids, embedding_version=pred.embedding_version,
                             sample_keys=pred.sample_keys, sample_tokens=pred.sample_tokens,
-                            sample_logprobs=pred.sample_logprobs, **extra)
+                            sample_logprobs=pred.sample_logprobs, request=pred.id, **extra)
 
     def close(self) -> None:
         """Wait for a running re-optimization, feed the shadow outcomes still pending, stop the background work."""

@@ -6,7 +6,8 @@ Layout of a run folder:
     <method>.jsonl         one record per finished example, appended and fsynced as it finishes
     <method>.events.jsonl  DETOT's monitor and re-optimization events
     <method>.evidence.jsonl  a looping DETOT's evidence buffer (answered questions and their outcomes)
-    <method>.shadow.jsonl  under shadow judging, every paired outcome: both answers, gold, the outcome
+    <method>.shadow.jsonl  under shadow judging, every paired outcome: both answers, gold, the outcome (its
+                           `request` is the DETOT record's `request`, the call's id)
     <method>.program.json  DETOT's latest serving state (one JSON file; runs of 0.3 have a .tensors/ beside it),
                            saved when its version changes
     report.json / report.md / *.png   written by `report.write_report`

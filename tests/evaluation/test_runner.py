@@ -332,6 +332,9 @@ def test_a_strategy_run_and_its_ablation_on_the_tiny_model(tmp_path, suite_file,
     assert all(len(r["sample_keys"]) == len(r["sample_tokens"]) == r["samples"]
                and sum(r["sample_tokens"]) == r["tokens"]
                for m in ("dspy_detot", "dspy_detot-strategy") for r in read_records(out / f"{m}.jsonl"))
+    # the call's id (what `feedback` and the shadow log name a request by), one per record
+    requests = [r["request"] for r in read_records(out / "dspy_detot.jsonl")]
+    assert len(set(requests)) == len(requests) == len(suite.examples) and all(requests)
 
 
 def test_a_weighting_reaches_the_detot_methods_and_their_ablations(engine, pool):
