@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import Counter
 from pathlib import Path
 
+from detot_agent.detot.voting import vote
 from detot_agent.evaluation.runner import read_records
 
 STREAM = Path("evals/results/prequential_gsm8k_v3/detot.jsonl")
@@ -34,9 +34,8 @@ BUDGETS = (256, 288, 320)
 
 
 def _vote(keys: list[str | None], tokens: list[int], budget: int) -> str | None:
-    """Plain majority over the chains that ended before `budget` tokens (None: no chain left)."""
-    left = Counter(k for k, t in zip(keys, tokens, strict=True) if t < budget and k is not None)
-    return left.most_common(1)[0][0] if left else None
+    """Plain majority (DETOT's `vote`) over the chains that ended before `budget` tokens (None: no chain left)."""
+    return vote([k if t < budget else None for k, t in zip(keys, tokens, strict=True)]).winner
 
 
 def estimate(records: list[dict], static: dict[str, bool], budget: int) -> dict:
