@@ -140,8 +140,10 @@ class ShadowJudge:
 
     def record_to(self, path: str | Path) -> None:
         """Append every paired outcome fed to the test to JSONL file `path`: the request, the candidate, both
-        answers, the gold answer (None for label-free outcomes), the outcome (+1 / 0 / -1) and both agreements,
-        so a trial's candidate can be scored on the stream afterwards (`detot eval` writes `<method>.shadow.jsonl`).
+        answers, the gold answer (None for label-free outcomes), the outcome (+1 / 0 / -1), both agreements and the
+        test's evidence after it (`accept_e` against its threshold `accept_at`, `futility_e` against `reject_at`),
+        so a trial's candidate can be scored on the stream afterwards (`detot eval` writes `<method>.shadow.jsonl`,
+        and its report plots the evidence: `evidence.png`).
 
         Example:
             >>> import pathlib, tempfile
@@ -150,17 +152,21 @@ class ShadowJudge:
             >>> judge.propose(TaskState(1, None), "cand-1")
             >>> _ = judge.shadow("q1", {"question": "3 + 4?"}, Replayed("8", 1.0)).result()
             >>> _ = judge.outcome("q1", "7")
-            >>> [(r["request"], r["served"], r["shadow"], r["outcome"]) for r in judge.log.read()]
-            [('q1', '8', '7', 1)]
+            >>> [(r["request"], r["served"], r["shadow"], r["outcome"], r["accept_e"] > 1) for r in judge.log.read()]
+            [('q1', '8', '7', 1, True)]
         """
         self.log = JsonlLog(path, fsync=False)
 
-    def _record(self, trial: Trial, request_id: str | None, served: Replayed, shadow: Replayed, gold: str | None,
-                outcome: int) -> None:
+    def _observe_outcome(self, trial: Trial, request_id: str | None, served: Replayed, shadow: Replayed,
+                         gold: str | None, outcome: int) -> None:
+        """Feed one paired outcome to the trial's test (under the lock) and log it with the evidence after it."""
+        trial.test.observe(outcome)
         if self.log is not None:
             self.log.append({"request": request_id, "candidate": trial.key, "change": trial.change,
                              "served": served.key, "shadow": shadow.key, "gold": gold, "outcome": outcome,
                              "served_agreement": served.agreement, "shadow_agreement": shadow.agreement,
+                             "accept_e": trial.test.accept_wealth, "accept_at": 1 / self.budget.level(trial.key),
+                             "futility_e": trial.test.futility_wealth, "reject_at": 1 / self.config.rules.futility,
                              "time": time.time()})
 
     def propose(self, state: TaskState, key: str, change: str = "embedding") -> None:
@@ -277,8 +283,7 @@ class ShadowJudge:
             with self._lock:
                 if self.trial is not trial:
                     return None
-                self._record(trial, ready, served, candidate, gold_key, x)
-                trial.test.observe(x)
+                self._observe_outcome(trial, ready, served, candidate, gold_key, x)
                 decided = self._decide(trial)
             if decided is not None:
                 return decided
@@ -297,8 +302,7 @@ class ShadowJudge:
             for served, answer in ready:
                 if answer is not None:
                     x = agreement_outcome(answer, served, self.config.margin)
-                    self._record(trial, None, served, answer, None, x)
-                    trial.test.observe(x)
+                    self._observe_outcome(trial, None, served, answer, None, x)
             return self._decide(trial) if ready else None
 
     def _decide(self, trial: Trial) -> tuple[str, dict[str, Any], TaskState] | None:

@@ -40,7 +40,7 @@ from detot_agent.evaluation.metrics import accuracy, bootstrap_ci, paired
 from detot_agent.evaluation.names import is_detot
 from detot_agent.evaluation.paired import run_records
 from detot_agent.evaluation.runner import is_correct, read_records, read_run
-from detot_agent.evaluation.shadow_log import render_shadow, shadow_log, summarize_shadow
+from detot_agent.evaluation.shadow_log import plot_evidence, render_shadow, shadow_log, summarize_shadow
 from detot_agent.io.jsonlog import JsonlLog
 from detot_agent.io.persist import atomic_write_text
 
@@ -333,7 +333,7 @@ def _plot(out: Path, report: dict[str, Any]) -> list[Path]:
         out, report, plt, lambda r: float(bool(r["correct"])), path=out / "learning_curve.png",
         window=lambda n: max(5, min(25, n // 4)), ylabel="accuracy (rolling mean of {w})",
         title="learning curve; re-optimizations: solid accepted, dashed rejected, dotted shadow trial started")
-    return written
+    return written + plot_evidence(out, list(report["methods"]), plt)
 
 
 def _scatter(out: Path, report: dict[str, Any], plt: Any, key: str, xlabel: str, what: str, nudge: float) -> Path:

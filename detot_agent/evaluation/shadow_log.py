@@ -1,7 +1,8 @@
 """What a looping method's shadow candidates answered: `<method>.shadow.jsonl` (`ShadowJudge.record_to`), one
 line per paired outcome the sequential test observed. `detot eval report` sums it per candidate: paired outcomes,
 wins and losses, and, where gold came, the served and the candidate's accuracy on the same shadowed requests (the
-candidate's own accuracy on the stream, which the test's win/loss counts do not give).
+candidate's own accuracy on the stream, which the test's win/loss counts do not give), and `plot_evidence` draws
+each candidate's e-values against the paired outcomes, with the thresholds that decide (`evidence.png`).
 
 Example:
     >>> rows = [{"candidate": "policy max_tokens=320 over version 1", "served": "4", "shadow": "4", "gold": "4",
@@ -21,7 +22,7 @@ from typing import Any
 
 from detot_agent.io.jsonlog import JsonlLog
 
-__all__ = ["render_shadow", "shadow_log", "summarize_shadow"]
+__all__ = ["plot_evidence", "render_shadow", "shadow_log", "summarize_shadow"]
 
 
 def shadow_log(out: Path, method: str) -> JsonlLog:
@@ -64,3 +65,39 @@ def render_shadow(methods: dict[str, dict[str, Any]]) -> list[str]:
     lines += [f"| `{name}` | {key} | {s['outcomes']} | {s['wins']} / {s['losses']} | {s['with_gold']} | "
               f"{acc(s['served_accuracy'])} | {acc(s['shadow_accuracy'])} |" for name, key, s in rows]
     return lines
+
+
+def plot_evidence(out: Path, methods: list[str], plt: Any) -> list[Path]:
+    """`out/evidence.png`: per logged candidate, the accept e-value (solid) and the futility e-value (dashed) after
+    each paired outcome, log scale, with the thresholds they must reach (the first candidate's; each candidate's
+    are in its log lines). Lines written before the log held evidence are left out; when no line has any, no plot
+    is written and an old one is removed (it would describe another log)."""
+    fig, ax = plt.subplots(figsize=(8, 4))
+    thresholds: set[tuple[float, float]] = set()
+    for method in methods:
+        by_candidate: dict[str, list[dict[str, Any]]] = {}
+        for row in shadow_log(out, method).read():
+            if row.get("accept_e") is not None:
+                by_candidate.setdefault(str(row.get("candidate")), []).append(row)
+        for key, rows in by_candidate.items():
+            x = range(1, len(rows) + 1)
+            (line,) = ax.plot(x, [r["accept_e"] for r in rows], label=f"{method}: {key}")
+            ax.plot(x, [r["futility_e"] for r in rows], ls="--", color=line.get_color())
+            thresholds.add((rows[-1]["accept_at"], rows[-1]["reject_at"]))
+    path = out / "evidence.png"
+    if thresholds:
+        for accept_at, reject_at in sorted(thresholds):
+            ax.axhline(accept_at, color="black", lw=1, ls="-", alpha=0.5)
+            ax.axhline(reject_at, color="black", lw=1, ls="--", alpha=0.5)
+        ax.set_yscale("log")
+        ax.set_xlabel("paired outcomes of the candidate (the order the test saw them)")
+        ax.set_ylabel("e-value")
+        ax.set_title("shadow trials: accept e-value (solid) against its threshold (grey solid), futility e-value "
+                     "(dashed) against its own (grey dashed)", fontsize=8)
+        ax.legend(fontsize=7, loc="upper left")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    else:
+        path.unlink(missing_ok=True)
+    plt.close(fig)
+    return [path] if thresholds else []

@@ -194,6 +194,11 @@ def test_the_shadow_log_holds_each_fed_outcome_once_and_no_failed_answer(tmp_pat
     assert rows[0]["change"] == "policy k_exemplars=0" and rows[0]["shadow_agreement"] == 0.9
     test = judge.trial.test
     assert sum(r["outcome"] for r in rows) == test.wins - test.losses and len(rows) == test.outcomes
+    # each line carries the evidence just after its outcome: a tie leaves the accept e-value at 1, a win raises it,
+    # a loss lowers it; the last line's is the test's own
+    assert rows[0]["accept_e"] == 1.0 and rows[1]["accept_e"] > 1.0 > rows[2]["accept_e"] / rows[1]["accept_e"]
+    assert (rows[-1]["accept_e"], rows[-1]["futility_e"]) == (test.accept_wealth, test.futility_wealth)
+    assert rows[-1]["accept_at"] == 1 / judge.budget.level("c") and rows[-1]["reject_at"] == 10.0
     judge.close()
 
     label_free = ShadowJudge(answer, ShadowConfig(share=1.0, outcomes="agreement"))

@@ -3,6 +3,8 @@ per candidate the paired outcomes, wins / losses and, with gold, both accuracies
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from detot_agent import LocalEngine, local_lm
@@ -34,7 +36,9 @@ def test_the_report_scores_each_shadow_candidate_on_the_requests_it_shadowed(tmp
             judge.shadow(f"r{version}{q}", {"q": str(q)}, Replayed(str(q) if q % 2 else "9", 0.5)).result()
             judge.outcome(f"r{version}{q}", str(q))
     judge.close()
-    shadow = write_report(out)["methods"]["cot"]["shadow"]
+    report = write_report(out)
+    shadow = report["methods"]["cot"]["shadow"]
+    assert str(out / "evidence.png") in report["plots"]
     assert shadow["cand-1"]["outcomes"] == 4 and (shadow["cand-1"]["wins"], shadow["cand-1"]["losses"]) == (2, 0)
     assert shadow["cand-1"]["served_accuracy"] == 0.5 and shadow["cand-1"]["shadow_accuracy"] == 1.0
     assert (shadow["cand-2"]["wins"], shadow["cand-2"]["losses"]) == (1, 2)  # right on 0, wrong on 1 and 3
@@ -42,6 +46,14 @@ def test_the_report_scores_each_shadow_candidate_on_the_requests_it_shadowed(tmp
     md = (out / "report.md").read_text()
     assert "| `cot` | cand-1 | 4 | 2 / 0 | 4 | 0.500 | 1.000 |" in md
     assert "| `cot` | cand-2 | 4 | 1 / 2 | 4 | 0.500 | 0.250 |" in md
-    (out / "cot.shadow.jsonl").unlink()  # no log, no table
+    assert (out / "evidence.png").exists()  # each candidate's e-values against its outcomes
+    log = out / "cot.shadow.jsonl"
+    old = [{k: v for k, v in json.loads(line).items() if k not in ("accept_e", "futility_e")}
+           for line in log.read_text().splitlines()]
+    log.write_text("".join(json.dumps(r) + "\n" for r in old))  # a log written before lines held the evidence
+    report = write_report(out)
+    assert report["methods"]["cot"]["shadow"] == shadow  # the table is the same
+    assert not (out / "evidence.png").exists() and str(out / "evidence.png") not in report["plots"]
+    log.unlink()  # no log, no table
     write_report(out)
     assert "Shadow candidates' answers" not in (out / "report.md").read_text()
