@@ -89,12 +89,16 @@ def plot_evidence(out: Path, methods: list[str], plt: Any) -> list[Path]:
         for accept_at, reject_at in sorted(thresholds):
             ax.axhline(accept_at, color="black", lw=1, ls="-", alpha=0.5)
             ax.axhline(reject_at, color="black", lw=1, ls="--", alpha=0.5)
+            ax.annotate(f"accept at {accept_at:.3g}", (0, accept_at), xycoords=("axes fraction", "data"),
+                        xytext=(4, 3), textcoords="offset points", fontsize=7)
+            ax.annotate(f"reject (futility) at {reject_at:.3g}", (0, reject_at),
+                        xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points", fontsize=7)
         ax.set_yscale("log")
         ax.set_xlabel("paired outcomes of the candidate (the order the test saw them)")
         ax.set_ylabel("e-value")
         ax.set_title("shadow trials: accept e-value (solid) against its threshold (grey solid), futility e-value "
                      "(dashed) against its own (grey dashed)", fontsize=8)
-        ax.legend(fontsize=7, loc="upper left")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16))
         fig.tight_layout()
         fig.savefig(path, dpi=120)
     else:
