@@ -185,18 +185,24 @@ def bench_loop(
                                               "background until the sequential test decides).")] = "replay",
     think: Annotated[float, typer.Option(help="Seconds between an answer and the next request (both phases).",
                                          min=0.0)] = 0.0,
+    shadow: Annotated[list[str] | None, typer.Option(
+        "--shadow", metavar="SETTING=VALUE", help="With --judging shadow: another ShadowConfig setting (repeatable), "
+        "e.g. background=false, when_full=wait (what full shadow coverage costs the served requests).")] = None,
     json_path: Annotated[Path | None, typer.Option("--json", help="Write the figures here.")] = None,
 ) -> None:
     """Request latency (p50/p99) while a re-optimization runs, against none running."""
     from detot_agent.cli.bench.loop import run_loop_bench
+    from detot_agent.cli.eval import _shadow_settings
 
     if requests < 2 or max_tokens < 1 or not max_seconds > 0:
         raise ConfigError(f"--requests must be >= 2, --max-tokens >= 1, --max-seconds > 0 "
                           f"(got {requests}, {max_tokens}, {max_seconds})")
     if judging not in ("replay", "shadow"):
         raise ConfigError(f"--judging must be replay or shadow, got {judging!r}")
+    settings = _shadow_settings(shadow or [], judging)  # validated before the model loads
     result = run_loop_bench(model=model, engine=engine, requests=requests, max_tokens=max_tokens, train=train,
-                            max_seconds=max_seconds, yield_to_serving=yield_to_serving, judging=judging, think=think)
+                            max_seconds=max_seconds, yield_to_serving=yield_to_serving, judging=judging, think=think,
+                            shadow=settings)
     table = Table(title=f"loop: {requests} requests per phase, model {result['model']} ({result['engine']}), "
                         f"{os.cpu_count()} CPUs")
     for col in ("phase", "requests", "p50 s", "p99 s", "mean s"):

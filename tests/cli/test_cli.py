@@ -223,15 +223,22 @@ def test_bench_loop_writes_latency_of_both_phases(tiny_gguf, tmp_path):
 def test_bench_loop_with_shadow_judging_and_a_thinking_client(tiny_gguf, tmp_path):
     path = tmp_path / "loop.json"
     result = runner.invoke(app, ["bench", "loop", "--model", str(tiny_gguf), "--requests", "8", "--max-tokens", "4",
-                                 "--judging", "shadow", "--think", "0.05", "--json", str(path)])
+                                 "--judging", "shadow", "--think", "0.05", "--shadow", "background=false",
+                                 "--shadow", "when_full=wait", "--json", str(path)])
     assert result.exit_code == 0, result.output
     data = json.loads(path.read_text())
     assert data["judging"] == "shadow" and data["think_s"] == 0.05
+    assert data["shadow_config"]["background"] is False and data["shadow_config"]["when_full"] == "wait"
+    assert data["shadow_config"]["share"] == 1.0  # the bench shadows every request
     assert all(r["error"] is None for r in data["reoptimizations"])
     started = any("shadow trial started" in r["reason"] for r in data["reoptimizations"])
     assert ("shadow" in data["phases"]) == started == (data["shadow_p99_ratio"] is not None)  # phase 3 iff a trial
     bad = runner.invoke(app, ["bench", "loop", "--model", str(tiny_gguf), "--judging", "vibes"])
     assert bad.exit_code != 0 and "replay or shadow" in str(bad.exception)
+    for args, message in [(["--judging", "shadow", "--shadow", "when_full=never"], "when_full"),
+                          (["--shadow", "workers=2"], "needs --judging shadow")]:  # refused before the model loads
+        bad = runner.invoke(app, ["bench", "loop", "--model", "no-such-model.gguf", *args])
+        assert bad.exit_code != 0 and message in str(bad.exception), bad.output
 
 
 def test_eval_refuses_bad_methods_and_ablations_before_loading_anything(multiarith_head):

@@ -42,12 +42,14 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 
 def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: int = 24, max_tokens: int = 48,
                    train: Path | None = None, index_size: int = 300, max_seconds: float = 120.0,
-                   yield_to_serving: float = 30.0, judging: str = "replay", think: float = 0.0) -> dict[str, Any]:
+                   yield_to_serving: float = 30.0, judging: str = "replay", think: float = 0.0,
+                   shadow: dict[str, Any] | None = None) -> dict[str, Any]:
     """Serve `requests` questions quiet, then `requests` while re-optimizations run; returns the figures.
 
     `yield_to_serving`: what each training step waits for serving in all (`UpdateConfig`; 0: none). `judging`:
     `replay` or `shadow` (the candidate also answers every request in the background until the sequential test
-    decides). `think`: seconds between an answer and the next request, in both phases (0: back to back)."""
+    decides). `think`: seconds between an answer and the next request, in both phases (0: back to back). `shadow`:
+    more `ShadowConfig` settings (e.g. `{"background": False, "when_full": "wait"}`; share is always 1)."""
     import dspy
 
     from detot_agent.answers import AnswerFormat
@@ -74,7 +76,8 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
                        kind=TaskKind.ARITHMETIC, answer_format=AnswerFormat.NUMBER)
     adj = analyze(task, max_samples=3, min_samples=2, max_tokens=max_tokens, k_exemplars=2, cooldown=10_000)
     config = ControllerConfig.model_validate({
-        "min_evidence": 6, "max_seconds": max_seconds, "replay_items": 6, "judging": judging, "shadow": {"share": 1.0},
+        "min_evidence": 6, "max_seconds": max_seconds, "replay_items": 6, "judging": judging,
+        "shadow": {**(shadow or {}), "share": 1.0},
         "update": UpdateConfig(steps=10, retrieval_steps=40, yield_to_serving=yield_to_serving)})
     program = DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adj, background=False,
                     controller_config=config, adapter=PlainAdapter())
@@ -127,6 +130,9 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
                              "training": e.get("training"), "error": e.get("error")} for e in events],
         "busy_share": min(1.0, sum(float(e.get("seconds") or 0) for e in events) / busy_wall) if busy_wall else 0.0,
         "max_seconds": max_seconds, "yield_to_serving": yield_to_serving, "judging": judging, "think_s": think,
+        "shadow_config": None if program.controller.shadow is None else  # what the judge ran with
+        program.controller.shadow.config.model_dump(mode="json", include={"share", "workers", "background",
+                                                                          "max_pending", "when_full"}),
         "decisions": [{"change": e.get("change"), "accepted": e.get("accepted"), "reason": e.get("reason")}
                       for e in events if "shadow" in str(e.get("change"))],
     }
