@@ -202,7 +202,7 @@ def bench_loop(
     settings = _shadow_settings(shadow or [], judging)  # validated before the model loads
     result = run_loop_bench(model=model, engine=engine, requests=requests, max_tokens=max_tokens, train=train,
                             max_seconds=max_seconds, yield_to_serving=yield_to_serving, judging=judging, think=think,
-                            shadow=settings)
+                            shadow_settings=settings)
     table = Table(title=f"loop: {requests} requests per phase, model {result['model']} ({result['engine']}), "
                         f"{os.cpu_count()} CPUs")
     for col in ("phase", "requests", "p50 s", "p99 s", "mean s"):

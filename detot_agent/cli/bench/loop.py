@@ -43,12 +43,13 @@ def _percentiles(values: list[float]) -> dict[str, float]:
 def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: int = 24, max_tokens: int = 48,
                    train: Path | None = None, index_size: int = 300, max_seconds: float = 120.0,
                    yield_to_serving: float = 30.0, judging: str = "replay", think: float = 0.0,
-                   shadow: dict[str, Any] | None = None) -> dict[str, Any]:
+                   shadow_settings: dict[str, Any] | None = None) -> dict[str, Any]:
     """Serve `requests` questions quiet, then `requests` while re-optimizations run; returns the figures.
 
     `yield_to_serving`: what each training step waits for serving in all (`UpdateConfig`; 0: none). `judging`:
     `replay` or `shadow` (the candidate also answers every request in the background until the sequential test
-    decides). `think`: seconds between an answer and the next request, in both phases (0: back to back). `shadow`:
+    decides). `think`: seconds between an answer and the next request, in both phases (0: back to back).
+    `shadow_settings`:
     more `ShadowConfig` settings (e.g. `{"background": False, "when_full": "wait"}`; share is always 1)."""
     import dspy
 
@@ -77,7 +78,7 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
     adj = analyze(task, max_samples=3, min_samples=2, max_tokens=max_tokens, k_exemplars=2, cooldown=10_000)
     config = ControllerConfig.model_validate({
         "min_evidence": 6, "max_seconds": max_seconds, "replay_items": 6, "judging": judging,
-        "shadow": {**(shadow or {}), "share": 1.0},
+        "shadow": {**(shadow_settings or {}), "share": 1.0},
         "update": UpdateConfig(steps=10, retrieval_steps=40, yield_to_serving=yield_to_serving)})
     program = DETOT("question -> answer", task=task, index=index, lm=lm, adjustments=adj, background=False,
                     controller_config=config, adapter=PlainAdapter())
