@@ -69,9 +69,9 @@ def render_shadow(methods: dict[str, dict[str, Any]]) -> list[str]:
 
 def plot_evidence(out: Path, methods: list[str], plt: Any) -> list[Path]:
     """`out/evidence.png`: per logged candidate, the accept e-value (solid) and the futility e-value (dashed) after
-    each paired outcome, log scale, with the thresholds they must reach (the first candidate's; each candidate's
-    are in its log lines). Lines written before the log held evidence are left out; when no line has any, no plot
-    is written and an old one is removed (it would describe another log)."""
+    each of its logged paired outcomes, log scale, with the thresholds they must reach (grey; each distinct pair of
+    thresholds once, as the candidate's last line states them). Lines written before the log held evidence are
+    left out; when no line has any, no plot is written and an old one is removed (it would describe another log)."""
     fig, ax = plt.subplots(figsize=(8, 4))
     thresholds: set[tuple[float, float]] = set()
     for method in methods:

@@ -49,8 +49,8 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
     `yield_to_serving`: what each training step waits for serving in all (`UpdateConfig`; 0: none). `judging`:
     `replay` or `shadow` (the candidate also answers every request in the background until the sequential test
     decides). `think`: seconds between an answer and the next request, in both phases (0: back to back).
-    `shadow_settings`:
-    more `ShadowConfig` settings (e.g. `{"background": False, "when_full": "wait"}`; share is always 1)."""
+    `shadow_settings`: more `ShadowConfig` settings (e.g. `{"background": False, "when_full": "wait"}`; the share
+    is always 1)."""
     import dspy
 
     from detot_agent.answers import AnswerFormat
