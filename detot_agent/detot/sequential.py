@@ -114,6 +114,12 @@ class PairedBettingTest:
         return {"outcomes": self.outcomes, "wins": self.wins, "losses": self.losses, "ties": self.ties,
                 "accept_wealth": self.accept_wealth, "futility_wealth": self.futility_wealth}
 
+    def evidence(self, *, level: float) -> dict[str, float]:
+        """Where the evidence stands against the thresholds `decision` uses: what each shadow log line records
+        (`ShadowJudge.record_to`) and `evidence.png` plots."""
+        return {"accept_e": self.accept_wealth, "accept_at": 1 / level, "futility_e": self.futility_wealth,
+                "reject_at": 1 / self.rules.futility}
+
     def to_json(self) -> dict[str, Any]:
         return {"log_accept": self.log_accept, "log_futile": self.log_futile, "wins": self.wins,
                 "losses": self.losses, "ties": self.ties}

@@ -165,8 +165,7 @@ class ShadowJudge:
             self.log.append({"request": request_id, "candidate": trial.key, "change": trial.change,
                              "served": served.key, "shadow": shadow.key, "gold": gold, "outcome": outcome,
                              "served_agreement": served.agreement, "shadow_agreement": shadow.agreement,
-                             "accept_e": trial.test.accept_wealth, "accept_at": 1 / self.budget.level(trial.key),
-                             "futility_e": trial.test.futility_wealth, "reject_at": 1 / self.config.rules.futility,
+                             **trial.test.evidence(level=self.budget.level(trial.key)),
                              "time": time.time()})
 
     def propose(self, state: TaskState, key: str, change: str = "embedding") -> None:

@@ -51,9 +51,7 @@ def backfill(rows: list[dict[str, Any]], shadow: dict[str, Any], rules: Sequenti
         key = str(row["candidate"])
         test = tests.setdefault(key, PairedBettingTest(rules))
         test.observe(int(row["outcome"]))
-        level = shadow["budget"]["levels"][key]
-        out.append({**row, "accept_e": test.accept_wealth, "accept_at": 1 / level,
-                    "futility_e": test.futility_wealth, "reject_at": 1 / rules.futility})
+        out.append({**row, **test.evidence(level=shadow["budget"]["levels"][key])})  # as ShadowJudge logs it
     for key, test in tests.items():
         saved = PairedBettingTest.from_json(shadow["tests"][key], rules)
         same = (saved.wins, saved.losses, saved.ties) == (test.wins, test.losses, test.ties)
