@@ -227,12 +227,15 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
         (`engines/serving.py`, `ServingLoad.preempting`), `yield_to_serving` seconds in all for a pass (the
         steps reset it: see below); yields what was waited (`count`, `seconds`, `budget`)."""
         if serving is None or model is None:
-            return contextlib.nullcontext(SimpleNamespace(count=0, seconds=0.0, budget=None))
-        return serving.preempting(model, cfg.yield_to_serving, budget=cfg.yield_to_serving)
+            return contextlib.nullcontext(SimpleNamespace(count=0, seconds=0.0, budget=None, shared=0, shared_s=0.0))
+        return serving.preempting(model, cfg.yield_to_serving, budget=cfg.yield_to_serving,
+                                  share=cfg.background_share)
 
     def paused(pauses: Any) -> None:
         report.paused_s += pauses.seconds
         report.pauses += pauses.count
+        report.shared_s += pauses.shared_s
+        report.shared += pauses.shared
 
     if train_head:
         with preempting() as pauses:
@@ -264,6 +267,7 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
                 # the step's pauses get what is left of the bound: a step waits `yield_to_serving` in all, so a
                 # trainer beside serving that never lulls still advances (a bound a pause let 48 waits stack up)
                 step_pauses.budget = max(0.0, cfg.yield_to_serving - waited)
+                step_pauses.resumed = time.monotonic()  # waiting for the lull is not running beside serving
             if cfg.max_seconds is not None and time.perf_counter() - start > cfg.max_seconds:
                 report.budget_hit, step = True, step - 1
                 break

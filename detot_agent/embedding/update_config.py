@@ -63,10 +63,14 @@ class UpdateConfig(StrictModel):
             seconds (0: never wait); and inside a step, pause at each layer boundary of the model's forward and
             backward passes while one is in flight. A step waits at most this many seconds in all (its wait
             for a lull, then its pauses, a validation pass's included, share the rest), and so does each judging
-            pass before and after the steps: under serving that never lulls, training still advances, a step
-            per its compute time plus this bound. The loop's
+            pass before and after the steps: under serving that never lulls, training still advances. The loop's
             re-optimization sets it; the time waited is in `UpdateReport.yielded_s` and `paused_s` and counts
             in `max_seconds`.
+        background_share: (with `yield_to_serving`) once a step's bound is spent, it still pauses at each layer
+            boundary while serving is in flight so that it runs at most this share of the time beside serving
+            (0.1: a block that took r seconds is followed by a pause of up to 9r), so a saturating client's
+            requests slow by about this share of what training beside them costs; 1: the rest of the step runs
+            at full speed (the rule before this setting). The pauses it took are `UpdateReport.shared_s`.
     """
 
     steps: int = Field(default=50, ge=1)
@@ -87,6 +91,7 @@ class UpdateConfig(StrictModel):
     seed: int = 0
     max_length: int = Field(default=768, ge=8)
     yield_to_serving: float = Field(default=0.0, ge=0, le=60)
+    background_share: float = Field(default=0.1, gt=0, le=1)
 
     @model_validator(mode="before")
     @classmethod
@@ -113,6 +118,8 @@ class UpdateReport(BaseModel):
         yielded_s / yields: seconds spent waiting for serving to go quiet before a step, and the steps that waited.
         paused_s / pauses: seconds the model's passes paused at a layer boundary while serving was in flight
             (`ServingLoad.preempting`), and how many pauses; counted in `max_seconds` like `yielded_s`.
+        shared_s / shared: of those, the seconds and pauses taken once a step's bound was spent, to keep it to
+            `background_share` of the time beside serving.
         stopped_early: the head stopped on validation patience.
         train_loss / val_loss: the LM loss curve and `(step, NLL)` validation points.
         gate_usage: mean gate weight of each component over the training inputs (None: no components).
@@ -133,6 +140,8 @@ class UpdateReport(BaseModel):
     yields: int = 0
     paused_s: float = 0.0
     pauses: int = 0
+    shared_s: float = 0.0
+    shared: int = 0
     stopped_early: bool = False
     train_loss: list[float] = Field(default_factory=list)
     val_loss: list[tuple[int, float]] = Field(default_factory=list)

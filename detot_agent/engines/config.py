@@ -126,6 +126,11 @@ class EngineConfig(StrictModel):
             it runs beside them (on at most a quarter of the slots), so a saturated service still gets its
             background work done. None: never beside serving rows; 0: always (the rule of 0.4.0.dev0 before
             this change).
+        background_share: (continuous, llama.cpp) once a running background row's patience is spent, the share
+            of the serving rows' decode steps it decodes in (holding in the others), so that a saturated
+            service slows by about this share of a background row's cost per step, not all of it. 1: every
+            step (the rule before 0.4.0.dev0's `background_share`). The torch backend decodes all its running
+            rows together, so there a due row decodes every step.
     """
 
     model: str | None = None
@@ -145,6 +150,7 @@ class EngineConfig(StrictModel):
     prefix_cache_mb: float | None = Field(default=None, gt=0)
     prefix_match: PrefixMatch = PrefixMatch.PREFIX
     background_patience: float | None = Field(default=30.0, ge=0)
+    background_share: float = Field(default=0.1, gt=0, le=1)
 
     @property
     def continuous(self) -> bool:

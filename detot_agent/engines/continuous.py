@@ -19,7 +19,9 @@ One worker thread owns the model. The scheduling rule, at every step:
    sequence (llama.cpp: `compacts`, one KV stream per slot), the running sequences are kept on the lowest slots
    before each step, since llama.cpp decodes each run of consecutive slots as a separate pass over the weights.
    Where the backend decodes any subset of its sequences (llama.cpp: `partial_steps`), a background row holds
-   (keeps its KV, decodes nothing) while a serving row runs, until its patience is spent.
+   (keeps its KV, decodes nothing) while a serving row runs; once its patience is spent it decodes beside
+   serving rows in `background_share` of their steps (0.1: one in ten), so a saturated service pays that share
+   of its cost per step and still gets its background work done.
 
 Sampling, seeds, stop strings, log-probabilities and usage are those of the static path (`generation.py`): a row's
 output does not depend on when it joined or on its batch-mates. A cancelled future's sequences are dropped at the
@@ -119,6 +121,8 @@ class ContinuousCore(QueueWorker):
         lock: the engine's generation lock (held while the model is used).
         background_patience: seconds a background row waits for serving rows to be gone before it runs beside them
             (None: it never does; `EngineConfig.background_patience`).
+        background_share: (backends with `partial_steps`) the share of serving rows' steps a background row
+            past its patience decodes in (1: all; `EngineConfig.background_share`).
     """
 
     thread_name = "detot-scheduler"
@@ -126,13 +130,16 @@ class ContinuousCore(QueueWorker):
     compacts = False  # whether `_move(src, dst)` moves a running sequence to a free slot (then they are kept low)
 
     def __init__(self, tokenizer: Any, eos_ids: set[int], *, max_running: int, max_wait_ms: float,
-                 lock: threading.Lock, background_patience: float | None = 30.0) -> None:
+                 lock: threading.Lock, background_patience: float | None = 30.0,
+                 background_share: float = 1.0) -> None:
         super().__init__()
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.max_running = max_running
         self._wait = max_wait_ms / 1000.0
         self._gen_lock = lock
         self._patience = background_patience
+        self._share = background_share
+        self._credit = 0.0  # serving steps' share owed to due background rows: one step beside them per 1.0
         self._serving_left = time.monotonic() - LULL_S  # when the last serving row left (a lull has begun)
         self._waiting: list[tuple[GenRow, _Request, int]] = []
         self._free = list(range(max_running))  # sorted: slots are taken lowest first
@@ -248,6 +255,18 @@ class ContinuousCore(QueueWorker):
         """Whether a background request has waited out its patience (it may now run beside serving rows)."""
         return self._patience is not None and time.monotonic() - request.since >= self._patience
 
+    def _turn(self) -> bool:
+        """Whether this step (serving rows running) is one the due background rows decode in: they earn
+        `background_share` of a step per step while one is due, and spend a whole one when they decode."""
+        if not any(job.row.background and self._due(job.request) for job in self._running):
+            self._credit = 0.0
+            return False
+        self._credit += self._share
+        if self._credit >= 1.0 - 1e-9:
+            self._credit -= 1.0
+            return True
+        return False
+
     def _admit(self) -> list[_Job]:
         """Waiting rows on the free slots, serving first: rows in arrival order, background rows
         (`GenRow.background`) only in a lull (no serving row waiting or running for `LULL_S`) unless the first one
@@ -294,13 +313,16 @@ class ContinuousCore(QueueWorker):
         entries: list[tuple[int, int, int]] = []
         where: list[tuple[_Job, int]] = []
         hold = self.partial_steps and any(not job.row.background for job in self._running)
+        turn = hold and self._turn()
         for job in list(self._running):
             if job.request.future.cancelled() or job.request.failed:
                 self._release(job)
                 continue
-            if hold and job.row.background and not self._due(job.request):
-                self.stats.held += 1  # serving first: this row's sequences wait, their KV kept
-                continue
+            if hold and job.row.background:
+                if not (turn and self._due(job.request)):
+                    self.stats.held += 1  # serving first: this row's sequences wait, their KV kept
+                    continue
+                self.stats.beside += 1  # past its patience: its share of the serving rows' steps
             try:
                 for j in range(job.row.n):
                     if not job.active[j]:

@@ -96,7 +96,8 @@ class LlamaCppEngine(BatchedEngine):
         return ContinuousScheduler(self._ctx, self._tokenizer, self.eos_ids, max_running=self.config.max_batch_size,
                                    prefix_cache=self.config.prefix_cache, max_wait_ms=self.config.max_wait_ms,
                                    lock=self._gen_lock, exact=self.config.prefix_match is PrefixMatch.EXACT,
-                                   background_patience=self.config.background_patience)
+                                   background_patience=self.config.background_patience,
+                                   background_share=self.config.background_share)
 
     @property
     def tokenizer(self) -> Any:

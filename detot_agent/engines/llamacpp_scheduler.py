@@ -55,9 +55,10 @@ class ContinuousScheduler(ContinuousCore):
 
     def __init__(self, ctx: LlamaContext, tokenizer: Any, eos_ids: set[int], *, max_running: int,
                  prefix_cache: int, max_wait_ms: float, lock: threading.Lock, exact: bool = False,
-                 background_patience: float | None = 30.0) -> None:
+                 background_patience: float | None = 30.0,
+                 background_share: float = 1.0) -> None:
         super().__init__(tokenizer, eos_ids, max_running=max_running, max_wait_ms=max_wait_ms, lock=lock,
-                         background_patience=background_patience)
+                         background_patience=background_patience, background_share=background_share)
         self.ctx = ctx
         self.cache = PrefixCache(list(range(max_running, max_running + prefix_cache)), exact=exact)
         self._epoch = -1  # the context's clear count when this scheduler last owned it

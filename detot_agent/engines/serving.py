@@ -9,7 +9,10 @@ max_wait)` a step that has started also pauses: at every block boundary of the m
 (the children of each `ModuleList`: a transformer's layers), it waits while a serving row is in flight, at most
 `max_wait` seconds a pause, so a request that arrives mid-step shares the cores for one layer's work at most; a
 `budget` bounds all of a step's pauses together, so that under serving that never pauses (a saturating client) the
-trainer still advances instead of waiting `max_wait` twice per layer every step (48 waits a step on 24 layers). The
+trainer still advances instead of waiting `max_wait` twice per layer every step (48 waits a step on 24 layers);
+once it is spent, a `share` keeps the trainer to that share of the time beside serving (after a block that took
+`r` seconds it pauses up to `r * (1 - share) / share`), so the requests it overlaps slow by about that share of
+what a block beside them costs, not all of it (before, the rest of the step ran at full speed beside them). The
 continuous scheduler's own rule (background rows start only in a lull and, on llama.cpp, hold while serving rows
 decode: `continuous.py`) covers shadow answers and replays; this covers the trainer, which runs on another engine
 and competes for the same cores.
@@ -31,7 +34,7 @@ import contextlib
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = ["SERVING", "Pauses", "ServingLoad"]
@@ -40,11 +43,18 @@ __all__ = ["SERVING", "Pauses", "ServingLoad"]
 @dataclass
 class Pauses:
     """What a preempted trainer waited: `count` pauses that found a serving row in flight, `seconds` in all;
-    `budget`: the seconds it may still wait (None: no bound; the trainer sets it before each step)."""
+    `budget`: the seconds it may still wait (None: no bound; the trainer sets it before each step); `share`: once
+    the budget is spent, the most of the time it runs beside serving (None or 1: all of it); `resumed`: when it
+    last ran on after a pause (monotonic seconds); `shared` / `shared_s`: the pauses (and their seconds) taken
+    to keep to `share`."""
 
     count: int = 0
     seconds: float = 0.0
     budget: float | None = None
+    share: float | None = None
+    resumed: float = field(default_factory=time.monotonic)
+    shared: int = 0
+    shared_s: float = 0.0
 
 
 class ServingLoad:
@@ -100,22 +110,37 @@ class ServingLoad:
 
     def pause(self, max_wait: float, pauses: Pauses) -> None:
         """Wait while a serving row is in flight, at most `max_wait` seconds and at most what is left of
-        `pauses.budget`; counted in `pauses`."""
-        if not self.in_flight or (pauses.budget is not None and pauses.budget <= 0):
+        `pauses.budget`; once that is spent, at most `(1 - share) / share` times what the caller ran since its
+        last pause (`pauses.share`); counted in `pauses`."""
+        if not self.in_flight:
             return
-        waited = self.wait_idle(max_wait if pauses.budget is None else min(max_wait, pauses.budget))
+        shared = pauses.budget is not None and pauses.budget <= 0
+        if shared:
+            share = pauses.share
+            if share is None or share >= 1:
+                return
+            limit = min(max_wait, (time.monotonic() - pauses.resumed) * (1 - share) / share)
+        else:
+            limit = max_wait if pauses.budget is None else min(max_wait, pauses.budget)
+        waited = self.wait_idle(limit)
         pauses.count += 1
         pauses.seconds += waited
-        if pauses.budget is not None:
+        if shared:
+            pauses.shared += 1
+            pauses.shared_s += waited
+        elif pauses.budget is not None:
             pauses.budget -= waited
+        pauses.resumed = time.monotonic()
 
     @contextlib.contextmanager
-    def preempting(self, model: Any, max_wait: float, budget: float | None = None) -> Iterator[Pauses]:
+    def preempting(self, model: Any, max_wait: float, budget: float | None = None,
+                   share: float | None = None) -> Iterator[Pauses]:
         """Inside, `model`'s forward passes run from this thread, and the backward passes of what they computed,
         pause before each block (each child of a `ModuleList`, else the whole model) while a serving row is in
         flight, at most `max_wait` seconds a pause and `budget` seconds in all (None: no bound; the yielded
-        `Pauses.budget` may be reset, as the trainer does before each step). Forward passes from other threads
-        (an engine serving the same model) never pause.
+        `Pauses.budget` may be reset, as the trainer does before each step), then so as to run at most `share`
+        of the time beside serving (None: at full speed). Forward passes from other threads (an engine serving
+        the same model) never pause.
 
         Example:
             >>> import torch
@@ -128,7 +153,7 @@ class ServingLoad:
         import torch
 
         owner = threading.get_ident()
-        pauses = Pauses(budget=budget)
+        pauses = Pauses(budget=budget, share=share)
 
         def after_grad(grad: torch.Tensor) -> None:  # backward: this block's input gradient is being computed
             self.pause(max_wait, pauses)

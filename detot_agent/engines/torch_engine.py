@@ -119,7 +119,8 @@ class LocalEngine(BatchedEngine):
                               lock=self._gen_lock, exact=self.config.prefix_match is PrefixMatch.EXACT,
                               prefix_bytes=None if self.config.prefix_cache_mb is None
                               else int(self.config.prefix_cache_mb * 1e6),
-                              background_patience=self.config.background_patience)
+                              background_patience=self.config.background_patience,
+                              background_share=self.config.background_share)
 
     def _run(self, rows: list[GenRow]) -> list[list[GenOutput]]:
         with self._gen_lock:

@@ -60,9 +60,10 @@ class TorchScheduler(ContinuousCore):
 
     def __init__(self, model: Any, tokenizer: Any, eos_ids: set[int], *, max_running: int, prefix_cache: int,
                  max_wait_ms: float, lock: threading.Lock, exact: bool = False, prefix_bytes: int | None = None,
-                 background_patience: float | None = 30.0) -> None:
+                 background_patience: float | None = 30.0,
+                 background_share: float = 1.0) -> None:
         super().__init__(tokenizer, eos_ids, max_running=max_running, max_wait_ms=max_wait_ms, lock=lock,
-                         background_patience=background_patience)
+                         background_patience=background_patience, background_share=background_share)
         self.model = model
         self.device = model.device
         self._cache_kw = cache_argument(model)

@@ -1,6 +1,6 @@
 """Serving first on the llama.cpp scheduler: a background row that is decoding holds (keeps its KV, decodes
-nothing) while a serving row runs, and gives the same output as alone; with no patience (the rule before) it
-decodes beside the serving row."""
+nothing) while a serving row runs, and gives the same output as alone; past its patience it decodes beside the
+serving row in its share of the steps (with a share of 1, the rule before, in every step)."""
 
 from __future__ import annotations
 
@@ -18,12 +18,13 @@ def _req(text: str, **cfg) -> Request:
     return Request(model="m", messages=(Message.user(text),), config=Config(**cfg))
 
 
-@pytest.mark.parametrize("patience", [30.0, 0.0])
-def test_a_running_background_row_holds_while_a_serving_row_decodes(tiny_gguf, patience):
+@pytest.mark.parametrize(("patience", "share"), [(30.0, 0.1), (0.0, 0.25), (0.0, 1.0)])
+def test_a_running_background_row_holds_while_a_serving_row_decodes(tiny_gguf, patience, share):
     bg = _req("Tom has 3 apples", temperature=0.9, seed=3, max_tokens=600)
     fg = _req("alpha beta", max_tokens=40)
     static = LlamaCppEngine(str(tiny_gguf), scheduler="static")
-    engine = LlamaCppEngine(str(tiny_gguf), max_batch_size=8, max_wait_ms=5, background_patience=patience)
+    engine = LlamaCppEngine(str(tiny_gguf), max_batch_size=8, max_wait_ms=5, background_patience=patience,
+                            background_share=share)
     try:
         expected = ([s.text for s in static.sample(bg, 2)], static.complete(fg).text)
         out: dict[str, list[str]] = {}
@@ -41,11 +42,13 @@ def test_a_running_background_row_holds_while_a_serving_row_decodes(tiny_gguf, p
         served = engine.complete(fg).text
         worker.join()
         assert (out["bg"], served) == expected  # holding changes nothing in either output
-        held = engine.batch_stats["held"]
+        held, beside = engine.batch_stats["held"], engine.batch_stats["beside"]
         if patience:
-            assert held > 0  # it held for the serving row's steps
-        else:  # the violation the rule prevents: background decoding beside serving
-            assert held == 0
+            assert held > 0 and beside == 0  # it held for the serving row's steps
+        elif share < 1:  # past its patience: one step in four beside the serving row, the rest held
+            assert beside > 0 and 0.6 <= held / (held + beside) <= 0.85
+        else:  # the violation the rule prevents: background decoding beside serving in every step
+            assert held == 0 and beside > 0
     finally:
         static.close()
         engine.close()

@@ -87,11 +87,14 @@ def test_training_waits_for_a_lull_in_serving_only_when_told_to(encoder, tiny_en
     assert report.steps == 3  # serving first never starves training: each step waits at most the bound
     if yield_to_serving:
         assert report.yields == 3 and report.yielded_s >= 3 * 0.3 * 0.9
-        # the wait for a lull spent each step's bound, so the step itself ran unpaused; only the judging passes
-        # before and after the steps paused, each at most the bound in all (not once per layer: the starvation
-        # that a saturating client caused, one bound per layer per step)
-        assert report.yielded_s + report.paused_s <= (3 + 2) * 0.3 + 0.5
-        assert report.paused_s >= 0.3 * 0.9
+        # the wait for a lull spent each step's bound, so the step itself paused only to keep to its share
+        # (`background_share`, 0.1: at most 9 times what it ran); the judging passes before and after the steps
+        # paused at most the bound in all (not once per layer: the starvation that a saturating client caused,
+        # one bound per layer per step)
+        assert report.yielded_s + report.paused_s - report.shared_s <= (3 + 2) * 0.3 + 0.5
+        assert report.paused_s - report.shared_s >= 0.3 * 0.9
+        ran = report.seconds - report.yielded_s - report.paused_s
+        assert report.shared > 0 and report.shared_s <= 9 * ran + 0.1
     else:  # the violation: without the rule, training ran its steps beside serving without waiting
         assert report.yields == 0 and report.yielded_s == 0.0 and report.pauses == 0
 
@@ -185,6 +188,33 @@ def test_a_budget_bounds_all_the_pauses_of_a_step_together(tiny_engine):
         pauses.budget = 0.05  # a new step: the trainer resets it
         _train_pass(model)
         assert pauses.count == spent + 1
+
+
+@pytest.mark.parametrize("share", [0.25, 1.0])
+def test_once_the_budget_is_spent_a_step_keeps_to_its_share_of_the_time_beside_serving(tiny_engine, share):
+    model, load = tiny_engine.model, ServingLoad()
+    slow = [layer.register_forward_hook(lambda *_: time.sleep(0.01)) for layer in model.model.layers]
+    try:
+        with load.preempting(model, max_wait=10.0, budget=0.0, share=share) as pauses, load.serving():
+            start = time.perf_counter()
+            _train_pass(model)
+            running = time.perf_counter() - start - pauses.seconds
+    finally:
+        for handle in slow:
+            handle.remove()
+    assert running >= 0.01 * len(model.model.layers)
+    if share < 1:  # a block that ran r seconds is followed by a pause of r * (1 - share) / share = 3r
+        assert pauses.shared > 0 and pauses.shared_s == pauses.seconds
+        assert 2.0 * running <= pauses.shared_s <= 3.0 * running + 0.05
+    else:  # the violation the share prevents: the rest of the step runs at full speed beside serving
+        assert pauses.count == 0 and pauses.seconds == 0.0
+
+
+def test_the_share_does_not_pause_a_step_while_nothing_is_served(tiny_engine):
+    model, load = tiny_engine.model, ServingLoad()
+    with load.preempting(model, max_wait=10.0, budget=0.0, share=0.1) as pauses:
+        _train_pass(model)
+    assert pauses.count == 0
 
 
 def test_a_paused_step_resumes_as_soon_as_serving_ends(tiny_engine):
