@@ -336,7 +336,7 @@ class Controller:
             # training gets its share of the budget; the rest is left for judging
             max_seconds=None if cfg.max_seconds is None else cfg.max_seconds * cfg.train_share)
         self._trained = report.model_dump(include={"steps", "seconds", "budget_hit", "yielded_s", "yields",
-                                                   "paused_s", "pauses"})
+                                                   "paused_s", "pauses", "shared_s", "shared"})
         if not report.accepted:
             raise ReoptimizationStopped(f"the update learnt nothing on its training records (retrieval loss "
                                         f"{report.loss_before:.3f} -> {report.loss_after:.3f}, LM "

@@ -124,13 +124,15 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
         "shadow_p99_ratio": phases["shadow"]["p99_s"] / phases["quiet"]["p99_s"] if shadow else None,
         "shadowed_requests": shadowed, "shadow_answered_in_phase": shadow_answered,
         "engine_stats": {k: v for k, v in getattr(lm.engine, "batch_stats", {}).items()
-                         if k in ("held", "batches", "prefix_hits", "prefix_misses")},
+                         if k in ("held", "beside", "batches", "prefix_hits", "prefix_misses")},
         "p99_ratio": phases["busy"]["p99_s"] / phases["quiet"]["p99_s"],
         "p50_ratio": phases["busy"]["p50_s"] / phases["quiet"]["p50_s"],
         "reoptimizations": [{"seconds": e.get("seconds"), "accepted": e.get("accepted"), "reason": e.get("reason"),
                              "training": e.get("training"), "error": e.get("error")} for e in events],
         "busy_share": min(1.0, sum(float(e.get("seconds") or 0) for e in events) / busy_wall) if busy_wall else 0.0,
         "max_seconds": max_seconds, "yield_to_serving": yield_to_serving, "judging": judging, "think_s": think,
+        "background_share": {"engine": getattr(getattr(lm.engine, "config", None), "background_share", None),
+                             "training": config.update.background_share},
         "shadow_config": None if program.controller.shadow is None else  # what the judge ran with
         program.controller.shadow.config.model_dump(mode="json", include={"share", "workers", "background",
                                                                           "max_pending", "when_full"}),
