@@ -21,7 +21,10 @@ One worker thread owns the model. The scheduling rule, at every step:
    Where the backend decodes any subset of its sequences (llama.cpp: `partial_steps`), a background row holds
    (keeps its KV, decodes nothing) while a serving row runs; once its patience is spent it decodes beside
    serving rows in `background_share` of their steps (0.1: one in ten), so a saturated service pays that share
-   of its cost per step and still gets its background work done.
+   of its cost per step and still gets its background work done. Its prompt, when it is admitted beside serving
+   rows, is prefilled in chunks of `PREFILL_CHUNK` tokens in those same turns (llama.cpp: `chunks_prefill`),
+   not in one pass that would stall every serving row for the whole prompt; all at once when no serving row
+   runs.
 
 Sampling, seeds, stop strings, log-probabilities and usage are those of the static path (`generation.py`): a row's
 output does not depend on when it joined or on its batch-mates. A cancelled future's sequences are dropped at the
@@ -65,6 +68,7 @@ from detot_agent.errors import EngineClosedError
 __all__ = ["LULL_S", "ContinuousCore"]
 
 LULL_S = 0.5  # serving first: a background row starts after this long without a serving row in the scheduler
+PREFILL_CHUNK = 8  # prompt tokens a due background row prefills in each of its turns beside serving rows
 
 
 @dataclass
@@ -83,6 +87,8 @@ class _Job:
     active: list[bool] = field(default_factory=list)
     generators: list[Any] = field(default_factory=list)
     rank: list[int] = field(default_factory=list)
+    pending: list[tuple[int, int, int, bool]] = field(default_factory=list)  # prompt tokens still to prefill
+    prefill: Any = None  # the backend's state of a prefill in chunks (None: the row is decoding)
 
 
 class _Request:
@@ -127,6 +133,7 @@ class ContinuousCore(QueueWorker):
 
     thread_name = "detot-scheduler"
     partial_steps = False  # whether `_decode` takes any subset of the running sequences (then background rows hold)
+    chunks_prefill = False  # whether `_prefill` leaves a due background row's prompt to `_prefill_chunks`
     compacts = False  # whether `_move(src, dst)` moves a running sequence to a free slot (then they are kept low)
 
     def __init__(self, tokenizer: Any, eos_ids: set[int], *, max_running: int, max_wait_ms: float,
@@ -160,6 +167,10 @@ class ContinuousCore(QueueWorker):
     def _move(self, src: int, dst: int) -> None:
         """Move the running sequence in slot `src` (its KV) to the free slot `dst` (backends that `compacts`)."""
         raise NotImplementedError
+
+    def _prefill_chunks(self, limit: int | None) -> None:
+        """Prefill at most `limit` more prompt tokens (None: all) of the rows whose prefill was left in chunks
+        (`_Job.prefill`, backends that `chunks_prefill`), starting each that finishes."""
 
     def _check(self, row: GenRow) -> None:
         """Refuse a row at submission (before it could fail a step it shares); nothing by default."""
@@ -306,7 +317,8 @@ class ContinuousCore(QueueWorker):
         job.active = [True] * n
         job.generators = seeded_generators([row], self.device)
         job.rank = sample_ranks([row])
-        self._running.append(job)
+        if job not in self._running:  # a row prefilled in chunks is there already
+            self._running.append(job)
 
     def _step(self) -> None:
         """Pick the next token of every running sequence, then decode them together."""
@@ -314,9 +326,13 @@ class ContinuousCore(QueueWorker):
         where: list[tuple[_Job, int]] = []
         hold = self.partial_steps and any(not job.row.background for job in self._running)
         turn = hold and self._turn()
+        if any(job.prefill is not None for job in self._running):
+            self._prefill_chunks(None if not hold else PREFILL_CHUNK if turn else 0)
         for job in list(self._running):
             if job.request.future.cancelled() or job.request.failed:
                 self._release(job)
+                continue
+            if job.prefill is not None:  # its prompt is still being prefilled in chunks
                 continue
             if hold and job.row.background:
                 if not (turn and self._due(job.request)):

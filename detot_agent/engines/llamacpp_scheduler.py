@@ -51,6 +51,7 @@ class ContinuousScheduler(ContinuousCore):
     """
 
     partial_steps = True  # a decode call takes any subset of the sequences: background rows can hold
+    chunks_prefill = True  # a due background row admitted beside serving rows prefills in chunks (`_prefill_chunks`)
     compacts = True  # a KV stream per slot: each run of consecutive slots decodes as its own pass (`_move`)
 
     def __init__(self, ctx: LlamaContext, tokenizer: Any, eos_ids: set[int], *, max_running: int,
@@ -76,6 +77,9 @@ class ContinuousScheduler(ContinuousCore):
 
     def _prefill(self, jobs: list[_Job]) -> None:
         ctx, cache = self.ctx, self.cache
+        # serving first: a background row admitted beside serving rows (past its patience) leaves its prompt's
+        # tokens to `_prefill_chunks`, a few in each of its turns, instead of stalling them for the whole prompt
+        beside = any(not job.row.background for job in [*self._running, *jobs])
         plans = []  # (job, soft key, ids, entry hit, common prefix length)
         for job in jobs:
             row = job.row
@@ -101,9 +105,14 @@ class ContinuousScheduler(ContinuousCore):
                     embeddings.append((job.row.soft_prompt.detach().float().cpu().numpy(), first, 0))
             start = common if entry is not None else 0
             if start < len(ids):
-                owners.append(job)
-                tokens += [(t, k + j, first, j == len(ids) - 1) for j, t in enumerate(ids) if j >= start]
+                rest = [(t, k + j, first, j == len(ids) - 1) for j, t in enumerate(ids) if j >= start]
                 self.stats.prompt_tokens_decoded += len(ids) - start + (k if entry is None else 0)
+                if beside and job.row.background:
+                    job.pending, job.prefill = rest, (soft, ids)
+                    self.stats.chunked += len(rest)
+                else:
+                    owners.append(job)
+                    tokens += rest
         try:
             ctx.decode_embeddings(embeddings)
             last = ctx.decode_tokens(tokens) if tokens else []
@@ -113,23 +122,52 @@ class ContinuousScheduler(ContinuousCore):
             return
         logits = {id(job): ctx.logits(ix) for job, ix in zip(owners, last, strict=True)}
         for job, soft, ids, entry, _ in plans:
-            first = job.slots[0]
+            if job.prefill is not None:  # its prompt comes in chunks: it starts once they are done
+                self._running.append(job)
+                continue
             row_logits = logits.get(id(job))
-            if row_logits is None:  # an exact hit: the stored logits of the cached prompt
+            if row_logits is None:  # an exact hit: the stored logits of the cached prompt (kept there already)
                 assert entry is not None and entry.logits is not None
-                row_logits = entry.logits
-            elif self.cache.free or self.cache.entries:
-                seq, evicted = cache.slot(protect)
-                self.stats.evictions += evicted
-                if seq is not None:
-                    ctx.seq_rm(seq)
-                    ctx.seq_cp(first, seq)  # the prompt's KV, before any generated token joins it
-                    cache.entries[seq] = _Entry(seq, soft, ids, row_logits)  # logits are read, never written
-                    protect.add(seq)
-            for s in job.slots[1:]:
-                ctx.seq_cp(first, s)  # the other samples share the row's prefill
-            self._start(job, torch.from_numpy(row_logits))
+                self._ready(job, None, entry.logits, protect)
+            else:
+                self._ready(job, (soft, ids), row_logits, protect)
         self.stats.rows += len(jobs)
+
+    def _ready(self, job: _Job, key: tuple[str | None, tuple[int, ...]] | None, row_logits: Any,
+               protect: set[int]) -> None:
+        """The row's prompt is in its first slot: keep it in the prefix cache under `key` (soft key, token ids;
+        None: it came from there), copy it to the row's other samples and start decoding."""
+        ctx, cache, first = self.ctx, self.cache, job.slots[0]
+        if key is not None and (cache.free or cache.entries):
+            seq, evicted = cache.slot(protect)
+            self.stats.evictions += evicted
+            if seq is not None:
+                ctx.seq_rm(seq)
+                ctx.seq_cp(first, seq)  # the prompt's KV, before any generated token joins it
+                cache.entries[seq] = _Entry(seq, *key, row_logits)  # logits are read, never written
+                protect.add(seq)
+        for s in job.slots[1:]:
+            ctx.seq_cp(first, s)  # the other samples share the row's prefill
+        self._start(job, torch.from_numpy(row_logits))
+
+    def _prefill_chunks(self, limit: int | None) -> None:
+        for job in [j for j in self._running if j.prefill is not None]:
+            if limit == 0:
+                return
+            take = list(job.pending if limit is None else job.pending[:limit])
+            try:
+                last = self.ctx.decode_tokens(take)
+            except Exception as exc:  # this row's prefill failed: the running rows go on
+                self._fail(job, exc)
+                continue
+            row_logits = self.ctx.logits(last[-1]) if last else None
+            del job.pending[:len(take)]
+            if limit is not None:
+                limit -= len(take)
+            if not job.pending:
+                assert row_logits is not None  # the prompt's last token asks for logits
+                key, job.prefill = job.prefill, None
+                self._ready(job, key, row_logits, set())
 
     def _decode(self, entries: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         indices = self.ctx.decode_tokens([(tok, pos, slot, True) for tok, pos, slot in entries])

@@ -44,6 +44,7 @@ class SchedulerStats:
         self.prefix_bytes = 0  # torch: bytes of key/values the prefix cache holds (llama.cpp: its streams are fixed)
         self.held = 0  # row-steps a background row held while serving rows decoded (serving first)
         self.beside = 0  # row-steps a background row past its patience decoded beside serving rows (its share)
+        self.chunked = 0  # prompt tokens of background rows prefilled in chunks beside serving rows
         self.moves = 0  # running sequences moved to a lower free slot (llama.cpp: consecutive slots decode in one pass)
 
     def as_dict(self) -> dict[str, float]:
@@ -56,7 +57,8 @@ class SchedulerStats:
                 "prefix_hit_rate": (self.prefix_hits + self.prefix_partial_hits) / lookups if lookups else 0.0,
                 "prompt_tokens_reused": self.prompt_tokens_reused,
                 "prompt_tokens_decoded": self.prompt_tokens_decoded, "evictions": self.evictions,
-                "prefix_bytes": self.prefix_bytes, "held": self.held, "beside": self.beside, "moves": self.moves}
+                "prefix_bytes": self.prefix_bytes, "held": self.held, "beside": self.beside, "chunked": self.chunked,
+                "moves": self.moves}
 
 
 @dataclass

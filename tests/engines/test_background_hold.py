@@ -70,3 +70,38 @@ def test_background_work_sent_right_after_a_serving_row_waits_for_the_lull(tiny_
         assert time.monotonic() - before < LULL_S
     finally:
         engine.close()
+
+
+@pytest.mark.parametrize("beside", [True, False])
+def test_a_due_background_row_admitted_beside_serving_prefills_its_prompt_in_chunks(tiny_gguf, beside):
+    from detot_agent.engines.continuous import PREFILL_CHUNK
+
+    bg = _req("Tom has 3 apples and buys 4 more at the market, then gives 2 to Ann. " * 3, temperature=0.9,
+              seed=5, max_tokens=30)
+    fg = _req("alpha beta", max_tokens=400)
+    static = LlamaCppEngine(str(tiny_gguf), scheduler="static")
+    engine = LlamaCppEngine(str(tiny_gguf), max_batch_size=8, max_wait_ms=1, background_patience=0.0,
+                            background_share=0.5, prefix_cache=0)
+    try:
+        expected = ([s.text for s in static.sample(bg, 2)], static.complete(fg).text)
+        out: dict[str, str] = {}
+        server = threading.Thread(target=lambda: out.update(fg=engine.complete(fg).text))
+        if beside:  # the serving row decodes when the background row arrives: it is due at once (no patience)
+            server.start()
+            deadline = time.monotonic() + 10
+            while engine.batch_stats.get("batches", 0) < 3 and time.monotonic() < deadline:
+                time.sleep(0.001)
+        with background_work():
+            got = [s.text for s in engine.sample(bg, 2)]
+        if not beside:
+            server.start()
+        server.join()
+        assert (got, out["fg"]) == expected  # chunks change neither output
+        prompt = engine.batch_stats["chunked"]
+        if beside:
+            assert prompt > 2 * PREFILL_CHUNK  # its prompt came in several chunks, in its turns
+        else:  # alone, it prefills in one pass as before
+            assert prompt == 0
+    finally:
+        static.close()
+        engine.close()

@@ -124,7 +124,8 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
         "shadow_p99_ratio": phases["shadow"]["p99_s"] / phases["quiet"]["p99_s"] if shadow else None,
         "shadowed_requests": shadowed, "shadow_answered_in_phase": shadow_answered,
         "engine_stats": {k: v for k, v in getattr(lm.engine, "batch_stats", {}).items()
-                         if k in ("held", "beside", "batches", "prefix_hits", "prefix_misses")},
+                         if k in ("held", "beside", "chunked", "batches", "prefix_hits", "prefix_misses",
+                                   "prefix_partial_hits")},
         "p99_ratio": phases["busy"]["p99_s"] / phases["quiet"]["p99_s"],
         "p50_ratio": phases["busy"]["p50_s"] / phases["quiet"]["p50_s"],
         "reoptimizations": [{"seconds": e.get("seconds"), "accepted": e.get("accepted"), "reason": e.get("reason"),
