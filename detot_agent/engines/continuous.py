@@ -16,8 +16,10 @@ One worker thread owns the model. The scheduling rule, at every step:
 3. **decode** one token for every running sequence together (the backend's `_decode`); a sequence that finishes
    leaves at once (`_drop` frees its slot's KV and the slot is free for the next admission), and a row's future
    resolves as soon as its own samples are done. Slots are taken lowest first; where the backend can move a
-   sequence (llama.cpp: `compacts`, one KV stream per slot), the running sequences are kept on the lowest slots
-   before each step, since llama.cpp decodes each run of consecutive slots as a separate pass over the weights.
+   sequence (llama.cpp: `compacts`, one KV stream per slot), the running serving sequences are kept on the lowest
+   slots before each step and background rows take the highest, since llama.cpp decodes each run of consecutive
+   slots as a separate pass over the weights (`SchedulerStats.passes`): a held background row in the middle
+   would make every serving step two passes.
    Where the backend decodes any subset of its sequences (llama.cpp: `partial_steps`), a background row holds
    (keeps its KV, decodes nothing) while a serving row runs; once its patience is spent it decodes beside
    serving rows in `background_share` of their steps (0.1: one in ten), so a saturated service pays that share
@@ -42,11 +44,11 @@ Example:
 from __future__ import annotations
 
 import bisect
+import itertools
 import queue
 import threading
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -63,53 +65,13 @@ from detot_agent.engines.generation import (
     stop_in_tail,
 )
 from detot_agent.engines.prefix_cache import SchedulerStats
+from detot_agent.engines.scheduler_jobs import _Job, _Request
 from detot_agent.errors import EngineClosedError
 
 __all__ = ["LULL_S", "ContinuousCore"]
 
 LULL_S = 0.5  # serving first: a background row starts after this long without a serving row in the scheduler
 PREFILL_CHUNK = 8  # prompt tokens a due background row prefills in each of its turns beside serving rows
-
-
-@dataclass
-class _Job:
-    """One row (or one part of a row) in the scheduler, with its sequences' decoding state."""
-
-    row: GenRow
-    request: _Request
-    part: int
-    slots: list[int] = field(default_factory=list)
-    tokens: list[list[int]] = field(default_factory=list)
-    logprob: list[float] = field(default_factory=list)
-    finish: list[str] = field(default_factory=list)
-    pos: list[int] = field(default_factory=list)
-    logits: list[torch.Tensor | None] = field(default_factory=list)
-    active: list[bool] = field(default_factory=list)
-    generators: list[Any] = field(default_factory=list)
-    rank: list[int] = field(default_factory=list)
-    pending: list[tuple[int, int, int, bool]] = field(default_factory=list)  # prompt tokens still to prefill
-    prefill: Any = None  # the backend's state of a prefill in chunks (None: the row is decoding)
-
-
-class _Request:
-    """A submitted row: its future and its samples' outputs, filled in by its parts as they finish (a part is
-    the samples from `offset` on)."""
-
-    def __init__(self, future: Future[list[GenOutput]], n: int) -> None:
-        self.future = future
-        self.since = time.monotonic()  # submitted
-        self.outputs: list[GenOutput | None] = [None] * n
-        self.failed = False
-
-    def done(self, offset: int, outputs: list[GenOutput]) -> None:
-        self.outputs[offset:offset + len(outputs)] = outputs
-        if not self.failed and all(o is not None for o in self.outputs) and not self.future.done():
-            self.future.set_result([o for o in self.outputs if o is not None])
-
-    def fail(self, exc: BaseException) -> None:
-        self.failed = True
-        if not self.future.done():
-            self.future.set_exception(exc)
 
 
 class ContinuousCore(QueueWorker):
@@ -301,7 +263,9 @@ class ContinuousCore(QueueWorker):
             if row.n > room:
                 row, rest = split_at(row, room)
                 self._waiting.insert(lane, (rest, request, offset + row.n))
-            job = _Job(row=row, request=request, part=offset, slots=[self._free.pop(0) for _ in range(row.n)])
+            top = row.background and self.compacts  # background rows on the highest slots: see `_lower_slots`
+            job = _Job(row=row, request=request, part=offset,
+                       slots=[self._free.pop(-1 if top else 0) for _ in range(row.n)])
             admitted.append(job)
         return admitted
 
@@ -365,6 +329,8 @@ class ContinuousCore(QueueWorker):
             return
         if self.compacts:
             entries = self._lower_slots(entries, where)
+        slots = sorted(slot for _, _, slot in entries)
+        self.stats.passes += 1 + sum(b != a + 1 for a, b in itertools.pairwise(slots))
         self.stats.batches += 1
         self.stats.sequences += len(entries)
         self.stats.largest = max(self.stats.largest, len(entries))
@@ -400,10 +366,12 @@ class ContinuousCore(QueueWorker):
 
     def _lower_slots(self, entries: list[tuple[int, int, int]], where: list[tuple[_Job, int]],
                      ) -> list[tuple[int, int, int]]:
-        """Move the sequences on the highest slots to the lowest free ones until no free slot lies below a running
-        one (each move: the backend's `_move`); returns `entries` with the moved slots."""
+        """Move the serving sequences on the highest slots to the lowest free ones until no free slot lies below a
+        running serving one (each move: the backend's `_move`); returns `entries` with the moved slots. Background
+        rows stay where they are, on the highest slots (`_admit`), so that while they hold they never split the
+        serving rows into two runs of slots (two passes over the weights a step, on llama.cpp)."""
         entries = list(entries)
-        by_slot = {slot: k for k, (_, _, slot) in enumerate(entries)}  # held rows' slots stay where they are
+        by_slot = {slot: k for k, (_, _, slot) in enumerate(entries) if not where[k][0].row.background}
         while self._free and by_slot and self._free[0] < max(by_slot):
             src = max(by_slot)
             dst = self._free.pop(0)

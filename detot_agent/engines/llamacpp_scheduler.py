@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from detot_agent.engines.continuous import ContinuousCore, _Job
+from detot_agent.engines.continuous import ContinuousCore
 from detot_agent.engines.generation import GenRow
 from detot_agent.engines.llamacpp_runtime import LlamaContext
 from detot_agent.engines.prefix_cache import PrefixCache, _Entry, soft_key
+from detot_agent.engines.scheduler_jobs import _Job
 
 __all__ = ["ContinuousScheduler"]
 

@@ -45,6 +45,7 @@ class SchedulerStats:
         self.held = 0  # row-steps a background row held while serving rows decoded (serving first)
         self.beside = 0  # row-steps a background row past its patience decoded beside serving rows (its share)
         self.chunked = 0  # prompt tokens of background rows prefilled in chunks beside serving rows
+        self.passes = 0  # runs of consecutive slots decoded, over all steps (llama.cpp: a pass over the weights each)
         self.moves = 0  # running sequences moved to a lower free slot (llama.cpp: consecutive slots decode in one pass)
 
     def as_dict(self) -> dict[str, float]:
@@ -58,7 +59,7 @@ class SchedulerStats:
                 "prompt_tokens_reused": self.prompt_tokens_reused,
                 "prompt_tokens_decoded": self.prompt_tokens_decoded, "evictions": self.evictions,
                 "prefix_bytes": self.prefix_bytes, "held": self.held, "beside": self.beside, "chunked": self.chunked,
-                "moves": self.moves}
+                "moves": self.moves, "passes": self.passes}
 
 
 @dataclass

@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
-from detot_agent.engines.continuous import ContinuousCore, _Job
+from detot_agent.engines.continuous import ContinuousCore
 from detot_agent.engines.generation import cache_argument, embed_row
 from detot_agent.engines.prefix_cache import PrefixCache, _Entry, soft_key
+from detot_agent.engines.scheduler_jobs import _Job
 
 __all__ = ["TorchScheduler"]
 

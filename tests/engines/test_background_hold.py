@@ -105,3 +105,45 @@ def test_a_due_background_row_admitted_beside_serving_prefills_its_prompt_in_chu
     finally:
         static.close()
         engine.close()
+
+
+@pytest.mark.parametrize("top", [True, False])
+def test_a_held_background_row_never_splits_the_serving_rows_into_two_passes(tiny_gguf, monkeypatch, top):
+    from detot_agent.engines.llamacpp_scheduler import ContinuousScheduler
+
+    if not top:  # the violation: background rows on the lowest free slots, as before, between serving rows
+        monkeypatch.setattr(ContinuousScheduler, "compacts", False)
+    engine = LlamaCppEngine(str(tiny_gguf), max_batch_size=8, max_wait_ms=1, background_patience=0.0,
+                            background_share=0.1)
+    try:
+        first = threading.Thread(target=lambda: engine.sample(_req("alpha beta", max_tokens=900), 2))
+        first.start()  # a serving row on slots 0-1
+
+        def wait_for(key: str, n: int) -> None:
+            deadline = time.monotonic() + 10
+            while engine.batch_stats.get(key, 0) < n and time.monotonic() < deadline:
+                time.sleep(0.001)
+
+        wait_for("batches", 3)
+
+        def background() -> None:
+            with background_work():
+                engine.sample(_req("Tom has 3 apples", max_tokens=900), 2)
+
+        bg = threading.Thread(target=background)
+        bg.start()
+        wait_for("rows", 2)  # admitted beside the serving row (no patience)
+        before = engine.batch_stats
+        engine.sample(_req("gamma delta", max_tokens=60), 2)  # a second serving row while both run
+        after = engine.batch_stats
+        first.join()
+        bg.join()
+        steps = after["batches"] - before["batches"]
+        extra = (after["passes"] - before["passes"]) - steps  # steps that took more than one pass
+        turns = after["beside"] - before["beside"]  # the background row's own steps, on the top slots
+        if top:
+            assert extra <= turns  # only its turns (one step in ten) take a second pass
+        else:
+            assert extra > steps // 2  # the serving rows split around the held row: two passes a step
+    finally:
+        engine.close()

@@ -312,8 +312,9 @@ def _admitting(max_running: int, waiting: list[tuple[str, int, bool]], running_b
     """The admission rule alone: a scheduler's `_admit` over rows named, sized and flagged as given."""
     from concurrent.futures import Future
 
-    from detot_agent.engines.continuous import ContinuousCore, _Job, _Request
+    from detot_agent.engines.continuous import ContinuousCore
     from detot_agent.engines.generation import GenRow
+    from detot_agent.engines.scheduler_jobs import _Job, _Request
 
     s = ContinuousCore.__new__(ContinuousCore)
     s.max_running = max_running
@@ -368,7 +369,7 @@ def test_the_rule_check_catches_a_scheduler_that_admits_by_arrival_only():
         def by_arrival(self):  # the violation: the first waiting row first, whatever it is
             jobs = []
             while self._waiting and self._free:
-                from detot_agent.engines.continuous import _Job
+                from detot_agent.engines.scheduler_jobs import _Job
 
                 row, request, offset = self._waiting.pop(0)
                 jobs.append(_Job(row=row, request=request, part=offset,

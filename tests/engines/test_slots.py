@@ -104,9 +104,10 @@ def _bare_core(free: list[int], jobs: list[list[int]]):
     """A continuous core without a model: its slot bookkeeping over jobs holding the given slots."""
     from concurrent.futures import Future
 
-    from detot_agent.engines.continuous import ContinuousCore, _Job, _Request
+    from detot_agent.engines.continuous import ContinuousCore
     from detot_agent.engines.generation import GenRow
     from detot_agent.engines.prefix_cache import SchedulerStats
+    from detot_agent.engines.scheduler_jobs import _Job, _Request
 
     core = ContinuousCore.__new__(ContinuousCore)
     core._free, core.stats, core._serving_left = list(free), SchedulerStats(), 0.0
