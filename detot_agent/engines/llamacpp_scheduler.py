@@ -78,9 +78,8 @@ class ContinuousScheduler(ContinuousCore):
 
     def _prefill(self, jobs: list[_Job]) -> None:
         ctx, cache = self.ctx, self.cache
-        # serving first: a background row admitted beside serving rows (past its patience) leaves its prompt's
-        # tokens to `_prefill_chunks`, a few in each of its turns, instead of stalling them for the whole prompt
-        beside = any(not job.row.background for job in [*self._running, *jobs])
+        # serving first: a background row leaves its prompt's tokens to `_prefill_chunks`, a few a step, so a
+        # serving row never waits for a whole prompt's prefill (`continuous.py`, PREFILL_CHUNK and LULL_CHUNK)
         plans = []  # (job, soft key, ids, entry hit, common prefix length)
         for job in jobs:
             row = job.row
@@ -108,7 +107,7 @@ class ContinuousScheduler(ContinuousCore):
             if start < len(ids):
                 rest = [(t, k + j, first, j == len(ids) - 1) for j, t in enumerate(ids) if j >= start]
                 self.stats.prompt_tokens_decoded += len(ids) - start + (k if entry is None else 0)
-                if beside and job.row.background:
+                if job.row.background and self.chunks_prefill:
                     job.pending, job.prefill = rest, (soft, ids)
                     self.stats.chunked += len(rest)
                 else:
@@ -151,20 +150,20 @@ class ContinuousScheduler(ContinuousCore):
             ctx.seq_cp(first, s)  # the other samples share the row's prefill
         self._start(job, torch.from_numpy(row_logits))
 
-    def _prefill_chunks(self, limit: int | None) -> None:
+    def _prefill_chunks(self, limit: int) -> None:
         for job in [j for j in self._running if j.prefill is not None]:
-            if limit == 0:
+            if limit <= 0:
                 return
-            take = list(job.pending if limit is None else job.pending[:limit])
+            take = job.pending[:limit]
             try:
                 last = self.ctx.decode_tokens(take)
             except Exception as exc:  # this row's prefill failed: the running rows go on
                 self._fail(job, exc)
                 continue
+            self.stats.chunks += 1
             row_logits = self.ctx.logits(last[-1]) if last else None
             del job.pending[:len(take)]
-            if limit is not None:
-                limit -= len(take)
+            limit -= len(take)
             if not job.pending:
                 assert row_logits is not None  # the prompt's last token asks for logits
                 key, job.prefill = job.prefill, None

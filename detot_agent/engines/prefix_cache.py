@@ -44,7 +44,8 @@ class SchedulerStats:
         self.prefix_bytes = 0  # torch: bytes of key/values the prefix cache holds (llama.cpp: its streams are fixed)
         self.held = 0  # row-steps a background row held while serving rows decoded (serving first)
         self.beside = 0  # row-steps a background row past its patience decoded beside serving rows (its share)
-        self.chunked = 0  # prompt tokens of background rows prefilled in chunks beside serving rows
+        self.chunked = 0  # prompt tokens of background rows prefilled in chunks (llama.cpp: all of them)
+        self.chunks = 0  # the decode calls those chunks took
         self.passes = 0  # runs of consecutive slots decoded, over all steps (llama.cpp: a pass over the weights each)
         self.moves = 0  # running sequences moved to a lower free slot (llama.cpp: consecutive slots decode in one pass)
 
@@ -59,7 +60,7 @@ class SchedulerStats:
                 "prompt_tokens_reused": self.prompt_tokens_reused,
                 "prompt_tokens_decoded": self.prompt_tokens_decoded, "evictions": self.evictions,
                 "prefix_bytes": self.prefix_bytes, "held": self.held, "beside": self.beside, "chunked": self.chunked,
-                "moves": self.moves, "passes": self.passes}
+                "chunks": self.chunks, "moves": self.moves, "passes": self.passes}
 
 
 @dataclass

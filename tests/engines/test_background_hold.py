@@ -72,10 +72,13 @@ def test_background_work_sent_right_after_a_serving_row_waits_for_the_lull(tiny_
         engine.close()
 
 
-@pytest.mark.parametrize("beside", [True, False])
-def test_a_due_background_row_admitted_beside_serving_prefills_its_prompt_in_chunks(tiny_gguf, beside):
-    from detot_agent.engines.continuous import PREFILL_CHUNK
+@pytest.mark.parametrize(("beside", "chunks"), [(True, True), (False, True), (True, False)])
+def test_a_background_row_prefills_its_prompt_in_chunks(tiny_gguf, monkeypatch, beside, chunks):
+    from detot_agent.engines.continuous import LULL_CHUNK, PREFILL_CHUNK
+    from detot_agent.engines.llamacpp_scheduler import ContinuousScheduler
 
+    if not chunks:  # the violation: the whole prompt in one pass, every serving row waiting for it
+        monkeypatch.setattr(ContinuousScheduler, "chunks_prefill", False)
     bg = _req("Tom has 3 apples and buys 4 more at the market, then gives 2 to Ann. " * 3, temperature=0.9,
               seed=5, max_tokens=30)
     fg = _req("alpha beta", max_tokens=400)
@@ -97,11 +100,13 @@ def test_a_due_background_row_admitted_beside_serving_prefills_its_prompt_in_chu
             server.start()
         server.join()
         assert (got, out["fg"]) == expected  # chunks change neither output
-        prompt = engine.batch_stats["chunked"]
-        if beside:
-            assert prompt > 2 * PREFILL_CHUNK  # its prompt came in several chunks, in its turns
-        else:  # alone, it prefills in one pass as before
-            assert prompt == 0
+        tokens, calls = engine.batch_stats["chunked"], engine.batch_stats["chunks"]
+        if not chunks:
+            assert tokens == calls == 0
+        elif beside:  # a few tokens in each of its turns
+            assert tokens > 2 * PREFILL_CHUNK and calls >= -(-tokens // PREFILL_CHUNK)
+        else:  # in a lull: bigger chunks, still bounded
+            assert tokens > 0 and calls == -(-tokens // LULL_CHUNK)
     finally:
         static.close()
         engine.close()
