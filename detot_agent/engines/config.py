@@ -129,8 +129,8 @@ class EngineConfig(StrictModel):
         background_share: (continuous, llama.cpp) once a running background row's patience is spent, the share
             of the serving rows' decode steps it decodes in (holding in the others), so that a saturated
             service slows by about this share of a background row's cost per step, not all of it. 1: every
-            step (the rule before 0.4.0.dev0's `background_share`). The torch backend decodes all its running
-            rows together, so there a due row decodes every step.
+            step (the rule before this setting). The torch backend decodes all its running rows together, so
+            there a due row decodes every step.
     """
 
     model: str | None = None

@@ -218,6 +218,9 @@ def test_bench_loop_writes_latency_of_both_phases(tiny_gguf, tmp_path):
     assert all("training" in r for r in data["reoptimizations"])  # the update's steps and waits (if it trained)
     assert "p99 busy/quiet" in " ".join(result.output.split())
     assert data["yield_to_serving"] == 30.0 and data["judging"] == "replay"  # serving first by default
+    assert data["background_share"] == {"engine": 0.1, "training": 0.1}
+    for phase in ("quiet", "busy"):  # each request's samples and output tokens: whether the phases did equal work
+        assert len(data["work"][phase]) == 8 and all(n >= 1 and t >= 1 for n, t in data["work"][phase])
 
 
 def test_bench_loop_with_shadow_judging_and_a_thinking_client(tiny_gguf, tmp_path):

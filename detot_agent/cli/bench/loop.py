@@ -85,7 +85,9 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
     questions = synthetic_problems(requests + 1, seed=1)  # the same questions in every phase: paired latencies
     program(question=questions[-1].question)  # warm-up (first prefill, caches)
 
-    def serve(batch: list[dspy.Example], busy: bool) -> list[float]:
+    work: dict[str, list[tuple[int, int]]] = {"quiet": [], "busy": [], "shadow": []}
+
+    def serve(batch: list[dspy.Example], busy: bool, phase: str) -> list[float]:
         out = []
         for ex in batch:
             if busy:
@@ -94,12 +96,13 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
             pred = program(question=ex.question)
             program.feedback(pred, gold=ex.answer)
             out.append(time.perf_counter() - start)
+            work[phase].append((int(pred.samples_used), int(pred.tokens)))  # what the request cost: paired work
             time.sleep(think)
         return out
 
-    quiet = serve(questions[:requests], busy=False)
+    quiet = serve(questions[:requests], busy=False, phase="quiet")
     t0 = time.perf_counter()
-    busy = serve(questions[:requests], busy=True)
+    busy = serve(questions[:requests], busy=True, phase="busy")
     busy_wall = time.perf_counter() - t0
     program.controller.wait()
     judge = program.controller.shadow
@@ -110,7 +113,7 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
         answered = trial.answered
         for ex in questions[:requests]:
             shadowed += judge.trial is not None
-            shadow += serve([ex], busy=False)
+            shadow += serve([ex], busy=False, phase="shadow")
         shadow_answered = trial.answered - answered  # shadow answers finished while the phase was served
     program.controller.close()
     events = [e for e in program.monitor.events if e.get("event") == "reoptimization"]
@@ -122,6 +125,7 @@ def run_loop_bench(*, model: str | None = None, engine: str = "auto", requests: 
         "phases": phases, "latencies_s": {name: [round(x, 3) for x in xs] for name, xs in
                                           (("quiet", quiet), ("busy", busy), ("shadow", shadow)) if xs},
         "shadow_p99_ratio": phases["shadow"]["p99_s"] / phases["quiet"]["p99_s"] if shadow else None,
+        "work": {name: [list(w) for w in ws] for name, ws in work.items() if ws},  # (samples, tokens) a request
         "shadowed_requests": shadowed, "shadow_answered_in_phase": shadow_answered,
         "engine_stats": {k: v for k, v in getattr(lm.engine, "batch_stats", {}).items()
                          if k in ("held", "beside", "chunked", "batches", "prefix_hits", "prefix_misses",
