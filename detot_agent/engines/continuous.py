@@ -96,7 +96,7 @@ class ContinuousCore(QueueWorker):
 
     thread_name = "detot-scheduler"
     partial_steps = False  # whether `_decode` takes any subset of the running sequences (then background rows hold)
-    chunks_prefill = False  # whether `_prefill` leaves a due background row's prompt to `_prefill_chunks`
+    chunks_prefill = False  # whether `_prefill` leaves a background row's prompt to `_prefill_chunks`
     compacts = False  # whether `_move(src, dst)` moves a running sequence to a free slot (then they are kept low)
 
     def __init__(self, tokenizer: Any, eos_ids: set[int], *, max_running: int, max_wait_ms: float,

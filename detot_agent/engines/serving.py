@@ -113,6 +113,7 @@ class ServingLoad:
         `pauses.budget`; once that is spent, at most `(1 - share) / share` times what the caller ran since its
         last pause (`pauses.share`); counted in `pauses`."""
         if not self.in_flight:
+            pauses.resumed = time.monotonic()  # its share counts the time it runs beside serving, not in a lull
             return
         shared = pauses.budget is not None and pauses.budget <= 0
         if shared:
