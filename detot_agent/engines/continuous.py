@@ -289,10 +289,11 @@ class ContinuousCore(QueueWorker):
         """Pick the next token of every running sequence, then decode them together."""
         entries: list[tuple[int, int, int]] = []
         where: list[tuple[_Job, int]] = []
-        hold = self.partial_steps and any(not job.row.background for job in self._running)
+        serving = any(not job.row.background for job in self._running)
+        hold = self.partial_steps and serving
         turn = hold and self._turn()
         if any(job.prefill is not None for job in self._running):
-            lull = not any(not job.row.background for job in self._running) and self._lull_left() == 0
+            lull = not serving and self._lull_left() == 0
             self._prefill_chunks(LULL_CHUNK if lull else PREFILL_CHUNK if turn or not hold else 0)
         for job in list(self._running):
             if job.request.future.cancelled() or job.request.failed:

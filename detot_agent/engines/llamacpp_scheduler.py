@@ -52,7 +52,7 @@ class ContinuousScheduler(ContinuousCore):
     """
 
     partial_steps = True  # a decode call takes any subset of the sequences: background rows can hold
-    chunks_prefill = True  # a due background row admitted beside serving rows prefills in chunks (`_prefill_chunks`)
+    chunks_prefill = True  # a background row's prompt is prefilled in chunks, a few tokens a step (`_prefill_chunks`)
     compacts = True  # a KV stream per slot: each run of consecutive slots decodes as its own pass (`_move`)
 
     def __init__(self, ctx: LlamaContext, tokenizer: Any, eos_ids: set[int], *, max_running: int,
