@@ -47,6 +47,7 @@ import random
 import time
 import warnings
 from collections.abc import Sequence
+from types import SimpleNamespace
 from typing import Any, Protocol
 
 import numpy as np
@@ -55,7 +56,6 @@ import torch.nn.functional as F
 
 from detot_agent.embedding.head import PromptHead
 from detot_agent.embedding.update_config import TrainingItem, UpdateConfig, UpdateReport
-from detot_agent.engines.serving import Pauses
 from detot_agent.errors import ConfigError, DetotError
 from detot_agent.softprompt.loss import batch_loss, encode_example, mean_nll
 
@@ -222,16 +222,16 @@ def update(te: Trainable, feedback: Sequence[TrainingItem], *, engine: Any = Non
 
     serving = getattr(engine, "serving_load", None) if cfg.yield_to_serving > 0 else None
 
-    def preempting() -> contextlib.AbstractContextManager[Pauses]:
+    def preempting() -> contextlib.AbstractContextManager[Any]:
         """Serving first inside a step too: the model's passes pause at each layer while serving is in flight
         (`engines/serving.py`, `ServingLoad.preempting`), `yield_to_serving` seconds in all for a pass (the
         steps reset it: see below); yields what was waited (`count`, `seconds`, `budget`)."""
         if serving is None or model is None:
-            return contextlib.nullcontext(Pauses())  # nothing to yield to: no pause is ever counted
+            return contextlib.nullcontext(SimpleNamespace(count=0, seconds=0.0, budget=None, shared=0, shared_s=0.0))
         return serving.preempting(model, cfg.yield_to_serving, budget=cfg.yield_to_serving,
                                   share=cfg.background_share)
 
-    def paused(pauses: Pauses) -> None:
+    def paused(pauses: Any) -> None:
         report.paused_s += pauses.seconds
         report.pauses += pauses.count
         report.shared_s += pauses.shared_s
